@@ -1,0 +1,1 @@
+"""Developer tools (compile checks and the like); not part of the user API."""

@@ -1,0 +1,7 @@
+"""Pure Triton kernels of gradmem-fast (installed as ``gradmem_fast.kernels``).
+
+Each module holds ``@triton.jit`` kernels and thin launch helpers that take tensors and return tensors.
+Nothing here knows about autograd or Hugging Face; the differentiable ops are in ``gradmem_fast.ops``.
+A module that wants its launch configurations checked by ``python -m gradmem_fast.tools.compile_check``
+exposes ``compile_specs()`` returning a list of ``gradmem_fast.tools.compile_check.CompileSpec``.
+"""
