@@ -23,7 +23,7 @@ if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(
 
 _EXPORTS = {
     "WriteConfig": "gradmem_fast.config",
-    "WriteResult": "gradmem_fast.writer",
+    "WriteResult": "gradmem_fast.result",
     "MemoryWriter": "gradmem_fast.writer",
     "resolve_backend": "gradmem_fast.backend",
     "prefix_attention": "gradmem_fast.ops.attention",

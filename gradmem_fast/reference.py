@@ -1,0 +1,167 @@
+"""The pure-torch oracle of a GradMem WRITE and READ (DESIGN.md, "The semantics contract").
+
+Plain autograd, eager attention (whatever the model is set to), full logits. Every fast path must
+reproduce these numbers; it is also the ``torch`` backend of ``MemoryWriter``.
+
+For a batch of B documents c_b with n_b real tokens and memories M_b [m, d]:
+
+    x_b      = [M_b ; E(c_b)]                       positions 0 .. m + n_b - 1, causal
+    h_b      = backbone(x_b)                        final hidden states
+    logit_bj = W h_b[m - 1 + j] (+ bias)            position m-1+j predicts token j
+    L_b      = sum_j CE(logit_bj, c_bj) / max(1, n_b)
+    g_b      = d(sum_b L_b) / d M_b                 each memory gets its own document's gradient
+    SGD:  g <- clamp(g, +-clip_value); g_b <- g_b * clip_norm / (||g_b|| + 1e-6) if ||g_b|| > clip_norm;
+          M_b <- M_b - lr g_b
+    Adam: g <- clamp(g, +-clip_value or 10); [norm clip]; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+          M <- M - lr * (m / (1-b1^k)) / (sqrt(max(v / (1-b2^k), 1e-8)) + 1e-8)
+"""
+import torch
+import torch.nn.functional as F
+
+from . import hf
+from .config import WriteConfig
+from .inputs import check_token_batch, initial_memory, resolve_write_head
+from .result import WriteResult
+
+NORM_EPS = 1e-6
+ADAM_EPS = 1e-8
+ADAM_V_FLOOR = 1e-8
+
+
+def _math_dtype(dtype):
+    """fp32 math for 16-bit tensors, the tensor's own precision otherwise (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def clip_gradient(grad, clip_value=None, clip_norm=None):
+    """Value clamp then per-sample norm clip of ``grad`` [B, ...] (differentiable, NaN-preserving)."""
+    if clip_value is not None:
+        # torch.clamp propagates NaN, so a broken gradient stays visible.
+        grad = grad.clamp(-clip_value, clip_value)
+    if clip_norm is not None:
+        norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        scale = clip_norm / (norm + NORM_EPS)
+        # A NaN entry gives a NaN norm, the unclipped branch is taken and the NaN stays in the gradient.
+        grad = torch.where(norm > clip_norm, grad * scale, grad)
+    return grad
+
+
+def sgd_update(memory, grad, lr, clip_value=None, clip_norm=None):
+    """``memory - lr * clip(grad)`` with the math in at least fp32, returned in memory's dtype."""
+    dt = _math_dtype(memory.dtype)
+    g = clip_gradient(grad.to(dt), clip_value, clip_norm)
+    return (memory.to(dt) - lr * g).to(memory.dtype)
+
+
+def adam_update(memory, grad, state, step, lr, clip_value=10.0, clip_norm=None, betas=(0.9, 0.999)):
+    """One Adam step (DESIGN.md item 4); ``state`` is (exp_avg, exp_avg_sq) in fp32 or None; ``step`` >= 1."""
+    dt = _math_dtype(memory.dtype)
+    g = clip_gradient(grad.to(dt), clip_value, clip_norm)
+    if state is None:
+        exp_avg, exp_avg_sq = torch.zeros_like(g), torch.zeros_like(g)
+    else:
+        exp_avg, exp_avg_sq = (s.to(dt) for s in state)
+    b1, b2 = betas
+    exp_avg = b1 * exp_avg + (1 - b1) * g
+    exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * g * g
+    m_hat = exp_avg / (1 - b1**step)
+    v_hat = (exp_avg_sq / (1 - b2**step)).clamp_min(ADAM_V_FLOOR)
+    new = memory.to(dt) - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    return new.to(memory.dtype), (exp_avg, exp_avg_sq)
+
+
+def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=None):
+    """Per-document mean reconstruction loss [B] (fp32 or fp64) with full logits.
+
+    ``ids``/``mask`` [B, S] are right-aligned (see ``inputs.check_token_batch``); ``memory`` [B, m, d].
+    """
+    B, S = ids.shape
+    m = memory.shape[1]
+    if embeds is None:
+        embeds = hf.input_embeddings(model)(ids)
+    x = torch.cat([memory.to(embeds.dtype), embeds], dim=1)
+    full_mask = torch.cat([torch.ones(B, m, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    positions = torch.arange(m + S, device=ids.device).unsqueeze(0).expand(B, -1)
+    hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
+    logits = F.linear(hidden[:, m - 1 : m + S - 1], head_weight, head_bias)
+    ce = F.cross_entropy(
+        logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none"
+    ).view(B, S)
+    ce = torch.where(mask, ce, torch.zeros_like(ce))
+    return ce.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(ce.dtype)
+
+
+def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None):
+    """Write each row of ``input_ids`` into its own memory with ``config.steps`` gradient steps.
+
+    ``memory``: None (seeded N(0, init_std^2), shared), [m, d] shared initial memory (may be a leaf that
+    requires grad), or [B, m, d]. Returns a ``WriteResult``.
+    """
+    config = WriteConfig() if config is None else config
+    if not isinstance(config, WriteConfig):
+        raise TypeError(f"config must be a WriteConfig, got {type(config).__name__}")
+    emb = hf.input_embeddings(model)
+    head_weight, head_bias = resolve_write_head(write_head, model)
+    device = emb.weight.device
+    vocab = min(emb.weight.shape[0], head_weight.shape[0])
+    ids, mask = check_token_batch(input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids,
+                                  attention_mask, vocab)
+    B = ids.shape[0]
+    M = initial_memory(memory, B, config, model, device)
+    clip_value = config.effective_clip_value
+
+    losses, norms, state = [], [], None
+    with torch.enable_grad():
+        embeds = emb(ids)
+        for k in range(config.steps):
+            second = config.second_order_step(k)
+            if config.grad_mode == "none" or not M.requires_grad:
+                # A fresh leaf: only the memory's gradient is needed, nothing upstream is tracked.
+                Mk = M.detach().requires_grad_(True)
+            else:
+                Mk = M
+            loss = write_losses(model, Mk, ids, mask, head_weight, head_bias,
+                                embeds=embeds if config.grad_mode != "none" else embeds.detach())
+            (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
+            losses.append(loss.detach().float())
+            norms.append(grad.detach().flatten(1).norm(dim=1).float())
+            if not second:
+                grad = grad.detach()
+            with torch.set_grad_enabled(config.grad_mode != "none"):
+                if config.optimizer == "sgd":
+                    M = sgd_update(Mk, grad, config.lr, clip_value, config.clip_norm)
+                else:
+                    M, state = adam_update(Mk, grad, state, k + 1, config.lr, clip_value, config.clip_norm,
+                                           config.adam_betas)
+                    state = tuple(s.detach() for s in state)
+            if config.grad_mode == "none":
+                M = M.detach()
+    return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms))
+
+
+def read_logits(model, memory, query_ids, query_mask=None):
+    """READ: logits [B, Q+1, V] at positions m-1 .. m+Q-1 of ``[memory ; E(query)]``.
+
+    Row j predicts query token j (the last row predicts the token after the query). Queries are
+    right-aligned first (see ``inputs.check_token_batch``), so with padding, row j of a document follows
+    its j-th real token; rows past a document's length are padding positions.
+    """
+    emb = hf.input_embeddings(model)
+    head = hf.output_head(model)
+    device = emb.weight.device
+    ids, mask = check_token_batch(query_ids.to(device) if isinstance(query_ids, torch.Tensor) else query_ids,
+                                  query_mask, emb.weight.shape[0], name="query_ids", mask_name="query_mask")
+    B, Q = ids.shape
+    if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != B:
+        raise ValueError(f"memory must be a [batch={B}, m, d] tensor, got "
+                         f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}")
+    if memory.shape[2] != hf.hidden_size(model):
+        raise ValueError(f"memory width {memory.shape[2]} does not match the model's hidden size "
+                         f"{hf.hidden_size(model)}")
+    m = memory.shape[1]
+    embeds = emb(ids)
+    x = torch.cat([memory.to(device=device, dtype=embeds.dtype), embeds], dim=1)
+    full_mask = torch.cat([torch.ones(B, m, dtype=torch.long, device=device), mask.long()], dim=1)
+    positions = torch.arange(m + Q, device=device).unsqueeze(0).expand(B, -1)
+    hidden = hf.backbone_hidden(model, x, full_mask, positions)
+    return F.linear(hidden[:, m - 1 :], head.weight, getattr(head, "bias", None))
