@@ -1,0 +1,495 @@
+"""Fused linear cross-entropy: ``CE(hidden @ weight^T + bias, targets)`` without the ``[N, V]`` logits.
+
+Math (per token i, logits ``z_i = W h_i + b`` over a vocabulary of V, target ``t_i``, ``valid_i =
+t_i != ignore_index``):
+
+    loss_i = valid_i * (logsumexp(z_i) - z_{i, t_i})
+    d loss_i / d z_i = valid_i * (softmax(z_i) - onehot(t_i))  =: q_i
+    dL/dh_i = g_i * W^T q_i,     dL/dW = sum_i g_i q_i h_i^T,     dL/db = sum_i g_i q_i
+
+where ``g_i = dL/dloss_i`` is what the reduction sends back to token i:
+
+    "none"         loss_i itself (shape of ``targets``), g_i = upstream gradient of that entry
+    "sum"          sum_i loss_i,                         g_i = g
+    "mean"         sum_i loss_i / max(1, n_valid),       g_i = g / max(1, n_valid)   (0, not NaN, if none valid)
+    "sample_mean"  [B]: L_b = sum_{i in b} loss_i / max(1, n_b) (GradMem's per-document loss),
+                   g_i = g_b / max(1, n_b); a row without valid tokens gives 0 loss and zero gradient.
+
+Design (chunked, cuBLAS + Triton):
+  * Tokens are processed in chunks of C rows. For each chunk cuBLAS writes ``Z = H_c W^T (+ b)`` into one
+    reusable ``[C, V]`` buffer (the input dtype, as ``F.linear`` would); the Triton kernels of
+    ``gradmem_fast.kernels.cross_entropy`` compute the online log-sum-exp, the loss and, in place, the
+    logits gradient ``q`` in fp32; cuBLAS then forms ``q W`` and ``q^T H_c`` (fp32 accumulation of
+    ``dW``/``db`` across chunks). The ``torch`` backend runs the same chunked algorithm with plain torch
+    ops instead of the kernels, so it never builds ``[N, V]`` either.
+  * Chunk rule: ``C = min(max(16, 2**26 // V), max(128, ceil(N / 4)))``, rounded down to a multiple of 128
+    when it is at least 128, and at most N (``chunk_size=`` overrides). So a chunk's logits hold at most
+    2**26 elements (128 MiB in bf16: 1280 rows at V=50257, 256 rows at V=256k) and at most a quarter of
+    ``N x V`` once N > 512 (N=4096, V=2048: 1024 rows).
+  * Forward-time gradients: because every token's loss depends only on its own row, ``q_i`` can be formed
+    in the forward sweep and the upstream ``g_i`` applied afterwards. When the graph needs a gradient
+    (``precompute_grad=None`` means: grad mode is on and an input requires grad), the forward also stores
+    ``W^T q_i`` ([N, d], fp32) for ``hidden`` (the frozen-head WRITE loop: one sweep, no recomputation),
+    and, for the scalar reductions "sum"/"mean" whose ``g_i`` is the same for every token, the unit
+    ``dW``/``db`` as well. For "none"/"sample_mean" with a trainable head the backward recomputes each
+    chunk's logits from the saved log-sum-exp instead (``g_i`` differs per token, so ``dW`` cannot be
+    formed before it is known). Nothing reads tensor values on the host, so the op can be captured in a
+    CUDA graph (cu_seqlens are validated against N only when they live on the CPU).
+  * Second order (``grad_mode="second"``): when the backward runs with grad mode on (``create_graph=True``)
+    it calls ``_LinearCEGrad``, an autograd.Function whose forward recomputes ``(dh, dW, db)`` chunk by
+    chunk and whose backward is the explicit, chunked double-backward formula (plain torch ops, both
+    backends; see ``_LinearCEGrad.backward``). It never builds ``[N, V]`` and gives gradients with respect
+    to hidden, weight, bias and the upstream gradient. Third-order derivatives are not supported
+    (``once_differentiable``). Pass ``precompute_grad=False`` when you will call the backward with
+    ``create_graph=True``: the forward-time gradients would be computed and then not used.
+"""
+import torch
+
+from gradmem_fast.backend import resolve_backend
+
+REDUCTIONS = ("none", "sum", "mean", "sample_mean")
+_LOGITS_BUDGET = 1 << 26
+_HALF = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def chunk_rows(n_rows: int, vocab: int, chunk_size=None) -> int:
+    """Rows per chunk (the module docstring's rule); ``chunk_size`` overrides it."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), n_rows))
+    rows = min(max(16, _LOGITS_BUDGET // max(1, vocab)), max(128, -(-n_rows // 4)))
+    if rows >= 128:
+        rows = rows // 128 * 128
+    return max(1, min(rows, n_rows))
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm_acc(a, b):
+    """``a @ b`` with fp32 output for 16-bit inputs (so dW/db/dh accumulate without 16-bit rounding)."""
+    if a.dtype not in _HALF:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # torch builds without the fp32-output GEMM
+            return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
+
+
+def _logits_into(z, h, weight, bias):
+    if bias is None:
+        torch.mm(h, weight.t(), out=z)
+    else:
+        torch.addmm(bias, h, weight.t(), out=z)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-chunk softmax/CE: Triton kernels or plain torch, same contract (in place on the logits chunk ``z``)
+# ---------------------------------------------------------------------------------------------------
+
+def _onehot_index(t, vocab):
+    """(column index, in-range mask): out-of-range targets match no column, as in the kernels."""
+    in_range = (t >= 0) & (t < vocab)
+    return torch.where(in_range, t, torch.zeros_like(t)).long(), in_range
+
+
+def _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad):
+    acc = lse.dtype
+    zf = z.to(acc)
+    chunk_lse = torch.logsumexp(zf, dim=1)
+    idx, in_range = _onehot_index(t, z.shape[1])
+    zt = zf.gather(1, idx[:, None]).squeeze(1) * in_range
+    valid = t != ignore_index
+    lse.copy_(chunk_lse)
+    loss.copy_(torch.where(valid, chunk_lse - zt, torch.zeros_like(zt)))
+    if write_grad:
+        _torch_fill_grad(z, zf, idx, in_range, chunk_lse, valid.to(acc))
+
+
+def _torch_fill_grad(z, zf, idx, in_range, lse, scale):
+    p = torch.exp(zf - lse[:, None])
+    p.scatter_add_(1, idx[:, None], -in_range.to(p.dtype)[:, None])
+    p.mul_(scale[:, None])
+    z.copy_(p)
+
+
+def _torch_ce_grad(z, t, lse, scale, ignore_index):
+    idx, in_range = _onehot_index(t, z.shape[1])
+    valid = (t != ignore_index).to(lse.dtype)
+    _torch_fill_grad(z, z.to(lse.dtype), idx, in_range, lse, scale * valid)
+
+
+def _ce_forward(backend, z, t, lse, loss, ignore_index, write_grad):
+    if backend == "triton":
+        from gradmem_fast.kernels import cross_entropy as kernels
+
+        kernels.ce_forward(z, t, lse, loss, ignore_index, write_grad)
+    else:
+        _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad)
+
+
+def _ce_grad(backend, z, t, lse, scale, ignore_index):
+    if backend == "triton":
+        from gradmem_fast.kernels import cross_entropy as kernels
+
+        kernels.ce_grad(z, t, lse, scale, ignore_index)
+    else:
+        _torch_ce_grad(z, t, lse, scale, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked sweeps
+# ---------------------------------------------------------------------------------------------------
+
+def _forward_sweep(hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb):
+    """lse, loss ([N], math dtype) and optionally the unit-scale gradients W^T q ([N, d]) and
+    sum_i q_i h_i^T, sum_i q_i (fp32/fp64), in one pass over the token chunks."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
+    lse = torch.empty(n, dtype=acc, device=dev)
+    loss = torch.empty(n, dtype=acc, device=dev)
+    dh_unit = torch.empty((n, d), dtype=acc, device=dev) if want_h else None
+    dw_unit = torch.zeros((vocab, d), dtype=acc, device=dev) if want_wb else None
+    db_unit = torch.zeros(vocab, dtype=acc, device=dev) if (want_wb and bias is not None) else None
+    write_grad = want_h or want_wb
+    buf = torch.empty((min(chunk, n), vocab), dtype=hidden.dtype, device=dev)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        h_c = hidden[s:e]
+        z = buf[: e - s]
+        _logits_into(z, h_c, weight, bias)
+        _ce_forward(backend, z, targets[s:e], lse[s:e], loss[s:e], ignore_index, write_grad)
+        if want_h:
+            dh_unit[s:e] = _mm_acc(z, weight)
+        if want_wb:
+            dw_unit += _mm_acc(z.t(), h_c)
+            if db_unit is not None:
+                db_unit += z.sum(0, dtype=acc)
+    return lse, loss, dh_unit, dw_unit, db_unit
+
+
+def _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b):
+    """(dh, dW, db) of sum_i g_i loss_i by recomputing each chunk's logits from the saved lse.
+
+    ``dh`` is in hidden's dtype; ``dW``/``db`` are accumulated in fp32 (fp64 for fp64) and returned in
+    the math dtype; entries not needed are None."""
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    acc = lse.dtype
+    dev = hidden.device
+    g = g.to(acc).contiguous()
+    dh = torch.empty((n, d), dtype=hidden.dtype, device=dev) if need_h else None
+    dw = torch.zeros((vocab, d), dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(vocab, dtype=acc, device=dev) if (need_b and bias is not None) else None
+    if not (need_h or need_w or db is not None):
+        return dh, dw, db
+    buf = torch.empty((min(chunk, n), vocab), dtype=hidden.dtype, device=dev)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        h_c = hidden[s:e]
+        z = buf[: e - s]
+        _logits_into(z, h_c, weight, bias)
+        _ce_grad(backend, z, targets[s:e], lse[s:e], g[s:e], ignore_index)
+        if need_h:
+            dh[s:e] = torch.mm(z, weight)
+        if need_w:
+            dw += _mm_acc(z.t(), h_c)
+        if db is not None:
+            db += z.sum(0, dtype=acc)
+    return dh, dw, db
+
+
+def _cast(x, like):
+    return None if x is None or like is None else x.to(like.dtype)
+
+
+class _LinearCE(torch.autograd.Function):
+    """Per-token losses ``loss_i`` ([N], fp32 or fp64) of ``CE(hidden @ weight^T + bias, targets)``.
+
+    Forward: one chunked sweep (and the forward-time gradients described in the module docstring).
+    Backward: ``g_i`` is the incoming gradient of ``loss_i``. First order (grad mode off): scale the
+    stored unit gradients, or recompute per chunk from the saved lse. With ``create_graph=True``:
+    ``_LinearCEGrad``, which is differentiable once more.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk, backend, precompute, uniform):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        # A per-token g_i (reductions "none"/"sample_mean") cannot be folded into dW before it is known.
+        want_wb = precompute and (need_w or need_b) and uniform
+        want_h = precompute and need_h and (uniform or not (need_w or need_b))
+        lse, loss, dh_unit, dw_unit, db_unit = _forward_sweep(
+            hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.unit = (dh_unit, dw_unit, db_unit)
+        ctx.want = (want_h, want_wb)
+        ctx.cfg = (ignore_index, chunk, backend)
+        ctx.mark_non_differentiable(lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        ignore_index, chunk, backend = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        tail = (None,) * 6
+        if torch.is_grad_enabled():
+            dh, dw, db = _LinearCEGrad.apply(hidden, weight, bias, g, targets, lse, ignore_index, chunk,
+                                             backend, (need_h, need_w, need_b))
+            return (dh if need_h else None, dw if need_w else None, db if need_b else None) + tail
+        if hidden.shape[0] == 0:
+            return (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                    torch.zeros_like(bias) if need_b else None) + tail
+        want_h, want_wb = ctx.want
+        dh_unit, dw_unit, db_unit = ctx.unit
+        g = g.to(lse.dtype)
+        dh = dw = db = None
+        if want_h:
+            dh = (dh_unit * g[:, None]).to(hidden.dtype)
+        if want_wb:
+            g0 = g[0]  # "sum"/"mean" send the same g_i to every token
+            dw = (dw_unit * g0).to(weight.dtype) if need_w else None
+            db = (db_unit * g0).to(bias.dtype) if need_b else None
+        rest_h = need_h and not want_h
+        rest_w = need_w and not want_wb
+        rest_b = need_b and not want_wb
+        if rest_h or rest_w or rest_b:
+            rh, rw, rb = _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend,
+                                     rest_h, rest_w, rest_b)
+            dh = rh if rest_h else dh
+            dw = _cast(rw, weight) if rest_w else dw
+            db = _cast(rb, bias) if rest_b else db
+        return (dh, dw, db) + tail
+
+
+class _LinearCEGrad(torch.autograd.Function):
+    """``(dh, dW, db)`` of ``sum_i g_i loss_i`` as a differentiable function of (hidden, weight, bias, g).
+
+    Forward: the chunked recomputing gradient sweep. Backward (the double backward of the linear CE),
+    for cotangents ``u`` of dh ([N, d]), ``U`` of dW ([V, d]), ``u_b`` of db ([V]); per token, with
+    ``p = softmax(z)``, ``q = valid (p - onehot(t))``, ``gl = g q`` (so dh = W^T gl, dW = gl h^T, db = gl):
+
+        a     = W u + U h + u_b                       (cotangent reaching gl)        [V]
+        dg    = a . q
+        gz    = g valid p * (a - p . a)               (through the softmax Jacobian)
+        dh'   = W^T gz + U^T gl
+        dW'   = sum_i gz h^T + gl u^T
+        db'   = sum_i gz
+
+    computed chunk by chunk (fp32 math; matrix products in the input dtype, dW'/db' accumulated in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, needs):
+        need_h, need_w, need_b = needs
+        dh, dw, db = _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend,
+                                 need_h, need_w, need_b)
+        ctx.save_for_backward(hidden, weight, bias, g, targets, lse)
+        ctx.cfg = (ignore_index, chunk)
+        outs = (dh if need_h else hidden.new_empty(0), _cast(dw, weight) if need_w else hidden.new_empty(0),
+                _cast(db, bias) if need_b else hidden.new_empty(0))
+        for o, needed in zip(outs, needs):
+            if not needed:
+                ctx.mark_non_differentiable(o)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u, uw, ub):
+        hidden, weight, bias, g, targets, lse = ctx.saved_tensors
+        ignore_index, chunk = ctx.cfg
+        need_h, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+        need_b = need_b and bias is not None
+        # Cotangents of unused outputs arrive as None or as size-0 placeholders.
+        u = u if (u is not None and u.numel() > 0) else None
+        uw = uw if (uw is not None and uw.numel() > 0) else None
+        ub = ub if (ub is not None and ub.numel() > 0) else None
+        tail = (None,) * 6
+        if u is None and uw is None and ub is None:
+            return (None, None, None, None) + tail
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        acc = lse.dtype
+        dt = hidden.dtype
+        dev = hidden.device
+        gv = g.to(acc) * (targets != ignore_index).to(acc)
+        d_h = torch.empty((n, d), dtype=dt, device=dev) if need_h else None
+        d_w = torch.zeros((vocab, d), dtype=acc, device=dev) if need_w else None
+        d_b = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+        d_g = torch.empty(n, dtype=acc, device=dev) if need_g else None
+        ub_acc = ub.to(acc) if ub is not None else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            h_c = hidden[s:e]
+            z = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
+            p = torch.exp(z.to(acc) - lse[s:e, None])
+            del z
+            idx, in_range = _onehot_index(targets[s:e], vocab)
+            a = torch.zeros_like(p)
+            if u is not None:
+                a += torch.mm(u[s:e], weight.t()).to(acc)
+            if uw is not None:
+                a += torch.mm(h_c, uw.t()).to(acc)
+            if ub_acc is not None:
+                a += ub_acc
+            g_c = gv[s:e, None]
+            if need_g or uw is not None or u is not None:
+                # gl = g q; only its products with a, U and u are needed.
+                q = p.clone()
+                q.scatter_add_(1, idx[:, None], -in_range.to(acc)[:, None])
+                if need_g:
+                    d_g[s:e] = (a * q).sum(1) * (targets[s:e] != ignore_index).to(acc)
+                gl = (q * g_c).to(dt)
+                del q
+            pa = (p * a).sum(1, keepdim=True)
+            a.sub_(pa).mul_(p).mul_(g_c)
+            gz = a.to(dt)
+            del a, p
+            if need_h:
+                dh_c = torch.mm(gz, weight)
+                if uw is not None:
+                    dh_c = dh_c + torch.mm(gl, uw.to(dt))
+                d_h[s:e] = dh_c
+            if need_w:
+                d_w += _mm_acc(gz.t(), h_c)
+                if u is not None:
+                    d_w += _mm_acc(gl.t(), u[s:e].to(dt))
+            if need_b:
+                d_b += gz.sum(0, dtype=acc)
+        return (d_h, _cast(d_w, weight), _cast(d_b, bias), _cast(d_g, g)) + tail
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------------
+
+def _segments(cu_seqlens, n):
+    """Row index of every packed token; tokens outside [cu[0], cu[-1]) get the dump row B."""
+    b = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.to(torch.int64)
+    pos = torch.arange(n, device=cu.device, dtype=torch.int64)
+    seg = torch.searchsorted(cu, pos, right=True) - 1
+    return torch.where((seg < 0) | (seg >= b), torch.full_like(seg, b), seg)
+
+
+def _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens, chunk_size):
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, d] or [B, S, d], got shape {tuple(hidden.shape)}")
+    d = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != d:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a [V, d={d}] tensor, got {shape}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be None or a [V={weight.shape[0]}] tensor, got {shape}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int32, torch.int64):
+        what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int32 or int64 tensor, got {what}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not (
+            -2**31 <= ignore_index < 2**31):
+        raise TypeError(f"ignore_index must be a 32-bit int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if cu_seqlens is not None:
+        if reduction != "sample_mean":
+            raise ValueError(f"cu_seqlens is only used with reduction='sample_mean', got {reduction!r}")
+        if hidden.dim() != 2:
+            raise ValueError("cu_seqlens needs packed hidden of shape [N, d]; [B, S, d] input already "
+                             "defines its rows")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must be a 1-D tensor of length B + 1 (row offsets, starting at 0)")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 (FlashAttention convention) or int64, got "
+                            f"{cu_seqlens.dtype}")
+        if cu_seqlens.device != hidden.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+        if cu_seqlens.device.type == "cpu":  # a free check here; on a GPU it would synchronise
+            n = hidden.shape[0]
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool(
+                    (cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+                raise ValueError(f"cu_seqlens must be non-decreasing from 0 to N={n}, got "
+                                 f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+    elif reduction == "sample_mean" and hidden.dim() != 3:
+        raise ValueError("reduction='sample_mean' needs hidden of shape [B, S, d], or packed [N, d] "
+                         "with cu_seqlens")
+
+
+def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
+                         cu_seqlens=None, backend="auto", chunk_size=None, precompute_grad=None):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never building the logits.
+
+    Args:
+        hidden: [N, d] or [B, S, d], float16/bfloat16/float32/float64.
+        weight: [V, d] output head (same dtype and device). bias: optional [V].
+        targets: int32/int64, shape ``hidden.shape[:-1]``; entries equal to ``ignore_index`` are skipped.
+            Targets outside [0, V) other than ``ignore_index`` are not checked (no host sync) and give
+            unspecified losses.
+        reduction: "none" (shape of targets), "sum", "mean" (over valid tokens; 0 if none),
+            "sample_mean" ([B]: each row's mean over its valid tokens, 0 for a row without any;
+            rows are the B of [B, S, d] input, or given by ``cu_seqlens`` for packed [N, d] input).
+        cu_seqlens: int32 [B + 1] row offsets (FlashAttention convention), only with "sample_mean".
+        backend: "auto" | "triton" | "torch" (see ``gradmem_fast.backend.resolve_backend``).
+        chunk_size: rows per chunk (default: the rule in the module docstring).
+        precompute_grad: form the gradients during the forward (default: when grad mode is on and an
+            input requires grad). Pass False if the backward will run with ``create_graph=True``.
+
+    Returns the loss in fp32 (fp64 for fp64 inputs): ``sum_i loss_i``-style math as in the module
+    docstring. Gradients flow to hidden, weight and bias (and, through a second backward, again).
+    """
+    _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens, chunk_size)
+    backend = resolve_backend(backend, hidden.device)
+    d = hidden.shape[-1]
+    h2 = hidden.reshape(-1, d)
+    t1 = targets.reshape(-1).contiguous()
+    n = h2.shape[0]
+    chunk = chunk_rows(n, weight.shape[0], chunk_size)
+    if precompute_grad is None:
+        precompute_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (hidden, weight, bias))
+    uniform = reduction in ("sum", "mean")
+    loss = _LinearCE.apply(h2, weight, bias, t1, ignore_index, chunk, backend, bool(precompute_grad), uniform)
+    if reduction == "none":
+        return loss.reshape(targets.shape)
+    if reduction == "sum":
+        return loss.sum()
+    valid = (t1 != ignore_index).to(loss.dtype)
+    if reduction == "mean":
+        return loss.sum() / valid.sum().clamp(min=1.0)
+    if hidden.dim() == 3:
+        b, s = targets.shape
+        return loss.reshape(b, s).sum(1) / valid.reshape(b, s).sum(1).clamp(min=1.0)
+    b = cu_seqlens.shape[0] - 1
+    seg = _segments(cu_seqlens, n)
+    sums = loss.new_zeros(b + 1).index_add(0, seg, loss)[:b]
+    counts = loss.new_zeros(b + 1).index_add(0, seg, valid)[:b]
+    return sums / counts.clamp(min=1.0)
