@@ -25,7 +25,10 @@ Design (chunked, cuBLAS + Triton):
   * Chunk rule: ``C = min(max(16, 2**26 // V), max(128, ceil(N / 4)))``, rounded down to a multiple of 128
     when it is at least 128, and at most N (``chunk_size=`` overrides). So a chunk's logits hold at most
     2**26 elements (128 MiB in bf16: 1280 rows at V=50257, 256 rows at V=256k) and at most a quarter of
-    ``N x V`` once N > 512 (N=4096, V=2048: 1024 rows).
+    ``N x V`` once N >= 512 (N=4096, V=2048: 1024 rows).
+  * Precision: matrix products run in the input dtype with fp32 accumulation (cuBLAS); for fp32 inputs
+    they follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, i.e. IEEE fp32). The softmax
+    math is fp32 (fp64 for fp64 inputs) and the loss is returned in that dtype.
   * Forward-time gradients: because every token's loss depends only on its own row, ``q_i`` can be formed
     in the forward sweep and the upstream ``g_i`` applied afterwards. When the graph needs a gradient
     (``precompute_grad=None`` means: grad mode is on and an input requires grad), the forward also stores
@@ -67,16 +70,25 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_FP32_OUT_GEMM = [None]  # whether torch.mm(..., out_dtype=torch.float32) works here; found on first use
+
+
 def _mm_acc(a, b):
     """``a @ b`` with fp32 output for 16-bit inputs (so dW/db/dh accumulate without 16-bit rounding)."""
     if a.dtype not in _HALF:
         return torch.mm(a, b)
-    if a.is_cuda:
+    if not a.is_cuda:
+        return torch.mm(a.float(), b.float())
+    if _FP32_OUT_GEMM[0] is None:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _FP32_OUT_GEMM[0] = True
+            return out
         except (RuntimeError, TypeError):  # torch builds without the fp32-output GEMM
-            return torch.mm(a, b).float()
-    return torch.mm(a.float(), b.float())
+            _FP32_OUT_GEMM[0] = False
+    if _FP32_OUT_GEMM[0]:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
 
 
 def _logits_into(z, h, weight, bias):
@@ -329,7 +341,7 @@ class _LinearCEGrad(torch.autograd.Function):
             e = min(s + chunk, n)
             h_c = hidden[s:e]
             z = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
-            p = torch.exp(z.to(acc) - lse[s:e, None])
+            p = z.to(acc).sub_(lse[s:e, None]).exp_()  # in place on the fresh logits when already fp32
             del z
             idx, in_range = _onehot_index(targets[s:e], vocab)
             a = torch.zeros_like(p)
