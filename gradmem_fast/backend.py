@@ -1,10 +1,13 @@
 """Backend selection: ``torch`` (plain differentiable torch, the reference ops) or ``triton`` (kernels).
 
 Rule: ``auto`` means ``triton`` when CUDA is available and ``torch`` otherwise. The environment variable
-``GRADMEM_FAST_BACKEND=torch|triton`` overrides ``auto`` (an explicit argument always wins).
+``GRADMEM_FAST_BACKEND=torch|triton`` overrides ``auto``, and inside ``with use_backend(name):`` ``auto``
+means ``name`` (an explicit argument always wins).
 On a machine without CUDA the Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``),
 which must be set before Triton is first imported; ``resolve_backend`` sets it when it still can.
 """
+import contextlib
+import contextvars
 import os
 import sys
 
@@ -12,6 +15,22 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "GRADMEM_FAST_BACKEND"
+
+# Set by ``use_backend``: what "auto" means inside an engine call, so every op reached through a model
+# (attention via the Hugging Face registry, for instance) runs on the engine's backend.
+_override = contextvars.ContextVar("gradmem_fast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, ``resolve_backend("auto")`` returns ``backend`` ("torch" or "triton")."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"use_backend: backend must be 'torch' or 'triton', got {backend!r}")
+    token = _override.set(backend)
+    try:
+        yield
+    finally:
+        _override.reset(token)
 
 
 def resolve_backend(backend: str = "auto", device=None) -> str:
@@ -22,6 +41,8 @@ def resolve_backend(backend: str = "auto", device=None) -> str:
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and _override.get() is not None:
+        backend = _override.get()
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env:

@@ -128,3 +128,16 @@ def test_public_names_resolve():
         assert getattr(gradmem_fast, name) is not None
     with pytest.raises(AttributeError):
         gradmem_fast.not_a_name
+
+
+def test_use_backend_scopes_auto(monkeypatch):
+    from gradmem_fast.backend import use_backend
+
+    monkeypatch.setenv("GRADMEM_FAST_BACKEND", "torch")
+    with use_backend("triton"):
+        assert resolve_backend("auto") == "triton"
+        assert resolve_backend("torch") == "torch"
+    assert resolve_backend("auto") == "torch"
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("auto"):
+            pass
