@@ -4,14 +4,22 @@
     result = writer.write(input_ids, attention_mask)      # result.memory: [B, m, d]
 
 The writer picks a backend (``gradmem_fast.backend.resolve_backend``): ``torch`` runs
-``gradmem_fast.reference`` (eager autograd, full logits). The Triton write engine plugs in behind the
-same API.
+``gradmem_fast.reference`` (eager autograd, full logits); ``triton`` runs ``gradmem_fast.engine``
+(documents packed back to back, fused attention / linear cross-entropy / update ops).
+
+``write_many`` streams any iterable of documents: it reads a window of documents, sorts it by length,
+writes batches of at most ``batch_tokens`` packed rows, and yields the memories in input order, so
+memory use is bounded by the window whatever the number of documents.
 """
+import itertools
+
 import torch
 
-from . import hf, reference
+from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
+from .inputs import check_token_batch, initial_memory, resolve_write_head
+from .packing import documents_from_batch, pack
 from .result import WriteResult
 
 __all__ = ["MemoryWriter", "WriteResult"]
@@ -41,20 +49,9 @@ class MemoryWriter:
         self.config = config
         self.write_head = write_head
         device = hf.input_embeddings(model).weight.device
-        self.backend = self._pick_backend(backend, device)
-
-    @staticmethod
-    def _pick_backend(backend, device):
-        resolved = resolve_backend(backend, device)
-        if resolved == "triton":
-            if backend == "auto":
-                # Until the Triton write engine lands, "auto" keeps working everywhere on the reference.
-                return "torch"
-            raise NotImplementedError(
-                "the Triton write engine is not available in this version; use backend='torch' "
-                "(or GRADMEM_FAST_BACKEND=torch)"
-            )
-        return resolved
+        self.backend = resolve_backend(backend, device)
+        if self.backend == "triton":
+            engine.check_model_supported(model)
 
     def write(self, input_ids, attention_mask=None, memory=None) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
@@ -63,4 +60,77 @@ class MemoryWriter:
         ``memory``: None (seeded N(0, init_std^2), shared by the batch), [m, d] shared initial memory (may
         require grad: with grad_mode first/second the result stays on its graph), or [B, m, d].
         """
-        return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head)
+        if self.backend == "torch":
+            return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head)
+        emb = hf.input_embeddings(self.model)
+        head_weight, head_bias = resolve_write_head(self.write_head, self.model)
+        device = emb.weight.device
+        vocab = min(emb.weight.shape[0], head_weight.shape[0])
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.to(device)
+        ids, mask = check_token_batch(input_ids, attention_mask, vocab)
+        M = initial_memory(memory, ids.shape[0], self.config, self.model, device)
+        packed = pack(documents_from_batch(ids, mask), self.config.num_memory_tokens, device)
+        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.backend)
+
+    def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None):
+        """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
+
+        Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
+        ``batch_tokens`` packed rows (memory rows included; a longer document gets a batch of its own).
+        ``memory``: None or a shared initial memory [m, d]. Memories are detached (grad_mode must be
+        "none"). Results equal writing each batch with ``write``.
+        """
+        if self.config.grad_mode != "none":
+            raise ValueError("write_many streams detached memories: use grad_mode='none' (or call write())")
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        if memory is not None and (not isinstance(memory, torch.Tensor) or memory.dim() != 2):
+            raise ValueError("memory must be None or a shared [m, d] initial memory for write_many")
+        iterator = iter(documents)
+        position = 0
+        while True:
+            chunk = list(itertools.islice(iterator, window))
+            if not chunk:
+                return
+            docs = [self._as_document(doc, position + i) for i, doc in enumerate(chunk)]
+            position += len(chunk)
+            out = [None] * len(docs)
+            for batch in self._length_batches(docs, batch_tokens):
+                width = max(len(docs[i]) for i in batch)
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : len(docs[i])] = docs[i]
+                    mask[row, : len(docs[i])] = 1
+                with torch.no_grad():
+                    result = self.write(ids, mask, memory)
+                for row, i in enumerate(batch):
+                    out[i] = result.memory[row].detach()
+            yield from out
+
+    @staticmethod
+    def _as_document(doc, index):
+        tensor = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
+        if tensor.dim() != 1 or tensor.numel() == 0:
+            raise ValueError(f"documents[{index}] must be a non-empty 1-D sequence of token ids, "
+                             f"got shape {tuple(tensor.shape)}")
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise TypeError(f"documents[{index}] must hold integer token ids, got dtype {tensor.dtype}")
+        return tensor.long().cpu()
+
+    def _length_batches(self, docs, batch_tokens):
+        m = self.config.num_memory_tokens
+        order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+        batch, used = [], 0
+        for i in order:
+            need = m + len(docs[i])
+            if batch and used + need > batch_tokens:
+                yield batch
+                batch, used = [], 0
+            batch.append(i)
+            used += need
+        if batch:
+            yield batch
