@@ -19,7 +19,7 @@ from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
 from .inputs import check_token_batch, initial_memory, resolve_write_head
-from .packing import documents_from_batch, pack
+from .packing import bucket_shape, documents_from_batch, pack
 from .result import WriteResult
 
 __all__ = ["MemoryWriter", "WriteResult"]
@@ -35,9 +35,13 @@ class MemoryWriter:
             or "triton".
         write_head: optional separate head for the write loss: a [V, d] tensor or a Linear module;
             default: the model's own output head.
+        cuda_graphs: on the triton backend on CUDA with grad_mode "none", capture the whole K-step loop
+            once per bucket shape (batches padded to a few fixed sizes) and replay it. Off by default until
+            it has been validated on a GPU (see README, Limits).
     """
 
-    def __init__(self, model, config: WriteConfig = None, backend: str = "auto", write_head=None):
+    def __init__(self, model, config: WriteConfig = None, backend: str = "auto", write_head=None,
+                 cuda_graphs: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
         hf.input_embeddings(model)
@@ -52,6 +56,11 @@ class MemoryWriter:
         self.backend = resolve_backend(backend, device)
         if self.backend == "triton":
             engine.check_model_supported(model)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        self.cuda_graphs = (cuda_graphs and self.backend == "triton" and device.type == "cuda"
+                            and config.grad_mode == "none")
+        self._graphed = None
 
     def write(self, input_ids, attention_mask=None, memory=None) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
@@ -70,7 +79,16 @@ class MemoryWriter:
             input_ids = input_ids.to(device)
         ids, mask = check_token_batch(input_ids, attention_mask, vocab)
         M = initial_memory(memory, ids.shape[0], self.config, self.model, device)
-        packed = pack(documents_from_batch(ids, mask), self.config.num_memory_tokens, device)
+        docs = documents_from_batch(ids, mask)
+        if self.cuda_graphs:
+            shape = bucket_shape(len(docs) + 1, int(mask.sum()))
+            packed = pack(docs, self.config.num_memory_tokens, device, shape=shape)
+            filler = M.new_zeros(shape[0] - len(docs), *M.shape[1:])
+            if self._graphed is None:
+                self._graphed = engine.GraphedWriteLoop(self.model, self.config, head_weight, head_bias,
+                                                        self.backend)
+            return self._graphed(packed, torch.cat([M, filler]))
+        packed = pack(docs, self.config.num_memory_tokens, device)
         return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.backend)
 
     def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None):

@@ -31,3 +31,23 @@ def test_pack_gathers_the_right_rows():
         assert torch.equal(x[s : s + m + len(doc)], expected)
         rows = p.loss_rows[p.cu_tokens[b] : p.cu_tokens[b + 1]]
         assert rows.tolist() == list(range(s + m - 1, s + m - 1 + len(doc)))
+
+
+def test_fixed_shape_adds_ignored_filler():
+    from gradmem_fast.packing import IGNORE_INDEX, bucket_shape
+
+    docs = [torch.tensor([5, 6, 7]), torch.tensor([9])]
+    p = pack(docs, 2, "cpu", shape=(4, 10))
+    assert p.real_batch == 2 and p.batch == 4
+    assert p.lengths == [3, 1, 0, 6]
+    assert p.tokens.numel() == p.targets.numel() == 10
+    assert p.targets[:4].tolist() == [5, 6, 7, 9] and (p.targets[4:] == IGNORE_INDEX).all()
+    assert (p.tokens[4:] == 0).all()
+    assert p.total_rows == 10 + 4 * 2
+    assert bucket_shape(3, 700) == (8, 1024)
+    b, n = bucket_shape(9, 5000)
+    assert b == 16 and n >= 5000 and n < 5000 * 1.5
+    import pytest
+
+    with pytest.raises(ValueError, match="shape"):
+        pack(docs, 2, "cpu", shape=(2, 10))
