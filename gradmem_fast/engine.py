@@ -54,7 +54,8 @@ def gradmem_attention(model):
         model.set_attn_implementation(previous)
 
 
-def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, head_bias, ones_mask=None):
+def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, head_bias, ones_mask=None,
+               second_order=False):
     B, m, d = memories.shape
     rows = torch.cat([memories.reshape(B * m, d).to(token_embeds.dtype), token_embeds])
     x = rows.index_select(0, packed.source_index).unsqueeze(0)
@@ -70,8 +71,10 @@ def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, 
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h = hidden[0].index_select(0, packed.loss_rows)
+    # A second-order step differentiates the loss's backward, so the gradient must not be pre-formed.
     return linear_cross_entropy(h, head_weight, packed.targets, head_bias, reduction="sample_mean",
-                                cu_seqlens=packed.cu_tokens, ignore_index=IGNORE_INDEX)
+                                cu_seqlens=packed.cu_tokens, ignore_index=IGNORE_INDEX,
+                                precompute_grad=None if not second_order else False)
 
 
 def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losses, norms, ones_mask=None):
@@ -86,13 +89,15 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
     if config.grad_mode == "none":
         token_embeds = token_embeds.detach()
     for k in range(config.steps):
+        second = config.second_order_step(k)
         Mk = M.detach().requires_grad_(True) if config.grad_mode == "none" or not M.requires_grad else M
-        loss = _step_loss(model, Mk, token_embeds, packed, head_weight, head_bias, ones_mask)
-        (grad,) = torch.autograd.grad(loss.sum(), Mk)
+        loss = _step_loss(model, Mk, token_embeds, packed, head_weight, head_bias, ones_mask, second)
+        (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
         losses[k].copy_(loss.detach())
         with torch.set_grad_enabled(config.grad_mode != "none"):
-            result = memory_update(Mk, grad.detach(), lr=lr, optimizer=config.optimizer, clip_value=clip_value,
-                                   clip_norm=config.clip_norm, state=state, step=k + 1, betas=config.adam_betas)
+            result = memory_update(Mk, grad if second else grad.detach(), lr=lr, optimizer=config.optimizer,
+                                   clip_value=clip_value, clip_norm=config.clip_norm, state=state, step=k + 1,
+                                   betas=config.adam_betas)
         norms[k].copy_(result.grad_norm)
         M, state = result.memory, result.state
         if config.grad_mode == "none":
@@ -103,9 +108,6 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
 def write_packed(model, packed: PackedBatch, memory: torch.Tensor, config: WriteConfig, head_weight, head_bias,
                  backend: str) -> WriteResult:
     """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch)."""
-    if config.grad_mode == "second":
-        raise NotImplementedError("grad_mode='second' is not available on the triton write engine yet; "
-                                  "use backend='torch'")
     losses = torch.empty(config.steps, packed.batch, dtype=torch.float32, device=memory.device)
     norms = torch.empty_like(losses)
     with use_backend(backend), gradmem_attention(model), torch.enable_grad():
