@@ -1,0 +1,325 @@
+"""Prefix-memory attention: causal (bottom-right aligned) or full softmax attention over packed or padded
+sequences, with GQA, key padding, optional sliding window and dropout.
+
+For a sequence with ``Lq`` queries and ``Lk`` keys (``diag = Lk - Lq``), query head ``h`` and its KV head
+``h // (Hq / Hkv)``::
+
+    visible(i, j) = [not causal or j <= i + diag] and [window is None or j > i + diag - window]
+                    and key_padding_mask[j]
+    s_ij  = scale * q_i . k_j                       (scale defaults to 1 / sqrt(D))
+    lse_i = log sum_{j visible} exp(s_ij)           (-inf when no key is visible)
+    out_i = sum_{j visible} exp(s_ij - lse_i) * z_ij / (1 - p) * v_j     (0 when no key is visible)
+
+``z`` is the dropout keep mask (keep with probability 1 - p), a pure function of ``seed`` and the indices on
+the Triton backend, so the backward regenerates it. With more keys than queries the last query sees all
+keys: queries attend to a cached prefix (memory) plus themselves, as in GradMem's READ.
+
+Two ops are registered with ``torch.library`` so a compiled graph can hold them:
+``gradmem_fast::attention_fwd`` -> (out, lse) and ``gradmem_fast::attention_bwd`` -> (dq, dk, dv); the
+forward's autograd calls the backward op. The backward op is a function of its inputs only, so a later
+double backward can register an autograd formula on it.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gradmem_fast.backend import resolve_backend
+
+__all__ = ["prefix_attention", "attention_reference"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks (shared by both backends)
+
+
+def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, causal,
+                scale, dropout_p, window, fp32_precision):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"prefix_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 "
+                            "or float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"prefix_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"prefix_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("prefix_attention: give both cu_seqlens_q and cu_seqlens_k (packed layout) or neither")
+        if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+            raise ValueError("prefix_attention: with cu_seqlens, q/k/v must be packed [total_tokens, heads, "
+                             f"head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+                raise TypeError(f"prefix_attention: {name} must be a 1-D int32 tensor [batch + 1], got "
+                                f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+            if cu.device != q.device:
+                raise ValueError(f"prefix_attention: {name} is on {cu.device}, q on {q.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError("prefix_attention: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
+                             f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
+        if q.device.type == "cpu":  # value checks need the data on the host: free on CPU, a sync on a GPU
+            for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k,
+                                                                                    k.shape[0])):
+                if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
+                    raise ValueError(f"prefix_attention: {name} must start at 0, be non-decreasing and end at "
+                                     f"the {total} packed tokens; got {cu.tolist()}")
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"prefix_attention: k and v must have the same tokens, got {k.shape[0]} and {v.shape[0]}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0],):
+            raise ValueError("prefix_attention: in the packed layout key_padding_mask must be [total_k] = "
+                             f"({k.shape[0]},), got {tuple(key_padding_mask.shape)}")
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("prefix_attention: max_seqlen_q/k belong to the packed layout (with cu_seqlens)")
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError("prefix_attention: q/k/v must be padded [batch, seq, heads, head_dim] (or packed "
+                             f"3-D with cu_seqlens); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if not (q.shape[0] == k.shape[0] == v.shape[0]):
+            raise ValueError(f"prefix_attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"prefix_attention: k and v lengths differ: {k.shape[1]} vs {v.shape[1]}")
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError("prefix_attention: key_padding_mask must be [batch, seq_k] = "
+                             f"({k.shape[0]}, {k.shape[1]}), got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError("prefix_attention: key_padding_mask must be a tensor (1 = keep)")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"prefix_attention: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"prefix_attention: k has {k.shape[-2]} heads but v has {v.shape[-2]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"prefix_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"prefix_attention: q, k, v head dims must match, got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if not 1 <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"prefix_attention: head_dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"prefix_attention: causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise TypeError(f"prefix_attention: scale must be a finite float or None, got {scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"prefix_attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"prefix_attention: window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("prefix_attention: a sliding window needs causal=True")
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"prefix_attention: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton backend: custom ops
+
+
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gradmem_fast::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+    dropout_p: float, seed: int, window: int, fp32_precision: str,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the module docstring's formula; ``window = 0`` means none, ``max_seqlen < 0`` derive."""
+    from gradmem_fast.kernels import attention as kernels
+
+    return kernels.attention_fwd(
+        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+        dropout_p=dropout_p, seed=seed, window=window or None, fp32_precision=fp32_precision,
+    )
+
+
+@attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                        causal, scale, dropout_p, seed, window, fp32_precision):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("gradmem_fast::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int, window: int,
+    fp32_precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``<dout, out> + <dlse, lse>``.
+
+    With ``delta_i = dout_i . out_i - dlse_i`` the formulas of kernels/attention_bwd.py apply unchanged,
+    because d lse_i / d s_ij = P_ij.
+    """
+    from gradmem_fast.kernels import attention as kernels
+
+    delta = kernels.attention_bwd_preprocess(out, dout, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype)
+    return kernels.attention_bwd(
+        dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+        dropout_p=dropout_p, seed=seed, window=window or None, fp32_precision=fp32_precision, delta=delta,
+    )
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        key_padding_mask, causal, scale, dropout_p, seed, window, fp32_precision):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "key_padding_mask",
+             "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    args = dict(zip(_FWD_ARGS, inputs))
+    out, lse = output
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
+                          args["key_padding_mask"])
+    ctx.options = {name: args[name] for name in ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p",
+                                                 "seed", "window", "fp32_precision")}
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.options["max_seqlen_q"],
+                                  ctx.options["max_seqlen_k"], kpm, ctx.options["causal"], ctx.options["scale"],
+                                  ctx.options["dropout_p"], ctx.options["seed"], ctx.options["window"],
+                                  ctx.options["fp32_precision"])
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Torch backend: the reference (plain differentiable torch, double-differentiable, materialises scores)
+
+
+def _visible(lq, lk, causal, window, device):
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    vis = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        vis = vis & (j <= i + (lk - lq))
+    if window is not None:
+        vis = vis & (j > i + (lk - lq) - window)
+    return vis
+
+
+def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window):
+    batch, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    compute = _acc_dtype(q.dtype)
+    qg = q.to(compute).reshape(batch, lq, hkv, group, d)
+    s = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(compute)) * scale
+    vis = _visible(lq, lk, causal, window, q.device)[None, None, None]
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask.bool()[:, None, None, None, :]
+    row_has = vis.any(-1, keepdim=True)
+    # Rows with no visible key keep their raw scores so logsumexp stays finite (no NaN in the gradient);
+    # their probabilities are then zeroed by the mask.
+    s = s.masked_fill(~(vis | ~row_has), float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = torch.exp(s - lse) * vis
+    if dropout_p > 0:
+        gen = torch.Generator(device=q.device).manual_seed(int(seed))
+        keep = torch.rand(p.shape, generator=gen, device=q.device) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    out = torch.einsum("bhgij,bjhd->bihgd", p, v.to(compute)).reshape(batch, lq, hq, d)
+    lse = lse.squeeze(-1).masked_fill(~row_has.squeeze(-1), float("-inf")).reshape(batch, hq, lq)
+    return out.to(q.dtype), lse
+
+
+def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, causal=True,
+                        scale=None, dropout_p=0.0, seed=0, window=None):
+    """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
+
+    Dropout draws its keep mask from ``torch.rand`` with a generator seeded by ``seed`` (deterministic, but
+    not the Triton kernels' Philox stream).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if cu_seqlens_q is None:
+        return _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        kpm = None if key_padding_mask is None else key_padding_mask[ck[b]:ck[b + 1]][None]
+        o, lse = _reference_padded(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                   kpm, causal, scale, dropout_p, seed + b, window)
+        outs.append(o[0])
+        lses.append(lse[0])
+    out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
+    lse = torch.cat(lses, 1) if lses else q.new_zeros((q.shape[1], 0), dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public op
+
+
+def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                     key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, window=None, seed=None,
+                     return_lse=False, fp32_precision="ieee", backend="auto"):
+    """Softmax attention of packed or padded sequences (formula in the module docstring).
+
+    Layouts: packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k`` (int32 ``[B+1]``,
+    FlashAttention convention, ending at Tq/Tk; checked on CPU only, as the check would sync a GPU;
+    ``max_seqlen_q/k`` optional, derived when omitted), or padded
+    ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` with an optional ``key_padding_mask [B, Sk]`` (nonzero =
+    keep; in the packed layout a ``[Tk]`` mask). ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA, no K/V
+    copies). ``causal`` aligns the diagonal bottom-right (``Lk > Lq``: the queries follow a cached prefix).
+    ``window`` (causal only): each query sees its last ``window`` keys. ``dropout_p``: attention dropout
+    with a Philox mask derived from ``seed`` (drawn from torch's generator when None). ``fp32_precision``:
+    ``"ieee"`` (exact fp32 dots) or ``"tf32"`` (tensor cores) for fp32 inputs on a GPU.
+
+    Returns ``out`` shaped like ``q`` (q's dtype), or ``(out, lse)`` with ``return_lse``: the natural
+    log-sum-exp per query, ``[Hq, Tq]`` packed or ``[B, Hq, Sq]`` padded (fp32; fp64 for fp64 inputs),
+    -inf for a query that sees no key (its output is 0). Differentiable in q, k, v (and through ``lse``).
+    """
+    _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, causal, scale,
+                dropout_p, window, fp32_precision)
+    dropout_p = float(dropout_p)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    elif not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"prefix_attention: seed must be an int in [0, 2**31), got {seed!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "torch":
+        out, lse = attention_reference(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                       key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                                       dropout_p=dropout_p, seed=seed, window=window)
+    else:
+        if q.dtype == torch.float64 and q.device.type == "cuda":
+            raise TypeError("prefix_attention: float64 runs on the Triton backend only under the interpreter "
+                            "(CPU tensors); use backend='torch' for float64 on a GPU")
+        out, lse = attention_fwd_op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
+            -1 if max_seqlen_k is None else int(max_seqlen_k), key_padding_mask, causal, scale, dropout_p, seed,
+            int(window or 0), fp32_precision,
+        )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,383 @@
+"""Launch helpers of the prefix-attention kernels (forward, backward, dropout mask) and their configs.
+
+Layouts (the same kernels serve both; only where a sequence starts and how long it is differ):
+
+* packed varlen: ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]``, ``cu_seqlens_q/k`` int32 ``[B + 1]``
+  (FlashAttention convention, ending at Tq/Tk: tokens past the end would not be written); log-sum-exp ``[Hq, Tq]``; optional key mask ``[Tk]``;
+* padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (any strides with a unit last stride, e.g. the
+  transposed views Hugging Face hands over); log-sum-exp ``[B, Hq, Sq]``; optional key padding mask
+  ``[B, Sk]`` (nonzero = keep) applied inside the kernels, so there is no unpadding copy.
+
+The padded layout still computes the padded blocks (they are masked, not skipped); the packed layout is the
+fast path for many documents of different lengths.
+
+Configurations: a short curated list per head-dim class (padded power-of-two ``BLOCK_D``) and element size,
+autotuned on a GPU; under the Triton interpreter one small configuration is used (autotuning needs a GPU
+driver). ``compile_specs()`` lists every configuration for ``gradmem_fast.tools.compile_check``.
+"""
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .attention_common import _dropout_mask_kernel
+from .attention_fwd import attn_fwd_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+FP32_PRECISIONS = ("ieee", "tf32")
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    from gradmem_fast.backend import interpreting
+
+    return interpreting()
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ tile queries by BLOCK_M and stream keys by
+# BLOCK_N; dK/dV tiles keys by BLOCK_N and streams queries by BLOCK_M. Larger head dims hold more per
+# row in registers and shared memory, so their tiles shrink; fp32 operands take twice the shared memory.
+_FWD_CONFIGS = {
+    (64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (256, 2): [(64, 64, 8, 2), (64, 32, 4, 2)],
+    (64, 4): [(64, 64, 4, 3), (64, 32, 4, 3)],
+    (128, 4): [(64, 32, 4, 3), (64, 64, 8, 2)],
+    (256, 4): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    (64, 8): [(32, 32, 4, 2)],
+    (128, 8): [(32, 32, 4, 2)],
+    (256, 8): [(16, 16, 4, 1)],
+}
+_DKDV_CONFIGS = {
+    (64, 2): [(64, 128, 8, 3), (64, 64, 4, 3)],
+    (128, 2): [(64, 128, 8, 2), (32, 64, 4, 3)],
+    (256, 2): [(32, 64, 8, 2), (16, 32, 4, 2)],
+    (64, 4): [(64, 64, 4, 3), (32, 64, 4, 2)],
+    (128, 4): [(32, 64, 8, 2), (32, 32, 4, 2)],
+    (256, 4): [(16, 32, 4, 2)],
+    (64, 8): [(32, 32, 4, 2)],
+    (128, 8): [(16, 32, 4, 2)],
+    (256, 8): [(16, 16, 4, 1)],
+}
+_DQ_CONFIGS = {
+    (64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (128, 2): [(128, 64, 8, 2), (64, 32, 4, 3)],
+    (256, 2): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    (64, 4): [(64, 64, 4, 3), (64, 32, 4, 2)],
+    (128, 4): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    (256, 4): [(32, 32, 4, 2)],
+    (64, 8): [(32, 32, 4, 2)],
+    (128, 8): [(32, 16, 4, 2)],
+    (256, 8): [(16, 16, 4, 1)],
+}
+_PRE_BLOCK_M = 64
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+_AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
+
+
+def head_dim_class(block_d: int) -> int:
+    """Head dims up to 64 share tiles; 128 and 256 get their own."""
+    return 64 if block_d <= 64 else block_d
+
+
+def block_d_for(head_dim: int) -> int:
+    # 16 is the smallest dot operand width on tensor cores; smaller heads are zero-padded by masking.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def configs(kind: str, block_d: int, element_size: int) -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class."""
+    if _interpreting():
+        return [_INTERPRET_CONFIG]
+    return _TABLES[kind][(head_dim_class(block_d), element_size)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, block_d: int, element_size: int):
+    cfgs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in _TABLES[kind][(head_dim_class(block_d), element_size)]
+    ]
+    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
+
+
+def _launch(kind, grid_of, args, consts, block_d, element_size):
+    """Run ``kind`` with the autotuned config on a GPU, or with the single interpreter config."""
+    if _interpreting():
+        bm, bn, w, s = _INTERPRET_CONFIG
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        _KERNELS[kind][grid_of(meta)](*args, **consts, **meta, num_warps=w, num_stages=s)
+    else:
+        _tuned(kind, block_d, element_size)[grid_of](*args, **consts)
+
+
+class _Geometry:
+    """Shapes, strides and flags of one call, shared by the forward and backward launchers."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.total_q, self.hq, self.d = q.shape
+            self.total_k, self.hkv = k.shape[0], k.shape[1]
+            self.batch = cu_seqlens_q.numel() - 1
+            if max_seqlen_q is None or max_seqlen_q < 0:
+                max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if self.batch else 0
+            if max_seqlen_k is None or max_seqlen_k < 0:
+                max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if self.batch else 0
+            self.seqlen_q, self.seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+            self.lse_shape = (self.hq, self.total_q)
+            self.lse_strides = (0, self.total_q)
+        else:
+            self.batch, self.seqlen_q, self.hq, self.d = q.shape
+            self.seqlen_k, self.hkv = k.shape[1], k.shape[2]
+            self.lse_shape = (self.batch, self.hq, self.seqlen_q)
+            self.lse_strides = (self.hq * self.seqlen_q, self.seqlen_q)
+        self.group = self.hq // self.hkv
+        self.block_d = block_d_for(self.d)
+        self.cu_q = cu_seqlens_q
+        self.cu_k = cu_seqlens_k
+        self.kpm = None
+        self.kpm_stride = 0
+        if key_padding_mask is not None:
+            kpm = key_padding_mask
+            kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else kpm.ne(0).view(torch.uint8)
+            if kpm.stride(-1) != 1:
+                kpm = kpm.contiguous()
+            self.kpm = kpm
+            self.kpm_stride = kpm.stride(0) if kpm.dim() == 2 else 0
+        self.empty = self.batch == 0 or self.seqlen_q == 0 or self.hq == 0
+
+    def strides(self, t):
+        """(batch, token, head) strides of a [B, S, H, D] or [T, H, D] tensor."""
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def pointers(self, q):
+        """cu_seqlens and key-mask pointers, with ``q`` standing in for absent ones (never read)."""
+        return (self.cu_q if self.varlen else q, self.cu_k if self.varlen else q,
+                self.kpm if self.kpm is not None else q)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scalars(q, scale, dropout_p):
+    """Runtime scalars, plus the fp64 copy the kernels read in fp64 mode (see ``load_scalars``)."""
+    rescale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    fp64 = q.dtype == torch.float64
+    params = (torch.tensor([scale * _LOG2E, scale, rescale, _LOG2E, _LN2], dtype=torch.float64, device=q.device)
+              if fp64 else q)
+    return (scale * _LOG2E, scale, rescale), params, fp64
+
+
+def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64):
+    if q.dtype == torch.float32:
+        precision = fp32_precision
+    elif fp64:
+        precision = "ieee"
+    else:
+        precision = "tf32"  # ignored for 16-bit operands
+    return dict(
+        HEAD_DIM=geo.d, BLOCK_D=geo.block_d, IS_VARLEN=geo.varlen, IS_CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None, HAS_KPM=geo.kpm is not None, HAS_DROPOUT=dropout_p > 0,
+        PARAMS_FP64=fp64, ACC_DTYPE=tl.float64 if fp64 else tl.float32, INPUT_PRECISION=precision,
+    )
+
+
+def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                  key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, seed=0, window=None,
+                  fp32_precision="ieee", out=None, lse=None):
+    """Forward pass; returns ``(out, lse)``.
+
+    ``out = softmax(scale q k^T + mask) (dropout) v`` in q's dtype and layout, ``lse`` (fp32, fp64 for fp64
+    inputs) the natural log-sum-exp of the visible scores per query and head (-inf where none is visible).
+    ``out``/``lse`` may be given as preallocated buffers; every element of them is written.
+    Arguments are assumed validated by ``gradmem_fast.ops.attention``.
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
+    scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(geo.lse_shape, dtype=acc_dtype, device=q.device)
+    if geo.empty:
+        return out, lse
+    (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
+    cu_q, cu_k, kpm = geo.pointers(q)
+    args = (q, k, v, out, lse, cu_q, cu_k, kpm, params,
+            *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(out),
+            *geo.lse_strides, geo.kpm_stride,
+            geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
+            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+
+    def grid(meta):
+        return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
+
+    _launch("fwd", grid, args, consts, geo.block_d, q.element_size())
+    return out, lse
+
+
+def attention_bwd_preprocess(out, dout, *, cu_seqlens_q=None, max_seqlen_q=None, delta=None):
+    """``delta[i] = sum_d dout[i, d] * out[i, d]`` per query and head, in the log-sum-exp layout."""
+    out, dout = _unit_last(out), _unit_last(dout)
+    geo = _Geometry(out, out, out, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q, None)
+    acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    if delta is None:
+        delta = torch.empty(geo.lse_shape, dtype=acc_dtype, device=out.device)
+    if geo.empty:
+        return delta
+    block_m = _INTERPRET_CONFIG[0] if _interpreting() else _PRE_BLOCK_M
+    grid = (triton.cdiv(geo.seqlen_q, block_m), geo.hq, geo.batch)
+    attn_bwd_preprocess_kernel[grid](
+        out, dout, delta, geo.cu_q if geo.varlen else out,
+        *geo.strides(out), *geo.strides(dout), *geo.lse_strides, geo.seqlen_q,
+        HEAD_DIM=geo.d, BLOCK_D=geo.block_d, BLOCK_M=block_m, IS_VARLEN=geo.varlen,
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, num_warps=4,
+    )
+    return delta
+
+
+def attention_bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                  max_seqlen_k=None, key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, seed=0,
+                  window=None, fp32_precision="ieee", delta=None, dq=None, dk=None, dv=None):
+    """Gradients ``(dq, dk, dv)`` of ``<dout, out>`` by recomputation from ``lse`` (see attention_bwd.py).
+
+    ``delta`` (from ``attention_bwd_preprocess``) is computed when not given; ``dq/dk/dv`` may be
+    preallocated buffers shaped like q/k/v.
+    """
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
+    scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if geo.batch == 0 or geo.hq == 0:
+        return dq, dk, dv
+    if geo.seqlen_q == 0 or geo.seqlen_k == 0:
+        # No (query, key) pair exists: every gradient is zero, and the kernels would not visit all rows.
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if delta is None:
+        delta = attention_bwd_preprocess(out, dout, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=geo.seqlen_q)
+    (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
+    cu_q, cu_k, kpm = geo.pointers(q)
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+    tail = (*geo.lse_strides, geo.kpm_stride, geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
+            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, kpm, params,
+                 *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(dout),
+                 *geo.strides(dk), *geo.strides(dv), *tail)
+
+    def grid_kv(meta):
+        return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
+
+    _launch("dkdv", grid_kv, dkdv_args, consts, geo.block_d, q.element_size())
+
+    dq_args = (q, k, v, dout, lse, delta, dq, cu_q, cu_k, kpm, params,
+               *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(dout), *geo.strides(dq), *tail)
+
+    def grid_q(meta):
+        return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
+
+    _launch("dq", grid_q, dq_args, consts, geo.block_d, q.element_size())
+    return dq, dk, dv
+
+
+def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None,
+                      cu_seqlens_k=None):
+    """The keep mask ``[B, H, Sq, Sk]`` (bool) the kernels use for this seed (tests and debugging only).
+
+    For varlen calls, ``seqlen_q/k`` are the maximum lengths and entries past a sequence's end are False.
+    """
+    keep = torch.zeros((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    varlen = cu_seqlens_q is not None
+    block_m, block_n = (16, 16) if _interpreting() else (64, 64)
+    grid = (triton.cdiv(seqlen_q, block_m), heads, batch)
+    _dropout_mask_kernel[grid](
+        keep, cu_seqlens_q if varlen else keep, cu_seqlens_k if varlen else keep, int(seed), float(dropout_p),
+        heads, seqlen_q, seqlen_k, keep.stride(0), keep.stride(1), keep.stride(2),
+        IS_VARLEN=varlen, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return keep.bool()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compile check: every configuration the launcher can pick, for sm_90.
+
+_DTYPE_SIG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _specs_for(kind, dtype, block_d, cfg, flags):
+    from gradmem_fast.tools.compile_check import CompileSpec
+
+    t = "*" + _DTYPE_SIG[dtype]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    i32, f32 = "i32", "fp32"
+    bm, bn, warps, stages = cfg
+    consts = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PARAMS_FP64=dtype == torch.float64,
+                  ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+                  INPUT_PRECISION="ieee" if dtype in (torch.float64,) else "tf32", **flags)
+    strides3 = lambda p: {f"stride_{p}b": i32, f"stride_{p}t": i32, f"stride_{p}h": i32}  # noqa: E731
+    tail = {"stride_lb": i32, "stride_lh": i32, "stride_mb": i32, "seqlen_q": i32, "seqlen_k": i32,
+            "num_heads": i32, "group": i32, "qk_scale": f32, "sm_scale": f32, "rescale": f32, "dropout_p": f32,
+            "seed": i32, "window": i32}
+    common = {"CuQ": "*i32", "CuK": "*i32", "Kpm": "*u8", "Params": "*fp64" if dtype == torch.float64 else t}
+    if kind == "fwd":
+        sig = {"Q": t, "K": t, "V": t, "Out": t, "Lse": acc, **common,
+               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("o"), **tail}
+    elif kind == "dkdv":
+        sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dK": t, "dV": t, **common,
+               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dk"),
+               **strides3("dv"), **tail}
+    else:
+        sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dQ": t, **common,
+               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dq"), **tail}
+    name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}_d{block_d}_m{bm}n{bn}w{warps}s{stages}"
+            f"{'_full' if flags['HAS_DROPOUT'] else ''}")
+    return CompileSpec(name=name, kernel=_KERNELS[kind], signature=sig, constexprs=consts, num_warps=warps,
+                       num_stages=stages, archs=(90,))
+
+
+def compile_specs():
+    """Every (kernel, head-dim class, dtype, config) the launcher can pick on a GPU.
+
+    Each config is compiled with the feature flags that cost the most registers (key padding mask,
+    sliding window, dropout) and, for the largest head dim of a class, with the plain varlen-causal flags.
+    """
+    from gradmem_fast.tools.compile_check import CompileSpec
+
+    full = dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=True)
+    plain = dict(IS_VARLEN=True, IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False, HAS_DROPOUT=False)
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        size = torch.tensor([], dtype=dtype).element_size()
+        for block_d in (64, 128, 256):
+            for kind in ("fwd", "dkdv", "dq"):
+                for cfg in _TABLES[kind][(block_d, size)]:
+                    specs.append(_specs_for(kind, dtype, block_d, cfg, full))
+                    specs.append(_specs_for(kind, dtype, block_d, cfg, plain))
+            t = "*" + _DTYPE_SIG[dtype]
+            acc = "*fp64" if dtype == torch.float64 else "*fp32"
+            specs.append(CompileSpec(
+                name=f"attn_bwd_preprocess_{_DTYPE_SIG[dtype]}_d{block_d}", kernel=attn_bwd_preprocess_kernel,
+                signature={"Out": t, "dOut": t, "Delta": acc, "CuQ": "*i32", "stride_ob": "i32",
+                           "stride_ot": "i32", "stride_oh": "i32", "stride_dob": "i32", "stride_dot": "i32",
+                           "stride_doh": "i32", "stride_lb": "i32", "stride_lh": "i32", "seqlen_q": "i32"},
+                constexprs=dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=True,
+                                ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32),
+                num_warps=4, num_stages=1, archs=(90,)))
+    return specs
