@@ -63,3 +63,90 @@ def backbone_hidden(model, inputs_embeds: torch.Tensor, attention_mask=None, pos
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention registry entries: ``register_attention()`` makes ``attn_implementation="gradmem_fast"`` work.
+
+ATTENTION_NAME = "gradmem_fast"  # must not contain "flash", "sdpa" or "flex": transformers special-cases those
+
+
+def gradmem_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, allow_is_causal_skip=True, **kwargs):
+    """Mask function for ``AttentionMaskInterface``: the 2-D key padding mask ``[B, kv_length]`` or None.
+
+    The causal structure (bottom-right aligned, and the sliding window, which arrives as an argument of the
+    attention call) is applied inside the kernels, so no [q_length, kv_length] mask is ever built. Mask
+    patterns that cannot be expressed that way (packed sequences detected from ``position_ids``, or custom
+    or/and mask functions) are rejected instead of silently ignored.
+    """
+    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask
+
+    if (not allow_is_causal_skip and q_length > 1 and mask_function is not bidirectional_mask_function) or (
+        kwargs.get("use_vmap", False)
+    ):
+        raise ValueError(
+            f"attn_implementation={ATTENTION_NAME!r} supports causal/bidirectional masks with padding and sliding "
+            "windows; this model call needs another mask pattern (packed sequences given by position_ids, or "
+            "custom mask functions). Pass an attention_mask instead, or call gradmem_fast.prefix_attention "
+            "with cu_seqlens for packed documents"
+        )
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        return attention_mask  # a prepared 4-D mask; the attention function explains why it cannot take it
+    mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    return mask[:, kv_offset:kv_offset + kv_length].bool()
+
+
+_DEFAULT_BACKEND = {"backend": "auto"}
+
+
+def gradmem_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                           sliding_window=None, is_causal=None, **kwargs):
+    """``AttentionInterface`` entry: ``query [B, Hq, Sq, D]``, ``key/value [B, Hkv, Sk, D]`` -> ``([B, Sq, Hq,
+    D], None)``, computed by ``gradmem_fast.prefix_attention`` on the padded layout with the key padding mask
+    from ``gradmem_fast_mask`` (no copies: the kernels read the transposed views through their strides).
+
+    Causality follows ``is_causal`` or ``module.is_causal`` (bottom-right aligned, which is what a KV cache
+    needs); ``sliding_window`` is honoured. Attention weights are never returned.
+    """
+    from gradmem_fast.ops.attention import prefix_attention
+
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attn_implementation={ATTENTION_NAME!r} takes the 2-D padding mask made by its own mask function; "
+            f"got a {attention_mask.dim()}-D attention mask of shape {tuple(attention_mask.shape)} (a custom "
+            "prepared mask). Pass a 2-D attention_mask [batch, seq] (1 = keep) instead"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    k_len = key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != k_len:
+        attention_mask = attention_mask[:, -k_len:]
+    out = prefix_attention(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask=attention_mask,
+        causal=bool(causal), scale=scaling, dropout_p=float(dropout or 0.0),
+        window=int(sliding_window) if sliding_window is not None and causal else None,
+        backend=_DEFAULT_BACKEND["backend"],
+    )
+    return out, None
+
+
+def register_attention(backend: str = "auto") -> str:
+    """Register ``"gradmem_fast"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Afterwards ``from_pretrained(..., attn_implementation="gradmem_fast")`` and
+    ``model.set_attn_implementation("gradmem_fast")`` route attention through ``prefix_attention``.
+    ``backend`` (``auto``/``triton``/``torch``) is the backend those calls use. Returns the name.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from gradmem_fast.backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"register_attention: backend must be one of {BACKENDS}, got {backend!r}")
+    _DEFAULT_BACKEND["backend"] = backend
+    AttentionInterface.register(ATTENTION_NAME, gradmem_fast_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, gradmem_fast_mask)
+    return ATTENTION_NAME
