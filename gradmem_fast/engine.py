@@ -71,6 +71,11 @@ def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, 
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     h = hidden[0].index_select(0, packed.loss_rows)
+    if not second_order:
+        # Only a second-order step differentiates through the head. A custom autograd op cannot tell which
+        # of its inputs the current autograd.grad call needs, so hand it a frozen head: no dW/db work.
+        head_weight = head_weight.detach()
+        head_bias = None if head_bias is None else head_bias.detach()
     # A second-order step differentiates the loss's backward, so the gradient must not be pre-formed.
     return linear_cross_entropy(h, head_weight, packed.targets, head_bias, reduction="sample_mean",
                                 cu_seqlens=packed.cu_tokens, ignore_index=IGNORE_INDEX,

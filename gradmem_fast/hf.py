@@ -120,16 +120,43 @@ def gradmem_fast_attention(module, query, key, value, attention_mask, scaling=No
             "prepared mask). Pass a 2-D attention_mask [batch, seq] (1 = keep) instead"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = int(sliding_window) if sliding_window is not None and causal else None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return _packed_attention(query, key, value, scaling, dropout, causal, window, kwargs), None
     k_len = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != k_len:
         attention_mask = attention_mask[:, -k_len:]
     out = prefix_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask=attention_mask,
         causal=bool(causal), scale=scaling, dropout_p=float(dropout or 0.0),
-        window=int(sliding_window) if sliding_window is not None and causal else None,
-        backend=_DEFAULT_BACKEND["backend"],
+        window=window, backend=_DEFAULT_BACKEND["backend"],
     )
     return out, None
+
+
+def _packed_attention(query, key, value, scaling, dropout, causal, window, kwargs):
+    """Packed documents (FlashAttention-style ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments,
+    as the write engine passes them): ``query [1, Hq, T, D]`` is one sequence of documents back to back.
+
+    The documents are defined by the offsets alone: packing has no padding, so a 2-D padding mask that
+    comes along (the engine passes all ones to keep transformers from inspecting ``position_ids``, a host
+    synchronisation) is not applied. Lengths given as Python ints avoid any synchronisation here.
+    """
+    from gradmem_fast.ops.attention import prefix_attention
+
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention (cu_seq_lens_q given) needs batch size 1, got {query.shape[0]}")
+    cu_q = kwargs["cu_seq_lens_q"].to(torch.int32)
+    cu_k = kwargs.get("cu_seq_lens_k")
+    cu_k = cu_q if cu_k is None else cu_k.to(torch.int32)
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    out = prefix_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k, max_seqlen_q=max_q if isinstance(max_q, int) else None,
+        max_seqlen_k=max_k if isinstance(max_k, int) else None, causal=bool(causal), scale=scaling,
+        dropout_p=float(dropout or 0.0), window=window, backend=_DEFAULT_BACKEND["backend"],
+    )
+    return out.unsqueeze(0)
 
 
 def register_attention(backend: str = "auto") -> str:
