@@ -201,3 +201,21 @@ def test_triton_engine_rejects_models_without_attention_interface():
 
     with pytest.raises(ValueError, match="AttentionInterface"):
         MemoryWriter(Plain(), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-synchronisation check needs a GPU")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_k_step_loop_has_no_host_synchronisation(family):
+    model = tiny_model(family, dtype=torch.float32).cuda()
+    cfg = WriteConfig(num_memory_tokens=2, steps=3, lr=0.3, clip_norm=0.5, optimizer="sgd")
+    ids, mask = check_token_batch(*ragged([6, 1, 3]), VOCAB)
+    packed = pack(documents_from_batch(ids, mask), 2, "cuda")
+    head = model.get_output_embeddings()
+    M = torch.randn(3, 2, model.config.hidden_size, device="cuda")
+    engine.write_packed(model, packed, M, cfg, head.weight, head.bias, "triton")  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.write_packed(model, packed, M, cfg, head.weight, head.bias, "triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
