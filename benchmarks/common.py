@@ -325,6 +325,8 @@ def bench_ms(fn, device, *, cudagraph: bool = False, warmup_ms: float = 10, rep_
         import triton.testing
 
         if cudagraph:
+            fn()  # compile / autotune outside the capture
+            torch.cuda.synchronize(device)
             try:
                 with torch.cuda.device(torch.device(device)):
                     return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))

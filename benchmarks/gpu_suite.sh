@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU validation suite: tests on CUDA, compute-sanitizer, all benchmarks, plots and a report, in one go.
 #
-#   bash benchmarks/gpu_suite.sh                    # all stages: env tests sanitizer bench report (~24 min)
+#   bash benchmarks/gpu_suite.sh                    # all stages: env tests sanitizer bench report (<= 25 min)
 #   bash benchmarks/gpu_suite.sh tests              # some stages only (e.g. to fit 10-minute calls)
 #   GRADMEM_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh   # CPU rehearsal: no tests, tiny benchmarks
 #
@@ -9,7 +9,8 @@
 # report.md, pytest.txt, sanitizer-*.txt, env.txt, bench.log and suite_status.tsv (one line per stage:
 # name, exit code, seconds, time, note). Stages run in the order given; a failing stage never stops the
 # next one. Every stage has a hard timeout (seconds, environment overrides):
-#   GRADMEM_T_TESTS=400  GRADMEM_T_MEMCHECK=150  GRADMEM_T_RACECHECK=100  GRADMEM_T_BENCH=780
+#   GRADMEM_T_TESTS=380  GRADMEM_T_MEMCHECK=140  GRADMEM_T_RACECHECK=90  GRADMEM_T_BENCH=840
+# (24.2 minutes of timeouts in all; env and report take seconds).
 # GRADMEM_BENCH_ARGS adds arguments to `python -m benchmarks.run` (e.g. "--sections write --budget-scale 2").
 # The machine's own python/torch/triton/transformers are used (PYTHON overrides the interpreter); the
 # package runs from this working tree through PYTHONPATH; nothing is downloaded.
@@ -36,10 +37,10 @@ else
     DRY_FLAG=
 fi
 
-T_TESTS=${GRADMEM_T_TESTS:-400}
-T_MEMCHECK=${GRADMEM_T_MEMCHECK:-150}
-T_RACECHECK=${GRADMEM_T_RACECHECK:-100}
-T_BENCH=${GRADMEM_T_BENCH:-780}
+T_TESTS=${GRADMEM_T_TESTS:-380}
+T_MEMCHECK=${GRADMEM_T_MEMCHECK:-140}
+T_RACECHECK=${GRADMEM_T_RACECHECK:-90}
+T_BENCH=${GRADMEM_T_BENCH:-840}
 BENCH_ARGS=${GRADMEM_BENCH_ARGS:-}
 
 if [ $# -gt 0 ]; then STAGES=("$@"); else STAGES=(env tests sanitizer bench report); fi
