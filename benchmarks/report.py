@@ -202,15 +202,25 @@ def validation_lines(results_dir):
         summary = next((ln for ln in reversed(tail) if re.search(r"\b(passed|failed|error|skipped)\b", ln)),
                        tail[-1] if tail else "no output")
         lines.append(f"- tests on CUDA: {summary.strip('= ')}")
-    for tool in ("memcheck", "racecheck"):
+    for tool in ("memcheck", "racecheck", "none"):
         path = os.path.join(results_dir, f"sanitizer-{tool}.txt")
         if os.path.isfile(path):
             with open(path, errors="replace") as f:
                 text = f.read()
             found = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", text)
-            cases = re.findall(r"^CASE .*$", text, flags=re.M)
-            lines.append(f"- compute-sanitizer {tool}: {found[-1] if found else 'no summary (see file)'}; "
-                         f"{len(cases)} cases")
+            cases = re.findall(r"^CASE \S+: (\w+)", text, flags=re.M)
+            tally = ", ".join(f"{cases.count(k)} {k}" for k in ("OK", "SKIP", "FAIL") if k in cases) or "no cases"
+            if tool == "none":
+                lines.append(f"- kernel cases without compute-sanitizer (not available): {tally}")
+            else:
+                lines.append(f"- compute-sanitizer {tool}: {found[-1] if found else 'no summary (see file)'}; "
+                             f"cases {tally}")
+    path = os.path.join(results_dir, "suite_status.tsv")
+    if os.path.isfile(path):
+        with open(path) as f:
+            stages = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        lines.append("- suite stages (exit code, seconds): " + ", ".join(
+            f"{st[0]} {st[1]} ({st[2]} s)" for st in stages if len(st) >= 3))
     return lines
 
 

@@ -147,7 +147,7 @@ def test_bench_plain_loop_matches_reference(benchmark, family, attn):
     fast.requires_grad_(False)
     loop = PlainLoop(fast, ids, mask, steps=3, memory_tokens=2)
     out = _pedantic(benchmark, lambda: loop(M0.to(dtype)))
-    assert rel_error(out, ref) <= tolerance(dtype)
+    assert rel_error(out, ref) <= tolerance(dtype), rel_error(out, ref)
 
 
 def test_bench_linear_cross_entropy_torch_path(benchmark):
@@ -291,6 +291,13 @@ def test_report_ratios_and_latest_folder(tmp_path):
     assert "10.00×" in row and "4.00×" in row and "50.0%" in row and "2.00 GiB" in row  # vs reference / best torch
     assert "NVIDIA H100 80GB HBM3, 2030-01-01" in text
     assert "| gradmem_ops | skipped |" in text
+    assert "write / gradmem_ops: skipped: not available yet" in text
+    (new / "pytest.txt").write_text("....\n===== 120 passed, 3 skipped in 200.00s =====\n")
+    (new / "sanitizer-memcheck.txt").write_text(
+        "CASE attention_padded: OK [1.0 s]\nCASE write_engine: SKIP (x) [0.1 s]\n========= ERROR SUMMARY: 0 errors\n")
+    validation = report.render(str(new)).split("#### Validation")[1]
+    assert "tests on CUDA: 120 passed, 3 skipped in 200.00s" in validation
+    assert "memcheck: ERROR SUMMARY: 0 errors; cases 1 OK, 1 SKIP" in validation
 
 
 def test_sanitizer_cases_run_here():
