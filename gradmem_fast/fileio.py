@@ -1,0 +1,293 @@
+"""Files of the command line: JSON-lines input, safetensors memory files, atomic writes, resumable shards.
+
+Memory file (``gradmem-fast write`` output, read by ``gradmem-fast read``): a safetensors file with
+
+- ``memories``: ``[num_docs, m, d]``, one memory per document, in input order;
+- ``ids``: the documents' ids; int64 ``[num_docs]`` when every id is an integer, otherwise the UTF-8 bytes
+  of a JSON list (uint8), as told by the metadata key ``ids_format`` (``int64`` or ``json``);
+- string metadata: ``format``, ``format_version``, ``model``, ``hidden_size``, ``config`` (JSON of the
+  WriteConfig), ``tokenizer``, ``versions`` (JSON) and the other options that shaped the memories.
+
+Memory files are only ever *read* with safetensors (no pickle: a memory file may come from anyone). The
+final file is streamed shard by shard (the whole ``[num_docs, m, d]`` tensor is never held in memory)
+to a temporary file that is renamed over the output only when complete, so an interrupted run never
+leaves a partial output.
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+
+from .errors import UserError
+
+FORMAT = "gradmem-fast.memories"
+FORMAT_VERSION = "1"
+
+# safetensors' names of the dtypes we write.
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "uint8": "U8"}
+
+
+@dataclasses.dataclass
+class Record:
+    """One JSON line: its 1-based line number (for messages), its id and its text."""
+
+    line: int
+    id: object
+    text: str
+
+
+def _valid_id(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def read_jsonl(path: str, text_field: str = "text", id_field: str = "id", require_id: bool = False,
+               unique_ids: bool = True, what: str = "input"):
+    """Read a JSON-lines file into ``Record`` objects (blank lines are skipped).
+
+    Each line must be a JSON object with a string ``text_field``; ``id_field`` is optional (default: the
+    0-based line number) unless ``require_id``. Any problem raises ``UserError`` naming the line.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"{what} file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} file {path!r} is a directory")
+    records, seen = [], {}
+    try:
+        handle = open(path, "r", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot open {what} file {path!r}: {exc.strerror or exc}") from None
+    with handle:
+        lineno = 0
+        while True:
+            try:
+                raw = handle.readline()
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno + 1}: not valid UTF-8 text") from None
+            if not raw:
+                break
+            lineno += 1
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                raise UserError(f"{path}:{lineno}: no {text_field!r} field"
+                                + ("" if what == "queries" else " (--text-field picks another field)"))
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+            if id_field in obj:
+                doc_id = obj[id_field]
+                if not _valid_id(doc_id):
+                    raise UserError(f"{path}:{lineno}: field {id_field!r} must be an integer or a string, "
+                                    f"got {json.dumps(doc_id)}")
+            elif require_id:
+                raise UserError(f"{path}:{lineno}: no {id_field!r} field (the id of the document to read from)")
+            else:
+                doc_id = lineno - 1
+            if unique_ids:
+                if doc_id in seen:
+                    raise UserError(f"{path}:{lineno}: id {json.dumps(doc_id)} was already used on line {seen[doc_id]}")
+                seen[doc_id] = lineno
+            records.append(Record(lineno, doc_id, text))
+    if not records:
+        raise UserError(f"{what} file {path!r} has no lines")
+    return records
+
+
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The rename is atomic on POSIX file systems, so readers see either no file or the complete one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"output directory {directory!r} does not exist")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encode_ids(ids):
+    """(tensor, format) for a list of ids: int64 when all are integers in range, JSON bytes otherwise."""
+    import torch
+
+    if all(isinstance(i, int) and not isinstance(i, bool) and -2**63 <= i < 2**63 for i in ids):
+        return torch.tensor(ids, dtype=torch.int64), "int64"
+    data = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone(), "json"
+
+
+def decode_ids(tensor, fmt):
+    """Inverse of ``encode_ids``."""
+    if fmt == "int64":
+        return [int(v) for v in tensor.tolist()]
+    if fmt == "json":
+        return json.loads(bytes(tensor.tolist()).decode("utf-8"))
+    raise UserError(f"unknown ids_format {fmt!r} in memory file")
+
+
+def _tensor_bytes(tensor) -> bytes:
+    """Raw little-endian bytes of a tensor (viewed as bytes, so bfloat16 works too)."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dict):
+    """Stream a memory file to ``path`` atomically.
+
+    ``memory_chunks``: an iterable of ``[n_i, m, d]`` tensors (in order, summing to ``shape[0]`` rows) of
+    ``dtype``; ``ids``: one per row. The safetensors layout is written directly (8-byte header length,
+    JSON header, raw data) so the full tensor never has to be in memory.
+    """
+    import torch
+
+    ids_tensor, ids_format = encode_ids(ids)
+    dtype_name = str(dtype).replace("torch.", "")
+    if dtype_name not in _ST_DTYPES:
+        raise ValueError(f"unsupported memory dtype {dtype}")
+    mem_bytes = int(torch.Size(shape).numel()) * torch.tensor([], dtype=dtype).element_size()
+    ids_bytes = ids_tensor.numel() * ids_tensor.element_size()
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    meta["ids_format"] = ids_format
+    header = {
+        "__metadata__": meta,
+        "memories": {"dtype": _ST_DTYPES[dtype_name], "shape": list(shape), "data_offsets": [0, mem_bytes]},
+        "ids": {"dtype": _ST_DTYPES[str(ids_tensor.dtype).replace("torch.", "")], "shape": list(ids_tensor.shape),
+                "data_offsets": [mem_bytes, mem_bytes + ids_bytes]},
+    }
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes with trailing spaces
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            written = 0
+            for chunk in memory_chunks:
+                if chunk.dtype != dtype or tuple(chunk.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"memory chunk {tuple(chunk.shape)} {chunk.dtype} does not fit {shape} {dtype}")
+                data = _tensor_bytes(chunk)
+                fh.write(data)
+                written += len(data)
+            if written != mem_bytes:
+                raise ValueError(f"memory chunks hold {written} bytes, expected {mem_bytes}")
+            fh.write(_tensor_bytes(ids_tensor))
+        _fsync(tmp)
+
+
+class MemoryFile:
+    """A memory file opened for reading with safetensors (rows are loaded on demand)."""
+
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.exists(path):
+            raise UserError(f"memory file {path!r} does not exist")
+        if os.path.isdir(path):
+            raise UserError(f"memory file {path!r} is a directory")
+        try:
+            self._handle = safe_open(path, framework="pt", device="cpu")
+            keys = set(self._handle.keys())
+            self.metadata = dict(self._handle.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{path!r} is not a readable safetensors memory file ({exc})") from None
+        if self.metadata.get("format") != FORMAT or not {"memories", "ids"} <= keys:
+            raise UserError(f"{path!r} is not a gradmem-fast memory file (written by `gradmem-fast write`)")
+        if self.metadata.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path!r} has memory file format version {self.metadata.get('format_version')!r}; "
+                            f"this gradmem-fast reads version {FORMAT_VERSION}")
+        self.path = path
+        self._memories = self._handle.get_slice("memories")
+        self.shape = tuple(self._memories.get_shape())
+        if len(self.shape) != 3:
+            raise UserError(f"{path!r}: memories must be [num_docs, m, d], got shape {self.shape}")
+        self.ids = decode_ids(self._handle.get_tensor("ids"), self.metadata.get("ids_format"))
+        if len(self.ids) != self.shape[0]:
+            raise UserError(f"{path!r}: {len(self.ids)} ids for {self.shape[0]} memories")
+
+    def rows(self, indices):
+        """``[len(indices), m, d]`` memories of the given row indices."""
+        import torch
+
+        return torch.stack([self._memories[int(i)] for i in indices]) if len(indices) else None
+
+    def config(self) -> dict:
+        """The WriteConfig fields the memories were written with."""
+        try:
+            return json.loads(self.metadata.get("config", "{}"))
+        except json.JSONDecodeError:
+            return {}
+
+
+# --- resumable shards --------------------------------------------------------------------------------------
+
+def checkpoint_dir(output: str) -> str:
+    """Where shards of an unfinished run of ``output`` are kept (removed once the output is complete)."""
+    return output + ".partial"
+
+
+def shard_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"shard-{index:06d}.safetensors")
+
+
+def save_shard(directory: str, index: int, memories, fingerprint: str):
+    """Write one shard atomically, tagged with the run's fingerprint."""
+    from safetensors.torch import save_file
+
+    path = shard_path(directory, index)
+    with atomic_output(path) as tmp:
+        save_file({"memories": memories.detach().cpu().contiguous()}, tmp,
+                  metadata={"fingerprint": fingerprint, "index": str(index), "rows": str(memories.shape[0])})
+        _fsync(tmp)
+
+
+def load_shard(directory: str, index: int, fingerprint: str, rows: int):
+    """The memories of a finished shard of *this* run, or None (missing, unreadable, or another run's)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = shard_path(directory, index)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("fingerprint") != fingerprint or meta.get("rows") != str(rows):
+                return None
+            memories = handle.get_tensor("memories")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return memories if memories.shape[0] == rows else None
+
+
+def remove_checkpoint(directory: str):
+    """Delete the shard directory of a finished run (only files this module writes)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(("shard-", ".shard-")) and ".safetensors" in name:
+            os.remove(os.path.join(directory, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)

@@ -1,0 +1,181 @@
+"""``gradmem-fast write``: round trip on a tiny local model, resume after a kill, and every bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from gradmem_fast import cli, fileio
+from gradmem_fast.config import WriteConfig
+from gradmem_fast.writer import MemoryWriter
+from helpers import assert_close
+from tiny_local import save_tiny, sentence
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def _docs(n=5):
+    # Mixed ids: explicit strings and the default (0-based line number).
+    return [{"text": sentence(3 + 2 * i, i), **({"id": f"doc-{i}"} if i % 2 else {})} for i in range(n)]
+
+
+def _write(model_dir, inp, out, *extra):
+    return cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
+                     "--memory-tokens", "3", "--lr", "0.05", "--quiet", *extra])
+
+
+def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs())
+    out = str(tmp_path / "mem.safetensors")
+    assert cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
+                     "--memory-tokens", "3", "--lr", "0.05", "--shard-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "doc/s" in err and "tok/s" in err  # the progress bar
+    f = fileio.MemoryFile(out)
+    assert f.ids == [0, "doc-1", 2, "doc-3", 4]
+    assert f.shape == (5, 3, 32)
+    meta = f.metadata
+    assert meta["model"] == model_dir and meta["hidden_size"] == "32" and json.loads(meta["versions"])["torch"]
+    assert json.loads(meta["config"])["steps"] == 3 and json.loads(meta["tokenizer"])["vocab_size"] > 0
+    assert not os.path.exists(fileio.checkpoint_dir(out))  # shards removed once merged
+
+    # The same memories as the Python API (each document written on its own).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05), backend="torch")
+    for row, doc in enumerate(_docs()):
+        ids = torch.tensor([tok(doc["text"], add_special_tokens=False).input_ids])
+        assert_close(f.rows([row])[0], writer.write(ids).memory[0], name=f"memory {row}")
+
+
+def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monkeypatch):
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs(5))
+    whole = str(tmp_path / "whole.safetensors")
+    assert _write(model_dir, inp, whole, "--shard-size", "2") == 0
+
+    out = str(tmp_path / "resumed.safetensors")
+    real_save = fileio.save_shard
+    calls = []
+
+    def killed_after_one_shard(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill between shards) does to the run
+        calls.append(args[1])
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(fileio, "save_shard", killed_after_one_shard)
+    assert _write(model_dir, inp, out, "--shard-size", "2") == 130
+    assert not os.path.exists(out)
+    assert os.listdir(fileio.checkpoint_dir(out)) == ["shard-000000.safetensors"]
+
+    computed = []
+    monkeypatch.setattr(fileio, "save_shard", lambda *a, **k: (computed.append(a[1]), real_save(*a, **k)))
+    assert _write(model_dir, inp, out, "--shard-size", "2") == 0
+    assert computed == [1, 2]  # shard 0 was reused, not recomputed
+    with open(whole, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_shards_of_another_run_are_not_reused(model_dir, tmp_path):
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs(3))
+    out = str(tmp_path / "mem.safetensors")
+    ckpt = fileio.checkpoint_dir(out)
+    os.makedirs(ckpt)
+    # A finished shard 0 of a different run (other memories) lies in the checkpoint directory.
+    fileio.save_shard(ckpt, 0, torch.zeros(2, 3, 32), fingerprint="another run")
+    assert _write(model_dir, inp, out, "--shard-size", "2") == 0
+    assert fileio.MemoryFile(out).rows([0]).abs().sum() > 0
+
+
+def _assert_clean_failure(rc, capsys, out, *needles):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not os.path.exists(out)
+    assert not os.path.exists(fileio.checkpoint_dir(out))
+
+
+def test_missing_input(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, str(tmp_path / "nope.jsonl"), out), capsys, out, "does not exist")
+
+
+def test_invalid_json_line_names_the_line(model_dir, tmp_path, capsys):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, '{"text": "the dog"', {"text": "a"}])
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "invalid JSON")
+
+
+def test_line_without_text_field(model_dir, tmp_path, capsys):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"body": "the dog"}])
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "'text'", "--text-field")
+    # ... which --text-field fixes.
+    inp2 = _jsonl(tmp_path / "d2.jsonl", [{"body": "the cat"}, {"body": "the dog"}])
+    assert _write(model_dir, inp2, out, "--text-field", "body") == 0
+
+
+def test_empty_text_is_rejected_or_skipped(model_dir, tmp_path, capsys):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"text": "   "}, {"text": "a dog"}])
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "empty document", "--skip-empty")
+    assert _write(model_dir, inp, out, "--skip-empty") == 0
+    assert "skipped" in capsys.readouterr().err
+    assert fileio.MemoryFile(out).ids == [0, 2]
+
+
+def test_too_long_text_is_rejected_with_max_length_advice(model_dir, tmp_path, capsys):
+    # The tiny model has 128 positions; with 3 memory vectors a document may have 125 tokens.
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"text": sentence(130)}])
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "130 tokens", "--max-length 125")
+    assert _write(model_dir, inp, out, "--max-length", "20") == 0
+    assert "truncated" in capsys.readouterr().err
+    out2 = str(tmp_path / "m2.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out2, "--max-length", "126"), capsys, out2, "--max-length 126")
+
+
+def test_unknown_model(tmp_path, capsys):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
+    out = str(tmp_path / "m.safetensors")
+    _assert_clean_failure(_write(str(tmp_path / "no-such-model"), inp, out), capsys, out, "no-such-model")
+    os.makedirs(tmp_path / "empty-dir")
+    _assert_clean_failure(_write(str(tmp_path / "empty-dir"), inp, out), capsys, out, "cannot load model")
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--lr", "-0.1", "--lr"), ("--steps", "-2", "--steps"),
+                                               ("--steps", "0", "--steps"), ("--memory-tokens", "0", "--memory-tokens"),
+                                               ("--clip-norm", "-1", "--clip-norm"), ("--batch-tokens", "0", "--batch-tokens")])
+def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
+    out = str(tmp_path / "m.safetensors")
+    rc = cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, flag, value])
+    _assert_clean_failure(rc, capsys, out, needle)
+
+
+def test_duplicate_ids_and_bad_id_types(model_dir, tmp_path, capsys):
+    out = str(tmp_path / "m.safetensors")
+    inp = _jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "the cat"}, {"id": 1, "text": "a dog"}])
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "already used on line 1")
+    inp = _jsonl(tmp_path / "e.jsonl", [{"id": 1.5, "text": "the cat"}])
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "e.jsonl:1", "integer or a string")
+
+
+def test_missing_output_directory(model_dir, tmp_path, capsys):
+    inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
+    out = str(tmp_path / "no" / "m.safetensors")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "does not exist")
