@@ -39,43 +39,47 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ tile queries by BLOCK_M and stream keys by
-# BLOCK_N; dK/dV tiles keys by BLOCK_N and streams queries by BLOCK_M. Larger head dims hold more per
-# row in registers and shared memory, so their tiles shrink; fp32 operands take twice the shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (head-dim class, element size): "plain" for calls without
+# dropout, "dropout" for calls with it (Philox needs registers of its own, so those tiles are smaller or
+# get more warps). Forward and dQ tile queries by BLOCK_M and stream keys by BLOCK_N; dK/dV tiles keys by
+# BLOCK_N and streams queries by BLOCK_M. Every entry passes the sm_90 compile check without spills.
 _FWD_CONFIGS = {
-    (64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
-    (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (256, 2): [(64, 64, 8, 2), (64, 32, 4, 2)],
-    (64, 4): [(64, 64, 4, 3), (64, 32, 4, 3)],
-    (128, 4): [(64, 32, 4, 3), (64, 64, 8, 2)],
-    (256, 4): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    (64, 8): [(32, 32, 4, 2)],
-    (128, 8): [(32, 32, 4, 2)],
-    (256, 8): [(16, 16, 4, 1)],
+    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
+    (128, 2): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
+    (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (64, 4): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
+    (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
+    (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
 }
 _DKDV_CONFIGS = {
-    (64, 2): [(64, 128, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(64, 128, 8, 2), (32, 64, 4, 3)],
-    (256, 2): [(32, 64, 8, 2), (16, 32, 4, 2)],
-    (64, 4): [(64, 64, 4, 3), (32, 64, 4, 2)],
-    (128, 4): [(32, 64, 8, 2), (32, 32, 4, 2)],
-    (256, 4): [(16, 32, 4, 2)],
-    (64, 8): [(32, 32, 4, 2)],
-    (128, 8): [(16, 32, 4, 2)],
-    (256, 8): [(16, 16, 4, 1)],
+    (64, 2): {"plain": [(32, 128, 8, 3), (64, 64, 8, 2)], "dropout": [(32, 128, 8, 3)]},
+    (128, 2): {"plain": [(64, 64, 8, 2), (32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
+    (256, 2): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(32, 32, 8, 2)]},
+    (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)], "dropout": [(32, 64, 8, 2)]},
+    (128, 4): {"plain": [(16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
+    (256, 4): {"plain": [(16, 32, 8, 1)], "dropout": [(16, 32, 8, 1)]},
 }
 _DQ_CONFIGS = {
-    (64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(128, 64, 8, 2), (64, 32, 4, 3)],
-    (256, 2): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    (64, 4): [(64, 64, 4, 3), (64, 32, 4, 2)],
-    (128, 4): [(64, 32, 8, 2), (32, 32, 4, 2)],
-    (256, 4): [(32, 32, 4, 2)],
-    (64, 8): [(32, 32, 4, 2)],
-    (128, 8): [(32, 16, 4, 2)],
-    (256, 8): [(16, 16, 4, 1)],
+    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
+    (128, 2): {"plain": [(64, 32, 8, 2), (32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
+    (256, 2): {"plain": [(16, 32, 4, 2), (32, 16, 8, 2)], "dropout": [(16, 32, 4, 2)]},
+    (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)], "dropout": [(64, 32, 4, 3)]},
+    (128, 4): {"plain": [(128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
+    (256, 4): {"plain": [(32, 32, 8, 2), (32, 16, 4, 2)], "dropout": [(32, 16, 4, 2)]},
 }
-_PRE_BLOCK_M = 64
+# fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
+_IEEE_CONFIGS = {
+    "fwd": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    "dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+}
+
+
+def _pre_block_m(block_d):
+    # the preprocess kernel holds two [BLOCK_M, BLOCK_D] tiles; keep them at 8K elements
+    return max(16, min(64, 8192 // block_d))
+
+
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 _TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 _KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
@@ -92,18 +96,26 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(kind: str, block_d: int, element_size: int) -> list:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class."""
+def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32") -> list:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class.
+
+    fp32 with IEEE dots runs on CUDA cores (FMA), whose operands live in registers: it gets its own
+    small tiles.
+    """
     if _interpreting():
         return [_INTERPRET_CONFIG]
-    return _TABLES[kind][(head_dim_class(block_d), element_size)]
+    if element_size not in (2, 4):
+        raise TypeError("prefix attention kernels: float64 runs only under the Triton interpreter")
+    if element_size == 4 and precision == "ieee":
+        return _IEEE_CONFIGS[kind][head_dim_class(block_d)]
+    return _TABLES[kind][(head_dim_class(block_d), element_size)]["dropout" if dropout else "plain"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, block_d: int, element_size: int):
+def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str):
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in _TABLES[kind][(head_dim_class(block_d), element_size)]
+        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision)
     ]
     return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
@@ -115,7 +127,8 @@ def _launch(kind, grid_of, args, consts, block_d, element_size):
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
         _KERNELS[kind][grid_of(meta)](*args, **consts, **meta, num_warps=w, num_stages=s)
     else:
-        _tuned(kind, block_d, element_size)[grid_of](*args, **consts)
+        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"])
+        tuned[grid_of](*args, **consts)
 
 
 class _Geometry:
@@ -238,7 +251,7 @@ def attention_bwd_preprocess(out, dout, *, cu_seqlens_q=None, max_seqlen_q=None,
         delta = torch.empty(geo.lse_shape, dtype=acc_dtype, device=out.device)
     if geo.empty:
         return delta
-    block_m = _INTERPRET_CONFIG[0] if _interpreting() else _PRE_BLOCK_M
+    block_m = _INTERPRET_CONFIG[0] if _interpreting() else _pre_block_m(geo.block_d)
     grid = (triton.cdiv(geo.seqlen_q, block_m), geo.hq, geo.batch)
     attn_bwd_preprocess_kernel[grid](
         out, dout, delta, geo.cu_q if geo.varlen else out,
@@ -321,7 +334,7 @@ def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device,
 _DTYPE_SIG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def _specs_for(kind, dtype, block_d, cfg, flags):
+def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     from gradmem_fast.tools.compile_check import CompileSpec
 
     t = "*" + _DTYPE_SIG[dtype]
@@ -330,7 +343,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags):
     bm, bn, warps, stages = cfg
     consts = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PARAMS_FP64=dtype == torch.float64,
                   ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-                  INPUT_PRECISION="ieee" if dtype in (torch.float64,) else "tf32", **flags)
+                  INPUT_PRECISION=precision, **flags)
     strides3 = lambda p: {f"stride_{p}b": i32, f"stride_{p}t": i32, f"stride_{p}h": i32}  # noqa: E731
     tail = {"stride_lb": i32, "stride_lh": i32, "stride_mb": i32, "seqlen_q": i32, "seqlen_k": i32,
             "num_heads": i32, "group": i32, "qk_scale": f32, "sm_scale": f32, "rescale": f32, "dropout_p": f32,
@@ -346,8 +359,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags):
     else:
         sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dQ": t, **common,
                **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dq"), **tail}
-    name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}_d{block_d}_m{bm}n{bn}w{warps}s{stages}"
-            f"{'_full' if flags['HAS_DROPOUT'] else ''}")
+    name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
+            f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}")
     return CompileSpec(name=name, kernel=_KERNELS[kind], signature=sig, constexprs=consts, num_warps=warps,
                        num_stages=stages, archs=(90,))
 
@@ -355,29 +368,34 @@ def _specs_for(kind, dtype, block_d, cfg, flags):
 def compile_specs():
     """Every (kernel, head-dim class, dtype, config) the launcher can pick on a GPU.
 
-    Each config is compiled with the feature flags that cost the most registers (key padding mask,
-    sliding window, dropout) and, for the largest head dim of a class, with the plain varlen-causal flags.
+    A class is checked at its largest head dim (64 stands for 16/32/48/64). "plain" configs are compiled
+    with the flags that cost the most registers without dropout (padded layout, key padding mask, sliding
+    window), "dropout" configs with dropout added; plain varlen-causal calls use a subset of that code.
     """
     from gradmem_fast.tools.compile_check import CompileSpec
 
-    full = dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=True)
-    plain = dict(IS_VARLEN=True, IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False, HAS_DROPOUT=False)
+    flags = {
+        "plain": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=False),
+        "dropout": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=True),
+    }
     specs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         size = torch.tensor([], dtype=dtype).element_size()
         for block_d in (64, 128, 256):
             for kind in ("fwd", "dkdv", "dq"):
-                for cfg in _TABLES[kind][(block_d, size)]:
-                    specs.append(_specs_for(kind, dtype, block_d, cfg, full))
-                    specs.append(_specs_for(kind, dtype, block_d, cfg, plain))
+                for variant in ("plain", "dropout"):
+                    for cfg in _TABLES[kind][(block_d, size)][variant]:
+                        specs.append(_specs_for(kind, dtype, block_d, cfg, flags[variant]))
+                if dtype == torch.float32:  # IEEE fp32: one small-tile config, checked with dropout
+                    for cfg in _IEEE_CONFIGS[kind][block_d]:
+                        specs.append(_specs_for(kind, dtype, block_d, cfg, flags["dropout"], precision="ieee"))
             t = "*" + _DTYPE_SIG[dtype]
-            acc = "*fp64" if dtype == torch.float64 else "*fp32"
             specs.append(CompileSpec(
                 name=f"attn_bwd_preprocess_{_DTYPE_SIG[dtype]}_d{block_d}", kernel=attn_bwd_preprocess_kernel,
-                signature={"Out": t, "dOut": t, "Delta": acc, "CuQ": "*i32", "stride_ob": "i32",
+                signature={"Out": t, "dOut": t, "Delta": "*fp32", "CuQ": "*i32", "stride_ob": "i32",
                            "stride_ot": "i32", "stride_oh": "i32", "stride_dob": "i32", "stride_dot": "i32",
                            "stride_doh": "i32", "stride_lb": "i32", "stride_lh": "i32", "seqlen_q": "i32"},
-                constexprs=dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=True,
-                                ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32),
+                constexprs=dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=_pre_block_m(block_d), IS_VARLEN=True,
+                                ACC_DTYPE=tl.float32),
                 num_warps=4, num_stages=1, archs=(90,)))
     return specs

@@ -84,7 +84,8 @@ def load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64: tl.constexpr)
 @triton.jit
 def rng_key(seed, b, h, num_heads):
     """Philox key of head ``h`` of sequence ``b``: low word the user seed, high word the head index."""
-    return seed.to(tl.int64) + (b * num_heads + h).to(tl.int64) * 4294967296
+    # no .to() on seed: Triton passes an integer argument equal to 1 as a constant
+    return (b * num_heads + h).to(tl.int64) * 4294967296 + seed
 
 
 @triton.jit

@@ -103,3 +103,19 @@ def test_four_d_mask_rejected():
     mask4d = torch.zeros(1, 1, 5, 5, dtype=DTYPE, device=DEVICE)
     with pytest.raises(ValueError, match="2-D"):
         model(input_ids=ids, attention_mask=mask4d)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_generate_with_cache_left_padding(family):
+    """Decoding with a KV cache: one query against all cached keys (bottom-right causal alignment)."""
+    over = {"sliding_window": 5} if family == "mistral" else {}
+    eager = tiny_model(family, dtype=DTYPE, **over).to(DEVICE)
+    fast = tiny_model(family, dtype=DTYPE, **over).to(DEVICE)
+    fast.set_attn_implementation(ATTENTION_NAME)
+    ids, mask = batch("left", lengths=(7, 3), seq=7)
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    ref = eager.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (lg, rlg) in enumerate(zip(out.logits, ref.logits)):
+        assert_close(lg, rlg, name=f"logits of step {step}")

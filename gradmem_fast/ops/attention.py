@@ -115,8 +115,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             raise ValueError(f"prefix_attention: window must be a positive int or None, got {window!r}")
         if not causal:
             raise ValueError("prefix_attention: a sliding window needs causal=True")
-    if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(f"prefix_attention: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+    if fp32_precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"prefix_attention: fp32_precision must be None, 'ieee' or 'tf32', got {fp32_precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,9 +281,19 @@ def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_pa
 # Public op
 
 
+@torch.compiler.assume_constant_result  # a global setting: read when tracing, a constant in the graph
+def _default_fp32_precision() -> str:
+    """Follow torch's own fp32 matmul policy, so fp32 attention matches what eager matmuls would do."""
+    matmul = torch.backends.cuda.matmul
+    policy = getattr(matmul, "fp32_precision", "none")
+    if policy in ("ieee", "tf32"):
+        return policy
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
 def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                      key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, window=None, seed=None,
-                     return_lse=False, fp32_precision="ieee", backend="auto"):
+                     return_lse=False, fp32_precision=None, backend="auto"):
     """Softmax attention of packed or padded sequences (formula in the module docstring).
 
     Layouts: packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k`` (int32 ``[B+1]``,
@@ -293,8 +303,10 @@ def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqle
     keep; in the packed layout a ``[Tk]`` mask). ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA, no K/V
     copies). ``causal`` aligns the diagonal bottom-right (``Lk > Lq``: the queries follow a cached prefix).
     ``window`` (causal only): each query sees its last ``window`` keys. ``dropout_p``: attention dropout
-    with a Philox mask derived from ``seed`` (drawn from torch's generator when None). ``fp32_precision``:
-    ``"ieee"`` (exact fp32 dots) or ``"tf32"`` (tensor cores) for fp32 inputs on a GPU.
+    with a Philox mask derived from ``seed`` (drawn from torch's generator when None). ``fp32_precision``
+    (fp32 inputs on a GPU): ``"ieee"`` (exact fp32 dots on CUDA cores, small tiles, slower) or ``"tf32"``
+    (tensor cores, ~1e-3 relative per dot); None follows ``torch.backends.cuda.matmul`` (``fp32_precision``
+    / ``allow_tf32``), i.e. IEEE unless TF32 was enabled, as for eager matmuls.
 
     Returns ``out`` shaped like ``q`` (q's dtype), or ``(out, lse)`` with ``return_lse``: the natural
     log-sum-exp per query, ``[Hq, Tq]`` packed or ``[B, Hq, Sq]`` padded (fp32; fp64 for fp64 inputs),
@@ -308,6 +320,8 @@ def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqle
     elif not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"prefix_attention: seed must be an int in [0, 2**31), got {seed!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if fp32_precision is None:
+        fp32_precision = _default_fp32_precision()
     chosen = resolve_backend(backend, q.device)
     if chosen == "torch":
         out, lse = attention_reference(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
