@@ -12,6 +12,7 @@
 #   GRADMEM_T_TESTS=380  GRADMEM_T_MEMCHECK=140  GRADMEM_T_RACECHECK=90  GRADMEM_T_BENCH=840
 # (24.2 minutes of timeouts in all; env and report take seconds).
 # GRADMEM_BENCH_ARGS adds arguments to `python -m benchmarks.run` (e.g. "--sections write --budget-scale 2").
+# GRADMEM_COMMIT names the commit when the tree was copied without .git.
 # The machine's own python/torch/triton/transformers are used (PYTHON overrides the interpreter); the
 # package runs from this working tree through PYTHONPATH; nothing is downloaded.
 set -uo pipefail
@@ -63,7 +64,7 @@ record() {  # stage rc seconds note
 stage_env() {
     {
         echo "# date: $(date -u)"
-        echo "# commit: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
+        echo "# commit: ${GRADMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
         echo "# python: $PY ($("$PY" --version 2>&1))"
         "$PY" - <<'EOF'
 import importlib
