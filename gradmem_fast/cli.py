@@ -213,6 +213,9 @@ def cmd_write(args) -> int:
         if resumed and ctx.is_main:
             _warn("write", f"resuming: {resumed} of {len(mine)} shard(s) already written in {ckpt}")
         _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint)
+        if ctx.world_size > 1 and not args.quiet:
+            print(f"rank {ctx.rank}/{ctx.world_size}: wrote {len(todo)} shard(s), "
+                  f"{sum(bounds[s][1] - bounds[s][0] for s in todo)} document(s)", file=sys.stderr, flush=True)
         distributed.barrier(ctx)
         if ctx.is_main:
             _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint)
