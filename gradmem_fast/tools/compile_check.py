@@ -126,18 +126,36 @@ def collect_specs(modules=None) -> list:
     return specs
 
 
-def run(specs, archs=None, stream=sys.stdout) -> list:
-    reports = []
-    for spec in specs:
-        for arch in spec.archs:
-            if archs and arch not in archs:
-                continue
-            rep = compile_one(spec, arch)
-            reports.append(rep)
-            status = "ok  " if rep.ok else "FAIL"
-            print(f"{status} sm_{arch} {spec.name:60s} shared={rep.shared:6d} regs={rep.registers:3d} "
-                  f"spills={rep.spill_stores}/{rep.spill_loads} {rep.problems()}", file=stream, flush=True)
+# Filled before forking workers: a forked child reaches the kernels through this list (JIT functions do
+# not pickle), and only (index, arch) pairs and reports cross process boundaries.
+_SPECS = []
+
+
+def _compile_task(task):
+    index, arch = task
+    return compile_one(_SPECS[index], arch)
+
+
+def run(specs, archs=None, stream=sys.stdout, jobs: int = 1) -> list:
+    """Compile every (spec, arch) pair, ``jobs`` at a time (forked processes), printing one line each."""
+    tasks = [(i, arch) for i, spec in enumerate(specs) for arch in spec.archs if not archs or arch in archs]
+    _SPECS[:] = specs
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.imap(_compile_task, tasks)
+            reports = [_print(rep, stream) for rep in results]
+    else:
+        reports = [_print(_compile_task(task), stream) for task in tasks]
     return reports
+
+
+def _print(rep, stream):
+    status = "ok  " if rep.ok else "FAIL"
+    print(f"{status} sm_{rep.arch} {rep.name:60s} shared={rep.shared:6d} regs={rep.registers:3d} "
+          f"spills={rep.spill_stores}/{rep.spill_loads} {rep.problems()}", file=stream, flush=True)
+    return rep
 
 
 def main(argv=None) -> int:
@@ -147,12 +165,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="*", choices=sorted(SHARED_LIMIT), default=None)
     parser.add_argument("--module", nargs="*", default=None, help="kernel modules to check (default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     args = parser.parse_args(argv)
     specs = collect_specs(args.module)
     if not specs:
         print("compile_check: no kernel declares compile_specs()", file=sys.stderr)
         return 1
-    reports = run(specs, args.arch)
+    reports = run(specs, args.arch, jobs=max(1, args.jobs))
     failed = [r for r in reports if not r.ok]
     print(f"compile_check: {len(reports) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
