@@ -19,7 +19,8 @@ Implementations (same inputs, same initial memory, SGD with lr 1e-2 and clip_nor
 * ``torch_sdpa_compiled``: the same loop with its loss function under ``torch.compile``;
 * ``gradmem_ops``: the same loop on our ops (attention registered as "gradmem_fast", fused linear
   cross-entropy, fused update), before the write engine exists;
-* ``gradmem_fast``: ``MemoryWriter(backend="triton")``, the write engine.
+* ``gradmem_fast``: ``MemoryWriter(backend="triton")``, the write engine;
+* ``gradmem_fast_graphs``: the engine with ``cuda_graphs=True`` (the K-step loop captured and replayed).
 
 Metrics: median time of one whole write (K steps) over several calls, ``docs_per_s = B / t``,
 ``tokens_per_s = sum(n_b) / t`` (context tokens written per second), ``tflops = K * write_step_flops / t``
@@ -40,7 +41,7 @@ LR = 1e-2
 CLIP_NORM = 1.0
 # The compiled baseline goes last: its compilation is the slowest case, and a tight budget should cost it,
 # not our numbers.
-IMPLS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_ops", "torch_sdpa_compiled")
+IMPLS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs", "gradmem_ops", "torch_sdpa_compiled")
 
 
 @dataclasses.dataclass
@@ -183,11 +184,11 @@ def _set_attention(model, name):
         raise Skip(f"attention implementation {name!r} unavailable: {type(exc).__name__}: {exc}") from None
 
 
-def _writer(model, spec, backend):
+def _writer(model, spec, backend, cuda_graphs=False):
     from gradmem_fast import MemoryWriter, WriteConfig
 
     config = WriteConfig(num_memory_tokens=spec.memory_tokens, steps=spec.steps, lr=LR, clip_norm=CLIP_NORM)
-    return MemoryWriter(model, config, backend=backend)
+    return MemoryWriter(model, config, backend=backend, cuda_graphs=cuda_graphs)
 
 
 def make_impl(name, model, spec, ids, mask, device, dry_run):
@@ -209,6 +210,12 @@ def make_impl(name, model, spec, ids, mask, device, dry_run):
         _set_attention(model, "gradmem_fast")
         return PlainLoop(model, ids, mask, spec.steps, spec.memory_tokens, loss="fused", update="fused",
                          backend=our_backend(device))
+    if name == "gradmem_fast_graphs":
+        if not is_cuda(device):
+            raise Skip("CUDA graphs need a GPU")
+        _set_attention(model, "eager")
+        writer = _writer(model, spec, "triton", cuda_graphs=True)
+        return lambda M0: writer.write(ids, mask, memory=M0).memory
     if name == "gradmem_fast":
         _set_attention(model, "eager")
         if not is_cuda(device):
