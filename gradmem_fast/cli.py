@@ -145,6 +145,18 @@ def _tokenize_documents(args, records, tokenizer, limit, command="write"):
     return kept_records, docs
 
 
+def _weights_digest(model) -> str:
+    """A cheap digest of the model's weights (per-tensor sums), so that shards written with other weights
+    in the same directory are not reused on resume."""
+    import torch
+
+    with torch.no_grad():
+        stats = [torch.stack([p.double().sum(), p.double().abs().sum()]) for p in model.parameters()]
+        values = torch.stack(stats).cpu().flatten().tolist() if stats else []
+    # Rounded: the summation order (thread count, device) must not change the digest between ranks.
+    return hashlib.sha256(json.dumps([f"{v:.6g}" for v in values]).encode()).hexdigest()
+
+
 def _fingerprint(settings: dict, ids, docs) -> str:
     """A digest of everything that determines the memories: a shard from another run never gets reused."""
     h = hashlib.sha256()
@@ -198,7 +210,7 @@ def cmd_write(args) -> int:
     settings = {"format": fileio.FORMAT_VERSION, "model": args.model, "dtype": str(model.dtype),
                 "device": torch.device(device).type, "backend": writer.backend,
                 "config": dataclasses.asdict(config), "batch_tokens": args.batch_tokens,
-                "shard_size": args.shard_size}
+                "shard_size": args.shard_size, "weights": _weights_digest(model)}
     fingerprint = _fingerprint(settings, ids, docs)
     num_shards = (len(docs) + args.shard_size - 1) // args.shard_size
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]

@@ -17,9 +17,9 @@ PARAGRAPHS = (
     "The night train to Lisbon left at seven, crossed two rivers and arrived just before noon.",
 )
 
-# Tuned for the embedded model on 2 CPU cores (see the report in the README): a high Adam step size
-# (the embeddings' entries have a standard deviation of about 0.14) and enough steps for most paragraphs
-# to be decoded back exactly, within the 5-minute budget of `make demo`.
+# Tuned for the embedded model on 2 CPU cores: a high Adam step size (the embeddings' entries have a
+# standard deviation of about 0.14, so steps of 0.01 would take thousands of iterations) and enough steps
+# for most paragraphs to be decoded back exactly within the 5-minute budget of `make demo`.
 DEFAULT_STEPS = 150
 DEFAULT_LR = 0.2
 DEFAULT_MEMORY_TOKENS = 8

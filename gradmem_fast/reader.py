@@ -19,6 +19,11 @@ Pads are masked out and skipped by the explicit position ids, so every row sees 
 token of every row is at the end of the block, where the next-token logits are read. A query with no
 tokens reads the memory's own last logits: decoding a document back from its memory alone is the empty
 query.
+
+The decoding loop is our own rather than Hugging Face ``generate``: ``generate`` with a pre-filled cache
+expects its inputs to cover the cached positions too (here the memory, which has no token ids; it needs
+the full-length embeddings), and given the query alone it silently produces wrong tokens. The loop also
+keeps the explicit positions above, which ``generate`` would derive from the mask.
 """
 import copy
 import dataclasses
