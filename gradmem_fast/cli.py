@@ -33,6 +33,7 @@ PROG = "gradmem-fast"
 
 
 def _warn(command, message):
+    """Print a warning line on stderr (the command goes on)."""
     print(f"{PROG} {command}: warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -45,6 +46,7 @@ def _quiet_transformers():
 
 
 def _versions() -> dict:
+    """Versions of the libraries that shape the numbers, for the memory file's metadata."""
     import safetensors
     import torch
     import transformers
@@ -93,11 +95,13 @@ def add_write_arguments(p):
 
 
 def _positive_int(name, value, minimum=1):
+    """Reject an integer option below ``minimum`` with a message naming the flag."""
     if value is None or value < minimum:
         raise UserError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _write_config(args):
+    """The WriteConfig of the write options; bad values become messages naming the flag."""
     from .config import WriteConfig
 
     _positive_int("--memory-tokens", args.memory_tokens)
@@ -279,6 +283,7 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
     shape = (len(docs), first.shape[1], first.shape[2])
 
     def chunks():
+        """Shards in input order (shard 0 already loaded to learn the shape)."""
         yield first
         for s in range(1, len(bounds)):
             shard = fileio.load_shard(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])

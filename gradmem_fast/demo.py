@@ -38,6 +38,7 @@ class DocumentResult:
 
     @property
     def accuracy(self) -> float:
+        """Fraction of the paragraph's tokens decoded at the right position."""
         return self.correct / max(1, self.tokens)
 
 
@@ -53,10 +54,12 @@ class DemoResult:
 
     @property
     def token_accuracy(self) -> float:
+        """Correct tokens over all tokens of all paragraphs."""
         return sum(d.correct for d in self.documents) / max(1, sum(d.tokens for d in self.documents))
 
     @property
     def exact_matches(self) -> int:
+        """Paragraphs decoded back exactly."""
         return sum(d.exact for d in self.documents)
 
 
@@ -79,6 +82,7 @@ def add_arguments(p):
 
 
 def _fmt_time(seconds: float) -> str:
+    """Seconds as '12.3 s' or '2 min 5 s'."""
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 

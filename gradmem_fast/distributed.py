@@ -33,6 +33,7 @@ class Context:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0 merges the shards and prints."""
         return self.rank == 0
 
     def my_shards(self, num_shards: int):

@@ -39,6 +39,7 @@ class Record:
 
 
 def _valid_id(value) -> bool:
+    """Ids are integers or strings (JSON has no other exact, hashable kind)."""
     return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 
@@ -120,6 +121,7 @@ def atomic_output(path: str):
 
 
 def _fsync(path):
+    """Flush a written file to disk before it is renamed into place."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -202,6 +204,7 @@ class MemoryFile:
     """A memory file opened for reading with safetensors (rows are loaded on demand)."""
 
     def __init__(self, path: str):
+        """Open ``path``; raise ``UserError`` if it is not a readable gradmem-fast memory file."""
         from safetensors import SafetensorError, safe_open
 
         if not os.path.exists(path):
@@ -250,6 +253,7 @@ def checkpoint_dir(output: str) -> str:
 
 
 def shard_path(directory: str, index: int) -> str:
+    """File of shard ``index`` in ``directory``."""
     return os.path.join(directory, f"shard-{index:06d}.safetensors")
 
 

@@ -64,6 +64,7 @@ def embedded_gguf_path() -> str:
 
 
 def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub name."""
     return name.startswith((os.sep, "." + os.sep, ".." + os.sep, "~")) or os.path.exists(name) or (
         os.altsep is not None and os.altsep in name)
 
@@ -102,6 +103,7 @@ def plain_model(model):
 
 
 def _is_gguf_quantized(model) -> bool:
+    """Whether transformers loaded ``model`` from a GGUF file (flagged as quantized)."""
     qc = getattr(model.config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
     return str(method).lower().endswith("gguf")

@@ -80,6 +80,7 @@ class MemoryReader:
     """
 
     def __init__(self, model, tokenizer=None):
+        """Check the model's parts once (embeddings, an output head without logit post-processing)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
         self.model = model
@@ -90,6 +91,7 @@ class MemoryReader:
         self.hidden_size = hf.hidden_size(model)
 
     def _check_memory(self, memory):
+        """Memories must be [D, m, d] floats of the model's width."""
         if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or not memory.dtype.is_floating_point:
             raise ValueError("memory must be a floating-point [num_docs, m, d] tensor, got "
                              f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}")
@@ -114,6 +116,7 @@ class MemoryReader:
         return Prefix(cache=out.past_key_values, last_logits=out.logits[:, -1], m=m)
 
     def _step(self, ids, mask, positions, cache, keep_all=False):
+        """One cached forward: logits of the last position (or all) and the grown cache."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=0 if keep_all else 1)
         return out.logits, out.past_key_values

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """A tiny model and tokenizer saved once for this module."""
     return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
@@ -32,6 +33,7 @@ def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
 
 
 def test_demo_command_with_model_dir(model_dir, capsys):
+    """`gradmem-fast demo --model DIR` with a custom paragraph."""
     assert cli.main(["demo", "--model", model_dir, "--steps", "2", "--memory-tokens", "2",
                      "--text", sentence(3), "--device", "cpu"]) == 0
     assert "total: token accuracy" in capsys.readouterr().out
@@ -40,6 +42,7 @@ def test_demo_command_with_model_dir(model_dir, capsys):
 @pytest.mark.skipif(os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
                     reason="loads the embedded 135M model (about 30-60 s); set GRADMEM_TEST_REAL_DEMO=1")
 def test_demo_with_the_embedded_model_reduced(capsys):
+    """Opt-in: the embedded SmolLM2 model, two steps."""
     from gradmem_fast import demo
 
     result = demo.run(steps=2, texts=["The cat sat on the mat."], device="cpu")
@@ -47,17 +50,20 @@ def test_demo_with_the_embedded_model_reduced(capsys):
 
 
 def test_unknown_command_fails_cleanly(capsys):
+    """An unknown command exits 2 with a message."""
     assert cli.main(["fly"]) == 2
     assert "unknown command" in capsys.readouterr().err
 
 
 def test_help_and_no_command(capsys):
+    """--help exits 0; no command is a usage error."""
     assert cli.main(["--help"]) == 0
     assert "write" in capsys.readouterr().out
     assert cli.main([]) == 2
 
 
 def test_python_dash_m_entry_point():
+    """`python -m gradmem_fast` reports a bad option without a traceback."""
     out = subprocess.run([sys.executable, "-m", "gradmem_fast", "demo", "--steps", "0"], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2 and "--steps" in out.stderr and "Traceback" not in out.stderr

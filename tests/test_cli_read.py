@@ -25,6 +25,7 @@ def setup(tmp_path_factory):
 
 
 def _queries(path, rows):
+    """Write query rows (dicts, or raw strings for broken lines) as JSON lines."""
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
@@ -32,11 +33,13 @@ def _queries(path, rows):
 
 
 def _read(model_dir, mem, queries, out, *extra):
+    """Run `gradmem-fast read` in-process with 4 new tokens per query."""
     return cli.main(["read", "--model", model_dir, "--memories", mem, "--queries", queries, "--output", out,
                      "--max-new-tokens", "4", "--quiet", *extra])
 
 
 def test_read_answers_every_query_in_order(setup, tmp_path):
+    """One answer per query, in input order, equal to the Python API's."""
     model_dir, mem = setup
     rows = [{"id": "d2", "text": "the cat"}, {"id": "d0", "text": ""}, {"id": "d2", "text": "dog ran"},
             {"id": "d1", "text": "a"}]
@@ -59,6 +62,7 @@ def test_read_answers_every_query_in_order(setup, tmp_path):
 
 
 def test_sampling_options_are_seeded(setup, tmp_path):
+    """Sampling with a seed is reproducible."""
     model_dir, mem = setup
     q = _queries(tmp_path / "q.jsonl", [{"id": "d1", "text": "the"}] * 3)
     outs = []
@@ -71,6 +75,7 @@ def test_sampling_options_are_seeded(setup, tmp_path):
 
 
 def _assert_clean_failure(rc, capsys, out, *needles):
+    """Exit 2, one error message, no traceback, no output."""
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error:" in err and "Traceback" not in err, err
@@ -80,6 +85,7 @@ def _assert_clean_failure(rc, capsys, out, *needles):
 
 
 def test_memories_of_a_different_model_width(setup, tmp_path, capsys):
+    """Memories of a 32-wide model read with a 48-wide model."""
     _, mem = setup
     wide = save_tiny(str(tmp_path / "wide"), hidden_size=48)
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
@@ -91,13 +97,16 @@ class _Boom:
     """Unpickling this would create a marker file: proof that a memory file is never unpickled."""
 
     def __init__(self, marker):
+        """Remember the marker path."""
         self.marker = marker
 
     def __reduce__(self):
+        """What unpickling would call: create the marker file."""
         return (open, (self.marker, "w"))
 
 
 def test_a_pickle_is_never_unpickled(setup, tmp_path, capsys):
+    """A pickle (or another safetensors file) given as memories is refused unread."""
     model_dir, _ = setup
     marker = tmp_path / "unpickled"
     bad = tmp_path / "mem.pt"
@@ -116,6 +125,7 @@ def test_a_pickle_is_never_unpickled(setup, tmp_path, capsys):
 
 
 def test_query_problems(setup, tmp_path, capsys):
+    """Unknown document ids, missing ids, invalid JSON, a missing memory file."""
     model_dir, mem = setup
     out = str(tmp_path / "a.jsonl")
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}, {"id": "nope", "text": "the"}])
@@ -131,6 +141,7 @@ def test_query_problems(setup, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value", [("--max-new-tokens", "-1"), ("--top-p", "0"), ("--temperature", "0"),
                                         ("--top-k", "-3"), ("--batch-size", "0")])
 def test_bad_numbers(setup, tmp_path, capsys, flag, value):
+    """Out-of-range generation options."""
     model_dir, mem = setup
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
     out = str(tmp_path / "a.jsonl")

@@ -14,10 +14,12 @@ from tiny_local import save_tiny, sentence
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """A tiny model and tokenizer saved once for this module."""
     return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 def _jsonl(path, rows):
+    """Write rows (dicts, or raw strings for broken lines) as JSON lines."""
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
@@ -26,15 +28,18 @@ def _jsonl(path, rows):
 
 def _docs(n=5):
     # Mixed ids: explicit strings and the default (0-based line number).
+    """Documents with mixed ids: explicit strings and the default line numbers."""
     return [{"text": sentence(3 + 2 * i, i), **({"id": f"doc-{i}"} if i % 2 else {})} for i in range(n)]
 
 
 def _write(model_dir, inp, out, *extra):
+    """Run `gradmem-fast write` in-process with small settings."""
     return cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
                      "--memory-tokens", "3", "--lr", "0.05", "--quiet", *extra])
 
 
 def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
+    """Memory file contents (ids, shape, metadata) and values equal the Python API."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs())
     out = str(tmp_path / "mem.safetensors")
     assert cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
@@ -61,6 +66,7 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
 
 
 def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monkeypatch):
+    """Interrupted after one shard, rerun: the same bytes as an uninterrupted run."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs(5))
     whole = str(tmp_path / "whole.safetensors")
     assert _write(model_dir, inp, whole, "--shard-size", "2") == 0
@@ -70,6 +76,7 @@ def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monke
     calls = []
 
     def killed_after_one_shard(*args, **kwargs):
+        """Let the first shard be saved, then interrupt."""
         if calls:
             raise KeyboardInterrupt  # what Ctrl-C (or a kill between shards) does to the run
         calls.append(args[1])
@@ -89,6 +96,7 @@ def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monke
 
 
 def test_shards_of_another_run_are_not_reused(model_dir, tmp_path):
+    """A shard with another fingerprint is recomputed."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs(3))
     out = str(tmp_path / "mem.safetensors")
     ckpt = fileio.checkpoint_dir(out)
@@ -100,6 +108,7 @@ def test_shards_of_another_run_are_not_reused(model_dir, tmp_path):
 
 
 def _assert_clean_failure(rc, capsys, out, *needles):
+    """Exit 2, one error message, no traceback, no output and no checkpoint left."""
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error:" in err and "Traceback" not in err, err
@@ -110,17 +119,20 @@ def _assert_clean_failure(rc, capsys, out, *needles):
 
 
 def test_missing_input(model_dir, tmp_path, capsys):
+    """A missing input file."""
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(model_dir, str(tmp_path / "nope.jsonl"), out), capsys, out, "does not exist")
 
 
 def test_invalid_json_line_names_the_line(model_dir, tmp_path, capsys):
+    """An invalid JSON line is reported with its line number."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, '{"text": "the dog"', {"text": "a"}])
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "invalid JSON")
 
 
 def test_line_without_text_field(model_dir, tmp_path, capsys):
+    """A line without the text field; --text-field picks another field."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"body": "the dog"}])
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "'text'", "--text-field")
@@ -130,6 +142,7 @@ def test_line_without_text_field(model_dir, tmp_path, capsys):
 
 
 def test_empty_text_is_rejected_or_skipped(model_dir, tmp_path, capsys):
+    """Empty text is an error, or skipped with --skip-empty."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"text": "   "}, {"text": "a dog"}])
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "empty document", "--skip-empty")
@@ -140,6 +153,7 @@ def test_empty_text_is_rejected_or_skipped(model_dir, tmp_path, capsys):
 
 def test_too_long_text_is_rejected_with_max_length_advice(model_dir, tmp_path, capsys):
     # The tiny model has 128 positions; with 3 memory vectors a document may have 125 tokens.
+    """Too long for the model: error with --max-length advice; --max-length truncates."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"text": sentence(130)}])
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "130 tokens", "--max-length 125")
@@ -150,6 +164,7 @@ def test_too_long_text_is_rejected_with_max_length_advice(model_dir, tmp_path, c
 
 
 def test_unknown_model(tmp_path, capsys):
+    """A missing model directory, and a directory holding no model."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
     out = str(tmp_path / "m.safetensors")
     _assert_clean_failure(_write(str(tmp_path / "no-such-model"), inp, out), capsys, out, "no-such-model")
@@ -161,6 +176,7 @@ def test_unknown_model(tmp_path, capsys):
                                                ("--steps", "0", "--steps"), ("--memory-tokens", "0", "--memory-tokens"),
                                                ("--clip-norm", "-1", "--clip-norm"), ("--batch-tokens", "0", "--batch-tokens")])
 def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):
+    """Negative or zero counts and step sizes."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
     out = str(tmp_path / "m.safetensors")
     rc = cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, flag, value])
@@ -168,6 +184,7 @@ def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):
 
 
 def test_duplicate_ids_and_bad_id_types(model_dir, tmp_path, capsys):
+    """Ids must be unique integers or strings."""
     out = str(tmp_path / "m.safetensors")
     inp = _jsonl(tmp_path / "d.jsonl", [{"id": 1, "text": "the cat"}, {"id": 1, "text": "a dog"}])
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "already used on line 1")
@@ -176,6 +193,7 @@ def test_duplicate_ids_and_bad_id_types(model_dir, tmp_path, capsys):
 
 
 def test_missing_output_directory(model_dir, tmp_path, capsys):
+    """The output's directory must exist."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
     out = str(tmp_path / "no" / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "does not exist")

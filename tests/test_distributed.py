@@ -15,11 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_round_robin_shards():
+    """Shards go round robin over the ranks."""
     assert Context(rank=1, world_size=3).my_shards(8) == [1, 4, 7]
     assert Context().my_shards(3) == [0, 1, 2]
 
 
 def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
+    """torchrun with 2 gloo processes writes the file a single process writes."""
     model_dir = save_tiny(str(tmp_path / "model"))
     inp = tmp_path / "docs.jsonl"
     inp.write_text("".join(json.dumps({"text": sentence(3 + i % 4, i)}) + "\n" for i in range(7)))
@@ -49,6 +51,7 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
 
 @pytest.mark.parametrize("world", [2])
 def test_bad_input_fails_on_every_rank_without_output(tmp_path, world):
+    """A bad input line fails every rank the same way, with no output."""
     inp = tmp_path / "docs.jsonl"
     inp.write_text('{"text": "the cat"}\n{"text": \n')
     out = str(tmp_path / "m.safetensors")

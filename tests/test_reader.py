@@ -9,6 +9,7 @@ from tiny_models import FAMILIES, VOCAB, tiny_model
 
 
 def _memory(B, m, d=32, dtype=torch.float64):
+    """Random memories [B, m, d] in fp64 (the oracle's precision)."""
     return torch.randn(B, m, d, dtype=dtype, device=DEVICE)
 
 
@@ -57,6 +58,7 @@ def test_greedy_generation_equals_uncached_loop(family):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    """top-k 1 and a tiny top-p reduce to greedy; a seed reproduces samples."""
     model = tiny_model("llama").to(DEVICE)
     reader = MemoryReader(model)
     prefix = reader.prefix(_memory(2, 4))
@@ -76,6 +78,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 
 
 def test_eos_stops_a_row_and_length_limit_caps_generation():
+    """An end token ends a row; the position limit caps generation."""
     model = tiny_model("llama").to(DEVICE)
     reader = MemoryReader(model)
     prefix = reader.prefix(_memory(1, 4))
@@ -87,12 +90,14 @@ def test_eos_stops_a_row_and_length_limit_caps_generation():
 
 
 def test_memory_of_another_width_is_rejected():
+    """Memories of another width are refused."""
     reader = MemoryReader(tiny_model("llama"))
     with pytest.raises(ValueError, match="width 48 does not match"):
         reader.prefix(torch.randn(1, 4, 48, dtype=torch.float64))
 
 
 def test_answer_decodes_text_with_a_tokenizer():
+    """Text in, text out through the tokenizer."""
     from tiny_local import tiny_tokenizer
 
     model = tiny_model("llama", dtype=torch.float32, attn_implementation="eager")
