@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attention_common import _dropout_mask_kernel
+from .attention_dbwd import attn_dbwd_dkdv_kernel, attn_dbwd_dq_kernel
 from .attention_fwd import attn_fwd_kernel
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,11 +68,32 @@ _DQ_CONFIGS = {
     (128, 4): {"plain": [(128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
     (256, 4): {"plain": [(32, 32, 8, 2), (32, 16, 4, 2)], "dropout": [(32, 16, 4, 2)]},
 }
+# Double backward (kernels/attention_dbwd.py): each program holds three input tiles of its own side
+# (q, dO, gQ or k, v, gK, gV) plus two accumulators and five recomputed score-shaped tiles, so the tiles
+# are smaller than the first-order ones. Checked with tools.compile_check like the others.
+_DBWD_DQ_CONFIGS = {
+    (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(64, 32, 4, 2)]},
+    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (256, 2): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (256, 4): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+}
+_DBWD_DKDV_CONFIGS = {
+    (64, 2): {"plain": [(32, 64, 4, 2)], "dropout": [(32, 64, 4, 2)]},
+    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    (256, 4): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+}
 # fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
 _IEEE_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    "dbwd_dq": {64: [(16, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    "dbwd_dkdv": {64: [(16, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
 }
 
 
@@ -81,8 +103,10 @@ def _pre_block_m(block_d):
 
 
 _INTERPRET_CONFIG = (16, 16, 4, 1)
-_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
-_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "dbwd_dq": _DBWD_DQ_CONFIGS,
+           "dbwd_dkdv": _DBWD_DKDV_CONFIGS}
+_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel,
+            "dbwd_dq": attn_dbwd_dq_kernel, "dbwd_dkdv": attn_dbwd_dkdv_kernel}
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 
@@ -306,6 +330,67 @@ def attention_bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=No
 
     _launch("dq", grid_q, dq_args, consts, geo.block_d, q.element_size())
     return dq, dk, dv
+
+
+def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                   max_seqlen_q=None, max_seqlen_k=None, key_padding_mask=None, causal=True, scale=None,
+                   dropout_p=0.0, seed=0, window=None, fp32_precision="ieee"):
+    """Double backward: gradients of ``<gdq, dq> + <gdk, dk> + <gdv, dv>``, where ``(dq, dk, dv)`` is
+    ``attention_bwd`` of ``<dout, out> + <dlse, lse>``, with respect to ``q, k, v, dout`` and ``dlse``.
+
+    ``out`` and ``lse`` must be the forward's outputs for ``q, k, v``: their dependence on ``q, k, v`` is
+    part of the result (formulas in attention_dbwd.py). Returns ``(grad_q, grad_k, grad_v, grad_dout,
+    grad_dlse)``; the first four in the inputs' dtype and layouts, ``grad_dlse`` in the log-sum-exp layout
+    and precision. No [Lq, Lk] tensor is formed.
+    """
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    gdq, gdk, gdv = _unit_last(gdq), _unit_last(gdk), _unit_last(gdv)
+    geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
+    scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grad_do = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    beta = torch.empty(geo.lse_shape, dtype=acc_dtype, device=q.device)
+    if geo.batch == 0 or geo.hq == 0:
+        return grad_q, grad_k, grad_v, grad_do, beta
+    if geo.seqlen_q == 0 or geo.seqlen_k == 0:
+        # No (query, key) pair exists: the backward is identically zero, and so is its derivative.
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_do.zero_(), beta.zero_()
+    # delta_i = dO_i . O_i - dlse_i, exactly as the first-order backward formed it.
+    delta = attention_bwd_preprocess(out, dout, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=geo.seqlen_q)
+    if dlse is None:
+        dlse = torch.zeros_like(delta)
+    else:
+        # rows with no visible key carry lse = -inf and no gradient; a cotangent there must not leak into psi
+        dlse = dlse.to(acc_dtype).masked_fill(torch.isneginf(lse), 0.0).contiguous()
+        delta = delta - dlse
+    psi = torch.empty_like(beta)
+    (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
+    cu_q, cu_k, kpm = geo.pointers(q)
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+    tail = (*geo.lse_strides, geo.kpm_stride, geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
+            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+    inputs = (q, k, v, dout, gdq, gdk, gdv)
+    in_strides = tuple(s for t in inputs for s in geo.strides(t))
+
+    dq_args = (*inputs, lse, delta, dlse, beta, psi, grad_q, grad_do, cu_q, cu_k, kpm, params,
+               *in_strides, *geo.strides(grad_q), *geo.strides(grad_do), *tail)
+
+    def grid_q(meta):
+        return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
+
+    _launch("dbwd_dq", grid_q, dq_args, consts, geo.block_d, q.element_size())
+
+    kv_args = (*inputs, lse, delta, beta, psi, grad_k, grad_v, cu_q, cu_k, kpm, params,
+               *in_strides, *geo.strides(grad_k), *geo.strides(grad_v), *tail)
+
+    def grid_kv(meta):
+        return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
+
+    _launch("dbwd_dkdv", grid_kv, kv_args, consts, geo.block_d, q.element_size())
+    return grad_q, grad_k, grad_v, grad_do, beta
 
 
 def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None,

@@ -14,10 +14,12 @@ For a sequence with ``Lq`` queries and ``Lk`` keys (``diag = Lk - Lq``), query h
 the Triton backend, so the backward regenerates it. With more keys than queries the last query sees all
 keys: queries attend to a cached prefix (memory) plus themselves, as in GradMem's READ.
 
-Two ops are registered with ``torch.library`` so a compiled graph can hold them:
-``gradmem_fast::attention_fwd`` -> (out, lse) and ``gradmem_fast::attention_bwd`` -> (dq, dk, dv); the
-forward's autograd calls the backward op. The backward op is a function of its inputs only, so a later
-double backward can register an autograd formula on it.
+Three ops are registered with ``torch.library`` so a compiled graph can hold them:
+``gradmem_fast::attention_fwd`` -> (out, lse), ``gradmem_fast::attention_bwd`` -> (dq, dk, dv) and
+``gradmem_fast::attention_dbwd`` (the double backward). The forward's autograd calls the backward op, and
+the backward op's autograd calls the double-backward op, so second-order gradients (``create_graph=True``,
+GradMem's meta-training) run on the kernels in O(S) memory with every second-order term. The double
+backward itself is not differentiable (no third order).
 """
 import math
 from typing import Optional
@@ -185,6 +187,89 @@ def attention_bwd_op(
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         key_padding_mask, causal, scale, dropout_p, seed, window, fp32_precision):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("gradmem_fast::attention_dbwd", mutates_args=())
+def attention_dbwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    grad_dq: Tensor, grad_dk: Tensor, grad_dv: Tensor, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, key_padding_mask: Optional[Tensor],
+    causal: bool, scale: float, dropout_p: float, seed: int, window: int, fp32_precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Double backward: the gradients of ``<grad_dq, dq> + <grad_dk, dk> + <grad_dv, dv>``, where
+    ``(dq, dk, dv) = attention_bwd(dout, q, k, v, out, lse, dlse)``, with respect to
+    ``(q, k, v, dout, dlse)``, the dependence of ``out = O(q, k, v)`` and ``lse`` on ``q, k, v`` included.
+
+    Per pair ``(i, j)`` with ``P`` the softmax, ``z r`` the dropout keep mask over ``1 - p``,
+    ``delta_i = dout_i . out_i - dlse_i``::
+
+        dP_ij = z_ij r dout_i . v_j,       dS_ij = P_ij (dP_ij - delta_i)
+        B_ij  = scale (grad_dq_i . k_j + q_i . grad_dk_j),   C_ij = z_ij r dout_i . grad_dv_j
+        beta_i = sum_j P_ij B_ij,          psi_i = sum_j P_ij ((dP_ij - delta_i) B_ij + C_ij) - beta_i dlse_i
+        G_ij  = P_ij ((dP_ij - delta_i)(B_ij - beta_i) + C_ij - psi_i),   W_ij = z_ij r P_ij (B_ij - beta_i)
+        grad q_i    = scale sum_j (dS_ij grad_dk_j + G_ij k_j)
+        grad k_j    = scale sum_i (dS_ij grad_dq_i + G_ij q_i)
+        grad v_j    = sum_i W_ij dout_i
+        grad dout_i = sum_j (W_ij v_j + z_ij r P_ij grad_dv_j)
+        grad dlse_i = beta_i
+
+    (derivation in kernels/attention_dbwd.py). Triton kernels, recomputing every score tile from q, k and
+    ``lse``; memory O(S). Returns ``(grad_q, grad_k, grad_v, grad_dout, grad_dlse)``. Not differentiable
+    itself (third order is not supported).
+    """
+    from gradmem_fast.kernels import attention as kernels
+
+    return kernels.attention_dbwd(
+        dout, q, k, v, out, lse, grad_dq, grad_dk, grad_dv, dlse=dlse, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
+        window=window or None, fp32_precision=fp32_precision,
+    )
+
+
+@attention_dbwd_op.register_fake
+def _attention_dbwd_fake(dout, q, k, v, out, lse, dlse, grad_dq, grad_dk, grad_dv, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, key_padding_mask, causal, scale, dropout_p, seed, window,
+                         fp32_precision):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape),
+            lse.new_empty(lse.shape))
+
+
+_BWD_ARGS = ("dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+             "max_seqlen_k", "key_padding_mask", "causal", "scale", "dropout_p", "seed", "window",
+             "fp32_precision")
+_OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    args = dict(zip(_BWD_ARGS, inputs))
+    ctx.save_for_backward(*(args[name] for name in ("dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q",
+                                                     "cu_seqlens_k", "key_padding_mask")))
+    ctx.options = {name: args[name] for name in _OPTIONS}
+    ctx.has_dlse = args["dlse"] is not None
+
+
+def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """Autograd of ``attention_bwd``: its differentiable inputs are ``q, k, v, dout, dlse``.
+
+    ``out`` and ``lse`` get no gradient here on purpose: they are the forward's outputs, and their
+    dependence on ``q, k, v`` is already inside the double-backward formulas (returning a gradient for them
+    as well would count that path twice). The forward's autograd always passes its own outputs.
+    """
+    dout, q, k, v, out, lse, dlse, cu_q, cu_k, kpm = ctx.saved_tensors
+    if grad_dq is None and grad_dk is None and grad_dv is None:
+        return (None,) * len(_BWD_ARGS)
+    grad_dq = torch.zeros_like(q) if grad_dq is None else grad_dq
+    grad_dk = torch.zeros_like(k) if grad_dk is None else grad_dk
+    grad_dv = torch.zeros_like(v) if grad_dv is None else grad_dv
+    o = ctx.options
+    gq, gk, gv, gdout, gdlse = attention_dbwd_op(
+        dout, q, k, v, out, lse, dlse, grad_dq, grad_dk, grad_dv, cu_q, cu_k, o["max_seqlen_q"], o["max_seqlen_k"],
+        kpm, o["causal"], o["scale"], o["dropout_p"], o["seed"], o["window"], o["fp32_precision"])
+    return (gdout, gq, gk, gv, None, None, gdlse if ctx.has_dlse else None) + (None,) * (len(_BWD_ARGS) - 7)
+
+
+attention_bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 _FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "key_padding_mask",

@@ -1,0 +1,215 @@
+"""Second-order prefix attention (the double backward, Triton kernels in the interpreter) against fp64 autograd
+of plain softmax attention.
+
+Every case differentiates a random projection of (dq, dk, dv) — themselves the gradient of a random
+projection of (out, lse) — with respect to q, k, v, dout and dlse, and compares with the same computation on
+the independent fp64 reference of tests/test_attention.py.
+"""
+import pytest
+import torch
+from torch.autograd import gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gradmem_fast import prefix_attention
+from gradmem_fast.kernels import attention as kernels
+from helpers import DEVICE, assert_close
+from test_attention import cu, ref_padded, ref_varlen
+
+
+def second_order(q, k, v, dout, dlse, cots, fwd):
+    """Gradients w.r.t. (q, k, v, dout[, dlse]) of <cots, d(<dout, out> + <dlse, lse>)/d(q, k, v)>."""
+    out, lse = fwd(q, k, v)
+    loss = (out.to(dout.dtype) * dout).sum()
+    if dlse is not None:
+        fin = torch.isfinite(lse.detach())
+        loss = loss + (lse.to(dlse.dtype).masked_fill(~fin, 0.0) * dlse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    inner = sum((g.to(c.dtype) * c).sum() for g, c in zip(grads, cots))
+    inputs = (q, k, v, dout) + (() if dlse is None else (dlse,))
+    return torch.autograd.grad(inner, inputs)
+
+
+def check_second_order(shapes, dtype, op_kw, ref_fn, with_dlse=True):
+    q, k, v = (torch.randn(*s, dtype=torch.float64, device=DEVICE).to(dtype).requires_grad_() for s in shapes)
+    lse_shape = (shapes[0][1], shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], shapes[0][2], shapes[0][1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dout = torch.randn(*shapes[0], dtype=torch.float64, device=DEVICE).to(dtype).requires_grad_()
+    dlse = torch.randn(*lse_shape, dtype=torch.float64, device=DEVICE).to(acc).requires_grad_() if with_dlse else None
+    cots = [torch.randn(*s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes]
+    got = second_order(q, k, v, dout, dlse, cots, lambda q, k, v: prefix_attention(
+        q, k, v, return_lse=True, backend="triton", **op_kw))
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, dout)]
+    dlse64 = None if dlse is None else dlse.detach().double().requires_grad_()
+    want = second_order(*leaves64, dlse64, [c.double() for c in cots], ref_fn)
+    for name, g, w in zip(("q", "k", "v", "dout", "dlse"), got, want):
+        assert g.dtype == (acc if name == "dlse" else dtype)
+        assert_close(g, w, dtype=dtype, name=f"second-order grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the fp64 reference
+
+def _varlen_case():
+    # a length-1 document, more keys than queries (memory prefix), a document with keys but no queries
+    lens_q, lens_k = [1, 17, 0, 3, 6], [9, 17, 2, 3, 6]
+    cq, ck = cu(lens_q), cu(lens_k)
+    return ([(sum(lens_q), 4, 32), (sum(lens_k), 1, 32), (sum(lens_k), 1, 32)],
+            dict(cu_seqlens_q=cq, cu_seqlens_k=ck), lambda q, k, v: ref_varlen(q, k, v, cq, ck, causal=True))
+
+
+def _padded_kpm_case():
+    kpm = torch.rand(2, 13, device=DEVICE) > 0.3
+    kpm[1] = False  # a sequence without any key: its rows give 0 and no NaN
+    return ([(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)], dict(key_padding_mask=kpm),
+            lambda q, k, v: ref_padded(q, k, v, kpm=kpm))
+
+
+def _noncausal_d80_case():
+    return ([(1, 19, 2, 80), (1, 23, 2, 80), (1, 23, 2, 80)], dict(causal=False),
+            lambda q, k, v: ref_padded(q, k, v, causal=False))
+
+
+def _window_scale_case():
+    kw = dict(causal=True, window=5, scale=0.3)
+    return ([(2, 21, 2, 16), (2, 21, 2, 16), (2, 21, 2, 16)], kw, lambda q, k, v: ref_padded(q, k, v, **kw))
+
+
+def _dropout_padded_case():
+    p, seed = 0.3, 11
+    keep = kernels.dropout_keep_mask(2, 4, 9, 13, p, seed, DEVICE)
+    return ([(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)], dict(dropout_p=p, seed=seed),
+            lambda q, k, v: ref_padded(q, k, v, keep=keep, dropout_p=p))
+
+
+def _dropout_varlen_case():
+    p, seed = 0.25, 5
+    lens_q, lens_k = [3, 1, 11], [7, 1, 11]
+    cq, ck = cu(lens_q), cu(lens_k)
+    keep = kernels.dropout_keep_mask(3, 2, max(lens_q), max(lens_k), p, seed, DEVICE, cu_seqlens_q=cq,
+                                     cu_seqlens_k=ck)
+
+    def ref(q, k, v):
+        outs, lses = [], []
+        for b in range(3):
+            sq, sk = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+            o, lse = ref_padded(q[None, sq], k[None, sk], v[None, sk], dropout_p=p,
+                                keep=keep[b:b + 1, :, :lens_q[b], :lens_k[b]])
+            outs.append(o[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, 1)
+
+    return ([(sum(lens_q), 2, 32), (sum(lens_k), 2, 32), (sum(lens_k), 2, 32)],
+            dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed), ref)
+
+
+CASES = {
+    "varlen-len1-morekeys-gqa4": _varlen_case,
+    "padded-kpm-gqa4-emptyseq": _padded_kpm_case,
+    "noncausal-d80": _noncausal_d80_case,
+    "window-scale": _window_scale_case,
+    "dropout-padded": _dropout_padded_case,
+    "dropout-varlen": _dropout_varlen_case,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(CASES))
+def test_second_order_matches_fp64_reference(case, dtype):
+    shapes, op_kw, ref_fn = CASES[case]()
+    check_second_order(shapes, dtype, op_kw, ref_fn)
+
+
+def test_second_order_fp16():
+    shapes, op_kw, ref_fn = _varlen_case()
+    check_second_order(shapes, torch.float16, op_kw, ref_fn)
+
+
+def test_second_order_without_lse_and_partial_cotangents():
+    """No lse cotangent, and only dq used downstream (dk/dv cotangents absent): the missing ones are zeros."""
+    shapes, op_kw, ref_fn = _padded_kpm_case()
+    dtype = torch.float64
+    q, k, v = (torch.randn(*s, dtype=dtype, device=DEVICE).requires_grad_() for s in shapes)
+    dout = torch.randn(*shapes[0], dtype=dtype, device=DEVICE).requires_grad_()
+    cot = torch.randn(*shapes[0], dtype=dtype, device=DEVICE)
+    results = []
+    for fwd in (lambda q, k, v: prefix_attention(q, k, v, backend="triton", **op_kw), lambda q, k, v: ref_fn(q, k, v)[0]):
+        (dq,) = torch.autograd.grad((fwd(q, k, v) * dout).sum(), q, create_graph=True)
+        results.append(torch.autograd.grad((dq * cot).sum(), (q, k, v, dout)))
+    for name, g, w in zip(("q", "k", "v", "dout"), *results):
+        assert_close(g, w, name=f"second-order grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradgradcheck (fp64). The Triton path uses fast mode (one random direction): the full Jacobian would
+# take hundreds of kernel launches under the interpreter.
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradgradcheck_padded_gqa_kpm_lse(backend):
+    q = torch.randn(1, 5, 4, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 7, 1, 8, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
+    kpm = torch.tensor([[1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
+    assert gradgradcheck(lambda q, k, v: prefix_attention(q, k, v, key_padding_mask=kpm, return_lse=True,
+                                                          backend=backend), (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gradgradcheck_varlen_dropout(backend):
+    cq, ck = cu([1, 4]), cu([3, 4])
+    q = torch.randn(5, 2, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(7, 1, 8, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
+    assert gradgradcheck(lambda q, k, v: prefix_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=0.2,
+                                                          seed=3, backend=backend), (q, k, v), fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory, errors, custom-op registration
+
+class _SizeRecorder(TorchDispatchMode):
+    """Records the size in bytes of every tensor an aten op creates (the interpreter copies kernel arguments
+    as uint8 tensors, so bytes, not elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel() * o.element_size())
+        return out
+
+
+def test_second_order_never_builds_an_s_by_s_tensor():
+    """S = 192 queries and keys, one head of dim 16 (fp32): an S x S score tensor would be 147 KB; the
+    largest tensor created in forward, backward or double backward is an [S, D] one (12 KB)."""
+    s, d = 192, 16
+    q, k, v = (torch.randn(1, s, 1, d, device=DEVICE, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, s, 1, d, device=DEVICE, requires_grad=True)
+    cots = [torch.randn(1, s, 1, d, device=DEVICE) for _ in range(3)]
+    rec = _SizeRecorder()
+    with rec:
+        out = prefix_attention(q, k, v, backend="triton")
+        grads = torch.autograd.grad((out * dout).sum(), (q, k, v), create_graph=True)
+        gg = torch.autograd.grad(sum((g * c).sum() for g, c in zip(grads, cots)), (q, k, v, dout))
+    assert all(torch.isfinite(g).all() for g in gg)
+    assert rec.largest <= s * d * 4, f"largest tensor {rec.largest} B; an S x S one would be {s * s * 4} B"
+
+
+def test_third_order_is_a_clear_error():
+    q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = prefix_attention(q, k, v, backend="triton")
+    (g,) = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
+    (gg,) = torch.autograd.grad((g ** 2).sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_dbwd"):
+        torch.autograd.grad((gg ** 2).sum(), v)
+
+
+def test_opcheck_double_backward_op():
+    from gradmem_fast.ops.attention import attention_dbwd_op
+
+    q, k, v, dout, out = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(5))
+    lse = torch.randn(1, 2, 5, device=DEVICE)
+    gq, gk, gv = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
+    args = (dout, q, k, v, out, lse, None, gq, gk, gv, None, None, -1, -1, None, True, 0.25, 0.0, 0, 0, "ieee")
+    torch.library.opcheck(attention_dbwd_op, args, test_utils=("test_schema", "test_faketensor"))
