@@ -12,7 +12,7 @@ import time
 
 PARAGRAPHS = (
     "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp for passing ships.",
-    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen.",
+    "Plants use photosynthesis to turn sunlight, water and carbon dioxide into sugar and oxygen.",
     "Maria baked bread on Sunday mornings, and the whole street woke up to the smell of warm crust.",
     "The night train to Lisbon left at seven, crossed two rivers and arrived just before noon.",
 )
