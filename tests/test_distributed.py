@@ -61,5 +61,7 @@ def test_bad_input_fails_on_every_rank_without_output(tmp_path, world):
          "-m", "gradmem_fast", "write", "--model", str(tmp_path / "none"), "--input", str(inp), "--output", out],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode != 0
-    assert proc.stderr.count("docs.jsonl:2: invalid JSON") == world
+    # Every rank fails on the same line; torchrun stops the others once the first exits, so a rank that
+    # is slower to get there may be stopped before it prints.
+    assert proc.stderr.count("docs.jsonl:2: invalid JSON") >= 1
     assert not os.path.exists(out)
