@@ -68,32 +68,55 @@ _DQ_CONFIGS = {
     (128, 4): {"plain": [(128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
     (256, 4): {"plain": [(32, 32, 8, 2), (32, 16, 4, 2)], "dropout": [(32, 16, 4, 2)]},
 }
-# Double backward (kernels/attention_dbwd.py): each program holds three input tiles of its own side
-# (q, dO, gQ or k, v, gK, gV) plus two accumulators and five recomputed score-shaped tiles, so the tiles
-# are smaller than the first-order ones. Checked with tools.compile_check like the others.
-_DBWD_DQ_CONFIGS = {
+# Double backward (kernels/attention_dbwd.py): a program holds three input tiles of its own side (q, dO,
+# gQ or k, v, gK, gV) and up to five recomputed score-shaped tiles, about twice the live state of the
+# backward, so tiles are small. Every entry was found by compiling candidates for sm_90 and keeping the
+# first spill-free one; an empty list means none was found, and the launcher refuses that class
+# (``dbwd_supported``) rather than run a spilling kernel.
+_DBWD_STATS_CONFIGS = {
     (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(64, 32, 4, 2)]},
-    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    (256, 2): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
-    (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(64, 32, 8, 2)]},
+    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (64, 4): {"plain": [(64, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (128, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
-    (256, 4): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 4): {"plain": [], "dropout": []},
+}
+_DBWD_DQ_CONFIGS = {
+    (64, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
+    (64, 4): {"plain": [(32, 32, 4, 1)], "dropout": [(32, 32, 4, 2)]},
+    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 4): {"plain": [], "dropout": []},
+}
+_DBWD_DDO_CONFIGS = {
+    (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
+    (64, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
+    (256, 4): {"plain": [], "dropout": []},
 }
 _DBWD_DKDV_CONFIGS = {
-    (64, 2): {"plain": [(32, 64, 4, 2)], "dropout": [(32, 64, 4, 2)]},
-    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    (64, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 8, 1)]},
+    (256, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
     (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
-    (256, 4): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 4): {"plain": [], "dropout": []},
 }
 # fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
 _IEEE_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-    "dbwd_dq": {64: [(16, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-    "dbwd_dkdv": {64: [(16, 16, 4, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    # IEEE fp32 double backward: FMA dots replicate their operands across threads and five of them are in
+    # flight, so the grad-q pass spills at every tile shape tried (16x16 with 1-8 warps); not offered on a
+    # GPU yet (the statistics, grad-dO and dK/dV passes do compile at d <= 64 with 16x16 tiles).
+    "dbwd_stats": {64: [], 128: [], 256: []},
+    "dbwd_dq": {64: [], 128: [], 256: []},
+    "dbwd_ddo": {64: [], 128: [], 256: []},
+    "dbwd_dkdv": {64: [], 128: [], 256: []},
 }
 
 
@@ -103,10 +126,14 @@ def _pre_block_m(block_d):
 
 
 _INTERPRET_CONFIG = (16, 16, 4, 1)
-_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "dbwd_dq": _DBWD_DQ_CONFIGS,
-           "dbwd_dkdv": _DBWD_DKDV_CONFIGS}
+_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "dbwd_stats": _DBWD_STATS_CONFIGS,
+           "dbwd_dq": _DBWD_DQ_CONFIGS, "dbwd_ddo": _DBWD_DDO_CONFIGS, "dbwd_dkdv": _DBWD_DKDV_CONFIGS}
 _KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel,
-            "dbwd_dq": attn_dbwd_dq_kernel, "dbwd_dkdv": attn_dbwd_dkdv_kernel}
+            "dbwd_stats": attn_dbwd_dq_kernel, "dbwd_dq": attn_dbwd_dq_kernel, "dbwd_ddo": attn_dbwd_dq_kernel,
+            "dbwd_dkdv": attn_dbwd_dkdv_kernel}
+# The three launches of attn_dbwd_dq_kernel (its PASS constexpr): row statistics, grad q, grad dout.
+_DBWD_PASS = {"dbwd_stats": 0, "dbwd_dq": 1, "dbwd_ddo": 2}
+_DBWD_KINDS = ("dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 
@@ -135,6 +162,18 @@ def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, p
     return _TABLES[kind][(head_dim_class(block_d), element_size)]["dropout" if dropout else "plain"]
 
 
+def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: str) -> bool:
+    """Whether every double-backward kernel has a spill-free configuration for this class on a GPU.
+
+    Empty entries of the double-backward tables mark classes where no tile shape compiled without register
+    spills for sm_90 (the double backward keeps about twice the live tiles of the backward); the launcher
+    refuses those instead of running a configuration the compile check rejects.
+    """
+    if _interpreting():
+        return True
+    return all(configs(kind, block_d, element_size, dropout, precision) for kind in _DBWD_KINDS)
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str):
     cfgs = [
@@ -146,6 +185,8 @@ def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision:
 
 def _launch(kind, grid_of, args, consts, block_d, element_size):
     """Run ``kind`` with the autotuned config on a GPU, or with the single interpreter config."""
+    if kind in _DBWD_PASS:
+        consts = dict(consts, PASS=_DBWD_PASS[kind])
     if _interpreting():
         bm, bn, w, s = _INTERPRET_CONFIG
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
@@ -346,6 +387,13 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     gdq, gdk, gdv = _unit_last(gdq), _unit_last(gdk), _unit_last(gdv)
     geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
+    precision = "ieee" if q.dtype == torch.float64 else fp32_precision
+    if q.dtype != torch.float64 and not dbwd_supported(geo.block_d, q.element_size(), dropout_p > 0, precision):
+        raise NotImplementedError(
+            f"prefix attention double backward: no spill-free sm_90 kernel configuration for head_dim={geo.d} "
+            f"(padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
+            f"dropout={'yes' if dropout_p > 0 else 'no'} yet; use backend='torch' for this second-order call"
+            + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else ""))
     scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -381,7 +429,8 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     def grid_q(meta):
         return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
 
-    _launch("dbwd_dq", grid_q, dq_args, consts, geo.block_d, q.element_size())
+    for kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):  # statistics first: the other passes read them
+        _launch(kind, grid_q, dq_args, consts, geo.block_d, q.element_size())
 
     kv_args = (*inputs, lse, delta, beta, psi, grad_k, grad_v, cu_q, cu_k, kpm, params,
                *in_strides, *geo.strides(grad_k), *geo.strides(grad_v), *tail)
@@ -426,7 +475,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     i32, f32 = "i32", "fp32"
     bm, bn, warps, stages = cfg
-    consts = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PARAMS_FP64=dtype == torch.float64,
+    extra = {"PASS": _DBWD_PASS[kind]} if kind in _DBWD_PASS else {}
+    consts = dict(**extra, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PARAMS_FP64=dtype == torch.float64,
                   ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
                   INPUT_PRECISION=precision, **flags)
     strides3 = lambda p: {f"stride_{p}b": i32, f"stride_{p}t": i32, f"stride_{p}h": i32}  # noqa: E731
@@ -441,16 +491,29 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
         sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dK": t, "dV": t, **common,
                **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dk"),
                **strides3("dv"), **tail}
-    else:
+    elif kind == "dq":
         sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dQ": t, **common,
                **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dq"), **tail}
+    else:
+        ins = {"Q": t, "K": t, "V": t, "dOut": t, "gQ": t, "gK": t, "gV": t, "Lse": acc, "Delta": acc}
+        in_strides = {name: i32 for p in ("q", "k", "v", "do", "gq", "gk", "gv") for name in strides3(p)}
+        if kind != "dbwd_dkdv":
+            outs = {"Dlse": acc, "Beta": acc, "Psi": acc, "GradQ": t, "GraddOut": t}
+            out_strides = {**strides3("oq"), **strides3("od")}
+        else:
+            outs = {"Beta": acc, "Psi": acc, "GradK": t, "GradV": t}
+            out_strides = {**strides3("ok"), **strides3("ov")}
+        sig = {**ins, **outs, **common, **in_strides, **out_strides, **tail}
     name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
             f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}")
     return CompileSpec(name=name, kernel=_KERNELS[kind], signature=sig, constexprs=consts, num_warps=warps,
                        num_stages=stages, archs=(90,))
 
 
-def compile_specs():
+KINDS = ("fwd", "dkdv", "dq", "dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
+
+
+def compile_specs(kinds=KINDS):
     """Every (kernel, head-dim class, dtype, config) the launcher can pick on a GPU.
 
     A class is checked at its largest head dim (64 stands for 16/32/48/64). "plain" configs are compiled
@@ -467,7 +530,7 @@ def compile_specs():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         size = torch.tensor([], dtype=dtype).element_size()
         for block_d in (64, 128, 256):
-            for kind in ("fwd", "dkdv", "dq"):
+            for kind in kinds:
                 for variant in ("plain", "dropout"):
                     for cfg in _TABLES[kind][(block_d, size)][variant]:
                         specs.append(_specs_for(kind, dtype, block_d, cfg, flags[variant]))

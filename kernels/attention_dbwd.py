@@ -25,11 +25,14 @@ with ``-beta_i``, which puts the cotangent ``-beta_i dO_i`` on ``O_i``; that flo
 as scores gradient ``-beta_i P_ij (dP_ij - do_i)`` and ``grad v_j -= sum_i z r P_ij beta_i dO_i``.
 Collecting the score terms with ``do_i = delta_i + dlse_i`` gives ``G``.
 
-Two kernels, no atomics, no [Lq, Lk] tensor: ``attn_dbwd_dq_kernel`` (one program per query block) sweeps
-the keys twice, first for the row statistics ``beta, psi`` (stored for the second kernel), then for
-``grad q`` and ``grad dO``; ``attn_dbwd_dkdv_kernel`` (one program per key block, looping over the query
-heads of its KV head and their query blocks) then forms ``grad k`` and ``grad v``. Every score tile is
-recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with base-2 exponentials.
+Two kernels, four launches, no atomics, no [Lq, Lk] tensor: ``attn_dbwd_dq_kernel`` (one program per
+query block) runs three times, its ``PASS`` constexpr selecting one sweep over the keys: the row statistics
+``beta, psi`` (written to [heads, tokens] buffers, since grad q and grad k need the complete rows), then
+``grad q``, then ``grad dO`` (separate launches: one fused program holding the query-side tiles across
+several sweeps spills on sm_90); ``attn_dbwd_dkdv_kernel`` (one program per key block, looping over the
+query heads of its KV head and their query blocks) forms ``grad k`` and ``grad v``. Every score tile is
+recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with base-2 exponentials;
+mask, window and dropout keep mask are regenerated exactly as in the forward.
 """
 import triton
 import triton.language as tl
@@ -39,22 +42,22 @@ from .attention_common import keep_mask, load_scalars, rng_key, score_mask, seq_
 
 @triton.jit
 def _dbwd_row_tiles(
-    q, do, gq, k, v, gk, gv, lse2, delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
+    q, do, gq, kT, vT, gkT, gvT, lse2, delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
     rescale, dropout_p, key,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Recomputed [BLOCK_M, BLOCK_N] tiles of the module formulas: (P, dP - delta, B, C, z r)."""
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+    s = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
     valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
     if HAS_KPM:
         valid = valid & kp_ok[None, :]
     p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    cc = tl.dot(do, tl.trans(gv), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    bb = (tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-          + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    cc = tl.dot(do, gvT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    bb = (tl.dot(gq, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+          + tl.dot(q, gkT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
     if HAS_DROPOUT:
         keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
         zr = tl.where(keep, rescale, 0.0)
@@ -83,15 +86,18 @@ def attn_dbwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     """Row statistics and the query-side gradients of the module formulas, for one query block:
 
-    pass 1: Beta_i = sum_j P_ij B_ij, Psi_i = sum_j P_ij ((dP_ij - delta_i) B_ij + C_ij) - Beta_i dlse_i;
-    pass 2: GradQ_i = scale sum_j (dS_ij gK_j + G_ij k_j), GraddOut_i = sum_j (W_ij v_j + z r P_ij gV_j).
+    PASS 0: Beta_i = sum_j P_ij B_ij, Psi_i = sum_j P_ij ((dP_ij - delta_i) B_ij + C_ij) - Beta_i dlse_i;
+    PASS 1: GradQ_i = scale sum_j (dS_ij gK_j + G_ij k_j)              (reads Beta, Psi);
+    PASS 2: GraddOut_i = sum_j (W_ij v_j + z r P_ij gV_j)              (reads Beta).
 
-    Grid: (query blocks of the longest sequence, query heads, sequences). Beta (= grad dlse) and Psi are
-    written for every real row (0 for rows that see no key) and read by ``attn_dbwd_dkdv_kernel``.
+    The launcher runs the three passes as three launches: one fused program keeps the query-side tiles
+    live across several key sweeps and spills on sm_90, and PASS 2 needs only three of the five
+    score-shaped products. Grid: (query blocks of the longest sequence, query heads, sequences). Beta
+    (= grad dlse) and Psi are written for every real row (0 for rows that see no key).
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -113,8 +119,11 @@ def attn_dbwd_dq_kernel(
     rows = offs_m[:, None]
     q = tl.load(Q + b64 * stride_qb + qs64 * stride_qt + h * stride_qh + rows * stride_qt + offs_d[None, :],
                 mask=qd_mask, other=0.0)
-    do = tl.load(dOut + b64 * stride_dob + qs64 * stride_dot + h * stride_doh + rows * stride_dot
-                 + offs_d[None, :], mask=qd_mask, other=0.0)
+    if PASS < 2:
+        do = tl.load(dOut + b64 * stride_dob + qs64 * stride_dot + h * stride_doh + rows * stride_dot
+                     + offs_d[None, :], mask=qd_mask, other=0.0)
+    else:
+        do = q  # PASS 2 does not use dO
     gq = tl.load(gQ + b64 * stride_gqb + qs64 * stride_gqt + h * stride_gqh + rows * stride_gqt
                  + offs_d[None, :], mask=qd_mask, other=0.0)
     stat = b64 * stride_lb + h * stride_lh + q_start + offs_m
@@ -122,7 +131,6 @@ def attn_dbwd_dq_kernel(
     lse = tl.load(Lse + stat, mask=m_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * log2e)
     delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
-    dlse = tl.load(Dlse + stat, mask=m_ok, other=0.0)
     K_base = K + b64 * stride_kb + ks64 * stride_kt + hk * stride_kh
     V_base = V + b64 * stride_vb + ks64 * stride_vt + hk * stride_vh
     gK_base = gK + b64 * stride_gkb + ks64 * stride_gkt + hk * stride_gkh
@@ -139,12 +147,85 @@ def attn_dbwd_dq_kernel(
         lo = tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N * BLOCK_N
     key = rng_key(seed, b, h, num_heads)
 
-    # Pass 1: the row statistics need every key of the row before any gradient can be formed.
+    if PASS == 0:
+        # The row statistics need every key of the row before any gradient can be formed.
+        _dbwd_row_stats(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
+                        stride_gvt, lse2, delta, Dlse, Beta, Psi, stat, offs_m, offs_d, m_ok, lo, hi, k_len, diag,
+                        window, qk_scale, sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+    elif PASS == 1:
+        beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
+        psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
+        _dbwd_grad_q(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
+                     stride_gvt, lse2, delta, beta, psi,
+                     GradQ + b64 * stride_oqb + qs64 * stride_oqt + h * stride_oqh + rows * stride_oqt
+                     + offs_d[None, :], qd_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+                     rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+                     HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+    else:
+        beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
+        _dbwd_grad_dout(q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
+                        stride_gvt, lse2, beta,
+                        GraddOut + b64 * stride_odb + qs64 * stride_odt + h * stride_odh + rows * stride_odt
+                        + offs_d[None, :], qd_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale,
+                        sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL,
+                        HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+
+
+@triton.jit
+def _dbwd_row_stats(
+    q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
+    lse2, delta, Dlse, Beta, Psi, stat, offs_m, offs_d, m_ok, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+    rescale, dropout_p, key,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """PASS 0 of attn_dbwd_dq_kernel: stores Beta and Psi of one query block."""
+    d_ok = offs_d < HEAD_DIM
     beta = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     phi = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_len
+        kdT_mask = d_ok[:, None] & n_ok[None, :]
+        kT = tl.load(K_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kdT_mask, other=0.0)
+        vT = tl.load(V_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kdT_mask, other=0.0)
+        gkT = tl.load(gK_base + offs_n[None, :] * stride_gkt + offs_d[:, None], mask=kdT_mask, other=0.0)
+        gvT = tl.load(gV_base + offs_n[None, :] * stride_gvt + offs_d[:, None], mask=kdT_mask, other=0.0)
+        if HAS_KPM:
+            kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
+        else:
+            kp_ok = n_ok
+        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, kT, vT, gkT, gvT, lse2, delta, offs_m, offs_n, k_len, diag,
+                                             window, kp_ok, qk_scale, sm_scale, rescale, dropout_p, key,
+                                             IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE,
+                                             INPUT_PRECISION)
+        beta += tl.sum(p * bb, 1)
+        phi += tl.sum(p * (dpd * bb + cc), 1)
+    dlse = tl.load(Dlse + stat, mask=m_ok, other=0.0)
+    psi = phi - beta * dlse
+    tl.store(Beta + stat, beta, mask=m_ok)
+    tl.store(Psi + stat, psi, mask=m_ok)
+
+
+@triton.jit
+def _dbwd_grad_q(
+    q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
+    lse2, delta, beta, psi, Out_ptrs, out_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+    rescale, dropout_p, key,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """PASS 1 of attn_dbwd_dq_kernel: stores GradQ of one query block."""
+    d_ok = offs_d < HEAD_DIM
+    acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_len
+        # Row-major tiles here (transposed for the score products), transposed loads in the statistics
+        # pass: each is the variant that compiles without spills for more tile shapes on sm_90.
         kd_mask = n_ok[:, None] & d_ok[None, :]
         cols = offs_n[:, None]
         k = tl.load(K_base + cols * stride_kt + offs_d[None, :], mask=kd_mask, other=0.0)
@@ -155,18 +236,29 @@ def attn_dbwd_dq_kernel(
             kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
         else:
             kp_ok = n_ok
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, k, v, gk, gv, lse2, delta, offs_m, offs_n, k_len, diag,
-                                             window, kp_ok, qk_scale, sm_scale, rescale, dropout_p, key,
-                                             IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE,
-                                             INPUT_PRECISION)
-        beta += tl.sum(p * bb, 1)
-        phi += tl.sum(p * (dpd * bb + cc), 1)
-    psi = phi - beta * dlse
-    tl.store(Beta + stat, beta, mask=m_ok)
-    tl.store(Psi + stat, psi, mask=m_ok)
+        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, tl.trans(k), tl.trans(v), tl.trans(gk), tl.trans(gv), lse2,
+                                             delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
+                                             rescale, dropout_p, key, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
+                                             ACC_DTYPE, INPUT_PRECISION)
+        ds = p * dpd
+        g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
+        acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    acc_q = acc_q * sm_scale
+    tl.store(Out_ptrs, acc_q.to(Out_ptrs.dtype.element_ty), mask=out_mask)
 
-    # Pass 2: grad q and grad dO.
-    acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+
+@triton.jit
+def _dbwd_grad_dout(
+    q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
+    lse2, beta, Out_ptrs, out_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+    rescale, dropout_p, key,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """PASS 2 of attn_dbwd_dq_kernel: stores GraddOut of one query block."""
+    d_ok = offs_d < HEAD_DIM
     acc_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -174,31 +266,25 @@ def attn_dbwd_dq_kernel(
         kd_mask = n_ok[:, None] & d_ok[None, :]
         cols = offs_n[:, None]
         k = tl.load(K_base + cols * stride_kt + offs_d[None, :], mask=kd_mask, other=0.0)
-        v = tl.load(V_base + cols * stride_vt + offs_d[None, :], mask=kd_mask, other=0.0)
         gk = tl.load(gK_base + cols * stride_gkt + offs_d[None, :], mask=kd_mask, other=0.0)
-        gv = tl.load(gV_base + cols * stride_gvt + offs_d[None, :], mask=kd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
         if HAS_KPM:
             kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
-        else:
-            kp_ok = n_ok
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, k, v, gk, gv, lse2, delta, offs_m, offs_n, k_len, diag,
-                                             window, kp_ok, qk_scale, sm_scale, rescale, dropout_p, key,
-                                             IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE,
-                                             INPUT_PRECISION)
-        bb = bb - beta[:, None]
-        ds = p * dpd
-        g = p * (dpd * bb + cc - psi[:, None])
-        pd = p * zr
-        w = pd * bb
-        acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            valid = valid & kp_ok[None, :]
+        pd = tl.where(valid, p, 0.0)
+        if HAS_DROPOUT:
+            keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
+            pd = tl.where(keep, pd * rescale, 0.0)
+        bb = (tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+              + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        w = pd * (bb - beta[:, None])
+        v = tl.load(V_base + cols * stride_vt + offs_d[None, :], mask=kd_mask, other=0.0)
+        gv = tl.load(gV_base + cols * stride_gvt + offs_d[None, :], mask=kd_mask, other=0.0)
         acc_do += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         acc_do += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    acc_q = acc_q * sm_scale
-    tl.store(GradQ + b64 * stride_oqb + qs64 * stride_oqt + h * stride_oqh + rows * stride_oqt + offs_d[None, :],
-             acc_q.to(GradQ.dtype.element_ty), mask=qd_mask)
-    tl.store(GraddOut + b64 * stride_odb + qs64 * stride_odt + h * stride_odh + rows * stride_odt
-             + offs_d[None, :], acc_do.to(GraddOut.dtype.element_ty), mask=qd_mask)
+    tl.store(Out_ptrs, acc_do.to(Out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
