@@ -31,6 +31,7 @@ _EXPORTS = {
     "memory_update": "gradmem_fast.ops.update",
     "UpdateResult": "gradmem_fast.ops.update",
     "register_attention": "gradmem_fast.hf",
+    "MemoryReader": "gradmem_fast.reader",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
