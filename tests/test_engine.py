@@ -82,7 +82,7 @@ def test_cuda_graph_replay_matches_eager_engine():
     assert len(graph_writer._graphed.graphs) >= 1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_engine_triton_matches_reference_fp32(family):
     """The Triton kernels (interpreter) in the loop, fp32."""
     model = tiny_model(family, dtype=torch.float32)
