@@ -127,7 +127,7 @@ class PlainLoop:
 
     def __init__(self, model, ids, mask, steps, memory_tokens, loss="torch", update="torch", compile=None,
                  backend="torch"):
-        from gradmem_fast import reference
+        from gradmem_fast.ops.update import sgd_torch
 
         self.model, self.steps, self.m = model, steps, memory_tokens
         self.backbone = model.base_model
@@ -143,7 +143,7 @@ class PlainLoop:
         self.positions = torch.arange(memory_tokens + S, device=ids.device).unsqueeze(0).expand(B, -1)
         self.backend = backend
         self.loss_kind, self.update_kind = loss, update
-        self._reference = reference
+        self._torch_sgd = sgd_torch
         self.loss_fn = self._losses if compile is None else torch.compile(self._losses, backend=compile, dynamic=False)
         if loss == "fused":
             self._lce = gradmem_op("linear_cross_entropy")
@@ -173,7 +173,7 @@ class PlainLoop:
                 if self.update_kind == "fused":
                     M = self._update(M, g, lr=LR, clip_norm=CLIP_NORM, backend=self.backend).memory
                 else:
-                    M = self._reference.sgd_update(M, g, LR, None, CLIP_NORM)
+                    M = self._torch_sgd(M, g, LR, None, CLIP_NORM)[0]
         return M.detach()
 
 

@@ -91,6 +91,8 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
     emb = hf.input_embeddings(model)
     M, state = memory, None
     token_embeds = emb(packed.tokens)
+    if ones_mask is None:  # built once per write, not once per step
+        ones_mask = torch.ones(1, packed.total_rows, dtype=torch.long, device=token_embeds.device)
     if config.grad_mode == "none":
         token_embeds = token_embeds.detach()
     for k in range(config.steps):

@@ -14,6 +14,10 @@ For a batch of B documents c_b with n_b real tokens and memories M_b [m, d]:
           M_b <- M_b - lr g_b
     Adam: g <- clamp(g, +-clip_value or 10); [norm clip]; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
           M <- M - lr * (m / (1-b1^k)) / (sqrt(max(v / (1-b2^k), 1e-8)) + 1e-8)
+
+The update is the torch backend of ``gradmem_fast.ops.update`` (``sgd_torch`` / ``adam_torch``), whose
+tests check it against the formula; the whole write is checked against an independent naive
+implementation in tests/eager_gradmem.py.
 """
 import torch
 import torch.nn.functional as F
@@ -21,53 +25,12 @@ import torch.nn.functional as F
 from . import hf
 from .config import WriteConfig
 from .inputs import check_token_batch, initial_memory, resolve_write_head
+from .ops import update as update_ops
 from .result import WriteResult
-
-NORM_EPS = 1e-6
-ADAM_EPS = 1e-8
-ADAM_V_FLOOR = 1e-8
-
 
 def _math_dtype(dtype):
     """fp32 math for 16-bit tensors, the tensor's own precision otherwise (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def clip_gradient(grad, clip_value=None, clip_norm=None):
-    """Value clamp then per-sample norm clip of ``grad`` [B, ...] (differentiable, NaN-preserving)."""
-    if clip_value is not None:
-        # torch.clamp propagates NaN, so a broken gradient stays visible.
-        grad = grad.clamp(-clip_value, clip_value)
-    if clip_norm is not None:
-        norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-        scale = clip_norm / (norm + NORM_EPS)
-        # A NaN entry gives a NaN norm, the unclipped branch is taken and the NaN stays in the gradient.
-        grad = torch.where(norm > clip_norm, grad * scale, grad)
-    return grad
-
-
-def sgd_update(memory, grad, lr, clip_value=None, clip_norm=None):
-    """``memory - lr * clip(grad)`` with the math in at least fp32, returned in memory's dtype."""
-    dt = _math_dtype(memory.dtype)
-    g = clip_gradient(grad.to(dt), clip_value, clip_norm)
-    return (memory.to(dt) - lr * g).to(memory.dtype)
-
-
-def adam_update(memory, grad, state, step, lr, clip_value=10.0, clip_norm=None, betas=(0.9, 0.999)):
-    """One Adam step (DESIGN.md item 4); ``state`` is (exp_avg, exp_avg_sq) in fp32 or None; ``step`` >= 1."""
-    dt = _math_dtype(memory.dtype)
-    g = clip_gradient(grad.to(dt), clip_value, clip_norm)
-    if state is None:
-        exp_avg, exp_avg_sq = torch.zeros_like(g), torch.zeros_like(g)
-    else:
-        exp_avg, exp_avg_sq = (s.to(dt) for s in state)
-    b1, b2 = betas
-    exp_avg = b1 * exp_avg + (1 - b1) * g
-    exp_avg_sq = b2 * exp_avg_sq + (1 - b2) * g * g
-    m_hat = exp_avg / (1 - b1**step)
-    v_hat = (exp_avg_sq / (1 - b2**step)).clamp_min(ADAM_V_FLOOR)
-    new = memory.to(dt) - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
-    return new.to(memory.dtype), (exp_avg, exp_avg_sq)
 
 
 def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=None):
@@ -128,12 +91,12 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
             if not second:
                 grad = grad.detach()
             with torch.set_grad_enabled(config.grad_mode != "none"):
+                # The update formula lives once, as the torch backend of the update op.
                 if config.optimizer == "sgd":
-                    M = sgd_update(Mk, grad, config.lr, clip_value, config.clip_norm)
+                    M, _ = update_ops.sgd_torch(Mk, grad, config.lr, clip_value, config.clip_norm)
                 else:
-                    M, state = adam_update(Mk, grad, state, k + 1, config.lr, clip_value, config.clip_norm,
-                                           config.adam_betas)
-                    state = tuple(s.detach() for s in state)
+                    M, _, state = update_ops.adam_torch(Mk, grad, config.lr, clip_value, config.clip_norm, state,
+                                                        k + 1, config.adam_betas)
             if config.grad_mode == "none":
                 M = M.detach()
     return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms))
