@@ -108,3 +108,16 @@ def resolve_write_head(write_head, model):
     if weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"write_head weight must have shape [vocab, hidden={d}], got {tuple(weight.shape)}")
     return weight, bias
+
+
+def prepare_write(model, input_ids, attention_mask, memory, config, write_head):
+    """Everything a WRITE needs from the user's arguments, validated once:
+    (right-aligned ids, mask, initial memory [B, m, d], head weight, head bias)."""
+    emb = hf.input_embeddings(model)
+    head_weight, head_bias = resolve_write_head(write_head, model)
+    device = emb.weight.device
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.to(device)
+    ids, mask = check_token_batch(input_ids, attention_mask, min(emb.weight.shape[0], head_weight.shape[0]))
+    M = initial_memory(memory, ids.shape[0], config, model, device)
+    return ids, mask, M, head_weight, head_bias

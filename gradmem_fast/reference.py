@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import hf
 from .config import WriteConfig
-from .inputs import check_token_batch, initial_memory, resolve_write_head
+from .inputs import check_token_batch, prepare_write
 from .ops import update as update_ops
 from .result import WriteResult
 
@@ -64,13 +64,8 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
     if not isinstance(config, WriteConfig):
         raise TypeError(f"config must be a WriteConfig, got {type(config).__name__}")
     emb = hf.input_embeddings(model)
-    head_weight, head_bias = resolve_write_head(write_head, model)
-    device = emb.weight.device
-    vocab = min(emb.weight.shape[0], head_weight.shape[0])
-    ids, mask = check_token_batch(input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids,
-                                  attention_mask, vocab)
-    B = ids.shape[0]
-    M = initial_memory(memory, B, config, model, device)
+    ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config,
+                                                         write_head)
     clip_value = config.effective_clip_value
 
     losses, norms, state = [], [], None

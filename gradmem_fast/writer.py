@@ -18,7 +18,7 @@ import torch
 from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
-from .inputs import check_token_batch, initial_memory, resolve_write_head
+from .inputs import prepare_write
 from .packing import bucket_shape, documents_from_batch, pack
 from .result import WriteResult
 
@@ -71,14 +71,9 @@ class MemoryWriter:
         """
         if self.backend == "torch":
             return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head)
-        emb = hf.input_embeddings(self.model)
-        head_weight, head_bias = resolve_write_head(self.write_head, self.model)
-        device = emb.weight.device
-        vocab = min(emb.weight.shape[0], head_weight.shape[0])
-        if isinstance(input_ids, torch.Tensor):
-            input_ids = input_ids.to(device)
-        ids, mask = check_token_batch(input_ids, attention_mask, vocab)
-        M = initial_memory(memory, ids.shape[0], self.config, self.model, device)
+        ids, mask, M, head_weight, head_bias = prepare_write(self.model, input_ids, attention_mask, memory,
+                                                             self.config, self.write_head)
+        device = M.device
         docs = documents_from_batch(ids, mask)
         if self.cuda_graphs:
             shape = bucket_shape(len(docs) + 1, int(mask.sum()))
