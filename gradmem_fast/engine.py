@@ -82,10 +82,12 @@ def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, 
                                 precompute_grad=None if not second_order else False)
 
 
-def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losses, norms, ones_mask=None):
+def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losses, norms, ones_mask=None,
+                on_step=None):
     """The K steps; writes per-step stats into ``losses``/``norms`` [K, B] and returns the final memory.
 
-    Nothing here reads a tensor back to the host, so the loop can be captured in a CUDA graph.
+    Nothing here reads a tensor back to the host, so the loop can be captured in a CUDA graph (``on_step``,
+    a per-step callback ``on_step(k, losses[k])``, is for uncaptured loops only; unset, it costs nothing).
     """
     clip_value = config.effective_clip_value
     emb = hf.input_embeddings(model)
@@ -101,6 +103,8 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
         loss = _step_loss(model, Mk, token_embeds, packed, head_weight, head_bias, ones_mask, second)
         (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
         losses[k].copy_(loss.detach())
+        if on_step is not None:
+            on_step(k, losses[k])
         with torch.set_grad_enabled(config.grad_mode != "none"):
             result = memory_update(Mk, grad if second else grad.detach(), lr=lr, optimizer=config.optimizer,
                                    clip_value=clip_value, clip_norm=config.clip_norm, state=state, step=k + 1,
@@ -113,12 +117,17 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
 
 
 def write_packed(model, packed: PackedBatch, memory: torch.Tensor, config: WriteConfig, head_weight, head_bias,
-                 backend: str) -> WriteResult:
-    """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch)."""
+                 backend: str, on_step=None) -> WriteResult:
+    """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch).
+
+    ``on_step(k, losses)``: optional callback after step k's loss (the real documents' [B], detached).
+    """
     losses = torch.empty(config.steps, packed.batch, dtype=torch.float32, device=memory.device)
     norms = torch.empty_like(losses)
     with use_backend(backend), gradmem_attention(model), torch.enable_grad():
-        M = _write_loop(model, packed, memory, config, head_weight, head_bias, config.lr, losses, norms)
+        step_hook = None if on_step is None else (lambda k, loss: on_step(k, loss[: packed.real_batch]))
+        M = _write_loop(model, packed, memory, config, head_weight, head_bias, config.lr, losses, norms,
+                        on_step=step_hook)
     B = packed.real_batch
     return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B])
 

@@ -54,11 +54,13 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
     return ce.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(ce.dtype)
 
 
-def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None):
+def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None,
+          on_step=None):
     """Write each row of ``input_ids`` into its own memory with ``config.steps`` gradient steps.
 
     ``memory``: None (seeded N(0, init_std^2), shared), [m, d] shared initial memory (may be a leaf that
-    requires grad), or [B, m, d]. Returns a ``WriteResult``.
+    requires grad), or [B, m, d]. Returns a ``WriteResult``. ``on_step(k, losses)``, if given, is called
+    after step k's loss [B] (detached, before its update) is known.
     """
     config = WriteConfig() if config is None else config
     if not isinstance(config, WriteConfig):
@@ -82,6 +84,8 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
                                 embeds=embeds if config.grad_mode != "none" else embeds.detach())
             (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
             losses.append(loss.detach().float())
+            if on_step is not None:
+                on_step(k, losses[-1])
             norms.append(grad.detach().flatten(1).norm(dim=1).float())
             if not second:
                 grad = grad.detach()

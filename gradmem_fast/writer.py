@@ -62,15 +62,18 @@ class MemoryWriter:
                             and config.grad_mode == "none")
         self._graphed = None
 
-    def write(self, input_ids, attention_mask=None, memory=None) -> WriteResult:
+    def write(self, input_ids, attention_mask=None, memory=None, on_step=None) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
 
         ``attention_mask`` [B, S]: 1 = real token (Hugging Face convention); left or right padding.
         ``memory``: None (seeded N(0, init_std^2), shared by the batch), [m, d] shared initial memory (may
         require grad: with grad_mode first/second the result stays on its graph), or [B, m, d].
+        ``on_step(k, losses)``: optional callback after each step's loss [B] (detached, on the device; reading
+        it is the caller's host sync). Not called inside a captured CUDA graph (``cuda_graphs=True``).
         """
         if self.backend == "torch":
-            return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head)
+            return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head,
+                                   on_step=on_step)
         ids, mask, M, head_weight, head_bias = prepare_write(self.model, input_ids, attention_mask, memory,
                                                              self.config, self.write_head)
         device = M.device
@@ -84,15 +87,17 @@ class MemoryWriter:
                                                         self.backend)
             return self._graphed(packed, torch.cat([M, filler]))
         packed = pack(docs, self.config.num_memory_tokens, device)
-        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.backend)
+        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.backend,
+                                   on_step=on_step)
 
-    def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None):
+    def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None, on_step=None):
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
 
         Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
         ``batch_tokens`` packed rows (memory rows included; a longer document gets a batch of its own).
         ``memory``: None or a shared initial memory [m, d]. Memories are detached (grad_mode must be
-        "none"). Results equal writing each batch with ``write``.
+        "none"). Results equal writing each batch with ``write``. ``on_step`` is passed to every batch's
+        ``write`` (k restarts at 0 with each batch; batches follow ``plan_batches``).
         """
         if self.config.grad_mode != "none":
             raise ValueError("write_many streams detached memories: use grad_mode='none' (or call write())")
@@ -111,7 +116,7 @@ class MemoryWriter:
             docs = [self._as_document(doc, position + i) for i, doc in enumerate(chunk)]
             position += len(chunk)
             out = [None] * len(docs)
-            for batch in self._length_batches(docs, batch_tokens):
+            for batch in self.plan_batches(docs, batch_tokens):
                 width = max(len(docs[i]) for i in batch)
                 ids = torch.zeros(len(batch), width, dtype=torch.long)
                 mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -119,7 +124,7 @@ class MemoryWriter:
                     ids[row, : len(docs[i])] = docs[i]
                     mask[row, : len(docs[i])] = 1
                 with torch.no_grad():
-                    result = self.write(ids, mask, memory)
+                    result = self.write(ids, mask, memory, on_step=on_step)
                 for row, i in enumerate(batch):
                     out[i] = result.memory[row].detach()
             yield from out
@@ -134,7 +139,8 @@ class MemoryWriter:
             raise TypeError(f"documents[{index}] must hold integer token ids, got dtype {tensor.dtype}")
         return tensor.long().cpu()
 
-    def _length_batches(self, docs, batch_tokens):
+    def plan_batches(self, docs, batch_tokens):
+        """The batches (lists of indices into ``docs``) that ``write_many`` writes for one window, in order."""
         m = self.config.num_memory_tokens
         order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
         batch, used = [], 0

@@ -197,3 +197,32 @@ def test_missing_output_directory(model_dir, tmp_path, capsys):
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
     out = str(tmp_path / "no" / "m.safetensors")
     _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "does not exist")
+
+
+@pytest.mark.parametrize("path", ["reference", "engine"])
+def test_writer_on_step_sees_every_step_loss(path):
+    """The per-step callback (the CLI's progress) gets each step's [B] losses, equal to the result's."""
+    from gradmem_fast import engine
+    from gradmem_fast.packing import documents_from_batch, pack
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", dtype=torch.float32)
+    cfg = WriteConfig(num_memory_tokens=2, steps=3, lr=0.3, optimizer="adam")
+    ids = torch.randint(0, 40, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    seen = []
+
+    def on_step(k, losses):
+        seen.append((k, losses.clone()))
+
+    if path == "reference":
+        result = MemoryWriter(model, cfg, backend="torch").write(ids, mask, on_step=on_step)
+    else:
+        M = torch.randn(2, 2, model.config.hidden_size) * 0.02
+        head = model.get_output_embeddings()
+        result = engine.write_packed(model, pack(documents_from_batch(ids, mask), 2, "cpu"), M, cfg, head.weight,
+                                     None, "torch", on_step=on_step)
+    assert [k for k, _ in seen] == [0, 1, 2]
+    for k, losses in seen:
+        assert losses.shape == (2,)
+        assert_close(losses, result.losses[k], name=f"step {k} losses")
