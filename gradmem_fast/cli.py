@@ -91,6 +91,7 @@ def add_write_arguments(p):
     p.add_argument("--shard-size", type=int, default=256,
                    help="documents per checkpoint shard: the unit of resuming and of multi-process "
                         "sharding (default 256)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -181,11 +182,10 @@ def cmd_write(args) -> int:
     _positive_int("--shard-size", args.shard_size)
     if args.max_length is not None:
         _positive_int("--max-length", args.max_length)
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(output_dir):
-        raise UserError(f"output directory {output_dir!r} does not exist")
-    if os.path.isdir(args.output):
-        raise UserError(f"--output {args.output!r} is a directory")
+    fileio.check_output(args.output, [("--input", args.input)], args.force)
+    ckpt = fileio.checkpoint_dir(args.output)
+    if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
+        raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
     records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
 
     ctx = distributed.from_environment()
@@ -218,7 +218,6 @@ def cmd_write(args) -> int:
     fingerprint = _fingerprint(settings, ids, docs)
     num_shards = (len(docs) + args.shard_size - 1) // args.shard_size
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]
-    ckpt = fileio.checkpoint_dir(args.output)
 
     ctx = distributed.start(ctx, device)
     try:
@@ -324,6 +323,7 @@ def add_read_arguments(p):
     p.add_argument("--doc-batch", type=int, default=64, help="memories prefilled together (default 64)")
     p.add_argument("--dtype", default="auto", help="model dtype (see write)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -360,9 +360,7 @@ def cmd_read(args) -> int:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 < args.temperature < float("inf"):
         raise UserError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(output_dir):
-        raise UserError(f"output directory {output_dir!r} does not exist")
+    fileio.check_output(args.output, [("--memories", args.memories), ("--queries", args.queries)], args.force)
     memfile = fileio.MemoryFile(args.memories)
     queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False,
                                 what="queries")

@@ -102,6 +102,26 @@ def read_jsonl(path: str, text_field: str = "text", id_field: str = "id", requir
     return records
 
 
+def check_output(path: str, inputs, force: bool, flag: str = "--output"):
+    """Refuse an output path that would destroy data, before any work is done.
+
+    ``inputs``: (flag, path) pairs of the command's input files. An output that is the same file as an
+    input (the same inode: symlinks and hard links included) is always refused, ``--force`` or not; an
+    existing output (or a dangling symlink there) is refused unless ``force``. Raises ``UserError``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"output directory {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a directory")
+    for in_flag, in_path in inputs:
+        if in_path and os.path.exists(path) and os.path.exists(in_path) and os.path.samefile(path, in_path):
+            raise UserError(f"{flag} {path!r} is the same file as {in_flag} {in_path!r}: writing it would destroy "
+                            "the input; choose another output path")
+    if os.path.lexists(path) and not force:
+        raise UserError(f"{flag} {path!r} already exists; pass --force to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str):
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.

@@ -146,3 +146,27 @@ def test_bad_numbers(setup, tmp_path, capsys, flag, value):
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
     out = str(tmp_path / "a.jsonl")
     _assert_clean_failure(_read(model_dir, mem, q, out, flag, value), capsys, out, flag)
+
+
+def test_read_never_destroys_an_input_or_an_existing_output(setup, tmp_path, capsys):
+    """The data-loss table of read: output = memories or queries (any spelling or link), or existing."""
+    from test_cli_write import assert_refused
+
+    model_dir, mem_src = setup
+    mem = str(tmp_path / "mem.safetensors")
+    with open(mem_src, "rb") as src, open(mem, "wb") as dst:
+        dst.write(src.read())
+    q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
+    os.symlink(mem, tmp_path / "mem-link.safetensors")
+    os.link(q, tmp_path / "q-hard.jsonl")
+    (tmp_path / "old.jsonl").write_text("precious\n")
+    cases = [(mem, [], "same file as --memories"), (mem, ["--force"], "same file as --memories"),
+             (q, ["--force"], "same file as --queries"), (os.path.relpath(q), ["--force"], "same file as --queries"),
+             (str(tmp_path / "mem-link.safetensors"), ["--force"], "same file as --memories"),
+             (str(tmp_path / "q-hard.jsonl"), ["--force"], "same file as --queries"),
+             (str(tmp_path / "old.jsonl"), [], "--force")]
+    for out, extra, needle in cases:
+        assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
+                        "--quiet", *extra], capsys, tmp_path, needle)
+    assert _read(model_dir, mem, q, str(tmp_path / "old.jsonl"), "--force") == 0
+    assert json.loads(open(tmp_path / "old.jsonl").read())["id"] == "d0"

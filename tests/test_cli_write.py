@@ -226,3 +226,54 @@ def test_writer_on_step_sees_every_step_loss(path):
     for k, losses in seen:
         assert losses.shape == (2,)
         assert_close(losses, result.losses[k], name=f"step {k} losses")
+
+
+def _snapshot(directory):
+    """Every file under ``directory``: relative path -> (is a symlink, bytes), to prove nothing changed."""
+    found = {}
+    for root, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            data = open(path, "rb").read() if os.path.exists(path) and not os.path.isdir(path) else None
+            found[os.path.relpath(path, directory)] = (os.path.islink(path), data)
+    return found
+
+
+def assert_refused(argv, capsys, directory, *needles):
+    """Exit 2, exactly one ``error:`` line on stderr, no traceback, and no file in ``directory`` created,
+    changed or removed (inputs intact, nothing left behind)."""
+    before = _snapshot(directory)
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and ": error: " in lines[0] and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert _snapshot(directory) == before
+
+
+def _output_cases(tmp_path, inp):
+    """(name, output path, extra flags, message) of each output that would destroy data."""
+    os.symlink(inp, tmp_path / "link.jsonl")
+    os.link(inp, tmp_path / "hard.jsonl")
+    (tmp_path / "old.safetensors").write_bytes(b"precious")
+    rel = os.path.relpath(inp)
+    return [("same path", inp, [], "same file as --input"),
+            ("same path, --force", inp, ["--force"], "same file as --input"),
+            ("relative spelling", rel, ["--force"], "same file as --input"),
+            ("symlink to the input", str(tmp_path / "link.jsonl"), ["--force"], "same file as --input"),
+            ("hard link to the input", str(tmp_path / "hard.jsonl"), ["--force"], "same file as --input"),
+            ("existing output", str(tmp_path / "old.safetensors"), [], "--force")]
+
+
+def test_write_never_destroys_an_input_or_an_existing_output(model_dir, tmp_path, capsys):
+    """The data-loss table: each case exits 2 with one line and leaves every file as it was."""
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs(2))
+    for name, out, extra, needle in _output_cases(tmp_path, inp):
+        assert_refused(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "1", "--quiet",
+                        *extra], capsys, tmp_path, needle)
+    # --force replaces an existing output that is no input.
+    old = str(tmp_path / "old.safetensors")
+    assert _write(model_dir, inp, old, "--force") == 0
+    assert fileio.MemoryFile(old).shape[0] == 2
