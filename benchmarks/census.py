@@ -1,0 +1,448 @@
+"""Per-step census of a WRITE: kernel launches, FLOPs, bytes, host syncs and a projected GPU step time.
+
+    python -m benchmarks.census                    # GPT-2 WRITE shape and tiny KV shape, all implementations
+    python -m benchmarks.census --dry-run          # tiny shapes (CI), same table and files
+    python -m benchmarks.census --out DIR --json   # also write DIR/census.json (default folder: results/)
+
+Shapes (``benchmarks.bench_write.write_specs``): ``gpt2_124m`` (GPT-2 small, bf16, 64 documents of
+100-450 tokens, m=8, K=5) and ``tiny_kv`` (Llama-style 4 layers x 128, 4 heads, fp32, 64 x 240 tokens,
+m=8, K=2). Implementations: ``reference`` (``MemoryWriter(backend="torch")``: eager attention, full
+logits), ``torch_sdpa`` (the plain torch loop with SDPA, as a GPU would run it: FlashAttention for 16-bit,
+memory-efficient attention for fp32), ``engine_eager`` (``MemoryWriter(backend="triton")``: packed
+documents, our attention / fused cross-entropy / update kernels inside the model's eager layers) and
+``engine_compiled`` (the engine with its compiled step, once ``MemoryWriter(..., compile=True)`` exists).
+
+How it counts without a GPU (``benchmarks.census_count``): the model lives on the ``meta`` device (no
+data, no arithmetic) and each implementation runs whole writes of 1 and 2 steps under a dispatch mode
+that classifies every aten op and records every Triton launch; one step = (2-step write) - (1-step write),
+so the setup (validation, packing, embedding) is counted apart. Two branches that depend on the device
+type take their CUDA path (fp32-output GEMMs in the cross-entropy, the update's split count for 132 SMs).
+
+The roofline (``census_count.roofline``) is a **projection**, not a measurement: per kernel
+``max(FLOPs / (peak x 0.7), bytes / (HBM x 0.8), 2 us)``, summed; the host issues eager launches at
+4.5 us each (1 us from a CUDA graph) overlapped with the GPU; each host sync adds 15 us. Peaks: H100 SXM
+989 TFLOP/s bf16 dense, 67 TFLOP/s fp32 (torch's default IEEE fp32 matmuls), HBM3 3.35 TB/s; H200 the
+same compute with 4.8 TB/s. The GPU suite records measured times beside these (``projection``).
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import json
+import os
+import sys
+import time
+
+IMPLS = ("reference", "torch_sdpa", "engine_eager", "engine_compiled")
+CASES = ("gpt2_124m", "tiny_kv")
+LABELS = {
+    "reference": "reference loop (eager attention, full logits)",
+    "torch_sdpa": "SDPA loop (fused attention, torch CE)",
+    "engine_eager": "engine, eager layers + our kernels",
+    "engine_compiled": "engine, compiled step",
+}
+# bench_write implementation names -> census implementation (and whether the loop is replayed as a graph).
+BENCH_IMPLS = {"reference": ("reference", False), "torch_sdpa": ("torch_sdpa", False),
+               "gradmem_fast": ("engine_eager", False), "gradmem_fast_graphs": ("engine_eager", True),
+               "gradmem_fast_compiled": ("engine_compiled", False)}
+TARGETS = {"launch_ratio_max": 0.5, "bytes_ratio_max": 0.5, "syncs": 0, "speedup_vs_reference_min": 3.0,
+           "speedup_vs_sdpa_min": 1.5}
+
+
+class NotAvailable(Exception):
+    """An implementation that does not exist yet in this checkout."""
+
+
+def _ensure_interpreter():
+    # Our ops choose the Triton backend for non-CUDA tensors only under the interpreter; nothing is run.
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def compiled_engine_available() -> bool:
+    from gradmem_fast import MemoryWriter
+
+    return "compile" in inspect.signature(MemoryWriter.__init__).parameters
+
+
+# ------------------------------------------------------------------------------------------ running
+
+@contextlib.contextmanager
+def gpu_branches():
+    """Make the two device-type branches of our ops take their CUDA path on ``meta`` tensors."""
+    import torch
+
+    from gradmem_fast.kernels import update as update_kernels
+    from gradmem_fast.ops import cross_entropy as ce
+
+    saved = (ce._mm_acc, update_kernels.pick_num_splits, update_kernels._sm_count)
+    pick = update_kernels.pick_num_splits
+
+    def mm_acc(a, b):
+        if a.device.type == "meta" and a.dtype in ce._HALF:
+            return torch.mm(a, b, out_dtype=torch.float32)  # what a GPU runs (cuBLAS fp32 output)
+        return saved[0](a, b)
+
+    def splits(batch, numel, device):
+        if torch.device(device).type == "meta":
+            return pick(batch, numel, torch.device("cuda", 0))
+        return pick(batch, numel, device)
+
+    ce._mm_acc = mm_acc
+    update_kernels.pick_num_splits = splits
+    update_kernels._sm_count = lambda index: 132  # H100 SXM / H200
+    try:
+        yield
+    finally:
+        ce._mm_acc, update_kernels.pick_num_splits, update_kernels._sm_count = saved
+
+
+def _case_inputs(spec):
+    """Meta-device model, real CPU token batch, lengths and initial memory of a ``WriteSpec``."""
+    from .bench_write import build_model, initial_memory, make_batch
+
+    model = build_model(spec.family, spec.config, spec.dtype, "meta")
+    model.requires_grad_(False)
+    ids, mask, lengths = make_batch(spec, model.config.vocab_size, "cpu")
+    M0 = initial_memory(spec, model.get_input_embeddings().weight.shape[1], "cpu")
+    return model, ids, mask, lengths, M0
+
+
+def _runner(impl, model, spec, ids, mask, M0):
+    """``run(steps)``: one whole write of ``steps`` steps by ``impl`` (inputs moved to the meta device)."""
+    from .bench_write import _set_attention, make_impl
+
+    if impl == "engine_compiled":
+        if not compiled_engine_available():
+            raise NotAvailable("not available yet: MemoryWriter has no compile option in this checkout")
+        raise NotAvailable("compiled engine: inductor's generated code cannot be traced on the meta device; "
+                           "count its launches from the compiled code (see benchmarks/README.md, census)")
+    bench_name = {"engine_eager": "gradmem_fast"}.get(impl, impl)
+
+    def run(steps):
+        s = dataclasses.replace(spec, steps=steps)
+        if impl == "torch_sdpa":
+            _set_attention(model, "sdpa")
+            # The plain loop takes its inputs on the model's device, as a user of it would pass them.
+            f = make_impl(bench_name, model, s, ids.to("meta"), mask.to("meta"), "meta", dry_run=True)
+            return f(M0.to("meta"))
+        return make_impl(bench_name, model, s, ids, mask, "meta", dry_run=True)(M0)
+
+    return run
+
+
+def count_steps(run, sdpa: bool = False) -> dict:
+    """Census of ``run(1)`` and ``run(2)``: per-step and setup totals, and the per-step launch lists."""
+    from .census_count import Census, fused_sdpa, record_triton
+
+    runs = {}
+    for steps in (1, 2):
+        census = Census()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(gpu_branches())
+            stack.enter_context(record_triton(census))
+            if sdpa:
+                stack.enter_context(fused_sdpa())
+            stack.enter_context(census)
+            run(steps)
+        runs[steps] = census.since()
+        runs[steps]["uncounted_flops"] = census.uncounted_flops
+    one, two = runs[1], runs[2]
+    keys = ("launches", "flops", "bytes", "syncs", "host_ops", "unknown_values", "uncounted_flops")
+    step = {k: two[k] - one[k] for k in keys}
+    setup = {k: one[k] - step[k] for k in keys}
+    step["by_kind"] = {k: two["by_kind"].get(k, 0) - one["by_kind"].get(k, 0) for k in two["by_kind"]}
+    step["sync_sites"] = {k: two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0) for k in two["sync_sites"]
+                          if two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0)}
+    step["top_ops"] = _top_ops(one["by_op"], two["by_op"])
+    return {"step": step, "setup": setup, "launches_1": one["launch_list"], "launches_2": two["launch_list"]}
+
+
+def _top_ops(one, two, n=8):
+    diff = {}
+    for name, row in two.items():
+        base = one.get(name, {"launches": 0, "flops": 0, "bytes": 0})
+        d = {k: row[k] - base[k] for k in row}
+        if d["launches"]:
+            diff[name] = d
+    return dict(sorted(diff.items(), key=lambda kv: -kv[1]["launches"])[:n])
+
+
+def project(counts: dict, graphs: bool = False) -> dict:
+    """Per-step roofline projection on each GPU of ``census_count.GPUS`` (components of the 2-step
+    write minus the 1-step write; the step time combines them as in ``census_count.roofline``)."""
+    from .census_count import GPUS, roofline
+
+    out = {}
+    for gpu in GPUS:
+        two = roofline(counts["launches_2"], 0, gpu, graphs)
+        one = roofline(counts["launches_1"], 0, gpu, graphs)
+        comp = {k: two[k] - one[k] for k in ("gpu_busy_us", "host_launch_us", "compute_us", "memory_us")}
+        syncs = counts["step"]["syncs"]
+        step_us = max(comp["gpu_busy_us"], comp["host_launch_us"]) + syncs * gpu.sync_us
+        bound = "launch" if comp["host_launch_us"] >= comp["gpu_busy_us"] else (
+            "compute" if comp["compute_us"] >= comp["memory_us"] else "memory")
+        out[gpu.name] = {"step_ms": step_us / 1e3, "gpu_busy_ms": comp["gpu_busy_us"] / 1e3,
+                         "host_launch_ms": comp["host_launch_us"] / 1e3, "compute_ms": comp["compute_us"] / 1e3,
+                         "memory_ms": comp["memory_us"] / 1e3, "bound": bound, "graphs": graphs}
+    return out
+
+
+def census_case(spec, impls=IMPLS) -> list:
+    """One record per implementation for the shape ``spec`` (status ok / not available / error)."""
+    import torch
+
+    from gradmem_fast.flops import write_step_flops
+
+    _ensure_interpreter()
+    model, ids, mask, lengths, M0 = _case_inputs(spec)
+    useful = write_step_flops(model, lengths, spec.memory_tokens)
+    base = dict(case=spec.name, dtype=str(spec.dtype).replace("torch.", ""), batch=spec.batch,
+                min_len=spec.min_len, max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps,
+                useful_flops_per_step=useful, context_tokens=sum(lengths))
+    records = []
+    for impl in impls:
+        rec = dict(base, impl=impl, label=LABELS[impl])
+        start = time.monotonic()
+        try:
+            counts = count_steps(_runner(impl, model, spec, ids, mask, M0), sdpa=impl == "torch_sdpa")
+            rec.update(status="ok", **{k: v for k, v in counts["step"].items()},
+                       setup={k: v for k, v in counts["setup"].items()},
+                       projection=project(counts))
+            if impl == "engine_eager":
+                rec["projection_graphs"] = project(counts, graphs=True)
+        except NotAvailable as exc:
+            rec.update(status="not available", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one implementation's failure is recorded, the rest go on
+            rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        rec["census_wall_s"] = round(time.monotonic() - start, 2)
+        records.append(rec)
+    del model
+    torch.set_grad_enabled(True)
+    _add_ratios(records)
+    return records
+
+
+def _add_ratios(records):
+    by = {r["impl"]: r for r in records if r.get("status") == "ok"}
+    ref, sdpa = by.get("reference"), by.get("torch_sdpa")
+    for r in by.values():
+        for gpu, p in r["projection"].items():
+            if ref:
+                p["speedup_vs_reference"] = ref["projection"][gpu]["step_ms"] / p["step_ms"]
+            if sdpa:
+                p["speedup_vs_sdpa"] = sdpa["projection"][gpu]["step_ms"] / p["step_ms"]
+        if ref:
+            r["launch_ratio_vs_reference"] = r["launches"] / max(1, ref["launches"])
+            r["bytes_ratio_vs_reference"] = r["bytes"] / max(1, ref["bytes"])
+
+
+def targets(records, gpu="H100 SXM") -> list:
+    """Issue 13's census targets for the GPT-2 shape, for the compiled engine (and, for reference, the eager
+    engine): (implementation, target, value, met)."""
+    rows = []
+    for r in records:
+        if r.get("case") != "gpt2_124m" or r.get("impl") not in ("engine_compiled", "engine_eager"):
+            continue
+        if r.get("status") != "ok":
+            rows.append((r["impl"], "all targets", r.get("reason", r.get("status")), None))
+            continue
+        p = r["projection"][gpu]
+        checks = [
+            ("launches <= 1/2 reference", r.get("launch_ratio_vs_reference"), TARGETS["launch_ratio_max"], "le"),
+            ("bytes <= 1/2 reference", r.get("bytes_ratio_vs_reference"), TARGETS["bytes_ratio_max"], "le"),
+            ("host syncs per step = 0", r["syncs"], TARGETS["syncs"], "le"),
+            ("projected speedup >= 3x reference", p.get("speedup_vs_reference"), TARGETS["speedup_vs_reference_min"], "ge"),
+            ("projected speedup >= 1.5x SDPA loop", p.get("speedup_vs_sdpa"), TARGETS["speedup_vs_sdpa_min"], "ge"),
+        ]
+        for name, value, bound, how in checks:
+            met = None if value is None else (value <= bound if how == "le" else value >= bound)
+            rows.append((r["impl"], name, value, met))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ bucket waste
+
+def bucket_waste(batches, num_memory_tokens: int) -> dict:
+    """Padding a bucketed batch costs: (filler tokens, filler rows) over the bucket's (tokens, rows), summed
+    over ``batches`` (lists of document lengths), with ``gradmem_fast.packing.bucket_shape`` as the writer
+    uses it (one filler document at least)."""
+    from gradmem_fast.packing import bucket_shape
+
+    m = num_memory_tokens
+    real_tokens = bucket_tokens = real_rows = bucket_rows = 0
+    for lengths in batches:
+        docs, tokens = bucket_shape(len(lengths) + 1, sum(lengths))
+        real_tokens += sum(lengths)
+        bucket_tokens += tokens
+        real_rows += sum(lengths) + m * len(lengths)
+        bucket_rows += tokens + m * docs
+    return {"token_waste": 1 - real_tokens / bucket_tokens, "row_waste": 1 - real_rows / bucket_rows,
+            "batches": len(batches)}
+
+
+def uniform_mix_waste(num_memory_tokens=8, batch=64, low=100, high=450, batches=500, seed=0) -> dict:
+    """``bucket_waste`` of ``batches`` batches of ``batch`` documents with uniform lengths in [low, high]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(low, high + 1, (batches, batch), generator=gen).tolist()
+    out = bucket_waste(drawn, num_memory_tokens)
+    out.update(batch=batch, low=low, high=high, target_max=0.125)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ public entry points
+
+def specs(dry_run: bool, cases=CASES):
+    from .bench_write import write_specs
+
+    return [s for s in write_specs(dry_run) if s.name in cases]
+
+
+def run_census(dry_run: bool = False, cases=CASES, impls=IMPLS) -> dict:
+    """The whole census: {"meta", "records", "targets", "bucket_waste"} (JSON-ready after ``_jsonable``)."""
+    import torch
+
+    records = []
+    for spec in specs(dry_run, cases):
+        records += census_case(spec, impls)
+    try:
+        waste = uniform_mix_waste()
+    except Exception as exc:  # noqa: BLE001 - packing may change under another issue
+        waste = {"status": "not available", "reason": f"{type(exc).__name__}: {exc}"}
+    meta = {"kind": "projection (counted on CPU, no GPU time measured)", "dry_run": dry_run,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "assumptions": _assumptions()}
+    return {"meta": meta, "records": records, "targets": targets(records), "bucket_waste": waste}
+
+
+def _assumptions() -> dict:
+    from .census_count import GPUS
+
+    return {g.name: dataclasses.asdict(g) for g in GPUS}
+
+
+_CACHE = {}
+
+
+def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM") -> dict:
+    """Projected per-step and per-write milliseconds of a ``bench_write`` case and implementation name
+    (``reference``, ``torch_sdpa``, ``gradmem_fast``, ``gradmem_fast_graphs``, ``gradmem_fast_compiled``),
+    for the GPU suite to store beside the measured time. Raises KeyError for an implementation the census
+    does not model, NotAvailable when it does not exist yet."""
+    name, graphs = BENCH_IMPLS[impl]
+    key = (case, name, dry_run)
+    if key not in _CACHE:
+        spec = next(s for s in specs(dry_run, (case,)))
+        _ensure_interpreter()
+        model, ids, mask, lengths, M0 = _case_inputs(spec)
+        counts = count_steps(_runner(name, model, spec, ids, mask, M0), sdpa=name == "torch_sdpa")
+        _CACHE[key] = (spec, counts)
+    spec, counts = _CACHE[key]
+    p = project(counts, graphs)
+    gpu_key = gpu if gpu in p else next(iter(p))
+    step_ms = p[gpu_key]["step_ms"]
+    return {"projected_step_ms": step_ms, "projected_write_ms": step_ms * spec.steps, "projection_gpu": gpu_key,
+            "projected_launches_per_step": counts["step"]["launches"], "projected_bound": p[gpu_key]["bound"]}
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def _fmt(x, spec="{:.3g}"):
+    return "-" if x is None else spec.format(x)
+
+
+def format_table(result: dict) -> str:
+    lines = ["Step census (PROJECTION: counted on CPU with meta tensors; GPU times are a roofline model, "
+             "not measurements)", ""]
+    head = (f"{'case':10} {'implementation':16} {'launches':>8} {'GFLOP':>8} {'GB r+w':>8} {'syncs':>5} "
+            f"{'H100 ms':>8} {'H200 ms':>8} {'bound':>7} {'x ref':>6} {'x sdpa':>6}")
+    lines += [head, "-" * len(head)]
+    for r in result["records"]:
+        if r.get("status") != "ok":
+            lines.append(f"{r['case']:10} {r['impl']:16} {r['status']}: {r.get('reason', '')}")
+            continue
+        h100, h200 = r["projection"]["H100 SXM"], r["projection"]["H200"]
+        lines.append(f"{r['case']:10} {r['impl']:16} {r['launches']:8d} {r['flops'] / 1e9:8.1f} "
+                     f"{r['bytes'] / 1e9:8.2f} {r['syncs']:5d} {h100['step_ms']:8.3f} {h200['step_ms']:8.3f} "
+                     f"{h100['bound']:>7} {_fmt(h100.get('speedup_vs_reference'), '{:.2f}'):>6} "
+                     f"{_fmt(h100.get('speedup_vs_sdpa'), '{:.2f}'):>6}")
+    lines.append("")
+    lines.append("Per step (one of K). Launches: one per eager aten op that runs a kernel, one per Triton launch. "
+                 "GFLOP: all matmul/attention FLOPs executed (padding included). GB: bytes read + written, summed "
+                 "over kernels. Syncs: host waits inside the loop.")
+    for r in result["records"]:
+        if r.get("status") == "ok" and r.get("sync_sites"):
+            lines.append(f"  syncs of {r['case']} / {r['impl']}: " + "; ".join(
+                f"{n}x {site}" for site, n in r["sync_sites"].items()))
+        if r.get("status") == "ok" and r.get("projection_graphs"):
+            g = r["projection_graphs"]["H100 SXM"]
+            lines.append(f"  {r['case']} / {r['impl']} replayed as a CUDA graph: {g['step_ms']:.3f} ms/step on "
+                         f"H100 (projection)")
+    if result["targets"]:
+        lines += ["", "Issue 13 targets, GPT-2 shape, H100 projection:"]
+        for impl, name, value, met in result["targets"]:
+            verdict = "n/a" if met is None else ("met" if met else "NOT met")
+            shown = value if isinstance(value, str) else _fmt(value)
+            lines.append(f"  {impl:16} {name:38} {shown:>10}  {verdict}")
+    w = result.get("bucket_waste", {})
+    if "token_waste" in w:
+        lines += ["", f"Bucket padding waste, uniform {w['low']}-{w['high']} token mix, batches of {w['batch']} "
+                      f"(packing.bucket_shape): tokens {w['token_waste']:.1%}, rows {w['row_waste']:.1%} "
+                      f"(target <= {w['target_max']:.1%})"]
+    elif w:
+        lines += ["", f"Bucket padding waste: {w.get('reason')}"]
+    return "\n".join(lines)
+
+
+def _strip(result):
+    """JSON-ready copy (no launch objects)."""
+    from .common import _jsonable
+
+    return _jsonable(result)
+
+
+def default_out_dir(dry_run: bool) -> str:
+    from .common import repo_root
+
+    date = datetime.date.today().isoformat()
+    return os.path.join(repo_root(), "benchmarks", "results", f"{date}-census" + ("-dryrun" if dry_run else ""))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.census", description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes (CI)")
+    p.add_argument("--out", default=None, help="folder for census.json / census.txt (default benchmarks/results/"
+                                               "<date>-census[-dryrun])")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    cases = [c for c in args.cases.split(",") if c]
+    impls = [i for i in args.impls.split(",") if i]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"--cases: unknown case {c!r}; choose from {', '.join(CASES)}")
+    for i in impls:
+        if i not in IMPLS:
+            p.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+    _ensure_interpreter()
+    result = _strip(run_census(args.dry_run, cases, impls))
+    table = format_table(result)
+    out_dir = args.out or default_out_dir(args.dry_run)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "census.json"), "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out_dir, "census.txt"), "w") as f:
+        f.write(table + "\n")
+    print(json.dumps(result, indent=1) if args.json else table)
+    print(f"\nwrote {os.path.join(out_dir, 'census.json')}", file=sys.stderr)
+    errors = [r for r in result["records"] if r.get("status") == "error"]
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""Counting what a GPU would run: kernel launches, FLOPs, bytes and host synchronisations of torch code.
+
+``Census`` is a ``TorchDispatchMode`` meant for code that runs on the ``meta`` device (shapes, no data, no
+compute), so a GPT-2-sized WRITE step costs no real arithmetic on a CPU. Every aten op that reaches it is
+classified:
+
+* **device op** (a tensor on a non-CPU device): one kernel launch in eager mode, unless it only changes
+  metadata (views, ``empty``, ``detach``); its FLOPs come from ``torch.utils.flop_counter``'s formulas
+  (matrix products and attention; elementwise ops count 0, the usual MFU convention) and its bytes are the
+  sum of the bytes of its distinct input tensors plus its outputs (stride-0 dimensions counted once: a
+  broadcast operand is read once);
+* **host op** (CPU tensors only): run for real (packing, lengths); no launch;
+* **host synchronisation**: ``_local_scalar_dense`` (``item``, ``int()``, ``bool()``, ``tolist``), a copy
+  between the device and the host in either direction (a blocking host-to-device copy waits for the stream
+  too), and ops whose output size depends on device data (``nonzero``, ``masked_select``, ...).
+
+Values the host needs (token lengths, ``cu_seqlens``, masks) are tracked beside the meta tensors: an op
+whose every tensor input has a known value (a host tensor, or a meta tensor computed that way) and whose
+output is small is also run on real CPU copies, so ``mask.sum(1).tolist()`` answers with the true lengths
+and a data-dependent branch takes the real path. A sync on a value that is not known (it depends on model
+weights) answers 0 and is counted in ``unknown_values``.
+
+Triton launches (``kernel[grid](...)``) are recorded, not run, while ``record_triton`` is active: one
+launch each, with FLOPs from ``triton_kernel_cost`` (attention: multiples of ``2 Hq D P`` for ``P``
+visible query-key pairs, read from the known ``cu_seqlens``) and bytes = the distinct tensor arguments
+(plus a second pass over a buffer the kernel rewrites in place). Our ``gradmem_fast::*`` custom ops run
+their real Python implementation inside the census, so the launches they make are what is counted.
+
+Everything counted here is a model of the GPU, not a measurement: each aten op is one launch (cuBLAS
+sometimes adds a split-K reduction, a sort launches several), and bytes are the compulsory traffic (no
+cache misses, no re-reads).
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import traceback
+from collections import Counter, defaultdict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+aten = torch.ops.aten
+
+# Ops that allocate or relabel memory without launching a kernel.
+NO_LAUNCH = frozenset({
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
+    "lift", "_unsafe_view", "set_", "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel",
+    "sym_storage_offset", "_has_compatible_shallow_copy_type", "is_same_size", "_nested_tensor_from_mask",
+    "record_stream", "_assert_async", "_assert_scalar", "_functional_assert_async", "_fused_sdp_choice",
+})
+UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+# Ops whose output size is read back from the device (a sync before the host can go on).
+DATA_DEPENDENT = frozenset({
+    "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
+    "nonzero_static", "equal", "is_nonzero", "argwhere",
+})
+# Ops that overwrite their mutated argument without reading it (the mutated tensor is not an input read).
+OVERWRITE = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "index_put_"})
+# Above this many elements a known value is not computed on the CPU (it would cost real time and memory).
+VALUE_LIMIT = 1 << 24
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches to read or write all of ``t``: dimensions of stride 0 (broadcasts) once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size() if t.numel() else 0
+
+
+def _is_host(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+
+def _where(skip=("torch", "census_count", "contextlib", "threading")) -> str:
+    """``file:line function`` of the first frame outside torch and this module (who asked for a sync)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = frame.filename.replace(os.sep, "/")
+        if any(f"/{s}/" in path or path.endswith(f"/{s}.py") for s in skip):
+            continue
+        parts = path.split("/")
+        return f"{'/'.join(parts[-2:])}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: what ran, its FLOPs, bytes read + written, the dtype that sets its peak."""
+
+    name: str
+    kind: str  # "aten" | "triton" | "memcpy"
+    flops: int
+    bytes: int
+    dtype: torch.dtype = None
+    parent: str = None  # the custom op or aten op that made this launch, if any
+
+
+@dataclasses.dataclass
+class Sync:
+    name: str
+    where: str
+    known: bool
+
+
+class Census(TorchDispatchMode):
+    """Counts launches, FLOPs, bytes and host syncs of the ops run under it (module docstring).
+
+    Use ``with Census() as c:`` around code whose device tensors live on ``meta``; then read
+    ``c.summary()``. ``c.mark()``/``c.since(mark)`` give the counts of a part of the run.
+    """
+
+    def __init__(self, value_limit: int = VALUE_LIMIT):
+        super().__init__()
+        self.uncounted_flops = 0  # Triton launches whose FLOPs ``triton_kernel_cost`` does not model
+        self.launches = []
+        self.syncs = []
+        self.host_ops = 0
+        self.unknown_values = 0
+        self.values = WeakIdKeyDictionary()
+        self.value_limit = value_limit
+        self._parent = None
+
+    # ----------------------------------------------------------------------------------- values
+    def known(self, t):
+        """The real CPU value of ``t`` (a host tensor is its own value), or None."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        if t.device.type == "cpu":
+            return t
+        return self.values.get(t)
+
+    def set_value(self, t, value):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu" and value is not None:
+            self.values[t] = value
+
+    def _all_known(self, flat):
+        return all(self.known(a) is not None for a in flat if isinstance(a, torch.Tensor))
+
+    def _real_call(self, func, args, kwargs):
+        """``func`` on the known CPU values of its tensor arguments, device keywords mapped to the CPU."""
+        def real(a):
+            if isinstance(a, torch.Tensor):
+                return self.known(a)
+            if isinstance(a, torch.device) and a.type != "cpu":
+                return torch.device("cpu")
+            return a
+
+        r_args = tree_map(real, args)
+        r_kwargs = {k: (torch.device("cpu") if k == "device" and v is not None else tree_map(real, v))
+                    for k, v in kwargs.items()}
+        return func(*r_args, **r_kwargs)
+
+    # ----------------------------------------------------------------------------------- recording
+    def add_launch(self, launch: Launch):
+        if launch.parent is None:
+            launch.parent = self._parent
+        self.launches.append(launch)
+
+    def add_sync(self, name, known):
+        self.syncs.append(Sync(name, _where(), bool(known)))
+        if not known:
+            self.unknown_values += 1
+
+    def mark(self):
+        return (len(self.launches), len(self.syncs), self.host_ops, self.unknown_values)
+
+    def since(self, mark=None):
+        """Totals of the launches and syncs recorded after ``mark`` (from the start when None)."""
+        n_l, n_s, n_h, n_u = mark or (0, 0, 0, 0)
+        launches, syncs = self.launches[n_l:], self.syncs[n_s:]
+        by_op = defaultdict(lambda: [0, 0, 0])
+        for x in launches:
+            row = by_op[x.name]
+            row[0] += 1
+            row[1] += x.flops
+            row[2] += x.bytes
+        return {
+            "launches": len(launches),
+            "flops": sum(x.flops for x in launches),
+            "bytes": sum(x.bytes for x in launches),
+            "syncs": len(syncs),
+            "sync_sites": dict(Counter(f"{s.name} @ {s.where}" for s in syncs)),
+            "host_ops": self.host_ops - n_h,
+            "unknown_values": self.unknown_values - n_u,
+            "by_kind": dict(Counter(x.kind for x in launches)),
+            "by_op": {k: {"launches": v[0], "flops": v[1], "bytes": v[2]} for k, v in by_op.items()},
+            "launch_list": launches,
+        }
+
+    # ----------------------------------------------------------------------------------- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        namespace = func.namespace
+        flat_in, _ = tree_flatten((args, kwargs))
+        tensors_in = [a for a in flat_in if isinstance(a, torch.Tensor)]
+        device_kw = kwargs.get("device")
+        on_device = any(t.device.type != "cpu" for t in tensors_in) or (
+            device_kw is not None and torch.device(device_kw).type != "cpu")
+        if namespace == "gradmem_fast":
+            return self._custom_op(func, args, kwargs)
+        if not on_device:
+            self.host_ops += 1
+            return func(*args, **kwargs)
+        if name == "_local_scalar_dense":
+            value = self.known(args[0])
+            self.add_sync("item", value is not None)
+            return value.item() if value is not None else (False if args[0].dtype == torch.bool else 0)
+        if name in ("_to_copy", "copy_") and self._crosses_host(func, args, kwargs):
+            return self._host_copy(func, name, args, kwargs)
+        all_known = self._all_known(flat_in)
+        if name in DATA_DEPENDENT:
+            return self._data_dependent(func, name, args, kwargs, all_known)
+        try:
+            out = func(*args, **kwargs)
+        except (NotImplementedError, RuntimeError) as exc:
+            # The meta kernel cannot size an output that depends on data (boolean-mask indexing): run it on
+            # the known values, which a GPU would read back first.
+            if not all_known or "meta" not in str(exc) and "nonzero" not in str(exc):
+                raise
+            return self._data_dependent(func, name, args, kwargs, all_known)
+        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not (func.is_view or name in NO_LAUNCH):
+            self.add_launch(Launch(f"aten.{name}", "aten", self._flops(func, args, kwargs, out),
+                                   self._bytes(func, name, args, tensors_in, flat_out), _dtype_of(tensors_in,
+                                                                                                   flat_out)))
+        self._propagate(func, args, kwargs, out, flat_out, all_known)
+        return out
+
+    def _propagate(self, func, args, kwargs, out, flat_out, all_known):
+        mutated = _mutated_args(func, args, kwargs)
+        small = sum(t.numel() for t in flat_out) <= self.value_limit
+        # Uninitialised memory has no value (a kernel we do not follow may write it).
+        if all_known and small and func._schema.name.split("::")[-1] not in UNINITIALISED:
+            real = self._real_call(func, args, kwargs)
+            for fake_t, real_t in zip(flat_out, [t for t in tree_flatten(real)[0] if isinstance(t, torch.Tensor)]):
+                if fake_t.device.type != "cpu":
+                    self.set_value(fake_t, real_t)
+        else:
+            for t in mutated:  # written with values we do not know
+                self.values.pop(t, None)
+            for t in flat_out:
+                self.values.pop(t, None)
+
+    def _crosses_host(self, func, args, kwargs):
+        src = args[1] if func._schema.name.endswith("copy_") else args[0]
+        dst_dev = args[0].device if func._schema.name.endswith("copy_") else torch.device(
+            kwargs.get("device") or src.device)
+        return (src.device.type == "cpu") != (dst_dev.type == "cpu")
+
+    def _host_copy(self, func, name, args, kwargs):
+        """A copy between host and device: a memcpy launch, and a sync unless it is non-blocking H2D."""
+        src = args[1] if name == "copy_" else args[0]
+        to_host = src.device.type != "cpu"
+        value = self.known(src)
+        nbytes = tensor_bytes(src)
+        self.add_launch(Launch(f"memcpy {'D2H' if to_host else 'H2D'}", "memcpy", 0, nbytes, src.dtype))
+        non_blocking = bool(kwargs.get("non_blocking", False) or (len(args) > 2 and args[2] is True))
+        if to_host or not non_blocking:
+            self.add_sync("D2H copy" if to_host else "blocking H2D copy", value is not None or not to_host)
+        if to_host:
+            if value is None:
+                value = torch.zeros(src.shape, dtype=src.dtype)
+            if name == "copy_":
+                with torch.no_grad():
+                    args[0].copy_(value.to(args[0].dtype))
+                return args[0]
+            return value.to(dtype=kwargs.get("dtype") or src.dtype).clone()
+        out = func(*args, **kwargs)
+        target = args[0] if name == "copy_" else out
+        self.set_value(target, value.to(dtype=target.dtype).clone() if value is not None else None)
+        return out
+
+    def _data_dependent(self, func, name, args, kwargs, all_known):
+        self.add_sync(name, all_known)
+        if not all_known:
+            raise RuntimeError(f"census: aten.{name} needs device values that are not known here (they depend "
+                               "on model weights); the census cannot follow this path")
+        real = self._real_call(func, args, kwargs)
+        if not isinstance(real, torch.Tensor):
+            return real
+        device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        out = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=device)
+        self.set_value(out, real)
+        self.add_launch(Launch(f"aten.{name}", "aten", 0, sum(tensor_bytes(t) for t in tree_flatten(args)[0]
+                                                              if isinstance(t, torch.Tensor)) + tensor_bytes(out),
+                               real.dtype))
+        return out
+
+    def _custom_op(self, func, args, kwargs):
+        """Our ops: run the real implementation (its aten ops and Triton launches are counted under it)."""
+        from torch._library.custom_ops import OPDEFS
+
+        opdef = OPDEFS.get(func._schema.name)
+        if opdef is None:
+            raise RuntimeError(f"census: no implementation found for custom op {func._schema.name}")
+        saved, self._parent = self._parent, func._schema.name
+        try:
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        finally:
+            self._parent = saved
+
+    # ----------------------------------------------------------------------------------- costs
+    def _flops(self, func, args, kwargs, out):
+        from torch.utils.flop_counter import flop_registry
+
+        name = func._schema.name.split("::")[-1]
+        if name in SDPA_FLOPS:
+            return SDPA_FLOPS[name](args, kwargs)
+        fn = flop_registry.get(func._overloadpacket)
+        if fn is None:
+            return 0
+        return int(fn(*args, **kwargs, out_val=out))
+
+    @staticmethod
+    def _bytes(func, name, args, tensors_in, flat_out):
+        mutated = {id(t) for t in _mutated_args(func, args, {})}
+        seen, total = set(), 0
+        for t in tensors_in:
+            if id(t) in seen or (name in OVERWRITE and id(t) in mutated) or (
+                    name.endswith("_out") and id(t) in mutated):
+                continue
+            seen.add(id(t))
+            total += tensor_bytes(t)
+        return total + sum(tensor_bytes(t) for t in flat_out)
+
+
+def _dtype_of(tensors_in, flat_out):
+    for t in list(tensors_in) + list(flat_out):
+        if t.is_floating_point():
+            return t.dtype
+    return (tensors_in or flat_out or [torch.empty(0)])[0].dtype
+
+
+def _mutated_args(func, args, kwargs):
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ attention costs
+
+def causal_pairs(lq: int, lk: int, causal: bool = True) -> int:
+    """Visible (query, key) pairs of one sequence, bottom-right aligned causal mask (``j <= i + lk - lq``)."""
+    if not causal:
+        return lq * lk
+    diag = lk - lq
+    total = 0
+    # Rows i with i + diag + 1 keys visible, clipped to [0, lk].
+    first_full = max(0, lk - diag)  # from this row on every key is visible
+    for i in range(min(lq, first_full)):
+        total += max(0, min(lk, i + diag + 1))
+    total += max(0, lq - first_full) * lk
+    return total
+
+
+def _sdpa_pairs(q, k, is_causal):
+    b, h, lq, d = q.shape
+    return b * h * d * causal_pairs(lq, k.shape[-2], bool(is_causal))
+
+
+def _sdpa_arg(args, kwargs, index, name, default):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+# FLOPs of torch's fused attention kernels, counting only the visible causal block (FlashAttention skips the
+# masked upper triangle): forward QK^T + PV = 4 D per pair and head; backward recomputes QK^T and forms dP,
+# dV, dK, dQ = 10 D (FlashAttention-2).
+SDPA_FLOPS = {
+    "_scaled_dot_product_flash_attention": lambda a, k: 4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 4, "is_causal", False)),
+    "_scaled_dot_product_flash_attention_backward": lambda a, k: 10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 11, "is_causal", False)),
+    "_scaled_dot_product_efficient_attention": lambda a, k: 4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 6, "is_causal", False)),
+    "_scaled_dot_product_efficient_attention_backward": lambda a, k: 10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 9, "is_causal", False)),
+}
+
+
+@contextlib.contextmanager
+def fused_sdpa(device_type="cuda"):
+    """Route ``F.scaled_dot_product_attention`` to the fused kernel a GPU would pick, for the census.
+
+    On ``meta`` tensors torch picks its math backend (S x S scores); on an H100 it picks FlashAttention for
+    16-bit inputs without a mask and the memory-efficient kernel otherwise (fp32, or an explicit mask).
+    """
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256:
+            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                            scale=scale)[0]
+        need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, need_lse, dropout_p,
+                                                            is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+# ------------------------------------------------------------------------------------------ Triton launches
+
+# FLOPs of our attention kernels in units of 2 Hq D P (one Lq x Lk x D matrix product over the visible
+# pairs): forward S = QK^T and O = PV; backward dK/dV kernel recomputes S, forms dP = dO V^T, dV = P^T dO,
+# dK = dS^T Q; the dQ kernel recomputes S and dP and forms dQ = dS K. Kernels not listed count 0 FLOPs
+# (reported as uncounted). Update this table when a kernel's work changes (issue 14).
+ATTENTION_UNITS = {"attn_fwd_kernel": 2, "attn_bwd_dkdv_kernel": 4, "attn_bwd_dq_kernel": 3}
+# Elementwise FLOPs per element of the logits chunk (max, exp, sum, subtract, scale): small next to the GEMMs.
+CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4}
+
+
+def _triton_pairs(census, tensors, kwargs):
+    """(Hq, D, visible pairs) of an attention launch: q, k are the first two tensor arguments; cu_seqlens
+    (known values) give the packed documents, otherwise the padded [B, S, H, D] shapes do."""
+    q, k = tensors[0], tensors[1]
+    causal = bool(kwargs.get("IS_CAUSAL", True))
+    if kwargs.get("IS_VARLEN"):
+        cu = [t for t in tensors[2:] if t.dtype == torch.int32 and t.dim() == 1]
+        if cu:  # one tensor when the query and key offsets are the same object
+            cq, ck = census.known(cu[0]), census.known(cu[-1])
+            if cq is not None and ck is not None:
+                lq, lk = (cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist()
+                return q.shape[1], q.shape[2], sum(causal_pairs(a, b, causal) for a, b in zip(lq, lk))
+        return q.shape[1], q.shape[2], None
+    return q.shape[2], q.shape[3], q.shape[0] * causal_pairs(q.shape[1], k.shape[1], causal)
+
+
+def triton_kernel_cost(census, name, args, kwargs):
+    """(flops, bytes) of one Triton launch (module docstring); flops None when not modelled."""
+    tensors, seen = [], set()
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and id(a) not in seen:
+            seen.add(id(a))
+            tensors.append(a)
+    nbytes = sum(tensor_bytes(t) for t in tensors)
+    flops = None
+    if name in ATTENTION_UNITS:
+        hq, d, pairs = _triton_pairs(census, tensors, kwargs)
+        flops = None if pairs is None else ATTENTION_UNITS[name] * 2 * hq * d * pairs
+    elif name == "attn_bwd_preprocess_kernel":
+        flops = 2 * tensors[0].numel()
+    elif name in CE_ELEMENTWISE:
+        z = tensors[0]
+        flops = CE_ELEMENTWISE[name] * z.numel()
+        if name == "ce_grad_kernel" or kwargs.get("WRITE_GRAD"):
+            nbytes += tensor_bytes(z)  # read, then overwritten in place with the gradient
+    elif name in ("_memory_update_kernel", "_grad_sumsq_kernel"):
+        flops = 12 * tensors[0].numel()
+    return flops, nbytes
+
+
+def _kernel_name(kernel):
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__name__", type(kernel).__name__)
+
+
+@contextlib.contextmanager
+def record_triton(census: Census):
+    """While active, ``kernel[grid](...)`` records a launch in ``census`` instead of running the kernel
+    (compiled, autotuned or interpreted)."""
+    from triton.runtime.jit import KernelInterface
+
+    classes = [KernelInterface]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover - older Triton
+        pass
+    saved = {cls: cls.__dict__.get("__getitem__") for cls in classes}
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            name = _kernel_name(self)
+            flops, nbytes = triton_kernel_cost(census, name, args, kwargs)
+            dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype))
+            if flops is None:
+                census.uncounted_flops += 1
+
+        return launch
+
+    for cls in classes:
+        cls.__getitem__ = getitem
+    try:
+        yield census
+    finally:
+        for cls, fn in saved.items():
+            if fn is None:
+                del cls.__getitem__
+            else:
+                cls.__getitem__ = fn
+
+
+# ------------------------------------------------------------------------------------------ roofline
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """Peak numbers of one GPU and the fractions of them a good kernel reaches (assumptions, stated)."""
+
+    name: str
+    bf16_tflops: float  # dense tensor-core peak, 16-bit inputs
+    tf32_tflops: float
+    fp32_tflops: float  # CUDA-core IEEE fp32 (torch's default fp32 matmul precision)
+    hbm_tbps: float
+    compute_fraction: float = 0.7  # large cuBLAS / FlashAttention GEMMs reach 60-75% of the dense peak
+    bandwidth_fraction: float = 0.8  # streaming kernels reach 80-90% of the HBM peak
+    launch_us: float = 4.5  # host cost of one eager launch (Python + dispatcher + driver)
+    graph_launch_us: float = 1.0  # a launch replayed from a CUDA graph
+    min_kernel_us: float = 2.0  # a launched kernel occupies the GPU at least this long (ramp-up, tail)
+    sync_us: float = 15.0  # one host sync: the queue drains, the host waits, launch overlap is lost
+
+    def peak_flops(self, dtype) -> float:
+        if dtype in (torch.float16, torch.bfloat16):
+            return self.bf16_tflops * 1e12
+        if dtype == torch.float32:
+            return self.fp32_tflops * 1e12
+        if dtype == torch.float64:
+            return self.fp32_tflops * 0.5e12
+        return self.bf16_tflops * 1e12
+
+
+# Datasheet peaks (dense, no sparsity): H100 SXM5 989 TFLOP/s bf16, 67 TFLOP/s fp32, HBM3 3.35 TB/s;
+# H200 has the same compute and HBM3e at 4.8 TB/s.
+H100 = GPU("H100 SXM", 989.0, 494.7, 67.0, 3.35)
+H200 = GPU("H200", 989.0, 494.7, 67.0, 4.8)
+GPUS = (H100, H200)
+
+
+def roofline(launches, syncs: int, gpu: GPU, graphs: bool = False) -> dict:
+    """Projected time of a list of ``Launch`` (one step) on ``gpu``, in microseconds.
+
+    Each kernel takes ``max(flops / (peak * compute_fraction), bytes / (hbm * bandwidth_fraction),
+    min_kernel_us)``; the GPU time is their sum. The host issues launches at ``launch_us`` each (``graph_launch_us``
+    when replayed from a CUDA graph), overlapped with the GPU, so the step takes the larger of the two,
+    plus ``sync_us`` per host sync. A projection, not a measurement.
+    """
+    gpu_us = compute_us = memory_us = 0.0
+    for x in launches:
+        if x.kind == "memcpy":
+            t_c, t_m = 0.0, x.bytes / 25e9 * 1e6  # PCIe 5 pageable copies ~25 GB/s
+        else:
+            t_c = x.flops / (gpu.peak_flops(x.dtype) * gpu.compute_fraction) * 1e6
+            t_m = x.bytes / (gpu.hbm_tbps * 1e12 * gpu.bandwidth_fraction) * 1e6
+        compute_us += t_c
+        memory_us += t_m
+        gpu_us += max(t_c, t_m, gpu.min_kernel_us)
+    host_us = len(launches) * (gpu.graph_launch_us if graphs else gpu.launch_us)
+    total = max(gpu_us, host_us) + syncs * gpu.sync_us
+    return {"gpu": gpu.name, "step_us": total, "gpu_busy_us": gpu_us, "host_launch_us": host_us,
+            "compute_us": compute_us, "memory_us": memory_us, "bound": _bound(gpu_us, host_us, compute_us,
+                                                                              memory_us)}
+
+
+def _bound(gpu_us, host_us, compute_us, memory_us):
+    if host_us >= gpu_us:
+        return "launch"
+    return "compute" if compute_us >= memory_us else "memory"
+
+
+def is_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

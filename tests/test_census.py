@@ -1,0 +1,221 @@
+"""The step census (benchmarks/census.py, benchmarks/census_count.py): counting rules on known op sequences,
+Triton launch recording, attention pair counts, the roofline arithmetic, and the census of the real loops
+at the dry-run shapes (the reference's FLOPs against gradmem_fast.flops, no host sync in the engine's loop).
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from benchmarks import census
+from benchmarks.census_count import GPU, Census, Launch, causal_pairs, record_triton, roofline, tensor_bytes
+
+
+def test_known_op_sequence():
+    """Launches, FLOPs, bytes and syncs of a hand-counted sequence of meta-tensor ops."""
+    c = Census()
+    with c:
+        a = torch.empty(4, 8, device="meta")  # allocation: no launch
+        w = torch.empty(8, 3, device="meta")
+        b = a + 1  # launch 1: reads 128 B, writes 128 B
+        b.view(32)  # view: no launch
+        b.t()  # view: no launch
+        y = a @ w  # launch 2: 2*4*8*3 FLOPs; 128 + 96 B read, 48 B written
+        e = a.unsqueeze(0).expand(5, 4, 8) * 2.0  # launch 3: the broadcast operand is read once (128 B)
+        s = y.sum()  # launch 4: 48 B read, 4 B written
+        value = s.item()  # sync on a value that depends on unknown data
+    assert [x.name for x in c.launches] == ["aten.add", "aten.mm", "aten.mul", "aten.sum"]
+    assert [x.flops for x in c.launches] == [0, 2 * 4 * 8 * 3, 0, 0]
+    assert [x.bytes for x in c.launches] == [256, 128 + 96 + 48, 128 + 5 * 128, 48 + 4]
+    assert e.shape == (5, 4, 8)
+    totals = c.since()
+    assert totals["launches"] == 4 and totals["flops"] == 192 and totals["bytes"] == 256 + 272 + 768 + 52
+    assert totals["syncs"] == 1 and totals["unknown_values"] == 1 and value == 0
+
+
+def test_values_follow_meta_tensors():
+    """Host-known values travel with meta tensors: syncs answer with the true values and are counted."""
+    c = Census()
+    host = torch.tensor([[3, 1, 0], [4, 1, 1]])
+    with c:
+        ids = host.to("meta")  # blocking H2D copy: one memcpy launch, one sync
+        total = int(ids.sum())  # one sum launch, one sync
+        rows = ids.sum(1).tolist()  # one sum launch, one D2H copy (launch + sync)
+        where = (ids == 1).nonzero()  # eq launch; nonzero: launch + sync, real output size
+        back = ids.cpu()  # D2H: launch + sync
+        lazy = host.to("meta", non_blocking=True)  # a non-blocking H2D copy does not wait
+        lazy.mul_(torch.empty(3, device="meta"))  # written with unknown values: no longer known
+        unknown = bool(lazy.sum())
+    assert total == 10 and rows == [4, 6] and tuple(where.shape) == (3, 2) and where.device.type == "meta"
+    assert torch.equal(back, host) and back.device.type == "cpu" and unknown is False
+    kinds = [s.name for s in c.syncs]
+    assert kinds == ["blocking H2D copy", "item", "D2H copy", "nonzero", "D2H copy", "item"]
+    assert [s.known for s in c.syncs] == [True, True, True, True, True, False]
+    assert c.since()["launches"] == 10  # 4 memcpy, 3 sums, eq, nonzero, mul_
+    assert sum(x.kind == "memcpy" for x in c.launches) == 4
+
+
+def test_host_ops_run_for_real_without_launches():
+    c = Census()
+    with c:
+        x = torch.arange(6).reshape(2, 3).cumsum(1)
+        n = int(x[-1, -1])
+    assert n == 12 and c.launches == [] and c.syncs == [] and c.host_ops >= 3
+
+
+def test_tensor_bytes_counts_broadcast_once():
+    t = torch.empty(3, 1, 5, dtype=torch.bfloat16).expand(3, 7, 5)
+    assert tensor_bytes(t) == 3 * 5 * 2
+    assert tensor_bytes(torch.empty(0, 4)) == 0
+    assert tensor_bytes(torch.empty(4, 6)[:, ::2]) == 4 * 3 * 4
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (5, 5), (3, 7), (7, 3), (6, 1), (1, 6), (0, 4)])
+def test_causal_pairs_brute_force(lq, lk):
+    expected = sum(1 for i in range(lq) for j in range(lk) if j <= i + lk - lq)
+    assert causal_pairs(lq, lk) == expected
+    assert causal_pairs(lq, lk, causal=False) == lq * lk
+
+
+@triton.jit
+def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    tl.store(y_ptr + offs, 2 * tl.load(x_ptr + offs, mask=keep), mask=keep)
+
+
+def test_triton_launch_recorded_not_run_then_restored():
+    c = Census()
+    x, y = torch.empty(10, device="meta"), torch.empty(10, device="meta")
+    with record_triton(c), c:
+        _double_kernel[(1,)](x, y, 10, BLOCK=16)
+        _double_kernel[(1,)](x, x, 10, BLOCK=16)  # the same buffer twice is one tensor's traffic
+    assert [(l.name, l.kind, l.bytes) for l in c.launches] == [("_double_kernel", "triton", 80),
+                                                               ("_double_kernel", "triton", 40)]
+    assert c.uncounted_flops == 2  # an unknown kernel's FLOPs are reported as not modelled
+    xr = torch.randn(10)
+    yr = torch.full((10,), float("nan"))
+    _double_kernel[(1,)](xr, yr, 10, BLOCK=16)  # outside the context the kernel runs again
+    assert torch.equal(yr, 2 * xr)
+
+
+def test_attention_launch_flops_from_packed_lengths():
+    """Our varlen attention on meta tensors: the forward is one launch of 4 Hq D P FLOPs with P the causal
+    pairs of the packed documents (read from the known cu_seqlens); the backward does at least the useful
+    8 Hq D P."""
+    from gradmem_fast.ops.attention import prefix_attention
+
+    lengths, H, D = [5, 1, 7], 2, 16
+    P = sum(n * (n + 1) // 2 for n in lengths)
+    T = sum(lengths)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+    c = Census()
+    with record_triton(c), c:
+        q = torch.empty(T, H, D, device="meta", requires_grad=True)
+        k, v = torch.empty(T, H, D, device="meta"), torch.empty(T, H, D, device="meta")
+        cu_m = cu.to("meta")
+        out = prefix_attention(q, k, v, cu_seqlens_q=cu_m, cu_seqlens_k=cu_m, max_seqlen_q=7, max_seqlen_k=7,
+                               backend="triton")
+        fwd = [x for x in c.launches if x.kind == "triton"]
+        mark = c.mark()
+        (g,) = torch.autograd.grad(out, q, torch.empty(T, H, D, device="meta"))
+    assert g.shape == q.shape
+    assert [(x.name, x.flops, x.parent) for x in fwd] == [("attn_fwd_kernel", 4 * H * D * P,
+                                                         "gradmem_fast::attention_fwd")]
+    assert fwd[0].bytes >= 4 * T * H * D * 4  # q, k, v read and out written at least
+    bwd = c.since(mark)
+    assert bwd["flops"] >= 8 * H * D * P and bwd["syncs"] == 0
+    assert all(x.parent == "gradmem_fast::attention_bwd" for x in c.launches[len(fwd) + 1:] if x.kind == "triton")
+
+
+def test_roofline_arithmetic():
+    gpu = GPU("test", bf16_tflops=100.0, tf32_tflops=50.0, fp32_tflops=10.0, hbm_tbps=1.0, compute_fraction=0.5,
+              bandwidth_fraction=0.5, launch_us=4.0, graph_launch_us=1.0, min_kernel_us=2.0, sync_us=10.0)
+    launches = [Launch("gemm", "aten", int(1e9), int(1e6), torch.bfloat16),  # 20 us compute, 2 us memory
+                Launch("copy", "aten", 0, int(5e6), torch.float32),  # 10 us memory
+                Launch("tiny", "aten", 0, 10, torch.float32)]  # floor of 2 us
+    r = roofline(launches, syncs=2, gpu=gpu)
+    assert math.isclose(r["gpu_busy_us"], 20 + 10 + 2)
+    assert math.isclose(r["compute_us"], 20) and math.isclose(r["memory_us"], 2 + 10 + 2e-5)
+    assert math.isclose(r["host_launch_us"], 12) and math.isclose(r["step_us"], 32 + 20)
+    assert r["bound"] == "compute"
+    fast = roofline(launches[2:] * 10, syncs=0, gpu=gpu)
+    assert fast["bound"] == "launch" and math.isclose(fast["step_us"], 40)
+    graphed = roofline(launches[2:] * 10, syncs=0, gpu=gpu, graphs=True)
+    assert math.isclose(graphed["step_us"], 20) and graphed["bound"] == "memory"
+
+
+@pytest.fixture(scope="module")
+def gpt2_dry():
+    spec = census.specs(True, ("gpt2_124m",))[0]
+    return spec, census._case_inputs(spec)
+
+
+def test_reference_step_flops_match_flops_module(gpt2_dry):
+    """The reference loop's counted FLOPs per step equal gradmem_fast.flops on the padded batch (eager
+    attention multiplies full S x S scores and the head runs on every padded position)."""
+    from gradmem_fast.flops import write_step_flops
+
+    spec, (model, ids, mask, lengths, M0) = gpt2_dry
+    counts = census.count_steps(census._runner("reference", model, spec, ids, mask, M0))
+    step = counts["step"]
+    padded = [max(lengths)] * len(lengths)
+    assert step["flops"] == write_step_flops(model, padded, spec.memory_tokens, attention_pairs="full")
+    assert step["syncs"] == 0 and step["launches"] > 0 and step["bytes"] > 0
+    assert counts["setup"]["syncs"] > 0  # input validation reads values once, before the loop
+
+
+def test_engine_step_has_no_host_sync_and_counts_our_kernels(gpt2_dry):
+    spec, (model, ids, mask, lengths, M0) = gpt2_dry
+    counts = census.count_steps(census._runner("engine_eager", model, spec, ids, mask, M0))
+    step = counts["step"]
+    assert step["syncs"] == 0 and step["unknown_values"] == 0 and step["uncounted_flops"] == 0
+    names = {x.name for x in counts["launches_2"]}
+    assert {"attn_fwd_kernel", "ce_forward_kernel", "_memory_update_kernel"} <= names
+    # Executed FLOPs: at least the useful ones (causal attention, no padding), at most the eager reference's.
+    from gradmem_fast.flops import write_step_flops
+
+    assert step["flops"] >= write_step_flops(model, lengths, spec.memory_tokens)
+
+
+def test_projection_for_the_gpu_suite():
+    plain = census.projection("tiny_kv", "gradmem_fast", dry_run=True)
+    graphed = census.projection("tiny_kv", "gradmem_fast_graphs", dry_run=True)
+    spec = census.specs(True, ("tiny_kv",))[0]
+    assert plain["projected_step_ms"] > 0
+    assert math.isclose(plain["projected_write_ms"], spec.steps * plain["projected_step_ms"])
+    assert graphed["projected_step_ms"] <= plain["projected_step_ms"]
+    with pytest.raises(KeyError):
+        census.projection("tiny_kv", "torch_sdpa_compiled", dry_run=True)
+
+
+def test_bucket_waste_sums_tokens_not_ratios():
+    from gradmem_fast.packing import bucket_shape
+
+    batches = [[100], [300, 450, 120]]
+    w = census.bucket_waste(batches, num_memory_tokens=8)
+    shapes = [bucket_shape(len(b) + 1, sum(b)) for b in batches]
+    assert math.isclose(w["token_waste"], 1 - 970 / sum(s[1] for s in shapes))
+    assert math.isclose(w["row_waste"], 1 - (970 + 8 * 4) / sum(s[1] + 8 * s[0] for s in shapes))
+    assert 0 <= census.uniform_mix_waste(batches=20)["token_waste"] < 1
+
+
+def test_cli_dry_run_writes_json(tmp_path, capsys):
+    rc = census.main(["--dry-run", "--cases", "tiny_kv", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(os.path.join(tmp_path, "census.json")) as f:
+        result = json.load(f)
+    impls = {r["impl"]: r for r in result["records"]}
+    assert set(impls) == set(census.IMPLS)
+    for name in ("reference", "torch_sdpa", "engine_eager"):
+        assert impls[name]["status"] == "ok", impls[name]
+        assert impls[name]["projection"]["H100 SXM"]["step_ms"] > 0
+    assert impls["engine_compiled"]["status"] in ("ok", "not available")
+    assert "PROJECTION" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(tmp_path, "census.txt"))
+    with pytest.raises(SystemExit):
+        census.main(["--dry-run", "--cases", "nope"])
