@@ -9,15 +9,26 @@ Input decisions (also in ``--help``):
 
 - An empty document (empty or whitespace-only text, or text that tokenizes to no token) is rejected with
   its line number; ``--skip-empty`` skips such lines with a warning instead (the other ids are kept).
-- A document longer than the model's positions allow (minus the memory) is rejected with advice to pass
-  ``--max-length N``; with ``--max-length``, longer documents are truncated to N tokens with a warning.
-- Documents are tokenized without special tokens: the memory takes the place of a BOS token.
+- A document longer than the model's positions allow (minus the memory and the end-of-text token) is
+  rejected with advice to pass ``--max-length N``; with ``--max-length``, longer documents are truncated to
+  N tokens with a warning.
+- Documents are tokenized without special tokens (the memory takes the place of a BOS token) and, by
+  default, end with the tokenizer's end-of-text token, so that the memory also says where the document
+  ends and ``read`` stops there (``--no-append-eos``: write the text alone).
 - A query may have empty text: the answer is then decoded from the memory alone.
 
-Problems with the user's input print one ``error:`` line and exit with status 2, with no traceback and
-no output file (outputs are written to a temporary file and renamed only when complete). A killed
-``write`` keeps its finished shards in ``OUTPUT.partial/``; rerunning the same command resumes there and
-produces the same file as an uninterrupted run.
+Defaults: a plain pretrained LM was never meta-trained to write in a few steps, so the defaults are the
+"cramming" recipe measured with the demo (Adam, step size 0.2, 150 steps, 8 memory vectors); every memory
+file records, per document, the loss before and after, the steps used and the teacher-forced accuracy
+(100% = greedy decoding from the memory reproduces the document), and ``write`` prints a summary.
+
+Safety: no output is ever the same file as an input (symlinks and hard links included), and an existing
+output is replaced only with ``--force``. Problems with the user's input print one ``error:`` line and exit
+with status 2, with no traceback and no output file; arguments, devices and documents (with the tokenizer)
+are checked before the model's weights load. Outputs are written to a temporary file and renamed only
+when complete. A killed ``write`` keeps its finished shards in ``OUTPUT.partial/``; rerunning the same
+command resumes there and produces the same file as an uninterrupted run. Memory files carry a signature
+of the model's weights and config: ``read`` refuses another model (``--allow-model-mismatch`` overrides).
 """
 import argparse
 import dataclasses
@@ -35,6 +46,11 @@ PROG = "gradmem-fast"
 def _warn(command, message):
     """Print a warning line on stderr (the command goes on)."""
     print(f"{PROG} {command}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _note(command, message):
+    """Print an informational line on stderr."""
+    print(f"{PROG} {command}: {message}", file=sys.stderr, flush=True)
 
 
 def _quiet_transformers():
@@ -57,28 +73,163 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__}
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: this package's and its main libraries' versions (imported only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        v = _versions()
+        print(f"{PROG} {v['gradmem_fast']} (torch {v['torch']}, transformers {v['transformers']}, "
+              f"safetensors {v['safetensors']})")
+        parser.exit(0)
+
+
+# --- checks shared by the commands ---------------------------------------------------------------------------
+
+def _positive_int(name, value, minimum=1):
+    """Reject an integer option below ``minimum`` with a message naming the flag."""
+    if value is None or value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_device(value: str, flag: str = "--device"):
+    """Reject a device string other than auto, cpu, cuda or cuda:N (an existing GPU), before any load."""
+    import torch
+
+    if value == "auto":
+        return
+    expected = f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(expected) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(expected)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {value}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {value}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def _device_and_dtype(args, local_rank=0):
+    """The resolved device string, after ``--device`` and ``--dtype`` are checked (nothing loaded)."""
+    from .models import resolve_device, resolve_dtype
+
+    check_device(args.device)
+    device = resolve_device(args.device, local_rank)
+    resolve_dtype(args.dtype, device)
+    return device
+
+
+# --- model fingerprints --------------------------------------------------------------------------------------
+
+# Config fields that shape the computation (whichever of them a config has): compared by ``read``.
+_CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling",
+                  "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "head_dim", "hidden_act",
+                  "sliding_window", "tie_word_embeddings", "attention_bias", "mlp_bias", "partial_rotary_factor",
+                  "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function")
+
+# Two loads of the same weights (any path, device or dtype down to bfloat16) agree in every signature entry
+# to about 2**-9 relative; a different model or a fine-tune differs by far more in some tensor.
+SIGNATURE_RTOL = 1e-2
+
+
+def model_config_summary(config) -> dict:
+    """The computation-shaping fields of a model config (JSON-ready), for the memory file."""
+    out = {}
+    for key in _CONFIG_FIELDS:
+        value = getattr(config, key, None)
+        if value is not None:
+            out[key] = value if isinstance(value, (int, float, str, bool)) else json.loads(
+                json.dumps(value, sort_keys=True, default=str))
+    return out
+
+
+def weights_signature(model) -> list:
+    """Per parameter: ``[name, shape, sum |w|, sqrt(sum w^2), sum r*w]`` of its weights rounded to bfloat16.
+
+    ``r`` is a fixed +-1 pattern (a multiplicative hash of the flat index), so the last entry moves with any
+    per-weight change (a fine-tune), while the rounding to bfloat16 and the float64 sums make the numbers
+    nearly independent of the dtype and device the model was loaded with. The file path plays no part.
+    """
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            w = p.detach().flatten().to(torch.bfloat16).double()
+            index = torch.arange(w.numel(), device=w.device, dtype=torch.int64)
+            sign = ((index * 2654435761) % 4294967296 >= 2147483648).double() * 2 - 1
+            stats = torch.stack([w.abs().sum(), w.square().sum().sqrt(), (w * sign).sum()]).cpu().tolist()
+            rows.append([name, list(p.shape), *stats])
+    return rows
+
+
+def signature_digest(signature) -> str:
+    """A short digest of a weights signature (6 significant digits: equal across ranks and runs)."""
+    text = json.dumps([[n, s, *(f"{v:.6g}" for v in vals)] for n, s, *vals in signature])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def signature_mismatch(expected, actual):
+    """None when two weights signatures describe the same weights, else a short reason."""
+    if [r[:2] for r in expected] != [r[:2] for r in actual]:
+        names = {r[0] for r in expected} ^ {r[0] for r in actual}
+        return f"the parameters differ ({sorted(names)[:3] or 'shapes'})"
+    for (name, _, a_abs, a_norm, a_proj), (_, _, b_abs, b_norm, b_proj) in zip(expected, actual):
+        scale = max(a_norm, b_norm, 1e-30)
+        if (abs(a_abs - b_abs) > SIGNATURE_RTOL * max(a_abs, b_abs, 1e-30)
+                or abs(a_norm - b_norm) > SIGNATURE_RTOL * scale or abs(a_proj - b_proj) > SIGNATURE_RTOL * scale):
+            return f"the weights of {name} differ"
+    return None
+
+
+def _config_mismatch(recorded: dict, config) -> str:
+    """None when the recorded config fields match ``config`` (on the fields both have), else the first."""
+    now = model_config_summary(config)
+    for key in sorted(set(recorded) & set(now)):
+        if recorded[key] != now[key]:
+            return f"{key} is {recorded[key]!r} in the memory file and {now[key]!r} in --model"
+    return None
+
+
 # --- write ------------------------------------------------------------------------------------------------
 
 def add_write_arguments(p):
     """Options of ``gradmem-fast write``."""
+    from . import demo
+
     p.add_argument("--model", required=True, help="Hugging Face model name, a local directory, or "
                    "smollm2-135m-instruct (the embedded GGUF model)")
     p.add_argument("--input", required=True, help="JSON lines, one document per line")
     p.add_argument("--output", required=True, help="memory file to write (safetensors)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a document's text (default: text)")
     p.add_argument("--id-field", default="id", help="field holding a document's id (default: id; "
                    "missing ids default to the 0-based line number)")
-    p.add_argument("--memory-tokens", type=int, default=8, help="memory vectors per document (m, default 8)")
-    p.add_argument("--steps", type=int, default=5, help="gradient steps per write (K, default 5)")
-    p.add_argument("--lr", type=float, default=1e-2, help="step size (default 0.01)")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--clip-value", type=float, default=None, help="clamp gradient entries to +-VALUE")
+    p.add_argument("--memory-tokens", type=int, default=demo.DEFAULT_MEMORY_TOKENS,
+                   help=f"memory vectors per document (m, default {demo.DEFAULT_MEMORY_TOKENS})")
+    p.add_argument("--steps", type=int, default=demo.DEFAULT_STEPS,
+                   help=f"optimisation steps per write (K, default {demo.DEFAULT_STEPS}: enough for a plain "
+                        "pretrained LM to memorise a short paragraph)")
+    p.add_argument("--lr", type=float, default=demo.DEFAULT_LR, help=f"step size (default {demo.DEFAULT_LR})")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="default adam")
+    p.add_argument("--clip-value", type=float, default=None, help="clamp gradient entries to +-VALUE "
+                   "(default: off for sgd, 10 for adam)")
     p.add_argument("--clip-norm", type=float, default=None, help="per-document gradient norm clip")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
+    p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="end every document with the tokenizer's end-of-text token, so that reading stops "
+                        "where the document ends (default: on, when the tokenizer has one)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                    "float32, bfloat16, float16, float64")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, "
+                   "cuda or cuda:N")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                    help="auto: triton kernels on CUDA, the torch reference on CPU")
     p.add_argument("--batch-tokens", type=int, default=16384,
@@ -91,14 +242,7 @@ def add_write_arguments(p):
     p.add_argument("--shard-size", type=int, default=256,
                    help="documents per checkpoint shard: the unit of resuming and of multi-process "
                         "sharding (default 256)")
-    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _positive_int(name, value, minimum=1):
-    """Reject an integer option below ``minimum`` with a message naming the flag."""
-    if value is None or value < minimum:
-        raise UserError(f"{name} must be >= {minimum}, got {value}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
 def _write_config(args):
@@ -122,8 +266,19 @@ def _write_config(args):
         raise UserError(f"invalid write options: {exc}") from None
 
 
-def _tokenize_documents(args, records, tokenizer, limit, command="write"):
-    """Token lists of the documents, after the empty/too-long decisions (see the module docstring)."""
+def _eos_id(tokenizer):
+    """The tokenizer's end-of-text id, or None."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if isinstance(eos, int) else None
+
+
+def _tokenize_documents(args, records, tokenizer, limit, eos=None, command="write"):
+    """Token lists of the documents, after the empty/too-long decisions (see the module docstring).
+
+    ``limit``: the most tokens (end-of-text included) a document may have; ``eos``: appended when not None.
+    """
+    extra = 0 if eos is None else 1
+    text_limit = None if limit is None else limit - extra
     texts = [r.text for r in records]
     token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     kept_records, docs, truncated = [], [], 0
@@ -137,29 +292,18 @@ def _tokenize_documents(args, records, tokenizer, limit, command="write"):
         if args.max_length is not None and len(tokens) > args.max_length:
             tokens = tokens[: args.max_length]
             truncated += 1
-        elif limit is not None and len(tokens) > limit:
+        elif text_limit is not None and len(tokens) > text_limit:
+            end = " and the end-of-text token" if extra else ""
             raise UserError(f"{args.input}:{record.line}: document {json.dumps(record.id)} has {len(tokens)} tokens; "
-                            f"with {args.memory_tokens} memory vectors the model takes at most {limit}: pass "
-                            f"--max-length {limit} to truncate")
+                            f"with {args.memory_tokens} memory vectors{end} the model takes at most {text_limit}: "
+                            f"pass --max-length {text_limit} to truncate")
         kept_records.append(record)
-        docs.append(list(tokens))
+        docs.append(list(tokens) + ([eos] if extra else []))
     if truncated:
         _warn(command, f"{truncated} document(s) truncated to --max-length {args.max_length} tokens")
     if not docs:
         raise UserError(f"{args.input}: no non-empty document to write")
     return kept_records, docs
-
-
-def _weights_digest(model) -> str:
-    """A cheap digest of the model's weights (per-tensor sums), so that shards written with other weights
-    in the same directory are not reused on resume."""
-    import torch
-
-    with torch.no_grad():
-        stats = [torch.stack([p.double().sum(), p.double().abs().sum()]) for p in model.parameters()]
-        values = torch.stack(stats).cpu().flatten().tolist() if stats else []
-    # Rounded: the summation order (thread count, device) must not change the digest between ranks.
-    return hashlib.sha256(json.dumps([f"{v:.6g}" for v in values]).encode()).hexdigest()
 
 
 def _fingerprint(settings: dict, ids, docs) -> str:
@@ -175,8 +319,9 @@ def _fingerprint(settings: dict, ids, docs) -> str:
 def cmd_write(args) -> int:
     """``gradmem-fast write``: documents in, one memory per document out (see the module docstring)."""
     from . import distributed, fileio
-    from .models import load_model, max_positions, resolve_device
+    from .models import load_model, load_tokenizer, max_positions
 
+    # 1. Everything that needs no model: options, paths, the input file, the device.
     config = _write_config(args)
     _positive_int("--batch-tokens", args.batch_tokens)
     _positive_int("--shard-size", args.shard_size)
@@ -187,34 +332,40 @@ def cmd_write(args) -> int:
     if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
         raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
     records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
-
     ctx = distributed.from_environment()
-    device = resolve_device(args.device, ctx.local_rank)
+    device = _device_and_dtype(args, ctx.local_rank)
+
+    # 2. The tokenizer and config (seconds): every document is checked before the weights load.
     _quiet_transformers()
+    tokenizer, model_config = load_tokenizer(args.model)
+    positions = max_positions(model_config)
+    eos = _eos_id(tokenizer) if args.append_eos else None
+    limit = None if positions is None else positions - config.num_memory_tokens
+    if limit is not None and limit < 1 + (eos is not None):
+        raise UserError(f"--memory-tokens {config.num_memory_tokens} leaves no room for text in the model's "
+                        f"{positions} positions")
+    if args.max_length is not None and limit is not None and args.max_length > limit - (eos is not None):
+        raise UserError(f"--max-length {args.max_length} is longer than the model allows with "
+                        f"{config.num_memory_tokens} memory vectors ({limit - (eos is not None)})")
+    records, docs = _tokenize_documents(args, records, tokenizer, limit, eos)
+
+    # 3. The weights.
     import torch
 
     from .writer import MemoryWriter
 
-    model, tokenizer = load_model(args.model, args.dtype, device)
-    positions = max_positions(model)
-    limit = None if positions is None else positions - config.num_memory_tokens
-    if limit is not None and limit < 1:
-        raise UserError(f"--memory-tokens {config.num_memory_tokens} leaves no room for text in the model's "
-                        f"{positions} positions")
-    if args.max_length is not None and limit is not None and args.max_length > limit:
-        raise UserError(f"--max-length {args.max_length} is longer than the model allows with "
-                        f"{config.num_memory_tokens} memory vectors ({limit})")
-    records, docs = _tokenize_documents(args, records, tokenizer, limit)
+    model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
     try:
         writer = MemoryWriter(model, config, backend=args.backend)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"cannot write with model {args.model!r}: {exc}") from None
 
     ids = [r.id for r in records]
-    settings = {"format": fileio.FORMAT_VERSION, "model": args.model, "dtype": str(model.dtype),
-                "device": torch.device(device).type, "backend": writer.backend,
+    signature = weights_signature(model)
+    settings = {"format": fileio.FORMAT_VERSION, "stats": list(fileio.DOC_STATS), "model": args.model,
+                "dtype": str(model.dtype), "device": torch.device(device).type, "backend": writer.backend,
                 "config": dataclasses.asdict(config), "batch_tokens": args.batch_tokens,
-                "shard_size": args.shard_size, "weights": _weights_digest(model)}
+                "shard_size": args.shard_size, "weights": signature_digest(signature)}
     fingerprint = _fingerprint(settings, ids, docs)
     num_shards = (len(docs) + args.shard_size - 1) // args.shard_size
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]
@@ -222,8 +373,14 @@ def cmd_write(args) -> int:
     ctx = distributed.start(ctx, device)
     try:
         os.makedirs(ckpt, exist_ok=True)
+        if ctx.is_main:
+            stale = [s for s in fileio.list_shards(ckpt)
+                     if s >= num_shards or not fileio.shard_matches(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])]
+            if stale:
+                _note("write", f"note: discarding {len(stale)} stale shard(s) in {ckpt}: they were written with "
+                               "other options, documents or model weights and will be recomputed")
         mine = ctx.my_shards(num_shards)
-        todo = [s for s in mine if fileio.load_shard(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0]) is None]
+        todo = [s for s in mine if not fileio.shard_matches(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])]
         resumed = len(mine) - len(todo)
         if resumed and ctx.is_main:
             _warn("write", f"resuming: {resumed} of {len(mine)} shard(s) already written in {ckpt}")
@@ -233,64 +390,128 @@ def cmd_write(args) -> int:
                   f"{sum(bounds[s][1] - bounds[s][0] for s in todo)} document(s)", file=sys.stderr, flush=True)
         distributed.barrier(ctx)
         if ctx.is_main:
-            _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint)
+            stats = _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature,
+                           eos)
             fileio.remove_checkpoint(ckpt)
     finally:
         distributed.stop(ctx)
     if ctx.is_main and not args.quiet:
-        print(f"wrote {len(docs)} memories [{len(docs)}, {config.num_memory_tokens}, {model.config.hidden_size}] "
-              f"to {args.output}", file=sys.stderr)
+        print(_summary(args.output, ids, stats, (len(docs), config.num_memory_tokens, model.config.hidden_size)),
+              file=sys.stderr, flush=True)
     return 0
 
 
+def _summary(output, ids, stats, shape) -> str:
+    """The one-line report of a write: how many memories reproduce their document."""
+    acc = stats["accuracy"]
+    below = [ids[i] for i in range(len(ids)) if acc[i] < 1.0]
+    shown = ", ".join(json.dumps(i) for i in below[:5]) + (", ..." if len(below) > 5 else "")
+    text = (f"wrote {shape[0]} memories {list(shape)} to {output}: teacher-forced accuracy "
+            f"{100 * float(acc.double().mean()):.1f}% mean, {len(below)} of {len(ids)} document(s) below 100%")
+    text += f" (ids {shown}: they will not decode back exactly)" if below else " (all decode back exactly)"
+    return text + (f"; mean loss {float(stats['loss_before'].double().mean()):.3f} -> "
+                   f"{float(stats['loss_after'].double().mean()):.3f}")
+
+
+class _StepProgress:
+    """The writer's per-step callback for one shard: the progress bar and each document's initial loss.
+
+    ``plan``: the shard's batches (document indices, in the order ``write_many`` writes them). Each step of
+    a batch of T document tokens advances the bar by one step and adds T processed tokens to the throughput
+    (tokens through a forward and backward pass per second), so neither waits for a whole batch.
+    """
+
+    def __init__(self, plan, lengths, steps, bar, meter):
+        self.plan, self.lengths, self.steps, self.bar, self.meter = plan, lengths, steps, bar, meter
+        self.batch = -1
+        self.loss_before = [float("nan")] * len(lengths)
+
+    def __call__(self, k, losses):
+        if k == 0:
+            self.batch += 1
+            for i, value in zip(self.plan[self.batch], losses.tolist()):
+                self.loss_before[i] = value
+        if self.bar.disable:
+            return
+        self.meter["tokens"] += sum(self.lengths[i] for i in self.plan[self.batch])
+        rate = self.meter["tokens"] / max(time.perf_counter() - self.meter["start"], 1e-9)
+        self.bar.set_postfix_str(f"{len(self.plan[self.batch])} docs, step {k + 1}/{self.steps}, "
+                                 f"loss {float(losses.mean()):.3f}, {rate:.3g} tok/s", refresh=False)
+        self.bar.update(1)
+
+
 def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint):
-    """Write this rank's unfinished shards, each atomically, with a progress bar on rank 0."""
+    """Write this rank's unfinished shards, each atomically with its per-document stats; rank 0 shows a
+    progress bar that advances every optimisation step."""
     import torch
     from tqdm import tqdm
 
     from . import fileio
+    from .reader import teacher_forced
 
-    my_docs = sum(bounds[s][1] - bounds[s][0] for s in mine)
-    done_docs = my_docs - sum(bounds[s][1] - bounds[s][0] for s in todo)
-    bar = tqdm(total=my_docs, initial=done_docs, unit="doc", desc="write", dynamic_ncols=True,
+    steps = writer.config.steps
+    plans = {s: list(writer.plan_batches(docs[bounds[s][0]:bounds[s][1]], args.batch_tokens)) for s in mine}
+    total = sum(len(plans[s]) for s in mine) * steps
+    done = sum(len(plans[s]) for s in mine if s not in todo) * steps
+    bar = tqdm(total=total, initial=done, unit="step", desc="write", dynamic_ncols=True,
                disable=args.quiet or not ctx.is_main, file=sys.stderr)
-    start, tokens = time.perf_counter(), 0
+    bar.set_postfix_str("starting (the first step compiles and warms up)")
+    meter = {"tokens": 0.0, "start": time.perf_counter()}
     try:
         for s in todo:
             lo, hi = bounds[s]
             shard_docs = [torch.as_tensor(d, dtype=torch.long) for d in docs[lo:hi]]
+            progress = _StepProgress(plans[s], [len(d) for d in shard_docs], steps, bar, meter)
             # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
             # run computes exactly the batches of an uninterrupted single-process run.
-            memories = list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs)))
-            fileio.save_shard(ckpt, s, torch.stack(memories), fingerprint)
-            tokens += sum(len(d) for d in docs[lo:hi])
-            bar.update(hi - lo)
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.0f} tok/s")
+            memories = torch.stack(list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens,
+                                                          window=len(shard_docs), on_step=progress)))
+            loss_after = torch.empty(hi - lo, dtype=torch.float64)
+            correct = torch.empty(hi - lo, dtype=torch.int64)
+            for batch in plans[s]:
+                loss_after[batch], correct[batch] = teacher_forced(writer.model, memories[batch],
+                                                                   [shard_docs[i] for i in batch])
+            tokens = torch.tensor([len(d) for d in shard_docs], dtype=torch.int64)
+            stats = {"loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
+                     "loss_after": loss_after.float(), "accuracy": (correct.double() / tokens).float(),
+                     "steps": torch.full((hi - lo,), steps, dtype=torch.int64), "tokens": tokens}
+            fileio.save_shard(ckpt, s, memories, fingerprint, stats)
     finally:
         bar.close()
 
 
-def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint):
-    """Rank 0: stream every shard, in input order, into the output memory file."""
+def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos):
+    """Rank 0: stream every shard, in input order, into the output memory file; returns the doc stats."""
+    import torch
+
     from . import fileio
     from .models import describe_tokenizer
 
-    first = fileio.load_shard(ckpt, 0, fingerprint, bounds[0][1] - bounds[0][0])
-    if first is None:
-        raise UserError(f"shard 0 is missing from {ckpt}: with several machines, the output must be on a "
-                        "file system every rank sees")
+    def load(s):
+        """Shard ``s`` of this run (it must exist once every rank is done)."""
+        shard = fileio.load_shard(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])
+        if shard is None:
+            raise UserError(f"shard {s} is missing from {ckpt}: with several machines, the output must be on a "
+                            "file system every rank sees")
+        return shard
+
+    # The per-document stats are small: one pass gathers them (and checks that every shard is there).
+    stats = {name: [] for name in fileio.DOC_STATS}
+    first = None
+    for s in range(len(bounds)):
+        shard = load(s)
+        first = shard["memories"] if first is None else first
+        for name in fileio.DOC_STATS:
+            stats[name].append(shard[name])
+    stats = {name: torch.cat(parts) for name, parts in stats.items()}
     shape = (len(docs), first.shape[1], first.shape[2])
 
     def chunks():
-        """Shards in input order (shard 0 already loaded to learn the shape)."""
-        yield first
-        for s in range(1, len(bounds)):
-            shard = fileio.load_shard(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])
-            if shard is None:
-                raise UserError(f"shard {s} is missing from {ckpt}: with several machines, the output must be "
-                                "on a file system every rank sees")
-            yield shard
+        """Shards' memories in input order (streamed: the whole file is never in memory)."""
+        for s in range(len(bounds)):
+            yield first if s == 0 else load(s)["memories"]
 
+    acc = stats["accuracy"]
     metadata = {
         "format": fileio.FORMAT, "format_version": fileio.FORMAT_VERSION, "model": args.model,
         "model_type": getattr(model.config, "model_type", ""), "hidden_size": model.config.hidden_size,
@@ -300,8 +521,13 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
         "versions": json.dumps(_versions(), sort_keys=True), "text_field": args.text_field,
         "max_length": "" if args.max_length is None else args.max_length, "model_dtype": str(model.dtype),
         "backend": writer.backend, "tokens": sum(len(d) for d in docs),
+        "append_eos": "1" if eos is not None else "0", "eos_token_id": "" if eos is None else eos,
+        "weights_signature": json.dumps(signature), "weights_digest": signature_digest(signature),
+        "model_config": json.dumps(model_config_summary(model.config), sort_keys=True),
+        "mean_accuracy": f"{float(acc.double().mean()):.6f}", "documents_below_100": int((acc < 1).sum()),
     }
-    fileio.write_memory_file(args.output, chunks(), shape, first.dtype, ids, metadata)
+    fileio.write_memory_file(args.output, chunks(), shape, first.dtype, ids, metadata, extra=stats)
+    return stats
 
 
 # --- read -------------------------------------------------------------------------------------------------
@@ -312,8 +538,18 @@ def add_read_arguments(p):
     p.add_argument("--memories", required=True, help="memory file written by `gradmem-fast write`")
     p.add_argument("--queries", required=True, help='JSON lines: {"id": document id, "text": query}')
     p.add_argument("--output", required=True, help="JSON lines: one {id, query, answer} per query")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a query's text (default: text)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per query (default 32)")
+    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop an answer when the model emits its end-of-text token (default: on; memories "
+                        "written with --append-eos end their document with it)")
+    p.add_argument("--verify", default=None, metavar="DOCS",
+                   help="the documents the memories were written from (JSON lines, as given to write): every "
+                        "query with empty text is decoded greedily from its memory alone and its answer line "
+                        "says whether it reproduces its document exactly (\"reproduces\", \"token_accuracy\")")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="read even when --model is not the model the memories were written with (a warning)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
@@ -322,8 +558,7 @@ def add_read_arguments(p):
     p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
     p.add_argument("--doc-batch", type=int, default=64, help="memories prefilled together (default 64)")
     p.add_argument("--dtype", default="auto", help="model dtype (see write)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -346,11 +581,69 @@ def _match_ids(queries, memory_ids, path):
     return rows
 
 
+def _verify_documents(args, memfile, queries, rows):
+    """For ``--verify``: the text of the document behind each empty query (None for the other queries)."""
+    from . import fileio
+
+    field = memfile.metadata.get("text_field") or "text"
+    records = fileio.read_jsonl(args.verify, field, "id", what="--verify documents")
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r.id, r.text)
+        by_id.setdefault(str(r.id), r.text)
+    texts = []
+    for q, row in zip(queries, rows):
+        if q.text:
+            texts.append(None)
+            continue
+        doc_id = memfile.ids[row]
+        text = by_id.get(doc_id, by_id.get(str(doc_id)))
+        if text is None:
+            raise UserError(f"--verify {args.verify}: no document with id {json.dumps(doc_id)} (asked for on "
+                            f"{args.queries}:{q.line})")
+        texts.append(text)
+    if all(t is None for t in texts):
+        _warn("read", "--verify checks only queries with empty text (decoding from the memory alone); there are none")
+    return texts
+
+
+def _check_model_against_file(args, memfile, model_config, model=None):
+    """Refuse (or, with --allow-model-mismatch, warn about) a model other than the one that wrote the file.
+
+    Without ``model`` the config is compared (before the weights load); with it, the weights signature.
+    """
+    meta = memfile.metadata
+    if model is None:
+        try:
+            recorded = json.loads(meta.get("model_config") or "{}")
+        except json.JSONDecodeError:
+            recorded = {}
+        reason = _config_mismatch(recorded, model_config) if isinstance(recorded, dict) else None
+    else:
+        try:
+            expected = json.loads(meta["weights_signature"]) if meta.get("weights_signature") else None
+        except json.JSONDecodeError:
+            expected = None
+        if expected is None:
+            _warn("read", f"{args.memories} records no weights signature (written by an older gradmem-fast): "
+                          "cannot check that --model is the model that wrote it")
+            return
+        reason = signature_mismatch(expected, weights_signature(model))
+    if reason is None:
+        return
+    message = (f"{args.memories} was written with another model ({meta.get('model', '?')!r}): {reason}; read with "
+               "the model that wrote it")
+    if not args.allow_model_mismatch:
+        raise UserError(message + " (or pass --allow-model-mismatch)")
+    _warn("read", message.split("; read with")[0] + " (--allow-model-mismatch: reading anyway)")
+
+
 def cmd_read(args) -> int:
     """``gradmem-fast read``: answer queries from the memories alone, one JSON line per query."""
     from . import fileio
-    from .models import load_model, max_positions, resolve_device
+    from .models import load_model, load_tokenizer, max_positions
 
+    # 1. Options, paths and files: no model needed.
     _positive_int("--max-new-tokens", args.max_new_tokens, minimum=0)
     _positive_int("--batch-size", args.batch_size)
     _positive_int("--doc-batch", args.doc_batch)
@@ -360,41 +653,60 @@ def cmd_read(args) -> int:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 < args.temperature < float("inf"):
         raise UserError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    fileio.check_output(args.output, [("--memories", args.memories), ("--queries", args.queries)], args.force)
+    if args.verify and args.do_sample:
+        raise UserError("--verify decodes greedily (is the document reproduced?): leave out --do-sample")
+    inputs = [("--memories", args.memories), ("--queries", args.queries), ("--verify", args.verify)]
+    fileio.check_output(args.output, inputs, args.force)
     memfile = fileio.MemoryFile(args.memories)
     queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False,
                                 what="queries")
     rows = _match_ids(queries, memfile.ids, args.memories)
+    verify_texts = _verify_documents(args, memfile, queries, rows) if args.verify else [None] * len(queries)
+    device = _device_and_dtype(args)
 
+    # 2. Tokenizer and config: the model is checked against the file, the texts against the positions.
     _quiet_transformers()
-    import torch
-    from tqdm import tqdm
-
-    from .reader import MemoryReader
-
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, args.dtype, device)
-    width = model.get_input_embeddings().weight.shape[1]
+    tokenizer, model_config = load_tokenizer(args.model)
     n_docs, m, d = memfile.shape
-    if d != width:
+    width = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+    if width is not None and d != width:
         raise UserError(f"{args.memories} holds memories of width {d} written with model "
                         f"{memfile.metadata.get('model', '?')!r}; --model {args.model!r} has width {width}: read "
                         "with the model that wrote them")
-    if memfile.metadata.get("model") not in (None, args.model):
-        _warn("read", f"the memories were written with model {memfile.metadata['model']!r}, reading with "
-                      f"{args.model!r}")
-    limit = max_positions(model)
+    _check_model_against_file(args, memfile, model_config)
+    limit = max_positions(model_config)
     tokens = [tokenizer(q.text, add_special_tokens=False).input_ids if q.text else [] for q in queries]
     for q, t in zip(queries, tokens):
         if limit is not None and m + len(t) >= limit:
             raise UserError(f"{args.queries}:{q.line}: query of {len(t)} tokens does not fit the model's {limit} "
                             f"positions after {m} memory vectors")
+    max_length = memfile.metadata.get("max_length")
+    appended = memfile.metadata.get("append_eos") == "1"
+    targets = [None if text is None else tokenizer(text, add_special_tokens=False).input_ids for text in verify_texts]
+    if max_length:
+        targets = [None if t is None else t[: int(max_length)] for t in targets]
+
+    # 3. The weights.
+    import torch
+    from tqdm import tqdm
+
+    from .reader import MemoryReader
+
+    model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
+    if width is None and d != model.get_input_embeddings().weight.shape[1]:
+        raise UserError(f"{args.memories} holds memories of width {d}; --model {args.model!r} has width "
+                        f"{model.get_input_embeddings().weight.shape[1]}: read with the model that wrote them")
+    _check_model_against_file(args, memfile, model_config, model)
     eos = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(source, int):
-            eos.add(source)
-        elif isinstance(source, (list, tuple)):
-            eos.update(int(e) for e in source)
+    if args.stop_at_eos:
+        for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id",
+                                                       None)):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, (list, tuple)):
+                eos.update(int(e) for e in source)
+    # A verified document is decoded to its own length, plus its end-of-text token when it was written.
+    budgets = [args.max_new_tokens if t is None else len(t) + (1 if appended and eos else 0) for t in targets]
     generator = torch.Generator().manual_seed(args.seed)
     reader = MemoryReader(model, tokenizer)
 
@@ -402,7 +714,7 @@ def cmd_read(args) -> int:
     for qi, row in enumerate(rows):
         by_doc.setdefault(row, []).append(qi)
     doc_rows = sorted(by_doc)
-    answers = [None] * len(queries)
+    answers, generated_ids = [None] * len(queries), [None] * len(queries)
     bar = tqdm(total=len(queries), unit="query", desc="read", disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
     try:
@@ -414,18 +726,30 @@ def cmd_read(args) -> int:
             for b in range(0, len(order), args.batch_size):
                 batch = order[b:b + args.batch_size]
                 generated = reader.generate(prefix, [local for local, _ in batch], [tokens[qi] for _, qi in batch],
-                                            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                            eos_token_id=eos, generator=generator, max_length=limit)
+                                            max_new_tokens=max(budgets[qi] for _, qi in batch),
+                                            do_sample=args.do_sample, temperature=args.temperature,
+                                            top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
+                                            generator=generator, max_length=limit)
                 for (_, qi), gen in zip(batch, generated):
-                    answers[qi] = tokenizer.decode(gen, skip_special_tokens=True)
+                    # Generation is causal per row: cutting at a row's own budget equals generating less.
+                    generated_ids[qi] = gen[: budgets[qi]]
+                    answers[qi] = tokenizer.decode(generated_ids[qi], skip_special_tokens=True)
                 bar.update(len(batch))
     finally:
         bar.close()
+    verified = exact = 0
     with fileio.atomic_output(args.output) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for q, answer in zip(queries, answers):
-                fh.write(json.dumps({"id": q.id, "query": q.text, "answer": answer}, ensure_ascii=False) + "\n")
+            for qi, (q, answer) in enumerate(zip(queries, answers)):
+                line = {"id": q.id, "query": q.text, "answer": answer}
+                if targets[qi] is not None:
+                    target, gen = targets[qi], generated_ids[qi]
+                    line["reproduces"] = list(gen) == list(target)
+                    line["token_accuracy"] = sum(a == b for a, b in zip(gen, target)) / max(1, len(target))
+                    verified, exact = verified + 1, exact + line["reproduces"]
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    if args.verify:
+        print(f"verify: {exact} of {verified} memories reproduce their document exactly", file=sys.stderr)
     if not args.quiet:
         print(f"answered {len(queries)} queries from {len(doc_rows)} memories into {args.output}", file=sys.stderr)
     return 0
@@ -439,6 +763,7 @@ def build_parser():
 
     parser = argparse.ArgumentParser(prog=PROG, description="GradMem: write documents into memory vectors, "
                                      "read answers from them.")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="{write,read,demo}")
     add_write_arguments(sub.add_parser("write", help="write documents (JSON lines) into a memory file",
                                        description=cmd_write.__doc__))

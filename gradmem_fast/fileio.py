@@ -5,8 +5,15 @@ Memory file (``gradmem-fast write`` output, read by ``gradmem-fast read``): a sa
 - ``memories``: ``[num_docs, m, d]``, one memory per document, in input order;
 - ``ids``: the documents' ids; int64 ``[num_docs]`` when every id is an integer, otherwise the UTF-8 bytes
   of a JSON list (uint8), as told by the metadata key ``ids_format`` (``int64`` or ``json``);
+- per-document evidence of how well each memory holds its document (``DOC_STATS``): ``loss_before`` and
+  ``loss_after`` (mean reconstruction loss with the initial and the final memory), ``accuracy`` (teacher-
+  forced: the fraction of the document's tokens that are the model's argmax given the memory and the true
+  preceding tokens; 1.0 means greedy decoding from the memory alone reproduces the document), ``steps``
+  (optimisation steps used) and ``tokens`` (the document's length, end-of-text token included);
 - string metadata: ``format``, ``format_version``, ``model``, ``hidden_size``, ``config`` (JSON of the
-  WriteConfig), ``tokenizer``, ``versions`` (JSON) and the other options that shaped the memories.
+  WriteConfig), ``tokenizer``, ``versions`` (JSON), ``weights_signature`` and ``model_config`` (what
+  ``gradmem-fast read`` checks the model against), ``append_eos`` and the other options that shaped the
+  memories.
 
 Memory files are only ever *read* with safetensors (no pickle: a memory file may come from anyone). The
 final file is streamed shard by shard (the whole ``[num_docs, m, d]`` tensor is never held in memory)
@@ -23,6 +30,8 @@ from .errors import UserError
 
 FORMAT = "gradmem-fast.memories"
 FORMAT_VERSION = "1"
+# Per-document tensors of a memory file (optional: files of older versions lack them).
+DOC_STATS = ("loss_before", "loss_after", "accuracy", "steps", "tokens")
 
 # safetensors' names of the dtypes we write.
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
@@ -178,15 +187,17 @@ def _tensor_bytes(tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dict):
+def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dict, extra: dict = None):
     """Stream a memory file to ``path`` atomically.
 
     ``memory_chunks``: an iterable of ``[n_i, m, d]`` tensors (in order, summing to ``shape[0]`` rows) of
-    ``dtype``; ``ids``: one per row. The safetensors layout is written directly (8-byte header length,
-    JSON header, raw data) so the full tensor never has to be in memory.
+    ``dtype``; ``ids``: one per row; ``extra``: small tensors stored after them (name -> tensor, e.g. the
+    ``DOC_STATS``). The safetensors layout is written directly (8-byte header length, JSON header, raw
+    data) so the full memory tensor never has to be in memory.
     """
     import torch
 
+    extra = {name: t.detach().cpu().contiguous() for name, t in (extra or {}).items()}
     ids_tensor, ids_format = encode_ids(ids)
     dtype_name = str(dtype).replace("torch.", "")
     if dtype_name not in _ST_DTYPES:
@@ -201,6 +212,12 @@ def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dic
         "ids": {"dtype": _ST_DTYPES[str(ids_tensor.dtype).replace("torch.", "")], "shape": list(ids_tensor.shape),
                 "data_offsets": [mem_bytes, mem_bytes + ids_bytes]},
     }
+    offset = mem_bytes + ids_bytes
+    for name, t in extra.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[str(t.dtype).replace("torch.", "")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes with trailing spaces
     with atomic_output(path) as tmp:
@@ -217,6 +234,8 @@ def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dic
             if written != mem_bytes:
                 raise ValueError(f"memory chunks hold {written} bytes, expected {mem_bytes}")
             fh.write(_tensor_bytes(ids_tensor))
+            for t in extra.values():
+                fh.write(_tensor_bytes(t))
         _fsync(tmp)
 
 
@@ -257,6 +276,12 @@ class MemoryFile:
 
         return torch.stack([self._memories[int(i)] for i in indices]) if len(indices) else None
 
+    def stats(self) -> dict:
+        """The per-document ``DOC_STATS`` tensors the file holds (name -> [num_docs] tensor; {} if none)."""
+        keys = set(self._handle.keys())
+        found = {name: self._handle.get_tensor(name) for name in DOC_STATS if name in keys}
+        return {name: t for name, t in found.items() if t.shape == (self.shape[0],)}
+
     def config(self) -> dict:
         """The WriteConfig fields the memories were written with."""
         try:
@@ -277,33 +302,61 @@ def shard_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"shard-{index:06d}.safetensors")
 
 
-def save_shard(directory: str, index: int, memories, fingerprint: str):
-    """Write one shard atomically, tagged with the run's fingerprint."""
+def save_shard(directory: str, index: int, memories, fingerprint: str, stats: dict = None):
+    """Write one shard atomically, tagged with the run's fingerprint; ``stats``: per-document tensors."""
     from safetensors.torch import save_file
 
     path = shard_path(directory, index)
+    tensors = {"memories": memories.detach().cpu().contiguous()}
+    tensors.update({name: t.detach().cpu().contiguous() for name, t in (stats or {}).items()})
     with atomic_output(path) as tmp:
-        save_file({"memories": memories.detach().cpu().contiguous()}, tmp,
+        save_file(tensors, tmp,
                   metadata={"fingerprint": fingerprint, "index": str(index), "rows": str(memories.shape[0])})
         _fsync(tmp)
 
 
-def load_shard(directory: str, index: int, fingerprint: str, rows: int):
-    """The memories of a finished shard of *this* run, or None (missing, unreadable, or another run's)."""
+def shard_matches(directory: str, index: int, fingerprint: str, rows: int) -> bool:
+    """Whether shard ``index`` exists and was written by *this* run (its header only is read)."""
     from safetensors import SafetensorError, safe_open
 
     path = shard_path(directory, index)
     if not os.path.isfile(path):
-        return None
+        return False
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             meta = handle.metadata() or {}
-            if meta.get("fingerprint") != fingerprint or meta.get("rows") != str(rows):
-                return None
-            memories = handle.get_tensor("memories")
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return meta.get("fingerprint") == fingerprint and meta.get("rows") == str(rows)
+
+
+def list_shards(directory: str):
+    """Indices of the shard files in ``directory`` (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        stem = name[len("shard-"):-len(".safetensors")] if name.startswith("shard-") and name.endswith(
+            ".safetensors") else ""
+        if stem.isdigit():
+            found.append(int(stem))
+    return sorted(found)
+
+
+def load_shard(directory: str, index: int, fingerprint: str, rows: int):
+    """The tensors (``memories`` and the per-document stats) of a finished shard of *this* run, or None
+    (missing, unreadable, or another run's)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not shard_matches(directory, index, fingerprint, rows):
+        return None
+    try:
+        with safe_open(shard_path(directory, index), framework="pt", device="cpu") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError):
         return None
-    return memories if memories.shape[0] == rows else None
+    memories = tensors.get("memories")
+    return tensors if memories is not None and memories.shape[0] == rows else None
 
 
 def remove_checkpoint(directory: str):

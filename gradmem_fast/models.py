@@ -109,17 +109,10 @@ def _is_gguf_quantized(model) -> bool:
     return str(method).lower().endswith("gguf")
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "cpu"):
-    """Load ``(model, tokenizer)``: a frozen causal LM in eval mode on ``device`` and its tokenizer.
-
-    Raises ``UserError`` with a short reason for a missing directory or an unknown or unusable model.
-    """
-    import torch
-    import transformers
-
+def _model_source(name: str):
+    """``(source, from_pretrained keyword arguments)`` of a ``--model`` value (checked, nothing loaded)."""
     if not isinstance(name, str) or not name.strip():
         raise UserError("--model must name a Hugging Face model, a local directory, or " + EMBEDDED_MODEL)
-    torch_dtype = resolve_dtype(dtype, device)
     gguf_file = None
     if name.lower() == EMBEDDED_MODEL:
         path = embedded_gguf_path()
@@ -128,13 +121,49 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu"):
         source = os.path.expanduser(name)
         if _looks_like_path(name) and not os.path.isdir(source):
             raise UserError(f"model directory {name!r} does not exist")
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return source, ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def _cannot_load(name, exc):
+    """The one-line ``UserError`` for a model that failed to load."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"cannot load model {name!r}: {reason}")
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, EnvironmentError)
+
+
+def load_tokenizer(name: str):
+    """``(tokenizer, config)`` of ``name`` without its weights: enough to validate documents and sizes
+    before the (slow) weight load."""
+    import transformers
+
+    source, kwargs = _model_source(name)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+    except _LOAD_ERRORS as exc:
+        raise _cannot_load(name, exc) from None
+    return tokenizer, config
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "cpu", tokenizer=None):
+    """Load ``(model, tokenizer)``: a frozen causal LM in eval mode on ``device`` and its tokenizer
+    (``tokenizer``: one already loaded with ``load_tokenizer``).
+
+    Raises ``UserError`` with a short reason for a missing directory or an unknown or unusable model.
+    """
+    import torch
+    import transformers
+
+    source, kwargs = _model_source(name)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        if tokenizer is None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {name!r}: {reason}") from None
+    except _LOAD_ERRORS as exc:
+        raise _cannot_load(name, exc) from None
     if _is_gguf_quantized(model):
         model = plain_model(model)
     model = model.to(device=device, dtype=torch_dtype).eval()
@@ -144,8 +173,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu"):
 
 
 def max_positions(model):
-    """The longest sequence (memory included) the model's position scheme allows, or None if unbounded."""
-    config = getattr(model, "config", None)
+    """The longest sequence (memory included) the model's position scheme allows, or None if unbounded.
+
+    ``model``: a model or its config."""
+    config = getattr(model, "config", model)
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:

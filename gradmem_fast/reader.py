@@ -29,6 +29,7 @@ import copy
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from . import hf
 from .inputs import check_token_batch
@@ -47,6 +48,55 @@ class Prefix:
     cache: object
     last_logits: torch.Tensor
     m: int
+
+
+@torch.no_grad()
+def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
+    """How well each memory holds its document, with the true tokens fed in (teacher forcing).
+
+    For document b with tokens c_1..c_n and memory M_b, on ``[M_b ; E(c)]`` (positions 0..m+n-1, causal):
+
+        logit_j   = W h[m - 1 + j] (+ bias)                  predicts c_j
+        loss_b    = sum_j CE(logit_j, c_j) / n                the WRITE's reconstruction loss
+        correct_b = #{j : argmax logit_j == c_j}
+
+    ``correct_b == n`` exactly when greedy decoding from the memory alone reproduces the document (each
+    greedy token is then the true one, so the next step sees the true prefix). Documents are right-padded:
+    with causal attention the pads after a document cannot change its rows. The head runs on
+    ``chunk_rows`` rows at a time, so no [B, S, V] logits tensor is formed.
+
+    Args: ``memory`` [B, m, d]; ``documents``: B non-empty token-id sequences. Returns ``(loss [B] float64,
+    correct [B] int64)`` on the CPU.
+    """
+    emb = hf.input_embeddings(model)
+    head = hf.output_head(model)
+    device = emb.weight.device
+    lengths = [len(d) for d in documents]
+    if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != len(documents):
+        raise ValueError(f"memory must be a [{len(documents)}, m, d] tensor for {len(documents)} documents")
+    if not lengths or min(lengths) < 1:
+        raise ValueError("documents must be non-empty token-id sequences")
+    B, m, S = len(documents), memory.shape[1], max(lengths)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    for b, doc in enumerate(documents):
+        ids[b, : lengths[b]] = torch.as_tensor(doc, dtype=torch.long)
+    ids = ids.to(device)
+    x = torch.cat([memory.to(device=device, dtype=emb.weight.dtype), emb(ids)], dim=1)
+    positions = torch.arange(m + S, device=device).unsqueeze(0).expand(B, -1)
+    hidden = hf.backbone_hidden(model, x, torch.ones(B, m + S, dtype=torch.long, device=device), positions)
+    bias = getattr(head, "bias", None)
+    loss = torch.zeros(B, dtype=torch.float64)
+    correct = torch.zeros(B, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        for lo in range(0, n, chunk_rows):
+            hi = min(n, lo + chunk_rows)
+            logits = F.linear(hidden[b, m - 1 + lo : m - 1 + hi], head.weight, bias)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            target = ids[b, lo:hi]
+            loss[b] += float(F.cross_entropy(logits, target, reduction="sum"))
+            correct[b] += int((logits.argmax(dim=-1) == target).sum())
+        loss[b] /= n
+    return loss, correct
 
 
 def _cache_rows(cache, index: torch.Tensor):

@@ -170,3 +170,136 @@ def test_read_never_destroys_an_input_or_an_existing_output(setup, tmp_path, cap
                         "--quiet", *extra], capsys, tmp_path, needle)
     assert _read(model_dir, mem, q, str(tmp_path / "old.jsonl"), "--force") == 0
     assert json.loads(open(tmp_path / "old.jsonl").read())["id"] == "d0"
+
+
+# --- memories that reproduce their documents: stop at end-of-text, --verify ------------------------------------
+
+CRAMMED_TEXTS = [sentence(1, 0), sentence(2, 3)]
+
+
+@pytest.fixture(scope="module")
+def crammed(tmp_path_factory):
+    """A tiny model with large weights (it can memorise), and two memory files of two short documents:
+    one written with enough steps to reproduce both (documents end with [EOS]), one with a single step."""
+    root = tmp_path_factory.mktemp("crammed")
+    model_dir = save_tiny(str(root / "model"), initializer_range=1.0)
+    docs = _queries(root / "docs.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(CRAMMED_TEXTS)])
+    good, weak = str(root / "good.safetensors"), str(root / "weak.safetensors")
+    for out, steps in ((good, "100"), (weak, "1")):
+        assert cli.main(["write", "--model", model_dir, "--input", docs, "--output", out, "--steps", steps,
+                         "--lr", "0.3", "--memory-tokens", "8", "--quiet"]) == 0
+    return model_dir, docs, good, weak
+
+
+def test_written_file_says_which_memories_decode_back(crammed):
+    """The stored teacher-forced accuracy: 100% for the crammed memories, below for one step."""
+    _, _, good, weak = crammed
+    assert fileio.MemoryFile(good).stats()["accuracy"].tolist() == [1.0, 1.0]
+    assert fileio.MemoryFile(good).metadata["documents_below_100"] == "0"
+    assert (fileio.MemoryFile(weak).stats()["accuracy"] < 1).any()
+
+
+def test_answers_stop_at_the_end_of_the_document(crammed, tmp_path):
+    """Decoding from memory alone stops at [EOS] by default; --no-stop-at-eos runs on."""
+    model_dir, _, good, _ = crammed
+    q = _queries(tmp_path / "q.jsonl", [{"id": "c0", "text": ""}, {"id": "c1", "text": ""}])
+    out, cont = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    assert cli.main(["read", "--model", model_dir, "--memories", good, "--queries", q, "--output", out,
+                     "--max-new-tokens", "10", "--quiet"]) == 0
+    assert [json.loads(line)["answer"] for line in open(out)] == CRAMMED_TEXTS
+    assert cli.main(["read", "--model", model_dir, "--memories", good, "--queries", q, "--output", cont,
+                     "--max-new-tokens", "10", "--no-stop-at-eos", "--quiet"]) == 0
+    for line, text in zip(open(cont), CRAMMED_TEXTS):
+        answer = json.loads(line)["answer"]
+        assert answer.startswith(text) and len(answer.split()) > len(text.split())
+
+
+def test_verify_reports_whether_each_memory_reproduces_its_document(crammed, tmp_path, capsys):
+    """--verify: per empty query, "reproduces" and "token_accuracy"; other queries are answered as usual."""
+    model_dir, docs, good, weak = crammed
+    q = _queries(tmp_path / "q.jsonl", [{"id": "c1", "text": ""}, {"id": "c0", "text": "the"},
+                                         {"id": "c0", "text": ""}])
+    for mem, expect in ((good, [True, True]), (weak, None)):
+        out = str(tmp_path / f"v-{os.path.basename(mem)}.jsonl")
+        assert cli.main(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
+                         "--verify", docs, "--quiet"]) == 0
+        lines = [json.loads(line) for line in open(out)]
+        assert "reproduces" not in lines[1]
+        flags = [lines[0]["reproduces"], lines[2]["reproduces"]]
+        if expect:
+            assert flags == expect and lines[0]["token_accuracy"] == 1.0
+            assert "verify: 2 of 2 memories reproduce" in capsys.readouterr().err
+        else:
+            assert not all(flags)
+
+
+def test_verify_problems(crammed, tmp_path, capsys):
+    """--verify without the asked document, or with sampling: one error line before any model loads."""
+    from test_cli_write import assert_refused
+
+    model_dir, _, good, _ = crammed
+    q = _queries(tmp_path / "q.jsonl", [{"id": "c1", "text": ""}])
+    other = _queries(tmp_path / "other.jsonl", [{"id": "c0", "text": "the"}])
+    base = ["read", "--model", model_dir, "--memories", good, "--queries", q, "--output", str(tmp_path / "a.jsonl")]
+    assert_refused(base + ["--verify", other], capsys, tmp_path, 'no document with id "c1"')
+    assert_refused(base + ["--verify", other, "--do-sample"], capsys, tmp_path, "--do-sample")
+
+
+# --- the model fingerprint -------------------------------------------------------------------------------------
+
+def test_same_weights_under_another_path_or_dtype_are_accepted(setup, tmp_path, capsys):
+    """A copy of the model directory, or the same weights in bfloat16: read without a warning."""
+    import shutil
+
+    model_dir, mem = setup
+    copy = shutil.copytree(model_dir, tmp_path / "elsewhere")
+    q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
+    assert _read(str(copy), mem, q, str(tmp_path / "a.jsonl")) == 0
+    assert _read(model_dir, mem, q, str(tmp_path / "b.jsonl"), "--dtype", "bfloat16") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_another_model_of_the_same_shape_is_refused(setup, tmp_path, capsys):
+    """Other weights (same config): exit 2 unless --allow-model-mismatch, which reads with a warning."""
+    from test_cli_write import assert_refused
+
+    _, mem = setup
+    other = save_tiny(str(tmp_path / "other"), seed=1)
+    q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
+    out = str(tmp_path / "a.jsonl")
+    assert_refused(["read", "--model", other, "--memories", mem, "--queries", q, "--output", out, "--quiet"],
+                   capsys, tmp_path, "another model", "differ", "--allow-model-mismatch")
+    assert _read(other, mem, q, out, "--allow-model-mismatch") == 0
+    assert "warning" in capsys.readouterr().err and os.path.exists(out)
+
+
+def test_another_config_is_refused_before_the_weights_load(setup, tmp_path, capsys, monkeypatch):
+    """Another architecture of the same width is caught from its config alone."""
+    from gradmem_fast import models
+    from test_cli_write import assert_refused
+
+    _, mem = setup
+    deeper = save_tiny(str(tmp_path / "deeper"), num_hidden_layers=3)
+    monkeypatch.setattr(models, "load_model", _no_weights)
+    q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
+    assert_refused(["read", "--model", deeper, "--memories", mem, "--queries", q, "--output",
+                    str(tmp_path / "a.jsonl")], capsys, tmp_path, "num_hidden_layers")
+
+
+def _no_weights(*args, **kwargs):
+    """Stands in for ``models.load_model`` where an input must be refused before any weights load."""
+    raise AssertionError("the weights were loaded before the bad input was noticed")
+
+
+@pytest.mark.parametrize("extra,needle", [(["--device", "tpu"], "--device"), (["--device", "cuda:7"], "--device"),
+                                          (["--dtype", "float8"], "--dtype")])
+def test_bad_device_or_dtype_before_the_weights_load(setup, tmp_path, capsys, monkeypatch, extra, needle):
+    """Device and dtype strings are checked before anything loads."""
+    from gradmem_fast import models
+    from test_cli_write import assert_refused
+
+    model_dir, mem = setup
+    monkeypatch.setattr(models, "load_model", _no_weights)
+    q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
+    assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output",
+                    str(tmp_path / "a.jsonl"), *extra], capsys, tmp_path, needle)

@@ -26,6 +26,13 @@ def _jsonl(path, rows):
     return str(path)
 
 
+def model_params(model_dir):
+    """Parameter names of the saved tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    return [name for name, _ in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()]
+
+
 def _docs(n=5):
     # Mixed ids: explicit strings and the default (0-based line number).
     """Documents with mixed ids: explicit strings and the default line numbers."""
@@ -45,7 +52,9 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
     assert cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
                      "--memory-tokens", "3", "--lr", "0.05", "--shard-size", "2"]) == 0
     err = capsys.readouterr().err
-    assert "doc/s" in err and "tok/s" in err  # the progress bar
+    # The progress bar advances per optimisation step (3 shards of one batch, 3 steps each) with the loss.
+    assert "9/9" in err and "step 3/3, loss " in err and "tok/s" in err and " 0 tok/s" not in err
+    assert "of 5 document(s) below 100%" in err  # the summary line
     f = fileio.MemoryFile(out)
     assert f.ids == [0, "doc-1", 2, "doc-3", 4]
     assert f.shape == (5, 3, 32)
@@ -54,15 +63,30 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
     assert json.loads(meta["config"])["steps"] == 3 and json.loads(meta["tokenizer"])["vocab_size"] > 0
     assert not os.path.exists(fileio.checkpoint_dir(out))  # shards removed once merged
 
-    # The same memories as the Python API (each document written on its own).
+    assert meta["append_eos"] == "1" and json.loads(meta["model_config"])["hidden_size"] == 32
+    assert len(json.loads(meta["weights_signature"])) == len(list(model_params(model_dir)))
+
+    # The same memories as the Python API (each document written on its own, ending with [EOS]), and
+    # the per-document evidence: loss before/after, teacher-forced accuracy, steps, tokens.
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradmem_fast.reader import teacher_forced
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05), backend="torch")
+    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05, optimizer="adam"),
+                          backend="torch")
+    stats = f.stats()
+    assert sorted(stats) == sorted(fileio.DOC_STATS)
     for row, doc in enumerate(_docs()):
-        ids = torch.tensor([tok(doc["text"], add_special_tokens=False).input_ids])
-        assert_close(f.rows([row])[0], writer.write(ids).memory[0], name=f"memory {row}")
+        ids = torch.tensor([tok(doc["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]])
+        result = writer.write(ids)
+        assert_close(f.rows([row])[0], result.memory[0], name=f"memory {row}")
+        loss, correct = teacher_forced(model, result.memory, [ids[0]])
+        assert_close(stats["loss_before"][row], result.losses[0, 0], name="loss before")
+        assert_close(stats["loss_after"][row], loss[0].float(), name="loss after")
+        assert stats["accuracy"][row] == correct[0] / ids.shape[1]
+        assert stats["steps"][row] == 3 and stats["tokens"][row] == ids.shape[1]
 
 
 def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monkeypatch):
@@ -152,11 +176,12 @@ def test_empty_text_is_rejected_or_skipped(model_dir, tmp_path, capsys):
 
 
 def test_too_long_text_is_rejected_with_max_length_advice(model_dir, tmp_path, capsys):
-    # The tiny model has 128 positions; with 3 memory vectors a document may have 125 tokens.
+    # The tiny model has 128 positions; with 3 memory vectors and [EOS] a document may have 124 tokens.
     """Too long for the model: error with --max-length advice; --max-length truncates."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}, {"text": sentence(130)}])
     out = str(tmp_path / "m.safetensors")
-    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "130 tokens", "--max-length 125")
+    _assert_clean_failure(_write(model_dir, inp, out), capsys, out, "d.jsonl:2", "130 tokens", "--max-length 124")
+    _assert_clean_failure(_write(model_dir, inp, out, "--no-append-eos"), capsys, out, "--max-length 125")
     assert _write(model_dir, inp, out, "--max-length", "20") == 0
     assert "truncated" in capsys.readouterr().err
     out2 = str(tmp_path / "m2.safetensors")
@@ -277,3 +302,47 @@ def test_write_never_destroys_an_input_or_an_existing_output(model_dir, tmp_path
     old = str(tmp_path / "old.safetensors")
     assert _write(model_dir, inp, old, "--force") == 0
     assert fileio.MemoryFile(old).shape[0] == 2
+
+
+def _no_weights(*args, **kwargs):
+    """Stands in for ``models.load_model`` where an input must be refused before any weights load."""
+    raise AssertionError("the weights were loaded before the bad input was noticed")
+
+
+@pytest.mark.parametrize("rows,extra,needle", [
+    ([{"text": "the cat"}, {"text": " "}], [], "empty document"),
+    ([{"text": sentence(130)}], [], "--max-length 119"),  # 128 positions - 8 memory - [EOS]
+    ([{"text": "the cat"}], ["--max-length", "120"], "--max-length 120"),
+    ([{"text": "the cat"}], ["--memory-tokens", "127"], "no room"),
+    ([{"text": "the cat"}], ["--device", "tpu"], "--device must be"),
+    ([{"text": "the cat"}], ["--device", "cuda:3"], "--device"),
+    ([{"text": "the cat"}], ["--dtype", "float8"], "--dtype"),
+])
+def test_bad_inputs_are_refused_before_the_weights_load(model_dir, tmp_path, capsys, monkeypatch, rows, extra,
+                                                        needle):
+    """Documents (with the tokenizer), devices and dtypes: one error line, no weights loaded, nothing left."""
+    from gradmem_fast import models
+
+    monkeypatch.setattr(models, "load_model", _no_weights)
+    inp = _jsonl(tmp_path / "d.jsonl", rows)
+    assert_refused(["write", "--model", model_dir, "--input", inp, "--output", str(tmp_path / "m.safetensors"),
+                    "--steps", "1", *extra], capsys, tmp_path, needle)
+
+
+def test_resume_says_when_it_discards_stale_shards(model_dir, tmp_path, capsys):
+    """A shard of another run in OUTPUT.partial is announced as discarded."""
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs(3))
+    out = str(tmp_path / "mem.safetensors")
+    os.makedirs(fileio.checkpoint_dir(out))
+    fileio.save_shard(fileio.checkpoint_dir(out), 1, torch.zeros(1, 3, 32), fingerprint="another run")
+    assert _write(model_dir, inp, out, "--shard-size", "2") == 0
+    assert "discarding 1 stale shard(s)" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    """--version prints the package and library versions."""
+    from gradmem_fast import __version__
+
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"gradmem-fast {__version__} (torch ") and "transformers" in out

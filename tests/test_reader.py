@@ -106,3 +106,28 @@ def test_answer_decodes_text_with_a_tokenizer():
                             eos_token_id=None)
     # Special tokens the random model may produce are dropped from the text, so at most 3 words.
     assert len(answers) == 3 and all(isinstance(a, str) and len(a.split()) <= 3 for a in answers)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_teacher_forced_scores_equal_the_oracle(family):
+    """Per-document loss and correct-token count, ragged batch, head in chunks of 2 rows, vs full logits of
+    each document on its own (``reference.read_logits``)."""
+    import torch.nn.functional as F
+
+    from gradmem_fast.reader import teacher_forced
+
+    model = tiny_model(family).to(DEVICE)
+    lengths = [5, 1, 3]
+    memory = _memory(3, 4)
+    docs = [torch.randint(0, VOCAB, (n,)).tolist() for n in lengths]
+    # One document made predictable: its tokens are the model's own greedy continuation of the memory.
+    greedy = MemoryReader(model).generate(MemoryReader(model).prefix(memory[:1]), [0], [[]], max_new_tokens=5)[0]
+    docs[0] = greedy
+    loss, correct = teacher_forced(model, memory, docs, chunk_rows=2)
+    for b, doc in enumerate(docs):
+        ids = torch.tensor([doc], device=DEVICE)
+        logits = reference.read_logits(model, memory[b : b + 1], ids)[0, :-1]
+        expect_loss = F.cross_entropy(logits, ids[0])
+        assert_close(loss[b], expect_loss.cpu(), name=f"loss {b}")
+        assert int(correct[b]) == int((logits.argmax(-1) == ids[0]).sum())
+    assert int(correct[0]) == 5  # greedy decoding reproduces it: every teacher-forced argmax is right
