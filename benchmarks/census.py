@@ -35,12 +35,14 @@ import sys
 import time
 
 IMPLS = ("reference", "torch_sdpa", "engine_eager", "engine_compiled")
-CASES = ("gpt2_124m", "tiny_kv")
+CASES = ("gpt2_124m", "tiny_kv")  # the default; any case of bench_write.write_specs can be named
+ALL_CASES = CASES + ("llama_1b",)
 LABELS = {
     "reference": "reference loop (eager attention, full logits)",
     "torch_sdpa": "SDPA loop (fused attention, torch CE)",
     "engine_eager": "engine, eager layers + our kernels",
     "engine_compiled": "engine, compiled step",
+    "engine_fusion_bound": "engine with ideal fusion (a model; bound for the compiled engine, CUDA graph)",
 }
 # bench_write implementation names -> census implementation (and whether the loop is replayed as a graph).
 BENCH_IMPLS = {"reference": ("reference", False), "torch_sdpa": ("torch_sdpa", False),
@@ -169,6 +171,19 @@ def _top_ops(one, two, n=8):
     return dict(sorted(diff.items(), key=lambda kv: -kv[1]["launches"])[:n])
 
 
+def fused_counts(counts: dict) -> dict:
+    """``counts`` with both launch lists passed through ``census_count.fusion_bound``."""
+    from .census_count import fusion_bound
+
+    one, two = fusion_bound(counts["launches_1"]), fusion_bound(counts["launches_2"])
+    step = dict(counts["step"], launches=len(two) - len(one),
+                bytes=sum(x.bytes for x in two) - sum(x.bytes for x in one))
+    step["by_kind"] = {k: sum(x.kind == k for x in two) - sum(x.kind == k for x in one)
+                       for k in {x.kind for x in two}}
+    step.pop("top_ops", None)
+    return {"step": step, "setup": counts["setup"], "launches_1": one, "launches_2": two}
+
+
 def project(counts: dict, graphs: bool = False) -> dict:
     """Per-step roofline projection on each GPU of ``census_count.GPUS`` (components of the 2-step
     write minus the 1-step write; the step time combines them as in ``census_count.roofline``)."""
@@ -201,7 +216,7 @@ def census_case(spec, impls=IMPLS) -> list:
     base = dict(case=spec.name, dtype=str(spec.dtype).replace("torch.", ""), batch=spec.batch,
                 min_len=spec.min_len, max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps,
                 useful_flops_per_step=useful, context_tokens=sum(lengths))
-    records = []
+    records, records_extra = [], []
     for impl in impls:
         rec = dict(base, impl=impl, label=LABELS[impl])
         start = time.monotonic()
@@ -212,12 +227,17 @@ def census_case(spec, impls=IMPLS) -> list:
                        projection=project(counts))
             if impl == "engine_eager":
                 rec["projection_graphs"] = project(counts, graphs=True)
+                fused = fused_counts(counts)
+                records_extra.append(dict(base, impl="engine_fusion_bound", label=LABELS["engine_fusion_bound"],
+                                          status="ok", **fused["step"], projection=project(fused, graphs=True),
+                                          projection_no_graphs=project(fused)))
         except NotAvailable as exc:
             rec.update(status="not available", reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - one implementation's failure is recorded, the rest go on
             rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
         rec["census_wall_s"] = round(time.monotonic() - start, 2)
         records.append(rec)
+    records += records_extra
     del model
     torch.set_grad_enabled(True)
     _add_ratios(records)
@@ -239,11 +259,12 @@ def _add_ratios(records):
 
 
 def targets(records, gpu="H100 SXM") -> list:
-    """Issue 13's census targets for the GPT-2 shape, for the compiled engine (and, for reference, the eager
-    engine): (implementation, target, value, met)."""
+    """Issue 13's census targets for the GPT-2 shape, for the compiled engine (and, to compare, the eager
+    engine and the fusion bound): (implementation, target, value, met)."""
     rows = []
     for r in records:
-        if r.get("case") != "gpt2_124m" or r.get("impl") not in ("engine_compiled", "engine_eager"):
+        if r.get("case") != "gpt2_124m" or r.get("impl") not in ("engine_compiled", "engine_eager",
+                                                                    "engine_fusion_bound"):
             continue
         if r.get("status") != "ok":
             rows.append((r["impl"], "all targets", r.get("reason", r.get("status")), None))
@@ -348,6 +369,29 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
             "projected_launches_per_step": counts["step"]["launches"], "projected_bound": p[gpu_key]["bound"]}
 
 
+def compare(results_json: str) -> list:
+    """Measured whole-WRITE times of a benchmark ``results.json`` beside the census projection of the same
+    case and implementation (the GPU it ran on when it is an H200, else the H100 figures): one row per write
+    record the census models, with ``measured / projected``."""
+    with open(results_json) as f:
+        doc = json.load(f)
+    meta = doc.get("meta", {})
+    gpu = "H200" if "H200" in str(meta.get("gpu", "")) else "H100 SXM"
+    rows = []
+    for r in doc.get("records", []):
+        if r.get("bench") != "write" or r.get("status") != "ok" or r.get("impl") not in BENCH_IMPLS:
+            continue
+        row = {"case": r.get("case"), "impl": r["impl"], "measured_write_ms": r.get("ms"), "gpu": gpu}
+        try:
+            row.update(projection(r["case"], r["impl"], dry_run=bool(meta.get("dry_run")), gpu=gpu))
+            if row["measured_write_ms"]:
+                row["measured_over_projected"] = row["measured_write_ms"] / row["projected_write_ms"]
+        except (NotAvailable, StopIteration, KeyError) as exc:
+            row["projection_error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ output
 
 def _fmt(x, spec="{:.3g}"):
@@ -417,14 +461,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for census.json / census.txt (default benchmarks/results/"
                                                "<date>-census[-dryrun])")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(ALL_CASES)}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--compare", default=None, metavar="RESULTS_JSON",
+                   help="print measured WRITE times of a benchmark results.json beside their projections "
+                        "(writes census_vs_measured.json next to it, or into --out)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        _ensure_interpreter()
+        rows = compare(args.compare)
+        path = os.path.join(args.out or os.path.dirname(os.path.abspath(args.compare)), "census_vs_measured.json")
+        with open(path, "w") as f:
+            json.dump(_strip(rows), f, indent=1)
+            f.write("\n")
+        for row in rows:
+            print(f"{row['case']:10} {row['impl']:22} measured {_fmt(row.get('measured_write_ms'))} ms, projected "
+                  f"{_fmt(row.get('projected_write_ms'))} ms ({row['gpu']}), measured/projected "
+                  f"{_fmt(row.get('measured_over_projected'))} {row.get('projection_error', '')}")
+        return 0
     cases = [c for c in args.cases.split(",") if c]
     impls = [i for i in args.impls.split(",") if i]
     for c in cases:
-        if c not in CASES:
-            p.error(f"--cases: unknown case {c!r}; choose from {', '.join(CASES)}")
+        if c not in ALL_CASES:
+            p.error(f"--cases: unknown case {c!r}; choose from {', '.join(ALL_CASES)}")
     for i in impls:
         if i not in IMPLS:
             p.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(IMPLS)}")

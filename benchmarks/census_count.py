@@ -97,6 +97,8 @@ class Launch:
     bytes: int
     dtype: torch.dtype = None
     parent: str = None  # the custom op or aten op that made this launch, if any
+    reads: tuple = ()  # (storage key, bytes) of each distinct tensor read (for the fusion model)
+    writes: tuple = ()  # (storage key, bytes) of each tensor written
 
 
 @dataclasses.dataclass
@@ -123,6 +125,7 @@ class Census(TorchDispatchMode):
         self.values = WeakIdKeyDictionary()
         self.value_limit = value_limit
         self._parent = None
+        self._storages = []
 
     # ----------------------------------------------------------------------------------- values
     def known(self, t):
@@ -225,9 +228,10 @@ class Census(TorchDispatchMode):
             return self._data_dependent(func, name, args, kwargs, all_known)
         flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not (func.is_view or name in NO_LAUNCH):
+            reads, writes = self._io(func, name, args, tensors_in, flat_out)
             self.add_launch(Launch(f"aten.{name}", "aten", self._flops(func, args, kwargs, out),
-                                   self._bytes(func, name, args, tensors_in, flat_out), _dtype_of(tensors_in,
-                                                                                                   flat_out)))
+                                   sum(b for _, b in reads) + sum(b for _, b in writes),
+                                   _dtype_of(tensors_in, flat_out), reads=reads, writes=writes))
         self._propagate(func, args, kwargs, out, flat_out, all_known)
         return out
 
@@ -258,7 +262,8 @@ class Census(TorchDispatchMode):
         to_host = src.device.type != "cpu"
         value = self.known(src)
         nbytes = tensor_bytes(src)
-        self.add_launch(Launch(f"memcpy {'D2H' if to_host else 'H2D'}", "memcpy", 0, nbytes, src.dtype))
+        self.add_launch(Launch(f"memcpy {'D2H' if to_host else 'H2D'}", "memcpy", 0, nbytes, src.dtype,
+                               reads=((self.storage_key(src), nbytes),) if to_host else ()))
         non_blocking = bool(kwargs.get("non_blocking", False) or (len(args) > 2 and args[2] is True))
         if to_host or not non_blocking:
             self.add_sync("D2H copy" if to_host else "blocking H2D copy", value is not None or not to_host)
@@ -317,17 +322,26 @@ class Census(TorchDispatchMode):
             return 0
         return int(fn(*args, **kwargs, out_val=out))
 
-    @staticmethod
-    def _bytes(func, name, args, tensors_in, flat_out):
+    def storage_key(self, t):
+        """A key naming ``t``'s storage for the whole census (the storage is kept alive, so no key is
+        reused by a later allocation; meta storages hold no memory)."""
+        storage = t.untyped_storage()
+        self._storages.append(storage)
+        return storage._cdata
+
+    def _io(self, func, name, args, tensors_in, flat_out):
+        """(reads, writes): distinct input tensors (a buffer the op only overwrites is not read) and outputs,
+        each as (storage key, bytes)."""
         mutated = {id(t) for t in _mutated_args(func, args, {})}
-        seen, total = set(), 0
+        overwrite = name in OVERWRITE or func._overloadname.startswith("out")  # torch.mm(..., out=z)
+        seen, reads = set(), []
         for t in tensors_in:
-            if id(t) in seen or (name in OVERWRITE and id(t) in mutated) or (
-                    name.endswith("_out") and id(t) in mutated):
+            if id(t) in seen or (overwrite and id(t) in mutated):
                 continue
             seen.add(id(t))
-            total += tensor_bytes(t)
-        return total + sum(tensor_bytes(t) for t in flat_out)
+            reads.append((self.storage_key(t), tensor_bytes(t)))
+        writes = [(self.storage_key(t), tensor_bytes(t)) for t in flat_out]
+        return tuple(reads), tuple(writes)
 
 
 def _dtype_of(tensors_in, flat_out):
@@ -490,7 +504,9 @@ def record_triton(census: Census):
             name = _kernel_name(self)
             flops, nbytes = triton_kernel_cost(census, name, args, kwargs)
             dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype))
+            reads = tuple((census.storage_key(a), tensor_bytes(a)) for a in
+                          {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}.values())
+            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads))
             if flops is None:
                 census.uncounted_flops += 1
 
@@ -506,6 +522,67 @@ def record_triton(census: Census):
                 del cls.__getitem__
             else:
                 cls.__getitem__ = fn
+
+
+# ------------------------------------------------------------------------------------------ fusion model
+
+# Reductions end a fused kernel (their consumers start the next one, as inductor schedules them mostly).
+_REDUCTION_WORDS = ("sum", "mean", "norm", "softmax", "max", "min", "logsumexp", "var", "std", "nll_loss",
+                    "cumsum", "index_add", "scatter", "embedding_dense_backward", "_backward_data", "argmax", "all",
+                    "any", "prod")
+
+
+def _is_anchor(x: Launch) -> bool:
+    """Launches a compiler keeps as they are: GEMMs and attention (any op with FLOPs), our Triton kernels
+    and custom ops, host copies."""
+    return x.kind != "aten" or x.parent is not None or x.flops > 0
+
+
+def fusion_bound(launches) -> list:
+    """A model of ideal fusion (what ``torch.compile`` could at best do to an eager launch list): every run
+    of consecutive non-anchor launches (elementwise ops, norms, softmax, copies) between two anchors becomes
+    ``max(1, reductions in it)`` kernels, reading each tensor it takes from outside once and writing only the
+    tensors that something outside the run reads later (or nothing reads: results). Anchors stay. A bound to
+    aim at, not the compiled engine's count."""
+    consumers = defaultdict(list)
+    for i, x in enumerate(launches):
+        for key, _ in x.reads:
+            consumers[key].append(i)
+    out, run = [], []
+
+    def flush(end):
+        if not run:
+            return
+        members = set(run)
+        produced, reads, writes = {}, {}, {}
+        n_red = 0
+        for i in run:
+            x = launches[i]
+            n_red += any(w in x.name for w in _REDUCTION_WORDS)
+            for key, nbytes in x.reads:
+                if key not in produced:
+                    reads[key] = max(reads.get(key, 0), nbytes)
+            for key, nbytes in x.writes:
+                produced[key] = max(produced.get(key, 0), nbytes)
+        for key, nbytes in produced.items():
+            later = [j for j in consumers[key] if j not in members and j > run[0]]
+            if later or not consumers[key]:
+                writes[key] = nbytes
+        kernels = max(1, n_red)
+        total = sum(reads.values()) + sum(writes.values())
+        dtype = launches[run[0]].dtype
+        for k in range(kernels):  # the traffic split evenly over the run's kernels
+            out.append(Launch("fused", "fused", 0, total // kernels + (total % kernels if k == 0 else 0), dtype))
+        run.clear()
+
+    for i, x in enumerate(launches):
+        if _is_anchor(x):
+            flush(i)
+            out.append(x)
+        else:
+            run.append(i)
+    flush(len(launches))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ roofline

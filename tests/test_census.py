@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from benchmarks import census
-from benchmarks.census_count import GPU, Census, Launch, causal_pairs, record_triton, roofline, tensor_bytes
+from benchmarks.census_count import (GPU, Census, Launch, causal_pairs, fusion_bound, record_triton, roofline,
+                                     tensor_bytes)
 
 
 def test_known_op_sequence():
@@ -149,6 +150,30 @@ def test_roofline_arithmetic():
     assert math.isclose(graphed["step_us"], 20) and graphed["bound"] == "memory"
 
 
+def test_fusion_bound_on_a_hand_made_step():
+    """Elementwise runs between anchors become one kernel per reduction (at least one), reading what comes
+    from outside once and writing only what is read outside (or by nobody)."""
+    f32 = torch.float32
+    launches = [
+        Launch("aten.mm", "aten", 64, 1150, f32, reads=(("W", 1000), ("X", 50)), writes=(("A", 100),)),
+        Launch("aten.add", "aten", 0, 310, f32, reads=(("A", 100), ("B", 10)), writes=(("C", 100),)),
+        Launch("aten.mul", "aten", 0, 200, f32, reads=(("C", 100),), writes=(("D", 100),)),
+        Launch("aten.sum", "aten", 0, 104, f32, reads=(("D", 100),), writes=(("E", 4),)),
+        Launch("attn_fwd_kernel", "triton", 10, 300, f32, reads=(("D", 100), ("F", 200))),
+        Launch("aten.add", "aten", 0, 400, f32, reads=(("F", 200),), writes=(("G", 200),)),
+        Launch("aten.mul", "aten", 0, 400, f32, reads=(("G", 200),), writes=(("H", 200),)),
+        Launch("aten.sum", "aten", 0, 204, f32, reads=(("H", 200),), writes=(("I", 4),)),
+        Launch("aten.max", "aten", 0, 204, f32, reads=(("H", 200),), writes=(("J", 4),)),
+    ]
+    fused = fusion_bound(launches)
+    assert [x.name for x in fused] == ["aten.mm", "fused", "attn_fwd_kernel", "fused", "fused"]
+    # A and B come in; D is read by the attention launch, E by nobody; C stays inside.
+    assert fused[1].bytes == 100 + 10 + 100 + 4
+    # F comes in; I and J are results; G and H stay inside; two reductions -> two kernels.
+    assert fused[3].bytes + fused[4].bytes == 200 + 4 + 4
+    assert fusion_bound(launches[:1]) == launches[:1]
+
+
 @pytest.fixture(scope="module")
 def gpt2_dry():
     spec = census.specs(True, ("gpt2_124m",))[0]
@@ -193,6 +218,18 @@ def test_projection_for_the_gpu_suite():
         census.projection("tiny_kv", "torch_sdpa_compiled", dry_run=True)
 
 
+def test_compare_measured_with_projected(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"dry_run": True, "gpu": "NVIDIA H200"}, "records": [
+        {"bench": "write", "status": "ok", "impl": "gradmem_fast", "case": "tiny_kv", "ms": 5.0},
+        {"bench": "write", "status": "ok", "impl": "torch_sdpa_compiled", "case": "tiny_kv", "ms": 5.0},
+        {"bench": "write", "status": "error", "impl": "reference", "case": "tiny_kv"}]}))
+    rows = census.compare(str(path))
+    assert [(r["case"], r["impl"], r["gpu"]) for r in rows] == [("tiny_kv", "gradmem_fast", "H200")]
+    expected = census.projection("tiny_kv", "gradmem_fast", dry_run=True, gpu="H200")["projected_write_ms"]
+    assert math.isclose(rows[0]["measured_over_projected"], 5.0 / expected)
+
+
 def test_bucket_waste_sums_tokens_not_ratios():
     from gradmem_fast.packing import bucket_shape
 
@@ -210,7 +247,7 @@ def test_cli_dry_run_writes_json(tmp_path, capsys):
     with open(os.path.join(tmp_path, "census.json")) as f:
         result = json.load(f)
     impls = {r["impl"]: r for r in result["records"]}
-    assert set(impls) == set(census.IMPLS)
+    assert set(impls) == set(census.IMPLS) | {"engine_fusion_bound"}
     for name in ("reference", "torch_sdpa", "engine_eager"):
         assert impls[name]["status"] == "ok", impls[name]
         assert impls[name]["projection"]["H100 SXM"]["step_ms"] > 0
