@@ -17,6 +17,33 @@ def model_dir(tmp_path_factory):
     return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+def _recount_correct_tokens(model_dir, texts, steps, lr, memory_tokens):
+    """Tokens of each text decoded at the right position, counted here: the demo's write redone (Adam,
+    deterministic on CPU), each next token taken greedily from full READ logits (no KV cache)."""
+    import torch
+
+    from gradmem_fast import MemoryWriter, WriteConfig
+    from gradmem_fast.models import load_model
+
+    net, tok = load_model(model_dir, "float32", torch.device("cpu"))
+    docs = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    ids = torch.zeros(len(docs), max(map(len, docs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, d in enumerate(docs):
+        ids[b, : len(d)], mask[b, : len(d)] = torch.tensor(d), 1
+    cfg = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam")
+    memory = MemoryWriter(net, cfg, backend="torch").write(ids, mask).memory
+    counts = []
+    with torch.no_grad():
+        for b, d in enumerate(docs):
+            generated = []
+            for _ in d:  # the last position of [memory ; tokens so far] predicts the next token
+                x = torch.cat([memory[b], net.get_input_embeddings()(torch.tensor(generated, dtype=torch.long))])
+                generated.append(int(net(inputs_embeds=x[None]).logits[0, -1].argmax()))
+            counts.append(sum(int(a == g) for a, g in zip(d, generated)))
+    return counts
+
+
 def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
     """The demo's whole path (load, write, decode from memory alone, report) on a tiny local model."""
     from gradmem_fast import demo
@@ -27,7 +54,10 @@ def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
     assert result.losses.shape == (4, 2)
     assert (result.losses[-1] < result.losses[0]).all()
     assert [d.tokens for d in result.documents] == [6, 4]
-    assert 0.0 <= result.token_accuracy <= 1.0
+    correct = _recount_correct_tokens(model_dir, texts, steps=4, lr=0.05, memory_tokens=2)
+    assert [d.correct for d in result.documents] == correct
+    assert result.token_accuracy == sum(correct) / 10
+    assert [d.exact for d in result.documents] == [c == n for c, n in zip(correct, [6, 4])]
     for needle in ("memory vectors", "token accuracy", "exact match", "decoded :", texts[0]):
         assert needle in out
 
