@@ -35,6 +35,8 @@ import sys
 import time
 
 IMPLS = ("reference", "torch_sdpa", "engine_eager", "engine_compiled")
+# Opt-in (compiling on the CPU costs minutes): --impls ...,torch_sdpa_compiled
+EXTRA_IMPLS = ("torch_sdpa_compiled",)
 CASES = ("gpt2_124m", "tiny_kv")  # the default; any case of bench_write.write_specs can be named
 ALL_CASES = CASES + ("llama_1b",)
 LABELS = {
@@ -42,12 +44,14 @@ LABELS = {
     "torch_sdpa": "SDPA loop (fused attention, torch CE)",
     "engine_eager": "engine, eager layers + our kernels",
     "engine_compiled": "engine, compiled step",
+    "torch_sdpa_compiled": "SDPA loop, loss under torch.compile (inductor)",
     "engine_fusion_bound": "engine with ideal fusion (a model; bound for the compiled engine, CUDA graph)",
 }
 # bench_write implementation names -> census implementation (and whether the loop is replayed as a graph).
 BENCH_IMPLS = {"reference": ("reference", False), "torch_sdpa": ("torch_sdpa", False),
                "gradmem_fast": ("engine_eager", False), "gradmem_fast_graphs": ("engine_eager", True),
-               "gradmem_fast_compiled": ("engine_compiled", False)}
+               "gradmem_fast_compiled": ("engine_compiled", False),
+               "torch_sdpa_compiled": ("torch_sdpa_compiled", False)}
 TARGETS = {"launch_ratio_max": 0.5, "bytes_ratio_max": 0.5, "syncs": 0, "speedup_vs_reference_min": 3.0,
            "speedup_vs_sdpa_min": 1.5}
 
@@ -115,11 +119,8 @@ def _runner(impl, model, spec, ids, mask, M0):
     """``run(steps)``: one whole write of ``steps`` steps by ``impl`` (inputs moved to the meta device)."""
     from .bench_write import _set_attention, make_impl
 
-    if impl == "engine_compiled":
-        if not compiled_engine_available():
-            raise NotAvailable("not available yet: MemoryWriter has no compile option in this checkout")
-        raise NotAvailable("compiled engine: inductor's generated code cannot be traced on the meta device; "
-                           "count its launches from the compiled code (see benchmarks/README.md, census)")
+    if impl in COMPILED:
+        raise ValueError(f"{impl} is counted by count_compiled, not on the meta device")
     bench_name = {"engine_eager": "gradmem_fast"}.get(impl, impl)
 
     def run(steps):
@@ -171,6 +172,117 @@ def _top_ops(one, two, n=8):
     return dict(sorted(diff.items(), key=lambda kv: -kv[1]["launches"])[:n])
 
 
+# ------------------------------------------------------------------------------------------ compiled implementations
+
+# A compiled implementation -> (its eager twin in this census, how to build it on real CPU tensors).
+COMPILED = {"torch_sdpa_compiled": "torch_sdpa", "engine_compiled": "engine_eager"}
+
+
+def small_spec(spec):
+    """The shape a compiled implementation really runs at on the CPU: the case's model and m, 2 documents of
+    at most 16 tokens (dry-run shapes as they are). Launch counts do not depend on the lengths; the
+    bytes of the non-GEMM kernels are scaled up (``compiled_counts``)."""
+    if spec.batch * spec.max_len <= 64:
+        return spec
+    return dataclasses.replace(spec, batch=2, min_len=min(spec.min_len, 12), max_len=min(spec.max_len, 16))
+
+
+def _compiled_impl(impl, model, spec, ids, mask):
+    """(callable M0 -> memory, set_steps) of a compiled implementation on CPU tensors."""
+    from .bench_write import _set_attention, make_impl
+
+    if impl == "torch_sdpa_compiled":
+        _set_attention(model, "sdpa")
+        loop = make_impl("torch_sdpa_compiled", model, spec, ids, mask, "cpu", dry_run=False)  # inductor
+
+        def set_steps(k):
+            loop.steps = k
+
+        return loop, set_steps
+    if not compiled_engine_available():
+        raise NotAvailable("not available yet: MemoryWriter has no compile option in this checkout")
+    from gradmem_fast import MemoryWriter, WriteConfig
+
+    from .bench_write import CLIP_NORM, LR
+
+    _set_attention(model, "eager")
+    writers = {}
+
+    def writer(k):
+        if k not in writers:
+            config = WriteConfig(num_memory_tokens=spec.memory_tokens, steps=k, lr=LR, clip_norm=CLIP_NORM)
+            writers[k] = MemoryWriter(model, config, backend="triton", compile=True)
+        return writers[k]
+
+    state = {"k": spec.steps}
+
+    def run(M0):
+        return writer(state["k"]).write(ids, mask, memory=M0).memory
+
+    def set_steps(k):
+        state["k"] = k
+
+    return run, set_steps
+
+
+def count_compiled(impl, spec, eager_full: dict) -> dict:
+    """Census of a compiled implementation: it runs for real on CPU tensors at ``small_spec(spec)`` (compiled
+    first, outside the census), under ``InfraCensus`` + ``record_inductor`` + ``record_triton`` (Triton launches
+    recorded, not run); then ``compiled_counts`` combines it with the eager twin's meta census."""
+    import torch
+
+    from .bench_write import build_model, initial_memory, make_batch
+    from .census_count import InfraCensus, record_inductor, record_triton
+
+    small = small_spec(spec)
+    model = build_model(small.family, small.config, small.dtype, "cpu")
+    model.requires_grad_(False)
+    ids, mask, _ = make_batch(small, model.config.vocab_size, "cpu")
+    M0 = initial_memory(small, model.get_input_embeddings().weight.shape[1], "cpu")
+    run, set_steps = _compiled_impl(impl, model, small, ids, mask)
+    runs = {}
+    for steps in (1, 2):  # compile (and recompile for each step count) before counting
+        set_steps(steps)
+        run(M0)
+    for steps in (1, 2):
+        set_steps(steps)
+        census = InfraCensus()
+        with record_triton(census), record_inductor(census), census:
+            run(M0)
+        runs[steps] = census
+    meta_model, meta_ids, meta_mask, _, meta_M0 = _case_inputs(small)
+    eager_small = count_steps(_runner(COMPILED[impl], meta_model, small, meta_ids, meta_mask, meta_M0),
+                              sdpa=COMPILED[impl] == "torch_sdpa")
+    torch.set_grad_enabled(True)
+    return compiled_counts({k: c.launches for k, c in runs.items()},
+                           {k: len(c.syncs) for k, c in runs.items()}, eager_small, eager_full)
+
+
+def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: dict, eager_full: dict) -> dict:
+    """Full-shape counts of a compiled implementation, for the 1- and 2-step writes: the GEMMs, attention
+    and our kernels ("anchors") of the eager twin's full-shape census, plus the compiled run's other launches
+    (fused kernels, eager glue) with their bytes scaled by the eager twin's (full / small) ratio of non-anchor
+    bytes. An extrapolation, labelled as such."""
+    from .census_count import _is_anchor
+
+    out = {}
+    for k in (1, 2):
+        full, small = eager_full[f"launches_{k}"], eager_small[f"launches_{k}"]
+        scale = (sum(x.bytes for x in full if not _is_anchor(x))
+                 / max(1, sum(x.bytes for x in small if not _is_anchor(x))))
+        rest = [dataclasses.replace(x, bytes=int(x.bytes * scale)) for x in compiled_launches[k] if not _is_anchor(x)]
+        out[f"launches_{k}"] = [x for x in full if _is_anchor(x)] + rest
+    one, two = out["launches_1"], out["launches_2"]
+    step = {"launches": len(two) - len(one), "flops": sum(x.flops for x in two) - sum(x.flops for x in one),
+            "bytes": sum(x.bytes for x in two) - sum(x.bytes for x in one),
+            "syncs": compiled_syncs[2] - compiled_syncs[1], "unknown_values": 0, "uncounted_flops": 0,
+            "fused_kernels": sum(x.kind == "fused" for x in compiled_launches[2])
+            - sum(x.kind == "fused" for x in compiled_launches[1]),
+            "by_kind": {kind: sum(x.kind == kind for x in two) - sum(x.kind == kind for x in one)
+                        for kind in {x.kind for x in two}}}
+    return {"step": step, "setup": {}, "launches_1": one, "launches_2": two}
+
+
 def fused_counts(counts: dict) -> dict:
     """``counts`` with both launch lists passed through ``census_count.fusion_bound``."""
     from .census_count import fusion_bound
@@ -216,12 +328,20 @@ def census_case(spec, impls=IMPLS) -> list:
     base = dict(case=spec.name, dtype=str(spec.dtype).replace("torch.", ""), batch=spec.batch,
                 min_len=spec.min_len, max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps,
                 useful_flops_per_step=useful, context_tokens=sum(lengths))
-    records, records_extra = [], []
+    records, records_extra, counted = [], [], {}
     for impl in impls:
         rec = dict(base, impl=impl, label=LABELS[impl])
         start = time.monotonic()
         try:
-            counts = count_steps(_runner(impl, model, spec, ids, mask, M0), sdpa=impl == "torch_sdpa")
+            if impl in COMPILED:
+                twin = counted.get(COMPILED[impl])
+                if twin is None:
+                    twin = counted[COMPILED[impl]] = count_steps(
+                        _runner(COMPILED[impl], model, spec, ids, mask, M0), sdpa=COMPILED[impl] == "torch_sdpa")
+                counts = count_compiled(impl, spec, twin)
+            else:
+                counts = counted[impl] = count_steps(_runner(impl, model, spec, ids, mask, M0),
+                                                     sdpa=impl == "torch_sdpa")
             rec.update(status="ok", **{k: v for k, v in counts["step"].items()},
                        setup={k: v for k, v in counts["setup"].items()},
                        projection=project(counts))
@@ -359,7 +479,11 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
         spec = next(s for s in specs(dry_run, (case,)))
         _ensure_interpreter()
         model, ids, mask, lengths, M0 = _case_inputs(spec)
-        counts = count_steps(_runner(name, model, spec, ids, mask, M0), sdpa=name == "torch_sdpa")
+        if name in COMPILED:
+            twin = count_steps(_runner(COMPILED[name], model, spec, ids, mask, M0), sdpa=COMPILED[name] == "torch_sdpa")
+            counts = count_compiled(name, spec, twin)
+        else:
+            counts = count_steps(_runner(name, model, spec, ids, mask, M0), sdpa=name == "torch_sdpa")
         _CACHE[key] = (spec, counts)
     spec, counts = _CACHE[key]
     p = project(counts, graphs)
@@ -462,7 +586,7 @@ def main(argv=None) -> int:
                                                "<date>-census[-dryrun])")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(ALL_CASES)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS + EXTRA_IMPLS)}")
     p.add_argument("--compare", default=None, metavar="RESULTS_JSON",
                    help="print measured WRITE times of a benchmark results.json beside their projections "
                         "(writes census_vs_measured.json next to it, or into --out)")
@@ -485,8 +609,8 @@ def main(argv=None) -> int:
         if c not in ALL_CASES:
             p.error(f"--cases: unknown case {c!r}; choose from {', '.join(ALL_CASES)}")
     for i in impls:
-        if i not in IMPLS:
-            p.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(IMPLS)}")
+        if i not in IMPLS + EXTRA_IMPLS:
+            p.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
     _ensure_interpreter()
     result = _strip(run_census(args.dry_run, cases, impls))
     table = format_table(result)

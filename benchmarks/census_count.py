@@ -109,6 +109,8 @@ class Sync:
 
 
 class Census(TorchDispatchMode):
+    host_is_device = False  # InfraCensus: real CPU tensors stand for device tensors
+
     """Counts launches, FLOPs, bytes and host syncs of the ops run under it (module docstring).
 
     Use ``with Census() as c:`` around code whose device tensors live on ``meta``; then read
@@ -206,6 +208,8 @@ class Census(TorchDispatchMode):
             device_kw is not None and torch.device(device_kw).type != "cpu")
         if namespace == "gradmem_fast":
             return self._custom_op(func, args, kwargs)
+        if self.host_is_device:
+            return self._host_device_op(func, name, args, kwargs, tensors_in)
         if not on_device:
             self.host_ops += 1
             return func(*args, **kwargs)
@@ -233,6 +237,19 @@ class Census(TorchDispatchMode):
                                    sum(b for _, b in reads) + sum(b for _, b in writes),
                                    _dtype_of(tensors_in, flat_out), reads=reads, writes=writes))
         self._propagate(func, args, kwargs, out, flat_out, all_known)
+        return out
+
+    def _host_device_op(self, func, name, args, kwargs, tensors_in):
+        """CPU tensors standing for device tensors (``InfraCensus``): run for real, count as on a GPU."""
+        if name == "_local_scalar_dense" or name in DATA_DEPENDENT:
+            self.add_sync("item" if name == "_local_scalar_dense" else name, True)
+        out = func(*args, **kwargs)
+        if not (func.is_view or name in NO_LAUNCH or name == "_local_scalar_dense"):
+            flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            reads, writes = self._io(func, name, args, tensors_in, flat_out)
+            self.add_launch(Launch(f"aten.{name}", "aten", self._flops(func, args, kwargs, out),
+                                   sum(b for _, b in reads) + sum(b for _, b in writes),
+                                   _dtype_of(tensors_in, flat_out), reads=reads, writes=writes))
         return out
 
     def _propagate(self, func, args, kwargs, out, flat_out, all_known):
@@ -524,6 +541,79 @@ def record_triton(census: Census):
                 cls.__getitem__ = fn
 
 
+# ------------------------------------------------------------------------------------------ compiled code
+
+class InfraCensus(Census):
+    """A ``Census`` for code compiled by ``torch.compile`` running on real CPU tensors (which stand for the
+    device): dynamo runs compiled frames only under "infra" dispatch modes, so this one says it is one. Use it
+    after the code has compiled (warm-up calls outside the census), with ``record_inductor`` to see the fused
+    kernels: inductor's generated kernels do not go through the dispatcher, its extern GEMMs and fallbacks
+    do."""
+
+    host_is_device = True
+
+    @classmethod
+    def is_infra_mode(cls):
+        return True
+
+
+class _KernelProbe:
+    """Stands in for one generated kernel of an inductor module: records a launch, then runs it."""
+
+    def __init__(self, name, kernel, sink):
+        self.name, self.kernel, self.sink = name, kernel, sink
+
+    def _record(self, args, kwargs):
+        census = self.sink.get("census")
+        if census is None:
+            return
+        tensors = {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
+        nbytes = sum(tensor_bytes(t) for t in tensors.values())
+        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+        census.add_launch(Launch(f"inductor.{self.name}", "fused", 0, nbytes, dtype))
+
+    def __call__(self, *args, **kwargs):
+        self._record(args, kwargs)
+        return self.kernel(*args, **kwargs)
+
+    def run(self, *args, **kwargs):  # Triton kernels are launched with .run(...)
+        self._record(args, kwargs)
+        return self.kernel.run(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+
+_PROBE_SINK = {}
+_KERNEL_PREFIXES = ("cpp_fused", "triton_", "cpp_kernel")
+
+
+@contextlib.contextmanager
+def record_inductor(census: Census):
+    """While active, every call of an inductor-generated kernel (``cpp_fused_*`` on a CPU, ``triton_*`` on a
+    GPU) records a ``fused`` launch in ``census`` with the bytes of its distinct tensor arguments."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    original = CompiledFxGraph.__call__
+
+    def call(self, inputs):
+        fn = self.current_callable
+        namespace = getattr(getattr(fn, "__func__", fn), "__globals__", None)
+        if namespace is not None:
+            for key, value in list(namespace.items()):
+                if key.startswith(_KERNEL_PREFIXES) and callable(value) and not isinstance(value, _KernelProbe):
+                    namespace[key] = _KernelProbe(key, value, _PROBE_SINK)
+        return original(self, inputs)
+
+    CompiledFxGraph.__call__ = call
+    _PROBE_SINK["census"] = census
+    try:
+        yield census
+    finally:
+        CompiledFxGraph.__call__ = original
+        _PROBE_SINK.pop("census", None)
+
+
 # ------------------------------------------------------------------------------------------ fusion model
 
 # Reductions end a fused kernel (their consumers start the next one, as inductor schedules them mostly).
@@ -535,7 +625,7 @@ _REDUCTION_WORDS = ("sum", "mean", "norm", "softmax", "max", "min", "logsumexp",
 def _is_anchor(x: Launch) -> bool:
     """Launches a compiler keeps as they are: GEMMs and attention (any op with FLOPs), our Triton kernels
     and custom ops, host copies."""
-    return x.kind != "aten" or x.parent is not None or x.flops > 0
+    return x.kind in ("triton", "memcpy") or x.parent is not None or x.flops > 0 or "attention" in x.name
 
 
 def fusion_bound(launches) -> list:
