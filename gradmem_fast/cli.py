@@ -149,22 +149,30 @@ def model_config_summary(config) -> dict:
     return out
 
 
-def weights_signature(model) -> list:
-    """Per parameter: ``[name, shape, sum |w|, sqrt(sum w^2), sum r*w]`` of its weights rounded to bfloat16.
+# Period of the +-1 pattern of the signature's projection: a prime, so it lines up with no tensor layout.
+_PATTERN_PERIOD = 4099
 
-    ``r`` is a fixed +-1 pattern (a multiplicative hash of the flat index), so the last entry moves with any
-    per-weight change (a fine-tune), while the rounding to bfloat16 and the float64 sums make the numbers
-    nearly independent of the dtype and device the model was loaded with. The file path plays no part.
+
+def weights_signature(model) -> list:
+    """Per parameter: ``[name, shape, sum |w|, sqrt(sum w^2), sum_i r_(i mod P) w_i]`` of its weights
+    rounded to bfloat16 (flat index i, a fixed random +-1 pattern r of prime period P).
+
+    The projection moves with any per-weight change (a fine-tune), while the rounding to bfloat16 makes
+    the numbers nearly independent of the dtype and device the model was loaded with (two loads agree to
+    about 2**-9 relative). The file path plays no part. One cheap pass per tensor (fp32 values, float64
+    sums), on the model's device.
     """
     import torch
 
+    pattern = torch.randint(0, 2, (_PATTERN_PERIOD,), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
     rows = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            w = p.detach().flatten().to(torch.bfloat16).double()
-            index = torch.arange(w.numel(), device=w.device, dtype=torch.int64)
-            sign = ((index * 2654435761) % 4294967296 >= 2147483648).double() * 2 - 1
-            stats = torch.stack([w.abs().sum(), w.square().sum().sqrt(), (w * sign).sum()]).cpu().tolist()
+            w = p.detach().reshape(-1).to(torch.bfloat16).float()  # bfloat16 values are exact in fp32
+            padded = torch.nn.functional.pad(w, (0, -w.numel() % _PATTERN_PERIOD)).view(-1, _PATTERN_PERIOD)
+            projection = (padded @ pattern.to(w.device)).sum(dtype=torch.float64)
+            stats = torch.stack([w.abs().sum(dtype=torch.float64), (w * w).sum(dtype=torch.float64).sqrt(),
+                                 projection]).cpu().tolist()
             rows.append([name, list(p.shape), *stats])
     return rows
 
@@ -519,6 +527,7 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
         "num_memory_tokens": config.num_memory_tokens, "config": json.dumps(dataclasses.asdict(config)),
         "tokenizer": json.dumps(describe_tokenizer(tokenizer), sort_keys=True),
         "versions": json.dumps(_versions(), sort_keys=True), "text_field": args.text_field,
+        "id_field": args.id_field,
         "max_length": "" if args.max_length is None else args.max_length, "model_dtype": str(model.dtype),
         "backend": writer.backend, "tokens": sum(len(d) for d in docs),
         "append_eos": "1" if eos is not None else "0", "eos_token_id": "" if eos is None else eos,
@@ -545,7 +554,8 @@ def add_read_arguments(p):
                    help="stop an answer when the model emits its end-of-text token (default: on; memories "
                         "written with --append-eos end their document with it)")
     p.add_argument("--verify", default=None, metavar="DOCS",
-                   help="the documents the memories were written from (JSON lines, as given to write): every "
+                   help="the documents the memories were written from (JSON lines, as given to write; "
+                        "its text and id fields are the ones write used): every "
                         "query with empty text is decoded greedily from its memory alone and its answer line "
                         "says whether it reproduces its document exactly (\"reproduces\", \"token_accuracy\")")
     p.add_argument("--allow-model-mismatch", action="store_true",
@@ -585,8 +595,9 @@ def _verify_documents(args, memfile, queries, rows):
     """For ``--verify``: the text of the document behind each empty query (None for the other queries)."""
     from . import fileio
 
-    field = memfile.metadata.get("text_field") or "text"
-    records = fileio.read_jsonl(args.verify, field, "id", what="--verify documents")
+    meta = memfile.metadata
+    records = fileio.read_jsonl(args.verify, meta.get("text_field") or "text", meta.get("id_field") or "id",
+                                what="--verify documents")
     by_id = {}
     for r in records:
         by_id.setdefault(r.id, r.text)

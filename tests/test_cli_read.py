@@ -164,7 +164,8 @@ def test_read_never_destroys_an_input_or_an_existing_output(setup, tmp_path, cap
              (q, ["--force"], "same file as --queries"), (os.path.relpath(q), ["--force"], "same file as --queries"),
              (str(tmp_path / "mem-link.safetensors"), ["--force"], "same file as --memories"),
              (str(tmp_path / "q-hard.jsonl"), ["--force"], "same file as --queries"),
-             (str(tmp_path / "old.jsonl"), [], "--force")]
+             (str(tmp_path / "old.jsonl"), [], "--force"),
+             (str(tmp_path / "old.jsonl"), ["--force", "--verify", str(tmp_path / "old.jsonl")], "same file as --verify")]
     for out, extra, needle in cases:
         assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
                         "--quiet", *extra], capsys, tmp_path, needle)

@@ -346,3 +346,45 @@ def test_version(capsys):
     assert cli.main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"gradmem-fast {__version__} (torch ") and "transformers" in out
+
+
+# Ten short paragraphs (the demo's four and six more of the same kind) for the opt-in real-model test.
+PARAGRAPHS = (
+    "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp for passing ships.",
+    "Plants use photosynthesis to turn sunlight, water and carbon dioxide into sugar and oxygen.",
+    "Maria baked bread on Sunday mornings, and the whole street woke up to the smell of warm crust.",
+    "The night train to Lisbon left at seven, crossed two rivers and arrived just before noon.",
+    "A small red kite drifted over the harbour while fishermen mended their nets on the pier.",
+    "Honeybees dance in figure eights to tell the rest of the hive where the best flowers grow.",
+    "After the storm, the children collected shells and smooth green glass along the empty beach.",
+    "The library on Elm Street stays open late on Thursdays so students can study for their exams.",
+    "Volcanic ash makes the soil around the mountain rich, so farmers grow grapes on its slopes.",
+    "Grandfather kept a notebook of every bird he saw, with the date, the weather and a tiny sketch.",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
+                    reason="writes 10 paragraphs into the embedded 135M model with default options (minutes on "
+                           "a CPU); set GRADMEM_TEST_REAL_DEMO=1")
+def test_default_options_on_the_embedded_model_decode_back(tmp_path, capsys):
+    """Opt-in: `write` with default options on the embedded SmolLM2; `read --verify` decodes each memory
+    greedily from the memory alone: at least 90% of the paragraphs come back exactly, and the accuracy the
+    file stores says which."""
+    from gradmem_fast.models import EMBEDDED_MODEL
+
+    inp = _jsonl(tmp_path / "paragraphs.jsonl", [{"id": f"p{i}", "text": t} for i, t in enumerate(PARAGRAPHS)])
+    out, answers = str(tmp_path / "mem.safetensors"), str(tmp_path / "answers.jsonl")
+    assert cli.main(["write", "--model", EMBEDDED_MODEL, "--input", inp, "--output", out, "--device", "cpu"]) == 0
+    queries = _jsonl(tmp_path / "q.jsonl", [{"id": f"p{i}", "text": ""} for i in range(len(PARAGRAPHS))])
+    assert cli.main(["read", "--model", EMBEDDED_MODEL, "--memories", out, "--queries", queries, "--output", answers,
+                     "--verify", inp, "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in open(answers, encoding="utf-8")]
+    exact = [line["reproduces"] for line in lines]
+    stored = fileio.MemoryFile(out).stats()["accuracy"].tolist()
+    with capsys.disabled():
+        print(f"\nembedded SmolLM2, default options: {sum(exact)}/{len(exact)} paragraphs decode back exactly; "
+              f"stored teacher-forced accuracy {[round(a, 3) for a in stored]}")
+    assert [a == 1.0 for a in stored] == exact
+    assert sum(exact) >= 0.9 * len(PARAGRAPHS)
+    assert [line["answer"] for line, ok in zip(lines, exact) if ok] == [t for t, ok in zip(PARAGRAPHS, exact) if ok]
