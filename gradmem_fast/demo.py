@@ -132,7 +132,8 @@ def run(model=None, texts=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, memory_token
     result = writer.write(ids.to(device), mask.to(device))
     write_s = time.perf_counter() - t1
     losses = result.losses.cpu()
-    out("  step  " + "".join(f"  doc {b:<3d}" for b in range(len(docs))) + "  (mean reconstruction loss before the step)")
+    out("  step  " + "".join(f"  doc {b:<3d}" for b in range(len(docs)))
+        + "  (mean reconstruction loss before the step)")
     shown = sorted({0, 1, steps - 1} | {k for k in range(steps) if (k + 1) % max(1, steps // 6) == 0})
     for k in shown:
         out(f"  {k + 1:4d}  " + "".join(f"  {v:7.3f}" for v in losses[k].tolist()))

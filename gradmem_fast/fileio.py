@@ -65,7 +65,7 @@ def read_jsonl(path: str, text_field: str = "text", id_field: str = "id", requir
         raise UserError(f"{what} file {path!r} is a directory")
     records, seen = [], {}
     try:
-        handle = open(path, "r", encoding="utf-8")
+        handle = open(path, encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot open {what} file {path!r}: {exc.strerror or exc}") from None
     with handle:

@@ -153,7 +153,6 @@ def load_model(name: str, dtype: str = "auto", device: str = "cpu", tokenizer=No
 
     Raises ``UserError`` with a short reason for a missing directory or an unknown or unusable model.
     """
-    import torch
     import transformers
 
     source, kwargs = _model_source(name)

@@ -165,7 +165,8 @@ def test_read_never_destroys_an_input_or_an_existing_output(setup, tmp_path, cap
              (str(tmp_path / "mem-link.safetensors"), ["--force"], "same file as --memories"),
              (str(tmp_path / "q-hard.jsonl"), ["--force"], "same file as --queries"),
              (str(tmp_path / "old.jsonl"), [], "--force"),
-             (str(tmp_path / "old.jsonl"), ["--force", "--verify", str(tmp_path / "old.jsonl")], "same file as --verify")]
+             (str(tmp_path / "old.jsonl"), ["--force", "--verify", str(tmp_path / "old.jsonl")],
+              "same file as --verify")]
     for out, extra, needle in cases:
         assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
                         "--quiet", *extra], capsys, tmp_path, needle)
@@ -276,8 +277,9 @@ def test_another_model_of_the_same_shape_is_refused(setup, tmp_path, capsys):
 
 def test_another_config_is_refused_before_the_weights_load(setup, tmp_path, capsys, monkeypatch):
     """Another architecture of the same width is caught from its config alone."""
-    from gradmem_fast import models
     from test_cli_write import assert_refused
+
+    from gradmem_fast import models
 
     _, mem = setup
     deeper = save_tiny(str(tmp_path / "deeper"), num_hidden_layers=3)
@@ -296,8 +298,9 @@ def _no_weights(*args, **kwargs):
                                           (["--dtype", "float8"], "--dtype")])
 def test_bad_device_or_dtype_before_the_weights_load(setup, tmp_path, capsys, monkeypatch, extra, needle):
     """Device and dtype strings are checked before anything loads."""
-    from gradmem_fast import models
     from test_cli_write import assert_refused
+
+    from gradmem_fast import models
 
     model_dir, mem = setup
     monkeypatch.setattr(models, "load_model", _no_weights)

@@ -197,9 +197,10 @@ def test_unknown_model(tmp_path, capsys):
     _assert_clean_failure(_write(str(tmp_path / "empty-dir"), inp, out), capsys, out, "cannot load model")
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--lr", "-0.1", "--lr"), ("--steps", "-2", "--steps"),
-                                               ("--steps", "0", "--steps"), ("--memory-tokens", "0", "--memory-tokens"),
-                                               ("--clip-norm", "-1", "--clip-norm"), ("--batch-tokens", "0", "--batch-tokens")])
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--lr", "-0.1", "--lr"), ("--steps", "-2", "--steps"), ("--steps", "0", "--steps"),
+    ("--memory-tokens", "0", "--memory-tokens"), ("--clip-norm", "-1", "--clip-norm"),
+    ("--batch-tokens", "0", "--batch-tokens")])
 def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):
     """Negative or zero counts and step sizes."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
@@ -295,7 +296,7 @@ def _output_cases(tmp_path, inp):
 def test_write_never_destroys_an_input_or_an_existing_output(model_dir, tmp_path, capsys):
     """The data-loss table: each case exits 2 with one line and leaves every file as it was."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs(2))
-    for name, out, extra, needle in _output_cases(tmp_path, inp):
+    for _case, out, extra, needle in _output_cases(tmp_path, inp):
         assert_refused(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "1", "--quiet",
                         *extra], capsys, tmp_path, needle)
     # --force replaces an existing output that is no input.
