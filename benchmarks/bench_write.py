@@ -282,6 +282,8 @@ def _write_case(name, model, spec, ids, mask, lengths, M0, device, dry_run, peak
 
 def run(rec, device, dry_run: bool, peaks: dict) -> None:
     for spec in write_specs(dry_run):
+        if not rec.wants(case=spec.name):
+            continue  # not selected for this run (benchmarks.run --plan/--select): no model built
         state = {}
         params = dict(case=spec.name, dtype=dtype_key(spec.dtype), batch=spec.batch, min_len=spec.min_len,
                       max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps, mode="write")

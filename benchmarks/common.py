@@ -33,6 +33,34 @@ UNSUPPORTED_PATTERNS = ("No available kernel", "No viable backend for scaled_dot
                         "derivative for", "no autograd formula was registered")
 
 
+# Our own implementations (every other impl is a baseline or the peak measurement).
+OWN_IMPL_PREFIX = "gradmem"
+# Skip reasons that mean our own code failed to import or run rather than "not applicable here".
+OWN_FAILURE_SKIPS = ("not available yet", "not implemented", "gradmem_fast.")
+
+
+def own_failures(records, section_log=None, sections=None) -> list:
+    """One line per failure of our own code in ``sections`` (all when None): a record of an impl named
+    ``gradmem*`` (or the shared model build, impl ``model``) with status ``error``, or skipped because our
+    code could not be imported; a section that crashed. Baselines may error or skip (recorded, not failed);
+    time-budget skips and documented refusals ("unsupported here") are not failures."""
+    out = []
+    for r in records:
+        if sections is not None and r.get("section") not in sections:
+            continue
+        impl = str(r.get("impl"))
+        if not (impl.startswith(OWN_IMPL_PREFIX) or impl == "model"):
+            continue
+        reason = str(r.get("reason", ""))
+        if r.get("status") == "error" or (r.get("status") == "skipped" and reason.startswith(OWN_FAILURE_SKIPS)):
+            where = " ".join(str(r.get(k)) for k in ("section", "bench", "mode", "case") if r.get(k) is not None)
+            out.append(f"{where} {impl}: {r.get('status')}: {reason[:300]}")
+    for name, info in (section_log or {}).items():
+        if (sections is None or name in sections) and info.get("status") == "error":
+            out.append(f"section {name} crashed: {info.get('error')}")
+    return out
+
+
 class Skip(Exception):
     """Raised by a case that cannot run here (missing op, unsupported shape); recorded as ``skipped``."""
 
@@ -160,7 +188,8 @@ class Recorder:
     results file).
     """
 
-    def __init__(self, out_dir: str, meta: dict, sections_now=(), merge: bool = True, verbose: bool = True):
+    def __init__(self, out_dir: str, meta: dict, sections_now=(), merge: bool = True, verbose: bool = True,
+                 select=None, write_csv: bool = True):
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
         self.meta = dict(meta)
@@ -169,13 +198,18 @@ class Recorder:
         self.budget = None
         self.section_name = None
         self.section_log = {}
+        self.select = dict(select or {})  # section -> clauses (see wants); sections not named run every case
+        self.write_csv = write_csv
         path = os.path.join(out_dir, RESULTS_JSON)
         if merge and os.path.exists(path):
             try:
                 with open(path) as f:
                     old = json.load(f)
-                self.records = [r for r in old.get("records", []) if r.get("section") not in set(sections_now)]
-                self.section_log = {k: v for k, v in old.get("sections", {}).items() if k not in set(sections_now)}
+                # A section run now replaces its old records, except those its selection leaves out (a
+                # suite split over calls may run different cases of one section).
+                self.records = [r for r in old.get("records", []) if not self._reruns(r, sections_now)]
+                self.section_log = {k: v for k, v in old.get("sections", {}).items()
+                                    if k not in set(sections_now) or k in self.select}
                 self.meta["previous_runs"] = old.get("meta", {}).get("previous_runs", []) + [
                     {k: old.get("meta", {}).get(k) for k in ("timestamp", "commit", "gpu")}]
             except (OSError, ValueError):
@@ -207,15 +241,39 @@ class Recorder:
             self.flush()
             self.section_name, self.budget = None, None
 
+    def _reruns(self, record, sections_now) -> bool:
+        section = record.get("section")
+        if section not in set(sections_now):
+            return False
+        name, self.section_name = self.section_name, section
+        try:
+            return self.wants(**{k: v for k, v in record.items() if k not in ("section", "status", "reason")})
+        finally:
+            self.section_name = name
+
+    def wants(self, **params) -> bool:
+        """Whether the current section's selection keeps a case with these parameters.
+
+        A selection is a list of clauses, each a dict ``key -> set of str values``; a case is kept when some
+        clause matches every one of its keys that ``params`` names (keys not given are not checked, so a
+        runner can ask with the case name alone before it builds a model)."""
+        clauses = self.select.get(self.section_name)
+        if not clauses:
+            return True
+        return any(all(str(params[k]) in values for k, values in clause.items() if k in params)
+                   for clause in clauses)
+
     def time_left(self) -> float:
         return math.inf if self.budget is None else self.budget.left()
 
-    def case(self, bench: str, impl: str, fn, *, min_seconds: float = 0.0, device=None, **params) -> dict:
-        """Run ``fn()`` -> dict of metrics as one record (never raises).
+    def case(self, bench: str, impl: str, fn, *, min_seconds: float = 0.0, device=None, **params):
+        """Run ``fn()`` -> dict of metrics as one record (never raises); None for a case not selected.
 
         ``min_seconds``: skip the case unless at least that much of the section budget is left.
         ``params`` (mode, case, dtype and any shape parameters) are stored with the record.
         """
+        if not self.wants(bench=bench, impl=impl, **params):
+            return None  # not selected for this run (benchmarks.run --plan): no record
         record = {"section": self.section_name, "bench": bench, "impl": impl}
         record.update(params)
         start = time.monotonic()
@@ -261,6 +319,8 @@ class Recorder:
     def flush(self) -> None:
         doc = {"meta": self.meta, "sections": self.section_log, "records": self.records}
         _atomic_write(os.path.join(self.out_dir, RESULTS_JSON), json.dumps(_jsonable(doc), indent=1) + "\n")
+        if not self.write_csv:
+            return
         columns = list(LEADING_COLUMNS)
         for r in self.records:
             for key in r:

@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# The GPU validation suite: tests on CUDA, compute-sanitizer, all benchmarks, plots and a report, in one go.
+# The GPU validation suite, sized for a lent GPU: 15 minutes of device time in all, machine start included.
 #
-#   bash benchmarks/gpu_suite.sh                    # all stages: env tests sanitizer bench report (<= 25 min)
-#   bash benchmarks/gpu_suite.sh tests              # some stages only (e.g. to fit 10-minute calls)
-#   GRADMEM_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh   # CPU rehearsal: no tests, tiny benchmarks
+#   bash benchmarks/gpu_suite.sh [first]     # call 1, <= 9 min: env tests bench census report (the headline)
+#   bash benchmarks/gpu_suite.sh second      # call 2 (optional), <= 5 min: env sanitizer bench report
+#   bash benchmarks/gpu_suite.sh full        # everything, ~26 min (a machine without the 15-minute limit)
+#   bash benchmarks/gpu_suite.sh first tests # one call's stages only
+#   GRADMEM_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh [first|second]   # CPU rehearsal (CI)
 #
-# Results go to $GRADMEM_RESULTS_DIR (default benchmarks/results/<date>-<gpu>/): results.json/.csv, PNGs,
-# report.md, pytest.txt, sanitizer-*.txt, env.txt, bench.log and suite_status.tsv (one line per stage:
-# name, exit code, seconds, time, note). Stages run in the order given; a failing stage never stops the
-# next one. Every stage has a hard timeout (seconds, environment overrides):
-#   GRADMEM_T_TESTS=380  GRADMEM_T_MEMCHECK=140  GRADMEM_T_RACECHECK=90  GRADMEM_T_BENCH=840
-# (24.2 minutes of timeouts in all; env and report take seconds).
-# GRADMEM_BENCH_ARGS adds arguments to `python -m benchmarks.run` (e.g. "--sections write --budget-scale 2").
-# GRADMEM_COMMIT names the commit when the tree was copied without .git.
-# The machine's own python/torch/triton/transformers are used (PYTHON overrides the interpreter); the
-# package runs from this working tree through PYTHONPATH; nothing is downloaded.
+# First call (headline evidence): CUDA tests of the bf16 numerics of each kernel, CUDA-graph parity and the
+# host-sync-free K-step loop; `benchmarks.run --plan first`: the matmul/copy peaks, attention fwd+bwd vs SDPA
+# flash at two shapes, fused linear cross-entropy vs torch at the GPT-2 shape, whole WRITEs at the GPT-2 and
+# tiny-KV shapes vs the reference and SDPA loops; the step census (hook below). Second call:
+# compute-sanitizer (memcheck, racecheck) and `--plan second` (the compiled SDPA loop and our ops in the
+# plain loop at GPT-2, the second-order meta step). Both print their budget plan first.
+#
+# Every stage has a hard limit (seconds; GRADMEM_T_<STAGE> overrides, e.g. GRADMEM_T_TESTS=200) and the
+# call has a deadline (GRADMEM_SUITE_SECONDS, default the call's limit): a stage never starts with less than
+# 10 s left and is cut to what is left. Stage limits above the deadline are scaled down to fit it.
+# Stages run in order; a failing stage never stops the next one; the exit code is 1 if any stage failed.
+#
+# Results go to $GRADMEM_RESULTS_DIR (default benchmarks/results/<date>-<gpu>/); on a lent machine use
+# GRADMEM_RESULTS_DIR=$OUT/suite. A call writes at most 8 files (what a lent machine sends back), each as
+# soon as it has it: results.json (rewritten after every benchmark case), suite_status.tsv (a line per
+# stage: name, exit code, seconds, time, note), env.txt, pytest.txt, bench.log, report.md, census.json and
+# census.txt (first call); sanitizer-memcheck.txt and sanitizer-racecheck.txt (second call). Plots and
+# results.csv are made later from results.json (`python -m benchmarks.plots DIR`). Put the first call's
+# results.json into the second call's folder first and its records are kept (merged by case).
+# GRADMEM_COMMIT names the commit when the tree was copied without .git. The machine's own
+# python/torch/triton/transformers are used (PYTHON overrides); the package runs from this working tree
+# through PYTHONPATH; nothing is downloaded.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -29,6 +43,7 @@ if [ -z "$PY" ]; then echo "gpu_suite: no python found" >&2; exit 2; fi
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1
 DRY=${GRADMEM_SUITE_DRY_RUN:-0}
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
@@ -38,13 +53,75 @@ else
     DRY_FLAG=
 fi
 
-T_TESTS=${GRADMEM_T_TESTS:-380}
-T_MEMCHECK=${GRADMEM_T_MEMCHECK:-140}
-T_RACECHECK=${GRADMEM_T_RACECHECK:-90}
-T_BENCH=${GRADMEM_T_BENCH:-840}
-BENCH_ARGS=${GRADMEM_BENCH_ARGS:-}
+# ---------------------------------------------------------------------------------------------- the calls
+ALL_STAGES=(env tests sanitizer bench census report)
+CALL=first
+case "${1:-}" in
+    first | second | full) CALL=$1; shift ;;
+    "") ;;
+    *) CALL=full ;;  # bare stage names (the old interface): stages of the full suite
+esac
+case "$CALL" in
+    first)
+        CALL_LIMIT=540
+        DEFAULT_STAGES=(env tests bench census report)
+        declare -A LIMIT=([env]=15 [tests]=170 [bench]=250 [census]=40 [report]=15)
+        BENCH_ARGS_CALL="--plan first --no-plots --no-csv"
+        ;;
+    second)
+        CALL_LIMIT=300
+        DEFAULT_STAGES=(env sanitizer bench report)
+        declare -A LIMIT=([env]=10 [sanitizer]=70 [bench]=195 [report]=10)
+        BENCH_ARGS_CALL="--plan second --no-plots --no-csv"
+        ;;
+    full)
+        CALL_LIMIT=1560
+        DEFAULT_STAGES=(env tests sanitizer bench census report)
+        declare -A LIMIT=([env]=15 [tests]=380 [sanitizer]=230 [bench]=840 [census]=60 [report]=30)
+        BENCH_ARGS_CALL=""
+        ;;
+esac
+if [ $# -gt 0 ]; then STAGES=("$@"); else STAGES=("${DEFAULT_STAGES[@]}"); fi
+CALL_LIMIT=${GRADMEM_SUITE_SECONDS:-$CALL_LIMIT}
+BENCH_ARGS="$BENCH_ARGS_CALL ${GRADMEM_BENCH_ARGS:-}"
+# memcheck gets 60% of the sanitizer stage, racecheck the rest.
 
-if [ $# -gt 0 ]; then STAGES=("$@"); else STAGES=(env tests sanitizer bench report); fi
+# The first call's CUDA tests: bf16 (and fp16) numerics of every kernel (attention forward/backward on the
+# padded and packed layouts with all dtypes, the fused cross-entropy, the update), the double backward in
+# 16 bits, CUDA-graph replay parity and the host-sync-free K-step loop / update.
+FIRST_TEST_FILES=(tests/test_attention.py tests/test_attention_second_order.py tests/test_cross_entropy.py
+                  tests/test_update.py tests/test_engine.py)
+for extra in tests/test_bf16*.py; do [ -f "$extra" ] && FIRST_TEST_FILES+=("$extra"); done
+FIRST_TEST_K=${GRADMEM_FIRST_TESTS_K:-"test_padded or test_varlen or half_precision or bfloat16 or bf16 or second_order_fp16 or cuda_graph or host_sync"}
+
+for stage in "${STAGES[@]}"; do
+    case " ${ALL_STAGES[*]} " in
+        *" $stage "*) ;;
+        *) echo "gpu_suite: unknown stage '$stage' (${ALL_STAGES[*]}; calls: first second full)" >&2; exit 2 ;;
+    esac
+    var="GRADMEM_T_${stage^^}"
+    [ -n "${!var:-}" ] && LIMIT[$stage]=${!var}
+    [ -z "${LIMIT[$stage]:-}" ] && LIMIT[$stage]=60
+done
+
+# ---------------------------------------------------------------------------------------------- the plan
+# The plan is over the call's stages (all of them, even when only some run now); stages above the deadline
+# shrink in proportion. GRADMEM_SUITE_PLAN_ONLY=1 prints it and exits.
+plan_total() { local t=0 s; for s in "${DEFAULT_STAGES[@]}"; do t=$((t + LIMIT[$s])); done; echo "$t"; }
+TOTAL=$(plan_total)
+if [ "$TOTAL" -gt "$CALL_LIMIT" ]; then
+    for s in "${!LIMIT[@]}"; do LIMIT[$s]=$((LIMIT[$s] * CALL_LIMIT / TOTAL)); done
+    SCALED=" (scaled down from ${TOTAL} s to fit)"
+    TOTAL=$(plan_total)
+else
+    SCALED=""
+fi
+PLAN=""
+for s in "${DEFAULT_STAGES[@]}"; do PLAN+="${PLAN:+ + }$s ${LIMIT[$s]}"; done
+echo "== budget plan: call $CALL, limit ${CALL_LIMIT} s ($(awk "BEGIN{printf \"%.1f\", $CALL_LIMIT/60}") min): $PLAN = ${TOTAL} s, margin $((CALL_LIMIT - TOTAL)) s${SCALED}"
+[ "${STAGES[*]}" != "${DEFAULT_STAGES[*]}" ] && echo "== running stages: ${STAGES[*]}"
+[ "${GRADMEM_SUITE_PLAN_ONLY:-0}" = 1 ] && exit 0
+DEADLINE=$(($(date +%s) + CALL_LIMIT))
 
 OUT=${GRADMEM_RESULTS_DIR:-}
 if [ -z "$OUT" ]; then
@@ -54,19 +131,23 @@ if [ -z "$OUT" ]; then OUT="$ROOT/benchmarks/results/$(date +%F)-unknown"; fi
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 STATUS="$OUT/suite_status.tsv"
-echo "gradmem-fast GPU suite -> $OUT (stages: ${STAGES[*]}${DRY_FLAG:+, dry run})"
+echo "gradmem-fast GPU suite, call $CALL -> $OUT (stages: ${STAGES[*]}${DRY_FLAG:+, dry run})"
 
 record() {  # stage rc seconds note
     printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$4" >>"$STATUS"
     echo "== stage $1: exit $2 in ${3}s${4:+ ($4)}"
 }
 
+# ---------------------------------------------------------------------------------------------- stages
+# Each stage runs its commands under `timeout -k 10 $T` (T: the stage's limit, cut to the call's deadline).
+
 stage_env() {
     {
         echo "# date: $(date -u)"
+        echo "# call: $CALL; plan: $PLAN"
         echo "# commit: ${GRADMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
         echo "# python: $PY ($("$PY" --version 2>&1))"
-        "$PY" - <<'EOF'
+        timeout -k 5 "$T" "$PY" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "transformers", "numpy", "pytest", "pytest_benchmark", "matplotlib"):
     try:
@@ -80,23 +161,32 @@ if torch.cuda.is_available():
     print("device:", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 EOF
         echo "# nvidia-smi"
-        nvidia-smi 2>&1 || echo "nvidia-smi not available"
+        timeout -k 5 10 nvidia-smi 2>&1 || echo "nvidia-smi not available"
         echo "# compute-sanitizer"
-        compute-sanitizer --version 2>&1 || echo "compute-sanitizer not available"
+        timeout -k 5 10 compute-sanitizer --version 2>&1 || echo "compute-sanitizer not available"
     } >"$OUT/env.txt" 2>&1
     return 0
 }
 
 stage_tests() {
+    local sel=() rc
+    if [ "$CALL" = full ]; then sel=(tests); else sel=("${FIRST_TEST_FILES[@]}" -k "$FIRST_TEST_K"); fi
     if [ "$DRY" = 1 ]; then
-        NOTE="dry run: skipped (the CPU test suite is what runs this rehearsal)"
-        return 0
+        # Rehearsal: the selection must still name tests (collected as on a GPU, where bf16 cases exist).
+        timeout -k 10 "$T" env GRADMEM_TEST_DEVICE=cuda "$PY" -m pytest -q --collect-only -p no:cacheprovider \
+            "${sel[@]}" >"$OUT/pytest.txt" 2>&1
+        rc=$?
+        local n
+        n=$(grep -c '::' "$OUT/pytest.txt")
+        NOTE="dry run: $n tests collected for the CUDA run (not run: the CPU suite is what runs here)"
+        [ "$rc" -eq 0 ] && [ "$n" -eq 0 ] && rc=5
+        return $rc
     fi
-    timeout -k 15 "$T_TESTS" env GRADMEM_TEST_DEVICE=cuda "$PY" -m pytest -q tests -p no:cacheprovider -rs \
-        --durations=25 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.txt" 2>&1
-    local rc=$?
+    timeout -k 15 "$T" env GRADMEM_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+        --durations=15 "${sel[@]}" >"$OUT/pytest.txt" 2>&1
+    rc=$?
     tail -n 3 "$OUT/pytest.txt"
-    [ $rc -eq 124 ] && NOTE="timed out after ${T_TESTS}s"
+    [ $rc -eq 124 ] && NOTE="timed out after ${T}s"
     return $rc
 }
 
@@ -104,26 +194,27 @@ stage_sanitizer() {
     if ! command -v compute-sanitizer >/dev/null 2>&1; then
         local device=cuda
         [ "$DRY" = 1 ] && device=cpu
-        "$PY" benchmarks/sanitizer_cases.py --device "$device" --json "$OUT/sanitizer-none.json" \
+        timeout -k 10 "$T" "$PY" benchmarks/sanitizer_cases.py --device "$device" \
             >"$OUT/sanitizer-none.txt" 2>&1
         local rc=$?
         NOTE="compute-sanitizer not found: cases run without it"
-        cat "$OUT/sanitizer-none.txt" | grep '^CASE' || true
+        grep '^CASE' "$OUT/sanitizer-none.txt" || true
         return $rc
     fi
-    local rc=0 one
+    local rc=0 one t_mem=$((T * 6 / 10)) t_race
     # memcheck: every case; the caching allocator off so an out-of-bounds access is not hidden in a pool.
-    timeout -k 15 "$T_MEMCHECK" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    timeout -k 10 "$t_mem" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
         --error-exitcode 86 --print-limit 100 "$PY" benchmarks/sanitizer_cases.py --device cuda \
-        --json "$OUT/sanitizer-memcheck.json" >"$OUT/sanitizer-memcheck.txt" 2>&1
+        >"$OUT/sanitizer-memcheck.txt" 2>&1
     one=$?
     grep -E '^CASE|ERROR SUMMARY' "$OUT/sanitizer-memcheck.txt" || true
     [ $one -ne 0 ] && rc=$one
     # racecheck: the kernels only (shared-memory hazards), not the model-level cases.
-    timeout -k 15 "$T_RACECHECK" compute-sanitizer --tool racecheck --error-exitcode 86 --print-limit 100 \
+    t_race=$((T - t_mem))
+    timeout -k 10 "$t_race" compute-sanitizer --tool racecheck --error-exitcode 86 --print-limit 100 \
         "$PY" benchmarks/sanitizer_cases.py --device cuda --case attention_padded --case attention_varlen \
         --case attention_dropout_window --case linear_cross_entropy --case memory_update \
-        --json "$OUT/sanitizer-racecheck.json" >"$OUT/sanitizer-racecheck.txt" 2>&1
+        >"$OUT/sanitizer-racecheck.txt" 2>&1
     one=$?
     grep -E '^CASE|RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/sanitizer-racecheck.txt" || true
     [ $one -ne 0 ] && [ $rc -eq 0 ] && rc=$one
@@ -133,10 +224,28 @@ stage_sanitizer() {
 }
 
 stage_bench() {
+    # Exit 1 from benchmarks.run: one of our own implementations failed (named at the end of bench.log).
     # shellcheck disable=SC2086
-    timeout -k 20 "$T_BENCH" "$PY" -m benchmarks.run --out "$OUT" $DRY_FLAG $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+    timeout -k 20 "$T" "$PY" -m benchmarks.run --out "$OUT" $DRY_FLAG $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
     local rc=${PIPESTATUS[0]}
-    [ $rc -eq 124 ] && NOTE="timed out after ${T_BENCH}s (results so far are in results.json)"
+    [ $rc -eq 124 ] && NOTE="timed out after ${T}s (results so far are in results.json)"
+    [ $rc -eq 1 ] && NOTE="one of our own implementations failed (see the end of bench.log)"
+    return $rc
+}
+
+# ---- census hook: the per-step census of benchmarks/census.py (launches, FLOPs, bytes, syncs, projected
+# time), compared with the measured WRITEs when results.json has them. Skipped while the module is absent.
+stage_census() {
+    if [ ! -f "$ROOT/benchmarks/census.py" ]; then
+        NOTE="benchmarks/census.py not present: skipped"
+        return 0
+    fi
+    local args=(--out "$OUT")
+    [ "$DRY" = 1 ] && args+=(--dry-run)
+    [ -f "$OUT/results.json" ] && args+=(--compare "$OUT/results.json")
+    timeout -k 10 "$T" "$PY" -m benchmarks.census "${args[@]}" 2>&1 | tail -n 40
+    local rc=${PIPESTATUS[0]}
+    [ $rc -eq 124 ] && NOTE="timed out after ${T}s"
     return $rc
 }
 
@@ -145,19 +254,22 @@ stage_report() {
         NOTE="no results.json yet"
         return 0
     fi
-    "$PY" -m benchmarks.plots "$OUT" >/dev/null || true
-    "$PY" -m benchmarks.report --results "$OUT" --out "$OUT/report.md" >/dev/null
+    timeout -k 5 "$T" "$PY" -m benchmarks.report --results "$OUT" --out "$OUT/report.md" >/dev/null
 }
 
 SUITE_RC=0
 for stage in "${STAGES[@]}"; do
-    case "$stage" in
-        env | tests | sanitizer | bench | report) ;;
-        *) echo "gpu_suite: unknown stage '$stage' (env tests sanitizer bench report)" >&2; SUITE_RC=2; continue ;;
-    esac
     NOTE=""
+    left=$((DEADLINE - $(date +%s)))
+    if [ "$left" -lt 10 ]; then
+        record "$stage" 124 0 "not started: the call's deadline has passed"
+        SUITE_RC=1
+        continue
+    fi
+    T=${LIMIT[$stage]}
+    [ "$T" -gt $((left - 5)) ] && T=$((left - 5))
     start=$(date +%s)
-    echo "== stage $stage"
+    echo "== stage $stage (limit ${T}s, $((left)) s left in the call)"
     "stage_$stage"
     rc=$?
     record "$stage" "$rc" "$(($(date +%s) - start))" "$NOTE"

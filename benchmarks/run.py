@@ -9,7 +9,9 @@ attention, cross_entropy and update). Each has a wall-clock budget (``--budget N
 ``--budget-scale``); a case that would start after its section's budget is recorded as skipped. Every case
 is its own try/except (errors are recorded in the JSON) and the files are rewritten after every case.
 Results of sections not run now are kept from an existing ``results.json`` in the folder (``--no-merge``
-starts afresh), so a suite split over several calls ends with one file.
+starts afresh), so a suite split over several calls ends with one file. ``--plan first|second`` runs the
+cases of one lent-GPU call of ``gpu_suite.sh`` (``PLANS``); ``--select`` keeps only matching cases; the run
+exits 1 when one of our own implementations (``gradmem*``) errors, baselines may be skipped with a reason.
 """
 import argparse
 import os
@@ -21,6 +23,62 @@ ALIASES = {"kernels": ("attention", "cross_entropy", "update"), "all": SECTIONS}
 # Seconds per section on a GPU: 760 s in all (the GPU suite's bench stage allows 840 s).
 GPU_BUDGETS = {"peak": 30, "attention": 150, "cross_entropy": 80, "update": 40, "write": 400, "second_order": 60}
 DRY_BUDGETS = {name: 300 for name in SECTIONS}
+
+# The lent GPU's calls (benchmarks/gpu_suite.sh first|second): sections, budgets (s) and the cases kept
+# (clauses of key -> values, see common.Recorder.wants). Each bench stage's hard limit in gpu_suite.sh is
+# the sum of its budgets plus PLAN_STARTUP_S (imports, report); tests/test_benchmarks.py checks that.
+_OURS_VS_FLASH = ("gradmem_fast", "sdpa_flash")
+_WRITE_LOOPS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs")
+PLANS = {
+    # headline evidence: the peaks (for MFU), attention fwd+bwd vs SDPA flash at two shapes, fused linear
+    # cross-entropy vs torch at the GPT-2 shape, whole WRITEs (GPT-2, tiny KV) vs the reference and SDPA loops
+    "first": {
+        "budgets": {"peak": 15, "attention": 40, "cross_entropy": 25, "write": 150},
+        "select": {
+            "attention": [dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("gpt2-write varlen",)),
+                          dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("S=4096",), head_dim=("128",))],
+            "cross_entropy": [dict(mode=("fwd+bwd:dh",), impl=("gradmem_fast", "torch"),
+                                   case=("gpt2 N=16384 V=50257",))],
+            "write": [dict(case=("gpt2_124m", "tiny_kv"), impl=_WRITE_LOOPS)],
+        },
+    },
+    # the rest that fits 5 minutes: the compiled SDPA loop and our ops in the plain loop at GPT-2 (with the
+    # reference again for their error and speedup), and the second-order meta step
+    "second": {
+        "budgets": {"write": 150, "second_order": 30},
+        "select": {"write": [dict(case=("gpt2_124m",), impl=("reference", "gradmem_ops", "torch_sdpa_compiled"))]},
+    },
+}
+PLAN_STARTUP_S = 15
+# In a dry run these sections' tiny cases have other names: their selection keeps every case.
+_DRY_FREE_KEYS = {"attention": ("case", "head_dim"), "cross_entropy": ("case",)}
+
+
+def plan_selection(plan: dict, dry_run: bool) -> dict:
+    """The plan's clauses as ``section -> [key -> set of str]`` (case names dropped where dry-run names differ)."""
+    out = {}
+    for section, clauses in plan.get("select", {}).items():
+        free = _DRY_FREE_KEYS.get(section, ()) if dry_run else ()
+        out[section] = [{k: {str(v) for v in values} for k, values in clause.items() if k not in free}
+                        for clause in clauses]
+    return out
+
+
+def parse_select(items) -> dict:
+    """``SECTION:key=v1|v2;key=v`` (repeatable; each item one clause) -> selection."""
+    out = {}
+    for item in items:
+        section, _, body = item.partition(":")
+        if section not in SECTIONS or not body:
+            raise SystemExit(f"--select: expected SECTION:key=v1|v2;key=v with SECTION in {SECTIONS}, got {item!r}")
+        clause = {}
+        for part in body.split(";"):
+            key, eq, values = part.partition("=")
+            if not eq or not key.strip():
+                raise SystemExit(f"--select: expected key=v1|v2 in {item!r}, got {part!r}")
+            clause[key.strip()] = set(values.split("|"))
+        out.setdefault(section, []).append(clause)
+    return out
 
 
 def parse_sections(text: str) -> list:
@@ -45,6 +103,11 @@ def parse_args(argv):
                    help="override one section's budget")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget")
     p.add_argument("--no-merge", action="store_true", help="do not keep other sections' earlier results")
+    p.add_argument("--plan", choices=sorted(PLANS), default=None,
+                   help="a lent GPU call of gpu_suite.sh: its sections, budgets and cases (overrides --sections)")
+    p.add_argument("--select", action="append", default=[], metavar="SECTION:key=v1|v2;key=v",
+                   help="run only the matching cases of SECTION (repeatable: clauses are alternatives)")
+    p.add_argument("--no-csv", action="store_true", help="write results.json only (fewer files to fetch)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--print-default-dir", action="store_true", help="print the default results folder and exit")
@@ -81,6 +144,15 @@ def main(argv=None) -> int:
         return 2
     sections = parse_sections(args.sections)
     budgets = dict(DRY_BUDGETS if args.dry_run else GPU_BUDGETS)
+    select = {}
+    if args.plan:
+        plan = PLANS[args.plan]
+        sections = [s for s in SECTIONS if s in plan["budgets"]]
+        if not args.dry_run:
+            budgets.update(plan["budgets"])
+        select = plan_selection(plan, args.dry_run)
+    for section, clauses in parse_select(args.select).items():
+        select.setdefault(section, []).extend(clauses)
     for item in args.budget:
         name, _, seconds = item.partition("=")
         if name not in budgets:
@@ -96,7 +168,10 @@ def main(argv=None) -> int:
     meta = common.run_metadata(device, args.dry_run)
     meta["sections_requested"] = sections
     meta["budgets_s"] = budgets
-    rec = common.Recorder(out_dir, meta, sections_now=sections, merge=not args.no_merge, verbose=not args.quiet)
+    meta["plan"] = args.plan
+    meta["select"] = {k: [{kk: sorted(vv) for kk, vv in c.items()} for c in v] for k, v in select.items()}
+    rec = common.Recorder(out_dir, meta, sections_now=sections, merge=not args.no_merge, verbose=not args.quiet,
+                          select=select, write_csv=not args.no_csv)
     print(f"results -> {out_dir}\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"commit {meta['commit'][:12]}{' (dirty)' if meta['commit_dirty'] else ''}"
           f"{' | DRY RUN' if args.dry_run else ''}", flush=True)
@@ -129,6 +204,11 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - the report is a convenience; results.json is the record
         print(f"report.md failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(report.summary(rec.records, rec.section_log))
+    failures = common.own_failures(rec.records, rec.section_log, sections)
+    if failures:  # baselines may be unavailable; our own implementations must run
+        print(f"\n!! {len(failures)} failure(s) of our own implementations:\n  " + "\n  ".join(failures),
+              file=sys.stderr)
+        return 1
     return 0
 
 
