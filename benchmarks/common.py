@@ -108,7 +108,9 @@ def run_metadata(device, dry_run: bool) -> dict:
     device = torch.device(device)
     # A copied working tree may have no .git: GRADMEM_COMMIT (set by whoever starts the run) then names it.
     commit = os.environ.get("GRADMEM_COMMIT", "").strip() or _git("rev-parse", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if not os.environ.get("GRADMEM_COMMIT") else None
+    dirty = None
+    if not os.environ.get("GRADMEM_COMMIT"):
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     meta = {
         "schema": SCHEMA_VERSION,
         "date": datetime.date.today().isoformat(),

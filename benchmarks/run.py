@@ -177,9 +177,12 @@ def main(argv=None) -> int:
           f"{' | DRY RUN' if args.dry_run else ''}", flush=True)
     start = time.monotonic()
 
-    from . import bench_kernels as kernels, bench_peak as peak, bench_second_order as second_order, bench_write as write
-
     import torch
+
+    from . import bench_kernels as kernels
+    from . import bench_peak as peak
+    from . import bench_second_order as second_order
+    from . import bench_write as write
 
     _raise_recompile_limits()
     threads = torch.get_num_threads()

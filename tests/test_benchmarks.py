@@ -20,11 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import report, run  # noqa: E402
+from benchmarks import (  # noqa: E402
+    common,  # noqa: E402
+    report,
+    run,
+)
 from benchmarks.bench_write import PlainLoop  # noqa: E402
-from benchmarks import common  # noqa: E402
 from benchmarks.common import LEADING_COLUMNS  # noqa: E402
 from gradmem_fast import WriteConfig, flops, reference  # noqa: E402
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
