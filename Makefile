@@ -14,6 +14,11 @@ test: venv
 	$(PY) -m pytest -q tests
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
 
+# Plant known one-line bugs in kernels and ops (scratch copy) and check that the tests kill every one.
+.PHONY: mutants
+mutants: venv
+	$(PY) scripts/mutants.py
+
 compile-check: venv
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
 

@@ -1,0 +1,281 @@
+"""Mutation check: plant known one-line bugs in the kernels and ops and make sure the tests catch each one.
+
+    python scripts/mutants.py              # every mutant: killed/total table, exit 1 if one survives
+    python scripts/mutants.py --check      # only verify that every mutant's original snippet is still there
+    python scripts/mutants.py --only NAME  # some mutants (repeatable); --list prints them
+
+The working tree (tracked and untracked-not-ignored files, as they are now) is copied into a scratch
+folder; nothing in the checkout is touched. First the union of the mutants' test selections runs on the
+unmutated copy (it must pass, or "killed" would mean nothing); then, for each mutant, its snippet is
+replaced in the copy, only the tests named for it run (``pytest -x``), and the file is restored. A mutant is
+*killed* when its tests fail, *survives* when they pass. A snippet that is missing, or found more than once
+in the files named, is an error: the table of mutants must follow the code (kernels are being refactored).
+
+Each mutant is one realistic bug: an off-by-one at a tile boundary, a wrong constant, a dropped scale.
+When one survives, the fix is a test, never a different mutant.
+"""
+import argparse
+import dataclasses
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    files: str  # a path or glob relative to the repository root; the snippet must occur once among them
+    original: str
+    replacement: str
+    tests: tuple  # pytest arguments: paths, node ids, -k expressions
+    why: str
+
+
+def _k(path, expr):
+    return (path, "-k", expr)
+
+
+MUTANTS = [
+    Mutant("attn_full_hi_one_key_too_far", "kernels/attention*.py",
+           "full_hi = tl.minimum(k_len, m0 + diag + 1)", "full_hi = tl.minimum(k_len, m0 + diag + 2)",
+           _k("tests/test_kernel_tiles.py", "varlen-edges-fwd or varlen-edges-dq"),
+           "the last key of a causal block is treated as visible to every row of the block"),
+    Mutant("attn_causal_diagonal", "kernels/attention*.py",
+           "valid = valid & (cols <= rows + diag)", "valid = valid & (cols < rows + diag)",
+           _k("tests/test_attention.py", "test_padded and len7"),
+           "a query no longer sees its own key"),
+    Mutant("attn_gqa_head_mapping", "kernels/attention_fwd.py",
+           "hk = h // group", "hk = h % (num_heads // group)",
+           _k("tests/test_attention.py", "key_padding_left_right"),
+           "query heads interleaved over KV heads instead of grouped (forward)"),
+    Mutant("attn_lse_natural_log", "kernels/attention_fwd.py",
+           "(m_i + tl.math.log2(l_safe)) * ln2", "(m_i + tl.math.log2(l_safe))",
+           _k("tests/test_attention.py", "test_padded and len7"),
+           "the saved log-sum-exp stays in base 2 (the backward recomputes wrong probabilities)"),
+    Mutant("attn_dropout_rescale", "kernels/attention.py",
+           "rescale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0", "rescale = 1.0",
+           _k("tests/test_attention.py", "dropout_same_mask"),
+           "kept probabilities are not scaled by 1/(1-p)"),
+    Mutant("attn_varlen_key_offsets", "kernels/attention*.py",
+           "k_start = tl.load(CuK + b)", "k_start = tl.load(CuQ + b)",
+           _k("tests/test_attention.py", "varlen_ragged"),
+           "keys of a packed sequence located with the query offsets"),
+    Mutant("loss_alignment_reference", "gradmem_fast/reference.py",
+           "hidden[:, m - 1 : m + S - 1]", "hidden[:, m : m + S]",
+           _k("tests/test_reference.py", "sgd_matches_eager_all_families and gpt2"),
+           "position m+j (not m-1+j) predicts token j"),
+    Mutant("loss_alignment_packed", "gradmem_fast/packing.py",
+           "loss_rows = cu[:-1][tok_doc] + m - 1 + j", "loss_rows = cu[:-1][tok_doc] + m + j",
+           _k("tests/test_engine.py", "torch_ops_match_reference_fp64 and gpt2"),
+           "the engine's loss rows shifted by one"),
+    Mutant("update_clip_eps_1e-5", "kernels/update.py",
+           "clip_norm / (n + 1e-6)", "clip_norm / (n + 1e-5)",
+           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+           "norm-clip epsilon 1e-5 instead of 1e-6 (kernel)"),
+    Mutant("update_clip_eps_0", "kernels/update.py",
+           "clip_norm / (n + 1e-6)", "clip_norm / (n + 0.0)",
+           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+           "norm-clip epsilon dropped (kernel)"),
+    Mutant("update_clip_eps_torch", "gradmem_fast/ops/update.py",
+           "NORM_EPS = 1e-6", "NORM_EPS = 1e-5",
+           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+           "norm-clip epsilon 1e-5 instead of 1e-6 (torch backend, the reference)"),
+    Mutant("adam_ignores_clip_norm_kernel", "kernels/update.py",
+           "HAS_CLIP_NORM=clip_norm is not None,", "HAS_CLIP_NORM=clip_norm is not None and not adam,",
+           _k("tests/test_write_delta.py", "adam_norm_clip_change"),
+           "the fused Adam update skips the norm clip"),
+    Mutant("adam_ignores_clip_norm_op", "gradmem_fast/ops/update.py",
+           "clip_norm=clip_norm, betas=betas, exp_avg=exp_avg", "clip_norm=None, betas=betas, exp_avg=exp_avg",
+           _k("tests/test_write_delta.py", "adam_norm_clip_change"),
+           "the op does not pass clip_norm to the Adam kernel"),
+    Mutant("adam_ignores_clip_norm_torch", "gradmem_fast/ops/update.py",
+           "g = clip_torch(grad.detach().to(dt), clip_value, clip_norm)",
+           "g = clip_torch(grad.detach().to(dt), clip_value, None)",
+           _k("tests/test_write_delta.py", "adam_norm_clip_change or (torch and adam_clip_norm)"),
+           "the torch Adam (the reference's) skips the norm clip"),
+    Mutant("adam_ignores_clip_norm_engine", "gradmem_fast/engine.py",
+           "clip_norm=config.clip_norm, state=state",
+           "clip_norm=None if config.optimizer == 'adam' else config.clip_norm, state=state",
+           _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
+           "the engine drops clip_norm for Adam"),
+    Mutant("adam_bias_correction_kernel", "kernels/update.py",
+           "inv_bc1 = (1.0 / (1.0 - tl.exp(t * log_beta1))).to(tl.float32)", "inv_bc1 = (t * 0.0 + 1.0).to(tl.float32)",
+           _k("tests/test_write_delta.py", "adam_norm_clip_change and triton"),
+           "Adam's first moment not bias-corrected (kernel)"),
+    Mutant("adam_bias_correction_torch", "gradmem_fast/ops/update.py",
+           "m_hat = exp_avg / _bias_correction(b1, step, dt, memory.device)", "m_hat = exp_avg",
+           _k("tests/test_write_delta.py", "adam_norm_clip_change and torch"),
+           "Adam's first moment not bias-corrected (torch backend)"),
+    Mutant("adam_betas_ignored_engine", "gradmem_fast/engine.py",
+           "betas=config.adam_betas)", "betas=(0.9, 0.999))",
+           _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
+           "the engine runs Adam with the default betas whatever the config says"),
+]
+
+
+def _scratch_copy(dest: str, rev=None) -> None:
+    """Copy tracked and untracked-not-ignored files (their working-tree content) into ``dest``, or with
+    ``rev`` the tree of that commit."""
+    if rev:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+        return
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True)
+    for rel in sorted(set(p for p in out.stdout.decode().split("\0") if p)):
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src) or os.path.islink(src):
+            continue  # deleted in the working tree, or a link
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def locate(root: str, mutant: Mutant) -> str:
+    """The one file under ``root`` holding the mutant's snippet exactly once; ValueError otherwise."""
+    hits = []
+    for path in sorted(glob.glob(os.path.join(root, mutant.files))):
+        with open(path) as f:
+            count = f.read().count(mutant.original)
+        hits += [os.path.relpath(path, root)] * count
+    if len(hits) != 1:
+        where = f"found {len(hits)} times ({', '.join(hits)})" if hits else "not found"
+        raise ValueError(f"mutant {mutant.name}: snippet {mutant.original!r} {where} in {mutant.files}")
+    return hits[0]
+
+
+def _pytest(root: str, args, timeout: float):
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *args]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, out = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = "timeout", (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+    return rc, out, time.monotonic() - start
+
+
+def _check_imports(root: str) -> None:
+    """The scratch copy's package must be the one imported (not the checkout's editable install)."""
+    code = ("import gradmem_fast, gradmem_fast.kernels as k, os; "
+            "print(os.path.dirname(os.path.dirname(gradmem_fast.__file__))); "
+            "print(os.path.dirname(os.path.dirname(k.__file__)))")
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    dirs = out.stdout.split()
+    if out.returncode != 0 or any(os.path.realpath(d) != os.path.realpath(root) for d in dirs) or len(dirs) != 2:
+        raise SystemExit(f"mutants: the scratch copy does not import its own package:\n{out.stdout}{out.stderr}")
+
+
+def _select(names):
+    if not names:
+        return list(MUTANTS)
+    known = {m.name: m for m in MUTANTS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"mutants: unknown mutant(s) {unknown}; --list shows them")
+    return [known[n] for n in names]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only check that every snippet is found once")
+    p.add_argument("--list", action="store_true", help="print the mutants and their tests")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this mutant")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selections")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--rev", default=None, help="mutate this commit's tree instead of the working tree")
+    p.add_argument("--tests", nargs="+", default=None, metavar="ARG",
+                   help="pytest arguments replacing every mutant's own selection (a control: does this suite "
+                        "kill them?)")
+    args = p.parse_args(argv)
+    mutants = _select(args.only)
+    if args.tests:
+        mutants = [dataclasses.replace(m, tests=tuple(args.tests)) for m in mutants]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:34s} {m.files:26s} {' '.join(m.tests)}\n{'':34s} {m.why}")
+        return 0
+
+    scratch = tempfile.mkdtemp(prefix="gradmem-mutants-")
+    try:
+        _scratch_copy(scratch, args.rev)
+        problems, where = [], {}
+        for m in mutants:
+            try:
+                where[m.name] = locate(scratch, m)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            print("mutants: the table no longer matches the code:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 2
+        if args.check:
+            print(f"mutants: all {len(mutants)} snippets found once each")
+            return 0
+        _check_imports(scratch)
+
+        if not args.no_baseline:
+            # Each distinct selection once, unmutated.
+            selections = []
+            for m in mutants:
+                if m.tests not in selections:
+                    selections.append(m.tests)
+            for sel in selections:
+                rc, out, secs = _pytest(scratch, sel, args.timeout)
+                print(f"baseline {' '.join(sel)}: {'pass' if rc == 0 else f'FAIL (rc {rc})'} in {secs:.0f}s",
+                      flush=True)
+                if rc != 0:
+                    print(out[-4000:], file=sys.stderr)
+                    print("mutants: the unmutated tree fails a selection; fix that first", file=sys.stderr)
+                    return 2
+
+        rows = []
+        for m in mutants:
+            path = os.path.join(scratch, where[m.name])
+            with open(path) as f:
+                text = f.read()
+            line = text[: text.index(m.original)].count("\n") + 1
+            with open(path, "w") as f:
+                f.write(text.replace(m.original, m.replacement, 1))
+            try:
+                rc, out, secs = _pytest(scratch, m.tests, args.timeout)
+            finally:
+                with open(path, "w") as f:
+                    f.write(text)
+            if rc == 0:
+                verdict = "SURVIVED"
+            elif rc in (1, "timeout"):
+                verdict = "killed" if rc == 1 else "killed (timeout)"
+            else:  # 2-5: interrupted, internal error, usage error, nothing collected
+                verdict = f"ERROR (pytest rc {rc})"
+            failed = next((ln for ln in out.splitlines() if ln.startswith("FAILED")), "")
+            rows.append((m.name, f"{where[m.name]}:{line}", verdict, secs, failed[7:110]))
+            print(f"{m.name}: {verdict} in {secs:.0f}s {failed[7:110]}", flush=True)
+            if verdict.startswith("ERROR"):
+                print(out[-3000:], file=sys.stderr)
+
+        killed = sum(r[2].startswith("killed") for r in rows)
+        print("\n| mutant | where | result | s | first failing test |\n|---|---|---|---|---|")
+        for name, loc, verdict, secs, failed in rows:
+            print(f"| {name} | {loc} | {verdict} | {secs:.0f} | {failed} |")
+        print(f"\nmutants killed: {killed}/{len(rows)}")
+        return 0 if killed == len(rows) else 1
+    finally:
+        if args.keep:
+            print(f"scratch copy kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
