@@ -255,3 +255,19 @@ def test_meta_gradients_match_eager_triton(case):
 def test_head_second_order_triton_fp64():
     """The write head under second order on the triton backend: fp64 through the kernels (interpreter)."""
     _assert_grads(*_meta_case("head_second", "triton", F64, family="llama"))
+
+
+def test_mutant_table_matches_the_code():
+    """Every planted bug of ``make mutants`` (scripts/mutants.py) still names a line that exists exactly once:
+    a refactor that moves one must move the mutant too, or the mutation check silently checks nothing."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("mutants", root / "scripts" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    assert len(mutants.MUTANTS) >= 12
+    for m in mutants.MUTANTS:
+        mutants.locate(str(root), m)  # raises naming the mutant and what was found
+        assert m.original != m.replacement and m.tests, m.name
