@@ -15,6 +15,7 @@ Configurations: a short curated list per head-dim class (padded power-of-two ``B
 autotuned on a GPU; under the Triton interpreter one small configuration is used (autotuning needs a GPU
 driver). ``compile_specs()`` lists every configuration for ``gradmem_fast.tools.compile_check``.
 """
+import contextlib
 import functools
 import math
 
@@ -26,6 +27,7 @@ from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_pr
 from .attention_common import _dropout_mask_kernel
 from .attention_dbwd import attn_dbwd_dkdv_kernel, attn_dbwd_dq_kernel
 from .attention_fwd import attn_fwd_kernel
+from .runtime import CompileSpec, Variant, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -35,17 +37,20 @@ _LN2 = 0.6931471805599453
 
 
 def _interpreting() -> bool:
-    from gradmem_fast.backend import interpreting
-
     return interpreting()
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (head-dim class, element size): "plain" for calls without
 # dropout, "dropout" for calls with it (Philox needs registers of its own, so those tiles are smaller or
 # get more warps). Forward and dQ tile queries by BLOCK_M and stream keys by BLOCK_N; dK/dV tiles keys by
-# BLOCK_N and streams queries by BLOCK_M. Every entry passes the sm_90 compile check without spills.
+# BLOCK_N and streams queries by BLOCK_M.
+# Two tables per kernel: these ``_*_CONFIGS`` serve unaligned calls (``_aligned_call`` false: scalar loads,
+# so small tiles), ``_ALIGNED`` below overrides entries for aligned calls (16-byte vector loads, cp.async,
+# wgmma: larger tiles fit). Every entry passes the sm_90 compile check without spills in the specialisation
+# it is launched with (compile_specs() compiles each entry in the variants of the tables that hold it).
 _FWD_CONFIGS = {
-    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
+    # dropout 128x64 spills unaligned (255 regs + 64 B); 128x32: 173 regs
+    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 32, 8, 3)]},
     (128, 2): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
     (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (64, 4): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
@@ -54,14 +59,16 @@ _FWD_CONFIGS = {
 }
 _DKDV_CONFIGS = {
     (64, 2): {"plain": [(32, 128, 8, 3), (64, 64, 8, 2)], "dropout": [(32, 128, 8, 3)]},
-    (128, 2): {"plain": [(64, 64, 8, 2), (32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
+    # d128 64x64 spills 8 B unaligned with the 64-bit row offsets (255 regs aligned): not in either table.
+    (128, 2): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (256, 2): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(32, 32, 8, 2)]},
     (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (128, 4): {"plain": [(16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
     (256, 4): {"plain": [(16, 32, 8, 1)], "dropout": [(16, 32, 8, 1)]},
 }
 _DQ_CONFIGS = {
-    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
+    # dropout 128x64 spills 8 B unaligned; 128x32: 188 regs
+    (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 32, 8, 3)]},
     (128, 2): {"plain": [(64, 32, 8, 2), (32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (256, 2): {"plain": [(16, 32, 4, 2), (32, 16, 8, 2)], "dropout": [(16, 32, 4, 2)]},
     (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)], "dropout": [(64, 32, 4, 3)]},
@@ -111,13 +118,53 @@ _IEEE_CONFIGS = {
     "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     "dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     # IEEE fp32 double backward: FMA dots replicate their operands across threads and five of them are in
-    # flight, so the grad-q pass spills at every tile shape tried (16x16 with 1-8 warps); not offered on a
-    # GPU yet (the statistics, grad-dO and dK/dV passes do compile at d <= 64 with 16x16 tiles).
+    # flight; without alignment hints the grad-q pass spills at every tile shape tried (16x16 with 1-8
+    # warps), so unaligned calls are refused. Aligned calls have 16x16 tiles (``_ALIGNED_IEEE``).
     "dbwd_stats": {64: [], 128: [], 256: []},
     "dbwd_dq": {64: [], 128: [], 256: []},
     "dbwd_ddo": {64: [], 128: [], 256: []},
     "dbwd_dkdv": {64: [], 128: [], 256: []},
 }
+
+
+# Aligned calls: entries that differ from the unaligned tables, found by compiling candidates for sm_90 in the
+# ``aligned`` specialisation and keeping the first spill-free one, largest tiles first (registers in the
+# comments, measured with Triton 3.6's ptxas). Kinds/classes not listed use the unaligned entry.
+# fp16 figures (bf16 shares the table), "plain" with key mask and window, "dropout" with dropout added; a
+# wgmma tile needs 64 rows per warpgroup of 4 warps, so BLOCK_M = 128 goes with 8 warps (BLOCK_N for the
+# key-side kernels, whose dots have the keys as rows).
+_ALIGNED = {
+    # d128 forward: 128x64 (198 regs, 128 KiB smem) instead of 128x32 (158); dropout stays at 128x32
+    # (128x64 with dropout reaches 255 regs).
+    "fwd": {(64, 2): {"dropout": [(128, 64, 8, 3)]},  # 172 regs aligned
+            (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)]}},
+    # d64: 64 keys x 128 queries streamed (239 regs; spills with dropout, which keeps the unaligned entry);
+    # d128: 32x128 (233 regs) first (spills 8 B with dropout).
+    "dkdv": {(64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
+             (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]}},
+    # d128 dQ: 128-query tiles (128x64: 218 regs; 128x32: 182, with dropout 223; 128x64 spills with dropout).
+    "dq": {(128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]}},
+    # Double backward on wgmma-sized tiles, 128 queries over 8 warps (d64 / d128 regs, plain -> dropout):
+    # statistics 108 / 110 -> 156 / 172, grad q 144 / 192 -> 186 / 236, grad dO 113 / 148 -> 158 / 175.
+    "dbwd_stats": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+                   (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
+    "dbwd_dq": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+                (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
+    "dbwd_ddo": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+                 (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
+    # d64 key side: 128 keys over 8 warps (200 regs; 255 with dropout, which keeps 32x32). d128 spills at
+    # every wgmma-sized tile tried (32x128/8, 64x64/4, 32x64/4 and /8, 16x64/4): the unaligned 32x32 stays.
+    "dbwd_dkdv": {(64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]}},
+}
+# IEEE fp32 double backward: with aligned operands the FMA tiles fit at 16x16 for d <= 64 (regs with
+# dropout: statistics 133, grad q 168, grad dO 168, grad k/v 133). d128 stays refused: its grad-dO pass
+# spills at 16x16 with 4 and 8 warps (the other three passes fit: 224 / 246 / 230 regs); so do unaligned
+# calls (grad q spills without hints) and d256.
+_ALIGNED_IEEE = {kind: {} for kind in _ALIGNED}
+_ALIGNED_IEEE["dbwd_stats"] = {64: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_dq"] = {64: [(16, 16, 4, 1)]}
+_ALIGNED_IEEE["dbwd_ddo"] = {64: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)]}
 
 
 def _pre_block_m(block_d):
@@ -126,6 +173,8 @@ def _pre_block_m(block_d):
 
 
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+# Configurations pinned per kind under the interpreter by ``interpret_configs`` (tests of the GPU tiles).
+_INTERPRET_PINS = {}
 _TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "dbwd_stats": _DBWD_STATS_CONFIGS,
            "dbwd_dq": _DBWD_DQ_CONFIGS, "dbwd_ddo": _DBWD_DDO_CONFIGS, "dbwd_dkdv": _DBWD_DKDV_CONFIGS}
 _KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel,
@@ -147,53 +196,99 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32") -> list:
+def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32",
+            aligned: bool = True) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class.
 
     fp32 with IEEE dots runs on CUDA cores (FMA), whose operands live in registers: it gets its own
-    small tiles.
+    small tiles. ``aligned``: whether the call passes ``_aligned_call`` (it picks the table).
     """
     if _interpreting():
         return [_INTERPRET_CONFIG]
+    return gpu_configs(kind, block_d, element_size, dropout, precision, aligned)
+
+
+def gpu_configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32",
+                aligned: bool = True) -> list:
+    """The GPU table entry for this kernel/class (what ``configs`` returns on a GPU), also under the interpreter."""
     if element_size not in (2, 4):
         raise TypeError("prefix attention kernels: float64 runs only under the Triton interpreter")
+    cls = head_dim_class(block_d)
+    variant = "dropout" if dropout else "plain"
     if element_size == 4 and precision == "ieee":
-        return _IEEE_CONFIGS[kind][head_dim_class(block_d)]
-    return _TABLES[kind][(head_dim_class(block_d), element_size)]["dropout" if dropout else "plain"]
+        if aligned and cls in _ALIGNED_IEEE[kind]:
+            return _ALIGNED_IEEE[kind][cls]
+        return _IEEE_CONFIGS[kind][cls]
+    override = _ALIGNED[kind].get((cls, element_size), {}) if aligned else {}
+    if variant in override:
+        return override[variant]
+    return _TABLES[kind][(cls, element_size)][variant]
 
 
-def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: str) -> bool:
+def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool = False) -> bool:
     """Whether every double-backward kernel has a spill-free configuration for this class on a GPU.
 
     Empty entries of the double-backward tables mark classes where no tile shape compiled without register
     spills for sm_90 (the double backward keeps about twice the live tiles of the backward); the launcher
-    refuses those instead of running a configuration the compile check rejects.
+    refuses those instead of running a configuration the compile check rejects. ``aligned`` (default: the
+    unaligned tables, whose support the aligned ones include) as in ``configs``.
     """
     if _interpreting():
         return True
-    return all(configs(kind, block_d, element_size, dropout, precision) for kind in _DBWD_KINDS)
+    return all(configs(kind, block_d, element_size, dropout, precision, aligned) for kind in _DBWD_KINDS)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str):
+def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool):
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision)
+        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned)
     ]
     return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
 
+def _aligned_call(tensors, strides) -> bool:
+    """Whether a launch gets the ``aligned`` specialisation ``compile_specs`` compiles for the aligned tables:
+    every pointer argument 16-byte aligned and every tile stride divisible by 16 (Triton's launcher rule)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(int(st) % 16 == 0 for st in strides)
+
+
 def _launch(kind, grid_of, args, consts, block_d, element_size):
-    """Run ``kind`` with the autotuned config on a GPU, or with the single interpreter config."""
+    """Run ``kind`` with the autotuned config on a GPU (from the aligned or unaligned table, as ``args``
+    decide), or with the single interpreter config."""
     if kind in _DBWD_PASS:
         consts = dict(consts, PASS=_DBWD_PASS[kind])
     if _interpreting():
-        bm, bn, w, s = _INTERPRET_CONFIG
+        bm, bn, w, s = _INTERPRET_PINS.get(kind, _INTERPRET_CONFIG)
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
         _KERNELS[kind][grid_of(meta)](*args, **consts, **meta, num_warps=w, num_stages=s)
     else:
-        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"])
+        names = _KERNELS[kind].arg_names
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        strides = [a for n, a in zip(names, args) if n.startswith("stride_") and n not in _UNHINTED_STRIDES]
+        aligned = _aligned_call(tensors, strides)
+        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"], aligned)
         tuned[grid_of](*args, **consts)
+
+
+@contextlib.contextmanager
+def interpret_configs(**pins):
+    """Under the interpreter, launch each named kind with the given ``(BLOCK_M, BLOCK_N, num_warps,
+    num_stages)`` instead of the one small interpreter config, e.g. ``interpret_configs(fwd=(128, 64, 8, 3))``.
+
+    Tests use it to execute the tiles of the GPU tables on CPU; on a GPU the autotuner picks and pins are unused.
+    """
+    unknown = set(pins) - set(_KERNELS)
+    if unknown:
+        raise ValueError(f"interpret_configs: unknown kernel kinds {sorted(unknown)}; "
+                         f"expected some of {sorted(_KERNELS)}")
+    saved = dict(_INTERPRET_PINS)
+    _INTERPRET_PINS.update(pins)
+    try:
+        yield
+    finally:
+        _INTERPRET_PINS.clear()
+        _INTERPRET_PINS.update(saved)
 
 
 class _Geometry:
@@ -388,11 +483,17 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     gdq, gdk, gdv = _unit_last(gdq), _unit_last(gdk), _unit_last(gdv)
     geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
     precision = "ieee" if q.dtype == torch.float64 else fp32_precision
-    if q.dtype != torch.float64 and not dbwd_supported(geo.block_d, q.element_size(), dropout_p > 0, precision):
+    # The launches' alignment follows from the inputs' (the outputs are allocated with q's and k's shapes).
+    ins = [q, k, v, dout, gdq, gdk, gdv]
+    aligned = _aligned_call(ins + [t for t in (cu_seqlens_q, cu_seqlens_k, geo.kpm) if t is not None],
+                            [st for t in ins for st in geo.strides(t)])
+    if q.dtype != torch.float64 and not dbwd_supported(geo.block_d, q.element_size(), dropout_p > 0, precision,
+                                                       aligned):
         raise NotImplementedError(
             f"prefix attention double backward: no spill-free sm_90 kernel configuration for head_dim={geo.d} "
             f"(padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
-            f"dropout={'yes' if dropout_p > 0 else 'no'} yet; use backend='torch' for this second-order call"
+            f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'} yet; use "
+            "backend='torch' for this second-order call"
             + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else ""))
     scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -468,9 +569,32 @@ def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device,
 _DTYPE_SIG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
-    from gradmem_fast.tools.compile_check import CompileSpec
+# Strides of the per-row statistics and the key mask: token counts, arbitrary in both specialisations.
+_UNHINTED_STRIDES = ("stride_lb", "stride_lh", "stride_mb")
+# Buffers the launchers allocate themselves (or that callers preallocate like them): always 16-byte aligned.
+_OWN_BUFFERS = {"fwd": {"Out", "Lse"}, "dkdv": {"Lse", "Delta", "dK", "dV"}, "dq": {"Lse", "Delta", "dQ"},
+                "dbwd_dkdv": {"Lse", "Delta", "Beta", "Psi", "GradK", "GradV"}}
+for _kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):
+    _OWN_BUFFERS[_kind] = {"Lse", "Delta", "Dlse", "Beta", "Psi", "GradQ", "GraddOut"}
 
+
+def _variants(kind, sig):
+    """The two specialisations of a configuration (see kernels/runtime.py) the launcher tells apart.
+
+    ``aligned`` (``_aligned_call``: every tensor the tiles read or write 16-byte aligned, their batch, token
+    and head strides divisible by 16, e.g. GPT-2/Llama shapes, fused QKV included): every pointer and every
+    tile stride carries ``tt.divisibility=16``, so tile loads become 16-byte vectors, ``cp.async`` copies and
+    wgmma operands. ``unaligned`` (odd head dims, views at odd offsets): only the buffers the launcher
+    allocates are hinted. Lengths, the log-sum-exp and key-mask strides, window, head count and seed are
+    compiled unhinted and the GQA group as a runtime value: launches with 16-divisible lengths or group 1
+    (a constant) get binaries that differ from these in scalar index arithmetic only.
+    """
+    pointers = {n for n, t in sig.items() if t.startswith("*")}
+    strides = {n for n in sig if n.startswith("stride_") and n not in _UNHINTED_STRIDES}
+    return (Variant("aligned", divisible=pointers | strides), Variant("unaligned", divisible=_OWN_BUFFERS[kind]))
+
+
+def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     t = "*" + _DTYPE_SIG[dtype]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     i32, f32 = "i32", "fp32"
@@ -507,21 +631,22 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
             f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}")
     return CompileSpec(name=name, kernel=_KERNELS[kind], signature=sig, constexprs=consts, num_warps=warps,
-                       num_stages=stages, archs=(90,))
+                       num_stages=stages, archs=(90,), variants=_variants(kind, sig))
 
 
 KINDS = ("fwd", "dkdv", "dq", "dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
 
 
 def compile_specs(kinds=KINDS):
-    """Every (kernel, head-dim class, dtype, config) the launcher can pick on a GPU.
+    """Every (kernel, head-dim class, dtype, config) the launcher can pick on a GPU, each in the
+    specialisations it is launched with: ``aligned`` when the aligned table holds it, ``unaligned`` when the
+    unaligned table does (``_variants``).
 
     A class is checked at its largest head dim (64 stands for 16/32/48/64). "plain" configs are compiled
     with the flags that cost the most registers without dropout (padded layout, key padding mask, sliding
     window), "dropout" configs with dropout added; plain varlen-causal calls use a subset of that code.
+    IEEE fp32 shares one list between plain and dropout calls, checked with dropout.
     """
-    from gradmem_fast.tools.compile_check import CompileSpec
-
     flags = {
         "plain": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=False),
         "dropout": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=True),
@@ -531,12 +656,14 @@ def compile_specs(kinds=KINDS):
         size = torch.tensor([], dtype=dtype).element_size()
         for block_d in (64, 128, 256):
             for kind in kinds:
-                for variant in ("plain", "dropout"):
-                    for cfg in _TABLES[kind][(block_d, size)][variant]:
-                        specs.append(_specs_for(kind, dtype, block_d, cfg, flags[variant]))
-                if dtype == torch.float32:  # IEEE fp32: one small-tile config, checked with dropout
-                    for cfg in _IEEE_CONFIGS[kind][block_d]:
-                        specs.append(_specs_for(kind, dtype, block_d, cfg, flags["dropout"], precision="ieee"))
+                cases = [("plain", "tf32"), ("dropout", "tf32")] + ([("dropout", "ieee")] if size == 4 else [])
+                for flag, precision in cases:
+                    lists = {label: gpu_configs(kind, block_d, size, flag == "dropout", precision, label == "aligned")
+                             for label in ("aligned", "unaligned")}
+                    for cfg in dict.fromkeys(lists["aligned"] + lists["unaligned"]):
+                        spec = _specs_for(kind, dtype, block_d, cfg, flags[flag], precision)
+                        spec.variants = tuple(v for v in spec.variants if cfg in lists[v.label])
+                        specs.append(spec)
             t = "*" + _DTYPE_SIG[dtype]
             specs.append(CompileSpec(
                 name=f"attn_bwd_preprocess_{_DTYPE_SIG[dtype]}_d{block_d}", kernel=attn_bwd_preprocess_kernel,
@@ -545,5 +672,8 @@ def compile_specs(kinds=KINDS):
                            "stride_doh": "i32", "stride_lb": "i32", "stride_lh": "i32", "seqlen_q": "i32"},
                 constexprs=dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=_pre_block_m(block_d), IS_VARLEN=True,
                                 ACC_DTYPE=tl.float32),
-                num_warps=4, num_stages=1, archs=(90,)))
+                num_warps=4, num_stages=1, archs=(90,),
+                variants=(Variant("aligned", divisible={"Out", "dOut", "Delta", "CuQ", "stride_ob", "stride_ot",
+                                                        "stride_oh", "stride_dob", "stride_dot", "stride_doh"}),
+                          Variant("unaligned", divisible={"Delta"}))))
     return specs

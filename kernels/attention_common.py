@@ -8,38 +8,15 @@ Notation used by every attention kernel (one program works on one sequence ``b``
 * scores are kept in base 2: ``s2 = (q . k) * scale * log2(e)``, so ``exp(scale * q.k - lse) =
   exp2(s2 - lse * log2(e))``; the saved log-sum-exp ``lse`` is in natural-log units;
 * dropout keeps score ``(i, j)`` of head ``(b, h)`` iff ``philox(seed + 2^32 (b H + h), i Lk + j) >= p``
-  (``tl.rand``), a pure function of the indices, so forward and backward regenerate the same mask.
+  (``tl.rand``), a pure function of the indices, so forward and backward regenerate the same mask;
+* addresses: every product of a token or head index with a stride is formed in 64 bits: the scalar bases
+  (``head_base``, ``stat_offset``) and the row offsets of each tile (``load_rows``/``store_rows``). A
+  fused-QKV token stride times 131k tokens already passes 2^31.
 """
-import os
-
 import triton
 import triton.language as tl
 
-
-def _interpreter_index_compat():
-    """Let the Triton interpreter use tensor loop bounds (``range(lo, hi)``) under NumPy >= 2.
-
-    The interpreter holds scalars as 1-element arrays and converts loop bounds with ``int(array)``, which
-    NumPy 2 rejects for arrays of rank > 0; ``.item()`` accepts them. Only the interpreter is touched,
-    only for the duration of each kernel call (its own patch scope restores the attribute), and only when
-    TRITON_INTERPRET=1. Belongs in gradmem_fast.backend once other kernels need it.
-    """
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_index_compat", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patched._index_compat = True
-    interp._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _interpreter_index_compat()
+from . import runtime  # noqa: F401  (under the interpreter: runtime loop bounds work, see runtime.py)
 
 
 @triton.jit
@@ -60,6 +37,114 @@ def seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         k_start = b * 0
         k_len = seqlen_k + b * 0
     return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def head_base(ptr, b, start, h, stride_b, stride_t, stride_h):
+    """Address of token ``start`` of head ``h`` of sequence ``b`` in a [B, T, H, D] or [T, H, D] tensor."""
+    return ptr + b.to(tl.int64) * stride_b + start.to(tl.int64) * stride_t + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def stat_offset(b, h, start, stride_lb, stride_lh):
+    """Element offset of token ``start``, head ``h``, sequence ``b`` in the log-sum-exp layout ([B, H, S] or
+    [H, T]), shared by every per-row statistic (lse, delta, beta, psi, dlse). ``h * stride_lh`` is
+    ``h * total_tokens`` in the packed layout: 64 bits."""
+    return b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + start
+
+
+@triton.jit
+def load_rows(base, start, n_rows, stride_t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASK_ROWS: tl.constexpr, TRANS: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of the [tokens, HEAD_DIM] matrix at ``base`` (row stride ``stride_t``,
+    unit column stride) as a [BLOCK, BLOCK_D] tile, or [BLOCK_D, BLOCK] with TRANS. Columns >= HEAD_DIM and,
+    with MASK_ROWS, rows >= ``n_rows`` read 0 (without MASK_ROWS the caller knows every row exists).
+
+    Row offsets are 64-bit, formed on the [BLOCK] row vector before it is broadcast over the columns (cheap,
+    and not loop-invariant, so the compiler does not keep a whole tile of offsets live across a key loop)."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    offs = rows.to(tl.int64) * stride_t
+    if TRANS:
+        mask = (cols < HEAD_DIM)[:, None]
+        if MASK_ROWS:
+            mask = mask & (rows < n_rows)[None, :]
+        tile = tl.load(base + offs[None, :] + cols[:, None], mask=mask, other=0.0)
+    else:
+        mask = (cols < HEAD_DIM)[None, :]
+        if MASK_ROWS:
+            mask = mask & (rows < n_rows)[:, None]
+        tile = tl.load(base + offs[:, None] + cols[None, :], mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def store_rows(base, start, n_rows, stride_t, value, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Store the [BLOCK, BLOCK_D] tile ``value`` (cast to the buffer's dtype) into rows ``start ..`` of the
+    matrix at ``base``; rows >= ``n_rows`` and columns >= HEAD_DIM are not written."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.store(base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], value.to(base.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def load_lse2(Lse, rows, rows_ok, log2e):
+    """The saved log-sum-exp at ``Lse + rows`` in base-2 units. Rows past the end and rows with no visible key
+    (lse = -inf, output 0) read +inf, so their recomputed P = exp2(s - lse2) is exactly 0 (no NaN)."""
+    lse = tl.load(Lse + rows, mask=rows_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * log2e)
+
+
+@triton.jit
+def key_keep(Kpm_base, offs_n, n_ok, HAS_KPM: tl.constexpr):
+    """Keys ``offs_n`` that exist and are not padding (key padding mask, nonzero = keep)."""
+    if HAS_KPM:
+        keep = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
+    else:
+        keep = n_ok
+    return keep
+
+
+@triton.jit
+def key_range(m0, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Keys a query block ``m0 .. m0 + BLOCK_M`` visits: ``(diag, lo, hi, full_lo, full_hi)``.
+
+    ``[lo, hi)`` holds every key some row of the block sees (``lo`` on the BLOCK_N grid); ``[full_lo,
+    full_hi)`` the keys every row of the block sees (input of ``aligned_ranges``).
+    """
+    diag = k_len - q_len
+    r_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1  # last real query row of the block
+    lo = 0
+    hi = k_len
+    full_lo = 0
+    full_hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(k_len, r_hi + diag + 1)
+        full_hi = tl.minimum(k_len, m0 + diag + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = r_hi + diag - window + 1
+    return diag, lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def query_range(n0, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query blocks that see some key of the key block ``n0 .. n0 + BLOCK_N``: ``(diag, lo, n_blocks)``,
+    the blocks starting at ``lo + i * BLOCK_M`` for ``i < n_blocks``."""
+    diag = k_len - q_len
+    lo = 0
+    hi = q_len
+    if IS_CAUSAL:
+        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(q_len, tl.minimum(n0 + BLOCK_N, k_len) - 1 - diag + window)
+    n_blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
+    return diag, lo, n_blocks
 
 
 @triton.jit
@@ -136,9 +221,9 @@ def _dropout_mask_kernel(
     q_start, q_len, k_start, k_len = seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
     key = rng_key(seed, b, h, num_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    base = Keep + b.to(tl.int64) * stride_b + h * stride_h
+    base = Keep + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs_m[:, None].to(tl.int64) * stride_m
     for start_n in range(0, k_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
-        ptrs = base + offs_m[:, None] * stride_m + offs_n[None, :]
+        ptrs = base + offs_n[None, :]
         tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))

@@ -37,7 +37,8 @@ mask, window and dropout keep mask are regenerated exactly as in the forward.
 import triton
 import triton.language as tl
 
-from .attention_common import keep_mask, load_scalars, rng_key, score_mask, seq_bounds
+from .attention_common import (head_base, keep_mask, key_keep, key_range, load_lse2, load_rows, load_scalars,
+                               query_range, rng_key, score_mask, seq_bounds, stat_offset, store_rows)
 
 
 @triton.jit
@@ -108,66 +109,51 @@ def attn_dbwd_dq_kernel(
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
     hk = h // group
-    b64 = b.to(tl.int64)
-    qs64 = q_start.to(tl.int64)
-    ks64 = k_start.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
-    d_ok = offs_d < HEAD_DIM
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    rows = offs_m[:, None]
-    q = tl.load(Q + b64 * stride_qb + qs64 * stride_qt + h * stride_qh + rows * stride_qt + offs_d[None, :],
-                mask=qd_mask, other=0.0)
+    q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
+                  BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
     if PASS < 2:
-        do = tl.load(dOut + b64 * stride_dob + qs64 * stride_dot + h * stride_doh + rows * stride_dot
-                     + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
+                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
     else:
         do = q  # PASS 2 does not use dO
-    gq = tl.load(gQ + b64 * stride_gqb + qs64 * stride_gqt + h * stride_gqh + rows * stride_gqt
-                 + offs_d[None, :], mask=qd_mask, other=0.0)
-    stat = b64 * stride_lb + h * stride_lh + q_start + offs_m
-    # Rows past the end and rows with no visible key (lse = -inf) read lse = +inf: their P is exactly 0.
-    lse = tl.load(Lse + stat, mask=m_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * log2e)
+    gq = load_rows(head_base(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh), m0, q_len, stride_gqt,
+                   BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+    stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
+    lse2 = load_lse2(Lse, stat, m_ok, log2e)
     delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
-    K_base = K + b64 * stride_kb + ks64 * stride_kt + hk * stride_kh
-    V_base = V + b64 * stride_vb + ks64 * stride_vt + hk * stride_vh
-    gK_base = gK + b64 * stride_gkb + ks64 * stride_gkt + hk * stride_gkh
-    gV_base = gV + b64 * stride_gvb + ks64 * stride_gvt + hk * stride_gvh
-    Kpm_base = Kpm + b64 * stride_mb + k_start
+    K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
+    V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
+    gK_base = head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh)
+    gV_base = head_base(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh)
+    Kpm_base = Kpm + b.to(tl.int64) * stride_mb + k_start
 
-    diag = k_len - q_len
-    r_hi = tl.minimum(m0 + BLOCK_M, q_len) - 1  # last real query row of the block
-    lo = 0
-    hi = k_len
-    if IS_CAUSAL:
-        hi = tl.minimum(k_len, r_hi + diag + 1)
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N * BLOCK_N
+    # every row statistic needs the complete row: the key range of the block, no unmasked split
+    diag, lo, hi, full_lo, full_hi = key_range(m0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     key = rng_key(seed, b, h, num_heads)
 
     if PASS == 0:
         # The row statistics need every key of the row before any gradient can be formed.
         _dbwd_row_stats(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
-                        stride_gvt, lse2, delta, Dlse, Beta, Psi, stat, offs_m, offs_d, m_ok, lo, hi, k_len, diag,
-                        window, qk_scale, sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        stride_gvt, lse2, delta, Dlse, Beta, Psi, stat, offs_m, m_ok, lo, hi, k_len, diag,
+                        window, qk_scale, sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N,
                         IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
     elif PASS == 1:
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
         _dbwd_grad_q(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
                      stride_gvt, lse2, delta, beta, psi,
-                     GradQ + b64 * stride_oqb + qs64 * stride_oqt + h * stride_oqh + rows * stride_oqt
-                     + offs_d[None, :], qd_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+                     head_base(GradQ, b, q_start, h, stride_oqb, stride_oqt, stride_oqh), stride_oqt, m0, q_len,
+                     offs_m, lo, hi, k_len, diag, window, qk_scale, sm_scale,
                      rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
                      HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
     else:
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         _dbwd_grad_dout(q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
                         stride_gvt, lse2, beta,
-                        GraddOut + b64 * stride_odb + qs64 * stride_odt + h * stride_odh + rows * stride_odt
-                        + offs_d[None, :], qd_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale,
+                        head_base(GraddOut, b, q_start, h, stride_odb, stride_odt, stride_odh), stride_odt, m0,
+                        q_len, offs_m, lo, hi, k_len, diag, window, qk_scale,
                         sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL,
                         HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
 
@@ -175,28 +161,23 @@ def attn_dbwd_dq_kernel(
 @triton.jit
 def _dbwd_row_stats(
     q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, delta, Dlse, Beta, Psi, stat, offs_m, offs_d, m_ok, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+    lse2, delta, Dlse, Beta, Psi, stat, offs_m, m_ok, lo, hi, k_len, diag, window, qk_scale, sm_scale,
     rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 0 of attn_dbwd_dq_kernel: stores Beta and Psi of one query block."""
-    d_ok = offs_d < HEAD_DIM
     beta = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     phi = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_len
-        kdT_mask = d_ok[:, None] & n_ok[None, :]
-        kT = tl.load(K_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kdT_mask, other=0.0)
-        vT = tl.load(V_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kdT_mask, other=0.0)
-        gkT = tl.load(gK_base + offs_n[None, :] * stride_gkt + offs_d[:, None], mask=kdT_mask, other=0.0)
-        gvT = tl.load(gV_base + offs_n[None, :] * stride_gvt + offs_d[:, None], mask=kdT_mask, other=0.0)
-        if HAS_KPM:
-            kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
-        else:
-            kp_ok = n_ok
+        kT = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
+        vT = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
+        gkT = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
+        gvT = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
+        kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
         p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, kT, vT, gkT, gvT, lse2, delta, offs_m, offs_n, k_len, diag,
                                              window, kp_ok, qk_scale, sm_scale, rescale, dropout_p, key,
                                              IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE,
@@ -212,30 +193,23 @@ def _dbwd_row_stats(
 @triton.jit
 def _dbwd_grad_q(
     q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, delta, beta, psi, Out_ptrs, out_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
-    rescale, dropout_p, key,
+    lse2, delta, beta, psi, Out_base, stride_ot, m0, q_len, offs_m, lo, hi, k_len, diag, window, qk_scale,
+    sm_scale, rescale, dropout_p, key,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 1 of attn_dbwd_dq_kernel: stores GradQ of one query block."""
-    d_ok = offs_d < HEAD_DIM
     acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_len
         # Row-major tiles here (transposed for the score products), transposed loads in the statistics
         # pass: each is the variant that compiles without spills for more tile shapes on sm_90.
-        kd_mask = n_ok[:, None] & d_ok[None, :]
-        cols = offs_n[:, None]
-        k = tl.load(K_base + cols * stride_kt + offs_d[None, :], mask=kd_mask, other=0.0)
-        v = tl.load(V_base + cols * stride_vt + offs_d[None, :], mask=kd_mask, other=0.0)
-        gk = tl.load(gK_base + cols * stride_gkt + offs_d[None, :], mask=kd_mask, other=0.0)
-        gv = tl.load(gV_base + cols * stride_gvt + offs_d[None, :], mask=kd_mask, other=0.0)
-        if HAS_KPM:
-            kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
-        else:
-            kp_ok = n_ok
+        k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
         p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, tl.trans(k), tl.trans(v), tl.trans(gk), tl.trans(gv), lse2,
                                              delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
                                              rescale, dropout_p, key, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
@@ -245,34 +219,29 @@ def _dbwd_grad_q(
         acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     acc_q = acc_q * sm_scale
-    tl.store(Out_ptrs, acc_q.to(Out_ptrs.dtype.element_ty), mask=out_mask)
+    store_rows(Out_base, m0, q_len, stride_ot, acc_q, BLOCK_M, BLOCK_D, HEAD_DIM)
 
 
 @triton.jit
 def _dbwd_grad_dout(
     q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, beta, Out_ptrs, out_mask, offs_m, offs_d, lo, hi, k_len, diag, window, qk_scale, sm_scale,
+    lse2, beta, Out_base, stride_ot, m0, q_len, offs_m, lo, hi, k_len, diag, window, qk_scale, sm_scale,
     rescale, dropout_p, key,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 2 of attn_dbwd_dq_kernel: stores GraddOut of one query block."""
-    d_ok = offs_d < HEAD_DIM
     acc_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_len
-        kd_mask = n_ok[:, None] & d_ok[None, :]
-        cols = offs_n[:, None]
-        k = tl.load(K_base + cols * stride_kt + offs_d[None, :], mask=kd_mask, other=0.0)
-        gk = tl.load(gK_base + cols * stride_gkt + offs_d[None, :], mask=kd_mask, other=0.0)
+        k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
         if HAS_KPM:
-            kp_ok = tl.load(Kpm_base + offs_n, mask=n_ok, other=0) != 0
-            valid = valid & kp_ok[None, :]
+            valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
         pd = tl.where(valid, p, 0.0)
         if HAS_DROPOUT:
             keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
@@ -280,11 +249,11 @@ def _dbwd_grad_dout(
         bb = (tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
               + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
         w = pd * (bb - beta[:, None])
-        v = tl.load(V_base + cols * stride_vt + offs_d[None, :], mask=kd_mask, other=0.0)
-        gv = tl.load(gV_base + cols * stride_gvt + offs_d[None, :], mask=kd_mask, other=0.0)
+        v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+        gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
         acc_do += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         acc_do += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(Out_ptrs, acc_do.to(Out_ptrs.dtype.element_ty), mask=out_mask)
+    store_rows(Out_base, m0, q_len, stride_ot, acc_do, BLOCK_M, BLOCK_D, HEAD_DIM)
 
 
 @triton.jit
@@ -322,37 +291,18 @@ def attn_dbwd_dkdv_kernel(
     if n0 >= k_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
-    b64 = b.to(tl.int64)
-    qs64 = q_start.to(tl.int64)
-    ks64 = k_start.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < k_len
-    d_ok = offs_d < HEAD_DIM
-    kd_mask = n_ok[:, None] & d_ok[None, :]
-    cols = offs_n[:, None]
-    k = tl.load(K + b64 * stride_kb + ks64 * stride_kt + hk * stride_kh + cols * stride_kt + offs_d[None, :],
-                mask=kd_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + ks64 * stride_vt + hk * stride_vh + cols * stride_vt + offs_d[None, :],
-                mask=kd_mask, other=0.0)
-    gk = tl.load(gK + b64 * stride_gkb + ks64 * stride_gkt + hk * stride_gkh + cols * stride_gkt
-                 + offs_d[None, :], mask=kd_mask, other=0.0)
-    gv = tl.load(gV + b64 * stride_gvb + ks64 * stride_gvt + hk * stride_gvh + cols * stride_gvt
-                 + offs_d[None, :], mask=kd_mask, other=0.0)
-    if HAS_KPM:
-        kp_ok = tl.load(Kpm + b64 * stride_mb + k_start + offs_n, mask=n_ok, other=0) != 0
-    else:
-        kp_ok = n_ok
-
-    diag = k_len - q_len
+    k = load_rows(head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh), n0, k_len, stride_kt,
+                  BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    v = load_rows(head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh), n0, k_len, stride_vt,
+                  BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    gk = load_rows(head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh), n0, k_len, stride_gkt,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    gv = load_rows(head_base(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh), n0, k_len, stride_gvt,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    kp_ok = key_keep(Kpm + b.to(tl.int64) * stride_mb + k_start, offs_n, offs_n < k_len, HAS_KPM)
     # Only the query blocks that see some key of this block are visited.
-    lo = 0
-    hi = q_len
-    if IS_CAUSAL:
-        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
-    if HAS_WINDOW:
-        hi = tl.minimum(q_len, tl.minimum(n0 + BLOCK_N, k_len) - 1 - diag + window)
-    n_blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_M), 0)
+    diag, lo, n_blocks = query_range(n0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
 
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -360,19 +310,17 @@ def attn_dbwd_dkdv_kernel(
     for it in range(0, group * n_blocks):
         g_idx = it // n_blocks
         h = hk * group + g_idx
-        offs_m = lo + (it - g_idx * n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = lo + (it - g_idx * n_blocks) * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < q_len
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        rows = offs_m[:, None]
-        q = tl.load(Q + b64 * stride_qb + qs64 * stride_qt + h * stride_qh + rows * stride_qt + offs_d[None, :],
-                    mask=qd_mask, other=0.0)
-        do = tl.load(dOut + b64 * stride_dob + qs64 * stride_dot + h * stride_doh + rows * stride_dot
-                     + offs_d[None, :], mask=qd_mask, other=0.0)
-        gq = tl.load(gQ + b64 * stride_gqb + qs64 * stride_gqt + h * stride_gqh + rows * stride_gqt
-                     + offs_d[None, :], mask=qd_mask, other=0.0)
-        stat = b64 * stride_lb + h * stride_lh + q_start + offs_m
-        lse = tl.load(Lse + stat, mask=m_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * log2e)
+        q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
+                      BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+        do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
+                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+        gq = load_rows(head_base(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh), m0, q_len, stride_gqt,
+                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+        stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
+        lse2 = load_lse2(Lse, stat, m_ok, log2e)
         delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
@@ -403,7 +351,7 @@ def attn_dbwd_dkdv_kernel(
         acc_k += tl.dot(gT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         acc_v += tl.dot(wT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     acc_k = acc_k * sm_scale
-    tl.store(GradK + b64 * stride_okb + ks64 * stride_okt + hk * stride_okh + cols * stride_okt + offs_d[None, :],
-             acc_k.to(GradK.dtype.element_ty), mask=kd_mask)
-    tl.store(GradV + b64 * stride_ovb + ks64 * stride_ovt + hk * stride_ovh + cols * stride_ovt + offs_d[None, :],
-             acc_v.to(GradV.dtype.element_ty), mask=kd_mask)
+    store_rows(head_base(GradK, b, k_start, hk, stride_okb, stride_okt, stride_okh), n0, k_len, stride_okt, acc_k,
+               BLOCK_N, BLOCK_D, HEAD_DIM)
+    store_rows(head_base(GradV, b, k_start, hk, stride_ovb, stride_ovt, stride_ovh), n0, k_len, stride_ovt, acc_v,
+               BLOCK_N, BLOCK_D, HEAD_DIM)

@@ -23,10 +23,12 @@ Kernels:
   ``ce_forward_kernel``  lse, loss, and optionally the unit-scale gradient (scale_i = 1) in place.
   ``ce_grad_kernel``     the gradient from a saved lse with a per-token scale (the recomputing backward).
 """
+import contextlib
+
 import triton
 import triton.language as tl
 
-from gradmem_fast.backend import interpreting
+from .runtime import CompileSpec, Variant, interpreting
 
 # Elements of one [BLOCK_M, BLOCK_V] tile. 4096 fp32 values over 8 warps is 16 registers a thread per
 # live tile, which leaves room for the exp/where temporaries without spilling.
@@ -35,14 +37,14 @@ _TILE_GPU = 4096
 _TILE_INTERPRET = 1 << 15
 _MAX_ROWS = 8  # more rows a program made ptxas spill at short rows (V <= 128)
 _MAX_BLOCK_V = 4096
+_GPU_TILES_IN_INTERPRETER = [False]  # set by ``interpret_gpu_tiles`` (tests of the GPU tiles)
 
 
 @triton.jit
-def _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V: tl.constexpr, STATIC_V: tl.constexpr):
+def _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V: tl.constexpr):
     """Overwrite the tile rows at ``row_base`` with ``g * (exp(z - lse) - onehot(t))``, in place."""
     cols0 = tl.arange(0, BLOCK_V)
-    # The bound stays inline: the interpreter turns every assigned value into a 1-element array.
-    for v0 in range(0, STATIC_V if STATIC_V > 0 else n_cols, BLOCK_V):
+    for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + cols0
         mask = rows_ok[:, None] & (cols < n_cols)[None, :]
         ptrs = row_base[:, None] + cols[None, :]
@@ -55,7 +57,7 @@ def _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V: tl.constexpr, STA
 @triton.jit
 def ce_forward_kernel(
     z_ptr, stride_z, t_ptr, lse_ptr, loss_ptr, n_rows, n_cols, ignore_index,
-    WRITE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, STATIC_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per row: ``lse_i = logsumexp_v z_iv``, ``loss_i = valid_i (lse_i - z_{i,t_i})``; with WRITE_GRAD
     also ``z_iv <- valid_i (softmax(z_i)_v - [v == t_i])`` in place (the unit-scale logits gradient).
@@ -78,8 +80,7 @@ def ce_forward_kernel(
     s = tl.zeros([BLOCK_M], acc_ty)
     zt = tl.zeros([BLOCK_M], acc_ty)
     cols0 = tl.arange(0, BLOCK_V)
-    # The bound stays inline: the interpreter turns every assigned value into a 1-element array.
-    for v0 in range(0, STATIC_V if STATIC_V > 0 else n_cols, BLOCK_V):
+    for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + cols0
         mask = rows_ok[:, None] & (cols < n_cols)[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc_ty)
@@ -95,13 +96,13 @@ def ce_forward_kernel(
     tl.store(loss_ptr + rows, tl.where(valid, lse - zt, 0.0), mask=rows_ok)
     if WRITE_GRAD:
         g = tl.where(valid, 1.0, 0.0).to(acc_ty)
-        _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V, STATIC_V)
+        _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V)
 
 
 @triton.jit
 def ce_grad_kernel(
     z_ptr, stride_z, t_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, STATIC_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """In place ``z_iv <- valid_i * scale_i * (exp(z_iv - lse_i) - [v == t_i])`` from a saved ``lse``.
 
@@ -118,13 +119,14 @@ def ce_grad_kernel(
     lse = tl.load(lse_ptr + rows, mask=rows_ok, other=0.0)
     g = tl.load(scale_ptr + rows, mask=rows_ok, other=0.0).to(lse.dtype)
     g = tl.where(valid, g, 0.0)
-    _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V, STATIC_V)
+    _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V)
 
 
 def pick_blocks(n_cols: int, interpret: bool | None = None) -> tuple:
     """(BLOCK_M, BLOCK_V, num_warps) for a row length ``n_cols``: a power-of-two tile of at most
     ``_TILE_GPU`` elements, wide along V first (coalesced loads), then stacking rows for short rows."""
-    interpret = interpreting() if interpret is None else interpret
+    if interpret is None:
+        interpret = interpreting() and not _GPU_TILES_IN_INTERPRETER[0]
     tile = _TILE_INTERPRET if interpret else _TILE_GPU
     block_v = max(16, min(_MAX_BLOCK_V if not interpret else tile, triton.next_power_of_2(n_cols)))
     block_m = max(1, min(_MAX_ROWS if not interpret else 256, tile // block_v))
@@ -132,11 +134,15 @@ def pick_blocks(n_cols: int, interpret: bool | None = None) -> tuple:
     return block_m, block_v, num_warps
 
 
-def _static_v(n_cols: int) -> int:
-    """Loop bound passed as a constexpr under the interpreter only. With NumPy >= 2.4 the interpreter
-    cannot turn a runtime scalar argument into a Python ``range`` bound (it calls ``int()`` on a 1-element
-    array); compiled kernels get 0 and loop to the runtime ``n_cols``, so one binary serves every V."""
-    return n_cols if interpreting() else 0
+@contextlib.contextmanager
+def interpret_gpu_tiles():
+    """Under the interpreter, launch with the tiles ``pick_blocks`` chooses on a GPU (tests of those tiles)."""
+    saved = _GPU_TILES_IN_INTERPRETER[0]
+    _GPU_TILES_IN_INTERPRETER[0] = True
+    try:
+        yield
+    finally:
+        _GPU_TILES_IN_INTERPRETER[0] = saved
 
 
 def _check_chunk(z, targets, name="logits"):
@@ -162,7 +168,7 @@ def ce_forward(z, targets, lse, loss, ignore_index: int, write_grad: bool) -> No
     grid = (triton.cdiv(rows, block_m),)
     ce_forward_kernel[grid](
         z, z.stride(0), targets, lse, loss, rows, n_cols, ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_M=block_m, BLOCK_V=block_v, STATIC_V=_static_v(n_cols),
+        WRITE_GRAD=write_grad, BLOCK_M=block_m, BLOCK_V=block_v,
         num_warps=warps,
     )
 
@@ -178,15 +184,22 @@ def ce_grad(z, targets, lse, scale, ignore_index: int) -> None:
     grid = (triton.cdiv(rows, block_m),)
     ce_grad_kernel[grid](
         z, z.stride(0), targets, lse, scale, rows, n_cols, ignore_index,
-        BLOCK_M=block_m, BLOCK_V=block_v, STATIC_V=_static_v(n_cols), num_warps=warps,
+        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
     )
 
 
 def compile_specs() -> list:
     """Every launch configuration ``pick_blocks`` can choose on a GPU, for both kernels and every logits
     dtype and target dtype. The hidden size d does not enter these kernels (the matrix products are
-    cuBLAS), so the configurations depend only on V (through the tile shape) and the dtypes."""
-    from gradmem_fast.tools.compile_check import CompileSpec
+    cuBLAS), so the configurations depend only on V (through the tile shape) and the dtypes.
+
+    Two specialisations each: ``aligned`` (V and the row stride multiples of 16, e.g. a padded vocabulary of
+    50304 or Llama's 32000: 16-byte vector loads along V) and ``unaligned`` (GPT-2's V = 50257 as length and
+    row stride of the logits chunk, a targets slice at an odd offset: scalar loads; only the buffers the op
+    allocates are hinted)."""
+    def variants(stats):
+        return (Variant("aligned", divisible={"z_ptr", "t_ptr", "lse_ptr", stats, "stride_z", "n_cols"}),
+                Variant("unaligned", divisible={"z_ptr", "lse_ptr", stats}))
 
     specs = []
     seen = set()
@@ -205,9 +218,8 @@ def compile_specs() -> list:
                         signature={"z_ptr": f"*{zdt}", "stride_z": "i32", "t_ptr": f"*{tdt}",
                                    "lse_ptr": "*fp32", "loss_ptr": "*fp32", "n_rows": "i32",
                                    "n_cols": "i32", "ignore_index": "i32"},
-                        constexprs={"WRITE_GRAD": write_grad, "BLOCK_M": block_m, "BLOCK_V": block_v,
-                                    "STATIC_V": 0},
-                        num_warps=warps,
+                        constexprs={"WRITE_GRAD": write_grad, "BLOCK_M": block_m, "BLOCK_V": block_v},
+                        num_warps=warps, variants=variants("loss_ptr"),
                     ))
                 specs.append(CompileSpec(
                     name=f"ce_grad[{zdt},{tdt},M={block_m},V={block_v}]",
@@ -215,7 +227,7 @@ def compile_specs() -> list:
                     signature={"z_ptr": f"*{zdt}", "stride_z": "i32", "t_ptr": f"*{tdt}",
                                "lse_ptr": "*fp32", "scale_ptr": "*fp32", "n_rows": "i32",
                                "n_cols": "i32", "ignore_index": "i32"},
-                    constexprs={"BLOCK_M": block_m, "BLOCK_V": block_v, "STATIC_V": 0},
-                    num_warps=warps,
+                    constexprs={"BLOCK_M": block_m, "BLOCK_V": block_v},
+                    num_warps=warps, variants=variants("scale_ptr"),
                 ))
     return specs

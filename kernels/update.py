@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradmem_fast.backend import interpreting
+from .runtime import CompileSpec, Variant
 
 BLOCK = 1024  # elements per loop iteration; 8 per thread at 4 warps (16-byte fp16 vector loads)
 NUM_WARPS = 4
@@ -59,12 +59,12 @@ def _clamp_keep_nan(x, c):
 
 
 @triton.jit
-def _sumsq_range(g_ptr, start, end, iters, clip_value, BLOCK: tl.constexpr, STATIC_ITERS: tl.constexpr):
+def _sumsq_range(g_ptr, start, end, iters, clip_value, BLOCK: tl.constexpr):
     """(sum g^2, sum clamp(g, -clip_value, clip_value)^2) over ``g_ptr[start:end]``, fp64 accumulation,
-    in ``iters`` blocks (``STATIC_ITERS`` when > 0: see ``_static_iters``)."""
+    in ``iters`` blocks."""
     raw = tl.zeros([BLOCK], dtype=tl.float64)
     clp = tl.zeros([BLOCK], dtype=tl.float64)
-    for i in range(0, STATIC_ITERS if STATIC_ITERS > 0 else iters):
+    for i in range(0, iters):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -76,8 +76,7 @@ def _sumsq_range(g_ptr, start, end, iters, clip_value, BLOCK: tl.constexpr, STAT
 
 
 @triton.jit
-def _grad_sumsq_kernel(grad_ptr, part_ptr, clip_value, N, ITERS,
-                       BLOCK: tl.constexpr, STATIC_ITERS: tl.constexpr):
+def _grad_sumsq_kernel(grad_ptr, part_ptr, clip_value, N, ITERS, BLOCK: tl.constexpr):
     """Split-reduction phase 1. With ``CHUNK = ITERS * BLOCK``, program ``(b, s)`` writes, for elements
     ``[s*CHUNK, (s+1)*CHUNK)`` of sample ``b``, ``part[b, s, 0] = sum g^2`` and
     ``part[b, s, 1] = sum clamp(g, ±clip_value)^2`` (fp64)."""
@@ -86,7 +85,7 @@ def _grad_sumsq_kernel(grad_ptr, part_ptr, clip_value, N, ITERS,
     ns = tl.num_programs(1)
     start = s * ITERS * BLOCK
     end = tl.minimum(start + ITERS * BLOCK, N)
-    raw, clp = _sumsq_range(grad_ptr + b * N, start, end, ITERS, clip_value, BLOCK, STATIC_ITERS)
+    raw, clp = _sumsq_range(grad_ptr + b * N, start, end, ITERS, clip_value, BLOCK)
     slot = part_ptr + (b * ns + s) * 2
     tl.store(slot, raw)
     tl.store(slot + 1, clp)
@@ -101,7 +100,7 @@ def _memory_update_kernel(
     beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2,
     N, ITERS, N_ITERS,
     ADAM: tl.constexpr, HAS_CLIP_NORM: tl.constexpr, SCALAR_PTRS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, STATIC_ITERS: tl.constexpr, STATIC_N_ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
     """Program ``(b, s)`` updates elements ``[s*CHUNK, (s+1)*CHUNK)``, ``CHUNK = ITERS * BLOCK``, of
     sample ``b`` (formula in the module docstring). ``N_ITERS = cdiv(N, BLOCK)`` blocks cover a sample.
@@ -129,7 +128,7 @@ def _memory_update_kernel(
         clp_sq = tl.sum(tl.load(slots + 1, mask=kmask, other=0.0), axis=0)
     elif HAS_CLIP_NORM:
         # The norm clip needs the whole sample's norm before any element is updated: one extra read of g.
-        raw_sq, clp_sq = _sumsq_range(grad_ptr + base, 0, N, N_ITERS, clip_value, BLOCK, STATIC_N_ITERS)
+        raw_sq, clp_sq = _sumsq_range(grad_ptr + base, 0, N, N_ITERS, clip_value, BLOCK)
 
     if HAS_CLIP_NORM:
         n = tl.sqrt(clp_sq)
@@ -150,7 +149,7 @@ def _memory_update_kernel(
         inv_bc2 = (1.0 / (1.0 - tl.exp(t * log_beta2))).to(tl.float32)
 
     raw_acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for i in range(0, STATIC_ITERS if STATIC_ITERS > 0 else ITERS):
+    for i in range(0, ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < end
         g = tl.load(grad_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -193,16 +192,6 @@ def _sm_count(index: int) -> int:
 def _log(beta: float) -> float:
     # beta = 0 (no momentum): beta^step = exp(step * -inf) = 0, so the bias correction is 1.
     return math.log(beta) if beta > 0 else float("-inf")
-
-
-def _static_iters(iters: int) -> int:
-    """Loop trip count as a constexpr under the Triton interpreter only (0 = use the runtime value).
-
-    With NumPy >= 2.4 the interpreter cannot use a runtime scalar as a ``range`` bound (it calls ``int()``
-    on a 1-element array); compiled kernels get 0 and loop to the runtime count, so one binary serves
-    every shape.
-    """
-    return iters if interpreting() else 0
 
 
 def pick_num_splits(batch: int, numel: int, device) -> int:
@@ -310,23 +299,26 @@ def launch_update(
     n_iters = triton.cdiv(N, BLOCK)
     part = torch.empty((B, splits, 2), dtype=torch.float64, device=device)
     if splits > 1:
-        _grad_sumsq_kernel[(B, splits)](grad, part, cv, N, iters, BLOCK=BLOCK,
-                                        STATIC_ITERS=_static_iters(iters), num_warps=NUM_WARPS)
+        _grad_sumsq_kernel[(B, splits)](grad, part, cv, N, iters, BLOCK=BLOCK, num_warps=NUM_WARPS)
     # Unused moment pointers get fp32 stand-ins so SGD launches match the signatures in compile_specs().
     m_in, v_in, m_out, v_out = (exp_avg, exp_avg_sq, exp_avg_out, exp_avg_sq_out) if adam else (norm_out,) * 4
     _memory_update_kernel[(B, splits)](
         memory, grad, out, norm_out, m_in, v_in, m_out, v_out, part,
         lr_arg, step_arg, cv, cn, *beta_args, N, iters, n_iters,
         ADAM=bool(adam), HAS_CLIP_NORM=clip_norm is not None, SCALAR_PTRS=scalar_ptrs, SPLIT=splits > 1,
-        BLOCK=BLOCK, MAX_SPLITS=MAX_SPLITS, STATIC_ITERS=_static_iters(iters),
-        STATIC_N_ITERS=_static_iters(n_iters), num_warps=NUM_WARPS,
+        BLOCK=BLOCK, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
     )
     return out, norm_out, exp_avg_out if adam else None, exp_avg_sq_out if adam else None
 
 
 def compile_specs():
-    """Every launch configuration ``launch_update`` can pick (for ``gradmem_fast.tools.compile_check``)."""
-    from gradmem_fast.tools.compile_check import CompileSpec
+    """Every launch configuration ``launch_update`` can pick (for ``gradmem_fast.tools.compile_check``), each
+    in two specialisations: ``aligned`` (every buffer 16-byte aligned, m*d a multiple of 16: GPT-2's 8 x 768)
+    and ``unaligned`` (memory and gradient views at odd offsets, odd m*d; only the outputs the launcher
+    allocates hinted). ``step`` is never specialised (``do_not_specialize``)."""
+    def variants(sig, own):
+        pointers = {n for n, t in sig.items() if t.startswith("*")}
+        return (Variant("aligned", divisible=pointers | {"N"}), Variant("unaligned", divisible=pointers & own))
 
     specs = []
     for tname in ("fp32", "fp16", "bf16"):
@@ -334,7 +326,8 @@ def compile_specs():
         specs.append(CompileSpec(
             f"update.grad_sumsq[{tname}]", _grad_sumsq_kernel,
             {"grad_ptr": ptr, "part_ptr": "*fp64", "clip_value": "fp32", "N": "i32", "ITERS": "i32"},
-            {"BLOCK": BLOCK, "STATIC_ITERS": 0}, num_warps=NUM_WARPS,
+            {"BLOCK": BLOCK}, num_warps=NUM_WARPS,
+            variants=variants({"grad_ptr": ptr, "part_ptr": "*fp64"}, {"part_ptr"}),
         ))
         for adam in (False, True):
             for clip_norm in (False, True):
@@ -356,9 +349,10 @@ def compile_specs():
                             "N": "i32", "ITERS": "i32", "N_ITERS": "i32",
                         }
                         const = {"ADAM": adam, "HAS_CLIP_NORM": clip_norm, "SCALAR_PTRS": scalar_ptrs,
-                                 "SPLIT": split, "BLOCK": BLOCK, "MAX_SPLITS": MAX_SPLITS,
-                                 "STATIC_ITERS": 0, "STATIC_N_ITERS": 0}
+                                 "SPLIT": split, "BLOCK": BLOCK, "MAX_SPLITS": MAX_SPLITS}
                         name = (f"update.memory_update[{tname},{'adam' if adam else 'sgd'},"
                                 f"clip_norm={int(clip_norm)},ptrs={int(scalar_ptrs)},split={int(split)}]")
-                        specs.append(CompileSpec(name, _memory_update_kernel, sig, const, num_warps=NUM_WARPS))
+                        own = {"out_ptr", "norm_ptr", "exp_avg_out_ptr", "exp_avg_sq_out_ptr", "part_ptr"}
+                        specs.append(CompileSpec(name, _memory_update_kernel, sig, const, num_warps=NUM_WARPS,
+                                                 variants=variants(sig, own)))
     return specs

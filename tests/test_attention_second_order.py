@@ -207,12 +207,14 @@ def test_third_order_is_a_clear_error():
 
 def test_gpu_classes_without_a_spill_free_config_are_refused(monkeypatch):
     """On a GPU the launcher runs only configurations that passed the sm_90 compile check; classes without
-    one (IEEE fp32, fp32 head dims above 128) are refused with a clear error instead."""
+    one (IEEE fp32 unaligned or above head dim 64, fp32 head dims above 128) are refused with a clear error."""
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
     assert kernels.dbwd_supported(64, 2, True, "tf32") and kernels.dbwd_supported(128, 4, False, "tf32")
     assert kernels.dbwd_supported(256, 2, True, "tf32")
     assert not kernels.dbwd_supported(64, 4, False, "ieee") and not kernels.dbwd_supported(256, 4, False, "tf32")
-    q = torch.randn(1, 3, 1, 16, device=DEVICE)
+    assert kernels.dbwd_supported(64, 4, True, "ieee", aligned=True)
+    assert not kernels.dbwd_supported(128, 4, False, "ieee", aligned=True)
+    q = torch.randn(1, 3, 1, 17, device=DEVICE)[..., 1:]  # a view at an odd offset: the unaligned tables
     with pytest.raises(NotImplementedError, match="fp32_precision='ieee'.*backend='torch'"):
         kernels.attention_dbwd(q, q, q, q, q, torch.zeros(1, 1, 3, device=DEVICE), q, q, q, fp32_precision="ieee")
 
