@@ -159,8 +159,8 @@ def weights_signature(model) -> list:
 
     The projection moves with any per-weight change (a fine-tune), while the rounding to bfloat16 makes
     the numbers nearly independent of the dtype and device the model was loaded with (two loads agree to
-    about 2**-9 relative). The file path plays no part. One cheap pass per tensor (fp32 values, float64
-    sums), on the model's device.
+    about 2**-9 relative). The file path plays no part. All sums are in float64, so the same weights give
+    the same digits whatever the thread count (resume and ranks compare ``signature_digest``).
     """
     import torch
 
@@ -170,7 +170,7 @@ def weights_signature(model) -> list:
         for name, p in model.named_parameters():
             w = p.detach().reshape(-1).to(torch.bfloat16).float()  # bfloat16 values are exact in fp32
             padded = torch.nn.functional.pad(w, (0, -w.numel() % _PATTERN_PERIOD)).view(-1, _PATTERN_PERIOD)
-            projection = (padded @ pattern.to(w.device)).sum(dtype=torch.float64)
+            projection = (padded.double() @ pattern.to(w.device, torch.float64)).sum()
             stats = torch.stack([w.abs().sum(dtype=torch.float64), (w * w).sum(dtype=torch.float64).sqrt(),
                                  projection]).cpu().tolist()
             rows.append([name, list(p.shape), *stats])
