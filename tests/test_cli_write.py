@@ -389,3 +389,11 @@ def test_default_options_on_the_embedded_model_decode_back(tmp_path, capsys):
     assert [a == 1.0 for a in stored] == exact
     assert sum(exact) >= 0.9 * len(PARAGRAPHS)
     assert [line["answer"] for line, ok in zip(lines, exact) if ok] == [t for t, ok in zip(PARAGRAPHS, exact) if ok]
+
+
+def test_demo_refuses_a_bad_device_before_loading(tmp_path, capsys, monkeypatch):
+    """`demo --device tpu`: one error line, nothing loaded."""
+    from gradmem_fast import models
+
+    monkeypatch.setattr(models, "load_model", _no_weights)
+    assert_refused(["demo", "--device", "tpu"], capsys, tmp_path, "--device must be")
