@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,13 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--rev", default=None, help="mutate this commit's tree instead of the working tree")
-    p.add_argument("--tests", nargs="+", default=None, metavar="ARG",
-                   help="pytest arguments replacing every mutant's own selection (a control: does this suite "
-                        "kill them?)")
+    p.add_argument("--tests", default=None, metavar="'ARGS'",
+                   help="pytest arguments (one quoted string) replacing every mutant's own selection (a control: "
+                        "does this suite kill them?)")
     args = p.parse_args(argv)
     mutants = _select(args.only)
     if args.tests:
-        mutants = [dataclasses.replace(m, tests=tuple(args.tests)) for m in mutants]
+        mutants = [dataclasses.replace(m, tests=tuple(shlex.split(args.tests))) for m in mutants]
     if args.list:
         for m in mutants:
             print(f"{m.name:34s} {m.files:26s} {' '.join(m.tests)}\n{'':34s} {m.why}")
