@@ -430,7 +430,7 @@ def test_recorder_selection_and_merge_by_case(tmp_path):
 def test_gpu_suite_calls_rehearsed_dry(tmp_path):
     """Both calls run through the suite script in its dry run: the plan, env, the first call's CUDA test
     selection (collected as on a GPU: it must still name tests) and the report."""
-    env = {"GRADMEM_SUITE_DRY_RUN": "1"}
+    env = {"GRADMEM_SUITE_DRY_RUN": "1", "GRADMEM_T_ENV": "45"}  # a busy CI box imports torch slowly
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     done = _suite(["first", "env", "tests", "report"], dict(env, GRADMEM_RESULTS_DIR=str(first_dir)))
     assert done.returncode == 0, done.stdout + done.stderr
