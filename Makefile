@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv compile-check clean
+.PHONY: demo test venv compile-check test-kernels-full clean
 
 venv:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
@@ -13,6 +13,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
+
+# Every GPU table configuration on every tile-edge geometry in the interpreter, and a longer property-based
+# search (make test runs a sample in which each configuration runs once).
+test-kernels-full: venv
+	GRADMEM_KERNELS_FULL=1 $(PY) -m pytest -q tests/test_kernel_tiles.py
 
 # Plant known one-line bugs in kernels and ops (scratch copy) and check that the tests kill every one.
 .PHONY: mutants

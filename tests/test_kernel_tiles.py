@@ -1,0 +1,529 @@
+"""The GPU tiles in the interpreter (issue 12, item 2): every configuration of the kernels' GPU tables runs
+on CPU, for fp32 and fp16, forward, backward and double backward, on geometries placed against tile edges.
+
+The launchers use one small tile under the interpreter; ``interpret_configs`` (attention) and
+``interpret_gpu_tiles`` (cross-entropy) make them launch the GPU tiles instead. The tables are read through
+``gpu_configs`` / ``pick_blocks`` / ``compile_specs``, so a re-tuned table is tested without editing this file.
+
+Geometries (B a tile edge of the pinned configurations): packed documents of length 1, B-1, B, B+1 whose key
+count exceeds their query count by 0, 1, B-2, B-1 (the causal diagonal's offset within a key tile); padded
+batches with the same offsets, a key padding mask (left padding, holes, a sequence without keys) or a
+sliding window; GQA everywhere; dropout for the dropout tables. Every output starts NaN-filled (torch's
+deterministic mode fills ``torch.empty``), cotangents are random, references are fp64.
+
+``make test`` runs a deterministic sample in which every configuration runs at least once (one geometry per
+configuration, rotating); ``GRADMEM_KERNELS_FULL=1`` (``make test-kernels-full``) runs every geometry for
+every configuration and a longer property-based search.
+"""
+
+import contextlib
+import inspect
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_attention import assert_lse, cu, ref_padded
+from test_update import clips_for, make_inputs, ref_update
+
+from gradmem_fast import prefix_attention
+from gradmem_fast.kernels import attention as attn
+from gradmem_fast.kernels import cross_entropy as ce
+from gradmem_fast.kernels import update as ku
+from gradmem_fast.ops.cross_entropy import linear_cross_entropy
+from helpers import DEVICE, assert_close
+
+if DEVICE == "cuda":
+    pytest.skip("interpreter tests of the GPU tiles (on a GPU the autotuner picks the tiles)", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FULL = os.environ.get("GRADMEM_KERNELS_FULL", "0") == "1"
+ACC = torch.float32
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """torch.empty returns NaN-filled tensors inside: an output element a kernel never writes stays NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attention tables
+
+# (name, dtype, element size, fp32 precision): fp16 stands for both 16-bit dtypes (they share tables; bf16
+# dots are wrong in the interpreter, see test_bf16_emulation.py).
+DTYPE_GROUPS = [
+    ("fp16", torch.float16, 2, "tf32"),
+    ("fp32-tf32", torch.float32, 4, "tf32"),
+    ("fp32-ieee", torch.float32, 4, "ieee"),
+]
+HEAD_DIM_CLASSES = (64, 128, 256)
+# A head dim below the class width (masked columns) for the sample, the class width too in the full run.
+HEAD_DIMS = {64: (48, 64), 128: (80, 128), 256: (160, 256)}
+FWD_KINDS = ("fwd", "dkdv", "dq")
+# The launcher may keep separate tables for calls with 16-byte aligned pointers and strides and for the rest.
+ALIGNMENTS = (True, False) if "aligned" in inspect.signature(attn.gpu_configs).parameters else (None,)
+
+
+def gpu_configs(kind, cls, size, dropout, precision, align):
+    extra = {} if align is None else {"aligned": align}
+    return attn.gpu_configs(kind, cls, size, dropout, precision, **extra)
+
+
+def attention_cases():
+    """One case per (dtype group, head-dim class, dropout, column): column i pins entry i (cyclically) of every
+    kind's GPU list, so the columns together run every entry of every table. The double backward runs
+    where every double-backward kind has an entry (elsewhere the launcher refuses it on a GPU)."""
+    cases = []
+    for gname, dtype, size, precision in DTYPE_GROUPS:
+        for cls in HEAD_DIM_CLASSES:
+            for dropout in (False, True):
+                seen = []
+                for align in ALIGNMENTS:
+                    lists = {
+                        kind: [tuple(c) for c in gpu_configs(kind, cls, size, dropout, precision, align)]
+                        for kind in attn.KINDS
+                    }
+                    if lists in seen:
+                        continue  # the unaligned table equals the aligned one for this class
+                    seen.append(lists)
+                    second = all(lists[kind] for kind in attn.KINDS if kind not in FWD_KINDS)
+                    tag = "" if align is not False else "-unaligned"
+                    for col in range(max(len(v) for v in lists.values())):
+                        pins = {kind: v[col % len(v)] for kind, v in lists.items() if v}
+                        cases.append(
+                            dict(
+                                id=f"{gname}-d{cls}-{'dropout' if dropout else 'plain'}{tag}-{col}",
+                                dtype=dtype,
+                                precision=precision,
+                                cls=cls,
+                                dropout=dropout,
+                                pins=pins,
+                                second=second,
+                                align=align,
+                            )
+                        )
+    return cases
+
+
+CASES = attention_cases()
+GEOMETRIES = ("varlen-short", "varlen-edges", "padded-kpm", "padded-window", "padded-noncausal")
+
+
+KEY_SIDE = ("dkdv", "dbwd_dkdv")  # one program per key tile (BLOCK_N), streaming query tiles (BLOCK_M)
+
+
+def tile_edges(kind, cfg):
+    """(edge of the tile a program owns, edge of the tiles it streams) of ``kind`` under config ``cfg``:
+    sequence lengths are placed around the first, key-minus-query offsets around the second."""
+    bm, bn = cfg[:2]
+    return (bn, bm) if kind in KEY_SIDE else (bm, bn)
+
+
+def offsets_for(b):
+    """Key-minus-query offsets 0, 1, B-2, B-1 against the edge B."""
+    return sorted({o for o in (0, 1, b - 2, b - 1) if o >= 0})
+
+
+def _keep(batch, hq, lq, lk, p, seed, cq=None, ck=None):
+    return attn.dropout_keep_mask(batch, hq, lq, lk, p, seed, DEVICE, cu_seqlens_q=cq, cu_seqlens_k=ck)
+
+
+def varlen_geometry(lens_q, lens_k, hq, hkv, d, p, seed, **ref_kw):
+    """Packed documents with these query/key counts: (shapes, op keywords, fp64 reference function)."""
+    cq, ck = cu(lens_q), cu(lens_k)
+    keep = _keep(len(lens_q), hq, max(lens_q), max(lens_k), p, seed, cq, ck) if p else None
+
+    def ref(q, k, v):
+        outs, lses = [], []
+        for b in range(len(lens_q)):
+            sq, sk = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+            kb = None if keep is None else keep[b : b + 1, :, : lens_q[b], : lens_k[b]]
+            o, lse = ref_padded(q[None, sq], k[None, sk], v[None, sk], keep=kb, dropout_p=p, **ref_kw)
+            outs.append(o[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, 1)
+
+    shapes = [(sum(lens_q), hq, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)]
+    return shapes, dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed, **ref_kw), ref
+
+
+def build_geometry(geom, kind, pins, hq, hkv, d, dropout, variant=0):
+    """(shapes of q, k, v; op keywords; fp64 reference function) of geometry ``geom`` against the tile edges of
+    ``kind`` under ``pins`` (``tile_edges``)."""
+    p, seed = (0.2, 1234 + variant) if dropout else (0.0, 0)
+    own, streamed = tile_edges(kind, pins[kind])
+    offsets = offsets_for(streamed)
+    if geom.startswith("varlen"):
+        # varlen-short: for the streamed edge B of every pinned kernel, a document of two queries and B keys
+        # (its first row sees all but the last key of the tile: where a diagonal one key off shows), and a
+        # document with keys and no query (its key gradients must be zeros, not NaN).
+        # varlen-edges adds documents of length 1, B-1, B, B+1 around the kind's own tile (CI: B+1 only) at
+        # rotating offsets.
+        docs = [(2, b - 2) for b in sorted({tile_edges(kk, c)[1] for kk, c in pins.items()})]
+        if geom == "varlen-edges":
+            lens = sorted({n for n in (1, own - 1, own, own + 1) if n > 0}) if FULL else [own + 1]
+            docs += [(n, offsets[(i + variant + 2) % len(offsets)]) for i, n in enumerate(lens)]
+        docs += [(0, 3)]
+        return varlen_geometry([n for n, _ in docs], [n + o for n, o in docs], hq, hkv, d, p, seed)
+    lq = own + 1
+    lk = lq + offsets[variant % len(offsets)]
+    kw, ref_kw = dict(dropout_p=p, seed=seed), dict(dropout_p=p)
+    batch = 2 if FULL or geom == "padded-kpm" else 1
+    if geom == "padded-kpm":
+        kpm = torch.rand(batch, lk, device=DEVICE) > 0.25
+        kpm[0, : streamed + 1] = False  # left padding across a whole first tile
+        kpm[1] = False  # a sequence without any key
+        kw["key_padding_mask"] = ref_kw["kpm"] = kpm
+    elif geom == "padded-window":
+        window = (own, streamed)[variant % 2] + (1 if variant % 3 else -1)
+        kw["window"] = ref_kw["window"] = max(1, window)
+    elif geom == "padded-noncausal":
+        kw["causal"] = ref_kw["causal"] = False
+        lk = lq + 1 + variant  # not a multiple of any tile
+    if dropout:
+        ref_kw["keep"] = _keep(batch, hq, lq, lk, p, seed)
+    shapes = [(batch, lq, hq, d), (batch, lk, hkv, d), (batch, lk, hkv, d)]
+    return shapes, kw, lambda q, k, v: ref_padded(q, k, v, **ref_kw)
+
+
+def three_orders(q, k, v, dout, dlse, cots, fwd, second):
+    """out, lse, grads of <dout, out> + <dlse, lse> w.r.t. q, k, v, and (``second``) the gradients of
+    <cots, those grads> w.r.t. q, k, v, dout, dlse."""
+    out, lse = fwd(q, k, v)
+    fin = torch.isfinite(lse.detach())
+    loss = (out.to(dout.dtype) * dout).sum() + (lse.to(dlse.dtype).masked_fill(~fin, 0.0) * dlse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=second)
+    if not second:
+        return out, lse, grads, ()
+    inner = sum((g.to(c.dtype) * c).sum() for g, c in zip(grads, cots))
+    return out, lse, grads, torch.autograd.grad(inner, (q, k, v, dout, dlse))
+
+
+def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second):
+    """Forward, backward and (``second``) double backward with ``pins`` against the fp64 reference."""
+
+    def rnd(shape, dt=dtype):
+        return torch.randn(*shape, dtype=torch.float64, device=DEVICE).to(dt)
+
+    q, k, v = (rnd(s).requires_grad_() for s in shapes)
+    lse_shape = (shapes[0][1], shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], shapes[0][2], shapes[0][1])
+    dout = rnd(shapes[0]).requires_grad_()
+    dlse = rnd(lse_shape, ACC).requires_grad_()
+    cots = [rnd(s) for s in shapes]
+    with attn.interpret_configs(**pins), nan_filled_empty():
+        got = three_orders(
+            q,
+            k,
+            v,
+            dout,
+            dlse,
+            cots,
+            lambda q, k, v: prefix_attention(
+                q, k, v, return_lse=True, backend="triton", fp32_precision=precision, **op_kw
+            ),
+            second,
+        )
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, dout, dlse)]
+    want = three_orders(*leaves, [c.double() for c in cots], ref_fn, second)
+    out, lse, grads, gg = got
+    rout, rlse, rgrads, rgg = want
+    assert out.dtype == dtype
+    assert_close(out, rout, dtype=dtype, name="out")
+    assert_lse(lse, rlse, dtype)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(g, r, dtype=dtype, name=name)
+    for name, g, r in zip(("q", "k", "v", "dout", "dlse"), gg, rgg):
+        assert_close(g, r, dtype=dtype, name=f"second-order grad {name}")
+
+
+def _heads(i, geom, kind):
+    if FULL:
+        return ((2, 1), (4, 2), (3, 3))[i % 3]
+    if geom.startswith("varlen") or kind in KEY_SIDE:
+        return 2, 1  # GQA: two query heads share the KV head (the key-side kernels loop over the group)
+    return 1, 1  # CI time: one head for the query-side kinds' padded geometries
+
+
+def _sample_params():
+    """CI: varlen-short for every case (so every table entry runs), and for the aligned tables one more
+    geometry, rotating over the others, the kinds whose edges it targets, and offsets (CI time)."""
+    params = []
+    for i, case in enumerate(CASES):
+        kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
+        kind = kinds[i % len(kinds)]
+        geoms = GEOMETRIES[:1] if case["align"] is False else (GEOMETRIES[0], GEOMETRIES[1 + i % (len(GEOMETRIES) - 1)])
+        for geom in geoms:
+            params.append(pytest.param(case, geom, kind, i, id=f"{case['id']}-{geom}-{kind}"))
+    return params
+
+
+def _full_params():
+    params = []
+    for i, case in enumerate(CASES):
+        kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
+        for geom in GEOMETRIES:
+            for j, kind in enumerate(kinds):
+                params.append(pytest.param(case, geom, kind, i + j, id=f"{case['id']}-{geom}-{kind}"))
+    return params
+
+
+@pytest.mark.parametrize("case, geom, kind, variant", _full_params() if FULL else _sample_params())
+def test_attention_gpu_tiles(case, geom, kind, variant):
+    hq, hkv = _heads(variant, geom, kind)
+    dims = HEAD_DIMS[case["cls"]]
+    d = dims[variant % len(dims)] if FULL else dims[0]
+    shapes, op_kw, ref_fn = build_geometry(geom, kind, case["pins"], hq, hkv, d, case["dropout"], variant)
+    check_attention(shapes, op_kw, ref_fn, case["dtype"], case["precision"], case["pins"], case["second"])
+
+
+def test_sample_runs_every_table_entry():
+    """The CI sample pins every entry of every GPU list at least once (guards the column construction)."""
+    pinned = {
+        (c["dtype"], c["precision"], c["cls"], c["dropout"], kind, cfg)
+        for c in CASES
+        for kind, cfg in c["pins"].items()
+    }
+    for _, dtype, size, precision in DTYPE_GROUPS:
+        for cls in HEAD_DIM_CLASSES:
+            for dropout in (False, True):
+                for align in ALIGNMENTS:
+                    for kind in attn.KINDS:
+                        for cfg in gpu_configs(kind, cls, size, dropout, precision, align):
+                            assert (dtype, precision, cls, dropout, kind, tuple(cfg)) in pinned, (cls, kind, cfg)
+    sampled = {(p.values[0]["id"], p.values[1]) for p in _sample_params()}
+    assert all((c["id"], GEOMETRIES[0]) in sampled for c in CASES)
+
+
+def test_interpret_configs_rejects_unknown_kinds():
+    with pytest.raises(ValueError, match="unknown kernel kinds"):
+        with attn.interpret_configs(forward=(16, 16, 4, 1)):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Property-based search over small random geometries (hypothesis)
+
+
+@st.composite
+def attention_geometry(draw):
+    case = draw(st.sampled_from(CASES))
+    kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
+    kind = draw(st.sampled_from(kinds))
+    bm, bn = case["pins"][kind][:2]
+    edge = st.sampled_from(sorted({1, bm - 1, bm, bm + 1, bn - 1, bn, bn + 1}))
+    length = st.one_of(st.integers(1, 24), edge)
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.integers(1, 3))
+    d = draw(st.sampled_from(HEAD_DIMS[case["cls"]]))
+    varlen = draw(st.booleans())
+    causal = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.integers(1, 2 * max(bm, bn)))) if causal else None
+    seed = draw(st.integers(0, 2**31 - 1))
+    if varlen:
+        lens_q = draw(st.lists(st.one_of(st.just(0), length), min_size=1, max_size=3))
+        lens_k = [lq + draw(st.one_of(st.integers(0, 3), st.sampled_from([bn - 2, bn - 1, bm - 1]))) for lq in lens_q]
+        geo = dict(lens_q=lens_q, lens_k=lens_k)
+    else:
+        lq = draw(length)
+        geo = dict(
+            batch=draw(st.integers(1, 2)),
+            lq=lq,
+            lk=lq + draw(st.integers(-2, bn)) if causal else draw(length),
+            kpm=draw(st.booleans()),
+        )
+        geo["lk"] = max(1, geo["lk"])
+    return case, dict(hq=hq, hkv=hkv, d=d, varlen=varlen, causal=causal, window=window, seed=seed, **geo)
+
+
+def _random_geometry(case, g):
+    torch.manual_seed(g["seed"])
+    p = 0.25 if case["dropout"] else 0.0
+    kw = dict(causal=g["causal"], window=g["window"], dropout_p=p, seed=g["seed"])
+    ref_kw = dict(causal=g["causal"], window=g["window"], dropout_p=p)
+    hq, hkv, d = g["hq"], g["hkv"], g["d"]
+    if g["varlen"]:
+        return varlen_geometry(
+            g["lens_q"], g["lens_k"], hq, hkv, d, p, g["seed"], causal=g["causal"], window=g["window"]
+        )
+    batch, lq, lk = g["batch"], g["lq"], g["lk"]
+    if g["kpm"]:
+        kw["key_padding_mask"] = ref_kw["kpm"] = torch.rand(batch, lk, device=DEVICE) > 0.3
+    if p:
+        ref_kw["keep"] = _keep(batch, hq, lq, lk, p, g["seed"])
+    shapes = [(batch, lq, hq, d), (batch, lk, hkv, d), (batch, lk, hkv, d)]
+    return shapes, kw, lambda q, k, v: ref_padded(q, k, v, **ref_kw)
+
+
+@settings(
+    max_examples=200 if FULL else 4,
+    deadline=None,
+    derandomize=not FULL,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(attention_geometry())
+def test_attention_random_geometries(drawn):
+    case, g = drawn
+    shapes, op_kw, ref_fn = _random_geometry(case, g)
+    check_attention(shapes, op_kw, ref_fn, case["dtype"], case["precision"], case["pins"], case["second"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused linear cross-entropy: the GPU tiles of pick_blocks
+
+
+def ce_configs():
+    """{GPU tile (BLOCK_M, BLOCK_V, num_warps): smallest V that picks it}, over V = 16 .. 2**18 (as the
+    compile check's list)."""
+    found = {}
+    for e in range(4, 19):
+        found.setdefault(ce.pick_blocks(2**e, interpret=False), 2**e)
+    return found
+
+
+CE_CONFIGS = ce_configs()
+
+
+def ce_geometries(cfg, v0):
+    """(rows, V) pairs that pick ``cfg`` on a GPU: rows around BLOCK_M, V with a masked tail tile and (for the
+    widest tile) several tiles per row."""
+    bm, bv, _ = cfg
+    vs = [v for v in (v0 // 2 + 1, v0 - 1, v0, bv + 1, 2 * bv + 3) if ce.pick_blocks(v, interpret=False) == cfg]
+    rows = [r for r in (1, bm - 1, bm, bm + 1, 2 * bm + 1) if r > 0]
+    if FULL:
+        return [(r, v) for r in rows for v in sorted(set(vs))]
+    return [(bm + 1, vs[-1 if bv >= 4096 else 0])]
+
+
+CE_PARAMS = [
+    pytest.param(cfg, rows, v, dtype, id=f"M{cfg[0]}-V{cfg[1]}-rows{rows}-v{v}-{str(dtype)[6:]}")
+    for i, (cfg, v0) in enumerate(CE_CONFIGS.items())
+    for j, (rows, v) in enumerate(ce_geometries(cfg, v0))
+    for dtype in ((torch.float32, torch.float16) if FULL else ((torch.float32, torch.float16)[(i + j) % 2],))
+]
+
+
+@pytest.mark.parametrize("cfg, rows, vocab, dtype", CE_PARAMS)
+def test_cross_entropy_gpu_tiles(cfg, rows, vocab, dtype, nan_empty):
+    """Both row kernels with the GPU tile on NaN-filled buffers: lse, loss, the unit gradient written in place,
+    and the scaled gradient from the saved lse, against fp64 ``F.cross_entropy``."""
+    z = (torch.randn(rows, vocab, dtype=torch.float64, device=DEVICE) * 4).to(dtype)
+    t = torch.randint(0, vocab, (rows,), device=DEVICE)
+    t[::3] = -100  # ignored rows: loss 0, gradient row 0
+    t[-1] = vocab - 1  # the last column, in the masked tail tile
+    zr = z.double().requires_grad_()
+    ref_loss = F.cross_entropy(zr, t, ignore_index=-100, reduction="none")
+    (unit,) = torch.autograd.grad(ref_loss.sum(), zr)
+    scale = torch.randn(rows, device=DEVICE)
+    with ce.interpret_gpu_tiles():
+        assert ce.pick_blocks(vocab) == cfg
+        lse, loss = nan_empty(rows), nan_empty(rows)
+        zg = z.clone()
+        ce.ce_forward(zg, t, lse, loss, -100, write_grad=True)
+        zs = z.clone()
+        ce.ce_grad(zs, t, lse, scale, -100)
+    assert_close(lse, zr.detach().logsumexp(1), dtype=dtype, name="lse")
+    assert_close(loss, ref_loss, dtype=dtype, name="loss")
+    assert_close(zg, unit, dtype=dtype, name="unit gradient")
+    assert_close(zs, unit * scale.double()[:, None], dtype=dtype, name="scaled gradient")
+
+
+@pytest.mark.parametrize("cfg", list(CE_CONFIGS), ids=lambda c: f"M{c[0]}-V{c[1]}")
+def test_linear_cross_entropy_gpu_tiles_three_orders(cfg):
+    """The op on each GPU tile: loss, gradients and the double backward (create_graph) against fp64 autograd."""
+    v0 = CE_CONFIGS[cfg]
+    vocab = v0 // 2 + 1 if ce.pick_blocks(v0 // 2 + 1, interpret=False) == cfg else v0 + 1
+    rows, d = cfg[0] + 1, 16
+    h = torch.randn(rows, d, device=DEVICE, requires_grad=True)
+    w = (torch.randn(vocab, d, device=DEVICE) / 4).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), device=DEVICE)
+    t[0] = -100
+    cot = torch.randn(rows, d, device=DEVICE)
+
+    def orders(h, w, fn):
+        loss = fn(h, w)
+        (gh,) = torch.autograd.grad(loss, h, create_graph=True)
+        return (loss, gh, *torch.autograd.grad((gh * cot.to(gh.dtype)).sum(), (h, w)))
+
+    with ce.interpret_gpu_tiles(), nan_filled_empty():
+        got = orders(h, w, lambda h, w: linear_cross_entropy(h, w, t, backend="triton", reduction="sum"))
+    want = orders(
+        h.detach().double().requires_grad_(),
+        w.detach().double().requires_grad_(),
+        lambda h, w: F.cross_entropy(F.linear(h, w), t, ignore_index=-100, reduction="sum"),
+    )
+    for name, g, r in zip(("loss", "grad hidden", "second-order grad hidden", "second-order grad weight"), got, want):
+        assert_close(g, r, dtype=torch.float32, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused memory update: every launch variant of compile_specs (the GPU's tiles are the interpreter's; the split
+# reduction runs on a GPU only when few samples are large, so it is forced here)
+
+
+def update_variants():
+    """Distinct (ADAM, HAS_CLIP_NORM, SCALAR_PTRS, SPLIT) of the update kernel's compile specs."""
+    keys = ("ADAM", "HAS_CLIP_NORM", "SCALAR_PTRS", "SPLIT")
+    return sorted({tuple(s.constexprs[k] for k in keys) for s in ku.compile_specs() if "ADAM" in s.constexprs})
+
+
+UPDATE_SIZES = (ku.BLOCK - 1, ku.BLOCK + 1, 3 * ku.BLOCK + 1)  # elements per sample (m * d) around BLOCK
+UPDATE_PARAMS = [
+    pytest.param(
+        var,
+        n,
+        dtype,
+        id=f"{'adam' if var[0] else 'sgd'}-clipnorm{int(var[1])}-ptrs{int(var[2])}"
+        f"-split{int(var[3])}-n{n}-{str(dtype)[6:]}",
+    )
+    for i, var in enumerate(update_variants())
+    for j, n in enumerate(UPDATE_SIZES if FULL else (UPDATE_SIZES[(i + 2) % 3],))
+    for dtype in ((torch.float32, torch.float16) if FULL else ((torch.float32, torch.float16)[i % 2],))
+]
+
+
+@pytest.mark.parametrize("variant, numel, dtype", UPDATE_PARAMS)
+def test_update_variants(variant, numel, dtype, nan_empty):
+    """launch_update in each compiled variant on NaN-filled outputs; the change M - M0 (not M, where an error in
+    the step would hide under M0) against the fp64 formula, with Adam state, non-default betas and a clip."""
+    adam, has_clip_norm, scalar_ptrs, split = variant
+    B, m = 3, 1
+    M, G, M64, G64 = make_inputs(B, m, numel, dtype)
+    clip_value = 0.8 if adam or numel % 2 else None
+    cv, cn = clips_for(G64, clip_value, has_clip_norm)
+    betas, step, lr = (0.8, 0.95), 3, 0.05
+    state = (torch.randn(B, m, numel).abs() * 0.01, torch.rand(B, m, numel) * 1e-3) if adam else None
+    ref_new, ref_norm, ref_state = ref_update(M64, G64, lr, "adam" if adam else "sgd", cv, cn, state, step, betas)
+    outs = dict(out=nan_empty(B, m, numel, dtype=dtype), norm_out=nan_empty(B))
+    if adam:
+        outs.update(exp_avg_out=nan_empty(B, m, numel), exp_avg_sq_out=nan_empty(B, m, numel))
+    lr_arg = torch.tensor([lr]) if scalar_ptrs else lr
+    step_arg = torch.tensor([step]) if scalar_ptrs else step
+    new, norm, m1, m2 = ku.launch_update(
+        M,
+        G,
+        lr=lr_arg,
+        adam=adam,
+        step=step_arg,
+        clip_value=cv,
+        clip_norm=cn,
+        betas=betas,
+        exp_avg=None if state is None else state[0],
+        exp_avg_sq=None if state is None else state[1],
+        num_splits=3 if split else 1,
+        **outs,
+    )
+    # M0 is rounded to dtype; the change is compared in fp64 from the same rounded M0.
+    assert_close(new.double() - M64, ref_new - M64, dtype=dtype, name="M - M0")
+    assert_close(norm, ref_norm, dtype=torch.float32, name="raw norm")
+    if adam:
+        assert_close(m1, ref_state[0], dtype=torch.float32, name="exp_avg")
+        assert_close(m2, ref_state[1], dtype=torch.float32, name="exp_avg_sq")
