@@ -240,6 +240,8 @@ def add_write_arguments(p):
                    "cuda or cuda:N")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                    help="auto: triton kernels on CUDA, the torch reference on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the write step with torch.compile (triton backend; default: on CUDA only)")
     p.add_argument("--batch-tokens", type=int, default=16384,
                    help="max packed tokens (memory included) per batch (default 16384)")
     p.add_argument("--max-length", type=int, default=None,
@@ -364,7 +366,8 @@ def cmd_write(args) -> int:
 
     model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
     try:
-        writer = MemoryWriter(model, config, backend=args.backend)
+        writer = MemoryWriter(model, config, backend=args.backend,
+                              compile="auto" if args.compile is None else args.compile)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"cannot write with model {args.model!r}: {exc}") from None
 

@@ -2,7 +2,8 @@
 
 One step for B documents packed into one varlen sequence (``gradmem_fast.packing``):
 
-    x      = cat(M.reshape(B*m, d), E(tokens))[source_index]        [1, T, d], T = sum_b (m + n_b)
+    x0     = E(tokens) at the token rows, zeros at the memory rows     [T, d], built once per write
+    x      = x0 with the memory rows set to M.reshape(B*m, d)           (only these rows change per step)
     h      = backbone(x, positions restarting per document, varlen attention on cu_seqlens)
     L_b    = linear_cross_entropy(h[loss_rows], W, tokens, reduction="sample_mean", cu_seqlens=cu_tokens)
     g      = d(sum_b L_b)/dM                 (only the memories' gradient: no weight-gradient matmuls)
@@ -11,11 +12,24 @@ One step for B documents packed into one varlen sequence (``gradmem_fast.packing
 Attention goes through the model's own layers with the attention implementation switched to the
 registered ``"gradmem_fast"`` entry for the duration of the call (transformers' AttentionInterface); the
 varlen offsets travel as the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments that
-transformers forwards to attention functions. ``with use_backend(...)`` makes every op reached this way run
-on the engine's backend. Inside the K-step loop nothing reads a value back to the host.
+transformers forwards to attention functions. The engine's backend reaches the attention explicitly (the
+registry entry's backend), and ``with use_backend(...)`` covers every other op. Inside the K-step loop
+nothing reads a value back to the host.
+
+Compiled step (``CompiledBackbone``, grad_mode "none"/"first"): ``x -> h`` (the whole backbone) goes through
+``torch.compile(fullgraph=True)``; AOTAutograd derives the input-gradient backward, our attention stays an
+opaque custom op (``gradmem_fast::attention_fwd``/``_bwd``, with fake implementations) and inductor fuses the
+model's norms, activations, rotary and residual adds around it. Weights enter as detached inputs
+(``torch.func.functional_call``), so the compiled backward forms no weight gradient. One compiled function
+per (packed rows, dtype, device, ``seqlen_bucket(max_seqlen)``): the number of documents is a dynamic
+dimension (only the offsets' length depends on it), and batches are padded to ``packing.bucket_rows``, so a
+``write_many`` stream needs a handful of compiles (``packing.padding_waste`` counts them). The loss
+(``linear_cross_entropy``) and the update stay eager: each is already a few fused kernels. Second-order steps
+stay eager (torch.compile has no double backward).
 """
 import contextlib
 import dataclasses
+import types
 
 import torch
 
@@ -24,10 +38,13 @@ from .backend import use_backend
 from .config import WriteConfig
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.update import memory_update
-from .packing import IGNORE_INDEX, PackedBatch
+from .packing import IGNORE_INDEX, PackedBatch, seqlen_bucket
 from .result import WriteResult
 
 ATTENTION_NAME = "gradmem_fast"
+
+# Config fields through which Hugging Face models pass an attention dropout probability.
+_ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
 
 
 def check_model_supported(model) -> None:
@@ -40,37 +57,112 @@ def check_model_supported(model) -> None:
         )
 
 
-@contextlib.contextmanager
-def gradmem_attention(model):
-    """Temporarily switch ``model`` to the registered gradmem_fast attention."""
-    from .hf import register_attention
+def attention_dropout_active(model) -> bool:
+    """Whether ``model`` would call attention with dropout (training mode and a nonzero probability).
 
-    register_attention()
+    Our attention draws its dropout seed on the host per call; a compiled graph or a CUDA graph would bake
+    one seed in (the same mask every replay), so those paths refuse such a model (eval() it for writing).
+    """
+    if not model.training:
+        return False
+    config = getattr(model, "config", None)
+    return any(float(getattr(config, name, 0.0) or 0.0) > 0 for name in _ATTENTION_DROPOUT_FIELDS)
+
+
+@contextlib.contextmanager
+def gradmem_attention(model, backend: str = "auto"):
+    """Temporarily switch ``model`` to the registered gradmem_fast attention, running on ``backend``.
+
+    The backend is set on the registry entry (a plain global that a compiled graph guards on) rather than
+    left to ``use_backend``'s context variable, which torch.compile cannot read; both are restored after.
+    """
+    previous_backend = hf._DEFAULT_BACKEND["backend"]
+    hf.register_attention(backend)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+        hf._DEFAULT_BACKEND["backend"] = previous_backend
 
 
-def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, head_bias, ones_mask=None,
-               second_order=False):
+def _backbone_hidden(base, weights, x, position_ids, cu, ones_mask, max_seqlen):
+    """Final hidden states [T, d] of the backbone for packed ``x`` [1, T, d]. ``weights``: None (the module's
+    own parameters) or detached parameters and buffers by name (the compiled step's frozen inputs).
+
+    The all-ones 2-D mask keeps transformers from inspecting position_ids for packed sequences (a host
+    synchronisation); the varlen offsets are what the attention actually uses (transformers forwards these
+    keyword arguments to the attention function).
+    """
+    kwargs = dict(inputs_embeds=x, attention_mask=ones_mask, position_ids=position_ids, use_cache=False,
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    out = base(**kwargs) if weights is None else torch.func.functional_call(base, weights, args=(), kwargs=kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[0]
+
+
+class CompiledBackbone:
+    """``x -> backbone hidden states`` compiled with ``torch.compile(fullgraph=True)``, one function per shape key.
+
+    Key: (packed rows, dtype, device, seqlen bucket); the offsets' length (the number of documents) is
+    dynamic. Each key gets its own copy of the function's code object, so dynamo's per-code cache holds one
+    entry per key (no recompile limit to hit, and ``compiles`` counts exactly the compiles: a test checks
+    dynamo's own counters agree). ``backend``: torch.compile backend ("inductor"; tests may use others).
+    """
+
+    def __init__(self, model, backend: str = "inductor"):
+        self.model = model
+        self.base = hf.backbone(model)
+        self.compile_backend = backend
+        self.functions = {}
+
+    @property
+    def compiles(self) -> int:
+        return len(self.functions)
+
+    def frozen_weights(self) -> dict:
+        """The backbone's parameters and buffers, detached: the compiled backward then computes only the
+        input gradient (AOTAutograd would otherwise form every weight gradient of a trainable model)."""
+        named = list(self.base.named_parameters(remove_duplicate=False))
+        named += list(self.base.named_buffers(remove_duplicate=False))
+        return {name: t.detach() for name, t in named}
+
+    def __call__(self, x, packed: PackedBatch, ones_mask, weights=None):
+        max_seqlen = seqlen_bucket(packed.max_seqlen)
+        key = (tuple(x.shape), x.dtype, x.device, max_seqlen)
+        fn = self.functions.get(key)
+        if fn is None:
+            code = _backbone_hidden.__code__.replace()  # a fresh code object: a cache of its own
+            fresh = types.FunctionType(code, _backbone_hidden.__globals__, _backbone_hidden.__name__)
+            fn = self.functions[key] = torch.compile(fresh, fullgraph=True, dynamic=False,
+                                                     backend=self.compile_backend)
+            torch._dynamo.maybe_mark_dynamic(packed.cu_seqlens, 0)
+        weights = self.frozen_weights() if weights is None else weights
+        return fn(self.base, weights, x, packed.position_ids, packed.cu_seqlens, ones_mask, max_seqlen)
+
+
+def packed_input(packed: PackedBatch, token_embeds: torch.Tensor, d: int = None) -> torch.Tensor:
+    """``x0`` [T, d]: the token embeddings at their packed rows, zeros at the memory rows (built once)."""
+    d = token_embeds.shape[-1] if d is None else d
+    x0 = token_embeds.new_zeros(packed.total_rows, d)
+    return x0.index_put((packed.token_rows,), token_embeds)
+
+
+def _step_loss(model, memories, x0, packed: PackedBatch, head_weight, head_bias, ones_mask=None,
+               second_order=False, backbone=None, weights=None):
     B, m, d = memories.shape
-    rows = torch.cat([memories.reshape(B * m, d).to(token_embeds.dtype), token_embeds])
-    x = rows.index_select(0, packed.source_index).unsqueeze(0)
-    cu = packed.cu_seqlens
+    # Only the memory rows change from step to step: an out-of-place scatter into the packed input, whose
+    # backward is a gather of the B*m memory rows.
+    x = x0.index_put((packed.memory_rows,), memories.reshape(B * m, d).to(x0.dtype)).unsqueeze(0)
     if ones_mask is None:
         ones_mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
-    # The all-ones 2-D mask keeps transformers from inspecting position_ids for packed sequences (a host
-    # synchronisation); the varlen offsets below are what the attention actually uses. transformers
-    # forwards these keyword arguments to the attention function (FlashAttentionKwargs).
-    out = hf.backbone(model)(
-        inputs_embeds=x, attention_mask=ones_mask, position_ids=packed.position_ids, use_cache=False,
-        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    h = hidden[0].index_select(0, packed.loss_rows)
+    if backbone is None or second_order:
+        hidden = _backbone_hidden(hf.backbone(model), None, x, packed.position_ids, packed.cu_seqlens, ones_mask,
+                                  packed.max_seqlen)
+    else:
+        hidden = backbone(x, packed, ones_mask, weights)
+    h = hidden.index_select(0, packed.loss_rows)
     if not second_order:
         # Only a second-order step differentiates through the head. A custom autograd op cannot tell which
         # of its inputs the current autograd.grad call needs, so hand it a frozen head: no dW/db work.
@@ -83,24 +175,27 @@ def _step_loss(model, memories, token_embeds, packed: PackedBatch, head_weight, 
 
 
 def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losses, norms, ones_mask=None,
-                on_step=None):
+                on_step=None, backbone=None):
     """The K steps; writes per-step stats into ``losses``/``norms`` [K, B] and returns the final memory.
 
     Nothing here reads a tensor back to the host, so the loop can be captured in a CUDA graph (``on_step``,
     a per-step callback ``on_step(k, losses[k])``, is for uncaptured loops only; unset, it costs nothing).
+    ``backbone``: a ``CompiledBackbone`` for the first-order steps, or None (eager).
     """
     clip_value = config.effective_clip_value
     emb = hf.input_embeddings(model)
     M, state = memory, None
     token_embeds = emb(packed.tokens)
-    if ones_mask is None:  # built once per write, not once per step
-        ones_mask = torch.ones(1, packed.total_rows, dtype=torch.long, device=token_embeds.device)
     if config.grad_mode == "none":
         token_embeds = token_embeds.detach()
+    x0 = packed_input(packed, token_embeds)  # built once per write, not once per step
+    if ones_mask is None:
+        ones_mask = torch.ones(1, packed.total_rows, dtype=torch.long, device=token_embeds.device)
+    weights = None if backbone is None else backbone.frozen_weights()
     for k in range(config.steps):
         second = config.second_order_step(k)
         Mk = M.detach().requires_grad_(True) if config.grad_mode == "none" or not M.requires_grad else M
-        loss = _step_loss(model, Mk, token_embeds, packed, head_weight, head_bias, ones_mask, second)
+        loss = _step_loss(model, Mk, x0, packed, head_weight, head_bias, ones_mask, second, backbone, weights)
         (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
         losses[k].copy_(loss.detach())
         if on_step is not None:
@@ -117,17 +212,21 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
 
 
 def write_packed(model, packed: PackedBatch, memory: torch.Tensor, config: WriteConfig, head_weight, head_bias,
-                 backend: str, on_step=None) -> WriteResult:
+                 backend: str, on_step=None, backbone=None) -> WriteResult:
     """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch).
 
     ``on_step(k, losses)``: optional callback after step k's loss (the real documents' [B], detached).
+    ``backbone``: optional ``CompiledBackbone`` (compiled first-order steps; see the module docstring).
     """
+    if backbone is not None and attention_dropout_active(model):
+        raise ValueError("compile: the model is in training mode with attention dropout, whose host-drawn seed a "
+                         "compiled step would freeze; call model.eval() for writing or use compile=False")
     losses = torch.empty(config.steps, packed.batch, dtype=torch.float32, device=memory.device)
     norms = torch.empty_like(losses)
-    with use_backend(backend), gradmem_attention(model), torch.enable_grad():
+    with use_backend(backend), gradmem_attention(model, backend), torch.enable_grad():
         step_hook = None if on_step is None else (lambda k, loss: on_step(k, loss[: packed.real_batch]))
         M = _write_loop(model, packed, memory, config, head_weight, head_bias, config.lr, losses, norms,
-                        on_step=step_hook)
+                        on_step=step_hook, backbone=backbone)
     B = packed.real_batch
     return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B])
 
@@ -135,31 +234,35 @@ def write_packed(model, packed: PackedBatch, memory: torch.Tensor, config: Write
 class GraphedWriteLoop:
     """The whole K-step loop (grad_mode "none") captured once per fixed shape and replayed (CUDA only).
 
-    Batches are padded to a bucket shape (``packing.bucket_shape``) so a handful of graphs serve every
-    batch; each replay copies the new batch into the graph's static buffers.
+    Batches are padded to ``packing.bucket_rows`` rows (filler documents, their count rounded to a multiple of
+    8 where the filler allows), so a handful of graphs serve every batch; each replay copies the new batch into
+    the graph's static buffers. With a ``CompiledBackbone`` the compiled step runs inside the captured graph:
+    inductor's code is plain kernel launches, compiled during the warm-up runs before capture, so the two
+    combine (torch.compile's own CUDA graphs, mode="reduce-overhead", are not used: a cudagraph tree cannot
+    be nested inside this capture, and this capture also covers the eager loss and update kernels).
+    Attention dropout is refused (its seed is drawn on the host, so a replay would repeat one mask).
     """
 
-    def __init__(self, model, config: WriteConfig, head_weight, head_bias, backend: str):
+    _STATIC = ("tokens", "targets", "cu_seqlens", "position_ids", "source_index", "loss_rows", "cu_tokens",
+               "memory_rows", "token_rows")
+
+    def __init__(self, model, config: WriteConfig, head_weight, head_bias, backend: str, backbone=None):
         if config.grad_mode != "none":
             raise ValueError("CUDA graphs capture detached writes only: grad_mode must be 'none'")
         self.model, self.config = model, config
         self.head_weight, self.head_bias = head_weight, head_bias
         self.backend = backend
+        self.backbone = backbone
         self.graphs = {}
 
     @staticmethod
     def key(packed: PackedBatch):
-        max_seqlen = 1 << max(6, (packed.max_seqlen - 1).bit_length())
-        return packed.batch, int(packed.tokens.numel()), max_seqlen
+        return packed.batch, int(packed.tokens.numel()), packed.total_rows, seqlen_bucket(packed.max_seqlen)
 
     def _capture(self, packed: PackedBatch, memory: torch.Tensor):
         key = self.key(packed)
-        static = dataclasses.replace(
-            packed, tokens=packed.tokens.clone(), targets=packed.targets.clone(),
-            cu_seqlens=packed.cu_seqlens.clone(), position_ids=packed.position_ids.clone(),
-            source_index=packed.source_index.clone(), loss_rows=packed.loss_rows.clone(),
-            cu_tokens=packed.cu_tokens.clone(), max_seqlen=key[2],
-        )
+        static = dataclasses.replace(packed, max_seqlen=key[3],
+                                     **{name: getattr(packed, name).clone() for name in self._STATIC})
         state = {
             "packed": static,
             "memory": memory.detach().clone(),
@@ -171,12 +274,12 @@ class GraphedWriteLoop:
 
         def run():
             return _write_loop(self.model, static, state["memory"], self.config, self.head_weight, self.head_bias,
-                               state["lr"], state["losses"], state["norms"], state["ones"])
+                               state["lr"], state["losses"], state["norms"], state["ones"], backbone=self.backbone)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # compiles and autotunes every kernel before capture
+            for _ in range(2):  # compiles (torch.compile and Triton) and autotunes every kernel before capture
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -187,12 +290,14 @@ class GraphedWriteLoop:
         return state
 
     def __call__(self, packed: PackedBatch, memory: torch.Tensor) -> WriteResult:
-        with use_backend(self.backend), gradmem_attention(self.model), torch.enable_grad():
+        if attention_dropout_active(self.model):
+            raise ValueError("cuda_graphs: the model is in training mode with attention dropout, whose host-drawn "
+                             "seed a replayed graph would repeat; call model.eval() for writing")
+        with use_backend(self.backend), gradmem_attention(self.model, self.backend), torch.enable_grad():
             state = self.graphs.get(self.key(packed)) or self._capture(packed, memory)
             static = state["packed"]
-            for name in ("tokens", "targets", "cu_seqlens", "position_ids", "source_index", "loss_rows",
-                         "cu_tokens"):
-                getattr(static, name).copy_(getattr(packed, name))
+            for name in self._STATIC:
+                getattr(static, name).copy_(getattr(packed, name), non_blocking=True)
             state["memory"].copy_(memory)
             state["graph"].replay()
         B = packed.real_batch

@@ -5,11 +5,14 @@
 
 The writer picks a backend (``gradmem_fast.backend.resolve_backend``): ``torch`` runs
 ``gradmem_fast.reference`` (eager autograd, full logits); ``triton`` runs ``gradmem_fast.engine``
-(documents packed back to back, fused attention / linear cross-entropy / update ops).
+(documents packed back to back, fused attention / linear cross-entropy / update ops, optionally a compiled
+backbone and CUDA-graph replay).
 
 ``write_many`` streams any iterable of documents: it reads a window of documents, sorts it by length,
 writes batches of at most ``batch_tokens`` packed rows, and yields the memories in input order, so
-memory use is bounded by the window whatever the number of documents.
+memory use is bounded by the window whatever the number of documents. On the engine it validates and
+packs each batch on the CPU and uploads it in one pinned non-blocking copy while the previous batch's
+kernels run: no host synchronisation per batch (the yielded memories stay on the device until read).
 """
 import itertools
 
@@ -18,12 +21,11 @@ import torch
 from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
-from .inputs import prepare_write
-from .packing import bucket_shape, documents_from_batch, pack
+from .inputs import initial_memory, prepare_write, resolve_write_head
+from .packing import bucket_rows, documents_from_batch, pack, plan_batches
 from .result import WriteResult
 
 __all__ = ["MemoryWriter", "WriteResult"]
-
 
 class MemoryWriter:
     """Writes batches of documents into per-document memories of a frozen causal LM.
@@ -36,12 +38,23 @@ class MemoryWriter:
         write_head: optional separate head for the write loss: a [V, d] tensor or a Linear module;
             default: the model's own output head.
         cuda_graphs: on the triton backend on CUDA with grad_mode "none", capture the whole K-step loop
-            once per bucket shape (batches padded to a few fixed sizes) and replay it. Off by default until
-            it has been validated on a GPU (see README, Limits).
+            once per bucket shape (batches padded to a few fixed sizes) and replay it, with the compiled step
+            inside when ``compile`` is on. Off by default until it has been validated on a GPU (see README,
+            Limits).
+        compile: compile the backbone of every first-order step (grad_mode "none"/"first"; second-order steps
+            stay eager) with ``torch.compile(fullgraph=True)`` on the engine (``engine.CompiledBackbone``);
+            batches are then padded to ``packing.bucket_rows`` sizes (< 12.5% filler) so a stream compiles a
+            few times only. "auto" (default): on for the triton backend on CUDA, off elsewhere. Why: on a GPU
+            the compiled step fuses the model's eager elementwise work (about half a GPT-2 step's time) for a
+            one-off compile per bucket (tens of seconds), which a stream of writes repays; on the CPU the
+            kernels run in the Triton interpreter, where inductor's C++ compile (minutes on 2 cores) buys
+            nothing. "auto" also stays eager for a model in training mode with attention dropout (its seed is
+            drawn on the host; ``compile=True`` refuses such a model). ``compile=True`` needs
+            backend="triton" (the torch backend is the eager reference).
     """
 
     def __init__(self, model, config: WriteConfig = None, backend: str = "auto", write_head=None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile="auto"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
         hf.input_embeddings(model)
@@ -54,13 +67,29 @@ class MemoryWriter:
         self.write_head = write_head
         device = hf.input_embeddings(model).weight.device
         self.backend = resolve_backend(backend, device)
+        # The ops the engine runs on: the backend, except in tests that run the engine on the torch ops.
+        self.ops_backend = self.backend
         if self.backend == "triton":
             engine.check_model_supported(model)
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
+            raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+        if compile is True and self.backend != "triton":
+            raise ValueError("compile=True compiles the write engine, which runs on backend='triton'; the torch "
+                             "backend is the eager reference (use compile=False or backend='triton')")
+        self.compile = compile
+        self.backbone = engine.CompiledBackbone(model) if compile is True or (
+            compile == "auto" and self.backend == "triton" and device.type == "cuda") else None
         self.cuda_graphs = (cuda_graphs and self.backend == "triton" and device.type == "cuda"
                             and config.grad_mode == "none")
         self._graphed = None
+
+    def _step_backbone(self):
+        """The compiled backbone for this write, or None (eager)."""
+        if self.backbone is None or (self.compile == "auto" and engine.attention_dropout_active(self.model)):
+            return None
+        return self.backbone
 
     def write(self, input_ids, attention_mask=None, memory=None, on_step=None) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
@@ -76,19 +105,33 @@ class MemoryWriter:
                                    on_step=on_step)
         ids, mask, M, head_weight, head_bias = prepare_write(self.model, input_ids, attention_mask, memory,
                                                              self.config, self.write_head)
-        device = M.device
-        docs = documents_from_batch(ids, mask)
+        docs = [doc.cpu() for doc in documents_from_batch(ids, mask)]
+        packed = self._pack(docs, M.device)
+        return self._write_packed(packed, M, head_weight, head_bias, on_step)
+
+    def _padded(self) -> bool:
+        """Whether batches are padded to bucket sizes (a compiled or graphed step)."""
+        return self.backend == "triton" and (self.cuda_graphs or self._step_backbone() is not None)
+
+    def _pack(self, docs, device):
+        """Pack CPU documents (padded to a bucket when the step is compiled or graphed) and upload them."""
+        m = self.config.num_memory_tokens
+        rows = None
+        if self._padded():
+            rows = bucket_rows(sum(len(doc) for doc in docs) + m * len(docs), m)
+        return pack(docs, m, device, rows=rows, doc_multiple=8 if self.cuda_graphs else 1)
+
+    def _write_packed(self, packed, M, head_weight, head_bias, on_step=None) -> WriteResult:
+        filler = packed.batch - M.shape[0]
+        if filler:
+            M = torch.cat([M, M.new_zeros(filler, *M.shape[1:])])
         if self.cuda_graphs:
-            shape = bucket_shape(len(docs) + 1, int(mask.sum()))
-            packed = pack(docs, self.config.num_memory_tokens, device, shape=shape)
-            filler = M.new_zeros(shape[0] - len(docs), *M.shape[1:])
             if self._graphed is None:
                 self._graphed = engine.GraphedWriteLoop(self.model, self.config, head_weight, head_bias,
-                                                        self.backend)
-            return self._graphed(packed, torch.cat([M, filler]))
-        packed = pack(docs, self.config.num_memory_tokens, device)
-        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.backend,
-                                   on_step=on_step)
+                                                        self.ops_backend, backbone=self._step_backbone())
+            return self._graphed(packed, M)
+        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.ops_backend,
+                                   on_step=on_step, backbone=self._step_backbone())
 
     def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None, on_step=None):
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
@@ -107,14 +150,10 @@ class MemoryWriter:
             raise ValueError(f"window must be a positive int, got {window!r}")
         if memory is not None and (not isinstance(memory, torch.Tensor) or memory.dim() != 2):
             raise ValueError("memory must be None or a shared [m, d] initial memory for write_many")
-        iterator = iter(documents)
-        position = 0
-        while True:
-            chunk = list(itertools.islice(iterator, window))
-            if not chunk:
-                return
-            docs = [self._as_document(doc, position + i) for i, doc in enumerate(chunk)]
-            position += len(chunk)
+        if self.backend == "triton":
+            yield from self._write_many_engine(documents, batch_tokens, window, memory, on_step)
+            return
+        for docs in self._windows(documents, window):
             out = [None] * len(docs)
             for batch in self.plan_batches(docs, batch_tokens):
                 width = max(len(docs[i]) for i in batch)
@@ -129,27 +168,55 @@ class MemoryWriter:
                     out[i] = result.memory[row].detach()
             yield from out
 
+    def _write_many_engine(self, documents, batch_tokens, window, memory, on_step):
+        """write_many on the engine: validation and packing on the CPU, one pinned non-blocking upload per
+        batch, the next batch packed while the current one's kernels run; no host sync per batch."""
+        head_weight, head_bias = resolve_write_head(self.write_head, self.model)
+        emb = hf.input_embeddings(self.model)
+        device = emb.weight.device
+        vocab = min(emb.weight.shape[0], head_weight.shape[0])
+        M0 = initial_memory(memory, 1, self.config, self.model, device).detach()  # once per stream
+        for docs in self._windows(documents, window, vocab):
+            out = [None] * len(docs)
+            batches = self.plan_batches(docs, batch_tokens)
+            upcoming = self._pack([docs[i] for i in batches[0]], device)
+            for index, batch in enumerate(batches):
+                packed = upcoming
+                with torch.no_grad():
+                    result = self._write_packed(packed, M0.expand(len(batch), *M0.shape[1:]), head_weight,
+                                                head_bias, on_step)
+                if index + 1 < len(batches):  # CPU work that overlaps the kernels just queued
+                    upcoming = self._pack([docs[i] for i in batches[index + 1]], device)
+                for row, i in enumerate(batch):
+                    out[i] = result.memory[row].detach()
+            yield from out
+
+    def _windows(self, documents, window, vocab=None):
+        """Lists of at most ``window`` validated CPU documents, in input order."""
+        iterator = iter(documents)
+        position = 0
+        while True:
+            chunk = list(itertools.islice(iterator, window))
+            if not chunk:
+                return
+            yield [self._as_document(doc, position + i, vocab) for i, doc in enumerate(chunk)]
+            position += len(chunk)
+
     @staticmethod
-    def _as_document(doc, index):
+    def _as_document(doc, index, vocab=None):
         tensor = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
         if tensor.dim() != 1 or tensor.numel() == 0:
             raise ValueError(f"documents[{index}] must be a non-empty 1-D sequence of token ids, "
                              f"got shape {tuple(tensor.shape)}")
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
             raise TypeError(f"documents[{index}] must hold integer token ids, got dtype {tensor.dtype}")
-        return tensor.long().cpu()
+        tensor = tensor.long().cpu()
+        if vocab is not None and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab):
+            raise ValueError(f"documents[{index}] must be token ids in [0, {vocab}), got values in "
+                             f"[{int(tensor.min())}, {int(tensor.max())}]")
+        return tensor
 
     def plan_batches(self, docs, batch_tokens):
         """The batches (lists of indices into ``docs``) that ``write_many`` writes for one window, in order."""
-        m = self.config.num_memory_tokens
-        order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
-        batch, used = [], 0
-        for i in order:
-            need = m + len(docs[i])
-            if batch and used + need > batch_tokens:
-                yield batch
-                batch, used = [], 0
-            batch.append(i)
-            used += need
-        if batch:
-            yield batch
+        return plan_batches([len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens,
+                            padded=self._padded())

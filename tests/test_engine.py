@@ -61,8 +61,9 @@ def test_fixed_shape_filler_does_not_change_real_documents():
     M = torch.randn(3, 2, model.config.hidden_size, dtype=torch.float64)
     head = model.get_output_embeddings()
     plain = engine.write_packed(model, pack(docs, 2, "cpu"), M, cfg, head.weight, None, "torch")
-    padded_pack = pack(docs, 2, "cpu", shape=(8, 23))
-    padded = engine.write_packed(model, padded_pack, torch.cat([M, M.new_zeros(5, 2, M.shape[2])]), cfg,
+    padded_pack = pack(docs, 2, "cpu", rows=41)  # 16 real rows, 25 filler rows: 4 documents of <= 8 rows
+    assert padded_pack.batch == 7 and max(padded_pack.lengths[3:]) <= 6 and padded_pack.total_rows == 41
+    padded = engine.write_packed(model, padded_pack, torch.cat([M, M.new_zeros(4, 2, M.shape[2])]), cfg,
                                  head.weight, None, "torch")
     assert padded.memory.shape == plain.memory.shape
     assert_same_write(padded, plain, torch.float64)
@@ -145,7 +146,7 @@ def _weight_shaped_products(model, with_weights):
     from gradmem_fast.backend import use_backend
 
     with use_backend("torch"), engine.gradmem_attention(model):
-        loss = engine._step_loss(model, M, emb, packed, head.weight, None)
+        loss = engine._step_loss(model, M, engine.packed_input(packed, emb), packed, head.weight, None)
         rec = _MatmulShapes()
         with rec:
             torch.autograd.grad(loss.sum(), [M] + (params if with_weights else []), allow_unused=True)

@@ -67,7 +67,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError("prefix_attention: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
                              f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
-        if q.device.type == "cpu":  # value checks need the data on the host: free on CPU, a sync on a GPU
+        # Value checks need the data on the host: free on CPU, a sync on a GPU, a graph break when compiled.
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
             for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k,
                                                                                     k.shape[0])):
                 if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
@@ -314,14 +315,14 @@ def _visible(lq, lk, causal, window, device):
     return vis
 
 
-def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window):
+def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, visible=None):
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     compute = _acc_dtype(q.dtype)
     qg = q.to(compute).reshape(batch, lq, hkv, group, d)
     s = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(compute)) * scale
-    vis = _visible(lq, lk, causal, window, q.device)[None, None, None]
+    vis = _visible(lq, lk, causal, window, q.device)[None, None, None] if visible is None else visible
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.bool()[:, None, None, None, :]
     row_has = vis.any(-1, keepdim=True)
@@ -339,6 +340,32 @@ def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
     return out.to(q.dtype), lse
 
 
+def _reference_packed_dense(q, k, v, cu_q, cu_k, key_padding_mask, causal, scale, dropout_p, window):
+    """The packed layout without host reads (for tracing): query i of document b sees key j when j is in
+    document b and ``visible(i - cu_q[b], j - cu_k[b])`` holds with ``diag = Lk_b - Lq_b``. O(Tq * Tk)
+    memory, so only for small compiled problems (tests, the CPU backend). No dropout: its reference mask
+    is drawn per document from a seeded generator, which a traced graph cannot reproduce."""
+    if dropout_p > 0:
+        raise NotImplementedError("prefix_attention: the torch backend has no compiled dropout; use "
+                                  "backend='triton' or dropout_p=0 under torch.compile")
+    tq, tk = q.shape[0], k.shape[0]
+    doc_q = torch.searchsorted(cu_q, torch.arange(tq, device=q.device, dtype=cu_q.dtype), right=True) - 1
+    doc_k = torch.searchsorted(cu_k, torch.arange(tk, device=q.device, dtype=cu_k.dtype), right=True) - 1
+    i = torch.arange(tq, device=q.device) - cu_q[doc_q]
+    j = torch.arange(tk, device=q.device) - cu_k[doc_k]
+    diag = ((cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1]))[doc_q]
+    vis = doc_q[:, None] == doc_k[None, :]
+    if causal:
+        vis = vis & (j[None, :] <= (i + diag)[:, None])
+    if window is not None:
+        vis = vis & (j[None, :] > (i + diag - window)[:, None])
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask.bool()[None, :]
+    out, lse = _reference_padded(q[None], k[None], v[None], None, False, scale, 0.0, 0, None,
+                                 visible=vis[None, None, None])
+    return out[0], lse[0]
+
+
 def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, causal=True,
                         scale=None, dropout_p=0.0, seed=0, window=None):
     """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
@@ -349,6 +376,11 @@ def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_pa
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if cu_seqlens_q is None:
         return _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window)
+    if torch.compiler.is_compiling():
+        # The per-document loop below reads the offsets on the host (a graph break); traced, the packed
+        # layout is one dense [Tq, Tk] problem whose mask keeps each query inside its own document.
+        return _reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale,
+                                       dropout_p, window)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
