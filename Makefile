@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv compile-check test-kernels-full clean
+.PHONY: demo test venv compile-check test-kernels-full test-compile clean
 
 venv:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
@@ -23,6 +23,11 @@ test-kernels-full: venv
 .PHONY: mutants
 mutants: venv
 	$(PY) scripts/mutants.py
+
+# Compiled write step against the eager engine with inductor on all five families and both op backends
+# (make test runs inductor on two of them and aot_eager on the rest: cold C++ compiles are slow on 2 cores).
+test-compile: venv
+	GRADMEM_TEST_INDUCTOR=all $(PY) -m pytest -q tests/test_engine_compile.py
 
 compile-check: venv
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
