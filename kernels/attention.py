@@ -3,7 +3,8 @@
 Layouts (the same kernels serve both; only where a sequence starts and how long it is differ):
 
 * packed varlen: ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]``, ``cu_seqlens_q/k`` int32 ``[B + 1]``
-  (FlashAttention convention, ending at Tq/Tk: tokens past the end would not be written); log-sum-exp ``[Hq, Tq]``; optional key mask ``[Tk]``;
+  (FlashAttention convention, ending at Tq/Tk: tokens past the end would not be written); log-sum-exp
+  ``[Hq, Tq]``; optional key mask ``[Tk]``;
 * padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]`` (any strides with a unit last stride, e.g. the
   transposed views Hugging Face hands over); log-sum-exp ``[B, Hq, Sq]``; optional key padding mask
   ``[B, Sk]`` (nonzero = keep) applied inside the kernels, so there is no unpadding copy.
@@ -51,8 +52,10 @@ def _interpreting() -> bool:
 _FWD_CONFIGS = {
     # dropout 128x64 spills unaligned (255 regs + 64 B); 128x32: 173 regs
     (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 32, 8, 3)]},
-    (128, 2): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
-    (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    # d128 dropout: 128x32 spills 12 B unaligned, 64x64 28 B; 64x32 fits (255 regs)
+    (128, 2): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(64, 32, 8, 3)]},
+    # d256: 32x32 with 4 warps spills 124 B unaligned (aligned: 238 regs, see _ALIGNED)
+    (256, 2): {"plain": [(32, 32, 8, 2), (16, 16, 4, 2)], "dropout": [(16, 16, 4, 2)]},
     (64, 4): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
     (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
     (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
@@ -137,7 +140,8 @@ _ALIGNED = {
     # d128 forward: 128x64 (198 regs, 128 KiB smem) instead of 128x32 (158); dropout stays at 128x32
     # (128x64 with dropout reaches 255 regs).
     "fwd": {(64, 2): {"dropout": [(128, 64, 8, 3)]},  # 172 regs aligned
-            (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)]}},
+            (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)], "dropout": [(128, 32, 8, 3)]},
+            (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]}},  # 238 / 255 regs
     # d64: 64 keys x 128 queries streamed (239 regs; spills with dropout, which keeps the unaligned entry);
     # d128: 32x128 (233 regs) first (spills 8 B with dropout).
     "dkdv": {(64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
@@ -238,7 +242,7 @@ def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: st
     return all(configs(kind, block_d, element_size, dropout, precision, aligned) for kind in _DBWD_KINDS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool):
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -600,8 +604,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     i32, f32 = "i32", "fp32"
     bm, bn, warps, stages = cfg
     extra = {"PASS": _DBWD_PASS[kind]} if kind in _DBWD_PASS else {}
-    consts = dict(**extra, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, PARAMS_FP64=dtype == torch.float64,
-                  ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+    consts = dict(**extra, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+                  PARAMS_FP64=dtype == torch.float64, ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
                   INPUT_PRECISION=precision, **flags)
     strides3 = lambda p: {f"stride_{p}b": i32, f"stride_{p}t": i32, f"stride_{p}h": i32}  # noqa: E731
     tail = {"stride_lb": i32, "stride_lh": i32, "stride_mb": i32, "seqlen_q": i32, "seqlen_k": i32,

@@ -16,8 +16,23 @@ loops over the query heads of its KV head. No [Lq, Lk] tensor exists: P and dS l
 import triton
 import triton.language as tl
 
-from .attention_common import (aligned_ranges, head_base, keep_mask, key_keep, key_range, load_lse2, load_rows,
-                               load_scalars, query_range, rng_key, score_mask, seq_bounds, stat_offset, store_rows)
+from .attention_common import (
+    aligned_ranges,
+    head_base,
+    keep_mask,
+    key_keep,
+    key_range,
+    load_head_rows,
+    load_row_stats,
+    load_rows,
+    load_scalars,
+    query_range,
+    rng_key,
+    score_mask,
+    seq_bounds,
+    stat_offset,
+    store_rows,
+)
 
 
 @triton.jit
@@ -38,10 +53,8 @@ def attn_bwd_preprocess_kernel(
     if m0 >= q_len:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    o = load_rows(head_base(Out, b, q_start, h, stride_ob, stride_ot, stride_oh), m0, q_len, stride_ot,
-                  BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-    do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
-                   BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+    o = load_head_rows(Out, b, q_start, h, stride_ob, stride_ot, stride_oh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
     tl.store(Delta + stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m, delta, mask=offs_m < q_len)
 
@@ -94,15 +107,11 @@ def attn_bwd_dkdv_kernel(
         g = it // n_blocks
         h = hk * group + g
         m0 = lo + (it - g * n_blocks) * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < q_len
-        q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
-                      BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-        do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
-                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-        stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
-        lse2 = load_lse2(Lse, stat, m_ok, log2e)
-        delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+        q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
+                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
+                                                             stride_lh, log2e, BLOCK_M)
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         pT = tl.math.exp2(sT - lse2[None, :])
         valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
@@ -183,15 +192,10 @@ def attn_bwd_dq_kernel(
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
     hk = h // group
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_len
-    q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
-                  BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-    do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
-                   BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-    stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
-    lse2 = load_lse2(Lse, stat, m_ok, log2e)
-    delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+    q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
+                                                         stride_lh, log2e, BLOCK_M)
     K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
     V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
     Kpm_base = Kpm + b.to(tl.int64) * stride_mb + k_start

@@ -91,6 +91,27 @@ def store_rows(base, start, n_rows, stride_t, value, BLOCK: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def load_head_rows(ptr, b, seq_start, h, stride_b, stride_t, stride_h, start, n_rows, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``load_rows`` of rows ``start ..`` of head ``h`` of sequence ``b`` (first token ``seq_start``)."""
+    return load_rows(head_base(ptr, b, seq_start, h, stride_b, stride_t, stride_h), start, n_rows, stride_t,
+                     BLOCK, BLOCK_D, HEAD_DIM, True, False)
+
+
+@triton.jit
+def load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M: tl.constexpr):
+    """Saved statistics of the query rows ``m0 .. m0 + BLOCK_M`` of head ``h``: ``(offs_m, m_ok, stat, lse2,
+    delta)``, ``stat`` their offsets in the log-sum-exp layout, ``lse2`` as in ``load_lse2``, delta 0 past
+    the end."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_len
+    stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
+    lse2 = load_lse2(Lse, stat, m_ok, log2e)
+    delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+    return offs_m, m_ok, stat, lse2, delta
+
+
+@triton.jit
 def load_lse2(Lse, rows, rows_ok, log2e):
     """The saved log-sum-exp at ``Lse + rows`` in base-2 units. Rows past the end and rows with no visible key
     (lse = -inf, output 0) read +inf, so their recomputed P = exp2(s - lse2) is exactly 0 (no NaN)."""

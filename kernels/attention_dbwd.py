@@ -37,8 +37,21 @@ mask, window and dropout keep mask are regenerated exactly as in the forward.
 import triton
 import triton.language as tl
 
-from .attention_common import (head_base, keep_mask, key_keep, key_range, load_lse2, load_rows, load_scalars,
-                               query_range, rng_key, score_mask, seq_bounds, stat_offset, store_rows)
+from .attention_common import (
+    head_base,
+    keep_mask,
+    key_keep,
+    key_range,
+    load_head_rows,
+    load_row_stats,
+    load_rows,
+    load_scalars,
+    query_range,
+    rng_key,
+    score_mask,
+    seq_bounds,
+    store_rows,
+)
 
 
 @triton.jit
@@ -109,20 +122,15 @@ def attn_dbwd_dq_kernel(
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
     hk = h // group
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_len
-    q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
-                  BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+    q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     if PASS < 2:
-        do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
-                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
+                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     else:
         do = q  # PASS 2 does not use dO
-    gq = load_rows(head_base(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh), m0, q_len, stride_gqt,
-                   BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-    stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
-    lse2 = load_lse2(Lse, stat, m_ok, log2e)
-    delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+    gq = load_head_rows(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+    offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
+                                                         stride_lh, log2e, BLOCK_M)
     K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
     V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
     gK_base = head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh)
@@ -292,14 +300,10 @@ def attn_dbwd_dkdv_kernel(
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_rows(head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh), n0, k_len, stride_kt,
-                  BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-    v = load_rows(head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh), n0, k_len, stride_vt,
-                  BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-    gk = load_rows(head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh), n0, k_len, stride_gkt,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-    gv = load_rows(head_base(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh), n0, k_len, stride_gvt,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    k = load_head_rows(K, b, k_start, hk, stride_kb, stride_kt, stride_kh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
+    v = load_head_rows(V, b, k_start, hk, stride_vb, stride_vt, stride_vh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
+    gk = load_head_rows(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
+    gv = load_head_rows(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
     kp_ok = key_keep(Kpm + b.to(tl.int64) * stride_mb + k_start, offs_n, offs_n < k_len, HAS_KPM)
     # Only the query blocks that see some key of this block are visited.
     diag, lo, n_blocks = query_range(n0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
@@ -311,17 +315,13 @@ def attn_dbwd_dkdv_kernel(
         g_idx = it // n_blocks
         h = hk * group + g_idx
         m0 = lo + (it - g_idx * n_blocks) * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < q_len
-        q = load_rows(head_base(Q, b, q_start, h, stride_qb, stride_qt, stride_qh), m0, q_len, stride_qt,
-                      BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-        do = load_rows(head_base(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh), m0, q_len, stride_dot,
-                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-        gq = load_rows(head_base(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh), m0, q_len, stride_gqt,
-                       BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
-        stat = stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m
-        lse2 = load_lse2(Lse, stat, m_ok, log2e)
-        delta = tl.load(Delta + stat, mask=m_ok, other=0.0)
+        q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
+                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        gq = load_head_rows(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh,
+                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
+                                                             stride_lh, log2e, BLOCK_M)
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale

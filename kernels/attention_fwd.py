@@ -12,8 +12,20 @@ with ``z_ij`` the dropout keep mask (all ones when p = 0). Keys are visited in b
 import triton
 import triton.language as tl
 
-from .attention_common import (aligned_ranges, head_base, keep_mask, key_keep, key_range, load_rows, load_scalars,
-                               rng_key, score_mask, seq_bounds, stat_offset, store_rows)
+from .attention_common import (
+    aligned_ranges,
+    head_base,
+    keep_mask,
+    key_keep,
+    key_range,
+    load_rows,
+    load_scalars,
+    rng_key,
+    score_mask,
+    seq_bounds,
+    stat_offset,
+    store_rows,
+)
 
 
 @triton.jit

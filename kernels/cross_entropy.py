@@ -199,7 +199,7 @@ def compile_specs() -> list:
     allocates are hinted)."""
     def variants(stats):
         return (Variant("aligned", divisible={"z_ptr", "t_ptr", "lse_ptr", stats, "stride_z", "n_cols"}),
-                Variant("unaligned", divisible={"z_ptr", "lse_ptr", stats}))
+                Variant("unaligned", divisible={"z_ptr", "lse_ptr", stats}, archs=(90,)))
 
     specs = []
     seen = set()

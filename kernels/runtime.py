@@ -59,13 +59,15 @@ class Variant:
     ``divisible``: names of the pointer / integer arguments that arrive 16-byte aligned / divisible by 16
     (compiled with ``tt.divisibility=16``); every other pointer or integer argument is compiled without the
     hint. ``ones``: integer arguments that arrive equal to 1 (compiled as the constant 1). ``constexprs``:
-    constexpr values this variant overrides (e.g. an odd ``HEAD_DIM``).
+    constexpr values this variant overrides (e.g. an odd ``HEAD_DIM``). ``archs``: restricts the variant to
+    some of the spec's architectures (e.g. the unaligned variant of a small kernel on sm_90 only).
     """
 
     label: str
     divisible: frozenset = frozenset()
     ones: frozenset = frozenset()
     constexprs: tuple = ()  # ((name, value), ...): hashable
+    archs: tuple = ()  # compute capabilities to compile this variant for (empty: all of the spec's)
 
     def __post_init__(self):
         object.__setattr__(self, "divisible", frozenset(self.divisible))

@@ -184,7 +184,7 @@ def _memory_update_kernel(
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -317,8 +317,9 @@ def compile_specs():
     and ``unaligned`` (memory and gradient views at odd offsets, odd m*d; only the outputs the launcher
     allocates hinted). ``step`` is never specialised (``do_not_specialize``)."""
     def variants(sig, own):
-        pointers = {n for n, t in sig.items() if t.startswith("*")}
-        return (Variant("aligned", divisible=pointers | {"N"}), Variant("unaligned", divisible=pointers & own))
+        pointers = {n for n, t in sig.items() if t.startswith("*")} - {"step"}  # do_not_specialize
+        return (Variant("aligned", divisible=pointers | {"N"}),
+                Variant("unaligned", divisible=pointers & own, archs=(90,)))
 
     specs = []
     for tname in ("fp32", "fp16", "bf16"):

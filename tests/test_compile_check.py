@@ -86,6 +86,42 @@ def test_attention_configurations_are_compiled_in_the_specialisation_of_their_ta
         {c: v for c, v in labels_per_class.items() if v != {"aligned", "unaligned"}}
 
 
+def test_launcher_picks_the_table_of_its_specialisation(monkeypatch):
+    """On a GPU the attention launcher takes a configuration from the aligned table exactly when Triton will
+    compile the aligned specialisation: fused-QKV views and Hugging Face's transposed layout with a head dim
+    of 64 are aligned; a head dim of 72 (strides not divisible by 16) or a view at an odd offset are not."""
+    import torch
+
+    from gradmem_fast.kernels import attention as A
+
+    picked = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    def tuned(kind, block_d, element_size, dropout, precision, aligned):
+        picked.append(aligned)
+        return Launch()
+
+    monkeypatch.setattr(A, "_interpreting", lambda: False)
+    monkeypatch.setattr(A, "_tuned", tuned)
+    T, H, B, S = 10, 4, 2, 5
+    cu = torch.tensor([0, 4, T], dtype=torch.int32)
+    varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6)
+    for D, aligned in ((64, True), (72, False)):
+        qkv = torch.randn(T, 3, H, D, dtype=torch.float16)
+        A.attention_fwd(qkv[:, 0], qkv[:, 1], qkv[:, 2], **varlen)
+        hf = torch.randn(B, H, S, D, dtype=torch.float16).transpose(1, 2)
+        A.attention_fwd(hf, hf, hf)
+        assert picked == [aligned, aligned], D
+        picked.clear()
+    x = torch.randn(T * H * 64 + 1, dtype=torch.float16)[1:].view(T, H, 64)
+    A.attention_fwd(x, x, x, **varlen)
+    assert picked == [False]
+    assert A.gpu_configs("fwd", 128, 2, aligned=True) != A.gpu_configs("fwd", 128, 2, aligned=False)
+
+
 def test_cli_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "gradmem_fast.tools.compile_check"], capture_output=True,

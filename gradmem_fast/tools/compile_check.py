@@ -96,7 +96,8 @@ def source_parts(spec: CompileSpec, variant: Variant, arch: int = 90) -> tuple:
     """``(signature, constexprs, attrs)`` of the ``ASTSource`` for ``spec`` under ``variant``, in the form
     Triton's launcher gives them (``JITFunction._pack_args``): every argument in parameter order, arguments
     equal to 1 turned into constexprs, ``attrs[(index,)] = backend.parse_attr("D")`` (``tt.divisibility=16``)
-    for the 16-divisible ones and ``[]`` for the other pointers and integers."""
+    for the 16-divisible ones and ``[]`` for the other pointers and integers, none for ``do_not_specialize``
+    arguments (the launcher never specialises those)."""
     names = list(spec.kernel.arg_names)
     constexprs = dict(spec.constexprs)
     constexprs.update(dict(variant.constexprs))
@@ -105,9 +106,10 @@ def source_parts(spec: CompileSpec, variant: Variant, arch: int = 90) -> tuple:
         if unknown:
             raise ValueError(f"{spec.name} [{variant.label}]: {label} names non-argument(s) {sorted(unknown)}")
     fixed = {names[a] if isinstance(a, int) else a for a in getattr(spec.kernel, "do_not_specialize", ())}
-    if fixed & (set(variant.divisible) | set(variant.ones)):
-        raise ValueError(f"{spec.name} [{variant.label}]: {sorted(fixed & (set(variant.divisible) | set(variant.ones)))}"
-                         " are do_not_specialize arguments: a launch never specialises them")
+    fixed &= set(variant.divisible) | set(variant.ones)
+    if fixed:
+        raise ValueError(f"{spec.name} [{variant.label}]: {sorted(fixed)} are do_not_specialize arguments: "
+                         "a launch never specialises them")
     for arg in variant.ones:
         if not spec.signature[arg].startswith("i"):
             raise ValueError(f"{spec.name} [{variant.label}]: only integer arguments can be 1, not {arg!r}")
@@ -118,9 +120,10 @@ def source_parts(spec: CompileSpec, variant: Variant, arch: int = 90) -> tuple:
     signature = {n: "constexpr" if n in constexprs else spec.signature[n] for n in names}
     backend = _backend(arch)
     attrs = {}
+    never = {names[a] if isinstance(a, int) else a for a in getattr(spec.kernel, "do_not_specialize", ())}
     for i, n in enumerate(names):
         t = signature[n]
-        if t.startswith("*") or (t[:1] in ("i", "u") and t != "u1"):
+        if n not in never and (t.startswith("*") or (t[:1] in ("i", "u") and t != "u1")):
             attrs[(i,)] = backend.parse_attr("D" if n in variant.divisible else "")
     consts = {(names.index(n),): v for n, v in constexprs.items()}
     return signature, consts, attrs
@@ -192,7 +195,7 @@ def run(specs, archs=None, stream=sys.stdout, jobs: int = 1, match: str | None =
     ``match``: a regular expression; only ``name [variant]`` strings it finds are compiled."""
     pattern = re.compile(match) if match else None
     tasks = [(i, j, arch) for i, spec in enumerate(specs) for j, variant in enumerate(spec.variants)
-             for arch in spec.archs if (not archs or arch in archs)
+             for arch in spec.archs if (not archs or arch in archs) and (not variant.archs or arch in variant.archs)
              and (pattern is None or pattern.search(f"{spec.name} [{variant.label}]"))]
     _SPECS[:] = specs
     if jobs > 1 and len(tasks) > 1:
