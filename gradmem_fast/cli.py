@@ -39,6 +39,7 @@ import sys
 import time
 
 from .errors import UserError
+from .models import check_device, quiet_transformers
 
 PROG = "gradmem-fast"
 
@@ -53,12 +54,6 @@ def _note(command, message):
     print(f"{PROG} {command}: {message}", file=sys.stderr, flush=True)
 
 
-def _quiet_transformers():
-    """Keep the command's own messages readable: no library progress bars or info-level chatter."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _versions() -> dict:
@@ -94,24 +89,6 @@ def _positive_int(name, value, minimum=1):
         raise UserError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_device(value: str, flag: str = "--device"):
-    """Reject a device string other than auto, cpu, cuda or cuda:N (an existing GPU), before any load."""
-    import torch
-
-    if value == "auto":
-        return
-    expected = f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}"
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError, TypeError):
-        raise UserError(expected) from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(expected)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{flag} {value}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{flag} {value}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def _device_and_dtype(args, local_rank=0):
@@ -346,7 +323,7 @@ def cmd_write(args) -> int:
     device = _device_and_dtype(args, ctx.local_rank)
 
     # 2. The tokenizer and config (seconds): every document is checked before the weights load.
-    _quiet_transformers()
+    quiet_transformers()
     tokenizer, model_config = load_tokenizer(args.model)
     positions = max_positions(model_config)
     eos = _eos_id(tokenizer) if args.append_eos else None
@@ -679,7 +656,7 @@ def cmd_read(args) -> int:
     device = _device_and_dtype(args)
 
     # 2. Tokenizer and config: the model is checked against the file, the texts against the positions.
-    _quiet_transformers()
+    quiet_transformers()
     tokenizer, model_config = load_tokenizer(args.model)
     n_docs, m, d = memfile.shape
     width = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)

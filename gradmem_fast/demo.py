@@ -179,19 +179,12 @@ def run_from_args(args) -> int:
         raise UserError(f"--memory-tokens must be >= 1, got {args.memory_tokens}")
     if not 0 <= args.lr < float("inf"):
         raise UserError(f"--lr must be a finite number >= 0, got {args.lr}")
-    from .cli import _quiet_transformers, check_device
-    from .models import resolve_dtype
+    from .models import check_device, quiet_transformers, resolve_dtype
 
     check_device(args.device)
     resolve_dtype(args.dtype, "cpu")
-    _quiet_transformers()
+    quiet_transformers()
     run(model=args.model, texts=args.text, steps=args.steps, lr=args.lr, memory_tokens=args.memory_tokens,
         backend=args.backend, device=args.device, dtype=args.dtype)
     return 0
 
-
-def main(argv=None) -> int:
-    """``python -m gradmem_fast.demo`` / ``demo.main([...])``: the same as ``gradmem-fast demo``."""
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(argv or [])])

@@ -36,6 +36,26 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> str:
     return device
 
 
+def check_device(value: str, flag: str = "--device"):
+    """Reject a device string other than auto, cpu, cuda or cuda:N (an existing GPU), before any load."""
+    import torch
+
+    if value == "auto":
+        return
+    expected = f"{flag} must be auto, cpu, cuda or cuda:N, got {value!r}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(expected) from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(expected)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {value}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {value}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype for ``--dtype``; ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
     import torch
@@ -190,3 +210,11 @@ def describe_tokenizer(tokenizer) -> dict:
         "class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer) if tokenizer is not None else None,
     }
+
+
+def quiet_transformers():
+    """Keep the command's own messages readable: no library progress bars or info-level chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
