@@ -130,7 +130,7 @@ def test_no_import_cycles():
     graph, files = _internal_graph()
     # The package's __init__ only names its exports lazily (by string), so it has no edges; submodules
     # importing `from . import __version__` do not make a cycle through it.
-    cycle = _find_cycle({name: {t: l for t, l in edges.items() if t != PACKAGE} for name, edges in graph.items()})
+    cycle = _find_cycle({name: {t: line for t, line in edges.items() if t != PACKAGE} for name, edges in graph.items()})
     if cycle:
         steps = [f"{files[a].relative_to(ROOT)}:{graph[a][b]}: {a} imports {b}" for a, b in zip(cycle, cycle[1:])]
         pytest.fail("import cycle:\n" + "\n".join(steps))
