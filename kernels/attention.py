@@ -57,15 +57,17 @@ _FWD_CONFIGS = {
     # d256: 32x32 with 4 warps spills 124 B unaligned (aligned: 238 regs, see _ALIGNED)
     (256, 2): {"plain": [(32, 32, 8, 2), (16, 16, 4, 2)], "dropout": [(16, 16, 4, 2)]},
     (64, 4): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 64, 8, 3)]},
-    (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},
-    (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
+    # fp32 d128 unaligned: 64x64 spills 208 B, 128x32 with dropout 8 B
+    (128, 4): {"plain": [(128, 32, 8, 3)], "dropout": [(64, 32, 8, 3)]},
+    # fp32 d256 unaligned: 32x32 spills 92 B, 16x32 40 B (148 B with dropout); 16x16: 199 / 220 regs
+    (256, 4): {"plain": [(16, 16, 4, 2)], "dropout": [(16, 16, 4, 2)]},
 }
 _DKDV_CONFIGS = {
     (64, 2): {"plain": [(32, 128, 8, 3), (64, 64, 8, 2)], "dropout": [(32, 128, 8, 3)]},
     # d128 64x64 spills 8 B unaligned with the 64-bit row offsets (255 regs aligned): not in either table.
     (128, 2): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (256, 2): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(32, 32, 8, 2)]},
-    (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)], "dropout": [(32, 64, 8, 2)]},
+    (64, 4): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},  # 32x128 spills 192 B unaligned
     (128, 4): {"plain": [(16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
     (256, 4): {"plain": [(16, 32, 8, 1)], "dropout": [(16, 32, 8, 1)]},
 }
@@ -73,9 +75,11 @@ _DQ_CONFIGS = {
     # dropout 128x64 spills 8 B unaligned; 128x32: 188 regs
     (64, 2): {"plain": [(128, 64, 8, 3), (64, 64, 4, 3)], "dropout": [(128, 32, 8, 3)]},
     (128, 2): {"plain": [(64, 32, 8, 2), (32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
-    (256, 2): {"plain": [(16, 32, 4, 2), (32, 16, 8, 2)], "dropout": [(16, 32, 4, 2)]},
-    (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)], "dropout": [(64, 32, 4, 3)]},
-    (128, 4): {"plain": [(128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
+    # unaligned: d256 dropout 16x32 spills 320 B (16x16: 255 regs); fp32 d64 plain 64x32 spills 8 B
+    (256, 2): {"plain": [(16, 32, 4, 2), (32, 16, 8, 2)], "dropout": [(16, 16, 4, 2)]},
+    (64, 4): {"plain": [(128, 64, 8, 3)], "dropout": [(64, 32, 4, 3)]},
+    # fp32 d128 unaligned: 128x32 spills 20 B (and 8 B with dropout, aligned too), 64x32 with 8 warps more
+    (128, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (256, 4): {"plain": [(32, 32, 8, 2), (32, 16, 4, 2)], "dropout": [(32, 16, 4, 2)]},
 }
 # Double backward (kernels/attention_dbwd.py): a program holds three input tiles of its own side (q, dO,
@@ -86,7 +90,7 @@ _DQ_CONFIGS = {
 _DBWD_STATS_CONFIGS = {
     (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(64, 32, 4, 2)]},
     (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(64, 32, 8, 2)]},
-    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},  # 16x32 spills unaligned with dropout
     (64, 4): {"plain": [(64, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (128, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
     (256, 4): {"plain": [], "dropout": []},
@@ -112,7 +116,8 @@ _DBWD_DKDV_CONFIGS = {
     (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 8, 1)]},
     (256, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
     (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    # fp32 d128 unaligned: 32x16 spills (132 B; 36 B with dropout): 16x16 (170 / 242 regs)
+    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
     (256, 4): {"plain": [], "dropout": []},
 }
 # fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
@@ -141,24 +146,33 @@ _ALIGNED = {
     # (128x64 with dropout reaches 255 regs).
     "fwd": {(64, 2): {"dropout": [(128, 64, 8, 3)]},  # 172 regs aligned
             (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)], "dropout": [(128, 32, 8, 3)]},
-            (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]}},  # 238 / 255 regs
+            (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},  # 238 / 255 regs
+            (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},  # fp32 195/224, 245
+            (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]}},  # fp32 176 / 198
     # d64: 64 keys x 128 queries streamed (239 regs; spills with dropout, which keeps the unaligned entry);
     # d128: 32x128 (233 regs) first (spills 8 B with dropout).
     "dkdv": {(64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
-             (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]}},
+             (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]},
+             (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)]}},  # fp32 32x128: 207 regs aligned
     # d128 dQ: 128-query tiles (128x64: 218 regs; 128x32: 182, with dropout 223; 128x64 spills with dropout).
-    "dq": {(128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]}},
+    "dq": {(128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
+           (256, 2): {"dropout": [(16, 32, 4, 2)]},  # 168 regs aligned
+           (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)]},  # fp32: 217 / 174 regs aligned
+           (128, 4): {"plain": [(128, 32, 8, 2), (32, 32, 4, 2)]}},  # fp32: 219 regs aligned
     # Double backward on wgmma-sized tiles, 128 queries over 8 warps (d64 / d128 regs, plain -> dropout):
     # statistics 108 / 110 -> 156 / 172, grad q 144 / 192 -> 186 / 236, grad dO 113 / 148 -> 158 / 175.
     "dbwd_stats": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-                   (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
+                   (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+                   (256, 2): {"dropout": [(16, 32, 4, 1)]}},  # 138 regs aligned
     "dbwd_dq": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
                 (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
     "dbwd_ddo": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
                  (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
     # d64 key side: 128 keys over 8 warps (200 regs; 255 with dropout, which keeps 32x32). d128 spills at
     # every wgmma-sized tile tried (32x128/8, 64x64/4, 32x64/4 and /8, 16x64/4): the unaligned 32x32 stays.
-    "dbwd_dkdv": {(64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]}},
+    # fp32 d128 aligned keeps 32x16 (210 / 198 regs), which spills unaligned.
+    "dbwd_dkdv": {(64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
+                  (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]}},
 }
 # IEEE fp32 double backward: with aligned operands the FMA tiles fit at 16x16 for d <= 64 (regs with
 # dropout: statistics 133, grad q 168, grad dO 168, grad k/v 133). d128 stays refused: its grad-dO pass
@@ -172,8 +186,9 @@ _ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)]}
 
 
 def _pre_block_m(block_d):
-    # the preprocess kernel holds two [BLOCK_M, BLOCK_D] tiles; keep them at 8K elements
-    return max(16, min(64, 8192 // block_d))
+    # the preprocess kernel holds two [BLOCK_M, BLOCK_D] tiles; 4K elements each (8K spilled for unaligned
+    # fp32 at d128 once the row offsets became 64-bit)
+    return max(16, min(64, 4096 // block_d))
 
 
 _INTERPRET_CONFIG = (16, 16, 4, 1)
