@@ -592,6 +592,8 @@ def format_table(result: dict) -> str:
         if r.get("status") == "ok" and r.get("sync_sites"):
             lines.append(f"  syncs of {r['case']} / {r['impl']}: " + "; ".join(
                 f"{n}x {site}" for site, n in r["sync_sites"].items()))
+        if r.get("note"):
+            lines.append(f"  note on {r['case']} / {r['impl']}: {r['note']}")
         if r.get("status") == "ok" and r.get("projection_graphs"):
             g = r["projection_graphs"]["H100 SXM"]
             lines.append(f"  {r['case']} / {r['impl']} replayed as a CUDA graph: {g['step_ms']:.3f} ms/step on "
