@@ -8,8 +8,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gradmem_fast.tools.compile_check import CompileSpec, Variant, compile_one, compile_source, launch_parts, \
-    pointers_and_ints, source_parts
+from gradmem_fast.tools.compile_check import (
+    CompileSpec,
+    Variant,
+    compile_one,
+    compile_source,
+    launch_parts,
+    pointers_and_ints,
+    source_parts,
+)
 
 
 @triton.jit
