@@ -4,6 +4,7 @@ The Triton kernels live in the top-level ``kernels/`` folder of the source tree 
 ``gradmem_fast.kernels``: a top-level module named ``kernels`` would shadow the Hugging Face package of
 that name, which transformers probes at import time.
 """
+
 from setuptools import setup
 
 setup(

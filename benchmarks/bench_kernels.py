@@ -16,6 +16,7 @@ FLOP formulas (the same for every implementation, so TFLOP/s compare like for li
 * memory update, ``B x m x d`` fp32 memories: bandwidth only, bytes = SGD ``3 x 4 B m d`` (read M, g;
   write M), Adam ``7 x 4 B m d`` (plus read and write both moments).
 """
+
 import contextlib
 import math
 
@@ -30,6 +31,7 @@ UPDATE_KINDS = ("sgd", "sgd_clip", "adam")
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def gradmem_op(name):
     """``gradmem_fast.<name>``, or a Skip naming why it is missing."""
@@ -66,6 +68,7 @@ def _measure(fn, device, timing, flop_count=None, nbytes=None, cudagraph=False, 
 
 # ------------------------------------------------------------------------------------------ attention
 
+
 def attention_shapes(dry_run: bool) -> list:
     """(name, batch, lengths or None, seqlen or None, heads, head_dim, dtype) of every attention case.
 
@@ -78,8 +81,10 @@ def attention_shapes(dry_run: bool) -> list:
         ]
     gen = torch.Generator().manual_seed(0)
     write_lengths = (8 + torch.randint(100, 451, (64,), generator=gen)).tolist()
-    shapes = [("gpt2-write varlen", 64, write_lengths, None, 12, 64, torch.bfloat16),
-              ("tiny-kv-write", 64, None, 248, 4, 32, torch.float32)]
+    shapes = [
+        ("gpt2-write varlen", 64, write_lengths, None, 12, 64, torch.bfloat16),
+        ("tiny-kv-write", 64, None, 248, 4, 32, torch.float32),
+    ]
     for d in (64, 128):
         for s in (512, 1024, 2048, 4096):
             shapes.append((f"S={s}", 16384 // s, None, s, 2048 // d, d, torch.bfloat16))
@@ -102,8 +107,14 @@ def _eager_attention(q, k, v, keep):
 def _sdpa_backend(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[name])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+        }[name]
+    )
 
 
 def attention_impls(device):
@@ -114,8 +125,7 @@ def attention_impls(device):
         backend = our_backend(device)
         if lengths is not None:  # packed varlen, the fast path for ragged documents
             total = sum(lengths)
-            cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32,
-                              device=device)
+            cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
             shape = (total, h, d)
             kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
         else:
@@ -134,8 +144,11 @@ def attention_impls(device):
             def fn(q, k, v):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-            return fn, [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)], \
-                (lambda: _sdpa_backend(kind))
+            return (
+                fn,
+                [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)],
+                (lambda: _sdpa_backend(kind)),
+            )
 
         return build
 
@@ -146,11 +159,16 @@ def attention_impls(device):
         def fn(q, k, v):
             return _eager_attention(q, k, v, keep)
 
-        return fn, [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)], \
-            contextlib.nullcontext
+        return fn, [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)], contextlib.nullcontext
 
-    impls = {"gradmem_fast": ours, "sdpa_flash": sdpa("flash"), "sdpa_efficient": sdpa("efficient"),
-             "sdpa_cudnn": sdpa("cudnn"), "sdpa_math": sdpa("math"), "eager": eager}
+    impls = {
+        "gradmem_fast": ours,
+        "sdpa_flash": sdpa("flash"),
+        "sdpa_efficient": sdpa("efficient"),
+        "sdpa_cudnn": sdpa("cudnn"),
+        "sdpa_math": sdpa("math"),
+        "eager": eager,
+    }
     if not is_cuda(device):
         impls.pop("sdpa_cudnn")
     return impls
@@ -163,6 +181,7 @@ def _attention_case(build, shape, mode, device, timing):
         fn, (q, k, v), ctx = build(batch, lengths, s, h, d, dtype)
         with ctx():
             if mode == "fwd":
+
                 def run():
                     with torch.no_grad():
                         fn(q, k, v)
@@ -176,6 +195,7 @@ def _attention_case(build, shape, mode, device, timing):
                     def run():
                         torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
                 elif mode == "fwd+bwd":
+
                     def run():
                         torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
                 else:  # dbwd: the gradient's own gradient, as second-order meta-training needs
@@ -185,6 +205,7 @@ def _attention_case(build, shape, mode, device, timing):
                         grads = torch.autograd.grad(fn(q, k, v), (q, k, v), dout, create_graph=True)
                         inner = sum((g * wi).sum() for g, wi in zip(grads, w))
                         torch.autograd.grad(inner, (q, k, v))
+
             lens = lengths if lengths is not None else [s] * batch
             return _measure(run, device, timing, attention_flops(lens, h, d, mode))
 
@@ -200,13 +221,25 @@ def run_attention(rec, device, dry_run, timing) -> None:
             if mode == "dbwd" and longest > 1024:
                 continue  # eager/math double backward materialises several S x S tensors per head
             for impl, build in impls.items():
-                rec.case("attention", impl, _attention_case(build, shape, mode, device, timing), device=device,
-                         min_seconds=2.0, mode=mode, case=name, dtype=str(dtype).replace("torch.", ""),
-                         batch=batch, seqlen=longest, heads=h, head_dim=d,
-                         backend=our_backend(device) if impl == "gradmem_fast" else "torch")
+                rec.case(
+                    "attention",
+                    impl,
+                    _attention_case(build, shape, mode, device, timing),
+                    device=device,
+                    min_seconds=2.0,
+                    mode=mode,
+                    case=name,
+                    dtype=str(dtype).replace("torch.", ""),
+                    batch=batch,
+                    seqlen=longest,
+                    heads=h,
+                    head_dim=d,
+                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                )
 
 
 # ------------------------------------------------------------------------------------------ cross-entropy
+
 
 def ce_shapes(dry_run: bool) -> list:
     """(name, N tokens, d, V, dtype)."""
@@ -249,9 +282,11 @@ def _ce_case(make, shape, mode, device, timing):
         weight = torch.randn(v, d, device=device, dtype=dtype) / math.sqrt(d)
         targets = torch.randint(0, v, (n,), device=device)
         if mode == "fwd":
+
             def run():
                 with torch.no_grad():
                     fn(hidden, weight, targets)
+
             count = 2 * n * d * v
         else:
             wrt = [hidden.requires_grad_(True)]
@@ -260,6 +295,7 @@ def _ce_case(make, shape, mode, device, timing):
 
             def run():
                 torch.autograd.grad(fn(hidden, weight, targets), wrt)
+
             count = 2 * n * d * v * (1 + len(wrt))
         return _measure(run, device, timing, count)
 
@@ -271,13 +307,24 @@ def run_cross_entropy(rec, device, dry_run, timing) -> None:
         name, n, d, v, dtype = shape
         for mode in CE_MODES:
             for impl, make in ce_impls(device, dry_run).items():
-                rec.case("linear_cross_entropy", impl, _ce_case(make, shape, mode, device, timing), device=device,
-                         min_seconds=2.0, mode=mode, case=name, dtype=str(dtype).replace("torch.", ""),
-                         tokens=n, hidden=d, vocab=v,
-                         backend=our_backend(device) if impl == "gradmem_fast" else "torch")
+                rec.case(
+                    "linear_cross_entropy",
+                    impl,
+                    _ce_case(make, shape, mode, device, timing),
+                    device=device,
+                    min_seconds=2.0,
+                    mode=mode,
+                    case=name,
+                    dtype=str(dtype).replace("torch.", ""),
+                    tokens=n,
+                    hidden=d,
+                    vocab=v,
+                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                )
 
 
 # ------------------------------------------------------------------------------------------ memory update
+
 
 def update_shapes(dry_run: bool) -> list:
     """(B, m, d) fp32 memories (16-bit models keep fp32 memories)."""
@@ -287,8 +334,11 @@ def update_shapes(dry_run: bool) -> list:
 
 
 def _update_kwargs(kind):
-    return {"sgd": dict(optimizer="sgd"), "sgd_clip": dict(optimizer="sgd", clip_value=1.0, clip_norm=1.0),
-            "adam": dict(optimizer="adam", clip_norm=1.0)}[kind]
+    return {
+        "sgd": dict(optimizer="sgd"),
+        "sgd_clip": dict(optimizer="sgd", clip_value=1.0, clip_norm=1.0),
+        "adam": dict(optimizer="adam", clip_norm=1.0),
+    }[kind]
 
 
 def _update_case(impl, shape, kind, device, timing, dry_run):
@@ -324,9 +374,17 @@ def run_update(rec, device, dry_run, timing) -> None:
     for shape in update_shapes(dry_run):
         for kind in UPDATE_KINDS:
             for impl in ("gradmem_fast", "torch", "torch_compiled"):
-                rec.case("memory_update", impl, _update_case(impl, shape, kind, device, timing, dry_run),
-                         device=device, min_seconds=1.0, mode=kind, case="B={} m={} d={}".format(*shape),
-                         dtype="fp32", batch=shape[0], memory_tokens=shape[1], hidden=shape[2],
-                         backend=our_backend(device) if impl == "gradmem_fast" else "torch")
-
-
+                rec.case(
+                    "memory_update",
+                    impl,
+                    _update_case(impl, shape, kind, device, timing, dry_run),
+                    device=device,
+                    min_seconds=1.0,
+                    mode=kind,
+                    case="B={} m={} d={}".format(*shape),
+                    dtype="fp32",
+                    batch=shape[0],
+                    memory_tokens=shape[1],
+                    hidden=shape[2],
+                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                )

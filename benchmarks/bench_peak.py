@@ -6,6 +6,7 @@
 MFU of the WRITE benchmarks divides by the matmul figure of the model's dtype (``bf16``/``fp16``; ``fp32``
 means IEEE fp32, torch's default for matmuls; ``tf32`` is listed for reference).
 """
+
 import torch
 
 from .common import bench_ms, tflops
@@ -50,10 +51,24 @@ def run(rec, device, dry_run: bool, timing: dict) -> None:
     s = sizes(dry_run)
     n = s["matmul_n"]
     for key in DTYPES:
-        rec.case("matmul", "torch.mm", _matmul_case(n, key, device, timing), device=device, mode=key,
-                 case=f"n={n}", dtype=key)
-    rec.case("copy", "copy_", _copy_case(s["copy_bytes"], device, timing), device=device, mode="d2d",
-             case=f"{s['copy_bytes'] >> 20} MiB", dtype="fp32")
+        rec.case(
+            "matmul",
+            "torch.mm",
+            _matmul_case(n, key, device, timing),
+            device=device,
+            mode=key,
+            case=f"n={n}",
+            dtype=key,
+        )
+    rec.case(
+        "copy",
+        "copy_",
+        _copy_case(s["copy_bytes"], device, timing),
+        device=device,
+        mode="d2d",
+        case=f"{s['copy_bytes'] >> 20} MiB",
+        dtype="fp32",
+    )
 
 
 def peaks(records) -> dict:

@@ -12,13 +12,14 @@ with ``grad_mode="second"``; recorded as skipped until the engine and the attent
 land). ``rel_err`` compares ``M0``'s meta-gradient with the reference's. No FLOP formula yet: time and
 memory only.
 """
+
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from .common import Skip, is_cuda, synchronize, time_calls_ms
 from .bench_write import build_model
+from .common import Skip, is_cuda, synchronize, time_calls_ms
 
 IMPLS = ("reference", "gradmem_fast")
 
@@ -37,8 +38,18 @@ class SecondOrderSpec:
 
 def specs(dry_run: bool) -> list:
     if dry_run:
-        return [SecondOrderSpec("gpt2_124m", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=61),
-                                torch.float32, 2, 8, 4, 2, 2)]
+        return [
+            SecondOrderSpec(
+                "gpt2_124m",
+                dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=61),
+                torch.float32,
+                2,
+                8,
+                4,
+                2,
+                2,
+            )
+        ]
     return [SecondOrderSpec("gpt2_124m", dict(n_positions=1024), torch.bfloat16, 32, 512, 32, 8, 2)]
 
 
@@ -52,8 +63,9 @@ def _case(name, model, spec, ids, query, device, dry_run, state):
             if not interpreting():
                 raise Skip("the triton write engine needs CUDA or TRITON_INTERPRET=1")
         model.set_attn_implementation("eager")
-        config = WriteConfig(num_memory_tokens=spec.memory_tokens, steps=spec.steps, lr=1e-2, clip_norm=1.0,
-                             grad_mode="second")
+        config = WriteConfig(
+            num_memory_tokens=spec.memory_tokens, steps=spec.steps, lr=1e-2, clip_norm=1.0, grad_mode="second"
+        )
         writer = MemoryWriter(model, config, backend="torch" if name == "reference" else "triton")
         gen = torch.Generator().manual_seed(3)
         d = model.get_input_embeddings().weight.shape[1]
@@ -69,8 +81,9 @@ def _case(name, model, spec, ids, query, device, dry_run, state):
             loss.backward()
             holder["grad"] = M0.grad.detach().clone()
 
-        runs = dict(min_runs=1, max_runs=1, max_seconds=0) if dry_run else dict(min_runs=2, max_runs=5,
-                                                                                   max_seconds=10.0)
+        runs = (
+            dict(min_runs=1, max_runs=1, max_seconds=0) if dry_run else dict(min_runs=2, max_runs=5, max_seconds=10.0)
+        )
         base = None
         warmup = 0 if dry_run else 1
         if is_cuda(device):
@@ -101,9 +114,16 @@ def _case(name, model, spec, ids, query, device, dry_run, state):
 
 def run(rec, device, dry_run: bool) -> None:
     for spec in specs(dry_run):
-        params = dict(case=spec.name, dtype=str(spec.dtype).replace("torch.", ""), batch=spec.batch,
-                      seqlen=spec.length, query=spec.query, memory_tokens=spec.memory_tokens, steps=spec.steps,
-                      mode="meta-step")
+        params = dict(
+            case=spec.name,
+            dtype=str(spec.dtype).replace("torch.", ""),
+            batch=spec.batch,
+            seqlen=spec.length,
+            query=spec.query,
+            memory_tokens=spec.memory_tokens,
+            steps=spec.steps,
+            mode="meta-step",
+        )
         try:
             model = build_model("gpt2", spec.config, spec.dtype, device)
             gen = torch.Generator().manual_seed(2)
@@ -111,13 +131,27 @@ def run(rec, device, dry_run: bool) -> None:
             ids = torch.randint(0, vocab, (spec.batch, spec.length), generator=gen).to(device)
             query = torch.randint(0, vocab, (spec.batch, spec.query), generator=gen).to(device)
         except Exception as exc:  # noqa: BLE001
-            rec.add(dict(section=rec.section_name, bench="second_order", impl="model", status="error",
-                         reason=f"building {spec.name}: {type(exc).__name__}: {exc}", **params))
+            rec.add(
+                dict(
+                    section=rec.section_name,
+                    bench="second_order",
+                    impl="model",
+                    status="error",
+                    reason=f"building {spec.name}: {type(exc).__name__}: {exc}",
+                    **params,
+                )
+            )
             continue
         state = {}
         for name in IMPLS:
-            rec.case("second_order", name, _case(name, model, spec, ids, query, device, dry_run, state),
-                     device=device, min_seconds=0.0 if dry_run else 10.0, **params)
+            rec.case(
+                "second_order",
+                name,
+                _case(name, model, spec, ids, query, device, dry_run, state),
+                device=device,
+                min_seconds=0.0 if dry_run else 10.0,
+                **params,
+            )
         del model, state
         if is_cuda(device):
             torch.cuda.empty_cache()

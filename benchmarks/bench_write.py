@@ -28,14 +28,15 @@ Metrics: median time of one whole write (K steps) over several calls, ``docs_per
 and ``mfu`` = that over the measured dense matmul peak of the model's dtype (``peak`` section), the peak
 memory of the timed calls, and ``rel_err`` = ||M - M_ref|| / ||M_ref|| of the written memories.
 """
+
 import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from .common import Skip, is_cuda, synchronize, time_calls_ms, tflops
 from .bench_kernels import gradmem_op, our_backend
 from .bench_peak import dtype_key
+from .common import Skip, is_cuda, synchronize, tflops, time_calls_ms
 
 LR = 1e-2
 CLIP_NORM = 1.0
@@ -60,25 +61,77 @@ class WriteSpec:
 
 def write_specs(dry_run: bool) -> list:
     if dry_run:
-        tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                    max_position_embeddings=64, tie_word_embeddings=False, vocab_size=61)
+        tiny = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            vocab_size=61,
+        )
         return [
             WriteSpec("tiny_kv", "llama", dict(tiny, num_key_value_heads=4), torch.float32, 3, 6, 6, 2, 2, 0),
-            WriteSpec("gpt2_124m", "gpt2", dict(n_embd=32, n_layer=1, n_head=4, n_positions=64, vocab_size=61),
-                      torch.float32, 3, 3, 9, 2, 2, 0),
+            WriteSpec(
+                "gpt2_124m",
+                "gpt2",
+                dict(n_embd=32, n_layer=1, n_head=4, n_positions=64, vocab_size=61),
+                torch.float32,
+                3,
+                3,
+                9,
+                2,
+                2,
+                0,
+            ),
             WriteSpec("llama_1b", "llama", dict(tiny, num_key_value_heads=2), torch.float32, 3, 3, 9, 2, 2, 0),
         ]
     return [
-        WriteSpec("tiny_kv", "llama", dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-                                           max_position_embeddings=1024, tie_word_embeddings=False),
-                  torch.float32, 64, 240, 240, 8, 2, 60),
+        WriteSpec(
+            "tiny_kv",
+            "llama",
+            dict(
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                vocab_size=256,
+                max_position_embeddings=1024,
+                tie_word_embeddings=False,
+            ),
+            torch.float32,
+            64,
+            240,
+            240,
+            8,
+            2,
+            60,
+        ),
         WriteSpec("gpt2_124m", "gpt2", dict(n_positions=1024), torch.bfloat16, 64, 100, 450, 8, 5, 120),
-        WriteSpec("llama_1b", "llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                            num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                                            vocab_size=128256, max_position_embeddings=2048,
-                                            tie_word_embeddings=True, rope_theta=500000.0),
-                  torch.bfloat16, 32, 100, 450, 8, 2, 150),
+        WriteSpec(
+            "llama_1b",
+            "llama",
+            dict(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=64,
+                vocab_size=128256,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                rope_theta=500000.0,
+            ),
+            torch.bfloat16,
+            32,
+            100,
+            450,
+            8,
+            2,
+            150,
+        ),
     ]
 
 
@@ -125,8 +178,9 @@ class PlainLoop:
     padded: the backbone then runs without a mask (causal attention ignores the trailing padding).
     """
 
-    def __init__(self, model, ids, mask, steps, memory_tokens, loss="torch", update="torch", compile=None,
-                 backend="torch"):
+    def __init__(
+        self, model, ids, mask, steps, memory_tokens, loss="torch", update="torch", compile=None, backend="torch"
+    ):
         from gradmem_fast.ops.update import sgd_torch
 
         self.model, self.steps, self.m = model, steps, memory_tokens
@@ -154,10 +208,11 @@ class PlainLoop:
         m, S = self.m, self.embeds.shape[1]
         x = torch.cat([memory.to(self.dtype), self.embeds], dim=1)
         out = self.backbone(inputs_embeds=x, position_ids=self.positions, use_cache=False)
-        hidden = out.last_hidden_state[:, m - 1: m + S - 1]
+        hidden = out.last_hidden_state[:, m - 1 : m + S - 1]
         if self.loss_kind == "fused":
-            return self._lce(hidden, self.weight, self.targets, self.bias, reduction="sample_mean",
-                             backend=self.backend)
+            return self._lce(
+                hidden, self.weight, self.targets, self.bias, reduction="sample_mean", backend=self.backend
+            )
         logits = F.linear(hidden, self.weight, self.bias)
         ce = F.cross_entropy(logits.to(self.loss_dtype).flatten(0, 1), self.targets.flatten(), reduction="none")
         return ce.view(self.targets.shape).sum(1) / self.counts
@@ -208,8 +263,9 @@ def make_impl(name, model, spec, ids, mask, device, dry_run):
         register = gradmem_op("register_attention")
         register()
         _set_attention(model, "gradmem_fast")
-        return PlainLoop(model, ids, mask, spec.steps, spec.memory_tokens, loss="fused", update="fused",
-                         backend=our_backend(device))
+        return PlainLoop(
+            model, ids, mask, spec.steps, spec.memory_tokens, loss="fused", update="fused", backend=our_backend(device)
+        )
     if name == "gradmem_fast_graphs":
         if not is_cuda(device):
             raise Skip("CUDA graphs need a GPU")
@@ -246,8 +302,9 @@ def _write_case(name, model, spec, ids, mask, lengths, M0, device, dry_run, peak
             holder["memory"] = impl(M0)
 
         warmup = 0 if dry_run and not is_cuda(device) else (2 if name.endswith("compiled") else 1)
-        runs = dict(min_runs=1, max_runs=1, max_seconds=0) if dry_run else dict(min_runs=3, max_runs=10,
-                                                                                   max_seconds=5.0)
+        runs = (
+            dict(min_runs=1, max_runs=1, max_seconds=0) if dry_run else dict(min_runs=3, max_runs=10, max_seconds=5.0)
+        )
         synchronize(device)
         base = None
         if is_cuda(device):
@@ -264,8 +321,12 @@ def _write_case(name, model, spec, ids, mask, lengths, M0, device, dry_run, peak
             out["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         seconds = ms * 1e-3
         flop_count = spec.steps * write_step_flops(model, lengths, spec.memory_tokens)
-        out.update(docs_per_s=spec.batch / seconds, tokens_per_s=sum(lengths) / seconds, flops=flop_count,
-                   tflops=tflops(flop_count, ms))
+        out.update(
+            docs_per_s=spec.batch / seconds,
+            tokens_per_s=sum(lengths) / seconds,
+            flops=flop_count,
+            tflops=tflops(flop_count, ms),
+        )
         key = dtype_key(spec.dtype)
         if peaks.get(key):
             out.update(mfu=out["tflops"] / peaks[key], peak_key=key)
@@ -285,23 +346,44 @@ def run(rec, device, dry_run: bool, peaks: dict) -> None:
         if not rec.wants(case=spec.name):
             continue  # not selected for this run (benchmarks.run --plan/--select): no model built
         state = {}
-        params = dict(case=spec.name, dtype=dtype_key(spec.dtype), batch=spec.batch, min_len=spec.min_len,
-                      max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps, mode="write")
+        params = dict(
+            case=spec.name,
+            dtype=dtype_key(spec.dtype),
+            batch=spec.batch,
+            min_len=spec.min_len,
+            max_len=spec.max_len,
+            memory_tokens=spec.memory_tokens,
+            steps=spec.steps,
+            mode="write",
+        )
         try:
             model = build_model(spec.family, spec.config, spec.dtype, device)
             model.requires_grad_(False)
             ids, mask, lengths = make_batch(spec, model.config.vocab_size, device)
             M0 = initial_memory(spec, model.get_input_embeddings().weight.shape[1], device)
         except Exception as exc:  # noqa: BLE001 - record and go on with the next model
-            rec.add(dict(section=rec.section_name, bench="write", impl="model", status="error",
-                         reason=f"building {spec.name}: {type(exc).__name__}: {exc}", **params))
+            rec.add(
+                dict(
+                    section=rec.section_name,
+                    bench="write",
+                    impl="model",
+                    status="error",
+                    reason=f"building {spec.name}: {type(exc).__name__}: {exc}",
+                    **params,
+                )
+            )
             continue
         params["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         for name in IMPLS:
             min_seconds = spec.compile_min_seconds if name.endswith("compiled") else 5.0
-            rec.case("write", name, _write_case(name, model, spec, ids, mask, lengths, M0, device, dry_run, peaks,
-                                                state),
-                     device=device, min_seconds=0.0 if dry_run else min_seconds, **params)
+            rec.case(
+                "write",
+                name,
+                _write_case(name, model, spec, ids, mask, lengths, M0, device, dry_run, peaks, state),
+                device=device,
+                min_seconds=0.0 if dry_run else min_seconds,
+                **params,
+            )
         del model, state
         if is_cuda(device):
             torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ exceptions are caught and recorded (``status`` = ``ok`` | ``skipped`` | ``error`
 (``results.json``, ``results.csv``) are rewritten after every case, so a crash or a timeout later in the
 run loses nothing already measured.
 """
+
 import contextlib
 import csv
 import datetime
@@ -24,13 +25,32 @@ import torch
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 SCHEMA_VERSION = 1
-LEADING_COLUMNS = ("section", "bench", "impl", "mode", "case", "dtype", "status", "ms", "tflops", "gbps",
-                   "peak_mem_mb", "docs_per_s", "tokens_per_s", "mfu", "reason")
+LEADING_COLUMNS = (
+    "section",
+    "bench",
+    "impl",
+    "mode",
+    "case",
+    "dtype",
+    "status",
+    "ms",
+    "tflops",
+    "gbps",
+    "peak_mem_mb",
+    "docs_per_s",
+    "tokens_per_s",
+    "mfu",
+    "reason",
+)
 MB = 1024.0 * 1024.0
 # Errors that mean "this implementation does not support this case" (recorded as skipped, not as errors):
 # SDPA backends that refuse a dtype/shape/device, ops without a double backward.
-UNSUPPORTED_PATTERNS = ("No available kernel", "No viable backend for scaled_dot_product_attention",
-                        "derivative for", "no autograd formula was registered")
+UNSUPPORTED_PATTERNS = (
+    "No available kernel",
+    "No viable backend for scaled_dot_product_attention",
+    "derivative for",
+    "no autograd formula was registered",
+)
 
 
 # Our own implementations (every other impl is a baseline or the peak measurement).
@@ -70,6 +90,7 @@ def repo_root() -> str:
 
 
 # ------------------------------------------------------------------------------------------ metadata
+
 
 def _git(*args) -> str:
     try:
@@ -130,15 +151,18 @@ def run_metadata(device, dry_run: bool) -> dict:
     }
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
-        meta.update({
-            "gpu_memory_gb": round(props.total_memory / 1e9, 1),
-            "gpu_capability": f"{props.major}.{props.minor}",
-            "gpu_sm_count": props.multi_processor_count,
-        })
+        meta.update(
+            {
+                "gpu_memory_gb": round(props.total_memory / 1e9, 1),
+                "gpu_capability": f"{props.major}.{props.minor}",
+                "gpu_sm_count": props.multi_processor_count,
+            }
+        )
     return meta
 
 
 # ------------------------------------------------------------------------------------------ budgets
+
 
 class Budget:
     """Wall-clock allowance of one section."""
@@ -158,6 +182,7 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------ recorder
+
 
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -190,8 +215,16 @@ class Recorder:
     results file).
     """
 
-    def __init__(self, out_dir: str, meta: dict, sections_now=(), merge: bool = True, verbose: bool = True,
-                 select=None, write_csv: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        meta: dict,
+        sections_now=(),
+        merge: bool = True,
+        verbose: bool = True,
+        select=None,
+        write_csv: bool = True,
+    ):
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
         self.meta = dict(meta)
@@ -210,10 +243,12 @@ class Recorder:
                 # A section run now replaces its old records, except those its selection leaves out (a
                 # suite split over calls may run different cases of one section).
                 self.records = [r for r in old.get("records", []) if not self._reruns(r, sections_now)]
-                self.section_log = {k: v for k, v in old.get("sections", {}).items()
-                                    if k not in set(sections_now) or k in self.select}
+                self.section_log = {
+                    k: v for k, v in old.get("sections", {}).items() if k not in set(sections_now) or k in self.select
+                }
                 self.meta["previous_runs"] = old.get("meta", {}).get("previous_runs", []) + [
-                    {k: old.get("meta", {}).get(k) for k in ("timestamp", "commit", "gpu")}]
+                    {k: old.get("meta", {}).get(k) for k in ("timestamp", "commit", "gpu")}
+                ]
             except (OSError, ValueError):
                 pass
         self.flush()
@@ -262,8 +297,7 @@ class Recorder:
         clauses = self.select.get(self.section_name)
         if not clauses:
             return True
-        return any(all(str(params[k]) in values for k, values in clause.items() if k in params)
-                   for clause in clauses)
+        return any(all(str(params[k]) in values for k, values in clause.items() if k in params) for clause in clauses)
 
     def time_left(self) -> float:
         return math.inf if self.budget is None else self.budget.left()
@@ -343,15 +377,23 @@ def format_record(r: dict) -> str:
     if r.get("status") != "ok":
         return f"{head}: {r.get('status').upper()} {r.get('reason', '')}"
     parts = []
-    for key, fmt in (("ms", "{:.4g} ms"), ("tflops", "{:.4g} TFLOP/s"), ("gbps", "{:.4g} GB/s"),
-                     ("docs_per_s", "{:.4g} docs/s"), ("tokens_per_s", "{:.4g} tok/s"), ("mfu", "MFU {:.3f}"),
-                     ("peak_mem_mb", "peak {:.5g} MiB"), ("rel_err", "rel.err {:.2e}")):
+    for key, fmt in (
+        ("ms", "{:.4g} ms"),
+        ("tflops", "{:.4g} TFLOP/s"),
+        ("gbps", "{:.4g} GB/s"),
+        ("docs_per_s", "{:.4g} docs/s"),
+        ("tokens_per_s", "{:.4g} tok/s"),
+        ("mfu", "MFU {:.3f}"),
+        ("peak_mem_mb", "peak {:.5g} MiB"),
+        ("rel_err", "rel.err {:.2e}"),
+    ):
         if r.get(key) is not None:
             parts.append(fmt.format(r[key]))
     return f"{head}: " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ device helpers
+
 
 def is_cuda(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
@@ -375,8 +417,17 @@ def cleanup(device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_ms(fn, device, *, cudagraph: bool = False, warmup_ms: float = 10, rep_ms: float = 60,
-             cpu_reps: int = 3, cpu_max_s: float = 2.0, cpu_warmup: int = 1) -> float:
+def bench_ms(
+    fn,
+    device,
+    *,
+    cudagraph: bool = False,
+    warmup_ms: float = 10,
+    rep_ms: float = 60,
+    cpu_reps: int = 3,
+    cpu_max_s: float = 2.0,
+    cpu_warmup: int = 1,
+) -> float:
     """Median milliseconds of ``fn()``.
 
     CUDA: ``triton.testing.do_bench`` (its L2 flush between runs, median) or, for tiny ops,
@@ -407,8 +458,9 @@ def bench_ms(fn, device, *, cudagraph: bool = False, warmup_ms: float = 10, rep_
     return float(statistics.median(times))
 
 
-def time_calls_ms(fn, device, *, warmup: int = 1, min_runs: int = 3, max_runs: int = 10,
-                  max_seconds: float = 10.0) -> dict:
+def time_calls_ms(
+    fn, device, *, warmup: int = 1, min_runs: int = 3, max_runs: int = 10, max_seconds: float = 10.0
+) -> dict:
     """Median / min milliseconds of a long call (a whole WRITE) timed one call at a time.
 
     Uses CUDA events on a GPU (perf_counter on CPU). Runs ``warmup`` untimed calls, then between

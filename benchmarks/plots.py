@@ -4,14 +4,28 @@ One file per section that has records: peak.png, attention.png, cross_entropy.pn
 write.png, second_order.png. A section without a successful measurement still gets a PNG that says so.
 Each plot is drawn in its own try/except: a broken plot never loses the others.
 """
+
 import json
 import os
 import sys
 import traceback
 
-IMPL_ORDER = ("gradmem_fast", "gradmem_ops", "reference", "torch", "torch_sdpa", "torch_sdpa_compiled",
-              "torch_compiled", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "eager", "torch.mm",
-              "copy_")
+IMPL_ORDER = (
+    "gradmem_fast",
+    "gradmem_ops",
+    "reference",
+    "torch",
+    "torch_sdpa",
+    "torch_sdpa_compiled",
+    "torch_compiled",
+    "sdpa_flash",
+    "sdpa_cudnn",
+    "sdpa_efficient",
+    "sdpa_math",
+    "eager",
+    "torch.mm",
+    "copy_",
+)
 
 
 def _plt():
@@ -79,7 +93,8 @@ def _save(fig, path, title):
 
 def _subtitle(meta):
     return f"{meta.get('gpu', '?')} | {meta.get('date', '?')} | commit {str(meta.get('commit', '?'))[:10]}" + (
-        " | DRY RUN" if meta.get("dry_run") else "")
+        " | DRY RUN" if meta.get("dry_run") else ""
+    )
 
 
 def _case_label(r):
@@ -88,10 +103,22 @@ def _case_label(r):
 
 def plot_peak(records, meta, path):
     fig, (ax1, ax2) = _figure(2)
-    grouped_bars(ax1, [r for r in records if r.get("bench") == "matmul"], lambda r: r.get("mode"), "tflops",
-                 "dense matmul", "TFLOP/s")
-    grouped_bars(ax2, [r for r in records if r.get("bench") == "copy"], _case_label, "gbps",
-                 "device-to-device copy", "GB/s (read + write)")
+    grouped_bars(
+        ax1,
+        [r for r in records if r.get("bench") == "matmul"],
+        lambda r: r.get("mode"),
+        "tflops",
+        "dense matmul",
+        "TFLOP/s",
+    )
+    grouped_bars(
+        ax2,
+        [r for r in records if r.get("bench") == "copy"],
+        _case_label,
+        "gbps",
+        "device-to-device copy",
+        "GB/s (read + write)",
+    )
     return _save(fig, path, "Measured peak: " + _subtitle(meta))
 
 
@@ -101,8 +128,15 @@ def plot_attention(records, meta, path):
     for ax, mode in zip(axes, modes):
         rows = [r for r in records if r.get("mode") == mode]
         key = "tflops" if any(r.get("tflops") for r in rows) else "ms"
-        grouped_bars(ax, rows, lambda r: f"{r.get('case')} D={r.get('head_dim')}", key, f"attention {mode}",
-                     "TFLOP/s" if key == "tflops" else "ms (lower is better)", log=key == "ms")
+        grouped_bars(
+            ax,
+            rows,
+            lambda r: f"{r.get('case')} D={r.get('head_dim')}",
+            key,
+            f"attention {mode}",
+            "TFLOP/s" if key == "tflops" else "ms (lower is better)",
+            log=key == "ms",
+        )
     return _save(fig, path, "Prefix attention: " + _subtitle(meta))
 
 
@@ -127,8 +161,11 @@ def plot_write(records, meta, path):
     models = list(dict.fromkeys(r.get("case") for r in records)) or ["-"]
     fig, axes = _figure(len(models), width_per=6.0)
     for ax, model in zip(axes, models):
-        rows = {r["impl"]: r for r in records
-                if r.get("case") == model and r.get("status") == "ok" and r.get("tokens_per_s")}
+        rows = {
+            r["impl"]: r
+            for r in records
+            if r.get("case") == model and r.get("status") == "ok" and r.get("tokens_per_s")
+        }
         names = _ordered(rows)
         ax.set_title(f"WRITE {model}", fontsize=9)
         if not names:
@@ -162,8 +199,14 @@ def plot_second_order(records, meta, path):
     return _save(fig, path, "Second-order meta step: " + _subtitle(meta))
 
 
-PLOTTERS = {"peak": plot_peak, "attention": plot_attention, "cross_entropy": plot_cross_entropy,
-            "update": plot_update, "write": plot_write, "second_order": plot_second_order}
+PLOTTERS = {
+    "peak": plot_peak,
+    "attention": plot_attention,
+    "cross_entropy": plot_cross_entropy,
+    "update": plot_update,
+    "write": plot_write,
+    "second_order": plot_second_order,
+}
 
 
 def make_plots(out_dir: str) -> list:

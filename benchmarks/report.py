@@ -8,6 +8,7 @@ with ``--include-dry-run`` (or when nothing else exists). Ratios are taken withi
 compare implementations on the same card: ``x reference`` = reference time / time, ``x best torch`` =
 time of the fastest plain-torch loop (SDPA eager or compiled) / time.
 """
+
 import argparse
 import json
 import os
@@ -18,6 +19,7 @@ DASH = "—"
 
 
 # ------------------------------------------------------------------------------------------ loading
+
 
 def results_root() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -36,8 +38,14 @@ def latest_results_dir(root=None, include_dry_run=False):
                     meta = json.load(f).get("meta", {})
             except (OSError, ValueError):
                 continue
-            found.append((bool(meta.get("dry_run")), str(meta.get("timestamp", "")), os.path.getmtime(path),
-                          os.path.dirname(path)))
+            found.append(
+                (
+                    bool(meta.get("dry_run")),
+                    str(meta.get("timestamp", "")),
+                    os.path.getmtime(path),
+                    os.path.dirname(path),
+                )
+            )
     real = [f for f in found if not f[0]]
     pool = real if (real and not include_dry_run) else found
     if not pool:
@@ -51,6 +59,7 @@ def load(results_dir):
 
 
 # ------------------------------------------------------------------------------------------ formatting
+
 
 def _num(value, fmt="{:.3g}"):
     if value is None:
@@ -101,6 +110,7 @@ def _status_cell(records, **match):
 
 # ------------------------------------------------------------------------------------------ sections
 
+
 def write_table(records):
     rows = []
     for model in dict.fromkeys(r.get("case") for r in records if r.get("section") == "write"):
@@ -114,20 +124,32 @@ def write_table(records):
                 rows.append([model, impl] + [_status_cell(recs, impl=impl)] + [DASH] * 5)
                 continue
             mem = r.get("peak_mem_mb")
-            rows.append([model, impl, _num(r.get("docs_per_s"), "{:.1f}"), _big(r.get("tokens_per_s")),
-                         _num(r.get("mfu"), "{:.1%}"), DASH if mem is None else f"{mem / 1024:.2f} GiB",
-                         _ratio(ref and ref["ms"], r["ms"]), _ratio(best_torch, r["ms"])])
+            rows.append(
+                [
+                    model,
+                    impl,
+                    _num(r.get("docs_per_s"), "{:.1f}"),
+                    _big(r.get("tokens_per_s")),
+                    _num(r.get("mfu"), "{:.1%}"),
+                    DASH if mem is None else f"{mem / 1024:.2f} GiB",
+                    _ratio(ref and ref["ms"], r["ms"]),
+                    _ratio(best_torch, r["ms"]),
+                ]
+            )
     if not rows:
         return ""
     return "#### End-to-end WRITE\n\n" + _table(
-        ["model", "implementation", "docs/s", "tokens/s", "MFU", "peak memory", "× reference", "× best torch"],
-        rows)
+        ["model", "implementation", "docs/s", "tokens/s", "MFU", "peak memory", "× reference", "× best torch"], rows
+    )
 
 
 def attention_table(records, mode="fwd+bwd"):
     recs = [r for r in records if r.get("section") == "attention" and r.get("mode") == mode]
-    impls = [i for i in ("gradmem_fast", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "eager")
-             if any(r["impl"] == i for r in recs)]
+    impls = [
+        i
+        for i in ("gradmem_fast", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "eager")
+        if any(r["impl"] == i for r in recs)
+    ]
     if not recs:
         return ""
     rows = []
@@ -152,12 +174,20 @@ def ce_table(records):
         match = [r for r in recs if (r.get("case"), r.get("mode")) == (case, mode)]
         ours, tor, comp = (_get(match, impl=i) for i in ("gradmem_fast", "torch", "torch_compiled"))
         mem = lambda r: r.get("peak_mem_mb") if r else None  # noqa: E731
-        rows.append([case, mode, _num(ours and ours["ms"]) if ours else _status_cell(match, impl="gradmem_fast"),
-                     _num(tor and tor["ms"]), _num(comp and comp["ms"]),
-                     _ratio(tor and tor["ms"], ours and ours["ms"]),
-                     _ratio(mem(ours), mem(tor)).replace("×", "") if mem(ours) and mem(tor) else DASH])
+        rows.append(
+            [
+                case,
+                mode,
+                _num(ours and ours["ms"]) if ours else _status_cell(match, impl="gradmem_fast"),
+                _num(tor and tor["ms"]),
+                _num(comp and comp["ms"]),
+                _ratio(tor and tor["ms"], ours and ours["ms"]),
+                _ratio(mem(ours), mem(tor)).replace("×", "") if mem(ours) and mem(tor) else DASH,
+            ]
+        )
     return "#### Linear cross-entropy (ms)\n\n" + _table(
-        ["case", "mode", "gradmem_fast", "torch", "torch compiled", "speed × torch", "memory / torch"], rows)
+        ["case", "mode", "gradmem_fast", "torch", "torch compiled", "speed × torch", "memory / torch"], rows
+    )
 
 
 def update_table(records):
@@ -168,12 +198,19 @@ def update_table(records):
     for case, mode in dict.fromkeys((r.get("case"), r.get("mode")) for r in recs):
         match = [r for r in recs if (r.get("case"), r.get("mode")) == (case, mode)]
         ours, tor, comp = (_get(match, impl=i) for i in ("gradmem_fast", "torch", "torch_compiled"))
-        rows.append([case, mode,
-                     _num(ours["gbps"], "{:.4g}") if ours else _status_cell(match, impl="gradmem_fast"),
-                     _num(tor and tor["gbps"], "{:.4g}"), _num(comp and comp["gbps"], "{:.4g}"),
-                     _ratio(tor and tor["ms"], ours and ours["ms"])])
+        rows.append(
+            [
+                case,
+                mode,
+                _num(ours["gbps"], "{:.4g}") if ours else _status_cell(match, impl="gradmem_fast"),
+                _num(tor and tor["gbps"], "{:.4g}"),
+                _num(comp and comp["gbps"], "{:.4g}"),
+                _ratio(tor and tor["ms"], ours and ours["ms"]),
+            ]
+        )
     return "#### Memory update (GB/s)\n\n" + _table(
-        ["case", "optimizer", "gradmem_fast", "torch", "torch compiled", "× torch"], rows)
+        ["case", "optimizer", "gradmem_fast", "torch", "torch compiled", "× torch"], rows
+    )
 
 
 def second_order_table(records):
@@ -186,11 +223,19 @@ def second_order_table(records):
             rows.append([r.get("case"), r["impl"], r.get("status"), DASH, DASH, DASH])
             continue
         mem = r.get("peak_mem_mb")
-        rows.append([r.get("case"), r["impl"], _num(r.get("ms"), "{:.1f}"),
-                     DASH if mem is None else f"{mem / 1024:.2f} GiB",
-                     _num(r.get("speedup_vs_reference"), "{:.2f}×"), _num(r.get("memory_vs_reference"), "{:.2f}")])
+        rows.append(
+            [
+                r.get("case"),
+                r["impl"],
+                _num(r.get("ms"), "{:.1f}"),
+                DASH if mem is None else f"{mem / 1024:.2f} GiB",
+                _num(r.get("speedup_vs_reference"), "{:.2f}×"),
+                _num(r.get("memory_vs_reference"), "{:.2f}"),
+            ]
+        )
     return "#### Second-order meta step\n\n" + _table(
-        ["model", "implementation", "ms", "peak memory", "× reference", "memory / reference"], rows)
+        ["model", "implementation", "ms", "peak memory", "× reference", "memory / reference"], rows
+    )
 
 
 def validation_lines(results_dir):
@@ -199,8 +244,10 @@ def validation_lines(results_dir):
     if os.path.isfile(path):
         with open(path, errors="replace") as f:
             tail = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
-        summary = next((ln for ln in reversed(tail) if re.search(r"\b(passed|failed|error|skipped)\b", ln)),
-                       tail[-1] if tail else "no output")
+        summary = next(
+            (ln for ln in reversed(tail) if re.search(r"\b(passed|failed|error|skipped)\b", ln)),
+            tail[-1] if tail else "no output",
+        )
         lines.append(f"- tests on CUDA: {summary.strip('= ')}")
     for tool in ("memcheck", "racecheck", "none"):
         path = os.path.join(results_dir, f"sanitizer-{tool}.txt")
@@ -213,14 +260,17 @@ def validation_lines(results_dir):
             if tool == "none":
                 lines.append(f"- kernel cases without compute-sanitizer (not available): {tally}")
             else:
-                lines.append(f"- compute-sanitizer {tool}: {found[-1] if found else 'no summary (see file)'}; "
-                             f"cases {tally}")
+                lines.append(
+                    f"- compute-sanitizer {tool}: {found[-1] if found else 'no summary (see file)'}; cases {tally}"
+                )
     path = os.path.join(results_dir, "suite_status.tsv")
     if os.path.isfile(path):
         with open(path) as f:
             stages = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-        lines.append("- suite stages (exit code, seconds): " + ", ".join(
-            f"{st[0]} {st[1]} ({st[2]} s)" for st in stages if len(st) >= 3))
+        lines.append(
+            "- suite stages (exit code, seconds): "
+            + ", ".join(f"{st[0]} {st[1]} ({st[2]} s)" for st in stages if len(st) >= 3)
+        )
     return lines
 
 
@@ -255,19 +305,28 @@ def render(results_dir) -> str:
         rel = os.path.abspath(results_dir)
     peaks = {r.get("mode"): r for r in _ok(records, section="peak", bench="matmul")}
     copy = _get(records, section="peak", bench="copy")
-    head = [f"### Benchmarks: {meta.get('gpu', '?')}, {meta.get('date', '?')}" +
-            (" (DRY RUN: tiny sizes, not a measurement)" if meta.get("dry_run") else ""), "",
-            f"Commit `{str(meta.get('commit', '?'))[:12]}`{' (dirty tree)' if meta.get('commit_dirty') else ''}, "
-            f"torch {meta.get('torch')}, triton {meta.get('triton')}, transformers {meta.get('transformers')}. "
-            f"Generated by `python -m benchmarks.report` from `{rel}/`."]
+    head = [
+        f"### Benchmarks: {meta.get('gpu', '?')}, {meta.get('date', '?')}"
+        + (" (DRY RUN: tiny sizes, not a measurement)" if meta.get("dry_run") else ""),
+        "",
+        f"Commit `{str(meta.get('commit', '?'))[:12]}`{' (dirty tree)' if meta.get('commit_dirty') else ''}, "
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, transformers {meta.get('transformers')}. "
+        f"Generated by `python -m benchmarks.report` from `{rel}/`.",
+    ]
     if peaks or copy:
         parts = [f"{k} matmul {peaks[k]['tflops']:.4g} TFLOP/s" for k in ("bf16", "fp16", "tf32", "fp32") if k in peaks]
         if copy:
             parts.append(f"device copy {copy['gbps']:.4g} GB/s")
         head += ["", "Measured peak (same run): " + ", ".join(parts) + "."]
     blocks = ["\n".join(head)]
-    for block in (write_table(records), attention_table(records, "fwd+bwd"), attention_table(records, "fwd"),
-                  ce_table(records), update_table(records), second_order_table(records)):
+    for block in (
+        write_table(records),
+        attention_table(records, "fwd+bwd"),
+        attention_table(records, "fwd"),
+        ce_table(records),
+        update_table(records),
+        second_order_table(records),
+    ):
         if block:
             blocks.append(block)
     validation = validation_lines(results_dir)

@@ -13,6 +13,7 @@ starts afresh), so a suite split over several calls ends with one file. ``--plan
 cases of one lent-GPU call of ``gpu_suite.sh`` (``PLANS``); ``--select`` keeps only matching cases; the run
 exits 1 when one of our own implementations (``gradmem*``) errors, baselines may be skipped with a reason.
 """
+
 import argparse
 import os
 import sys
@@ -35,10 +36,13 @@ PLANS = {
     "first": {
         "budgets": {"peak": 15, "attention": 40, "cross_entropy": 25, "write": 150},
         "select": {
-            "attention": [dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("gpt2-write varlen",)),
-                          dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("S=4096",), head_dim=("128",))],
-            "cross_entropy": [dict(mode=("fwd+bwd:dh",), impl=("gradmem_fast", "torch"),
-                                   case=("gpt2 N=16384 V=50257",))],
+            "attention": [
+                dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("gpt2-write varlen",)),
+                dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("S=4096",), head_dim=("128",)),
+            ],
+            "cross_entropy": [
+                dict(mode=("fwd+bwd:dh",), impl=("gradmem_fast", "torch"), case=("gpt2 N=16384 V=50257",))
+            ],
             "write": [dict(case=("gpt2_124m", "tiny_kv"), impl=_WRITE_LOOPS)],
         },
     },
@@ -59,8 +63,9 @@ def plan_selection(plan: dict, dry_run: bool) -> dict:
     out = {}
     for section, clauses in plan.get("select", {}).items():
         free = _DRY_FREE_KEYS.get(section, ()) if dry_run else ()
-        out[section] = [{k: {str(v) for v in values} for k, values in clause.items() if k not in free}
-                        for clause in clauses]
+        out[section] = [
+            {k: {str(v) for v in values} for k, values in clause.items() if k not in free} for clause in clauses
+        ]
     return out
 
 
@@ -99,14 +104,24 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<gpu>)")
     p.add_argument("--sections", default="all", help="comma list of sections or aliases (kernels, all)")
-    p.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
-                   help="override one section's budget")
+    p.add_argument(
+        "--budget", action="append", default=[], metavar="SECTION=SECONDS", help="override one section's budget"
+    )
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget")
     p.add_argument("--no-merge", action="store_true", help="do not keep other sections' earlier results")
-    p.add_argument("--plan", choices=sorted(PLANS), default=None,
-                   help="a lent GPU call of gpu_suite.sh: its sections, budgets and cases (overrides --sections)")
-    p.add_argument("--select", action="append", default=[], metavar="SECTION:key=v1|v2;key=v",
-                   help="run only the matching cases of SECTION (repeatable: clauses are alternatives)")
+    p.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default=None,
+        help="a lent GPU call of gpu_suite.sh: its sections, budgets and cases (overrides --sections)",
+    )
+    p.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="SECTION:key=v1|v2;key=v",
+        help="run only the matching cases of SECTION (repeatable: clauses are alternatives)",
+    )
     p.add_argument("--no-csv", action="store_true", help="write results.json only (fewer files to fetch)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -170,11 +185,21 @@ def main(argv=None) -> int:
     meta["budgets_s"] = budgets
     meta["plan"] = args.plan
     meta["select"] = {k: [{kk: sorted(vv) for kk, vv in c.items()} for c in v] for k, v in select.items()}
-    rec = common.Recorder(out_dir, meta, sections_now=sections, merge=not args.no_merge, verbose=not args.quiet,
-                          select=select, write_csv=not args.no_csv)
-    print(f"results -> {out_dir}\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
-          f"commit {meta['commit'][:12]}{' (dirty)' if meta['commit_dirty'] else ''}"
-          f"{' | DRY RUN' if args.dry_run else ''}", flush=True)
+    rec = common.Recorder(
+        out_dir,
+        meta,
+        sections_now=sections,
+        merge=not args.no_merge,
+        verbose=not args.quiet,
+        select=select,
+        write_csv=not args.no_csv,
+    )
+    print(
+        f"results -> {out_dir}\n{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
+        f"commit {meta['commit'][:12]}{' (dirty)' if meta['commit_dirty'] else ''}"
+        f"{' | DRY RUN' if args.dry_run else ''}",
+        flush=True,
+    )
     start = time.monotonic()
 
     import torch
@@ -209,8 +234,9 @@ def main(argv=None) -> int:
     print(report.summary(rec.records, rec.section_log))
     failures = common.own_failures(rec.records, rec.section_log, sections)
     if failures:  # baselines may be unavailable; our own implementations must run
-        print(f"\n!! {len(failures)} failure(s) of our own implementations:\n  " + "\n  ".join(failures),
-              file=sys.stderr)
+        print(
+            f"\n!! {len(failures)} failure(s) of our own implementations:\n  " + "\n  ".join(failures), file=sys.stderr
+        )
         return 1
     return 0
 

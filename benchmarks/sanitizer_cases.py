@@ -10,6 +10,7 @@ runs its op forward and backward once on the ``triton`` backend and synchronises
 issue not landed yet) prints SKIP. Output: one ``CASE <name>: OK|SKIP|FAIL ...`` line per case; the exit
 status is 1 if any case failed.
 """
+
 import argparse
 import json
 import os
@@ -83,8 +84,18 @@ def case_attention_varlen(device):
     q = torch.randn(total, 4, 80, device=device, dtype=dt, requires_grad=True)  # head dim 80: padded block
     k = torch.randn(total, 1, 80, device=device, dtype=dt, requires_grad=True)  # MQA
     v = torch.randn_like(k, requires_grad=True)
-    out, lse = attn(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=80, max_seqlen_k=80, causal=True,
-                    return_lse=True, backend="triton")
+    out, lse = attn(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=80,
+        max_seqlen_k=80,
+        causal=True,
+        return_lse=True,
+        backend="triton",
+    )
     torch.autograd.grad((out, lse), (q, k, v), (torch.randn_like(out), torch.randn_like(lse)))
 
 
@@ -124,16 +135,24 @@ def case_memory_update(device):
     g = torch.randn_like(m)
     update(m, g, lr=0.1, clip_value=0.5, clip_norm=1.0, backend="triton")
     res = update(m.to(torch.bfloat16), g.to(torch.bfloat16), lr=0.1, optimizer="adam", step=1, backend="triton")
-    update(m.to(torch.bfloat16), g.to(torch.bfloat16), lr=0.1, optimizer="adam", state=res.state, step=2,
-           backend="triton")
+    update(
+        m.to(torch.bfloat16), g.to(torch.bfloat16), lr=0.1, optimizer="adam", state=res.state, step=2, backend="triton"
+    )
 
 
 def _tiny_llama(device, attn="eager"):
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=101, max_position_embeddings=256)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(device).eval()
 

@@ -42,6 +42,7 @@ For comparison, the paper reports exact match with 8 memory vectors of 95% at 16
 96 pairs. Those are the paper's numbers, with its own generator and training schedule; our GPU numbers
 are not measured yet, and the settings above are a starting point, not a tuned recipe.
 """
+
 import argparse
 import dataclasses
 import math
@@ -72,8 +73,9 @@ class CharTokenizer:
 
     def __init__(self, alphabet: str):
         if len(set(alphabet)) != len(alphabet) or any(c in alphabet for c in (PAD, OPEN_CLOSE, SEP)):
-            raise ValueError(f"alphabet must have distinct characters other than {PAD!r}, "
-                             f"{OPEN_CLOSE!r}, {SEP!r}; got {alphabet!r}")
+            raise ValueError(
+                f"alphabet must have distinct characters other than {PAD!r}, {OPEN_CLOSE!r}, {SEP!r}; got {alphabet!r}"
+            )
         self.chars = PAD + OPEN_CLOSE + SEP + alphabet
         self.index = {c: i for i, c in enumerate(self.chars)}
         self.pad_id = self.index[PAD]
@@ -106,8 +108,9 @@ class TaskConfig:
         if self.pairs < 1 or self.key_len < 1 or self.value_len < 1 or self.filler < 0:
             raise ValueError(f"invalid task configuration {self}")
         if len(self.alphabet) ** self.key_len < self.pairs:
-            raise ValueError(f"{self.pairs} unique keys of {self.key_len} characters over "
-                             f"{len(self.alphabet)} letters do not exist")
+            raise ValueError(
+                f"{self.pairs} unique keys of {self.key_len} characters over {len(self.alphabet)} letters do not exist"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +203,17 @@ def build_model(vocab_size: int, layers=4, hidden=128, heads=4, max_positions=20
     Eager attention: on the ``torch`` backend the WRITE differentiates through attention twice, which
     torch SDPA's fused CPU/GPU kernels cannot do; the Triton backend switches to its own attention."""
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
-        tie_word_embeddings=False, attention_dropout=0.0, pad_token_id=0, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=None,
         eos_token_id=None,
     )
     config._attn_implementation = "eager"
@@ -267,8 +278,9 @@ def evaluate(model, m0, eval_writer, samples, tok, device, batch=128):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     g = p.add_argument_group("task")
     g.add_argument("--pairs", type=int, default=1)
     g.add_argument("--key-len", type=int, default=2)
@@ -323,37 +335,50 @@ def main(argv=None):
     train = SampleStream(task, seed=args.seed, exclude={s.context for s in eval_samples})
 
     max_ctx = task.filler * (task.pairs + 1) + task.pairs * (task.key_len + task.value_len + 3)
-    model = build_model(len(tok), args.layers, args.hidden, args.heads,
-                        max_positions=args.memory + max(max_ctx, task.key_len + task.value_len + 3) + 8,
-                        device=device)
+    model = build_model(
+        len(tok),
+        args.layers,
+        args.hidden,
+        args.heads,
+        max_positions=args.memory + max(max_ctx, task.key_len + task.value_len + 3) + 8,
+        device=device,
+    )
     # M0 starts at the scale of the token embeddings (HF init std 0.02) so it enters the network like a token.
     m0 = torch.nn.Parameter(0.02 * torch.randn(args.memory, args.hidden, device=device))
-    common = dict(num_memory_tokens=args.memory, steps=args.inner_steps, lr=args.inner_lr,
-                  clip_norm=args.inner_clip_norm)
-    writer = MemoryWriter(model, WriteConfig(grad_mode="second", last_k_second_order=args.last_k_second_order,
-                                             **common), backend=backend)
+    common = dict(
+        num_memory_tokens=args.memory, steps=args.inner_steps, lr=args.inner_lr, clip_norm=args.inner_clip_norm
+    )
+    writer = MemoryWriter(
+        model, WriteConfig(grad_mode="second", last_k_second_order=args.last_k_second_order, **common), backend=backend
+    )
     eval_writer = MemoryWriter(model, WriteConfig(grad_mode="none", **common), backend=backend)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2] + [m0]  # norms and M0: no weight decay
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"task {task} | vocab {len(tok)} | model {args.layers}x{args.hidden} ({n_params / 1e6:.2f}M) | "
-          f"m={args.memory} K={args.inner_steps} inner lr {args.inner_lr} | batch {args.batch} lr {args.lr} | "
-          f"{device} backend {writer.backend} threads {torch.get_num_threads()}", flush=True)
-    print(f"example: context {eval_samples[0].context!r} query {eval_samples[0].query!r} "
-          f"answer {eval_samples[0].answer!r}", flush=True)
+    print(
+        f"task {task} | vocab {len(tok)} | model {args.layers}x{args.hidden} ({n_params / 1e6:.2f}M) | "
+        f"m={args.memory} K={args.inner_steps} inner lr {args.inner_lr} | batch {args.batch} lr {args.lr} | "
+        f"{device} backend {writer.backend} threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    print(
+        f"example: context {eval_samples[0].context!r} query {eval_samples[0].query!r} "
+        f"answer {eval_samples[0].answer!r}",
+        flush=True,
+    )
 
     curve, start, recent = [], time.perf_counter(), []
     em = evaluate(model, m0, eval_writer, eval_samples, tok, device)
     curve.append((0, em, 0.0))
     print(f"step     0 | eval exact match {em:6.1%}", flush=True)
     for step in range(1, args.steps + 1):
-        loss, inner = meta_step(model, m0, writer, optimizer, train.batch(args.batch), tok, device,
-                                args.grad_clip)
+        loss, inner = meta_step(model, m0, writer, optimizer, train.batch(args.batch), tok, device, args.grad_clip)
         schedule.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"outer loss became {loss} at step {step}; lower --lr or --inner-lr")
@@ -363,8 +388,7 @@ def main(argv=None):
         if step % args.log_every == 0:
             avg = [sum(x) / len(recent) for x in zip(*recent)]
             recent = []
-            line = (f"step {step:5d} | outer {avg[0]:.3f} | inner {avg[1]:.3f} -> {avg[2]:.3f} | "
-                    f"{elapsed:6.0f}s")
+            line = f"step {step:5d} | outer {avg[0]:.3f} | inner {avg[1]:.3f} -> {avg[2]:.3f} | {elapsed:6.0f}s"
         out_of_time = args.time_limit and elapsed >= args.time_limit
         if step % args.eval_every == 0 or out_of_time or step == args.steps:
             em = evaluate(model, m0, eval_writer, eval_samples, tok, device)
@@ -373,14 +397,19 @@ def main(argv=None):
             line = (line or f"step {step:5d} |") + f" | eval exact match {em:6.1%} ({elapsed:.0f}s)"
             if em >= args.target:
                 print(line, flush=True)
-                print(f"reached {em:.1%} >= {args.target:.0%} held-out exact match at step {step} "
-                      f"in {elapsed:.0f}s", flush=True)
+                print(
+                    f"reached {em:.1%} >= {args.target:.0%} held-out exact match at step {step} in {elapsed:.0f}s",
+                    flush=True,
+                )
                 break
         if line:
             print(line, flush=True)
         if out_of_time:
-            print(f"time limit {args.time_limit:.0f}s reached at step {step}; best exact match "
-                  f"{max(c[1] for c in curve):.1%}", flush=True)
+            print(
+                f"time limit {args.time_limit:.0f}s reached at step {step}; best exact match "
+                f"{max(c[1] for c in curve):.1%}",
+                flush=True,
+            )
             break
     return curve
 

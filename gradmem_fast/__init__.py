@@ -6,6 +6,7 @@ GradMem writes a document into ``m`` memory vectors by a few gradient-descent st
 Public names are imported lazily so that ``import gradmem_fast`` stays cheap and does not import
 Triton (the Triton interpreter must be configured before Triton is first imported).
 """
+
 import importlib
 import os
 
@@ -16,9 +17,7 @@ __version__ = "0.1.0"
 # path makes `gradmem_fast.kernels` resolve to that folder in place.
 _here = os.path.dirname(os.path.abspath(__file__))
 _source_kernels = os.path.join(os.path.dirname(_here), "kernels")
-if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(
-    os.path.join(_source_kernels, "__init__.py")
-):
+if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(os.path.join(_source_kernels, "__init__.py")):
     __path__.append(os.path.dirname(_here))  # noqa: F821 (package __path__)
 
 _EXPORTS = {

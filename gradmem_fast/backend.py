@@ -6,6 +6,7 @@ means ``name`` (an explicit argument always wins).
 On a machine without CUDA the Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``),
 which must be set before Triton is first imported; ``resolve_backend`` sets it when it still can.
 """
+
 import contextlib
 import contextvars
 import os

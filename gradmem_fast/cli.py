@@ -30,6 +30,7 @@ when complete. A killed ``write`` keeps its finished shards in ``OUTPUT.partial/
 command resumes there and produces the same file as an uninterrupted run. Memory files carry a signature
 of the model's weights and config: ``read`` refuses another model (``--allow-model-mismatch`` overrides).
 """
+
 import argparse
 import dataclasses
 import hashlib
@@ -54,8 +55,6 @@ def _note(command, message):
     print(f"{PROG} {command}: {message}", file=sys.stderr, flush=True)
 
 
-
-
 def _versions() -> dict:
     """Versions of the libraries that shape the numbers, for the memory file's metadata."""
     import safetensors
@@ -64,8 +63,12 @@ def _versions() -> dict:
 
     from . import __version__
 
-    return {"gradmem_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__}
+    return {
+        "gradmem_fast": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 class _VersionAction(argparse.Action):
@@ -76,19 +79,20 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         v = _versions()
-        print(f"{PROG} {v['gradmem_fast']} (torch {v['torch']}, transformers {v['transformers']}, "
-              f"safetensors {v['safetensors']})")
+        print(
+            f"{PROG} {v['gradmem_fast']} (torch {v['torch']}, transformers {v['transformers']}, "
+            f"safetensors {v['safetensors']})"
+        )
         parser.exit(0)
 
 
 # --- checks shared by the commands ---------------------------------------------------------------------------
 
+
 def _positive_int(name, value, minimum=1):
     """Reject an integer option below ``minimum`` with a message naming the flag."""
     if value is None or value < minimum:
         raise UserError(f"{name} must be >= {minimum}, got {value}")
-
-
 
 
 def _device_and_dtype(args, local_rank=0):
@@ -104,11 +108,34 @@ def _device_and_dtype(args, local_rank=0):
 # --- model fingerprints --------------------------------------------------------------------------------------
 
 # Config fields that shape the computation (whichever of them a config has): compared by ``read``.
-_CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling",
-                  "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "head_dim", "hidden_act",
-                  "sliding_window", "tie_word_embeddings", "attention_bias", "mlp_bias", "partial_rotary_factor",
-                  "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function")
+_CONFIG_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rms_norm_eps",
+    "layer_norm_epsilon",
+    "layer_norm_eps",
+    "head_dim",
+    "hidden_act",
+    "sliding_window",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "partial_rotary_factor",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "n_positions",
+    "activation_function",
+)
 
 # Two loads of the same weights (any path, device or dtype down to bfloat16) agree in every signature entry
 # to about 2**-9 relative; a different model or a fine-tune differs by far more in some tensor.
@@ -121,8 +148,11 @@ def model_config_summary(config) -> dict:
     for key in _CONFIG_FIELDS:
         value = getattr(config, key, None)
         if value is not None:
-            out[key] = value if isinstance(value, (int, float, str, bool)) else json.loads(
-                json.dumps(value, sort_keys=True, default=str))
+            out[key] = (
+                value
+                if isinstance(value, (int, float, str, bool))
+                else json.loads(json.dumps(value, sort_keys=True, default=str))
+            )
     return out
 
 
@@ -148,8 +178,11 @@ def weights_signature(model) -> list:
             w = p.detach().reshape(-1).to(torch.bfloat16).float()  # bfloat16 values are exact in fp32
             padded = torch.nn.functional.pad(w, (0, -w.numel() % _PATTERN_PERIOD)).view(-1, _PATTERN_PERIOD)
             projection = (padded.double() @ pattern.to(w.device, torch.float64)).sum()
-            stats = torch.stack([w.abs().sum(dtype=torch.float64), (w * w).sum(dtype=torch.float64).sqrt(),
-                                 projection]).cpu().tolist()
+            stats = (
+                torch.stack([w.abs().sum(dtype=torch.float64), (w * w).sum(dtype=torch.float64).sqrt(), projection])
+                .cpu()
+                .tolist()
+            )
             rows.append([name, list(p.shape), *stats])
     return rows
 
@@ -167,8 +200,11 @@ def signature_mismatch(expected, actual):
         return f"the parameters differ ({sorted(names)[:3] or 'shapes'})"
     for (name, _, a_abs, a_norm, a_proj), (_, _, b_abs, b_norm, b_proj) in zip(expected, actual):
         scale = max(a_norm, b_norm, 1e-30)
-        if (abs(a_abs - b_abs) > SIGNATURE_RTOL * max(a_abs, b_abs, 1e-30)
-                or abs(a_norm - b_norm) > SIGNATURE_RTOL * scale or abs(a_proj - b_proj) > SIGNATURE_RTOL * scale):
+        if (
+            abs(a_abs - b_abs) > SIGNATURE_RTOL * max(a_abs, b_abs, 1e-30)
+            or abs(a_norm - b_norm) > SIGNATURE_RTOL * scale
+            or abs(a_proj - b_proj) > SIGNATURE_RTOL * scale
+        ):
             return f"the weights of {name} differ"
     return None
 
@@ -184,51 +220,97 @@ def _config_mismatch(recorded: dict, config) -> str:
 
 # --- write ------------------------------------------------------------------------------------------------
 
+
 def add_write_arguments(p):
     """Options of ``gradmem-fast write``."""
     from . import demo
 
-    p.add_argument("--model", required=True, help="Hugging Face model name, a local directory, or "
-                   "smollm2-135m-instruct (the embedded GGUF model)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model name, a local directory, or smollm2-135m-instruct (the embedded GGUF model)",
+    )
     p.add_argument("--input", required=True, help="JSON lines, one document per line")
     p.add_argument("--output", required=True, help="memory file to write (safetensors)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a document's text (default: text)")
-    p.add_argument("--id-field", default="id", help="field holding a document's id (default: id; "
-                   "missing ids default to the 0-based line number)")
-    p.add_argument("--memory-tokens", type=int, default=demo.DEFAULT_MEMORY_TOKENS,
-                   help=f"memory vectors per document (m, default {demo.DEFAULT_MEMORY_TOKENS})")
-    p.add_argument("--steps", type=int, default=demo.DEFAULT_STEPS,
-                   help=f"optimisation steps per write (K, default {demo.DEFAULT_STEPS}: enough for a plain "
-                        "pretrained LM to memorise a short paragraph)")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="field holding a document's id (default: id; missing ids default to the 0-based line number)",
+    )
+    p.add_argument(
+        "--memory-tokens",
+        type=int,
+        default=demo.DEFAULT_MEMORY_TOKENS,
+        help=f"memory vectors per document (m, default {demo.DEFAULT_MEMORY_TOKENS})",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=demo.DEFAULT_STEPS,
+        help=f"optimisation steps per write (K, default {demo.DEFAULT_STEPS}: enough for a plain "
+        "pretrained LM to memorise a short paragraph)",
+    )
     p.add_argument("--lr", type=float, default=demo.DEFAULT_LR, help=f"step size (default {demo.DEFAULT_LR})")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="default adam")
-    p.add_argument("--clip-value", type=float, default=None, help="clamp gradient entries to +-VALUE "
-                   "(default: off for sgd, 10 for adam)")
+    p.add_argument(
+        "--clip-value",
+        type=float,
+        default=None,
+        help="clamp gradient entries to +-VALUE (default: off for sgd, 10 for adam)",
+    )
     p.add_argument("--clip-norm", type=float, default=None, help="per-document gradient norm clip")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
-    p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="end every document with the tokenizer's end-of-text token, so that reading stops "
-                        "where the document ends (default: on, when the tokenizer has one)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), "
-                   "float32, bfloat16, float16, float64")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, "
-                   "cuda or cuda:N")
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="auto: triton kernels on CUDA, the torch reference on CPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the write step with torch.compile (triton backend; default: on CUDA only)")
-    p.add_argument("--batch-tokens", type=int, default=16384,
-                   help="max packed tokens (memory included) per batch (default 16384)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncate documents to this many tokens (with a warning); without it a document "
-                        "longer than the model's positions is an error")
-    p.add_argument("--skip-empty", action="store_true",
-                   help="skip empty documents with a warning (default: an empty document is an error)")
-    p.add_argument("--shard-size", type=int, default=256,
-                   help="documents per checkpoint shard: the unit of resuming and of multi-process "
-                        "sharding (default 256)")
+    p.add_argument(
+        "--append-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end every document with the tokenizer's end-of-text token, so that reading stops "
+        "where the document ends (default: on, when the tokenizer has one)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="auto: triton kernels on CUDA, the torch reference on CPU",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the write step with torch.compile (triton backend; default: on CUDA only)",
+    )
+    p.add_argument(
+        "--batch-tokens", type=int, default=16384, help="max packed tokens (memory included) per batch (default 16384)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate documents to this many tokens (with a warning); without it a document "
+        "longer than the model's positions is an error",
+    )
+    p.add_argument(
+        "--skip-empty",
+        action="store_true",
+        help="skip empty documents with a warning (default: an empty document is an error)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=256,
+        help="documents per checkpoint shard: the unit of resuming and of multi-process sharding (default 256)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -246,9 +328,16 @@ def _write_config(args):
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
     try:
-        return WriteConfig(num_memory_tokens=args.memory_tokens, steps=args.steps, lr=args.lr,
-                           optimizer=args.optimizer, clip_value=args.clip_value, clip_norm=args.clip_norm,
-                           init_std=args.init_std, seed=args.seed)
+        return WriteConfig(
+            num_memory_tokens=args.memory_tokens,
+            steps=args.steps,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            clip_value=args.clip_value,
+            clip_norm=args.clip_norm,
+            init_std=args.init_std,
+            seed=args.seed,
+        )
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid write options: {exc}") from None
 
@@ -274,16 +363,20 @@ def _tokenize_documents(args, records, tokenizer, limit, eos=None, command="writ
             if args.skip_empty:
                 _warn(command, f"{args.input}:{record.line}: empty document (id {json.dumps(record.id)}) skipped")
                 continue
-            raise UserError(f"{args.input}:{record.line}: empty document (id {json.dumps(record.id)}); remove it "
-                            "or pass --skip-empty")
+            raise UserError(
+                f"{args.input}:{record.line}: empty document (id {json.dumps(record.id)}); remove it "
+                "or pass --skip-empty"
+            )
         if args.max_length is not None and len(tokens) > args.max_length:
             tokens = tokens[: args.max_length]
             truncated += 1
         elif text_limit is not None and len(tokens) > text_limit:
             end = " and the end-of-text token" if extra else ""
-            raise UserError(f"{args.input}:{record.line}: document {json.dumps(record.id)} has {len(tokens)} tokens; "
-                            f"with {args.memory_tokens} memory vectors{end} the model takes at most {text_limit}: "
-                            f"pass --max-length {text_limit} to truncate")
+            raise UserError(
+                f"{args.input}:{record.line}: document {json.dumps(record.id)} has {len(tokens)} tokens; "
+                f"with {args.memory_tokens} memory vectors{end} the model takes at most {text_limit}: "
+                f"pass --max-length {text_limit} to truncate"
+            )
         kept_records.append(record)
         docs.append(list(tokens) + ([eos] if extra else []))
     if truncated:
@@ -329,11 +422,14 @@ def cmd_write(args) -> int:
     eos = _eos_id(tokenizer) if args.append_eos else None
     limit = None if positions is None else positions - config.num_memory_tokens
     if limit is not None and limit < 1 + (eos is not None):
-        raise UserError(f"--memory-tokens {config.num_memory_tokens} leaves no room for text in the model's "
-                        f"{positions} positions")
+        raise UserError(
+            f"--memory-tokens {config.num_memory_tokens} leaves no room for text in the model's {positions} positions"
+        )
     if args.max_length is not None and limit is not None and args.max_length > limit - (eos is not None):
-        raise UserError(f"--max-length {args.max_length} is longer than the model allows with "
-                        f"{config.num_memory_tokens} memory vectors ({limit - (eos is not None)})")
+        raise UserError(
+            f"--max-length {args.max_length} is longer than the model allows with "
+            f"{config.num_memory_tokens} memory vectors ({limit - (eos is not None)})"
+        )
     records, docs = _tokenize_documents(args, records, tokenizer, limit, eos)
 
     # 3. The weights.
@@ -343,17 +439,26 @@ def cmd_write(args) -> int:
 
     model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
     try:
-        writer = MemoryWriter(model, config, backend=args.backend,
-                              compile="auto" if args.compile is None else args.compile)
+        writer = MemoryWriter(
+            model, config, backend=args.backend, compile="auto" if args.compile is None else args.compile
+        )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"cannot write with model {args.model!r}: {exc}") from None
 
     ids = [r.id for r in records]
     signature = weights_signature(model)
-    settings = {"format": fileio.FORMAT_VERSION, "stats": list(fileio.DOC_STATS), "model": args.model,
-                "dtype": str(model.dtype), "device": torch.device(device).type, "backend": writer.backend,
-                "config": dataclasses.asdict(config), "batch_tokens": args.batch_tokens,
-                "shard_size": args.shard_size, "weights": signature_digest(signature)}
+    settings = {
+        "format": fileio.FORMAT_VERSION,
+        "stats": list(fileio.DOC_STATS),
+        "model": args.model,
+        "dtype": str(model.dtype),
+        "device": torch.device(device).type,
+        "backend": writer.backend,
+        "config": dataclasses.asdict(config),
+        "batch_tokens": args.batch_tokens,
+        "shard_size": args.shard_size,
+        "weights": signature_digest(signature),
+    }
     fingerprint = _fingerprint(settings, ids, docs)
     num_shards = (len(docs) + args.shard_size - 1) // args.shard_size
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]
@@ -362,11 +467,17 @@ def cmd_write(args) -> int:
     try:
         os.makedirs(ckpt, exist_ok=True)
         if ctx.is_main:
-            stale = [s for s in fileio.list_shards(ckpt)
-                     if s >= num_shards or not fileio.shard_matches(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])]
+            stale = [
+                s
+                for s in fileio.list_shards(ckpt)
+                if s >= num_shards or not fileio.shard_matches(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])
+            ]
             if stale:
-                _note("write", f"note: discarding {len(stale)} stale shard(s) in {ckpt}: they were written with "
-                               "other options, documents or model weights and will be recomputed")
+                _note(
+                    "write",
+                    f"note: discarding {len(stale)} stale shard(s) in {ckpt}: they were written with "
+                    "other options, documents or model weights and will be recomputed",
+                )
         mine = ctx.my_shards(num_shards)
         todo = [s for s in mine if not fileio.shard_matches(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])]
         resumed = len(mine) - len(todo)
@@ -374,18 +485,24 @@ def cmd_write(args) -> int:
             _warn("write", f"resuming: {resumed} of {len(mine)} shard(s) already written in {ckpt}")
         _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint)
         if ctx.world_size > 1 and not args.quiet:
-            print(f"rank {ctx.rank}/{ctx.world_size}: wrote {len(todo)} shard(s), "
-                  f"{sum(bounds[s][1] - bounds[s][0] for s in todo)} document(s)", file=sys.stderr, flush=True)
+            print(
+                f"rank {ctx.rank}/{ctx.world_size}: wrote {len(todo)} shard(s), "
+                f"{sum(bounds[s][1] - bounds[s][0] for s in todo)} document(s)",
+                file=sys.stderr,
+                flush=True,
+            )
         distributed.barrier(ctx)
         if ctx.is_main:
-            stats = _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature,
-                           eos)
+            stats = _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos)
             fileio.remove_checkpoint(ckpt)
     finally:
         distributed.stop(ctx)
     if ctx.is_main and not args.quiet:
-        print(_summary(args.output, ids, stats, (len(docs), config.num_memory_tokens, model.config.hidden_size)),
-              file=sys.stderr, flush=True)
+        print(
+            _summary(args.output, ids, stats, (len(docs), config.num_memory_tokens, model.config.hidden_size)),
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 
@@ -394,11 +511,15 @@ def _summary(output, ids, stats, shape) -> str:
     acc = stats["accuracy"]
     below = [ids[i] for i in range(len(ids)) if acc[i] < 1.0]
     shown = ", ".join(json.dumps(i) for i in below[:5]) + (", ..." if len(below) > 5 else "")
-    text = (f"wrote {shape[0]} memories {list(shape)} to {output}: teacher-forced accuracy "
-            f"{100 * float(acc.double().mean()):.1f}% mean, {len(below)} of {len(ids)} document(s) below 100%")
+    text = (
+        f"wrote {shape[0]} memories {list(shape)} to {output}: teacher-forced accuracy "
+        f"{100 * float(acc.double().mean()):.1f}% mean, {len(below)} of {len(ids)} document(s) below 100%"
+    )
     text += f" (ids {shown}: they will not decode back exactly)" if below else " (all decode back exactly)"
-    return text + (f"; mean loss {float(stats['loss_before'].double().mean()):.3f} -> "
-                   f"{float(stats['loss_after'].double().mean()):.3f}")
+    return text + (
+        f"; mean loss {float(stats['loss_before'].double().mean()):.3f} -> "
+        f"{float(stats['loss_after'].double().mean()):.3f}"
+    )
 
 
 class _StepProgress:
@@ -423,8 +544,11 @@ class _StepProgress:
             return
         self.meter["tokens"] += sum(self.lengths[i] for i in self.plan[self.batch])
         rate = self.meter["tokens"] / max(time.perf_counter() - self.meter["start"], 1e-9)
-        self.bar.set_postfix_str(f"{len(self.plan[self.batch])} docs, step {k + 1}/{self.steps}, "
-                                 f"loss {float(losses.mean()):.3f}, {rate:.3g} tok/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"{len(self.plan[self.batch])} docs, step {k + 1}/{self.steps}, "
+            f"loss {float(losses.mean()):.3f}, {rate:.3g} tok/s",
+            refresh=False,
+        )
         self.bar.update(1)
 
 
@@ -438,11 +562,18 @@ def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint
     from .reader import teacher_forced
 
     steps = writer.config.steps
-    plans = {s: list(writer.plan_batches(docs[bounds[s][0]:bounds[s][1]], args.batch_tokens)) for s in mine}
+    plans = {s: list(writer.plan_batches(docs[bounds[s][0] : bounds[s][1]], args.batch_tokens)) for s in mine}
     total = sum(len(plans[s]) for s in mine) * steps
     done = sum(len(plans[s]) for s in mine if s not in todo) * steps
-    bar = tqdm(total=total, initial=done, unit="step", desc="write", dynamic_ncols=True,
-               disable=args.quiet or not ctx.is_main, file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        initial=done,
+        unit="step",
+        desc="write",
+        dynamic_ncols=True,
+        disable=args.quiet or not ctx.is_main,
+        file=sys.stderr,
+    )
     bar.set_postfix_str("starting (the first step compiles and warms up)")
     meter = {"tokens": 0.0, "start": time.perf_counter()}
     try:
@@ -452,17 +583,27 @@ def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint
             progress = _StepProgress(plans[s], [len(d) for d in shard_docs], steps, bar, meter)
             # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
             # run computes exactly the batches of an uninterrupted single-process run.
-            memories = torch.stack(list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens,
-                                                          window=len(shard_docs), on_step=progress)))
+            memories = torch.stack(
+                list(
+                    writer.write_many(
+                        shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), on_step=progress
+                    )
+                )
+            )
             loss_after = torch.empty(hi - lo, dtype=torch.float64)
             correct = torch.empty(hi - lo, dtype=torch.int64)
             for batch in plans[s]:
-                loss_after[batch], correct[batch] = teacher_forced(writer.model, memories[batch],
-                                                                   [shard_docs[i] for i in batch])
+                loss_after[batch], correct[batch] = teacher_forced(
+                    writer.model, memories[batch], [shard_docs[i] for i in batch]
+                )
             tokens = torch.tensor([len(d) for d in shard_docs], dtype=torch.int64)
-            stats = {"loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
-                     "loss_after": loss_after.float(), "accuracy": (correct.double() / tokens).float(),
-                     "steps": torch.full((hi - lo,), steps, dtype=torch.int64), "tokens": tokens}
+            stats = {
+                "loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
+                "loss_after": loss_after.float(),
+                "accuracy": (correct.double() / tokens).float(),
+                "steps": torch.full((hi - lo,), steps, dtype=torch.int64),
+                "tokens": tokens,
+            }
             fileio.save_shard(ckpt, s, memories, fingerprint, stats)
     finally:
         bar.close()
@@ -479,8 +620,10 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
         """Shard ``s`` of this run (it must exist once every rank is done)."""
         shard = fileio.load_shard(ckpt, s, fingerprint, bounds[s][1] - bounds[s][0])
         if shard is None:
-            raise UserError(f"shard {s} is missing from {ckpt}: with several machines, the output must be on a "
-                            "file system every rank sees")
+            raise UserError(
+                f"shard {s} is missing from {ckpt}: with several machines, the output must be on a "
+                "file system every rank sees"
+            )
         return shard
 
     # The per-document stats are small: one pass gathers them (and checks that every shard is there).
@@ -501,25 +644,37 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
 
     acc = stats["accuracy"]
     metadata = {
-        "format": fileio.FORMAT, "format_version": fileio.FORMAT_VERSION, "model": args.model,
-        "model_type": getattr(model.config, "model_type", ""), "hidden_size": model.config.hidden_size,
-        "vocab_size": model.get_input_embeddings().weight.shape[0], "num_documents": len(docs),
-        "num_memory_tokens": config.num_memory_tokens, "config": json.dumps(dataclasses.asdict(config)),
+        "format": fileio.FORMAT,
+        "format_version": fileio.FORMAT_VERSION,
+        "model": args.model,
+        "model_type": getattr(model.config, "model_type", ""),
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "num_documents": len(docs),
+        "num_memory_tokens": config.num_memory_tokens,
+        "config": json.dumps(dataclasses.asdict(config)),
         "tokenizer": json.dumps(describe_tokenizer(tokenizer), sort_keys=True),
-        "versions": json.dumps(_versions(), sort_keys=True), "text_field": args.text_field,
+        "versions": json.dumps(_versions(), sort_keys=True),
+        "text_field": args.text_field,
         "id_field": args.id_field,
-        "max_length": "" if args.max_length is None else args.max_length, "model_dtype": str(model.dtype),
-        "backend": writer.backend, "tokens": sum(len(d) for d in docs),
-        "append_eos": "1" if eos is not None else "0", "eos_token_id": "" if eos is None else eos,
-        "weights_signature": json.dumps(signature), "weights_digest": signature_digest(signature),
+        "max_length": "" if args.max_length is None else args.max_length,
+        "model_dtype": str(model.dtype),
+        "backend": writer.backend,
+        "tokens": sum(len(d) for d in docs),
+        "append_eos": "1" if eos is not None else "0",
+        "eos_token_id": "" if eos is None else eos,
+        "weights_signature": json.dumps(signature),
+        "weights_digest": signature_digest(signature),
         "model_config": json.dumps(model_config_summary(model.config), sort_keys=True),
-        "mean_accuracy": f"{float(acc.double().mean()):.6f}", "documents_below_100": int((acc < 1).sum()),
+        "mean_accuracy": f"{float(acc.double().mean()):.6f}",
+        "documents_below_100": int((acc < 1).sum()),
     }
     fileio.write_memory_file(args.output, chunks(), shape, first.dtype, ids, metadata, extra=stats)
     return stats
 
 
 # --- read -------------------------------------------------------------------------------------------------
+
 
 def add_read_arguments(p):
     """Options of ``gradmem-fast read``."""
@@ -530,16 +685,27 @@ def add_read_arguments(p):
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a query's text (default: text)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per query (default 32)")
-    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop an answer when the model emits its end-of-text token (default: on; memories "
-                        "written with --append-eos end their document with it)")
-    p.add_argument("--verify", default=None, metavar="DOCS",
-                   help="the documents the memories were written from (JSON lines, as given to write; "
-                        "its text and id fields are the ones write used): every "
-                        "query with empty text is decoded greedily from its memory alone and its answer line "
-                        "says whether it reproduces its document exactly (\"reproduces\", \"token_accuracy\")")
-    p.add_argument("--allow-model-mismatch", action="store_true",
-                   help="read even when --model is not the model the memories were written with (a warning)")
+    p.add_argument(
+        "--stop-at-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop an answer when the model emits its end-of-text token (default: on; memories "
+        "written with --append-eos end their document with it)",
+    )
+    p.add_argument(
+        "--verify",
+        default=None,
+        metavar="DOCS",
+        help="the documents the memories were written from (JSON lines, as given to write; "
+        "its text and id fields are the ones write used): every "
+        "query with empty text is decoded greedily from its memory alone and its answer line "
+        'says whether it reproduces its document exactly ("reproduces", "token_accuracy")',
+    )
+    p.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="read even when --model is not the model the memories were written with (a warning)",
+    )
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
@@ -566,8 +732,9 @@ def _match_ids(queries, memory_ids, path):
         rows.append(row)
     if unknown:
         shown = ", ".join(f"line {q.line} id {json.dumps(q.id)}" for q in unknown[:5])
-        raise UserError(f"{len(unknown)} quer{'y' if len(unknown) == 1 else 'ies'} name documents that are not in "
-                        f"{path}: {shown}")
+        raise UserError(
+            f"{len(unknown)} quer{'y' if len(unknown) == 1 else 'ies'} name documents that are not in {path}: {shown}"
+        )
     return rows
 
 
@@ -576,8 +743,9 @@ def _verify_documents(args, memfile, queries, rows):
     from . import fileio
 
     meta = memfile.metadata
-    records = fileio.read_jsonl(args.verify, meta.get("text_field") or "text", meta.get("id_field") or "id",
-                                what="--verify documents")
+    records = fileio.read_jsonl(
+        args.verify, meta.get("text_field") or "text", meta.get("id_field") or "id", what="--verify documents"
+    )
     by_id = {}
     for r in records:
         by_id.setdefault(r.id, r.text)
@@ -590,8 +758,10 @@ def _verify_documents(args, memfile, queries, rows):
         doc_id = memfile.ids[row]
         text = by_id.get(doc_id, by_id.get(str(doc_id)))
         if text is None:
-            raise UserError(f"--verify {args.verify}: no document with id {json.dumps(doc_id)} (asked for on "
-                            f"{args.queries}:{q.line})")
+            raise UserError(
+                f"--verify {args.verify}: no document with id {json.dumps(doc_id)} (asked for on "
+                f"{args.queries}:{q.line})"
+            )
         texts.append(text)
     if all(t is None for t in texts):
         _warn("read", "--verify checks only queries with empty text (decoding from the memory alone); there are none")
@@ -616,14 +786,19 @@ def _check_model_against_file(args, memfile, model_config, model=None):
         except json.JSONDecodeError:
             expected = None
         if expected is None:
-            _warn("read", f"{args.memories} records no weights signature (written by an older gradmem-fast): "
-                          "cannot check that --model is the model that wrote it")
+            _warn(
+                "read",
+                f"{args.memories} records no weights signature (written by an older gradmem-fast): "
+                "cannot check that --model is the model that wrote it",
+            )
             return
         reason = signature_mismatch(expected, weights_signature(model))
     if reason is None:
         return
-    message = (f"{args.memories} was written with another model ({meta.get('model', '?')!r}): {reason}; read with "
-               "the model that wrote it")
+    message = (
+        f"{args.memories} was written with another model ({meta.get('model', '?')!r}): {reason}; read with "
+        "the model that wrote it"
+    )
     if not args.allow_model_mismatch:
         raise UserError(message + " (or pass --allow-model-mismatch)")
     _warn("read", message.split("; read with")[0] + " (--allow-model-mismatch: reading anyway)")
@@ -649,8 +824,7 @@ def cmd_read(args) -> int:
     inputs = [("--memories", args.memories), ("--queries", args.queries), ("--verify", args.verify)]
     fileio.check_output(args.output, inputs, args.force)
     memfile = fileio.MemoryFile(args.memories)
-    queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False,
-                                what="queries")
+    queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False, what="queries")
     rows = _match_ids(queries, memfile.ids, args.memories)
     verify_texts = _verify_documents(args, memfile, queries, rows) if args.verify else [None] * len(queries)
     device = _device_and_dtype(args)
@@ -661,16 +835,20 @@ def cmd_read(args) -> int:
     n_docs, m, d = memfile.shape
     width = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
     if width is not None and d != width:
-        raise UserError(f"{args.memories} holds memories of width {d} written with model "
-                        f"{memfile.metadata.get('model', '?')!r}; --model {args.model!r} has width {width}: read "
-                        "with the model that wrote them")
+        raise UserError(
+            f"{args.memories} holds memories of width {d} written with model "
+            f"{memfile.metadata.get('model', '?')!r}; --model {args.model!r} has width {width}: read "
+            "with the model that wrote them"
+        )
     _check_model_against_file(args, memfile, model_config)
     limit = max_positions(model_config)
     tokens = [tokenizer(q.text, add_special_tokens=False).input_ids if q.text else [] for q in queries]
     for q, t in zip(queries, tokens):
         if limit is not None and m + len(t) >= limit:
-            raise UserError(f"{args.queries}:{q.line}: query of {len(t)} tokens does not fit the model's {limit} "
-                            f"positions after {m} memory vectors")
+            raise UserError(
+                f"{args.queries}:{q.line}: query of {len(t)} tokens does not fit the model's {limit} "
+                f"positions after {m} memory vectors"
+            )
     max_length = memfile.metadata.get("max_length")
     appended = memfile.metadata.get("append_eos") == "1"
     targets = [None if text is None else tokenizer(text, add_special_tokens=False).input_ids for text in verify_texts]
@@ -685,13 +863,17 @@ def cmd_read(args) -> int:
 
     model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
     if width is None and d != model.get_input_embeddings().weight.shape[1]:
-        raise UserError(f"{args.memories} holds memories of width {d}; --model {args.model!r} has width "
-                        f"{model.get_input_embeddings().weight.shape[1]}: read with the model that wrote them")
+        raise UserError(
+            f"{args.memories} holds memories of width {d}; --model {args.model!r} has width "
+            f"{model.get_input_embeddings().weight.shape[1]}: read with the model that wrote them"
+        )
     _check_model_against_file(args, memfile, model_config, model)
     eos = set()
     if args.stop_at_eos:
-        for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id",
-                                                       None)):
+        for source in (
+            tokenizer.eos_token_id,
+            getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        ):
             if isinstance(source, int):
                 eos.add(source)
             elif isinstance(source, (list, tuple)):
@@ -706,21 +888,28 @@ def cmd_read(args) -> int:
         by_doc.setdefault(row, []).append(qi)
     doc_rows = sorted(by_doc)
     answers, generated_ids = [None] * len(queries), [None] * len(queries)
-    bar = tqdm(total=len(queries), unit="query", desc="read", disable=args.quiet, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(queries), unit="query", desc="read", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     try:
         for g in range(0, len(doc_rows), args.doc_batch):
-            group = doc_rows[g:g + args.doc_batch]
+            group = doc_rows[g : g + args.doc_batch]
             # One prefill per memory; its cache rows are reused by every query of that document.
             prefix = reader.prefix(memfile.rows(group).to(device))
             order = [(local, qi) for local, row in enumerate(group) for qi in by_doc[row]]
             for b in range(0, len(order), args.batch_size):
-                batch = order[b:b + args.batch_size]
-                generated = reader.generate(prefix, [local for local, _ in batch], [tokens[qi] for _, qi in batch],
-                                            max_new_tokens=max(budgets[qi] for _, qi in batch),
-                                            do_sample=args.do_sample, temperature=args.temperature,
-                                            top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
-                                            generator=generator, max_length=limit)
+                batch = order[b : b + args.batch_size]
+                generated = reader.generate(
+                    prefix,
+                    [local for local, _ in batch],
+                    [tokens[qi] for _, qi in batch],
+                    max_new_tokens=max(budgets[qi] for _, qi in batch),
+                    do_sample=args.do_sample,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    eos_token_id=eos,
+                    generator=generator,
+                    max_length=limit,
+                )
                 for (_, qi), gen in zip(batch, generated):
                     # Generation is causal per row: cutting at a row's own budget equals generating less.
                     generated_ids[qi] = gen[: budgets[qi]]
@@ -748,20 +937,27 @@ def cmd_read(args) -> int:
 
 # --- entry point ------------------------------------------------------------------------------------------
 
+
 def build_parser():
     """The argument parser of every command."""
     from . import demo
 
-    parser = argparse.ArgumentParser(prog=PROG, description="GradMem: write documents into memory vectors, "
-                                     "read answers from them.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="GradMem: write documents into memory vectors, read answers from them."
+    )
     parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="{write,read,demo}")
-    add_write_arguments(sub.add_parser("write", help="write documents (JSON lines) into a memory file",
-                                       description=cmd_write.__doc__))
-    add_read_arguments(sub.add_parser("read", help="answer queries from a memory file",
-                                      description=cmd_read.__doc__))
-    demo.add_arguments(sub.add_parser("demo", help="cram a few paragraphs into memory and decode them back",
-                                      description=demo.__doc__.splitlines()[0]))
+    add_write_arguments(
+        sub.add_parser("write", help="write documents (JSON lines) into a memory file", description=cmd_write.__doc__)
+    )
+    add_read_arguments(sub.add_parser("read", help="answer queries from a memory file", description=cmd_read.__doc__))
+    demo.add_arguments(
+        sub.add_parser(
+            "demo",
+            help="cram a few paragraphs into memory and decode them back",
+            description=demo.__doc__.splitlines()[0],
+        )
+    )
     return parser
 
 

@@ -1,7 +1,7 @@
 """WriteConfig: every knob of a GradMem WRITE in one dataclass (DESIGN.md, "The semantics contract")."""
+
 import dataclasses
 import math
-from typing import Optional
 
 OPTIMIZERS = ("sgd", "adam")
 GRAD_MODES = ("none", "first", "second")
@@ -36,10 +36,10 @@ class WriteConfig:
     steps: int = 5
     lr: float = 1e-2
     optimizer: str = "sgd"
-    clip_value: Optional[float] = None
-    clip_norm: Optional[float] = None
+    clip_value: float | None = None
+    clip_norm: float | None = None
     grad_mode: str = "none"
-    last_k_second_order: Optional[int] = None
+    last_k_second_order: int | None = None
     adam_betas: tuple = (0.9, 0.999)
     init_std: float = 0.02
     seed: int = 0
@@ -72,7 +72,7 @@ class WriteConfig:
         _check_int("seed", self.seed, minimum=None)
 
     @property
-    def effective_clip_value(self) -> Optional[float]:
+    def effective_clip_value(self) -> float | None:
         """The clamp actually applied: ``clip_value``, or 10 for Adam when unset."""
         if self.clip_value is None and self.optimizer == "adam":
             return ADAM_DEFAULT_CLIP_VALUE

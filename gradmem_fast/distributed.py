@@ -14,6 +14,7 @@ and a killed run resumes from its finished shards whatever N the rerun uses.
 
 The process group uses NCCL when the processes run on GPUs and gloo on CPUs.
 """
+
 import dataclasses
 import datetime
 import os
@@ -46,8 +47,9 @@ def from_environment() -> Context:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Context()
-    return Context(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(
+        rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def start(ctx: Context, device: str) -> Context:

@@ -27,6 +27,7 @@ dimension (only the offsets' length depends on it), and batches are padded to ``
 (``linear_cross_entropy``) and the update stay eager: each is already a few fused kernels. Second-order steps
 stay eager (torch.compile has no double backward).
 """
+
 import contextlib
 import dataclasses
 import types
@@ -95,8 +96,16 @@ def _backbone_hidden(base, weights, x, position_ids, cu, ones_mask, max_seqlen):
     synchronisation); the varlen offsets are what the attention actually uses (transformers forwards these
     keyword arguments to the attention function).
     """
-    kwargs = dict(inputs_embeds=x, attention_mask=ones_mask, position_ids=position_ids, use_cache=False,
-                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    kwargs = dict(
+        inputs_embeds=x,
+        attention_mask=ones_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max_seqlen,
+        max_length_k=max_seqlen,
+    )
     out = base(**kwargs) if weights is None else torch.func.functional_call(base, weights, args=(), kwargs=kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return hidden[0]
@@ -135,8 +144,7 @@ class CompiledBackbone:
         if fn is None:
             code = _backbone_hidden.__code__.replace()  # a fresh code object: a cache of its own
             fresh = types.FunctionType(code, _backbone_hidden.__globals__, _backbone_hidden.__name__)
-            fn = self.functions[key] = torch.compile(fresh, fullgraph=True, dynamic=False,
-                                                     backend=self.compile_backend)
+            fn = self.functions[key] = torch.compile(fresh, fullgraph=True, dynamic=False, backend=self.compile_backend)
             torch._dynamo.maybe_mark_dynamic(packed.cu_seqlens, 0)
         weights = self.frozen_weights() if weights is None else weights
         return fn(self.base, weights, x, packed.position_ids, packed.cu_seqlens, ones_mask, max_seqlen)
@@ -149,8 +157,18 @@ def packed_input(packed: PackedBatch, token_embeds: torch.Tensor, d: int = None)
     return x0.index_put((packed.token_rows,), token_embeds)
 
 
-def _step_loss(model, memories, x0, packed: PackedBatch, head_weight, head_bias, ones_mask=None,
-               second_order=False, backbone=None, weights=None):
+def _step_loss(
+    model,
+    memories,
+    x0,
+    packed: PackedBatch,
+    head_weight,
+    head_bias,
+    ones_mask=None,
+    second_order=False,
+    backbone=None,
+    weights=None,
+):
     B, m, d = memories.shape
     # Only the memory rows change from step to step: an out-of-place scatter into the packed input, whose
     # backward is a gather of the B*m memory rows.
@@ -158,8 +176,9 @@ def _step_loss(model, memories, x0, packed: PackedBatch, head_weight, head_bias,
     if ones_mask is None:
         ones_mask = torch.ones(1, x.shape[1], dtype=torch.long, device=x.device)
     if backbone is None or second_order:
-        hidden = _backbone_hidden(hf.backbone(model), None, x, packed.position_ids, packed.cu_seqlens, ones_mask,
-                                  packed.max_seqlen)
+        hidden = _backbone_hidden(
+            hf.backbone(model), None, x, packed.position_ids, packed.cu_seqlens, ones_mask, packed.max_seqlen
+        )
     else:
         hidden = backbone(x, packed, ones_mask, weights)
     h = hidden.index_select(0, packed.loss_rows)
@@ -169,13 +188,32 @@ def _step_loss(model, memories, x0, packed: PackedBatch, head_weight, head_bias,
         head_weight = head_weight.detach()
         head_bias = None if head_bias is None else head_bias.detach()
     # A second-order step differentiates the loss's backward, so the gradient must not be pre-formed.
-    return linear_cross_entropy(h, head_weight, packed.targets, head_bias, reduction="sample_mean",
-                                cu_seqlens=packed.cu_tokens, ignore_index=IGNORE_INDEX,
-                                precompute_grad=None if not second_order else False)
+    return linear_cross_entropy(
+        h,
+        head_weight,
+        packed.targets,
+        head_bias,
+        reduction="sample_mean",
+        cu_seqlens=packed.cu_tokens,
+        ignore_index=IGNORE_INDEX,
+        precompute_grad=None if not second_order else False,
+    )
 
 
-def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losses, norms, ones_mask=None,
-                on_step=None, backbone=None):
+def _write_loop(
+    model,
+    packed,
+    memory,
+    config,
+    head_weight,
+    head_bias,
+    lr,
+    losses,
+    norms,
+    ones_mask=None,
+    on_step=None,
+    backbone=None,
+):
     """The K steps; writes per-step stats into ``losses``/``norms`` [K, B] and returns the final memory.
 
     Nothing here reads a tensor back to the host, so the loop can be captured in a CUDA graph (``on_step``,
@@ -201,9 +239,17 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
         if on_step is not None:
             on_step(k, losses[k])
         with torch.set_grad_enabled(config.grad_mode != "none"):
-            result = memory_update(Mk, grad if second else grad.detach(), lr=lr, optimizer=config.optimizer,
-                                   clip_value=clip_value, clip_norm=config.clip_norm, state=state, step=k + 1,
-                                   betas=config.adam_betas)
+            result = memory_update(
+                Mk,
+                grad if second else grad.detach(),
+                lr=lr,
+                optimizer=config.optimizer,
+                clip_value=clip_value,
+                clip_norm=config.clip_norm,
+                state=state,
+                step=k + 1,
+                betas=config.adam_betas,
+            )
         norms[k].copy_(result.grad_norm)
         M, state = result.memory, result.state
         if config.grad_mode == "none":
@@ -211,22 +257,44 @@ def _write_loop(model, packed, memory, config, head_weight, head_bias, lr, losse
     return M
 
 
-def write_packed(model, packed: PackedBatch, memory: torch.Tensor, config: WriteConfig, head_weight, head_bias,
-                 backend: str, on_step=None, backbone=None) -> WriteResult:
+def write_packed(
+    model,
+    packed: PackedBatch,
+    memory: torch.Tensor,
+    config: WriteConfig,
+    head_weight,
+    head_bias,
+    backend: str,
+    on_step=None,
+    backbone=None,
+) -> WriteResult:
     """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch).
 
     ``on_step(k, losses)``: optional callback after step k's loss (the real documents' [B], detached).
     ``backbone``: optional ``CompiledBackbone`` (compiled first-order steps; see the module docstring).
     """
     if backbone is not None and attention_dropout_active(model):
-        raise ValueError("compile: the model is in training mode with attention dropout, whose host-drawn seed a "
-                         "compiled step would freeze; call model.eval() for writing or use compile=False")
+        raise ValueError(
+            "compile: the model is in training mode with attention dropout, whose host-drawn seed a "
+            "compiled step would freeze; call model.eval() for writing or use compile=False"
+        )
     losses = torch.empty(config.steps, packed.batch, dtype=torch.float32, device=memory.device)
     norms = torch.empty_like(losses)
     with use_backend(backend), gradmem_attention(model, backend), torch.enable_grad():
         step_hook = None if on_step is None else (lambda k, loss: on_step(k, loss[: packed.real_batch]))
-        M = _write_loop(model, packed, memory, config, head_weight, head_bias, config.lr, losses, norms,
-                        on_step=step_hook, backbone=backbone)
+        M = _write_loop(
+            model,
+            packed,
+            memory,
+            config,
+            head_weight,
+            head_bias,
+            config.lr,
+            losses,
+            norms,
+            on_step=step_hook,
+            backbone=backbone,
+        )
     B = packed.real_batch
     return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B])
 
@@ -243,8 +311,17 @@ class GraphedWriteLoop:
     Attention dropout is refused (its seed is drawn on the host, so a replay would repeat one mask).
     """
 
-    _STATIC = ("tokens", "targets", "cu_seqlens", "position_ids", "source_index", "loss_rows", "cu_tokens",
-               "memory_rows", "token_rows")
+    _STATIC = (
+        "tokens",
+        "targets",
+        "cu_seqlens",
+        "position_ids",
+        "source_index",
+        "loss_rows",
+        "cu_tokens",
+        "memory_rows",
+        "token_rows",
+    )
 
     def __init__(self, model, config: WriteConfig, head_weight, head_bias, backend: str, backbone=None):
         if config.grad_mode != "none":
@@ -261,8 +338,9 @@ class GraphedWriteLoop:
 
     def _capture(self, packed: PackedBatch, memory: torch.Tensor):
         key = self.key(packed)
-        static = dataclasses.replace(packed, max_seqlen=key[3],
-                                     **{name: getattr(packed, name).clone() for name in self._STATIC})
+        static = dataclasses.replace(
+            packed, max_seqlen=key[3], **{name: getattr(packed, name).clone() for name in self._STATIC}
+        )
         state = {
             "packed": static,
             "memory": memory.detach().clone(),
@@ -273,8 +351,19 @@ class GraphedWriteLoop:
         state["norms"] = torch.empty_like(state["losses"])
 
         def run():
-            return _write_loop(self.model, static, state["memory"], self.config, self.head_weight, self.head_bias,
-                               state["lr"], state["losses"], state["norms"], state["ones"], backbone=self.backbone)
+            return _write_loop(
+                self.model,
+                static,
+                state["memory"],
+                self.config,
+                self.head_weight,
+                self.head_bias,
+                state["lr"],
+                state["losses"],
+                state["norms"],
+                state["ones"],
+                backbone=self.backbone,
+            )
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -291,8 +380,10 @@ class GraphedWriteLoop:
 
     def __call__(self, packed: PackedBatch, memory: torch.Tensor) -> WriteResult:
         if attention_dropout_active(self.model):
-            raise ValueError("cuda_graphs: the model is in training mode with attention dropout, whose host-drawn "
-                             "seed a replayed graph would repeat; call model.eval() for writing")
+            raise ValueError(
+                "cuda_graphs: the model is in training mode with attention dropout, whose host-drawn "
+                "seed a replayed graph would repeat; call model.eval() for writing"
+            )
         with use_backend(self.backend), gradmem_attention(self.model, self.backend), torch.enable_grad():
             state = self.graphs.get(self.key(packed)) or self._capture(packed, memory)
             static = state["packed"]
@@ -301,5 +392,8 @@ class GraphedWriteLoop:
             state["memory"].copy_(memory)
             state["graph"].replay()
         B = packed.real_batch
-        return WriteResult(memory=state["out"][:B].clone(), losses=state["losses"][:, :B].clone(),
-                           grad_norms=state["norms"][:, :B].clone())
+        return WriteResult(
+            memory=state["out"][:B].clone(),
+            losses=state["losses"][:, :B].clone(),
+            grad_norms=state["norms"][:, :B].clone(),
+        )

@@ -20,6 +20,7 @@ final file is streamed shard by shard (the whole ``[num_docs, m, d]`` tensor is 
 to a temporary file that is renamed over the output only when complete, so an interrupted run never
 leaves a partial output.
 """
+
 import contextlib
 import dataclasses
 import json
@@ -34,8 +35,7 @@ FORMAT_VERSION = "1"
 DOC_STATS = ("loss_before", "loss_after", "accuracy", "steps", "tokens")
 
 # safetensors' names of the dtypes we write.
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-              "uint8": "U8"}
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "uint8": "U8"}
 
 
 @dataclasses.dataclass
@@ -52,8 +52,14 @@ def _valid_id(value) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 
-def read_jsonl(path: str, text_field: str = "text", id_field: str = "id", require_id: bool = False,
-               unique_ids: bool = True, what: str = "input"):
+def read_jsonl(
+    path: str,
+    text_field: str = "text",
+    id_field: str = "id",
+    require_id: bool = False,
+    unique_ids: bool = True,
+    what: str = "input",
+):
     """Read a JSON-lines file into ``Record`` objects (blank lines are skipped).
 
     Each line must be a JSON object with a string ``text_field``; ``id_field`` is optional (default: the
@@ -87,16 +93,19 @@ def read_jsonl(path: str, text_field: str = "text", id_field: str = "id", requir
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             if text_field not in obj:
-                raise UserError(f"{path}:{lineno}: no {text_field!r} field"
-                                + ("" if what == "queries" else " (--text-field picks another field)"))
+                raise UserError(
+                    f"{path}:{lineno}: no {text_field!r} field"
+                    + ("" if what == "queries" else " (--text-field picks another field)")
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
             if id_field in obj:
                 doc_id = obj[id_field]
                 if not _valid_id(doc_id):
-                    raise UserError(f"{path}:{lineno}: field {id_field!r} must be an integer or a string, "
-                                    f"got {json.dumps(doc_id)}")
+                    raise UserError(
+                        f"{path}:{lineno}: field {id_field!r} must be an integer or a string, got {json.dumps(doc_id)}"
+                    )
             elif require_id:
                 raise UserError(f"{path}:{lineno}: no {id_field!r} field (the id of the document to read from)")
             else:
@@ -125,8 +134,10 @@ def check_output(path: str, inputs, force: bool, flag: str = "--output"):
         raise UserError(f"{flag} {path!r} is a directory")
     for in_flag, in_path in inputs:
         if in_path and os.path.exists(path) and os.path.exists(in_path) and os.path.samefile(path, in_path):
-            raise UserError(f"{flag} {path!r} is the same file as {in_flag} {in_path!r}: writing it would destroy "
-                            "the input; choose another output path")
+            raise UserError(
+                f"{flag} {path!r} is the same file as {in_flag} {in_path!r}: writing it would destroy "
+                "the input; choose another output path"
+            )
     if os.path.lexists(path) and not force:
         raise UserError(f"{flag} {path!r} already exists; pass --force to replace it")
 
@@ -162,7 +173,7 @@ def encode_ids(ids):
     """(tensor, format) for a list of ids: int64 when all are integers in range, JSON bytes otherwise."""
     import torch
 
-    if all(isinstance(i, int) and not isinstance(i, bool) and -2**63 <= i < 2**63 for i in ids):
+    if all(isinstance(i, int) and not isinstance(i, bool) and -(2**63) <= i < 2**63 for i in ids):
         return torch.tensor(ids, dtype=torch.int64), "int64"
     data = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone(), "json"
@@ -209,14 +220,20 @@ def write_memory_file(path: str, memory_chunks, shape, dtype, ids, metadata: dic
     header = {
         "__metadata__": meta,
         "memories": {"dtype": _ST_DTYPES[dtype_name], "shape": list(shape), "data_offsets": [0, mem_bytes]},
-        "ids": {"dtype": _ST_DTYPES[str(ids_tensor.dtype).replace("torch.", "")], "shape": list(ids_tensor.shape),
-                "data_offsets": [mem_bytes, mem_bytes + ids_bytes]},
+        "ids": {
+            "dtype": _ST_DTYPES[str(ids_tensor.dtype).replace("torch.", "")],
+            "shape": list(ids_tensor.shape),
+            "data_offsets": [mem_bytes, mem_bytes + ids_bytes],
+        },
     }
     offset = mem_bytes + ids_bytes
     for name, t in extra.items():
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[str(t.dtype).replace("torch.", "")], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _ST_DTYPES[str(t.dtype).replace("torch.", "")],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # safetensors aligns the data to 8 bytes with trailing spaces
@@ -259,8 +276,10 @@ class MemoryFile:
         if self.metadata.get("format") != FORMAT or not {"memories", "ids"} <= keys:
             raise UserError(f"{path!r} is not a gradmem-fast memory file (written by `gradmem-fast write`)")
         if self.metadata.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{path!r} has memory file format version {self.metadata.get('format_version')!r}; "
-                            f"this gradmem-fast reads version {FORMAT_VERSION}")
+            raise UserError(
+                f"{path!r} has memory file format version {self.metadata.get('format_version')!r}; "
+                f"this gradmem-fast reads version {FORMAT_VERSION}"
+            )
         self.path = path
         self._memories = self._handle.get_slice("memories")
         self.shape = tuple(self._memories.get_shape())
@@ -292,6 +311,7 @@ class MemoryFile:
 
 # --- resumable shards --------------------------------------------------------------------------------------
 
+
 def checkpoint_dir(output: str) -> str:
     """Where shards of an unfinished run of ``output`` are kept (removed once the output is complete)."""
     return output + ".partial"
@@ -310,8 +330,9 @@ def save_shard(directory: str, index: int, memories, fingerprint: str, stats: di
     tensors = {"memories": memories.detach().cpu().contiguous()}
     tensors.update({name: t.detach().cpu().contiguous() for name, t in (stats or {}).items()})
     with atomic_output(path) as tmp:
-        save_file(tensors, tmp,
-                  metadata={"fingerprint": fingerprint, "index": str(index), "rows": str(memories.shape[0])})
+        save_file(
+            tensors, tmp, metadata={"fingerprint": fingerprint, "index": str(index), "rows": str(memories.shape[0])}
+        )
         _fsync(tmp)
 
 
@@ -336,8 +357,11 @@ def list_shards(directory: str):
         return []
     found = []
     for name in os.listdir(directory):
-        stem = name[len("shard-"):-len(".safetensors")] if name.startswith("shard-") and name.endswith(
-            ".safetensors") else ""
+        stem = (
+            name[len("shard-") : -len(".safetensors")]
+            if name.startswith("shard-") and name.endswith(".safetensors")
+            else ""
+        )
         if stem.isdigit():
             found.append(int(stem))
     return sorted(found)

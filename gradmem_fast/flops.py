@@ -26,16 +26,31 @@ A K-step write costs ``K`` times that. ``attention_pairs="full"`` counts ``T_b^2
 ``P_b`` (what an eager implementation that masks a full score matrix multiplies); that variant matches
 ``torch.utils.flop_counter`` on the eager reference exactly and is what the tests check.
 """
+
 import dataclasses
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 __all__ = ["ModelShape", "model_shape", "write_step_flops", "write_step_breakdown", "write_flops"]
 
 # Model families whose MLP has three matrices (gate, up, down).
-GATED_MLP_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo",
-    "olmo2", "cohere", "granite", "smollm3",
-})
+GATED_MLP_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "cohere",
+        "granite",
+        "smollm3",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +81,7 @@ def _first(config, *names, default=None):
     return default
 
 
-def model_shape(config_or_model, *, gated_mlp: Optional[bool] = None) -> ModelShape:
+def model_shape(config_or_model, *, gated_mlp: bool | None = None) -> ModelShape:
     """``ModelShape`` of a Hugging Face config, a model (its ``.config``) or a ``ModelShape``.
 
     ``gated_mlp`` overrides the detection (a model is gated when it has a ``gate_proj``/``gate_up_proj``
@@ -101,8 +116,14 @@ def _lengths(lengths) -> list:
     return out
 
 
-def write_step_breakdown(config, lengths: Iterable[int], num_memory_tokens: int, *, vocab_size: Optional[int] = None,
-                         attention_pairs: str = "causal") -> dict:
+def write_step_breakdown(
+    config,
+    lengths: Iterable[int],
+    num_memory_tokens: int,
+    *,
+    vocab_size: int | None = None,
+    attention_pairs: str = "causal",
+) -> dict:
     """FLOPs of one WRITE step split into ``linear``, ``attention`` and ``head`` (plus ``total``).
 
     ``lengths``: context tokens per document (a list or a 1-D tensor, e.g. ``attention_mask.sum(1)``).
@@ -128,16 +149,23 @@ def write_step_breakdown(config, lengths: Iterable[int], num_memory_tokens: int,
     return {"linear": linear, "attention": attention, "head": head, "total": linear + attention + head}
 
 
-def write_step_flops(config, lengths: Iterable[int], num_memory_tokens: int, *, vocab_size: Optional[int] = None,
-                     attention_pairs: str = "causal") -> int:
+def write_step_flops(
+    config,
+    lengths: Iterable[int],
+    num_memory_tokens: int,
+    *,
+    vocab_size: int | None = None,
+    attention_pairs: str = "causal",
+) -> int:
     """Useful FLOPs of one WRITE step (forward + memory-gradient backward) over a batch of documents.
 
     ``config``: a Hugging Face config, a model, or a ``ModelShape``; ``lengths``: context tokens per
     document; ``num_memory_tokens``: m. The formula is in the module docstring:
     ``sum_b [2 L T_b c_lin + 12 L Hq Dh T_b (T_b + 1) / 2 + 4 d V n_b]`` with ``T_b = m + n_b``.
     """
-    return write_step_breakdown(config, lengths, num_memory_tokens, vocab_size=vocab_size,
-                                attention_pairs=attention_pairs)["total"]
+    return write_step_breakdown(
+        config, lengths, num_memory_tokens, vocab_size=vocab_size, attention_pairs=attention_pairs
+    )["total"]
 
 
 def write_flops(config, lengths: Iterable[int], num_memory_tokens: int, steps: int, **kwargs) -> int:

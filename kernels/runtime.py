@@ -17,6 +17,7 @@ vector loads, ``cp.async`` and wgmma operand tiles; an integer argument equal to
 constant. Each distinct combination is its own binary with its own registers, so the compile check must
 compile the combinations launches produce, not an unspecialised kernel nobody runs.
 """
+
 import dataclasses
 import os
 

@@ -31,6 +31,7 @@ ever a ``tl.constexpr``, so a new value never recompiles.
 
 Nothing here knows about autograd; see ``gradmem_fast.ops.update`` for the op.
 """
+
 import functools
 import math
 
@@ -93,14 +94,34 @@ def _grad_sumsq_kernel(grad_ptr, part_ptr, clip_value, N, ITERS, BLOCK: tl.const
 
 @triton.jit(do_not_specialize=["step"])
 def _memory_update_kernel(
-    mem_ptr, grad_ptr, out_ptr, norm_ptr,
-    exp_avg_ptr, exp_avg_sq_ptr, exp_avg_out_ptr, exp_avg_sq_out_ptr,
+    mem_ptr,
+    grad_ptr,
+    out_ptr,
+    norm_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    exp_avg_out_ptr,
+    exp_avg_sq_out_ptr,
     part_ptr,
-    lr, step, clip_value, clip_norm,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2,
-    N, ITERS, N_ITERS,
-    ADAM: tl.constexpr, HAS_CLIP_NORM: tl.constexpr, SCALAR_PTRS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    lr,
+    step,
+    clip_value,
+    clip_norm,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    log_beta1,
+    log_beta2,
+    N,
+    ITERS,
+    N_ITERS,
+    ADAM: tl.constexpr,
+    HAS_CLIP_NORM: tl.constexpr,
+    SCALAR_PTRS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
     """Program ``(b, s)`` updates elements ``[s*CHUNK, (s+1)*CHUNK)``, ``CHUNK = ITERS * BLOCK``, of
     sample ``b`` (formula in the module docstring). ``N_ITERS = cdiv(N, BLOCK)`` blocks cover a sample.
@@ -222,9 +243,22 @@ def _scalar_tensor(value, dtype, device):
 
 
 def launch_update(
-    memory, grad, *, lr, adam=False, step=1, clip_value=None, clip_norm=None, betas=BETAS,
-    exp_avg=None, exp_avg_sq=None,
-    out=None, norm_out=None, exp_avg_out=None, exp_avg_sq_out=None, num_splits=None,
+    memory,
+    grad,
+    *,
+    lr,
+    adam=False,
+    step=1,
+    clip_value=None,
+    clip_norm=None,
+    betas=BETAS,
+    exp_avg=None,
+    exp_avg_sq=None,
+    out=None,
+    norm_out=None,
+    exp_avg_out=None,
+    exp_avg_sq_out=None,
+    num_splits=None,
 ):
     """Run the fused update; returns ``(new_memory, raw_norms[B] fp32, exp_avg, exp_avg_sq)``.
 
@@ -239,8 +273,10 @@ def launch_update(
     Arguments are assumed validated by the op (``gradmem_fast.ops.update``); buffers are checked here.
     """
     if memory.dim() != 3 or grad.shape != memory.shape or grad.dtype != memory.dtype:
-        raise ValueError(f"memory/grad: expected equal [B, m, d] shapes and dtypes, got "
-                         f"{tuple(memory.shape)} {memory.dtype} and {tuple(grad.shape)} {grad.dtype}")
+        raise ValueError(
+            f"memory/grad: expected equal [B, m, d] shapes and dtypes, got "
+            f"{tuple(memory.shape)} {memory.dtype} and {tuple(grad.shape)} {grad.dtype}"
+        )
     if memory.dtype not in KERNEL_DTYPES:
         raise TypeError(f"memory: the update kernel takes {KERNEL_DTYPES}, got {memory.dtype}")
     device = memory.device
@@ -303,10 +339,30 @@ def launch_update(
     # Unused moment pointers get fp32 stand-ins so SGD launches match the signatures in compile_specs().
     m_in, v_in, m_out, v_out = (exp_avg, exp_avg_sq, exp_avg_out, exp_avg_sq_out) if adam else (norm_out,) * 4
     _memory_update_kernel[(B, splits)](
-        memory, grad, out, norm_out, m_in, v_in, m_out, v_out, part,
-        lr_arg, step_arg, cv, cn, *beta_args, N, iters, n_iters,
-        ADAM=bool(adam), HAS_CLIP_NORM=clip_norm is not None, SCALAR_PTRS=scalar_ptrs, SPLIT=splits > 1,
-        BLOCK=BLOCK, MAX_SPLITS=MAX_SPLITS, num_warps=NUM_WARPS,
+        memory,
+        grad,
+        out,
+        norm_out,
+        m_in,
+        v_in,
+        m_out,
+        v_out,
+        part,
+        lr_arg,
+        step_arg,
+        cv,
+        cn,
+        *beta_args,
+        N,
+        iters,
+        n_iters,
+        ADAM=bool(adam),
+        HAS_CLIP_NORM=clip_norm is not None,
+        SCALAR_PTRS=scalar_ptrs,
+        SPLIT=splits > 1,
+        BLOCK=BLOCK,
+        MAX_SPLITS=MAX_SPLITS,
+        num_warps=NUM_WARPS,
     )
     return out, norm_out, exp_avg_out if adam else None, exp_avg_sq_out if adam else None
 
@@ -316,20 +372,27 @@ def compile_specs():
     in two specialisations: ``aligned`` (every buffer 16-byte aligned, m*d a multiple of 16: GPT-2's 8 x 768)
     and ``unaligned`` (memory and gradient views at odd offsets, odd m*d; only the outputs the launcher
     allocates hinted). ``step`` is never specialised (``do_not_specialize``)."""
+
     def variants(sig, own):
         pointers = {n for n, t in sig.items() if t.startswith("*")} - {"step"}  # do_not_specialize
-        return (Variant("aligned", divisible=pointers | {"N"}),
-                Variant("unaligned", divisible=pointers & own, archs=(90,)))
+        return (
+            Variant("aligned", divisible=pointers | {"N"}),
+            Variant("unaligned", divisible=pointers & own, archs=(90,)),
+        )
 
     specs = []
     for tname in ("fp32", "fp16", "bf16"):
         ptr = f"*{tname}"
-        specs.append(CompileSpec(
-            f"update.grad_sumsq[{tname}]", _grad_sumsq_kernel,
-            {"grad_ptr": ptr, "part_ptr": "*fp64", "clip_value": "fp32", "N": "i32", "ITERS": "i32"},
-            {"BLOCK": BLOCK}, num_warps=NUM_WARPS,
-            variants=variants({"grad_ptr": ptr, "part_ptr": "*fp64"}, {"part_ptr"}),
-        ))
+        specs.append(
+            CompileSpec(
+                f"update.grad_sumsq[{tname}]",
+                _grad_sumsq_kernel,
+                {"grad_ptr": ptr, "part_ptr": "*fp64", "clip_value": "fp32", "N": "i32", "ITERS": "i32"},
+                {"BLOCK": BLOCK},
+                num_warps=NUM_WARPS,
+                variants=variants({"grad_ptr": ptr, "part_ptr": "*fp64"}, {"part_ptr"}),
+            )
+        )
         for adam in (False, True):
             for clip_norm in (False, True):
                 for scalar_ptrs in (False, True):
@@ -339,21 +402,50 @@ def compile_specs():
                         else:
                             step_t = "i32"
                         sig = {
-                            "mem_ptr": ptr, "grad_ptr": ptr, "out_ptr": ptr, "norm_ptr": "*fp32",
-                            "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32",
-                            "exp_avg_out_ptr": "*fp32", "exp_avg_sq_out_ptr": "*fp32",
+                            "mem_ptr": ptr,
+                            "grad_ptr": ptr,
+                            "out_ptr": ptr,
+                            "norm_ptr": "*fp32",
+                            "exp_avg_ptr": "*fp32",
+                            "exp_avg_sq_ptr": "*fp32",
+                            "exp_avg_out_ptr": "*fp32",
+                            "exp_avg_sq_out_ptr": "*fp32",
                             "part_ptr": "*fp64",
-                            "lr": "*fp32" if scalar_ptrs else "fp32", "step": step_t,
-                            "clip_value": "fp32", "clip_norm": "fp32",
-                            "beta1": "fp32", "beta2": "fp32", "one_minus_beta1": "fp32",
-                            "one_minus_beta2": "fp32", "log_beta1": "fp32", "log_beta2": "fp32",
-                            "N": "i32", "ITERS": "i32", "N_ITERS": "i32",
+                            "lr": "*fp32" if scalar_ptrs else "fp32",
+                            "step": step_t,
+                            "clip_value": "fp32",
+                            "clip_norm": "fp32",
+                            "beta1": "fp32",
+                            "beta2": "fp32",
+                            "one_minus_beta1": "fp32",
+                            "one_minus_beta2": "fp32",
+                            "log_beta1": "fp32",
+                            "log_beta2": "fp32",
+                            "N": "i32",
+                            "ITERS": "i32",
+                            "N_ITERS": "i32",
                         }
-                        const = {"ADAM": adam, "HAS_CLIP_NORM": clip_norm, "SCALAR_PTRS": scalar_ptrs,
-                                 "SPLIT": split, "BLOCK": BLOCK, "MAX_SPLITS": MAX_SPLITS}
-                        name = (f"update.memory_update[{tname},{'adam' if adam else 'sgd'},"
-                                f"clip_norm={int(clip_norm)},ptrs={int(scalar_ptrs)},split={int(split)}]")
+                        const = {
+                            "ADAM": adam,
+                            "HAS_CLIP_NORM": clip_norm,
+                            "SCALAR_PTRS": scalar_ptrs,
+                            "SPLIT": split,
+                            "BLOCK": BLOCK,
+                            "MAX_SPLITS": MAX_SPLITS,
+                        }
+                        name = (
+                            f"update.memory_update[{tname},{'adam' if adam else 'sgd'},"
+                            f"clip_norm={int(clip_norm)},ptrs={int(scalar_ptrs)},split={int(split)}]"
+                        )
                         own = {"out_ptr", "norm_ptr", "exp_avg_out_ptr", "exp_avg_sq_out_ptr", "part_ptr"}
-                        specs.append(CompileSpec(name, _memory_update_kernel, sig, const, num_warps=NUM_WARPS,
-                                                 variants=variants(sig, own)))
+                        specs.append(
+                            CompileSpec(
+                                name,
+                                _memory_update_kernel,
+                                sig,
+                                const,
+                                num_warps=NUM_WARPS,
+                                variants=variants(sig, own),
+                            )
+                        )
     return specs

@@ -14,6 +14,7 @@ in the files named, is an error: the table of mutants must follow the code (kern
 Each mutant is one realistic bug: an off-by-one at a tile boundary, a wrong constant, a dropped scale.
 When one survives, the fix is a test, never a different mutant.
 """
+
 import argparse
 import dataclasses
 import glob
@@ -43,80 +44,150 @@ def _k(path, expr):
 
 
 MUTANTS = [
-    Mutant("attn_full_hi_one_key_too_far", "kernels/attention*.py",
-           "full_hi = tl.minimum(k_len, m0 + diag + 1)", "full_hi = tl.minimum(k_len, m0 + diag + 2)",
-           _k("tests/test_kernel_tiles.py", "varlen-edges-fwd or varlen-edges-dq"),
-           "the last key of a causal block is treated as visible to every row of the block"),
-    Mutant("attn_causal_diagonal", "kernels/attention*.py",
-           "valid = valid & (cols <= rows + diag)", "valid = valid & (cols < rows + diag)",
-           _k("tests/test_attention.py", "test_padded and len7"),
-           "a query no longer sees its own key"),
-    Mutant("attn_gqa_head_mapping", "kernels/attention_fwd.py",
-           "hk = h // group", "hk = h % (num_heads // group)",
-           _k("tests/test_attention.py", "key_padding_left_right"),
-           "query heads interleaved over KV heads instead of grouped (forward)"),
-    Mutant("attn_lse_natural_log", "kernels/attention_fwd.py",
-           "(m_i + tl.math.log2(l_safe)) * ln2", "(m_i + tl.math.log2(l_safe))",
-           _k("tests/test_attention.py", "test_padded and len7"),
-           "the saved log-sum-exp stays in base 2 (the backward recomputes wrong probabilities)"),
-    Mutant("attn_dropout_rescale", "kernels/attention.py",
-           "rescale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0", "rescale = 1.0",
-           _k("tests/test_attention.py", "dropout_same_mask"),
-           "kept probabilities are not scaled by 1/(1-p)"),
-    Mutant("attn_varlen_key_offsets", "kernels/attention*.py",
-           "k_start = tl.load(CuK + b)", "k_start = tl.load(CuQ + b)",
-           _k("tests/test_attention.py", "varlen_ragged"),
-           "keys of a packed sequence located with the query offsets"),
-    Mutant("loss_alignment_reference", "gradmem_fast/reference.py",
-           "hidden[:, m - 1 : m + S - 1]", "hidden[:, m : m + S]",
-           _k("tests/test_reference.py", "sgd_matches_eager_all_families and gpt2"),
-           "position m+j (not m-1+j) predicts token j"),
-    Mutant("loss_alignment_packed", "gradmem_fast/packing.py",
-           "loss_rows = cu[:-1][tok_doc] + m - 1 + j", "loss_rows = cu[:-1][tok_doc] + m + j",
-           _k("tests/test_engine.py", "torch_ops_match_reference_fp64 and gpt2"),
-           "the engine's loss rows shifted by one"),
-    Mutant("update_clip_eps_1e-5", "kernels/update.py",
-           "clip_norm / (n + 1e-6)", "clip_norm / (n + 1e-5)",
-           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
-           "norm-clip epsilon 1e-5 instead of 1e-6 (kernel)"),
-    Mutant("update_clip_eps_0", "kernels/update.py",
-           "clip_norm / (n + 1e-6)", "clip_norm / (n + 0.0)",
-           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
-           "norm-clip epsilon dropped (kernel)"),
-    Mutant("update_clip_eps_torch", "gradmem_fast/ops/update.py",
-           "NORM_EPS = 1e-6", "NORM_EPS = 1e-5",
-           _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
-           "norm-clip epsilon 1e-5 instead of 1e-6 (torch backend, the reference)"),
-    Mutant("adam_ignores_clip_norm_kernel", "kernels/update.py",
-           "HAS_CLIP_NORM=clip_norm is not None,", "HAS_CLIP_NORM=clip_norm is not None and not adam,",
-           _k("tests/test_write_delta.py", "adam_norm_clip_change"),
-           "the fused Adam update skips the norm clip"),
-    Mutant("adam_ignores_clip_norm_op", "gradmem_fast/ops/update.py",
-           "clip_norm=clip_norm, betas=betas, exp_avg=exp_avg", "clip_norm=None, betas=betas, exp_avg=exp_avg",
-           _k("tests/test_write_delta.py", "adam_norm_clip_change"),
-           "the op does not pass clip_norm to the Adam kernel"),
-    Mutant("adam_ignores_clip_norm_torch", "gradmem_fast/ops/update.py",
-           "g = clip_torch(grad.detach().to(dt), clip_value, clip_norm)",
-           "g = clip_torch(grad.detach().to(dt), clip_value, None)",
-           _k("tests/test_write_delta.py", "adam_norm_clip_change or (torch and adam_clip_norm)"),
-           "the torch Adam (the reference's) skips the norm clip"),
-    Mutant("adam_ignores_clip_norm_engine", "gradmem_fast/engine.py",
-           "clip_norm=config.clip_norm, state=state",
-           "clip_norm=None if config.optimizer == 'adam' else config.clip_norm, state=state",
-           _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
-           "the engine drops clip_norm for Adam"),
-    Mutant("adam_bias_correction_kernel", "kernels/update.py",
-           "inv_bc1 = (1.0 / (1.0 - tl.exp(t * log_beta1))).to(tl.float32)", "inv_bc1 = (t * 0.0 + 1.0).to(tl.float32)",
-           _k("tests/test_write_delta.py", "adam_norm_clip_change and triton"),
-           "Adam's first moment not bias-corrected (kernel)"),
-    Mutant("adam_bias_correction_torch", "gradmem_fast/ops/update.py",
-           "m_hat = exp_avg / _bias_correction(b1, step, dt, memory.device)", "m_hat = exp_avg",
-           _k("tests/test_write_delta.py", "adam_norm_clip_change and torch"),
-           "Adam's first moment not bias-corrected (torch backend)"),
-    Mutant("adam_betas_ignored_engine", "gradmem_fast/engine.py",
-           "betas=config.adam_betas)", "betas=(0.9, 0.999))",
-           _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
-           "the engine runs Adam with the default betas whatever the config says"),
+    Mutant(
+        "attn_full_hi_one_key_too_far",
+        "kernels/attention*.py",
+        "full_hi = tl.minimum(k_len, m0 + diag + 1)",
+        "full_hi = tl.minimum(k_len, m0 + diag + 2)",
+        _k("tests/test_kernel_tiles.py", "varlen-edges-fwd or varlen-edges-dq"),
+        "the last key of a causal block is treated as visible to every row of the block",
+    ),
+    Mutant(
+        "attn_causal_diagonal",
+        "kernels/attention*.py",
+        "valid = valid & (cols <= rows + diag)",
+        "valid = valid & (cols < rows + diag)",
+        _k("tests/test_attention.py", "test_padded and len7"),
+        "a query no longer sees its own key",
+    ),
+    Mutant(
+        "attn_gqa_head_mapping",
+        "kernels/attention_fwd.py",
+        "hk = h // group",
+        "hk = h % (num_heads // group)",
+        _k("tests/test_attention.py", "key_padding_left_right"),
+        "query heads interleaved over KV heads instead of grouped (forward)",
+    ),
+    Mutant(
+        "attn_lse_natural_log",
+        "kernels/attention_fwd.py",
+        "(m_i + tl.math.log2(l_safe)) * ln2",
+        "(m_i + tl.math.log2(l_safe))",
+        _k("tests/test_attention.py", "test_padded and len7"),
+        "the saved log-sum-exp stays in base 2 (the backward recomputes wrong probabilities)",
+    ),
+    Mutant(
+        "attn_dropout_rescale",
+        "kernels/attention.py",
+        "rescale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0",
+        "rescale = 1.0",
+        _k("tests/test_attention.py", "dropout_same_mask"),
+        "kept probabilities are not scaled by 1/(1-p)",
+    ),
+    Mutant(
+        "attn_varlen_key_offsets",
+        "kernels/attention*.py",
+        "k_start = tl.load(CuK + b)",
+        "k_start = tl.load(CuQ + b)",
+        _k("tests/test_attention.py", "varlen_ragged"),
+        "keys of a packed sequence located with the query offsets",
+    ),
+    Mutant(
+        "loss_alignment_reference",
+        "gradmem_fast/reference.py",
+        "hidden[:, m - 1 : m + S - 1]",
+        "hidden[:, m : m + S]",
+        _k("tests/test_reference.py", "sgd_matches_eager_all_families and gpt2"),
+        "position m+j (not m-1+j) predicts token j",
+    ),
+    Mutant(
+        "loss_alignment_packed",
+        "gradmem_fast/packing.py",
+        "loss_rows = cu[:-1][tok_doc] + m - 1 + j",
+        "loss_rows = cu[:-1][tok_doc] + m + j",
+        _k("tests/test_engine.py", "torch_ops_match_reference_fp64 and gpt2"),
+        "the engine's loss rows shifted by one",
+    ),
+    Mutant(
+        "update_clip_eps_1e-5",
+        "kernels/update.py",
+        "clip_norm / (n + 1e-6)",
+        "clip_norm / (n + 1e-5)",
+        _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+        "norm-clip epsilon 1e-5 instead of 1e-6 (kernel)",
+    ),
+    Mutant(
+        "update_clip_eps_0",
+        "kernels/update.py",
+        "clip_norm / (n + 1e-6)",
+        "clip_norm / (n + 0.0)",
+        _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+        "norm-clip epsilon dropped (kernel)",
+    ),
+    Mutant(
+        "update_clip_eps_torch",
+        "gradmem_fast/ops/update.py",
+        "NORM_EPS = 1e-6",
+        "NORM_EPS = 1e-5",
+        _k("tests/test_write_delta.py", "norm_clip_change_at_small_norms"),
+        "norm-clip epsilon 1e-5 instead of 1e-6 (torch backend, the reference)",
+    ),
+    Mutant(
+        "adam_ignores_clip_norm_kernel",
+        "kernels/update.py",
+        "HAS_CLIP_NORM=clip_norm is not None,",
+        "HAS_CLIP_NORM=clip_norm is not None and not adam,",
+        _k("tests/test_write_delta.py", "adam_norm_clip_change"),
+        "the fused Adam update skips the norm clip",
+    ),
+    Mutant(
+        "adam_ignores_clip_norm_op",
+        "gradmem_fast/ops/update.py",
+        "clip_norm=clip_norm,",
+        "clip_norm=None,",
+        _k("tests/test_write_delta.py", "adam_norm_clip_change"),
+        "the op does not pass clip_norm to the Adam kernel",
+    ),
+    Mutant(
+        "adam_ignores_clip_norm_torch",
+        "gradmem_fast/ops/update.py",
+        "g = clip_torch(grad.detach().to(dt), clip_value, clip_norm)",
+        "g = clip_torch(grad.detach().to(dt), clip_value, None)",
+        _k("tests/test_write_delta.py", "adam_norm_clip_change or (torch and adam_clip_norm)"),
+        "the torch Adam (the reference's) skips the norm clip",
+    ),
+    Mutant(
+        "adam_ignores_clip_norm_engine",
+        "gradmem_fast/engine.py",
+        "clip_norm=config.clip_norm,",
+        "clip_norm=None if config.optimizer == 'adam' else config.clip_norm,",
+        _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
+        "the engine drops clip_norm for Adam",
+    ),
+    Mutant(
+        "adam_bias_correction_kernel",
+        "kernels/update.py",
+        "inv_bc1 = (1.0 / (1.0 - tl.exp(t * log_beta1))).to(tl.float32)",
+        "inv_bc1 = (t * 0.0 + 1.0).to(tl.float32)",
+        _k("tests/test_write_delta.py", "adam_norm_clip_change and triton"),
+        "Adam's first moment not bias-corrected (kernel)",
+    ),
+    Mutant(
+        "adam_bias_correction_torch",
+        "gradmem_fast/ops/update.py",
+        "m_hat = exp_avg / _bias_correction(b1, step, dt, memory.device)",
+        "m_hat = exp_avg",
+        _k("tests/test_write_delta.py", "adam_norm_clip_change and torch"),
+        "Adam's first moment not bias-corrected (torch backend)",
+    ),
+    Mutant(
+        "adam_betas_ignored_engine",
+        "gradmem_fast/engine.py",
+        "betas=config.adam_betas,",
+        "betas=(0.9, 0.999),",
+        _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
+        "the engine runs Adam with the default betas whatever the config says",
+    ),
 ]
 
 
@@ -127,8 +198,12 @@ def _scratch_copy(dest: str, rev=None) -> None:
         archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
         return
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    )
     for rel in sorted(set(p for p in out.stdout.decode().split("\0") if p)):
         src = os.path.join(ROOT, rel)
         if not os.path.isfile(src) or os.path.islink(src):
@@ -152,8 +227,7 @@ def locate(root: str, mutant: Mutant) -> str:
 
 
 def _pytest(root: str, args, timeout: float):
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *args]
     start = time.monotonic()
     try:
@@ -166,12 +240,13 @@ def _pytest(root: str, args, timeout: float):
 
 def _check_imports(root: str) -> None:
     """The scratch copy's package must be the one imported (not the checkout's editable install)."""
-    code = ("import gradmem_fast, gradmem_fast.kernels as k, os; "
-            "print(os.path.dirname(os.path.dirname(gradmem_fast.__file__))); "
-            "print(os.path.dirname(os.path.dirname(k.__file__)))")
+    code = (
+        "import gradmem_fast, gradmem_fast.kernels as k, os; "
+        "print(os.path.dirname(os.path.dirname(gradmem_fast.__file__))); "
+        "print(os.path.dirname(os.path.dirname(k.__file__)))"
+    )
     env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     dirs = out.stdout.split()
     if out.returncode != 0 or any(os.path.realpath(d) != os.path.realpath(root) for d in dirs) or len(dirs) != 2:
         raise SystemExit(f"mutants: the scratch copy does not import its own package:\n{out.stdout}{out.stderr}")
@@ -196,9 +271,13 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--rev", default=None, help="mutate this commit's tree instead of the working tree")
-    p.add_argument("--tests", default=None, metavar="'ARGS'",
-                   help="pytest arguments (one quoted string) replacing every mutant's own selection (a control: "
-                        "does this suite kill them?)")
+    p.add_argument(
+        "--tests",
+        default=None,
+        metavar="'ARGS'",
+        help="pytest arguments (one quoted string) replacing every mutant's own selection (a control: "
+        "does this suite kill them?)",
+    )
     args = p.parse_args(argv)
     mutants = _select(args.only)
     if args.tests:
@@ -233,8 +312,9 @@ def main(argv=None) -> int:
                     selections.append(m.tests)
             for sel in selections:
                 rc, out, secs = _pytest(scratch, sel, args.timeout)
-                print(f"baseline {' '.join(sel)}: {'pass' if rc == 0 else f'FAIL (rc {rc})'} in {secs:.0f}s",
-                      flush=True)
+                print(
+                    f"baseline {' '.join(sel)}: {'pass' if rc == 0 else f'FAIL (rc {rc})'} in {secs:.0f}s", flush=True
+                )
                 if rc != 0:
                     print(out[-4000:], file=sys.stderr)
                     print("mutants: the unmutated tree fails a selection; fix that first", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Toy kernels for tests/test_compile_check.py: one that fits, one far over the shared-memory limit, one
 that needs more registers than a thread has, and a strided copy whose aligned specialisation vectorises.
 Run as a script with TRITON_INTERPRET unset; prints one JSON line."""
+
 import json
 import sys
 
@@ -50,16 +51,41 @@ def rows_copy_kernel(x_ptr, out_ptr, stride_x, n_cols, group, BLOCK: tl.constexp
 COPY_SIG = {"x_ptr": "*fp16", "out_ptr": "*fp16", "stride_x": "i32", "n_cols": "i32", "group": "i32"}
 COPY_ALIGNED = Variant("aligned", divisible={"x_ptr", "out_ptr", "stride_x", "n_cols"}, ones={"group"})
 COPY_UNALIGNED = Variant("unaligned", divisible={"out_ptr"})
-COPY = CompileSpec("rows_copy", rows_copy_kernel, COPY_SIG, {"BLOCK": 1024}, num_warps=4, num_stages=1,
-                   variants=(COPY_ALIGNED, COPY_UNALIGNED))
+COPY = CompileSpec(
+    "rows_copy",
+    rows_copy_kernel,
+    COPY_SIG,
+    {"BLOCK": 1024},
+    num_warps=4,
+    num_stages=1,
+    variants=(COPY_ALIGNED, COPY_UNALIGNED),
+)
 
 SPECS = {
-    "fits": CompileSpec("scale", scale_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "factor": "fp32"},
-                        {"BLOCK": 256}, num_warps=4, num_stages=1),
-    "too_much_shared": CompileSpec("matmul", matmul_loop_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32",
-                                   "K": "i32"}, {"BLOCK": 256}, num_warps=8, num_stages=4),
-    "spills": CompileSpec("matmul", matmul_loop_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32",
-                          "K": "i32"}, {"BLOCK": 256}, num_warps=1, num_stages=1),
+    "fits": CompileSpec(
+        "scale",
+        scale_kernel,
+        {"x_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "factor": "fp32"},
+        {"BLOCK": 256},
+        num_warps=4,
+        num_stages=1,
+    ),
+    "too_much_shared": CompileSpec(
+        "matmul",
+        matmul_loop_kernel,
+        {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"},
+        {"BLOCK": 256},
+        num_warps=8,
+        num_stages=4,
+    ),
+    "spills": CompileSpec(
+        "matmul",
+        matmul_loop_kernel,
+        {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"},
+        {"BLOCK": 256},
+        num_warps=1,
+        num_stages=1,
+    ),
 }
 
 
@@ -77,9 +103,13 @@ def specialisation():
     out = torch.zeros(4096, dtype=torch.float16)
     aligned = launch_parts(rows_copy_kernel, x, out, 1024, 512, 1, BLOCK=1024)
     unaligned = launch_parts(rows_copy_kernel, x[1:], out, 1001, 1000, 3, BLOCK=1024)
-    return dict(check_aligned=_plain(source_parts(COPY, COPY_ALIGNED)), launch_aligned=_plain(aligned),
-                check_unaligned=_plain(source_parts(COPY, COPY_UNALIGNED)), launch_unaligned=_plain(unaligned),
-                all_hints=sorted(pointers_and_ints(COPY_SIG)))
+    return dict(
+        check_aligned=_plain(source_parts(COPY, COPY_ALIGNED)),
+        launch_aligned=_plain(aligned),
+        check_unaligned=_plain(source_parts(COPY, COPY_UNALIGNED)),
+        launch_unaligned=_plain(unaligned),
+        all_hints=sorted(pointers_and_ints(COPY_SIG)),
+    )
 
 
 def vector_width():
@@ -88,9 +118,12 @@ def vector_width():
     for variant in COPY.variants:
         ptx = compile_source(COPY, variant, 90).asm["ptx"]
         rep = compile_one(COPY, 90, variant)
-        out[variant.label] = dict(v4_loads=len([ln for ln in ptx.splitlines() if "ld.global" in ln and ".v4." in ln]),
-                                  scalar_loads=len([ln for ln in ptx.splitlines() if "ld.global.b16" in ln]),
-                                  registers=rep.registers, ok=rep.ok)
+        out[variant.label] = dict(
+            v4_loads=len([ln for ln in ptx.splitlines() if "ld.global" in ln and ".v4." in ln]),
+            scalar_loads=len([ln for ln in ptx.splitlines() if "ld.global.b16" in ln]),
+            registers=rep.registers,
+            ok=rep.ok,
+        )
     return out
 
 
@@ -102,5 +135,14 @@ if __name__ == "__main__":
         print(json.dumps(vector_width()))
     else:
         rep = compile_one(SPECS[name], arch)
-        print(json.dumps(dict(ok=rep.ok, shared=rep.shared, registers=rep.registers,
-                              spills=rep.spill_stores + rep.spill_loads, problems=rep.problems())))
+        print(
+            json.dumps(
+                dict(
+                    ok=rep.ok,
+                    shared=rep.shared,
+                    registers=rep.registers,
+                    spills=rep.spill_stores + rep.spill_loads,
+                    problems=rep.problems(),
+                )
+            )
+        )

@@ -3,6 +3,7 @@
 The Triton interpreter must be switched on before Triton is imported anywhere, so this runs first.
 On a CUDA machine (the GPU suite) set GRADMEM_TEST_DEVICE=cuda to run the kernels compiled instead.
 """
+
 import os
 
 if os.environ.get("GRADMEM_TEST_DEVICE", "cpu") != "cuda":

@@ -4,6 +4,7 @@ One document at a time, no padding, logits from the model's own forward (or hidd
 write head), log-softmax written out, the optimizer formulas written out again. Shares no code with
 the package.
 """
+
 import torch
 
 
@@ -35,8 +36,20 @@ def _clip(g, clip_value, clip_norm):
     return g
 
 
-def write_one(model, tokens, memory, steps, lr, optimizer="sgd", clip_value=None, clip_norm=None,
-              grad_mode="none", last_k=None, write_head=None, betas=(0.9, 0.999)):
+def write_one(
+    model,
+    tokens,
+    memory,
+    steps,
+    lr,
+    optimizer="sgd",
+    clip_value=None,
+    clip_norm=None,
+    grad_mode="none",
+    last_k=None,
+    write_head=None,
+    betas=(0.9, 0.999),
+):
     """Returns (memory, [loss per step], [grad norm per step]) for one document."""
     if optimizer == "adam" and clip_value is None:
         clip_value = 10.0

@@ -1,4 +1,5 @@
 """Shared test helpers: the one tolerance table of DESIGN.md and relative-error assertions."""
+
 import os
 
 import torch

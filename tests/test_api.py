@@ -1,4 +1,5 @@
 """The user API: config validation, bad input, backend selection."""
+
 import os
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def test_bad_model_and_config_types(model):
         MemoryWriter(model, backend="cuda")
     with pytest.raises(ValueError, match="write_head"):
         MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), write_head=torch.zeros(5, 3)).write(
-            torch.randint(0, VOCAB, (1, 3)))
+            torch.randint(0, VOCAB, (1, 3))
+        )
 
 
 def test_mask_with_padding_ids_out_of_vocab_is_fine(model):
@@ -127,7 +129,7 @@ def test_public_names_resolve():
     for name in ["WriteConfig", "WriteResult", "MemoryWriter", "resolve_backend"]:
         assert getattr(gradmem_fast, name) is not None
     with pytest.raises(AttributeError):
-        gradmem_fast.not_a_name
+        _ = gradmem_fast.not_a_name
 
 
 def test_use_backend_scopes_auto(monkeypatch):

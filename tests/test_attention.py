@@ -3,6 +3,7 @@
 Every case checks the output, the log-sum-exp and dq/dk/dv for a random cotangent. fp32 and fp16 run here;
 bf16 dots are wrong in the interpreter and run only in the GPU suite (GRADMEM_TEST_DEVICE=cuda).
 """
+
 import math
 
 import pytest
@@ -54,7 +55,7 @@ def ref_varlen(q, k, v, cu_q, cu_k, **kw):
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
-        o, lse = ref_padded(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]], **kw)
+        o, lse = ref_padded(q[None, cq[b] : cq[b + 1]], k[None, ck[b] : ck[b + 1]], v[None, ck[b] : ck[b + 1]], **kw)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
@@ -120,8 +121,9 @@ def test_padded(batch, lq, lk, hq, hkv, d, causal, dtype):
     q = randn(batch, lq, hq, d, dtype=dtype)
     k = randn(batch, lk, hkv, d, dtype=dtype)
     v = randn(batch, lk, hkv, d, dtype=dtype)
-    check_all(q, k, v, dtype, dict(causal=causal), lambda q, k, v: ref_padded(q, k, v, causal=causal),
-              with_dlse=(lq == 7))
+    check_all(
+        q, k, v, dtype, dict(causal=causal), lambda q, k, v: ref_padded(q, k, v, causal=causal), with_dlse=(lq == 7)
+    )
 
 
 def test_padded_fp64_window_mask_scale():
@@ -130,8 +132,15 @@ def test_padded_fp64_window_mask_scale():
     q, k, v = randn(2, 37, 4, 48, dtype=dtype), randn(2, 37, 2, 48, dtype=dtype), randn(2, 37, 2, 48, dtype=dtype)
     kpm = torch.rand(2, 37, device=DEVICE) > 0.3
     kw = dict(causal=True, window=5, scale=0.3)
-    check_all(q, k, v, dtype, dict(key_padding_mask=kpm, **kw), lambda q, k, v: ref_padded(q, k, v, kpm=kpm, **kw),
-              with_dlse=True)
+    check_all(
+        q,
+        k,
+        v,
+        dtype,
+        dict(key_padding_mask=kpm, **kw),
+        lambda q, k, v: ref_padded(q, k, v, kpm=kpm, **kw),
+        with_dlse=True,
+    )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -143,8 +152,12 @@ def test_key_padding_left_right(side):
         if side == "right":
             kpm[b, :n] = True
         else:
-            kpm[b, s - n:] = True
-    q, k, v = randn(batch, s, 4, 32, dtype=dtype), randn(batch, s, 2, 32, dtype=dtype), randn(batch, s, 2, 32, dtype=dtype)
+            kpm[b, s - n :] = True
+    q, k, v = (
+        randn(batch, s, 4, 32, dtype=dtype),
+        randn(batch, s, 2, 32, dtype=dtype),
+        randn(batch, s, 2, 32, dtype=dtype),
+    )
     check_all(q, k, v, dtype, dict(key_padding_mask=kpm), lambda q, k, v: ref_padded(q, k, v, kpm=kpm))
 
 
@@ -176,8 +189,9 @@ def test_varlen_ragged(dtype):
     cq, ck = cu(lens_q), cu(lens_k)
     q = randn(sum(lens_q), hq, d, dtype=dtype)
     k, v = randn(sum(lens_k), hkv, d, dtype=dtype), randn(sum(lens_k), hkv, d, dtype=dtype)
-    check_all(q, k, v, dtype, dict(cu_seqlens_q=cq, cu_seqlens_k=ck),
-              lambda q, k, v: ref_varlen(q, k, v, cq, ck, causal=True))
+    check_all(
+        q, k, v, dtype, dict(cu_seqlens_q=cq, cu_seqlens_k=ck), lambda q, k, v: ref_varlen(q, k, v, cq, ck, causal=True)
+    )
 
 
 def test_varlen_noncausal_gqa8_maxseqlen():
@@ -186,8 +200,14 @@ def test_varlen_noncausal_gqa8_maxseqlen():
     cq = cu(lens)
     q = randn(sum(lens), 8, 32, dtype=dtype)
     k, v = randn(sum(lens), 1, 32, dtype=dtype), randn(sum(lens), 1, 32, dtype=dtype)
-    check_all(q, k, v, dtype, dict(cu_seqlens_q=cq, cu_seqlens_k=cq, max_seqlen_q=23, max_seqlen_k=23, causal=False),
-              lambda q, k, v: ref_varlen(q, k, v, cq, cq, causal=False))
+    check_all(
+        q,
+        k,
+        v,
+        dtype,
+        dict(cu_seqlens_q=cq, cu_seqlens_k=cq, max_seqlen_q=23, max_seqlen_k=23, causal=False),
+        lambda q, k, v: ref_varlen(q, k, v, cq, cq, causal=False),
+    )
 
 
 def test_nan_filled_buffers(nan_empty):
@@ -206,8 +226,19 @@ def test_nan_filled_buffers(nan_empty):
     dout = torch.randn_like(q)
     delta = kernels.attention_bwd_preprocess(out, dout, cu_seqlens_q=cq, delta=nan_empty(hq, q.shape[0]))
     assert torch.isfinite(delta).all()
-    dq, dk, dv = kernels.attention_bwd(dout, q, k, v, out, lse, **geo, delta=delta, dq=nan_empty(*q.shape),
-                                       dk=nan_empty(*k.shape), dv=nan_empty(*v.shape))
+    dq, dk, dv = kernels.attention_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        **geo,
+        delta=delta,
+        dq=nan_empty(*q.shape),
+        dk=nan_empty(*k.shape),
+        dv=nan_empty(*v.shape),
+    )
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     rgrads = torch.autograd.grad(ref_varlen(q64, k64, v64, cq, ck)[0], (q64, k64, v64), dout.double())
     for name, g, rg in zip(("dq", "dk", "dv"), (dq, dk, dv), rgrads):
@@ -239,19 +270,26 @@ def test_dropout_same_mask_forward_and_backward(layout):
         cq, ck = cu(lens_q), cu(lens_k)
         q = randn(sum(lens_q), hq, d, dtype=dtype)
         k, v = randn(sum(lens_k), hkv, d, dtype=dtype), randn(sum(lens_k), hkv, d, dtype=dtype)
-        keep = kernels.dropout_keep_mask(3, hq, max(lens_q), max(lens_k), p, seed, DEVICE, cu_seqlens_q=cq,
-                                         cu_seqlens_k=ck)
+        keep = kernels.dropout_keep_mask(
+            3, hq, max(lens_q), max(lens_k), p, seed, DEVICE, cu_seqlens_q=cq, cu_seqlens_k=ck
+        )
         op_kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed)
 
         def ref(q, k, v):
             outs, lses = [], []
             for b in range(3):
                 sl_q, sl_k = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
-                o, lse = ref_padded(q[None, sl_q], k[None, sl_k], v[None, sl_k], dropout_p=p,
-                                    keep=keep[b:b + 1, :, :lens_q[b], :lens_k[b]])
+                o, lse = ref_padded(
+                    q[None, sl_q],
+                    k[None, sl_k],
+                    v[None, sl_k],
+                    dropout_p=p,
+                    keep=keep[b : b + 1, :, : lens_q[b], : lens_k[b]],
+                )
                 outs.append(o[0])
                 lses.append(lse[0])
             return torch.cat(outs), torch.cat(lses, 1)
+
     check_all(q, k, v, dtype, op_kw, ref)
     # Deterministic: same seed, same output; another seed, another output.
     a = prefix_attention(q, k, v, backend="triton", **op_kw)
@@ -285,8 +323,8 @@ def test_torch_backend_matches_reference():
     assert_close(out, rout)
     assert_lse(lse, rlse, dtype)
     # the reference path is double-differentiable (the later second-order work relies on it)
-    (g,) = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
-    (gg,) = torch.autograd.grad((g ** 2).sum(), k)
+    (g,) = torch.autograd.grad((out**2).sum(), q, create_graph=True)
+    (gg,) = torch.autograd.grad((g**2).sum(), k)
     assert torch.isfinite(gg).all()
 
 
@@ -318,21 +356,24 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(attention_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("case, exc, match", [
-    ("dtype", TypeError, "dtype"),
-    ("mixed", TypeError, "share a dtype"),
-    ("heads", ValueError, "multiple of key/value heads"),
-    ("headdim", ValueError, "head dims must match"),
-    ("rank", ValueError, "padded"),
-    ("cu_one", ValueError, "both cu_seqlens_q and cu_seqlens_k"),
-    ("cu_dtype", TypeError, "int32"),
-    ("cu_batch", ValueError, "different batch sizes"),
-    ("cu_total", ValueError, "end at"),
-    ("kpm", ValueError, "key_padding_mask"),
-    ("window", ValueError, "causal=True"),
-    ("dropout", ValueError, "dropout_p"),
-    ("maxlen", ValueError, "packed layout"),
-])
+@pytest.mark.parametrize(
+    "case, exc, match",
+    [
+        ("dtype", TypeError, "dtype"),
+        ("mixed", TypeError, "share a dtype"),
+        ("heads", ValueError, "multiple of key/value heads"),
+        ("headdim", ValueError, "head dims must match"),
+        ("rank", ValueError, "padded"),
+        ("cu_one", ValueError, "both cu_seqlens_q and cu_seqlens_k"),
+        ("cu_dtype", TypeError, "int32"),
+        ("cu_batch", ValueError, "different batch sizes"),
+        ("cu_total", ValueError, "end at"),
+        ("kpm", ValueError, "key_padding_mask"),
+        ("window", ValueError, "causal=True"),
+        ("dropout", ValueError, "dropout_p"),
+        ("maxlen", ValueError, "packed layout"),
+    ],
+)
 def test_errors(case, exc, match):
     q, k, v = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
     kw = {}
@@ -349,10 +390,12 @@ def test_errors(case, exc, match):
     elif case.startswith("cu"):
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
         good = torch.tensor([0, 4, 10], dtype=torch.int32)
-        kw = {"cu_one": dict(cu_seqlens_q=good),
-              "cu_dtype": dict(cu_seqlens_q=good.long(), cu_seqlens_k=good.long()),
-              "cu_batch": dict(cu_seqlens_q=good, cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)),
-              "cu_total": dict(cu_seqlens_q=good, cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32))}[case]
+        kw = {
+            "cu_one": dict(cu_seqlens_q=good),
+            "cu_dtype": dict(cu_seqlens_q=good.long(), cu_seqlens_k=good.long()),
+            "cu_batch": dict(cu_seqlens_q=good, cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)),
+            "cu_total": dict(cu_seqlens_q=good, cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32)),
+        }[case]
     elif case == "kpm":
         kw = dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     elif case == "window":

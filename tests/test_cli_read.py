@@ -1,4 +1,5 @@
 """``gradmem-fast read``: answers from a memory file, and every bad input."""
+
 import json
 import os
 import pickle
@@ -19,8 +20,25 @@ def setup(tmp_path_factory):
     docs = root / "docs.jsonl"
     docs.write_text("".join(json.dumps({"id": f"d{i}", "text": sentence(4 + i, i)}) + "\n" for i in range(3)))
     mem = str(root / "mem.safetensors")
-    assert cli.main(["write", "--model", model_dir, "--input", str(docs), "--output", mem, "--steps", "2",
-                     "--memory-tokens", "3", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "write",
+                "--model",
+                model_dir,
+                "--input",
+                str(docs),
+                "--output",
+                mem,
+                "--steps",
+                "2",
+                "--memory-tokens",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return model_dir, mem
 
 
@@ -34,15 +52,34 @@ def _queries(path, rows):
 
 def _read(model_dir, mem, queries, out, *extra):
     """Run `gradmem-fast read` in-process with 4 new tokens per query."""
-    return cli.main(["read", "--model", model_dir, "--memories", mem, "--queries", queries, "--output", out,
-                     "--max-new-tokens", "4", "--quiet", *extra])
+    return cli.main(
+        [
+            "read",
+            "--model",
+            model_dir,
+            "--memories",
+            mem,
+            "--queries",
+            queries,
+            "--output",
+            out,
+            "--max-new-tokens",
+            "4",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_read_answers_every_query_in_order(setup, tmp_path):
     """One answer per query, in input order, equal to the Python API's."""
     model_dir, mem = setup
-    rows = [{"id": "d2", "text": "the cat"}, {"id": "d0", "text": ""}, {"id": "d2", "text": "dog ran"},
-            {"id": "d1", "text": "a"}]
+    rows = [
+        {"id": "d2", "text": "the cat"},
+        {"id": "d0", "text": ""},
+        {"id": "d2", "text": "dog ran"},
+        {"id": "d1", "text": "a"},
+    ]
     q = _queries(tmp_path / "q.jsonl", rows)
     out = str(tmp_path / "answers.jsonl")
     assert _read(model_dir, mem, q, out, "--batch-size", "2", "--doc-batch", "2") == 0
@@ -56,8 +93,9 @@ def test_read_answers_every_query_in_order(setup, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     memfile = fileio.MemoryFile(mem)
     memories = memfile.rows(range(3))
-    expect = MemoryReader(model, tok).answer(memories, [(memfile.ids.index(r["id"]), r["text"]) for r in rows],
-                                             max_new_tokens=4)
+    expect = MemoryReader(model, tok).answer(
+        memories, [(memfile.ids.index(r["id"]), r["text"]) for r in rows], max_new_tokens=4
+    )
     assert [a["answer"] for a in answers] == expect
 
 
@@ -68,8 +106,24 @@ def test_sampling_options_are_seeded(setup, tmp_path):
     outs = []
     for name in ("a", "b"):
         out = str(tmp_path / f"{name}.jsonl")
-        assert _read(model_dir, mem, q, out, "--do-sample", "--temperature", "2", "--top-k", "10", "--top-p",
-                     "0.9", "--seed", "5") == 0
+        assert (
+            _read(
+                model_dir,
+                mem,
+                q,
+                out,
+                "--do-sample",
+                "--temperature",
+                "2",
+                "--top-k",
+                "10",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "5",
+            )
+            == 0
+        )
         outs.append(open(out).read())
     assert outs[0] == outs[1]
 
@@ -134,12 +188,15 @@ def test_query_problems(setup, tmp_path, capsys):
     _assert_clean_failure(_read(model_dir, mem, q, out), capsys, out, "q2.jsonl:1", "'id'")
     q = _queries(tmp_path / "q3.jsonl", ["not json"])
     _assert_clean_failure(_read(model_dir, mem, q, out), capsys, out, "q3.jsonl:1", "invalid JSON")
-    _assert_clean_failure(_read(model_dir, str(tmp_path / "missing.safetensors"), q, out), capsys, out,
-                          "does not exist")
+    _assert_clean_failure(
+        _read(model_dir, str(tmp_path / "missing.safetensors"), q, out), capsys, out, "does not exist"
+    )
 
 
-@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "-1"), ("--top-p", "0"), ("--temperature", "0"),
-                                        ("--top-k", "-3"), ("--batch-size", "0")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--max-new-tokens", "-1"), ("--top-p", "0"), ("--temperature", "0"), ("--top-k", "-3"), ("--batch-size", "0")],
+)
 def test_bad_numbers(setup, tmp_path, capsys, flag, value):
     """Out-of-range generation options."""
     model_dir, mem = setup
@@ -160,16 +217,23 @@ def test_read_never_destroys_an_input_or_an_existing_output(setup, tmp_path, cap
     os.symlink(mem, tmp_path / "mem-link.safetensors")
     os.link(q, tmp_path / "q-hard.jsonl")
     (tmp_path / "old.jsonl").write_text("precious\n")
-    cases = [(mem, [], "same file as --memories"), (mem, ["--force"], "same file as --memories"),
-             (q, ["--force"], "same file as --queries"), (os.path.relpath(q), ["--force"], "same file as --queries"),
-             (str(tmp_path / "mem-link.safetensors"), ["--force"], "same file as --memories"),
-             (str(tmp_path / "q-hard.jsonl"), ["--force"], "same file as --queries"),
-             (str(tmp_path / "old.jsonl"), [], "--force"),
-             (str(tmp_path / "old.jsonl"), ["--force", "--verify", str(tmp_path / "old.jsonl")],
-              "same file as --verify")]
+    cases = [
+        (mem, [], "same file as --memories"),
+        (mem, ["--force"], "same file as --memories"),
+        (q, ["--force"], "same file as --queries"),
+        (os.path.relpath(q), ["--force"], "same file as --queries"),
+        (str(tmp_path / "mem-link.safetensors"), ["--force"], "same file as --memories"),
+        (str(tmp_path / "q-hard.jsonl"), ["--force"], "same file as --queries"),
+        (str(tmp_path / "old.jsonl"), [], "--force"),
+        (str(tmp_path / "old.jsonl"), ["--force", "--verify", str(tmp_path / "old.jsonl")], "same file as --verify"),
+    ]
     for out, extra, needle in cases:
-        assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
-                        "--quiet", *extra], capsys, tmp_path, needle)
+        assert_refused(
+            ["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out, "--quiet", *extra],
+            capsys,
+            tmp_path,
+            needle,
+        )
     assert _read(model_dir, mem, q, str(tmp_path / "old.jsonl"), "--force") == 0
     assert json.loads(open(tmp_path / "old.jsonl").read())["id"] == "d0"
 
@@ -188,8 +252,27 @@ def crammed(tmp_path_factory):
     docs = _queries(root / "docs.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(CRAMMED_TEXTS)])
     good, weak = str(root / "good.safetensors"), str(root / "weak.safetensors")
     for out, steps in ((good, "100"), (weak, "1")):
-        assert cli.main(["write", "--model", model_dir, "--input", docs, "--output", out, "--steps", steps,
-                         "--lr", "0.3", "--memory-tokens", "8", "--quiet"]) == 0
+        assert (
+            cli.main(
+                [
+                    "write",
+                    "--model",
+                    model_dir,
+                    "--input",
+                    docs,
+                    "--output",
+                    out,
+                    "--steps",
+                    steps,
+                    "--lr",
+                    "0.3",
+                    "--memory-tokens",
+                    "8",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     return model_dir, docs, good, weak
 
 
@@ -206,11 +289,46 @@ def test_answers_stop_at_the_end_of_the_document(crammed, tmp_path):
     model_dir, _, good, _ = crammed
     q = _queries(tmp_path / "q.jsonl", [{"id": "c0", "text": ""}, {"id": "c1", "text": ""}])
     out, cont = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
-    assert cli.main(["read", "--model", model_dir, "--memories", good, "--queries", q, "--output", out,
-                     "--max-new-tokens", "10", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "read",
+                "--model",
+                model_dir,
+                "--memories",
+                good,
+                "--queries",
+                q,
+                "--output",
+                out,
+                "--max-new-tokens",
+                "10",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(line)["answer"] for line in open(out)] == CRAMMED_TEXTS
-    assert cli.main(["read", "--model", model_dir, "--memories", good, "--queries", q, "--output", cont,
-                     "--max-new-tokens", "10", "--no-stop-at-eos", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "read",
+                "--model",
+                model_dir,
+                "--memories",
+                good,
+                "--queries",
+                q,
+                "--output",
+                cont,
+                "--max-new-tokens",
+                "10",
+                "--no-stop-at-eos",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for line, text in zip(open(cont), CRAMMED_TEXTS):
         answer = json.loads(line)["answer"]
         assert answer.startswith(text) and len(answer.split()) > len(text.split())
@@ -219,12 +337,30 @@ def test_answers_stop_at_the_end_of_the_document(crammed, tmp_path):
 def test_verify_reports_whether_each_memory_reproduces_its_document(crammed, tmp_path, capsys):
     """--verify: per empty query, "reproduces" and "token_accuracy"; other queries are answered as usual."""
     model_dir, docs, good, weak = crammed
-    q = _queries(tmp_path / "q.jsonl", [{"id": "c1", "text": ""}, {"id": "c0", "text": "the"},
-                                         {"id": "c0", "text": ""}])
+    q = _queries(
+        tmp_path / "q.jsonl", [{"id": "c1", "text": ""}, {"id": "c0", "text": "the"}, {"id": "c0", "text": ""}]
+    )
     for mem, expect in ((good, [True, True]), (weak, None)):
         out = str(tmp_path / f"v-{os.path.basename(mem)}.jsonl")
-        assert cli.main(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output", out,
-                         "--verify", docs, "--quiet"]) == 0
+        assert (
+            cli.main(
+                [
+                    "read",
+                    "--model",
+                    model_dir,
+                    "--memories",
+                    mem,
+                    "--queries",
+                    q,
+                    "--output",
+                    out,
+                    "--verify",
+                    docs,
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         lines = [json.loads(line) for line in open(out)]
         assert "reproduces" not in lines[1]
         flags = [lines[0]["reproduces"], lines[2]["reproduces"]]
@@ -249,6 +385,7 @@ def test_verify_problems(crammed, tmp_path, capsys):
 
 # --- the model fingerprint -------------------------------------------------------------------------------------
 
+
 def test_same_weights_under_another_path_or_dtype_are_accepted(setup, tmp_path, capsys):
     """A copy of the model directory, or the same weights in bfloat16: read without a warning."""
     import shutil
@@ -269,8 +406,14 @@ def test_another_model_of_the_same_shape_is_refused(setup, tmp_path, capsys):
     other = save_tiny(str(tmp_path / "other"), seed=1)
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
     out = str(tmp_path / "a.jsonl")
-    assert_refused(["read", "--model", other, "--memories", mem, "--queries", q, "--output", out, "--quiet"],
-                   capsys, tmp_path, "another model", "differ", "--allow-model-mismatch")
+    assert_refused(
+        ["read", "--model", other, "--memories", mem, "--queries", q, "--output", out, "--quiet"],
+        capsys,
+        tmp_path,
+        "another model",
+        "differ",
+        "--allow-model-mismatch",
+    )
     assert _read(other, mem, q, out, "--allow-model-mismatch") == 0
     assert "warning" in capsys.readouterr().err and os.path.exists(out)
 
@@ -285,8 +428,12 @@ def test_another_config_is_refused_before_the_weights_load(setup, tmp_path, caps
     deeper = save_tiny(str(tmp_path / "deeper"), num_hidden_layers=3)
     monkeypatch.setattr(models, "load_model", _no_weights)
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
-    assert_refused(["read", "--model", deeper, "--memories", mem, "--queries", q, "--output",
-                    str(tmp_path / "a.jsonl")], capsys, tmp_path, "num_hidden_layers")
+    assert_refused(
+        ["read", "--model", deeper, "--memories", mem, "--queries", q, "--output", str(tmp_path / "a.jsonl")],
+        capsys,
+        tmp_path,
+        "num_hidden_layers",
+    )
 
 
 def _no_weights(*args, **kwargs):
@@ -294,8 +441,10 @@ def _no_weights(*args, **kwargs):
     raise AssertionError("the weights were loaded before the bad input was noticed")
 
 
-@pytest.mark.parametrize("extra,needle", [(["--device", "tpu"], "--device"), (["--device", "cuda:7"], "--device"),
-                                          (["--dtype", "float8"], "--dtype")])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [(["--device", "tpu"], "--device"), (["--device", "cuda:7"], "--device"), (["--dtype", "float8"], "--dtype")],
+)
 def test_bad_device_or_dtype_before_the_weights_load(setup, tmp_path, capsys, monkeypatch, extra, needle):
     """Device and dtype strings are checked before anything loads."""
     from test_cli_write import assert_refused
@@ -305,5 +454,20 @@ def test_bad_device_or_dtype_before_the_weights_load(setup, tmp_path, capsys, mo
     model_dir, mem = setup
     monkeypatch.setattr(models, "load_model", _no_weights)
     q = _queries(tmp_path / "q.jsonl", [{"id": "d0", "text": "the"}])
-    assert_refused(["read", "--model", model_dir, "--memories", mem, "--queries", q, "--output",
-                    str(tmp_path / "a.jsonl"), *extra], capsys, tmp_path, needle)
+    assert_refused(
+        [
+            "read",
+            "--model",
+            model_dir,
+            "--memories",
+            mem,
+            "--queries",
+            q,
+            "--output",
+            str(tmp_path / "a.jsonl"),
+            *extra,
+        ],
+        capsys,
+        tmp_path,
+        needle,
+    )

@@ -1,4 +1,5 @@
 """``gradmem-fast write``: round trip on a tiny local model, resume after a kill, and every bad input."""
+
 import json
 import os
 
@@ -41,16 +42,53 @@ def _docs(n=5):
 
 def _write(model_dir, inp, out, *extra):
     """Run `gradmem-fast write` in-process with small settings."""
-    return cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
-                     "--memory-tokens", "3", "--lr", "0.05", "--quiet", *extra])
+    return cli.main(
+        [
+            "write",
+            "--model",
+            model_dir,
+            "--input",
+            inp,
+            "--output",
+            out,
+            "--steps",
+            "3",
+            "--memory-tokens",
+            "3",
+            "--lr",
+            "0.05",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
     """Memory file contents (ids, shape, metadata) and values equal the Python API."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs())
     out = str(tmp_path / "mem.safetensors")
-    assert cli.main(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3",
-                     "--memory-tokens", "3", "--lr", "0.05", "--shard-size", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "write",
+                "--model",
+                model_dir,
+                "--input",
+                inp,
+                "--output",
+                out,
+                "--steps",
+                "3",
+                "--memory-tokens",
+                "3",
+                "--lr",
+                "0.05",
+                "--shard-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     # The progress bar advances per optimisation step (3 shards of one batch, 3 steps each) with the loss.
     assert "9/9" in err and "step 3/3, loss " in err and "tok/s" in err and " 0 tok/s" not in err
@@ -74,8 +112,7 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05, optimizer="adam"),
-                          backend="torch")
+    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05, optimizer="adam"), backend="torch")
     stats = f.stats()
     assert sorted(stats) == sorted(fileio.DOC_STATS)
     for row, doc in enumerate(_docs()):
@@ -197,10 +234,17 @@ def test_unknown_model(tmp_path, capsys):
     _assert_clean_failure(_write(str(tmp_path / "empty-dir"), inp, out), capsys, out, "cannot load model")
 
 
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--lr", "-0.1", "--lr"), ("--steps", "-2", "--steps"), ("--steps", "0", "--steps"),
-    ("--memory-tokens", "0", "--memory-tokens"), ("--clip-norm", "-1", "--clip-norm"),
-    ("--batch-tokens", "0", "--batch-tokens")])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--lr", "-0.1", "--lr"),
+        ("--steps", "-2", "--steps"),
+        ("--steps", "0", "--steps"),
+        ("--memory-tokens", "0", "--memory-tokens"),
+        ("--clip-norm", "-1", "--clip-norm"),
+        ("--batch-tokens", "0", "--batch-tokens"),
+    ],
+)
 def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):
     """Negative or zero counts and step sizes."""
     inp = _jsonl(tmp_path / "d.jsonl", [{"text": "the cat"}])
@@ -246,8 +290,9 @@ def test_writer_on_step_sees_every_step_loss(path):
     else:
         M = torch.randn(2, 2, model.config.hidden_size) * 0.02
         head = model.get_output_embeddings()
-        result = engine.write_packed(model, pack(documents_from_batch(ids, mask), 2, "cpu"), M, cfg, head.weight,
-                                     None, "torch", on_step=on_step)
+        result = engine.write_packed(
+            model, pack(documents_from_batch(ids, mask), 2, "cpu"), M, cfg, head.weight, None, "torch", on_step=on_step
+        )
     assert [k for k, _ in seen] == [0, 1, 2]
     for k, losses in seen:
         assert losses.shape == (2,)
@@ -285,20 +330,26 @@ def _output_cases(tmp_path, inp):
     os.link(inp, tmp_path / "hard.jsonl")
     (tmp_path / "old.safetensors").write_bytes(b"precious")
     rel = os.path.relpath(inp)
-    return [("same path", inp, [], "same file as --input"),
-            ("same path, --force", inp, ["--force"], "same file as --input"),
-            ("relative spelling", rel, ["--force"], "same file as --input"),
-            ("symlink to the input", str(tmp_path / "link.jsonl"), ["--force"], "same file as --input"),
-            ("hard link to the input", str(tmp_path / "hard.jsonl"), ["--force"], "same file as --input"),
-            ("existing output", str(tmp_path / "old.safetensors"), [], "--force")]
+    return [
+        ("same path", inp, [], "same file as --input"),
+        ("same path, --force", inp, ["--force"], "same file as --input"),
+        ("relative spelling", rel, ["--force"], "same file as --input"),
+        ("symlink to the input", str(tmp_path / "link.jsonl"), ["--force"], "same file as --input"),
+        ("hard link to the input", str(tmp_path / "hard.jsonl"), ["--force"], "same file as --input"),
+        ("existing output", str(tmp_path / "old.safetensors"), [], "--force"),
+    ]
 
 
 def test_write_never_destroys_an_input_or_an_existing_output(model_dir, tmp_path, capsys):
     """The data-loss table: each case exits 2 with one line and leaves every file as it was."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs(2))
     for _case, out, extra, needle in _output_cases(tmp_path, inp):
-        assert_refused(["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "1", "--quiet",
-                        *extra], capsys, tmp_path, needle)
+        assert_refused(
+            ["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "1", "--quiet", *extra],
+            capsys,
+            tmp_path,
+            needle,
+        )
     # --force replaces an existing output that is no input.
     old = str(tmp_path / "old.safetensors")
     assert _write(model_dir, inp, old, "--force") == 0
@@ -310,24 +361,41 @@ def _no_weights(*args, **kwargs):
     raise AssertionError("the weights were loaded before the bad input was noticed")
 
 
-@pytest.mark.parametrize("rows,extra,needle", [
-    ([{"text": "the cat"}, {"text": " "}], [], "empty document"),
-    ([{"text": sentence(130)}], [], "--max-length 119"),  # 128 positions - 8 memory - [EOS]
-    ([{"text": "the cat"}], ["--max-length", "120"], "--max-length 120"),
-    ([{"text": "the cat"}], ["--memory-tokens", "127"], "no room"),
-    ([{"text": "the cat"}], ["--device", "tpu"], "--device must be"),
-    ([{"text": "the cat"}], ["--device", "cuda:3"], "--device"),
-    ([{"text": "the cat"}], ["--dtype", "float8"], "--dtype"),
-])
-def test_bad_inputs_are_refused_before_the_weights_load(model_dir, tmp_path, capsys, monkeypatch, rows, extra,
-                                                        needle):
+@pytest.mark.parametrize(
+    "rows,extra,needle",
+    [
+        ([{"text": "the cat"}, {"text": " "}], [], "empty document"),
+        ([{"text": sentence(130)}], [], "--max-length 119"),  # 128 positions - 8 memory - [EOS]
+        ([{"text": "the cat"}], ["--max-length", "120"], "--max-length 120"),
+        ([{"text": "the cat"}], ["--memory-tokens", "127"], "no room"),
+        ([{"text": "the cat"}], ["--device", "tpu"], "--device must be"),
+        ([{"text": "the cat"}], ["--device", "cuda:3"], "--device"),
+        ([{"text": "the cat"}], ["--dtype", "float8"], "--dtype"),
+    ],
+)
+def test_bad_inputs_are_refused_before_the_weights_load(model_dir, tmp_path, capsys, monkeypatch, rows, extra, needle):
     """Documents (with the tokenizer), devices and dtypes: one error line, no weights loaded, nothing left."""
     from gradmem_fast import models
 
     monkeypatch.setattr(models, "load_model", _no_weights)
     inp = _jsonl(tmp_path / "d.jsonl", rows)
-    assert_refused(["write", "--model", model_dir, "--input", inp, "--output", str(tmp_path / "m.safetensors"),
-                    "--steps", "1", *extra], capsys, tmp_path, needle)
+    assert_refused(
+        [
+            "write",
+            "--model",
+            model_dir,
+            "--input",
+            inp,
+            "--output",
+            str(tmp_path / "m.safetensors"),
+            "--steps",
+            "1",
+            *extra,
+        ],
+        capsys,
+        tmp_path,
+        needle,
+    )
 
 
 def test_resume_says_when_it_discards_stale_shards(model_dir, tmp_path, capsys):
@@ -365,9 +433,11 @@ PARAGRAPHS = (
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
-                    reason="writes 10 paragraphs into the embedded 135M model with default options (minutes on "
-                           "a CPU); set GRADMEM_TEST_REAL_DEMO=1")
+@pytest.mark.skipif(
+    os.environ.get("GRADMEM_TEST_REAL_DEMO") != "1",
+    reason="writes 10 paragraphs into the embedded 135M model with default options (minutes on "
+    "a CPU); set GRADMEM_TEST_REAL_DEMO=1",
+)
 def test_default_options_on_the_embedded_model_decode_back(tmp_path, capsys):
     """Opt-in: `write` with default options on the embedded SmolLM2; `read --verify` decodes each memory
     greedily from the memory alone: at least 90% of the paragraphs come back exactly, and the accuracy the
@@ -378,14 +448,34 @@ def test_default_options_on_the_embedded_model_decode_back(tmp_path, capsys):
     out, answers = str(tmp_path / "mem.safetensors"), str(tmp_path / "answers.jsonl")
     assert cli.main(["write", "--model", EMBEDDED_MODEL, "--input", inp, "--output", out, "--device", "cpu"]) == 0
     queries = _jsonl(tmp_path / "q.jsonl", [{"id": f"p{i}", "text": ""} for i in range(len(PARAGRAPHS))])
-    assert cli.main(["read", "--model", EMBEDDED_MODEL, "--memories", out, "--queries", queries, "--output", answers,
-                     "--verify", inp, "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "read",
+                "--model",
+                EMBEDDED_MODEL,
+                "--memories",
+                out,
+                "--queries",
+                queries,
+                "--output",
+                answers,
+                "--verify",
+                inp,
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in open(answers, encoding="utf-8")]
     exact = [line["reproduces"] for line in lines]
     stored = fileio.MemoryFile(out).stats()["accuracy"].tolist()
     with capsys.disabled():
-        print(f"\nembedded SmolLM2, default options: {sum(exact)}/{len(exact)} paragraphs decode back exactly; "
-              f"stored teacher-forced accuracy {[round(a, 3) for a in stored]}")
+        print(
+            f"\nembedded SmolLM2, default options: {sum(exact)}/{len(exact)} paragraphs decode back exactly; "
+            f"stored teacher-forced accuracy {[round(a, 3) for a in stored]}"
+        )
     assert [a == 1.0 for a in stored] == exact
     assert sum(exact) >= 0.9 * len(PARAGRAPHS)
     assert [line["answer"] for line, ok in zip(lines, exact) if ok] == [t for t, ok in zip(PARAGRAPHS, exact) if ok]

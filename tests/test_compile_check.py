@@ -1,5 +1,6 @@
 """The sm_90 compile check really compiles, in the specialisations Triton's launcher produces, and really
 fails on shared memory and spills."""
+
 import json
 import os
 import subprocess
@@ -11,8 +12,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def probe(case, arch=90):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(HERE, "compile_check_probe.py"), case, str(arch)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "compile_check_probe.py"), case, str(arch)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -61,9 +67,11 @@ def test_attention_configurations_are_compiled_in_the_specialisation_of_their_ta
     when the unaligned one does; the aligned variant hints every tile pointer and stride, the unaligned one
     only the launcher's own buffers; every (kind, dtype, head-dim class) has configurations of both kinds
     unless its table is empty (refused on a GPU)."""
-    code = ("import json; from gradmem_fast.kernels import attention as A; "
-            "print(json.dumps([[s.name, [[v.label, sorted(v.divisible), sorted(v.ones)] for v in s.variants]] "
-            "for s in A.compile_specs()]))")
+    code = (
+        "import json; from gradmem_fast.kernels import attention as A; "
+        "print(json.dumps([[s.name, [[v.label, sorted(v.divisible), sorted(v.ones)] for v in s.variants]] "
+        "for s in A.compile_specs()]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -82,8 +90,9 @@ def test_attention_configurations_are_compiled_in_the_specialisation_of_their_ta
                 else:
                     assert not tile & set(divisible), name
     ieee = {c for c in labels_per_class if "_ieee_" in c}
-    assert all(labels == {"aligned", "unaligned"} for c, labels in labels_per_class.items() if c not in ieee), \
-        {c: v for c, v in labels_per_class.items() if v != {"aligned", "unaligned"}}
+    assert all(labels == {"aligned", "unaligned"} for c, labels in labels_per_class.items() if c not in ieee), {
+        c: v for c, v in labels_per_class.items() if v != {"aligned", "unaligned"}
+    }
 
 
 def test_launcher_picks_the_table_of_its_specialisation(monkeypatch):
@@ -124,6 +133,7 @@ def test_launcher_picks_the_table_of_its_specialisation(monkeypatch):
 
 def test_cli_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "gradmem_fast.tools.compile_check"], capture_output=True,
-                         text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "gradmem_fast.tools.compile_check"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 2 and "TRITON_INTERPRET" in out.stderr

@@ -4,14 +4,14 @@ Both backends (torch and triton; the kernels run in the Triton interpreter on CP
 interpreter fast; ``chunk_size`` and a shrunken kernel tile force several token chunks and several
 vocabulary tiles per row, which is where an online log-sum-exp or chunk bookkeeping would go wrong.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close
-
 from gradmem_fast.ops.cross_entropy import chunk_rows, linear_cross_entropy
+from helpers import assert_close
 
 IGNORE = -100
 BACKENDS = ("torch", "triton")
@@ -48,7 +48,7 @@ def reference(hidden, weight, bias, targets, reduction, cu_seqlens=None):
 
 def make_inputs(device, n_shape, d, vocab, dtype=torch.float32, bias=True, ignore_frac=0.2):
     hidden = torch.randn(*n_shape, d, device=device, dtype=dtype)
-    weight = (torch.randn(vocab, d, device=device) / d ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, d, device=device) / d**0.5).to(dtype)
     b = (torch.randn(vocab, device=device) * 0.5).to(dtype) if bias else None
     targets = torch.randint(0, vocab, n_shape, device=device)
     targets[torch.rand(n_shape, device=device) < ignore_frac] = IGNORE
@@ -89,8 +89,9 @@ def test_packed_all_reductions(backend, reduction, precompute, device, small_til
     t[30:] = IGNORE  # the last row has no valid token
     kw = dict(cu_seqlens=cu) if reduction == "sample_mean" else {}
     h, w, b = leaves(h, w, b)
-    out = linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend, chunk_size=8,
-                               precompute_grad=precompute, **kw)
+    out = linear_cross_entropy(
+        h, w, t, b, reduction=reduction, backend=backend, chunk_size=8, precompute_grad=precompute, **kw
+    )
     hr, wr, br = fp64(h, w, b)
     ref = reference(hr, wr, br, t.cpu(), reduction, cu.cpu() if kw else None)
     check_grads(out, ref, (h, w, b), (hr, wr, br), torch.float32)
@@ -113,8 +114,7 @@ def test_frozen_head_batched(backend, reduction, device, small_tiles):
     check_grads(out, ref, (h,), (hr,), torch.float32, names=("hidden",))
     if reduction == "sample_mean":
         assert out.shape == (bsz,) and float(out[1].detach()) == 0.0
-        (gh,) = torch.autograd.grad(linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend)
-                                    .sum(), h)
+        (gh,) = torch.autograd.grad(linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend).sum(), h)
         assert torch.all(gh[1] == 0)
 
 
@@ -175,8 +175,9 @@ def test_packed_matches_batched(backend, device):
     packed_t = torch.cat([t[i, :ln] for i, ln in enumerate(lens)])
     cu = torch.tensor([0, 6, 7, 11], dtype=torch.int32, device=device)
     a = linear_cross_entropy(h, w, t, b, reduction="sample_mean", backend=backend)
-    p = linear_cross_entropy(packed_h, w, packed_t, b, reduction="sample_mean", cu_seqlens=cu,
-                             backend=backend, chunk_size=4)
+    p = linear_cross_entropy(
+        packed_h, w, packed_t, b, reduction="sample_mean", cu_seqlens=cu, backend=backend, chunk_size=4
+    )
     assert_close(p, a, torch.float32)
 
 
@@ -190,7 +191,7 @@ class _SizeRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+        for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, torch.Tensor):
                 self.largest = max(self.largest, o.numel() * o.element_size())
         return out
@@ -210,8 +211,7 @@ def test_never_builds_full_logits(backend, train_head, device):
     with rec:
         for red in ("mean", "none"):
             out = linear_cross_entropy(h, w, t, b, reduction=red, backend=backend)
-            grads = torch.autograd.grad(out, [x for x in (h, w, b) if x.requires_grad],
-                                        torch.ones_like(out))
+            grads = torch.autograd.grad(out, [x for x in (h, w, b) if x.requires_grad], torch.ones_like(out))
     full = n * vocab * 4
     assert rec.largest <= full // 4, f"a tensor of {rec.largest} bytes was created (N x V logits: {full})"
     assert all(torch.isfinite(g).all() for g in grads)
@@ -227,8 +227,9 @@ def test_second_order(backend, reduction, device, small_tiles):
     cu = torch.tensor([0, 10, 10, 23], dtype=torch.int32, device=device)
     kw = dict(cu_seqlens=cu) if reduction == "sample_mean" else {}
     h, w, b = leaves(h, w, b)
-    out = linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend, chunk_size=8,
-                               precompute_grad=False, **kw)
+    out = linear_cross_entropy(
+        h, w, t, b, reduction=reduction, backend=backend, chunk_size=8, precompute_grad=False, **kw
+    )
     hr, wr, br = fp64(h, w, b)
     ref = reference(hr, wr, br, t.cpu(), reduction, cu.cpu() if kw else None)
     cot = torch.randn(ref.shape, dtype=torch.float64)
@@ -256,13 +257,13 @@ def test_second_order_through_weight_gradient(backend, device):
     ghr, gwr = torch.autograd.grad(ref, (hr, wr), create_graph=True)
     f = (gh * ph.to(device, gh.dtype)).sum() + (gw * pw.to(device, gw.dtype)).sum()
     fr = (ghr * ph).sum() + (gwr * pw).sum()
-    for g, r, nm in zip(torch.autograd.grad(f, (h, w, b)), torch.autograd.grad(fr, (hr, wr, br)),
-                        ("hidden", "weight", "bias")):
+    for g, r, nm in zip(
+        torch.autograd.grad(f, (h, w, b)), torch.autograd.grad(fr, (hr, wr, br)), ("hidden", "weight", "bias")
+    ):
         assert_close(g, r, torch.float32, name=f"d2/d{nm}")
 
 
-@pytest.mark.parametrize("backend,reduction", [("torch", "none"), ("torch", "sample_mean"),
-                                               ("triton", "sample_mean")])
+@pytest.mark.parametrize("backend,reduction", [("torch", "none"), ("torch", "sample_mean"), ("triton", "sample_mean")])
 def test_gradgradcheck_fp64(backend, reduction):
     """Finite differences of the double backward (also with respect to the incoming cotangents)."""
     h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
@@ -342,18 +343,26 @@ def test_clear_errors(device):
         (ValueError, "sample_mean", dict(hidden=flat_h, targets=flat_t, reduction="sample_mean")),
         (ValueError, "cu_seqlens", dict(hidden=flat_h, targets=flat_t, reduction="mean", cu_seqlens=cu)),
         (ValueError, "cu_seqlens", dict(reduction="sample_mean", cu_seqlens=cu)),
-        (TypeError, "cu_seqlens", dict(hidden=flat_h, targets=flat_t, reduction="sample_mean",
-                                       cu_seqlens=cu.float())),
+        (TypeError, "cu_seqlens", dict(hidden=flat_h, targets=flat_t, reduction="sample_mean", cu_seqlens=cu.float())),
         (ValueError, "chunk_size", dict(chunk_size=0)),
         (ValueError, "backend", dict(backend="cuda")),
     ]
     if device == "cpu":  # values of cu_seqlens are checked only where that costs no synchronisation
-        cases.append((ValueError, "N=10", dict(hidden=flat_h, targets=flat_t, reduction="sample_mean",
-                                               cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))))
+        cases.append(
+            (
+                ValueError,
+                "N=10",
+                dict(
+                    hidden=flat_h,
+                    targets=flat_t,
+                    reduction="sample_mean",
+                    cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32),
+                ),
+            )
+        )
     base = dict(hidden=h, weight=w, targets=t, bias=b)
     for exc, text, over in cases:
         kw = dict(base, **over)
         args = (kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"))
         with pytest.raises(exc, match=text):
             linear_cross_entropy(*args, **kw)
-

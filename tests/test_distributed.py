@@ -1,4 +1,5 @@
 """``torchrun --nproc-per-node 2 -m gradmem_fast write``: two CPU processes (gloo) shard the documents."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,20 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     model_dir = save_tiny(str(tmp_path / "model"))
     inp = tmp_path / "docs.jsonl"
     inp.write_text("".join(json.dumps({"text": sentence(3 + i % 4, i)}) + "\n" for i in range(7)))
-    opts = ["--model", model_dir, "--input", str(inp), "--steps", "2", "--memory-tokens", "3",
-            "--shard-size", "2", "--device", "cpu"]
+    opts = [
+        "--model",
+        model_dir,
+        "--input",
+        str(inp),
+        "--steps",
+        "2",
+        "--memory-tokens",
+        "3",
+        "--shard-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     single = str(tmp_path / "single.safetensors")
     assert cli.main(["write", *opts, "--output", single, "--quiet"]) == 0
 
@@ -34,9 +47,26 @@ def test_torchrun_two_cpu_processes_equal_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "gradmem_fast", "write", *opts, "--output", sharded],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "gradmem_fast",
+            "write",
+            *opts,
+            "--output",
+            sharded,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 4 shards of <= 2 documents, round robin: rank 0 writes shards 0 and 2, rank 1 shards 1 and 3.
     assert "rank 0/2: wrote 2 shard(s), 4 document(s)" in proc.stderr
@@ -57,9 +87,29 @@ def test_bad_input_fails_on_every_rank_without_output(tmp_path, world):
     out = str(tmp_path / "m.safetensors")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-         "-m", "gradmem_fast", "write", "--model", str(tmp_path / "none"), "--input", str(inp), "--output", out],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(world),
+            "-m",
+            "gradmem_fast",
+            "write",
+            "--model",
+            str(tmp_path / "none"),
+            "--input",
+            str(inp),
+            "--output",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode != 0
     # Every rank fails on the same line; torchrun stops the others once the first exits, so a rank that
     # is slower to get there may be stopped before it prints.

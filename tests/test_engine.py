@@ -1,4 +1,5 @@
 """The packed write engine against the torch reference (DESIGN.md semantics contract)."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -63,8 +64,9 @@ def test_fixed_shape_filler_does_not_change_real_documents():
     plain = engine.write_packed(model, pack(docs, 2, "cpu"), M, cfg, head.weight, None, "torch")
     padded_pack = pack(docs, 2, "cpu", rows=41)  # 16 real rows, 25 filler rows: 4 documents of <= 8 rows
     assert padded_pack.batch == 7 and max(padded_pack.lengths[3:]) <= 6 and padded_pack.total_rows == 41
-    padded = engine.write_packed(model, padded_pack, torch.cat([M, M.new_zeros(4, 2, M.shape[2])]), cfg,
-                                 head.weight, None, "torch")
+    padded = engine.write_packed(
+        model, padded_pack, torch.cat([M, M.new_zeros(4, 2, M.shape[2])]), cfg, head.weight, None, "torch"
+    )
     assert padded.memory.shape == plain.memory.shape
     assert_same_write(padded, plain, torch.float64)
 
@@ -96,19 +98,24 @@ def test_engine_triton_matches_reference_fp32(family):
     assert_same_write(out, ref, torch.float32)
 
 
-@pytest.mark.parametrize("family,grad_mode,last_k", [("llama", "first", None), ("gpt2", "second", None),
-                                                     ("qwen2", "second", 1)])
+@pytest.mark.parametrize(
+    "family,grad_mode,last_k", [("llama", "first", None), ("gpt2", "second", None), ("qwen2", "second", 1)]
+)
 def test_engine_meta_gradients_match_reference(family, grad_mode, last_k):
     model = tiny_model(family)
-    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode=grad_mode,
-                      last_k_second_order=last_k)
+    cfg = WriteConfig(
+        num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode=grad_mode, last_k_second_order=last_k
+    )
     ids, mask = ragged([4, 6])
     queries = torch.randint(0, VOCAB, (2, 3))
     cot = torch.randn(2, 4, VOCAB, dtype=torch.float64)
     M0 = (torch.randn(2, model.config.hidden_size, dtype=torch.float64) * 0.5).requires_grad_(True)
     params = list(model.parameters())
     grads = []
-    for write in (lambda: reference.write(model, ids, mask, M0, cfg), lambda: engine_write(model, ids, mask, M0, cfg, "torch")):
+    for write in (
+        lambda: reference.write(model, ids, mask, M0, cfg),
+        lambda: engine_write(model, ids, mask, M0, cfg, "torch"),
+    ):
         memory = write().memory
         outer = (reference.read_logits(model, memory, queries) * cot).sum()
         grads.append(torch.autograd.grad(outer, [M0] + params, allow_unused=True))

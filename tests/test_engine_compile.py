@@ -4,6 +4,7 @@ Compile time dominates here (inductor's C++ backend on 2 cores), so each (family
 and serves both optimizers, and the recompile-counting tests use the ``aot_eager`` backend (dynamo and
 AOTAutograd exactly as with inductor, no code generation): what they check is tracing, guards and buckets.
 """
+
 import dataclasses
 import os
 
@@ -19,8 +20,7 @@ from tiny_models import FAMILIES, VOCAB, tiny_model
 
 CONFIGS = {
     "sgd-clip": WriteConfig(num_memory_tokens=2, steps=2, lr=0.5, clip_value=0.05, clip_norm=0.08),
-    "adam-clip": WriteConfig(num_memory_tokens=2, steps=2, lr=0.02, optimizer="adam", clip_value=0.5,
-                             clip_norm=0.1),
+    "adam-clip": WriteConfig(num_memory_tokens=2, steps=2, lr=0.02, optimizer="adam", clip_value=0.5, clip_norm=0.1),
 }
 
 
@@ -46,8 +46,17 @@ def test_dense_packed_reference_matches_the_per_document_loop():
     v = torch.randn(19, 2, 5, dtype=torch.float64)
     kpm = torch.rand(19) > 0.2
     for causal, window, mask in [(True, None, None), (True, 3, None), (False, None, kpm), (True, 2, kpm)]:
-        ref_out, ref_lse = attention_reference(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, key_padding_mask=mask,
-                                               causal=causal, scale=0.3, window=window)
+        ref_out, ref_lse = attention_reference(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            key_padding_mask=mask,
+            causal=causal,
+            scale=0.3,
+            window=window,
+        )
         out, lse = _reference_packed_dense(q, k, v, cu_q, cu_k, mask, causal, 0.3, 0.0, window)
         assert_close(out, ref_out)
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -95,8 +104,12 @@ def test_compiled_step_matches_eager_engine(family, ops):
         eager = engine.write_packed(model, packed, M0, cfg, head.weight, head.bias, ops)
         compiled = engine.write_packed(model, packed, M0, cfg, head.weight, head.bias, ops, backbone=backbone)
         for b in range(len(docs)):
-            assert_close(compiled.memory[b] - M0[b], eager.memory[b] - M0[b], torch.float32,
-                         name=f"{name}: written change of document {b}")
+            assert_close(
+                compiled.memory[b] - M0[b],
+                eager.memory[b] - M0[b],
+                torch.float32,
+                name=f"{name}: written change of document {b}",
+            )
         assert_close(compiled.losses, eager.losses, torch.float32, name=f"{name}: losses")
         assert_close(compiled.grad_norms, eager.grad_norms, torch.float32, name=f"{name}: grad_norms")
     assert backbone.compiles == 1  # one shape: both optimizers and every step share one compiled function
@@ -136,8 +149,9 @@ def test_compiled_first_order_steps_keep_meta_gradients(grad_mode, last_k):
     """grad_mode "first" compiles every step and "second" its first-order steps only (the second-order step
     stays eager); the outer gradients (memory init and weights) equal the eager engine's, in fp64."""
     model = tiny_model("gpt2")
-    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode=grad_mode,
-                      last_k_second_order=last_k)
+    cfg = WriteConfig(
+        num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode=grad_mode, last_k_second_order=last_k
+    )
     head = model.get_output_embeddings()
     docs = _ragged_docs([4, 6])
     packed = pack(docs, 2, "cpu", rows=bucket_rows(14, 2))

@@ -1,15 +1,16 @@
 """Second-order meta-gradients on the fast path (Triton attention double backward, interpreter) against the
 torch reference, and the drop-in use of the registered attention inside GradMem-style training code."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import ragged
 
 import gradmem_fast
 from gradmem_fast import MemoryWriter, WriteConfig, reference
 from gradmem_fast.backend import use_backend
 from gradmem_fast.kernels import attention as attention_kernels
 from helpers import assert_close
-from test_engine import ragged
 from tiny_models import VOCAB, tiny_model
 
 
@@ -43,17 +44,21 @@ def _assert_same_grads(got, want, dtype, names):
         assert_close(g, w, dtype=dtype, name=name)
 
 
-@pytest.mark.parametrize("family, dtype, last_k, with_head", [
-    ("gpt2", torch.float64, None, False),
-    ("llama", torch.float32, None, True),  # GQA 4:2, separate write head, fp32 kernels vs the fp64 reference
-    ("qwen2", torch.float64, 1, False),  # GQA 4:1, second order on the last step only
-])
+@pytest.mark.parametrize(
+    "family, dtype, last_k, with_head",
+    [
+        ("gpt2", torch.float64, None, False),
+        ("llama", torch.float32, None, True),  # GQA 4:2, separate write head, fp32 kernels vs the fp64 reference
+        ("qwen2", torch.float64, 1, False),  # GQA 4:1, second order on the last step only
+    ],
+)
 def test_writer_second_order_matches_reference(family, dtype, last_k, with_head, dbwd_calls):
     """MemoryWriter(backend="triton", grad_mode="second"): outer-loss gradients w.r.t. the initial memory,
     the write head and every model weight equal the torch reference's."""
     model = tiny_model(family)  # fp64 weights: the reference runs in fp64
-    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode="second",
-                      last_k_second_order=last_k)
+    cfg = WriteConfig(
+        num_memory_tokens=2, steps=2, lr=0.5, clip_norm=0.2, grad_mode="second", last_k_second_order=last_k
+    )
     ids, mask = ragged([4, 1, 6])
     queries = torch.randint(0, VOCAB, (3, 3))
     cot = torch.randn(3, 4, VOCAB, dtype=torch.float64)
@@ -64,8 +69,14 @@ def test_writer_second_order_matches_reference(family, dtype, last_k, with_head,
     names += [n for n, _ in model.named_parameters()]
 
     M0_ref = M0.clone().requires_grad_(True)
-    want = _outer_grads(model, lambda: reference.write(model, ids, mask, M0_ref, cfg, write_head=head), M0_ref,
-                        queries, cot, head_params)
+    want = _outer_grads(
+        model,
+        lambda: reference.write(model, ids, mask, M0_ref, cfg, write_head=head),
+        M0_ref,
+        queries,
+        cot,
+        head_params,
+    )
     model.to(dtype)
     if with_head:
         head.to(dtype)
@@ -92,7 +103,7 @@ def _gradmem_style_meta_loss(model, M0, ids, mask, queries, answers, steps=2, lr
     full_mask = torch.cat([torch.ones(B, m, dtype=mask.dtype), mask], 1)
     for _ in range(steps):
         x = torch.cat([M, emb(ids)], 1)
-        logits = model(inputs_embeds=x, attention_mask=full_mask).logits[:, m - 1:-1]
+        logits = model(inputs_embeds=x, attention_mask=full_mask).logits[:, m - 1 : -1]
         tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none")
         loss = ((tok.view(B, -1) * mask).sum(1) / mask.sum(1)).sum()
         (g,) = torch.autograd.grad(loss, M, create_graph=True)
@@ -115,11 +126,13 @@ def test_drop_in_second_order_matches_eager(family, dbwd_calls):
     M0 = (torch.randn(2, model.config.hidden_size, dtype=torch.float64) * 0.5).requires_grad_(True)
     params = [M0, *model.parameters()]
     names = ["M0"] + [n for n, _ in model.named_parameters()]
-    want = torch.autograd.grad(_gradmem_style_meta_loss(model, M0, ids, mask, queries, answers), params,
-                               allow_unused=True)
+    want = torch.autograd.grad(
+        _gradmem_style_meta_loss(model, M0, ids, mask, queries, answers), params, allow_unused=True
+    )
     model.set_attn_implementation("gradmem_fast")
     with use_backend("triton"):
-        got = torch.autograd.grad(_gradmem_style_meta_loss(model, M0, ids, mask, queries, answers), params,
-                                  allow_unused=True)
+        got = torch.autograd.grad(
+            _gradmem_style_meta_loss(model, M0, ids, mask, queries, answers), params, allow_unused=True
+        )
     _assert_same_grads(got, want, torch.float64, names)
     assert len(dbwd_calls) == 2 * model.config.num_hidden_layers  # both write steps, every layer

@@ -1,6 +1,7 @@
 """Smoke test of examples/train_kv_retrieval.py: the task generator, the tokenizer, two meta-training steps.
 
 The example is not a package, so it is imported by path."""
+
 import importlib.util
 import random
 from pathlib import Path
@@ -21,8 +22,9 @@ def kv():
     return module
 
 
-@pytest.mark.parametrize("pairs,key_len,value_len,alphabet", [(1, 2, 2, "abc"), (2, 2, 3, "abcdef"),
-                                                              (16, 3, 3, "abcdefghij")])
+@pytest.mark.parametrize(
+    "pairs,key_len,value_len,alphabet", [(1, 2, 2, "abc"), (2, 2, 3, "abcdef"), (16, 3, 3, "abcdefghij")]
+)
 def test_generator_format(kv, pairs, key_len, value_len, alphabet):
     """Keys are unique, the context holds exactly the pairs, the answer is the queried key's value."""
     task = kv.TaskConfig(pairs=pairs, key_len=key_len, value_len=value_len, alphabet=alphabet, filler=3)
@@ -89,9 +91,34 @@ def test_two_meta_steps(kv):
 
 def test_main_runs(kv, capsys):
     """The command line runs a couple of steps with a tiny model and prints its log."""
-    curve = kv.main(["--steps", "2", "--layers", "1", "--hidden", "32", "--heads", "2", "--memory", "2",
-                     "--batch", "2", "--eval-size", "4", "--eval-every", "2", "--log-every", "1",
-                     "--device", "cpu", "--time-limit", "0", "--target", "1.01"])
+    curve = kv.main(
+        [
+            "--steps",
+            "2",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--memory",
+            "2",
+            "--batch",
+            "2",
+            "--eval-size",
+            "4",
+            "--eval-every",
+            "2",
+            "--log-every",
+            "1",
+            "--device",
+            "cpu",
+            "--time-limit",
+            "0",
+            "--target",
+            "1.01",
+        ]
+    )
     assert [c[0] for c in curve] == [0, 2]
     out = capsys.readouterr().out
     assert "step     2 | outer" in out and "eval exact match" in out

@@ -4,6 +4,7 @@ Models run in fp64 with the Triton backend (the interpreter on CPU handles fp64 
 gradients must agree to the fp64 bound. Only real (non-padding) tokens are compared: eager attention gives
 fully padded query rows a uniform average, gradmem_fast gives them 0, and neither reaches a real token.
 """
+
 import pytest
 import torch
 import transformers
@@ -30,7 +31,7 @@ def batch(side, lengths=(11, 6, 1), seq=11):
         if side == "right":
             mask[b, :n] = 1
         else:
-            mask[b, seq - n:] = 1
+            mask[b, seq - n :] = 1
     return ids, mask
 
 
@@ -68,7 +69,9 @@ def test_from_pretrained(tmp_path):
     register_eager64()
     eager, fast = (
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl, dtype=DTYPE)
-        .to(DEVICE).eval() for impl in (EAGER64, ATTENTION_NAME)
+        .to(DEVICE)
+        .eval()
+        for impl in (EAGER64, ATTENTION_NAME)
     )
     assert fast.config._attn_implementation == ATTENTION_NAME
     assert_parity(eager, fast, *batch("left"))

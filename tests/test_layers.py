@@ -8,6 +8,7 @@
 
 A failure names the file, the line and the offending import.
 """
+
 import ast
 import pathlib
 
@@ -82,16 +83,20 @@ def test_import_reader_resolves_relative_imports(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "kernels").glob("*.py")), ids=lambda p: p.name)
 def test_kernels_import_nothing_from_the_package(path):
-    bad = [(line, name) for line, name in imports_of(path)
-           if name == PACKAGE or (name.startswith(PACKAGE + ".") and not name.startswith(PACKAGE + ".kernels"))]
+    bad = [
+        (line, name)
+        for line, name in imports_of(path)
+        if name == PACKAGE or (name.startswith(PACKAGE + ".") and not name.startswith(PACKAGE + ".kernels"))
+    ]
     assert not bad, "\n".join(f"{path.relative_to(ROOT)}:{line}: imports {name}" for line, name in bad)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / PACKAGE / "ops").glob("*.py")), ids=lambda p: p.name)
 def test_ops_do_not_import_upper_floors(path):
     forbidden = tuple(f"{PACKAGE}.{name}" for name in OPS_FORBIDDEN) + ("transformers",)
-    bad = [(line, name) for line, name in imports_of(path)
-           if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    bad = [
+        (line, name) for line, name in imports_of(path) if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
     assert not bad, "\n".join(f"{path.relative_to(ROOT)}:{line}: imports {name}" for line, name in bad)
 
 
@@ -113,7 +118,7 @@ def _find_cycle(graph):
                 path.pop()
                 continue
             if color.get(child) == 1:
-                return path[path.index(child):] + [child]
+                return path[path.index(child) :] + [child]
             if not color.get(child):
                 color[child] = 1
                 path.append(child)

@@ -1,4 +1,5 @@
 """Varlen packing of [memory ; document] sequences."""
+
 import pytest
 import torch
 

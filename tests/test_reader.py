@@ -1,4 +1,5 @@
 """READ path: the cached MemoryReader against the uncached oracle ``reference.read_logits``."""
+
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def _greedy_oracle(model, memory, query, steps):
         else:  # no text at all: the memory's last position predicts the first token
             logits = reference.read_logits(model, memory, torch.zeros(1, 1, dtype=torch.long, device=DEVICE))[0, 0]
         tokens.append(int(logits.argmax()))
-    return tokens[len(query):]
+    return tokens[len(query) :]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -64,16 +65,32 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     prefix = reader.prefix(_memory(2, 4))
     queries, docs = [[1, 2], [4]], [0, 1]
     greedy = reader.generate(prefix, docs, queries, max_new_tokens=5)
-    top1 = reader.generate(prefix, docs, queries, max_new_tokens=5, do_sample=True, top_k=1,
-                           generator=torch.Generator().manual_seed(0))
+    top1 = reader.generate(
+        prefix, docs, queries, max_new_tokens=5, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0)
+    )
     assert top1 == greedy
-    nucleus = reader.generate(prefix, docs, queries, max_new_tokens=5, do_sample=True, top_p=1e-6,
-                              generator=torch.Generator().manual_seed(1))
+    nucleus = reader.generate(
+        prefix, docs, queries, max_new_tokens=5, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(1)
+    )
     assert nucleus == greedy
-    a = reader.generate(prefix, docs, queries, max_new_tokens=5, do_sample=True, temperature=5.0,
-                        generator=torch.Generator().manual_seed(3))
-    b = reader.generate(prefix, docs, queries, max_new_tokens=5, do_sample=True, temperature=5.0,
-                        generator=torch.Generator().manual_seed(3))
+    a = reader.generate(
+        prefix,
+        docs,
+        queries,
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=5.0,
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = reader.generate(
+        prefix,
+        docs,
+        queries,
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=5.0,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert a == b and all(len(x) == 5 for x in a)
 
 
@@ -102,8 +119,9 @@ def test_answer_decodes_text_with_a_tokenizer():
 
     model = tiny_model("llama", dtype=torch.float32, attn_implementation="eager")
     reader = MemoryReader(model, tiny_tokenizer())
-    answers = reader.answer(torch.randn(2, 3, 32), [(1, "the cat"), (0, ""), (1, "dog")], max_new_tokens=3,
-                            eos_token_id=None)
+    answers = reader.answer(
+        torch.randn(2, 3, 32), [(1, "the cat"), (0, ""), (1, "dog")], max_new_tokens=3, eos_token_id=None
+    )
     # Special tokens the random model may produce are dropped from the text, so at most 3 words.
     assert len(answers) == 3 and all(isinstance(a, str) and len(a.split()) <= 3 for a in answers)
 

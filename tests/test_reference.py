@@ -1,4 +1,5 @@
 """gradmem_fast.reference against an independent naive implementation (tests/eager_gradmem.py), fp64."""
+
 import pytest
 import torch
 
@@ -33,7 +34,14 @@ def check_against_eager(model, cfg, lengths, memory=None, write_head=None, pad_s
     head = None if write_head is None else (write_head.weight, write_head.bias)
     for b, doc in enumerate(docs):
         M, losses, norms = eager.write_one(
-            model, doc, M0, cfg.steps, cfg.lr, cfg.optimizer, cfg.clip_value, cfg.clip_norm,
+            model,
+            doc,
+            M0,
+            cfg.steps,
+            cfg.lr,
+            cfg.optimizer,
+            cfg.clip_value,
+            cfg.clip_norm,
             write_head=head,
         )
         assert_close(result.memory[b], M, name=f"memory[{b}]")
@@ -139,8 +147,18 @@ def test_per_sample_memory_and_shared_memory_agree():
 def _outer_loss_eager(model, docs, M0, queries, targets, weights, cfg):
     total = 0.0
     for b, doc in enumerate(docs):
-        M, _, _ = eager.write_one(model, doc, M0, cfg.steps, cfg.lr, cfg.optimizer, cfg.clip_value,
-                                  cfg.clip_norm, grad_mode=cfg.grad_mode, last_k=cfg.last_k_second_order)
+        M, _, _ = eager.write_one(
+            model,
+            doc,
+            M0,
+            cfg.steps,
+            cfg.lr,
+            cfg.optimizer,
+            cfg.clip_value,
+            cfg.clip_norm,
+            grad_mode=cfg.grad_mode,
+            last_k=cfg.last_k_second_order,
+        )
         logits = eager.read_logits_one(model, M, queries[b])
         logp = logits.log_softmax(-1)
         total = total + (weights[b] * logp[torch.arange(logits.shape[0]), targets[b]]).sum()
@@ -168,8 +186,9 @@ def _outer_loss_reference(model, ids, mask, M0, queries, targets, weights, cfg):
 )
 def test_meta_gradients_match_eager(family, grad_mode, last_k, clip_norm):
     model = tiny_model(family)
-    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.5, clip_norm=clip_norm, grad_mode=grad_mode,
-                      last_k_second_order=last_k)
+    cfg = WriteConfig(
+        num_memory_tokens=2, steps=2, lr=0.5, clip_norm=clip_norm, grad_mode=grad_mode, last_k_second_order=last_k
+    )
     ids, mask, docs = ragged_batch([4, 2])
     queries = torch.randint(0, VOCAB, (2, 3))
     targets = torch.randint(0, VOCAB, (2, 4))
@@ -213,8 +232,9 @@ def test_grad_mode_none_returns_detached_memory_and_no_weight_grads():
     for p in model.parameters():
         p.requires_grad_(True)
     M0 = torch.randn(2, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
-    result = reference.write(model, torch.randint(0, VOCAB, (2, 5)), None, M0,
-                             WriteConfig(num_memory_tokens=2, steps=2, lr=0.1))
+    result = reference.write(
+        model, torch.randint(0, VOCAB, (2, 5)), None, M0, WriteConfig(num_memory_tokens=2, steps=2, lr=0.1)
+    )
     assert not result.memory.requires_grad
     assert all(p.grad is None for p in model.parameters()) and M0.grad is None
 
@@ -222,8 +242,9 @@ def test_grad_mode_none_returns_detached_memory_and_no_weight_grads():
 def test_write_runs_under_no_grad():
     model = tiny_model("gpt2")
     with torch.no_grad():
-        result = reference.write(model, torch.randint(0, VOCAB, (2, 5)), None, None,
-                                 WriteConfig(num_memory_tokens=2, steps=2, lr=0.1))
+        result = reference.write(
+            model, torch.randint(0, VOCAB, (2, 5)), None, None, WriteConfig(num_memory_tokens=2, steps=2, lr=0.1)
+        )
     assert torch.isfinite(result.memory).all() and (result.grad_norms > 0).all()
 
 

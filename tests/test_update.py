@@ -3,28 +3,28 @@
 The reference below is written independently of the op: one sample at a time in fp64, with Python
 branches for the norm clip (``if n > clip_norm`` is False for a NaN norm, as the where-form is).
 """
+
 import inspect
 import math
 
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close, rel_error, tolerance
-
 from gradmem_fast import UpdateResult, memory_update
 from gradmem_fast.ops.update import AdamState
+from helpers import DEVICE, assert_close, rel_error, tolerance
 
 F64 = torch.float64
 
 
 # ------------------------------------------------------------------------------------------ reference
 
+
 def _clamp(g, c):
     return torch.where(g > c, torch.full_like(g, c), torch.where(g < -c, torch.full_like(g, -c), g))
 
 
-def ref_update(M, G, lr, optimizer="sgd", clip_value=None, clip_norm=None, state=None, step=1,
-               betas=(0.9, 0.999)):
+def ref_update(M, G, lr, optimizer="sgd", clip_value=None, clip_norm=None, state=None, step=1, betas=(0.9, 0.999)):
     """(new memory, raw norms, (exp_avg, exp_avg_sq) or None), fp64, differentiable for SGD."""
     M, G = M.to(F64), G.to(F64)
     lr = lr.to(F64).reshape(()) if isinstance(lr, torch.Tensor) else lr
@@ -62,6 +62,7 @@ def ref_update(M, G, lr, optimizer="sgd", clip_value=None, clip_norm=None, state
 
 # ------------------------------------------------------------------------------------------ inputs
 
+
 def make_inputs(B, m, d, dtype, device=DEVICE, grad_scale=None):
     """Memory (small) and gradient (per-sample scales 1, 0.2, 3, 0.5, ...: some samples above and some
     below a norm clip) rounded to ``dtype``; fp64 copies of the rounded values for the reference."""
@@ -83,8 +84,14 @@ def clips_for(G64, clip_value, clip_norm):
 
 
 CASES = [  # optimizer, clip_value on, clip_norm on
-    ("sgd", False, False), ("sgd", True, False), ("sgd", False, True), ("sgd", True, True),
-    ("adam", False, False), ("adam", True, False), ("adam", False, True), ("adam", True, True),
+    ("sgd", False, False),
+    ("sgd", True, False),
+    ("sgd", False, True),
+    ("sgd", True, True),
+    ("adam", False, False),
+    ("adam", True, False),
+    ("adam", False, True),
+    ("adam", True, True),
 ]
 SHAPES = [(1, 1, 37), (3, 4, 37), (4, 8, 64)]
 
@@ -109,6 +116,7 @@ def _check_result(res, ref, dtype, name=""):
 
 # ------------------------------------------------------------------------------------------ formula
 
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("optimizer,clip_value,clip_norm", CASES)
 @pytest.mark.parametrize("backend,dtype", [("torch", F64), ("triton", torch.float32)], ids=["torch64", "triton32"])
@@ -116,8 +124,7 @@ def test_formula(backend, dtype, optimizer, clip_value, clip_norm, shape):
     M, G, M64, G64 = make_inputs(*shape, dtype)
     cv, cn = clips_for(G64, clip_value, clip_norm)
     step = 3 if optimizer == "adam" else 1
-    res = memory_update(M, G, lr=0.7, optimizer=optimizer, clip_value=cv, clip_norm=cn, step=step,
-                        backend=backend)
+    res = memory_update(M, G, lr=0.7, optimizer=optimizer, clip_value=cv, clip_norm=cn, step=step, backend=backend)
     _check_result(res, ref_update(M64, G64, 0.7, optimizer, cv, cn, step=step), dtype)
 
 
@@ -133,11 +140,21 @@ def test_low_precision(backend, dtype, optimizer):
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30], ids=["zero", "tiny", "huge"])
-@pytest.mark.parametrize("optimizer,clip_value,clip_norm", [
-    ("sgd", False, False), ("sgd", False, True), ("sgd", True, True), ("adam", False, False), ("adam", False, True),
-])
-@pytest.mark.parametrize("backend,dtype", [("torch", F64), ("torch", torch.float32), ("triton", torch.float32)],
-                         ids=["torch64", "torch32", "triton32"])
+@pytest.mark.parametrize(
+    "optimizer,clip_value,clip_norm",
+    [
+        ("sgd", False, False),
+        ("sgd", False, True),
+        ("sgd", True, True),
+        ("adam", False, False),
+        ("adam", False, True),
+    ],
+)
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("torch", F64), ("torch", torch.float32), ("triton", torch.float32)],
+    ids=["torch64", "torch32", "triton32"],
+)
 def test_gradient_magnitudes(backend, dtype, optimizer, clip_value, clip_norm, scale):
     """Zero, tiny and huge gradients; zero memory so the result is the update itself."""
     _, G, _, G64 = make_inputs(3, 2, 37, dtype, grad_scale=scale)
@@ -157,8 +174,9 @@ def test_adam_steps_with_state(backend, dtype):
         _, G, _, G64 = make_inputs(3, 4, 37, dtype)
         G, G64 = G * 3, G64 * 3  # part of it beyond the default clamp of 10
         betas = (0.8, 0.99) if k == 3 else (0.9, 0.999)
-        res = memory_update(M, G, lr=0.05, optimizer="adam", clip_norm=40.0, state=state, step=k,
-                            betas=betas, backend=backend)
+        res = memory_update(
+            M, G, lr=0.05, optimizer="adam", clip_norm=40.0, state=state, step=k, betas=betas, backend=backend
+        )
         ref = ref_update(M64, G64, 0.05, "adam", None, 40.0, ref_state, k, betas)
         _check_result(res, ref, dtype, name=f"step {k}")
         M, state = res.memory, res.state
@@ -174,9 +192,11 @@ def test_lr_step_as_tensors(backend, optimizer):
     state = AdamState(state_G.abs(), state_G**2) if optimizer == "adam" else None
     kw = dict(optimizer=optimizer, clip_value=0.8, clip_norm=3.0, state=state, backend=backend)
     want = memory_update(M, G, lr=0.3, step=5, **kw)
-    for lr, step in [(torch.tensor(0.3, device=DEVICE), 5),
-                     (0.3, torch.tensor(5, device=DEVICE)),
-                     (torch.tensor([0.3], device=DEVICE, dtype=F64), torch.tensor([5.0], device=DEVICE))]:
+    for lr, step in [
+        (torch.tensor(0.3, device=DEVICE), 5),
+        (0.3, torch.tensor(5, device=DEVICE)),
+        (torch.tensor([0.3], device=DEVICE, dtype=F64), torch.tensor([5.0], device=DEVICE)),
+    ]:
         got = memory_update(M, G, lr=lr, step=step, **kw)
         assert_close(got.memory, want.memory, name="memory")
         assert_close(got.grad_norm, want.grad_norm, name="grad_norm")
@@ -201,9 +221,16 @@ def test_lr_and_step_are_runtime_kernel_arguments():
 
 # ------------------------------------------------------------------------------------------ NaN
 
-@pytest.mark.parametrize("optimizer,clip_value,clip_norm", [
-    ("sgd", False, False), ("sgd", True, True), ("adam", False, False), ("adam", True, True),
-])
+
+@pytest.mark.parametrize(
+    "optimizer,clip_value,clip_norm",
+    [
+        ("sgd", False, False),
+        ("sgd", True, True),
+        ("adam", False, False),
+        ("adam", True, True),
+    ],
+)
 @pytest.mark.parametrize("backend,dtype", [("torch", F64), ("triton", torch.float32)], ids=["torch64", "triton32"])
 def test_nan_propagates_to_its_sample_only(backend, dtype, optimizer, clip_value, clip_norm):
     M, G, M64, G64 = make_inputs(3, 4, 37, dtype)
@@ -243,6 +270,7 @@ def test_inf_gradient_is_not_made_finite(backend):
 
 # ------------------------------------------------------------------------------------------ kernel launcher
 
+
 @pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adam"])
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_launcher_nan_filled_buffers(nan_empty, adam, num_splits):
@@ -259,9 +287,22 @@ def test_launcher_nan_filled_buffers(nan_empty, adam, num_splits):
     v0 = torch.rand(B, m, d, device=DEVICE) if adam else None
     out, norm_out = nan_empty(B, m, d), nan_empty(B)
     m_out, v_out = (nan_empty(B, m, d), nan_empty(B, m, d)) if adam else (None, None)
-    res = K.launch_update(M, G, lr=0.7, adam=adam, step=2, clip_value=cv, clip_norm=cn, exp_avg=m0,
-                          exp_avg_sq=v0, out=out, norm_out=norm_out, exp_avg_out=m_out, exp_avg_sq_out=v_out,
-                          num_splits=num_splits)
+    res = K.launch_update(
+        M,
+        G,
+        lr=0.7,
+        adam=adam,
+        step=2,
+        clip_value=cv,
+        clip_norm=cn,
+        exp_avg=m0,
+        exp_avg_sq=v0,
+        out=out,
+        norm_out=norm_out,
+        exp_avg_out=m_out,
+        exp_avg_sq_out=v_out,
+        num_splits=num_splits,
+    )
     assert res[0] is out and res[1] is norm_out
     state = (m0.cpu(), v0.cpu()) if adam else None
     new, norm, ref_state = ref_update(M64, G64, 0.7, "adam" if adam else "sgd", cv, cn, state, 2)
@@ -287,8 +328,19 @@ def test_launcher_in_place_and_non_contiguous():
     assert not G.is_contiguous()
     m0, v0 = torch.rand(3, 5, 37, device=DEVICE), torch.rand(3, 5, 37, device=DEVICE)
     state = (m0.cpu().clone(), v0.cpu().clone())
-    out, norm, m1, v1 = K.launch_update(M, G, lr=0.2, adam=True, step=4, clip_value=1.0, exp_avg=m0,
-                                        exp_avg_sq=v0, out=M, exp_avg_out=m0, exp_avg_sq_out=v0)
+    out, norm, m1, v1 = K.launch_update(
+        M,
+        G,
+        lr=0.2,
+        adam=True,
+        step=4,
+        clip_value=1.0,
+        exp_avg=m0,
+        exp_avg_sq=v0,
+        out=M,
+        exp_avg_out=m0,
+        exp_avg_sq_out=v0,
+    )
     assert out is M and m1 is m0 and v1 is v0
     new, ref_norm, ref_state = ref_update(M64, G64, 0.2, "adam", 1.0, None, state, 4)
     assert_close(M, new)
@@ -384,8 +436,12 @@ def test_sgd_second_order_matches_formula_fp32(backend, clip_value, clip_norm):
 
     ref = grads(M64, G64, lr64, lambda M, G, lr: ref_update(M, G, lr, "sgd", clip_value, cn)[0])
     M, G, lr = (t.detach().float().requires_grad_() for t in (M64, G64, lr64))
-    got = grads(M, G, lr, lambda M, G, lr: memory_update(M, G, lr=lr, clip_value=clip_value, clip_norm=cn,
-                                                         backend=backend).memory)
+    got = grads(
+        M,
+        G,
+        lr,
+        lambda M, G, lr: memory_update(M, G, lr=lr, clip_value=clip_value, clip_norm=cn, backend=backend).memory,
+    )
     for name, a, b in zip(("dM", "dG", "dlr", "d2G", "d2lr"), got, ref):
         assert a.dtype == torch.float32
         assert_close(a, b, dtype=torch.float32, name=name)
@@ -427,6 +483,7 @@ def test_adam_is_first_order_only(backend):
 
 # ------------------------------------------------------------------------------------------ bad input
 
+
 def _bad(**over):
     M = torch.randn(2, 3, 5)
     kw = dict(memory=M, grad=torch.randn(2, 3, 5), lr=0.1)
@@ -461,8 +518,11 @@ BAD = [
     (_bad(state=(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))), ValueError, "state: only optimizer='adam'"),
     (_bad(optimizer="adam", state=(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))), ValueError, "state.exp_avg"),
     (_bad(optimizer="adam", state=torch.zeros(2, 3, 5)), TypeError, "state"),
-    (_bad(optimizer="adam", state=(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5, dtype=torch.int32))),
-     TypeError, "state.exp_avg_sq"),
+    (
+        _bad(optimizer="adam", state=(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5, dtype=torch.int32))),
+        TypeError,
+        "state.exp_avg_sq",
+    ),
     (_bad(backend="cuda"), ValueError, "backend"),
 ]
 
@@ -484,6 +544,7 @@ def test_launcher_rejects_wrong_buffers():
 
 
 # ------------------------------------------------------------------------------------------ GPU only
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs GRADMEM_TEST_DEVICE=cuda")
@@ -507,8 +568,9 @@ def test_no_host_sync_and_no_recompile_on_gpu():
         for k in range(2, 6):
             lr.fill_(0.1 / k)
             step.fill_(k)
-            state = memory_update(M, G, lr=lr, optimizer="adam", step=step, clip_norm=1.0, state=state,
-                                  backend="triton").state
+            state = memory_update(
+                M, G, lr=lr, optimizer="adam", step=step, clip_norm=1.0, state=state, backend="triton"
+            ).state
             memory_update(M, G, lr=0.1 / k, optimizer="sgd", clip_norm=1.0, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")

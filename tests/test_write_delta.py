@@ -14,6 +14,7 @@ through the ``v`` floor: both are exercised), Adam in ``grad_mode="first"``, non
 Backends: ``torch`` (the reference, fp64) and ``triton`` (the engine on the kernels; fp32 in the
 interpreter). ``make mutants`` (scripts/mutants.py) relies on these tests to kill planted update bugs.
 """
+
 import copy
 
 import pytest
@@ -52,9 +53,23 @@ def initial_memory(d, m=2, scale=0.5):
 
 
 def eager_write(model, docs, M0, cfg, head=None, grad_mode="none"):
-    return [eager.write_one(model, doc, M0, cfg.steps, cfg.lr, cfg.optimizer, cfg.clip_value, cfg.clip_norm,
-                            grad_mode=grad_mode, last_k=cfg.last_k_second_order, write_head=head,
-                            betas=cfg.adam_betas) for doc in docs]
+    return [
+        eager.write_one(
+            model,
+            doc,
+            M0,
+            cfg.steps,
+            cfg.lr,
+            cfg.optimizer,
+            cfg.clip_value,
+            cfg.clip_norm,
+            grad_mode=grad_mode,
+            last_k=cfg.last_k_second_order,
+            write_head=head,
+            betas=cfg.adam_betas,
+        )
+        for doc in docs
+    ]
 
 
 def assert_deltas(memory, M0, eager_results, dtype, name=""):
@@ -69,6 +84,7 @@ def assert_deltas(memory, M0, eager_results, dtype, name=""):
 
 
 # ------------------------------------------------------------------------------------------ the update op
+
 
 def _oracle_update(M, G, lr, optimizer, clip_value, clip_norm, state=None, step=1, betas=(0.9, 0.999)):
     """One update per sample with the eager oracle's clip (fp64); Adam from the given moments."""
@@ -126,8 +142,9 @@ def test_adam_norm_clip_change(backend, dtype, regime):
         step, clip_norm, lr = 4, 0.2, 1e-2
         state64 = (0.02 * torch.randn_like(M64), 1e-4 * torch.rand_like(M64))
     state = tuple(s.to(torch.float32 if dtype != F64 else F64) for s in state64)
-    res = memory_update(M, G, lr=lr, optimizer="adam", clip_norm=clip_norm, state=state, step=step,
-                        betas=(0.8, 0.95), backend=backend)
+    res = memory_update(
+        M, G, lr=lr, optimizer="adam", clip_norm=clip_norm, state=state, step=step, betas=(0.8, 0.95), backend=backend
+    )
     want, (m1, m2) = _oracle_update(M64, G64, lr, "adam", None, clip_norm, state64, step, (0.8, 0.95))
     assert (torch.linalg.vector_norm(G64, dim=(1, 2)) > clip_norm).sum() >= 2  # the clip acts
     err = rel_error(res.memory.to(F64) - M64, want - M64)
@@ -143,18 +160,21 @@ WRITE_CASES = {
     # clamp and norm clip both active at the tiny models' gradient norms (about 0.02 - 0.04)
     "sgd_clips": WriteConfig(num_memory_tokens=2, steps=3, lr=2.0, clip_value=2e-3, clip_norm=6e-3),
     # Adam with a norm clip; three steps so the clip scale shows through the moments
-    "adam_clip_norm": WriteConfig(num_memory_tokens=2, steps=3, lr=0.02, optimizer="adam", clip_norm=5e-3,
-                                  adam_betas=(0.8, 0.99)),
+    "adam_clip_norm": WriteConfig(
+        num_memory_tokens=2, steps=3, lr=0.02, optimizer="adam", clip_norm=5e-3, adam_betas=(0.8, 0.99)
+    ),
     # Adam whose clipped gradient sits at the v floor (clip_norm 1e-4 over 64 entries)
     "adam_v_floor": WriteConfig(num_memory_tokens=2, steps=2, lr=0.2, optimizer="adam", clip_norm=1e-4),
-    "adam_betas": WriteConfig(num_memory_tokens=2, steps=3, lr=0.02, optimizer="adam", clip_value=4e-3,
-                              adam_betas=(0.5, 0.9)),
+    "adam_betas": WriteConfig(
+        num_memory_tokens=2, steps=3, lr=0.02, optimizer="adam", clip_value=4e-3, adam_betas=(0.5, 0.9)
+    ),
 }
 
 
 # The interpreter is slow: the triton engine runs the cases that reach different kernel paths.
 WRITE_PARAMS = [("torch", F64, case) for case in WRITE_CASES] + [
-    ("triton", torch.float32, case) for case in ("sgd_clips", "adam_clip_norm", "adam_v_floor")]
+    ("triton", torch.float32, case) for case in ("sgd_clips", "adam_clip_norm", "adam_v_floor")
+]
 
 
 @pytest.mark.parametrize("backend,dtype,case", WRITE_PARAMS, ids=[f"{b}-{c}" for b, _, c in WRITE_PARAMS])
@@ -176,6 +196,7 @@ def test_write_change_matches_eager(backend, dtype, case):
 
 # ------------------------------------------------------------------------------------------ meta-gradients
 
+
 def _outer(model, memory, queries, cot):
     """A random projection of the READ logits (fp64)."""
     return (reference.read_logits(model, memory, queries).to(F64) * cot).sum()
@@ -189,14 +210,27 @@ def _eager_outer(model, docs, M0, queries, cot, cfg, head):
 
 
 META_CASES = {
-    "adam_first": (WriteConfig(num_memory_tokens=2, steps=3, lr=0.02, optimizer="adam", clip_norm=5e-3,
-                               adam_betas=(0.8, 0.99), grad_mode="first"), False),
-    "clamp_first": (WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_value=2e-3, grad_mode="first"),
-                    False),
-    "clamp_second": (WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_value=2e-3, clip_norm=6e-3,
-                                 grad_mode="second"), False),
-    "head_second": (WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_norm=6e-3, grad_mode="second",
-                                last_k_second_order=1), True),
+    "adam_first": (
+        WriteConfig(
+            num_memory_tokens=2,
+            steps=3,
+            lr=0.02,
+            optimizer="adam",
+            clip_norm=5e-3,
+            adam_betas=(0.8, 0.99),
+            grad_mode="first",
+        ),
+        False,
+    ),
+    "clamp_first": (WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_value=2e-3, grad_mode="first"), False),
+    "clamp_second": (
+        WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_value=2e-3, clip_norm=6e-3, grad_mode="second"),
+        False,
+    ),
+    "head_second": (
+        WriteConfig(num_memory_tokens=2, steps=2, lr=1.0, clip_norm=6e-3, grad_mode="second", last_k_second_order=1),
+        True,
+    ),
 }
 
 
@@ -215,15 +249,19 @@ def _meta_case(case, backend, dtype, family="gpt2"):
 
     M0_e = M0.clone().requires_grad_(True)
     eag_head = (head.weight, head.bias) if with_head else None
-    want = torch.autograd.grad(_eager_outer(model, docs, M0_e, queries, cot, cfg, eag_head),
-                               [M0_e, *head_params, *model.parameters()], allow_unused=True)
+    want = torch.autograd.grad(
+        _eager_outer(model, docs, M0_e, queries, cot, cfg, eag_head),
+        [M0_e, *head_params, *model.parameters()],
+        allow_unused=True,
+    )
 
     fast_head = copy.deepcopy(head).to(dtype) if with_head else None
     fast_head_params = list(fast_head.parameters()) if with_head else []
     M0_f = M0.to(dtype).requires_grad_(True)
     memory = MemoryWriter(fast, cfg, backend=backend, write_head=fast_head).write(ids, mask, M0_f).memory
-    got = torch.autograd.grad(_outer(fast, memory, queries, cot), [M0_f, *fast_head_params, *fast.parameters()],
-                              allow_unused=True)
+    got = torch.autograd.grad(
+        _outer(fast, memory, queries, cot), [M0_f, *fast_head_params, *fast.parameters()], allow_unused=True
+    )
     return got, want, dtype, names
 
 

@@ -4,15 +4,18 @@ The tokenizer is a word-level one built from a fixed word list with the ``tokeni
 download), wrapped in ``PreTrainedTokenizerFast``; the model is a tiny random Llama-style LM (from
 ``tiny_models``) whose vocabulary matches it, saved with ``save_pretrained``.
 """
+
 import os
 
 import torch
 
 from tiny_models import VOCAB, tiny_model
 
-WORDS = ("the cat dog sat ran on a mat under big small red blue tree house river bird sang sun moon "
-         "day night old new boy girl saw ate fish bread milk green park by near and is was to of in "
-         "what where who quickly slowly happy").split()
+WORDS = (
+    "the cat dog sat ran on a mat under big small red blue tree house river bird sang sun moon "
+    "day night old new boy girl saw ate fish bread milk green park by near and is was to of in "
+    "what where who quickly slowly happy"
+).split()
 SPECIAL = ["[UNK]", "[PAD]", "[EOS]"]
 
 

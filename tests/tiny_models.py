@@ -1,4 +1,5 @@
 """Tiny random Hugging Face causal LMs of the supported families, built locally (no downloads)."""
+
 import torch
 import transformers
 
@@ -32,29 +33,61 @@ def _config(family: str, **over):
     common = dict(vocab_size=VOCAB)
     if family == "gpt2":
         cfg = transformers.GPT2Config(
-            n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
         )
     elif family == "llama":  # GQA 4:2
         cfg = transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **common,
         )
     elif family == "gpt_neox":
         cfg = transformers.GPTNeoXConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            rotary_pct=0.5,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
             **common,
         )
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            **common,
         )
     elif family == "mistral":
         cfg = transformers.MistralConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            sliding_window=None,
+            **common,
         )
     else:
         raise ValueError(f"unknown family {family!r}")

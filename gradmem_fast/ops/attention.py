@@ -21,8 +21,8 @@ the backward op's autograd calls the double-backward op, so second-order gradien
 GradMem's meta-training) run on the kernels in O(S) memory with every second-order term. The double
 backward itself is not differentiable (no third order).
 """
+
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -39,14 +39,28 @@ _MAX_HEAD_DIM = 256
 # Argument checks (shared by both backends)
 
 
-def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, causal,
-                scale, dropout_p, window, fp32_precision):
+def _check_args(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    window,
+    fp32_precision,
+):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"prefix_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 "
-                            "or float64")
+            raise TypeError(
+                f"prefix_attention: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"prefix_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -56,42 +70,58 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("prefix_attention: give both cu_seqlens_q and cu_seqlens_k (packed layout) or neither")
         if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-            raise ValueError("prefix_attention: with cu_seqlens, q/k/v must be packed [total_tokens, heads, "
-                             f"head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+            raise ValueError(
+                "prefix_attention: with cu_seqlens, q/k/v must be packed [total_tokens, heads, "
+                f"head_dim]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
             if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-                raise TypeError(f"prefix_attention: {name} must be a 1-D int32 tensor [batch + 1], got "
-                                f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+                raise TypeError(
+                    f"prefix_attention: {name} must be a 1-D int32 tensor [batch + 1], got "
+                    f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}"
+                )
             if cu.device != q.device:
                 raise ValueError(f"prefix_attention: {name} is on {cu.device}, q on {q.device}")
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-            raise ValueError("prefix_attention: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
-                             f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})")
+            raise ValueError(
+                "prefix_attention: cu_seqlens_q and cu_seqlens_k describe different batch sizes "
+                f"({cu_seqlens_q.numel() - 1} vs {cu_seqlens_k.numel() - 1})"
+            )
         # Value checks need the data on the host: free on CPU, a sync on a GPU, a graph break when compiled.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
-            for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k,
-                                                                                    k.shape[0])):
+            for name, cu, total in (
+                ("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                ("cu_seqlens_k", cu_seqlens_k, k.shape[0]),
+            ):
                 if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
-                    raise ValueError(f"prefix_attention: {name} must start at 0, be non-decreasing and end at "
-                                     f"the {total} packed tokens; got {cu.tolist()}")
+                    raise ValueError(
+                        f"prefix_attention: {name} must start at 0, be non-decreasing and end at "
+                        f"the {total} packed tokens; got {cu.tolist()}"
+                    )
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"prefix_attention: k and v must have the same tokens, got {k.shape[0]} and {v.shape[0]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0],):
-            raise ValueError("prefix_attention: in the packed layout key_padding_mask must be [total_k] = "
-                             f"({k.shape[0]},), got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                "prefix_attention: in the packed layout key_padding_mask must be [total_k] = "
+                f"({k.shape[0]},), got {tuple(key_padding_mask.shape)}"
+            )
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("prefix_attention: max_seqlen_q/k belong to the packed layout (with cu_seqlens)")
         if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError("prefix_attention: q/k/v must be padded [batch, seq, heads, head_dim] (or packed "
-                             f"3-D with cu_seqlens); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+            raise ValueError(
+                "prefix_attention: q/k/v must be padded [batch, seq, heads, head_dim] (or packed "
+                f"3-D with cu_seqlens); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
         if not (q.shape[0] == k.shape[0] == v.shape[0]):
             raise ValueError(f"prefix_attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"prefix_attention: k and v lengths differ: {k.shape[1]} vs {v.shape[1]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError("prefix_attention: key_padding_mask must be [batch, seq_k] = "
-                             f"({k.shape[0]}, {k.shape[1]}), got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                "prefix_attention: key_padding_mask must be [batch, seq_k] = "
+                f"({k.shape[0]}, {k.shape[1]}), got {tuple(key_padding_mask.shape)}"
+            )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
             raise TypeError("prefix_attention: key_padding_mask must be a tensor (1 = keep)")
@@ -138,23 +168,59 @@ def _acc_dtype(dtype):
 
 @torch.library.custom_op("gradmem_fast::attention_fwd", mutates_args=())
 def attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-    dropout_p: float, seed: int, window: int, fp32_precision: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
+    fp32_precision: str,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the module docstring's formula; ``window = 0`` means none, ``max_seqlen < 0`` derive."""
     from gradmem_fast.kernels import attention as kernels
 
     return kernels.attention_fwd(
-        q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-        dropout_p=dropout_p, seed=seed, window=window or None, fp32_precision=fp32_precision,
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        window=window or None,
+        fp32_precision=fp32_precision,
     )
 
 
 @attention_fwd_op.register_fake
-def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
-                        causal, scale, dropout_p, seed, window, fp32_precision):
+def _attention_fwd_fake(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    window,
+    fp32_precision,
+):
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -162,9 +228,23 @@ def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 
 @torch.library.custom_op("gradmem_fast::attention_bwd", mutates_args=())
 def attention_bwd_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int, window: int,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``<dout, out> + <dlse, lse>``.
@@ -178,24 +258,74 @@ def attention_bwd_op(
     if dlse is not None:
         delta = delta - dlse.to(delta.dtype)
     return kernels.attention_bwd(
-        dout, q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-        dropout_p=dropout_p, seed=seed, window=window or None, fp32_precision=fp32_precision, delta=delta,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        window=window or None,
+        fp32_precision=fp32_precision,
+        delta=delta,
     )
 
 
 @attention_bwd_op.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        key_padding_mask, causal, scale, dropout_p, seed, window, fp32_precision):
+def _attention_bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    window,
+    fp32_precision,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.custom_op("gradmem_fast::attention_dbwd", mutates_args=())
 def attention_dbwd_op(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    grad_dq: Tensor, grad_dk: Tensor, grad_dv: Tensor, cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, key_padding_mask: Optional[Tensor],
-    causal: bool, scale: float, dropout_p: float, seed: int, window: int, fp32_precision: str,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    grad_dq: Tensor,
+    grad_dk: Tensor,
+    grad_dv: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
+    fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Double backward: the gradients of ``<grad_dq, dq> + <grad_dk, dk> + <grad_dv, dv>``, where
     ``(dq, dk, dv) = attention_bwd(dout, q, k, v, out, lse, dlse)``, with respect to
@@ -221,31 +351,105 @@ def attention_dbwd_op(
     from gradmem_fast.kernels import attention as kernels
 
     return kernels.attention_dbwd(
-        dout, q, k, v, out, lse, grad_dq, grad_dk, grad_dv, dlse=dlse, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-        window=window or None, fp32_precision=fp32_precision,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_dq,
+        grad_dk,
+        grad_dv,
+        dlse=dlse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        window=window or None,
+        fp32_precision=fp32_precision,
     )
 
 
 @attention_dbwd_op.register_fake
-def _attention_dbwd_fake(dout, q, k, v, out, lse, dlse, grad_dq, grad_dk, grad_dv, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, key_padding_mask, causal, scale, dropout_p, seed, window,
-                         fp32_precision):
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(q.shape),
-            lse.new_empty(lse.shape))
+def _attention_dbwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    grad_dq,
+    grad_dk,
+    grad_dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    key_padding_mask,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+    window,
+    fp32_precision,
+):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(q.shape),
+        lse.new_empty(lse.shape),
+    )
 
 
-_BWD_ARGS = ("dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
-             "max_seqlen_k", "key_padding_mask", "causal", "scale", "dropout_p", "seed", "window",
-             "fp32_precision")
+_BWD_ARGS = (
+    "dout",
+    "q",
+    "k",
+    "v",
+    "out",
+    "lse",
+    "dlse",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "key_padding_mask",
+    "causal",
+    "scale",
+    "dropout_p",
+    "seed",
+    "window",
+    "fp32_precision",
+)
 _OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
 
 
 def _bwd_setup_context(ctx, inputs, output):
     args = dict(zip(_BWD_ARGS, inputs))
-    ctx.save_for_backward(*(args[name] for name in ("dout", "q", "k", "v", "out", "lse", "dlse", "cu_seqlens_q",
-                                                     "cu_seqlens_k", "key_padding_mask")))
+    ctx.save_for_backward(
+        *(
+            args[name]
+            for name in (
+                "dout",
+                "q",
+                "k",
+                "v",
+                "out",
+                "lse",
+                "dlse",
+                "cu_seqlens_q",
+                "cu_seqlens_k",
+                "key_padding_mask",
+            )
+        )
+    )
     ctx.options = {name: args[name] for name in _OPTIONS}
     ctx.has_dlse = args["dlse"] is not None
 
@@ -265,35 +469,88 @@ def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
     grad_dv = torch.zeros_like(v) if grad_dv is None else grad_dv
     o = ctx.options
     gq, gk, gv, gdout, gdlse = attention_dbwd_op(
-        dout, q, k, v, out, lse, dlse, grad_dq, grad_dk, grad_dv, cu_q, cu_k, o["max_seqlen_q"], o["max_seqlen_k"],
-        kpm, o["causal"], o["scale"], o["dropout_p"], o["seed"], o["window"], o["fp32_precision"])
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        grad_dq,
+        grad_dk,
+        grad_dv,
+        cu_q,
+        cu_k,
+        o["max_seqlen_q"],
+        o["max_seqlen_k"],
+        kpm,
+        o["causal"],
+        o["scale"],
+        o["dropout_p"],
+        o["seed"],
+        o["window"],
+        o["fp32_precision"],
+    )
     return (gdout, gq, gk, gv, None, None, gdlse if ctx.has_dlse else None) + (None,) * (len(_BWD_ARGS) - 7)
 
 
 attention_bwd_op.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
-_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "key_padding_mask",
-             "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
+_FWD_ARGS = (
+    "q",
+    "k",
+    "v",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "key_padding_mask",
+    "causal",
+    "scale",
+    "dropout_p",
+    "seed",
+    "window",
+    "fp32_precision",
+)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
-    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
-                          args["key_padding_mask"])
-    ctx.options = {name: args[name] for name in ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p",
-                                                 "seed", "window", "fp32_precision")}
+    ctx.save_for_backward(
+        args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"], args["key_padding_mask"]
+    )
+    ctx.options = {
+        name: args[name]
+        for name in ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
+    }
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, ctx.options["max_seqlen_q"],
-                                  ctx.options["max_seqlen_k"], kpm, ctx.options["causal"], ctx.options["scale"],
-                                  ctx.options["dropout_p"], ctx.options["seed"], ctx.options["window"],
-                                  ctx.options["fp32_precision"])
+    dq, dk, dv = attention_bwd_op(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        cu_q,
+        cu_k,
+        ctx.options["max_seqlen_q"],
+        ctx.options["max_seqlen_k"],
+        kpm,
+        ctx.options["causal"],
+        ctx.options["scale"],
+        ctx.options["dropout_p"],
+        ctx.options["seed"],
+        ctx.options["window"],
+        ctx.options["fp32_precision"],
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -346,8 +603,10 @@ def _reference_packed_dense(q, k, v, cu_q, cu_k, key_padding_mask, causal, scale
     memory, so only for small compiled problems (tests, the CPU backend). No dropout: its reference mask
     is drawn per document from a seeded generator, which a traced graph cannot reproduce."""
     if dropout_p > 0:
-        raise NotImplementedError("prefix_attention: the torch backend has no compiled dropout; use "
-                                  "backend='triton' or dropout_p=0 under torch.compile")
+        raise NotImplementedError(
+            "prefix_attention: the torch backend has no compiled dropout; use "
+            "backend='triton' or dropout_p=0 under torch.compile"
+        )
     tq, tk = q.shape[0], k.shape[0]
     doc_q = torch.searchsorted(cu_q, torch.arange(tq, device=q.device, dtype=cu_q.dtype), right=True) - 1
     doc_k = torch.searchsorted(cu_k, torch.arange(tk, device=q.device, dtype=cu_k.dtype), right=True) - 1
@@ -361,13 +620,26 @@ def _reference_packed_dense(q, k, v, cu_q, cu_k, key_padding_mask, causal, scale
         vis = vis & (j[None, :] > (i + diag - window)[:, None])
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.bool()[None, :]
-    out, lse = _reference_padded(q[None], k[None], v[None], None, False, scale, 0.0, 0, None,
-                                 visible=vis[None, None, None])
+    out, lse = _reference_padded(
+        q[None], k[None], v[None], None, False, scale, 0.0, 0, None, visible=vis[None, None, None]
+    )
     return out[0], lse[0]
 
 
-def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_padding_mask=None, causal=True,
-                        scale=None, dropout_p=0.0, seed=0, window=None):
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    key_padding_mask=None,
+    causal=True,
+    scale=None,
+    dropout_p=0.0,
+    seed=0,
+    window=None,
+):
     """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
 
     Dropout draws its keep mask from ``torch.rand`` with a generator seeded by ``seed`` (deterministic, but
@@ -379,14 +651,24 @@ def attention_reference(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, key_pa
     if torch.compiler.is_compiling():
         # The per-document loop below reads the offsets on the host (a graph break); traced, the packed
         # layout is one dense [Tq, Tk] problem whose mask keeps each query inside its own document.
-        return _reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale,
-                                       dropout_p, window)
+        return _reference_packed_dense(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale, dropout_p, window
+        )
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
-        kpm = None if key_padding_mask is None else key_padding_mask[ck[b]:ck[b + 1]][None]
-        o, lse = _reference_padded(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                   kpm, causal, scale, dropout_p, seed + b, window)
+        kpm = None if key_padding_mask is None else key_padding_mask[ck[b] : ck[b + 1]][None]
+        o, lse = _reference_padded(
+            q[None, cq[b] : cq[b + 1]],
+            k[None, ck[b] : ck[b + 1]],
+            v[None, ck[b] : ck[b + 1]],
+            kpm,
+            causal,
+            scale,
+            dropout_p,
+            seed + b,
+            window,
+        )
         outs.append(o[0])
         lses.append(lse[0])
     out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
@@ -408,9 +690,25 @@ def _default_fp32_precision() -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
-def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                     key_padding_mask=None, causal=True, scale=None, dropout_p=0.0, window=None, seed=None,
-                     return_lse=False, fp32_precision=None, backend="auto"):
+def prefix_attention(
+    q,
+    k,
+    v,
+    *,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    key_padding_mask=None,
+    causal=True,
+    scale=None,
+    dropout_p=0.0,
+    window=None,
+    seed=None,
+    return_lse=False,
+    fp32_precision=None,
+    backend="auto",
+):
     """Softmax attention of packed or padded sequences (formula in the module docstring).
 
     Layouts: packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k`` (int32 ``[B+1]``,
@@ -429,8 +727,21 @@ def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqle
     log-sum-exp per query, ``[Hq, Tq]`` packed or ``[B, Hq, Sq]`` padded (fp32; fp64 for fp64 inputs),
     -inf for a query that sees no key (its output is 0). Differentiable in q, k, v (and through ``lse``).
     """
-    _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, causal, scale,
-                dropout_p, window, fp32_precision)
+    _check_args(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        window,
+        fp32_precision,
+    )
     dropout_p = float(dropout_p)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
@@ -441,16 +752,39 @@ def prefix_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqle
         fp32_precision = _default_fp32_precision()
     chosen = resolve_backend(backend, q.device)
     if chosen == "torch":
-        out, lse = attention_reference(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                       key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                                       dropout_p=dropout_p, seed=seed, window=window)
+        out, lse = attention_reference(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            key_padding_mask=key_padding_mask,
+            causal=causal,
+            scale=scale,
+            dropout_p=dropout_p,
+            seed=seed,
+            window=window,
+        )
     else:
         if q.dtype == torch.float64 and q.device.type == "cuda":
-            raise TypeError("prefix_attention: float64 runs on the Triton backend only under the interpreter "
-                            "(CPU tensors); use backend='torch' for float64 on a GPU")
+            raise TypeError(
+                "prefix_attention: float64 runs on the Triton backend only under the interpreter "
+                "(CPU tensors); use backend='torch' for float64 on a GPU"
+            )
         out, lse = attention_fwd_op(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, -1 if max_seqlen_q is None else int(max_seqlen_q),
-            -1 if max_seqlen_k is None else int(max_seqlen_k), key_padding_mask, causal, scale, dropout_p, seed,
-            int(window or 0), fp32_precision,
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            -1 if max_seqlen_q is None else int(max_seqlen_q),
+            -1 if max_seqlen_k is None else int(max_seqlen_k),
+            key_padding_mask,
+            causal,
+            scale,
+            dropout_p,
+            seed,
+            int(window or 0),
+            fp32_precision,
         )
     return (out, lse) if return_lse else out

@@ -46,6 +46,7 @@ Design (chunked, cuBLAS + Triton):
     (``once_differentiable``). Pass ``precompute_grad=False`` when you will call the backward with
     ``create_graph=True``: the forward-time gradients would be computed and then not used.
 """
+
 import torch
 
 from gradmem_fast.backend import resolve_backend
@@ -102,6 +103,7 @@ def _logits_into(z, h, weight, bias):
 # Per-chunk softmax/CE: Triton kernels or plain torch, same contract (in place on the logits chunk ``z``)
 # ---------------------------------------------------------------------------------------------------
 
+
 def _onehot_index(t, vocab):
     """(column index, in-range mask): out-of-range targets match no column, as in the kernels."""
     in_range = (t >= 0) & (t < vocab)
@@ -155,6 +157,7 @@ def _ce_grad(backend, z, t, lse, scale, ignore_index):
 # ---------------------------------------------------------------------------------------------------
 # Chunked sweeps
 # ---------------------------------------------------------------------------------------------------
+
 
 def _forward_sweep(hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb):
     """lse, loss ([N], math dtype) and optionally the unit-scale gradients W^T q ([N, d]) and
@@ -237,7 +240,8 @@ class _LinearCE(torch.autograd.Function):
         want_wb = precompute and (need_w or need_b) and uniform
         want_h = precompute and need_h and (uniform or not (need_w or need_b))
         lse, loss, dh_unit, dw_unit, db_unit = _forward_sweep(
-            hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb)
+            hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb
+        )
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.unit = (dh_unit, dw_unit, db_unit)
         ctx.want = (want_h, want_wb)
@@ -253,12 +257,16 @@ class _LinearCE(torch.autograd.Function):
         need_b = bias is not None and ctx.needs_input_grad[2]
         tail = (None,) * 6
         if torch.is_grad_enabled():
-            dh, dw, db = _LinearCEGrad.apply(hidden, weight, bias, g, targets, lse, ignore_index, chunk,
-                                             backend, (need_h, need_w, need_b))
+            dh, dw, db = _LinearCEGrad.apply(
+                hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, (need_h, need_w, need_b)
+            )
             return (dh if need_h else None, dw if need_w else None, db if need_b else None) + tail
         if hidden.shape[0] == 0:
-            return (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None) + tail
+            return (
+                torch.zeros_like(hidden) if need_h else None,
+                torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None,
+            ) + tail
         want_h, want_wb = ctx.want
         dh_unit, dw_unit, db_unit = ctx.unit
         g = g.to(lse.dtype)
@@ -273,8 +281,9 @@ class _LinearCE(torch.autograd.Function):
         rest_w = need_w and not want_wb
         rest_b = need_b and not want_wb
         if rest_h or rest_w or rest_b:
-            rh, rw, rb = _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend,
-                                     rest_h, rest_w, rest_b)
+            rh, rw, rb = _grad_sweep(
+                hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, rest_h, rest_w, rest_b
+            )
             dh = rh if rest_h else dh
             dw = _cast(rw, weight) if rest_w else dw
             db = _cast(rb, bias) if rest_b else db
@@ -301,12 +310,16 @@ class _LinearCEGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, needs):
         need_h, need_w, need_b = needs
-        dh, dw, db = _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend,
-                                 need_h, need_w, need_b)
+        dh, dw, db = _grad_sweep(
+            hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b
+        )
         ctx.save_for_backward(hidden, weight, bias, g, targets, lse)
         ctx.cfg = (ignore_index, chunk)
-        outs = (dh if need_h else hidden.new_empty(0), _cast(dw, weight) if need_w else hidden.new_empty(0),
-                _cast(db, bias) if need_b else hidden.new_empty(0))
+        outs = (
+            dh if need_h else hidden.new_empty(0),
+            _cast(dw, weight) if need_w else hidden.new_empty(0),
+            _cast(db, bias) if need_b else hidden.new_empty(0),
+        )
         for o, needed in zip(outs, needs):
             if not needed:
                 ctx.mark_non_differentiable(o)
@@ -382,6 +395,7 @@ class _LinearCEGrad(torch.autograd.Function):
 # The op
 # ---------------------------------------------------------------------------------------------------
 
+
 def _segments(cu_seqlens, n):
     """Row index of every packed token; tokens outside [cu[0], cu[-1]) get the dump row B."""
     b = cu_seqlens.shape[0] - 1
@@ -420,44 +434,53 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens
         what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise TypeError(f"targets must be an int32 or int64 tensor, got {what}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
-                         f"dimension), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+            f"dimension), got {tuple(targets.shape)}"
+        )
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not (
-            -2**31 <= ignore_index < 2**31):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or not (-(2**31) <= ignore_index < 2**31):
         raise TypeError(f"ignore_index must be a 32-bit int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     if cu_seqlens is not None:
         if reduction != "sample_mean":
             raise ValueError(f"cu_seqlens is only used with reduction='sample_mean', got {reduction!r}")
         if hidden.dim() != 2:
-            raise ValueError("cu_seqlens needs packed hidden of shape [N, d]; [B, S, d] input already "
-                             "defines its rows")
+            raise ValueError("cu_seqlens needs packed hidden of shape [N, d]; [B, S, d] input already defines its rows")
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
             raise ValueError("cu_seqlens must be a 1-D tensor of length B + 1 (row offsets, starting at 0)")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be int32 (FlashAttention convention) or int64, got "
-                            f"{cu_seqlens.dtype}")
+            raise TypeError(f"cu_seqlens must be int32 (FlashAttention convention) or int64, got {cu_seqlens.dtype}")
         if cu_seqlens.device != hidden.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
         if cu_seqlens.device.type == "cpu":  # a free check here; on a GPU it would synchronise
             n = hidden.shape[0]
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool(
-                    (cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-                raise ValueError(f"cu_seqlens must be non-decreasing from 0 to N={n}, got "
-                                 f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+                raise ValueError(
+                    f"cu_seqlens must be non-decreasing from 0 to N={n}, got "
+                    f"{cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}"
+                )
     elif reduction == "sample_mean" and hidden.dim() != 3:
-        raise ValueError("reduction='sample_mean' needs hidden of shape [B, S, d], or packed [N, d] "
-                         "with cu_seqlens")
+        raise ValueError("reduction='sample_mean' needs hidden of shape [B, S, d], or packed [N, d] with cu_seqlens")
 
 
-def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100, reduction="mean",
-                         cu_seqlens=None, backend="auto", chunk_size=None, precompute_grad=None):
+def linear_cross_entropy(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    cu_seqlens=None,
+    backend="auto",
+    chunk_size=None,
+    precompute_grad=None,
+):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never building the logits.
 
     Args:
@@ -487,7 +510,8 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-10
     chunk = chunk_rows(n, weight.shape[0], chunk_size)
     if precompute_grad is None:
         precompute_grad = torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (hidden, weight, bias))
+            x is not None and x.requires_grad for x in (hidden, weight, bias)
+        )
     uniform = reduction in ("sum", "mean")
     loss = _LinearCE.apply(h2, weight, bias, t1, ignore_index, chunk, backend, bool(precompute_grad), uniform)
     if reduction == "none":

@@ -34,9 +34,10 @@ NaN: a NaN in ``g_b`` gives NaN in ``r_b`` and in ``M_b`` at that element (and i
 clamps keep NaN, and a NaN norm leaves the sample unscaled, so nothing is clipped into a finite number.
 Other samples are unaffected.
 """
+
 import math
 from numbers import Real
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -71,11 +72,22 @@ class UpdateResult(NamedTuple):
 
     memory: torch.Tensor
     grad_norm: torch.Tensor
-    state: Optional[AdamState]
+    state: AdamState | None
 
 
-def memory_update(memory, grad, *, lr, optimizer="sgd", clip_value=None, clip_norm=None, state=None,
-                  step=1, betas=ADAM_BETAS, backend="auto") -> UpdateResult:
+def memory_update(
+    memory,
+    grad,
+    *,
+    lr,
+    optimizer="sgd",
+    clip_value=None,
+    clip_norm=None,
+    state=None,
+    step=1,
+    betas=ADAM_BETAS,
+    backend="auto",
+) -> UpdateResult:
     """Update every memory ``M_b`` with its own gradient ``g_b`` (formula in the module docstring).
 
     Args:
@@ -144,6 +156,7 @@ def memory_update(memory, grad, *, lr, optimizer="sgd", clip_value=None, clip_no
 
 
 # ----------------------------------------------------------------------------------------- validation
+
 
 def _check_inputs(memory, grad):
     for name, t in (("memory", memory), ("grad", grad)):
@@ -221,11 +234,12 @@ def _check_state(state, memory):
         raise TypeError("state: expected None or an AdamState / pair (exp_avg, exp_avg_sq) of tensors")
     for name, t in zip(AdamState._fields, state):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"state.{name}: expected a floating-point tensor, got "
-                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+            raise TypeError(
+                f"state.{name}: expected a floating-point tensor, got "
+                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
         if t.shape != memory.shape:
-            raise ValueError(f"state.{name}: expected the shape of memory {tuple(memory.shape)}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"state.{name}: expected the shape of memory {tuple(memory.shape)}, got {tuple(t.shape)}")
         if t.device != memory.device:
             raise ValueError(f"state.{name}: expected the device of memory ({memory.device}), got {t.device}")
     dt = _math_dtype(memory.dtype)
@@ -234,6 +248,7 @@ def _check_state(state, memory):
 
 
 # ------------------------------------------------------------------------------------- torch formula
+
 
 def _math_dtype(dtype):
     """fp32 math for 16-bit memories, fp64 for fp64 (the statistics and moments use it too)."""
@@ -299,6 +314,7 @@ def adam_torch(memory, grad, lr, clip_value, clip_norm, state, step, betas=ADAM_
 
 # -------------------------------------------------------------------------------------- triton paths
 
+
 def _kernels():
     # Imported on first use: importing Triton must wait until the interpreter choice is made.
     from gradmem_fast.kernels import update
@@ -311,7 +327,8 @@ def _sgd_values(memory, grad, lr, clip_value, clip_norm, use_kernel):
         with torch.no_grad():
             return sgd_torch(memory, grad, lr, clip_value, clip_norm)
     new, norm, _, _ = _kernels().launch_update(
-        memory.detach(), grad.detach(), lr=_detached(lr), clip_value=clip_value, clip_norm=clip_norm)
+        memory.detach(), grad.detach(), lr=_detached(lr), clip_value=clip_value, clip_norm=clip_norm
+    )
     return new, norm
 
 
@@ -321,8 +338,16 @@ def _detached(x):
 
 def _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas):
     return _kernels().launch_update(
-        memory.detach(), grad.detach(), lr=_detached(lr), adam=True, step=step, clip_value=clip_value,
-        clip_norm=clip_norm, betas=betas, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+        memory.detach(),
+        grad.detach(),
+        lr=_detached(lr),
+        adam=True,
+        step=step,
+        clip_value=clip_value,
+        clip_norm=clip_norm,
+        betas=betas,
+        exp_avg=exp_avg,
+        exp_avg_sq=exp_avg_sq,
     )
 
 
@@ -343,8 +368,7 @@ class _SGDUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, memory, grad, lr, clip_value, clip_norm):
-        new, norm = _sgd_values(memory, grad, lr, clip_value, clip_norm,
-                                use_kernel=memory.dtype in _KERNEL_DTYPES)
+        new, norm = _sgd_values(memory, grad, lr, clip_value, clip_norm, use_kernel=memory.dtype in _KERNEL_DTYPES)
         ctx.mark_non_differentiable(norm)
         ctx.clip = (clip_value, clip_norm)
         ctx.lr = None if isinstance(lr, torch.Tensor) else lr
@@ -380,8 +404,9 @@ class _SGDUpdate(torch.autograd.Function):
                 du = -lr * w
                 if clip_norm is not None:
                     hdu = (h * du).sum(dim=(1, 2), keepdim=True, dtype=torch.float64)
-                    coef = torch.where(clipped, clip_norm * hdu / ((n_safe + NORM_EPS) ** 2 * n_safe),
-                                       torch.zeros_like(n))
+                    coef = torch.where(
+                        clipped, clip_norm * hdu / ((n_safe + NORM_EPS) ** 2 * n_safe), torch.zeros_like(n)
+                    )
                     dh = du * scale - coef.to(dt) * h
                 else:
                     dh = du
@@ -397,8 +422,7 @@ class _AdamUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas):
-        new, norm, m1, m2 = _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value,
-                                         clip_norm, betas)
+        new, norm, m1, m2 = _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas)
         ctx.mark_non_differentiable(norm, m1, m2)
         return new, norm, m1, m2
 

@@ -12,6 +12,7 @@ reads the shared memory from the compiled metadata and the registers and spills 
 memory above the architecture's limit. It must run with ``TRITON_INTERPRET`` unset: under the interpreter
 ``@triton.jit`` yields objects the compiler cannot take.
 """
+
 import argparse
 import dataclasses
 import importlib
@@ -41,8 +42,11 @@ class CompileReport:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.spill_stores == 0 and self.spill_loads == 0 and (
-            self.shared <= SHARED_LIMIT[self.arch]
+        return (
+            not self.error
+            and self.spill_stores == 0
+            and self.spill_loads == 0
+            and (self.shared <= SHARED_LIMIT[self.arch])
         )
 
     def problems(self) -> str:
@@ -74,7 +78,8 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple:
             f.write(ptx)
         proc = subprocess.run(
             [_ptxas(), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[-2000:]}")
@@ -108,8 +113,10 @@ def source_parts(spec: CompileSpec, variant: Variant, arch: int = 90) -> tuple:
     fixed = {names[a] if isinstance(a, int) else a for a in getattr(spec.kernel, "do_not_specialize", ())}
     fixed &= set(variant.divisible) | set(variant.ones)
     if fixed:
-        raise ValueError(f"{spec.name} [{variant.label}]: {sorted(fixed)} are do_not_specialize arguments: "
-                         "a launch never specialises them")
+        raise ValueError(
+            f"{spec.name} [{variant.label}]: {sorted(fixed)} are do_not_specialize arguments: "
+            "a launch never specialises them"
+        )
     for arg in variant.ones:
         if not spec.signature[arg].startswith("i"):
             raise ValueError(f"{spec.name} [{variant.label}]: only integer arguments can be 1, not {arg!r}")
@@ -150,8 +157,9 @@ def compile_source(spec: CompileSpec, variant: Variant, arch: int):
 
     signature, constexprs, attrs = source_parts(spec, variant, arch)
     source = ASTSource(spec.kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    )
 
 
 def compile_one(spec: CompileSpec, arch: int, variant: Variant | None = None) -> CompileReport:
@@ -159,11 +167,11 @@ def compile_one(spec: CompileSpec, arch: int, variant: Variant | None = None) ->
     try:
         compiled = compile_source(spec, variant, arch)
         regs, stores, loads = _ptxas_usage(compiled.asm["ptx"], arch)
-        return CompileReport(spec.name, arch, int(compiled.metadata.shared), regs, stores, loads,
-                             variant=variant.label)
+        return CompileReport(spec.name, arch, int(compiled.metadata.shared), regs, stores, loads, variant=variant.label)
     except Exception as exc:  # report every failing configuration, not just the first
-        return CompileReport(spec.name, arch, 0, 0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:2000],
-                             variant=variant.label)
+        return CompileReport(
+            spec.name, arch, 0, 0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:2000], variant=variant.label
+        )
 
 
 def collect_specs(modules=None) -> list:
@@ -194,9 +202,15 @@ def run(specs, archs=None, stream=sys.stdout, jobs: int = 1, match: str | None =
 
     ``match``: a regular expression; only ``name [variant]`` strings it finds are compiled."""
     pattern = re.compile(match) if match else None
-    tasks = [(i, j, arch) for i, spec in enumerate(specs) for j, variant in enumerate(spec.variants)
-             for arch in spec.archs if (not archs or arch in archs) and (not variant.archs or arch in variant.archs)
-             and (pattern is None or pattern.search(f"{spec.name} [{variant.label}]"))]
+    tasks = [
+        (i, j, arch)
+        for i, spec in enumerate(specs)
+        for j, variant in enumerate(spec.variants)
+        for arch in spec.archs
+        if (not archs or arch in archs)
+        and (not variant.archs or arch in variant.archs)
+        and (pattern is None or pattern.search(f"{spec.name} [{variant.label}]"))
+    ]
     _SPECS[:] = specs
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing
@@ -211,8 +225,12 @@ def run(specs, archs=None, stream=sys.stdout, jobs: int = 1, match: str | None =
 
 def _print(rep, stream):
     status = "ok  " if rep.ok else "FAIL"
-    print(f"{status} sm_{rep.arch} {rep.name:52s} {rep.variant:12s} shared={rep.shared:6d} regs={rep.registers:3d} "
-          f"spills={rep.spill_stores}/{rep.spill_loads} {rep.problems()}", file=stream, flush=True)
+    print(
+        f"{status} sm_{rep.arch} {rep.name:52s} {rep.variant:12s} shared={rep.shared:6d} regs={rep.registers:3d} "
+        f"spills={rep.spill_stores}/{rep.spill_loads} {rep.problems()}",
+        file=stream,
+        flush=True,
+    )
     return rep
 
 
@@ -223,8 +241,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="*", choices=sorted(SHARED_LIMIT), default=None)
     parser.add_argument("--module", nargs="*", default=None, help="kernel modules to check (default: all)")
-    parser.add_argument("--match", default=None,
-                        help="regular expression on 'NAME [VARIANT]': compile only the matching ones")
+    parser.add_argument(
+        "--match", default=None, help="regular expression on 'NAME [VARIANT]': compile only the matching ones"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: cores)")
     args = parser.parse_args(argv)
     specs = collect_specs(args.module)
