@@ -268,15 +268,17 @@ def test_compare_measured_with_projected(tmp_path):
     assert math.isclose(rows[0]["measured_over_projected"], 5.0 / expected)
 
 
-def test_bucket_waste_sums_tokens_not_ratios():
-    from gradmem_fast.packing import bucket_shape
+def test_uniform_mix_waste_is_the_writers_padding():
+    """The census reports the writer's own bucketing (packing.padding_waste) on the issue's length mix."""
+    import torch
 
-    batches = [[100], [300, 450, 120]]
-    w = census.bucket_waste(batches, num_memory_tokens=8)
-    shapes = [bucket_shape(len(b) + 1, sum(b)) for b in batches]
-    assert math.isclose(w["token_waste"], 1 - 970 / sum(s[1] for s in shapes))
-    assert math.isclose(w["row_waste"], 1 - (970 + 8 * 4) / sum(s[1] + 8 * s[0] for s in shapes))
-    assert 0 <= census.uniform_mix_waste(batches=20)["token_waste"] < 1
+    from gradmem_fast.packing import padding_waste
+
+    w = census.uniform_mix_waste(docs=3000, seed=3)
+    lengths = torch.randint(100, 451, (3000,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert w["row_waste"] == padding_waste(lengths, 8)["row_waste"]
+    assert w["real_rows"] == sum(lengths) + 8 * 3000
+    assert 0 < w["row_waste"] <= w["target_max"]
 
 
 def test_cli_dry_run_writes_json(tmp_path, capsys):
