@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv compile-check test-kernels-full test-compile clean
+.PHONY: demo test venv lint format typecheck compile-check test-kernels-full test-compile clean
 
 venv:
 	@VENV=$(VENV) bash scripts/setup_venv.sh
@@ -10,9 +10,24 @@ venv:
 demo: venv
 	$(PY) -m gradmem_fast demo
 
-test: venv
+test: venv lint typecheck
 	$(PY) -m pytest -q tests
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
+
+# Lint + import order + format check (ruff.toml), and the type check of the public API (mypy.ini). Both run
+# before the tests in make test. A venv without ruff/mypy (a GPU machine that reused its own packages, see
+# scripts/setup_venv.sh) skips them with a message instead of failing: the pins are in requirements-cpu.txt.
+lint: venv
+	@if [ -x $(VENV)/bin/ruff ]; then $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .; \
+	else echo "make lint: SKIPPED, ruff is not installed in $(VENV) (pip install -r requirements-cpu.txt)"; fi
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: venv
+	@if [ -x $(VENV)/bin/mypy ]; then $(VENV)/bin/mypy --config-file mypy.ini; \
+	else echo "make typecheck: SKIPPED, mypy is not installed in $(VENV) (pip install -r requirements-cpu.txt)"; fi
 
 # Every GPU table configuration on every tile-edge geometry in the interpreter, and a longer property-based
 # search (make test runs a sample in which each configuration runs once).

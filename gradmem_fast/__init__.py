@@ -9,6 +9,7 @@ Triton (the Triton interpreter must be configured before Triton is first importe
 
 import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -35,13 +36,25 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
+if TYPE_CHECKING:  # the type checker sees the real names (and their signatures); at run time they stay lazy
+    from gradmem_fast.backend import resolve_backend as resolve_backend
+    from gradmem_fast.config import WriteConfig as WriteConfig
+    from gradmem_fast.hf import register_attention as register_attention
+    from gradmem_fast.ops.attention import prefix_attention as prefix_attention
+    from gradmem_fast.ops.cross_entropy import linear_cross_entropy as linear_cross_entropy
+    from gradmem_fast.ops.update import UpdateResult as UpdateResult
+    from gradmem_fast.ops.update import memory_update as memory_update
+    from gradmem_fast.reader import MemoryReader as MemoryReader
+    from gradmem_fast.result import WriteResult as WriteResult
+    from gradmem_fast.writer import MemoryWriter as MemoryWriter
 
-def __getattr__(name):
+
+def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'gradmem_fast' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return __all__

@@ -40,11 +40,11 @@ class WriteConfig:
     clip_norm: float | None = None
     grad_mode: str = "none"
     last_k_second_order: int | None = None
-    adam_betas: tuple = (0.9, 0.999)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     init_std: float = 0.02
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_int("num_memory_tokens", self.num_memory_tokens, minimum=1)
         _check_int("steps", self.steps, minimum=1)
         _check_number("lr", self.lr, minimum=0.0)
@@ -86,14 +86,14 @@ class WriteConfig:
         return k >= self.steps - last
 
 
-def _check_int(name, value, minimum):
+def _check_int(name: str, value: object, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_number(name, value, minimum, strict=False):
+def _check_number(name: str, value: object, minimum: float, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):

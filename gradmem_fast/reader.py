@@ -28,6 +28,8 @@ keeps the explicit positions above, which ``generate`` would derive from the mas
 
 import copy
 import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +48,23 @@ class Prefix:
         m: number of memory vectors.
     """
 
-    cache: object
+    cache: Any  # a transformers Cache (DynamicCache)
     last_logits: torch.Tensor
     m: int
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (torch types ``Module.__getattr__`` as ``Tensor | Module``)."""
+    return cast(torch.Tensor, module.weight)
+
+
 @torch.no_grad()
-def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
+def teacher_forced(
+    model: torch.nn.Module,
+    memory: torch.Tensor,
+    documents: Sequence[torch.Tensor | Sequence[int]],
+    chunk_rows: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """How well each memory holds its document, with the true tokens fed in (teacher forcing).
 
     For document b with tokens c_1..c_n and memory M_b, on ``[M_b ; E(c)]`` (positions 0..m+n-1, causal):
@@ -71,7 +83,7 @@ def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
     """
     emb = hf.input_embeddings(model)
     head = hf.output_head(model)
-    device = emb.weight.device
+    device = _weight(emb).device
     lengths = [len(d) for d in documents]
     if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != len(documents):
         raise ValueError(f"memory must be a [{len(documents)}, m, d] tensor for {len(documents)} documents")
@@ -82,7 +94,7 @@ def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
     for b, doc in enumerate(documents):
         ids[b, : lengths[b]] = torch.as_tensor(doc, dtype=torch.long)
     ids = ids.to(device)
-    x = torch.cat([memory.to(device=device, dtype=emb.weight.dtype), emb(ids)], dim=1)
+    x = torch.cat([memory.to(device=device, dtype=_weight(emb).dtype), emb(ids)], dim=1)
     positions = torch.arange(m + S, device=device).unsqueeze(0).expand(B, -1)
     hidden = hf.backbone_hidden(model, x, torch.ones(B, m + S, dtype=torch.long, device=device), positions)
     bias = getattr(head, "bias", None)
@@ -91,7 +103,7 @@ def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
     for b, n in enumerate(lengths):
         for lo in range(0, n, chunk_rows):
             hi = min(n, lo + chunk_rows)
-            logits = F.linear(hidden[b, m - 1 + lo : m - 1 + hi], head.weight, bias)
+            logits = F.linear(hidden[b, m - 1 + lo : m - 1 + hi], _weight(head), bias)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             target = ids[b, lo:hi]
             loss[b] += float(F.cross_entropy(logits, target, reduction="sum"))
@@ -100,14 +112,14 @@ def teacher_forced(model, memory, documents, chunk_rows: int = 1024):
     return loss, correct
 
 
-def _cache_rows(cache, index: torch.Tensor):
+def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
     """A new cache whose row i is row ``index[i]`` of ``cache`` (rows may repeat)."""
     rows = copy.deepcopy(cache)
     rows.batch_select_indices(index)
     return rows
 
 
-def _filter_logits(logits, top_k: int, top_p: float):
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float | None) -> torch.Tensor:
     """Mask logits outside the top-k and outside the smallest set with probability >= top_p."""
     if top_k and top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -130,7 +142,7 @@ class MemoryReader:
         tokenizer: optional; needed only by ``answer`` (text in, text out).
     """
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
         """Check the model's parts once (embeddings, an output head without logit post-processing)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
@@ -138,10 +150,10 @@ class MemoryReader:
         self.tokenizer = tokenizer
         self._emb = hf.input_embeddings(model)
         hf.output_head(model)  # rejects models whose logits are post-processed after the head
-        self.device = self._emb.weight.device
+        self.device = _weight(self._emb).device
         self.hidden_size = hf.hidden_size(model)
 
-    def _check_memory(self, memory):
+    def _check_memory(self, memory: torch.Tensor) -> None:
         """Memories must be [D, m, d] floats of the model's width."""
         if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or not memory.dtype.is_floating_point:
             raise ValueError(
@@ -157,14 +169,14 @@ class MemoryReader:
             raise ValueError(f"memory must have at least one document and one vector, got {tuple(memory.shape)}")
 
     @torch.no_grad()
-    def prefix(self, memory) -> Prefix:
+    def prefix(self, memory: torch.Tensor) -> Prefix:
         """Run ``memory`` [D, m, d] through the model once: its cache and last logits (see ``Prefix``)."""
         from transformers import DynamicCache
 
         self._check_memory(memory)
         D, m, _ = memory.shape
-        x = memory.to(device=self.device, dtype=self._emb.weight.dtype)
-        cache = DynamicCache(config=self.model.config)
+        x = memory.to(device=self.device, dtype=_weight(self._emb).dtype)
+        cache = DynamicCache(config=cast(Any, self.model).config)
         out = self.model(
             inputs_embeds=x,
             attention_mask=torch.ones(D, m, dtype=torch.long, device=self.device),
@@ -175,7 +187,9 @@ class MemoryReader:
         )
         return Prefix(cache=out.past_key_values, last_logits=out.logits[:, -1], m=m)
 
-    def _step(self, ids, mask, positions, cache, keep_all=False):
+    def _step(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any, keep_all: bool = False
+    ) -> tuple[torch.Tensor, Any]:
         """One cached forward: logits of the last position (or all) and the grown cache."""
         out = self.model(
             input_ids=ids,
@@ -188,7 +202,12 @@ class MemoryReader:
         return out.logits, out.past_key_values
 
     @torch.no_grad()
-    def logits(self, memory, query_ids, query_mask=None):
+    def logits(
+        self,
+        memory: torch.Tensor,
+        query_ids: torch.Tensor | Sequence[Sequence[int]],
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """READ logits ``[B, Q+1, V]`` through the cache; equal to ``reference.read_logits``.
 
         Row j predicts query token j; the last valid row of document b (j = its query length) predicts the
@@ -198,7 +217,7 @@ class MemoryReader:
         ids, mask = check_token_batch(
             query_ids.to(self.device) if isinstance(query_ids, torch.Tensor) else query_ids,
             query_mask,
-            self._emb.weight.shape[0],
+            _weight(self._emb).shape[0],
             name="query_ids",
             mask_name="query_mask",
         )
@@ -216,17 +235,17 @@ class MemoryReader:
     def generate(
         self,
         prefix: Prefix,
-        doc_index,
-        queries,
+        doc_index: Sequence[int] | torch.Tensor,
+        queries: Sequence[Sequence[int]],
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        eos_token_id=None,
-        generator=None,
-        max_length=None,
-    ):
+        eos_token_id: int | Iterable[int] | None = None,
+        generator: torch.Generator | None = None,
+        max_length: int | None = None,
+    ) -> list[list[int]]:
         """Generate a continuation of each query from its document's memory.
 
         Args:
@@ -254,7 +273,7 @@ class MemoryReader:
             else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
         )
         m, dev = prefix.m, self.device
-        vocab = self._emb.weight.shape[0]
+        vocab = _weight(self._emb).shape[0]
         lengths = [len(q) for q in queries]
         for i, q in enumerate(queries):
             if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in q):
@@ -281,7 +300,7 @@ class MemoryReader:
             has_query = torch.as_tensor([n > 0 for n in lengths], device=dev).unsqueeze(1)
             next_logits = torch.where(has_query, logits[:, -1], next_logits)
         next_pos = torch.as_tensor([m + n for n in lengths], dtype=torch.long, device=dev)
-        out = [[] for _ in range(B)]
+        out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for t in range(budget):
             if do_sample:
@@ -303,7 +322,14 @@ class MemoryReader:
             next_logits = logits[:, -1]
         return out
 
-    def answer(self, memory, queries, max_new_tokens: int = 32, batch_size: int = 16, **options):
+    def answer(
+        self,
+        memory: torch.Tensor,
+        queries: Sequence[tuple[int, str]],
+        max_new_tokens: int = 32,
+        batch_size: int = 16,
+        **options: Any,
+    ) -> list[str]:
         """Text answers to ``queries`` = [(document row of ``memory``, query text), ...], in order.
 
         Each memory's cache is computed once (``prefix``) and reused by all of its queries; queries are
@@ -313,7 +339,7 @@ class MemoryReader:
             raise ValueError("answer() needs a tokenizer: MemoryReader(model, tokenizer)")
         prefix = self.prefix(memory)
         options.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        answers = [None] * len(queries)
+        answers: list[str | None] = [None] * len(queries)
         order = sorted(range(len(queries)), key=lambda i: queries[i][0])
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -321,4 +347,4 @@ class MemoryReader:
             generated = self.generate(prefix, [queries[i][0] for i in chunk], tokens, max_new_tokens, **options)
             for i, gen in zip(chunk, generated):
                 answers[i] = self.tokenizer.decode(gen, skip_special_tokens=True)
-        return answers
+        return cast(list[str], answers)  # every slot is filled by its chunk

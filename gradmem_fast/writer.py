@@ -16,6 +16,8 @@ kernels run: no host synchronisation per batch (the yielded memories stay on the
 """
 
 import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal, cast
 
 import torch
 
@@ -23,10 +25,13 @@ from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
 from .inputs import initial_memory, prepare_write, resolve_write_head
-from .packing import bucket_rows, documents_from_batch, pack, plan_batches
+from .packing import PackedBatch, bucket_rows, documents_from_batch, pack, plan_batches
 from .result import WriteResult
 
 __all__ = ["MemoryWriter", "WriteResult"]
+
+# on_step(k, losses): called after step k with the detached per-document losses [B].
+StepCallback = Callable[[int, torch.Tensor], object]
 
 
 class MemoryWriter:
@@ -57,13 +62,13 @@ class MemoryWriter:
 
     def __init__(
         self,
-        model,
-        config: WriteConfig = None,
+        model: torch.nn.Module,
+        config: WriteConfig | None = None,
         backend: str = "auto",
-        write_head=None,
+        write_head: torch.Tensor | torch.nn.Module | None = None,
         cuda_graphs: bool = False,
-        compile="auto",
-    ):
+        compile: bool | Literal["auto"] = "auto",
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a Hugging Face causal LM), got {type(model).__name__}")
         hf.input_embeddings(model)
@@ -74,7 +79,7 @@ class MemoryWriter:
         self.model = model
         self.config = config
         self.write_head = write_head
-        device = hf.input_embeddings(model).weight.device
+        device = cast(torch.Tensor, hf.input_embeddings(model).weight).device
         self.backend = resolve_backend(backend, device)
         # The ops the engine runs on: the backend, except in tests that run the engine on the torch ops.
         self.ops_backend = self.backend
@@ -98,15 +103,21 @@ class MemoryWriter:
         self.cuda_graphs = (
             cuda_graphs and self.backend == "triton" and device.type == "cuda" and config.grad_mode == "none"
         )
-        self._graphed = None
+        self._graphed: engine.GraphedWriteLoop | None = None
 
-    def _step_backbone(self):
+    def _step_backbone(self) -> engine.CompiledBackbone | None:
         """The compiled backbone for this write, or None (eager)."""
         if self.backbone is None or (self.compile == "auto" and engine.attention_dropout_active(self.model)):
             return None
         return self.backbone
 
-    def write(self, input_ids, attention_mask=None, memory=None, on_step=None) -> WriteResult:
+    def write(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        on_step: StepCallback | None = None,
+    ) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
 
         ``attention_mask`` [B, S]: 1 = real token (Hugging Face convention); left or right padding.
@@ -130,7 +141,7 @@ class MemoryWriter:
         """Whether batches are padded to bucket sizes (a compiled or graphed step)."""
         return self.backend == "triton" and (self.cuda_graphs or self._step_backbone() is not None)
 
-    def _pack(self, docs, device):
+    def _pack(self, docs: list[torch.Tensor], device: torch.device) -> PackedBatch:
         """Pack CPU documents (padded to a bucket when the step is compiled or graphed) and upload them."""
         m = self.config.num_memory_tokens
         rows = None
@@ -138,7 +149,14 @@ class MemoryWriter:
             rows = bucket_rows(sum(len(doc) for doc in docs) + m * len(docs), m)
         return pack(docs, m, device, rows=rows, doc_multiple=8 if self.cuda_graphs else 1)
 
-    def _write_packed(self, packed, M, head_weight, head_bias, on_step=None) -> WriteResult:
+    def _write_packed(
+        self,
+        packed: PackedBatch,
+        M: torch.Tensor,
+        head_weight: torch.Tensor,
+        head_bias: torch.Tensor | None,
+        on_step: StepCallback | None = None,
+    ) -> WriteResult:
         filler = packed.batch - M.shape[0]
         if filler:
             M = torch.cat([M, M.new_zeros(filler, *M.shape[1:])])
@@ -160,7 +178,14 @@ class MemoryWriter:
             backbone=self._step_backbone(),
         )
 
-    def write_many(self, documents, batch_tokens: int = 16384, window: int = 4096, memory=None, on_step=None):
+    def write_many(
+        self,
+        documents: Iterable[torch.Tensor | Sequence[int]],
+        batch_tokens: int = 16384,
+        window: int = 4096,
+        memory: torch.Tensor | None = None,
+        on_step: StepCallback | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
 
         Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
@@ -181,7 +206,7 @@ class MemoryWriter:
             yield from self._write_many_engine(documents, batch_tokens, window, memory, on_step)
             return
         for docs in self._windows(documents, window):
-            out = [None] * len(docs)
+            out: list[torch.Tensor | None] = [None] * len(docs)
             for batch in self.plan_batches(docs, batch_tokens):
                 width = max(len(docs[i]) for i in batch)
                 ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -193,18 +218,26 @@ class MemoryWriter:
                     result = self.write(ids, mask, memory, on_step=on_step)
                 for row, i in enumerate(batch):
                     out[i] = result.memory[row].detach()
-            yield from out
+            yield from cast(list[torch.Tensor], out)  # every slot is filled by its batch
 
-    def _write_many_engine(self, documents, batch_tokens, window, memory, on_step):
+    def _write_many_engine(
+        self,
+        documents: Iterable[torch.Tensor | Sequence[int]],
+        batch_tokens: int,
+        window: int,
+        memory: torch.Tensor | None,
+        on_step: StepCallback | None,
+    ) -> Iterator[torch.Tensor]:
         """write_many on the engine: validation and packing on the CPU, one pinned non-blocking upload per
         batch, the next batch packed while the current one's kernels run; no host sync per batch."""
         head_weight, head_bias = resolve_write_head(self.write_head, self.model)
         emb = hf.input_embeddings(self.model)
-        device = emb.weight.device
-        vocab = min(emb.weight.shape[0], head_weight.shape[0])
+        emb_weight = cast(torch.Tensor, emb.weight)
+        device = emb_weight.device
+        vocab = min(emb_weight.shape[0], head_weight.shape[0])
         M0 = initial_memory(memory, 1, self.config, self.model, device).detach()  # once per stream
         for docs in self._windows(documents, window, vocab):
-            out = [None] * len(docs)
+            out: list[torch.Tensor | None] = [None] * len(docs)
             batches = self.plan_batches(docs, batch_tokens)
             upcoming = self._pack([docs[i] for i in batches[0]], device)
             for index, batch in enumerate(batches):
@@ -217,9 +250,11 @@ class MemoryWriter:
                     upcoming = self._pack([docs[i] for i in batches[index + 1]], device)
                 for row, i in enumerate(batch):
                     out[i] = result.memory[row].detach()
-            yield from out
+            yield from cast(list[torch.Tensor], out)  # every slot is filled by its batch
 
-    def _windows(self, documents, window, vocab=None):
+    def _windows(
+        self, documents: Iterable[torch.Tensor | Sequence[int]], window: int, vocab: int | None = None
+    ) -> Iterator[list[torch.Tensor]]:
         """Lists of at most ``window`` validated CPU documents, in input order."""
         iterator = iter(documents)
         position = 0
@@ -231,7 +266,7 @@ class MemoryWriter:
             position += len(chunk)
 
     @staticmethod
-    def _as_document(doc, index, vocab=None):
+    def _as_document(doc: torch.Tensor | Sequence[int], index: int, vocab: int | None = None) -> torch.Tensor:
         tensor = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
         if tensor.dim() != 1 or tensor.numel() == 0:
             raise ValueError(
@@ -247,7 +282,7 @@ class MemoryWriter:
             )
         return tensor
 
-    def plan_batches(self, docs, batch_tokens):
+    def plan_batches(self, docs: Sequence[torch.Tensor], batch_tokens: int) -> list[list[int]]:
         """The batches (lists of indices into ``docs``) that ``write_many`` writes for one window, in order."""
         return plan_batches(
             [len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens, padded=self._padded()

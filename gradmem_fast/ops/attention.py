@@ -23,6 +23,7 @@ backward itself is not differentiable (no third order).
 """
 
 import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -627,19 +628,19 @@ def _reference_packed_dense(q, k, v, cu_q, cu_k, key_padding_mask, causal, scale
 
 
 def attention_reference(
-    q,
-    k,
-    v,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     *,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    key_padding_mask=None,
-    causal=True,
-    scale=None,
-    dropout_p=0.0,
-    seed=0,
-    window=None,
-):
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    window: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
 
     Dropout draws its keep mask from ``torch.rand`` with a generator seeded by ``seed`` (deterministic, but
@@ -654,6 +655,7 @@ def attention_reference(
         return _reference_packed_dense(
             q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale, dropout_p, window
         )
+    assert cu_seqlens_k is not None, "attention_reference: cu_seqlens_q and cu_seqlens_k come together"
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
@@ -690,25 +692,69 @@ def _default_fp32_precision() -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
+@overload
 def prefix_attention(
-    q,
-    k,
-    v,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
     *,
-    cu_seqlens_q=None,
-    cu_seqlens_k=None,
-    max_seqlen_q=None,
-    max_seqlen_k=None,
-    key_padding_mask=None,
-    causal=True,
-    scale=None,
-    dropout_p=0.0,
-    window=None,
-    seed=None,
-    return_lse=False,
-    fp32_precision=None,
-    backend="auto",
-):
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
+    max_seqlen_q: int | None = ...,
+    max_seqlen_k: int | None = ...,
+    key_padding_mask: Tensor | None = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    window: int | None = ...,
+    seed: int | None = ...,
+    return_lse: Literal[False] = ...,
+    fp32_precision: str | None = ...,
+    backend: str = ...,
+) -> Tensor: ...
+
+
+@overload
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
+    max_seqlen_q: int | None = ...,
+    max_seqlen_k: int | None = ...,
+    key_padding_mask: Tensor | None = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    window: int | None = ...,
+    seed: int | None = ...,
+    return_lse: Literal[True],
+    fp32_precision: str | None = ...,
+    backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    window: int | None = None,
+    seed: int | None = None,
+    return_lse: bool = False,
+    fp32_precision: str | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention of packed or padded sequences (formula in the module docstring).
 
     Layouts: packed ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` with ``cu_seqlens_q/k`` (int32 ``[B+1]``,

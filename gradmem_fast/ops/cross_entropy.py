@@ -57,7 +57,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk_size=None) -> int:
+def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None = None) -> int:
     """Rows per chunk (the module docstring's rule); ``chunk_size`` overrides it."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), n_rows))
@@ -71,7 +71,8 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_FP32_OUT_GEMM = [None]  # whether torch.mm(..., out_dtype=torch.float32) works here; found on first use
+# Whether torch.mm(..., out_dtype=torch.float32) works here; found on first use.
+_FP32_OUT_GEMM: list[bool | None] = [None]
 
 
 def _mm_acc(a, b):
@@ -469,18 +470,18 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    targets,
-    bias=None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
     *,
-    ignore_index=-100,
-    reduction="mean",
-    cu_seqlens=None,
-    backend="auto",
-    chunk_size=None,
-    precompute_grad=None,
-):
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    precompute_grad: bool | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never building the logits.
 
     Args:
@@ -524,6 +525,7 @@ def linear_cross_entropy(
     if hidden.dim() == 3:
         b, s = targets.shape
         return loss.reshape(b, s).sum(1) / valid.reshape(b, s).sum(1).clamp(min=1.0)
+    assert cu_seqlens is not None  # _validate: packed sample_mean input comes with cu_seqlens
     b = cu_seqlens.shape[0] - 1
     seg = _segments(cu_seqlens, n)
     sums = loss.new_zeros(b + 1).index_add(0, seg, loss)[:b]

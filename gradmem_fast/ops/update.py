@@ -37,7 +37,8 @@ Other samples are unaffected.
 
 import math
 from numbers import Real
-from typing import NamedTuple
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +53,10 @@ ADAM_V_FLOOR = 1e-8
 # The kernel's dtypes; kept here too so the torch backend never imports Triton.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_STEP = 2**31 - 1  # a Python step is an i32 kernel argument
+
+# A learning rate or step is a Python number or a 1-element tensor (a tensor lr may require grad).
+LR = float | torch.Tensor
+Step = int | torch.Tensor
 
 
 class AdamState(NamedTuple):
@@ -76,17 +81,17 @@ class UpdateResult(NamedTuple):
 
 
 def memory_update(
-    memory,
-    grad,
+    memory: torch.Tensor,
+    grad: torch.Tensor,
     *,
-    lr,
-    optimizer="sgd",
-    clip_value=None,
-    clip_norm=None,
-    state=None,
-    step=1,
-    betas=ADAM_BETAS,
-    backend="auto",
+    lr: LR,
+    optimizer: str = "sgd",
+    clip_value: float | None = None,
+    clip_norm: float | None = None,
+    state: AdamState | tuple[torch.Tensor, torch.Tensor] | None = None,
+    step: Step = 1,
+    betas: tuple[float, float] = ADAM_BETAS,
+    backend: str = "auto",
 ) -> UpdateResult:
     """Update every memory ``M_b`` with its own gradient ``g_b`` (formula in the module docstring).
 
@@ -158,7 +163,7 @@ def memory_update(
 # ----------------------------------------------------------------------------------------- validation
 
 
-def _check_inputs(memory, grad):
+def _check_inputs(memory: torch.Tensor, grad: torch.Tensor) -> None:
     for name, t in (("memory", memory), ("grad", grad)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -174,11 +179,11 @@ def _check_inputs(memory, grad):
         raise ValueError(f"grad: expected the device of memory ({memory.device}), got {grad.device}")
 
 
-def _is_number(x) -> bool:
+def _is_number(x: object) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
-def _check_lr(lr, memory):
+def _check_lr(lr: Any, memory: torch.Tensor) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr: expected a number or a 1-element tensor, got shape {tuple(lr.shape)}")
@@ -191,7 +196,7 @@ def _check_lr(lr, memory):
         raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
 
 
-def _check_clip(name, value):
+def _check_clip(name: str, value: Any) -> float | None:
     if value is None:
         return None
     if not _is_number(value):
@@ -201,7 +206,7 @@ def _check_clip(name, value):
     return float(value)
 
 
-def _check_step(step):
+def _check_step(step: object) -> None:
     if isinstance(step, torch.Tensor):
         if step.numel() != 1:
             raise ValueError(f"step: expected an int or a 1-element tensor, got shape {tuple(step.shape)}")
@@ -214,7 +219,7 @@ def _check_step(step):
         raise ValueError(f"step: expected 1 <= step <= {_MAX_STEP} (Adam's 1-based step index), got {step}")
 
 
-def _check_betas(betas):
+def _check_betas(betas: Any) -> tuple[float, float]:
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
@@ -227,7 +232,7 @@ def _check_betas(betas):
     return float(b1), float(b2)
 
 
-def _check_state(state, memory):
+def _check_state(state: Any, memory: torch.Tensor) -> AdamState | None:
     if state is None:
         return None
     if isinstance(state, torch.Tensor) or not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -250,23 +255,23 @@ def _check_state(state, memory):
 # ------------------------------------------------------------------------------------- torch formula
 
 
-def _math_dtype(dtype):
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 math for 16-bit memories, fp64 for fp64 (the statistics and moments use it too)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _lr_value(lr, dtype, device):
+def _lr_value(lr: LR, dtype: torch.dtype, device: torch.device) -> LR:
     if isinstance(lr, torch.Tensor):
         return lr.reshape(()).to(device=device, dtype=dtype)
     return lr
 
 
-def _raw_norm(grad, dtype):
+def _raw_norm(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # fp64 accumulation: fp32 squares of 1e-30 underflow and of 1e30 overflow.
     return torch.linalg.vector_norm(grad.detach(), dim=(1, 2), dtype=torch.float64).to(dtype)
 
 
-def clip_torch(g, clip_value, clip_norm):
+def clip_torch(g: torch.Tensor, clip_value: float | None, clip_norm: float | None) -> torch.Tensor:
     """``g`` clamped to ``±clip_value``, then each sample scaled by ``clip_norm / (n_b + 1e-6)`` where
     ``n_b = ||g_b|| > clip_norm`` (differentiable; keeps NaN: torch.clamp propagates it and a NaN norm
     compares false)."""
@@ -279,7 +284,13 @@ def clip_torch(g, clip_value, clip_norm):
     return g
 
 
-def sgd_torch(memory, grad, lr, clip_value=None, clip_norm=None):
+def sgd_torch(
+    memory: torch.Tensor,
+    grad: torch.Tensor,
+    lr: LR,
+    clip_value: float | None = None,
+    clip_norm: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch backend of SGD: ``(M - lr * clip(g), ||g_b||)``, math in ``_math_dtype``, differentiable."""
     dt = _math_dtype(memory.dtype)
     g = clip_torch(grad.to(dt), clip_value, clip_norm)
@@ -287,14 +298,23 @@ def sgd_torch(memory, grad, lr, clip_value=None, clip_norm=None):
     return new.to(memory.dtype), _raw_norm(grad, dt)
 
 
-def _bias_correction(beta, step, dt, device):
+def _bias_correction(beta: float, step: Step, dt: torch.dtype, device: torch.device) -> torch.Tensor | float:
     if isinstance(step, torch.Tensor):
         t = step.reshape(()).to(device=device, dtype=torch.float64)
         return (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=device), t)).to(dt)
     return 1.0 - beta**step
 
 
-def adam_torch(memory, grad, lr, clip_value, clip_norm, state, step, betas=ADAM_BETAS):
+def adam_torch(
+    memory: torch.Tensor,
+    grad: torch.Tensor,
+    lr: LR,
+    clip_value: float | None,
+    clip_norm: float | None,
+    state: AdamState | tuple[torch.Tensor, torch.Tensor] | None,
+    step: Step,
+    betas: tuple[float, float] = ADAM_BETAS,
+) -> tuple[torch.Tensor, torch.Tensor, AdamState]:
     """Torch backend of Adam: ``(new memory, ||g_b||, AdamState)``; first-order (``grad`` detached)."""
     dt = _math_dtype(memory.dtype)
     g = clip_torch(grad.detach().to(dt), clip_value, clip_norm)
@@ -315,14 +335,21 @@ def adam_torch(memory, grad, lr, clip_value, clip_norm, state, step, betas=ADAM_
 # -------------------------------------------------------------------------------------- triton paths
 
 
-def _kernels():
+def _kernels() -> ModuleType:
     # Imported on first use: importing Triton must wait until the interpreter choice is made.
     from gradmem_fast.kernels import update
 
     return update
 
 
-def _sgd_values(memory, grad, lr, clip_value, clip_norm, use_kernel):
+def _sgd_values(
+    memory: torch.Tensor,
+    grad: torch.Tensor,
+    lr: LR,
+    clip_value: float | None,
+    clip_norm: float | None,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_kernel:
         with torch.no_grad():
             return sgd_torch(memory, grad, lr, clip_value, clip_norm)
@@ -332,11 +359,21 @@ def _sgd_values(memory, grad, lr, clip_value, clip_norm, use_kernel):
     return new, norm
 
 
-def _detached(x):
+def _detached(x: LR) -> LR:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-def _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas):
+def _adam_kernel(
+    memory: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor | None,
+    exp_avg_sq: torch.Tensor | None,
+    lr: LR,
+    step: Step,
+    clip_value: float | None,
+    clip_norm: float | None,
+    betas: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().launch_update(
         memory.detach(),
         grad.detach(),
@@ -367,7 +404,14 @@ class _SGDUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, memory, grad, lr, clip_value, clip_norm):
+    def forward(
+        ctx: Any,
+        memory: torch.Tensor,
+        grad: torch.Tensor,
+        lr: LR,
+        clip_value: float | None,
+        clip_norm: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         new, norm = _sgd_values(memory, grad, lr, clip_value, clip_norm, use_kernel=memory.dtype in _KERNEL_DTYPES)
         ctx.mark_non_differentiable(norm)
         ctx.clip = (clip_value, clip_norm)
@@ -376,7 +420,7 @@ class _SGDUpdate(torch.autograd.Function):
         return new, norm
 
     @staticmethod
-    def backward(ctx, d_new, d_norm):
+    def backward(ctx: Any, d_new: torch.Tensor, d_norm: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad, lr_t = ctx.saved_tensors
         need_mem, need_grad, need_lr = ctx.needs_input_grad[:3]
         d_mem = d_new if need_mem else None
@@ -421,11 +465,24 @@ class _AdamUpdate(torch.autograd.Function):
     """Adam step with the kernel; first-order: ``d new / d memory = I``, nothing flows to ``grad``."""
 
     @staticmethod
-    def forward(ctx, memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas):
+    def forward(
+        ctx: Any,
+        memory: torch.Tensor,
+        grad: torch.Tensor,
+        exp_avg: torch.Tensor | None,
+        exp_avg_sq: torch.Tensor | None,
+        lr: LR,
+        step: Step,
+        clip_value: float | None,
+        clip_norm: float | None,
+        betas: tuple[float, float],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         new, norm, m1, m2 = _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas)
         ctx.mark_non_differentiable(norm, m1, m2)
         return new, norm, m1, m2
 
     @staticmethod
-    def backward(ctx, d_new, d_norm, d_m1, d_m2):
+    def backward(
+        ctx: Any, d_new: torch.Tensor, d_norm: torch.Tensor, d_m1: torch.Tensor, d_m2: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         return d_new, None, None, None, None, None, None, None, None
