@@ -47,7 +47,10 @@ Design (chunked, cuBLAS + Triton):
     ``create_graph=True``: the forward-time gradients would be computed and then not used.
 """
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from gradmem_fast.backend import resolve_backend
 
@@ -67,7 +70,7 @@ def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None = None) -> int:
     return max(1, min(rows, n_rows))
 
 
-def _acc_dtype(dtype):
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -75,7 +78,7 @@ def _acc_dtype(dtype):
 _FP32_OUT_GEMM: list[bool | None] = [None]
 
 
-def _mm_acc(a, b):
+def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` with fp32 output for 16-bit inputs (so dW/db/dh accumulate without 16-bit rounding)."""
     if a.dtype not in _HALF:
         return torch.mm(a, b)
@@ -93,7 +96,7 @@ def _mm_acc(a, b):
     return torch.mm(a, b).float()
 
 
-def _logits_into(z, h, weight, bias):
+def _logits_into(z: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if bias is None:
         torch.mm(h, weight.t(), out=z)
     else:
@@ -105,13 +108,13 @@ def _logits_into(z, h, weight, bias):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _onehot_index(t, vocab):
+def _onehot_index(t: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """(column index, in-range mask): out-of-range targets match no column, as in the kernels."""
     in_range = (t >= 0) & (t < vocab)
     return torch.where(in_range, t, torch.zeros_like(t)).long(), in_range
 
 
-def _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad):
+def _torch_ce_forward(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int, write_grad: bool) -> None:
     acc = lse.dtype
     zf = z.to(acc)
     chunk_lse = torch.logsumexp(zf, dim=1)
@@ -124,20 +127,22 @@ def _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad):
         _torch_fill_grad(z, zf, idx, in_range, chunk_lse, valid.to(acc))
 
 
-def _torch_fill_grad(z, zf, idx, in_range, lse, scale):
+def _torch_fill_grad(z: Tensor, zf: Tensor, idx: Tensor, in_range: Tensor, lse: Tensor, scale: Tensor) -> None:
     p = torch.exp(zf - lse[:, None])
     p.scatter_add_(1, idx[:, None], -in_range.to(p.dtype)[:, None])
     p.mul_(scale[:, None])
     z.copy_(p)
 
 
-def _torch_ce_grad(z, t, lse, scale, ignore_index):
+def _torch_ce_grad(z: Tensor, t: Tensor, lse: Tensor, scale: Tensor, ignore_index: int) -> None:
     idx, in_range = _onehot_index(t, z.shape[1])
     valid = (t != ignore_index).to(lse.dtype)
     _torch_fill_grad(z, z.to(lse.dtype), idx, in_range, lse, scale * valid)
 
 
-def _ce_forward(backend, z, t, lse, loss, ignore_index, write_grad):
+def _ce_forward(
+    backend: str, z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int, write_grad: bool
+) -> None:
     if backend == "triton":
         from gradmem_fast.kernels import cross_entropy as kernels
 
@@ -146,7 +151,7 @@ def _ce_forward(backend, z, t, lse, loss, ignore_index, write_grad):
         _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad)
 
 
-def _ce_grad(backend, z, t, lse, scale, ignore_index):
+def _ce_grad(backend: str, z: Tensor, t: Tensor, lse: Tensor, scale: Tensor, ignore_index: int) -> None:
     if backend == "triton":
         from gradmem_fast.kernels import cross_entropy as kernels
 
@@ -160,7 +165,17 @@ def _ce_grad(backend, z, t, lse, scale, ignore_index):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _forward_sweep(hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb):
+def _forward_sweep(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    chunk: int,
+    backend: str,
+    want_h: bool,
+    want_wb: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """lse, loss ([N], math dtype) and optionally the unit-scale gradients W^T q ([N, d]) and
     sum_i q_i h_i^T, sum_i q_i (fp32/fp64), in one pass over the token chunks."""
     n, d = hidden.shape
@@ -180,16 +195,29 @@ def _forward_sweep(hidden, weight, bias, targets, ignore_index, chunk, backend, 
         z = buf[: e - s]
         _logits_into(z, h_c, weight, bias)
         _ce_forward(backend, z, targets[s:e], lse[s:e], loss[s:e], ignore_index, write_grad)
-        if want_h:
+        if dh_unit is not None:  # want_h
             dh_unit[s:e] = _mm_acc(z, weight)
-        if want_wb:
+        if dw_unit is not None:  # want_wb
             dw_unit += _mm_acc(z.t(), h_c)
             if db_unit is not None:
                 db_unit += z.sum(0, dtype=acc)
     return lse, loss, dh_unit, dw_unit, db_unit
 
 
-def _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b):
+def _grad_sweep(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    g: Tensor,
+    ignore_index: int,
+    chunk: int,
+    backend: str,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dh, dW, db) of sum_i g_i loss_i by recomputing each chunk's logits from the saved lse.
 
     ``dh`` is in hidden's dtype; ``dW``/``db`` are accumulated in fp32 (fp64 for fp64) and returned in
@@ -211,16 +239,16 @@ def _grad_sweep(hidden, weight, bias, targets, lse, g, ignore_index, chunk, back
         z = buf[: e - s]
         _logits_into(z, h_c, weight, bias)
         _ce_grad(backend, z, targets[s:e], lse[s:e], g[s:e], ignore_index)
-        if need_h:
+        if dh is not None:  # need_h
             dh[s:e] = torch.mm(z, weight)
-        if need_w:
+        if dw is not None:  # need_w
             dw += _mm_acc(z.t(), h_c)
         if db is not None:
             db += z.sum(0, dtype=acc)
     return dh, dw, db
 
 
-def _cast(x, like):
+def _cast(x: Tensor | None, like: Tensor | None) -> Tensor | None:
     return None if x is None or like is None else x.to(like.dtype)
 
 
@@ -234,7 +262,18 @@ class _LinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk, backend, precompute, uniform):
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        ignore_index: int,
+        chunk: int,
+        backend: str,
+        precompute: bool,
+        uniform: bool,
+    ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         # A per-token g_i (reductions "none"/"sample_mean") cannot be folded into dW before it is known.
@@ -251,7 +290,7 @@ class _LinearCE(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         ignore_index, chunk, backend = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -309,7 +348,19 @@ class _LinearCEGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, needs):
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        g: Tensor,
+        targets: Tensor,
+        lse: Tensor,
+        ignore_index: int,
+        chunk: int,
+        backend: str,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # typed by _grad_sweep; never None in fact
         need_h, need_w, need_b = needs
         dh, dw, db = _grad_sweep(
             hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b
@@ -328,7 +379,7 @@ class _LinearCEGrad(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, u, uw, ub):
+    def backward(ctx: Any, u: Tensor | None, uw: Tensor | None, ub: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, g, targets, lse = ctx.saved_tensors
         ignore_index, chunk = ctx.cfg
         need_h, need_w, need_b, need_g = ctx.needs_input_grad[:4]
@@ -370,7 +421,7 @@ class _LinearCEGrad(torch.autograd.Function):
                 # gl = g q; only its products with a, U and u are needed.
                 q = p.clone()
                 q.scatter_add_(1, idx[:, None], -in_range.to(acc)[:, None])
-                if need_g:
+                if d_g is not None:  # need_g
                     d_g[s:e] = (a * q).sum(1) * (targets[s:e] != ignore_index).to(acc)
                 gl = (q * g_c).to(dt)
                 del q
@@ -378,16 +429,16 @@ class _LinearCEGrad(torch.autograd.Function):
             a.sub_(pa).mul_(p).mul_(g_c)
             gz = a.to(dt)
             del a, p
-            if need_h:
+            if d_h is not None:  # need_h
                 dh_c = torch.mm(gz, weight)
                 if uw is not None:
                     dh_c = dh_c + torch.mm(gl, uw.to(dt))
                 d_h[s:e] = dh_c
-            if need_w:
+            if d_w is not None:  # need_w
                 d_w += _mm_acc(gz.t(), h_c)
                 if u is not None:
                     d_w += _mm_acc(gl.t(), u[s:e].to(dt))
-            if need_b:
+            if d_b is not None:  # need_b
                 d_b += gz.sum(0, dtype=acc)
         return (d_h, _cast(d_w, weight), _cast(d_b, bias), _cast(d_g, g)) + tail
 
@@ -397,7 +448,7 @@ class _LinearCEGrad(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _segments(cu_seqlens, n):
+def _segments(cu_seqlens: Tensor, n: int) -> Tensor:
     """Row index of every packed token; tokens outside [cu[0], cu[-1]) get the dump row B."""
     b = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.to(torch.int64)
@@ -406,7 +457,16 @@ def _segments(cu_seqlens, n):
     return torch.where((seg < 0) | (seg >= b), torch.full_like(seg, b), seg)
 
 
-def _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens, chunk_size):
+def _validate(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    cu_seqlens: Tensor | None,
+    chunk_size: int | None,
+) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in _FLOATS:
