@@ -23,7 +23,7 @@ backward itself is not differentiable (no third order).
 """
 
 import math
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -41,20 +41,20 @@ _MAX_HEAD_DIM = 256
 
 
 def _check_args(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    window,
-    fp32_precision,
-):
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float | None,
+    dropout_p: float,
+    window: int | None,
+    fp32_precision: str | None,
+) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"prefix_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -157,13 +157,13 @@ def _check_args(
 # Triton backend: custom ops
 
 
-def _lse_shape(q, cu_seqlens_q):
+def _lse_shape(q: Tensor, cu_seqlens_q: Tensor | None) -> tuple[int, ...]:
     if cu_seqlens_q is not None:
         return (q.shape[1], q.shape[0])
     return (q.shape[0], q.shape[2], q.shape[1])
 
 
-def _acc_dtype(dtype):
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -207,21 +207,21 @@ def attention_fwd_op(
 
 @attention_fwd_op.register_fake
 def _attention_fwd_fake(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    seed,
-    window,
-    fp32_precision,
-):
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
+    fp32_precision: str,
+) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q.dtype))
     return out, lse
@@ -282,25 +282,25 @@ def attention_bwd_op(
 
 @attention_bwd_op.register_fake
 def _attention_bwd_fake(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    dlse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    seed,
-    window,
-    fp32_precision,
-):
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
+    fp32_precision: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -378,28 +378,28 @@ def attention_dbwd_op(
 
 @attention_dbwd_op.register_fake
 def _attention_dbwd_fake(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    dlse,
-    grad_dq,
-    grad_dk,
-    grad_dv,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    key_padding_mask,
-    causal,
-    scale,
-    dropout_p,
-    seed,
-    window,
-    fp32_precision,
-):
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    grad_dq: Tensor,
+    grad_dk: Tensor,
+    grad_dv: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int,
+    fp32_precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),
@@ -432,7 +432,7 @@ _BWD_ARGS = (
 _OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
 
 
-def _bwd_setup_context(ctx, inputs, output):
+def _bwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     args = dict(zip(_BWD_ARGS, inputs))
     ctx.save_for_backward(
         *(
@@ -455,7 +455,9 @@ def _bwd_setup_context(ctx, inputs, output):
     ctx.has_dlse = args["dlse"] is not None
 
 
-def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
+def _bwd_backward(
+    ctx: Any, grad_dq: Tensor | None, grad_dk: Tensor | None, grad_dv: Tensor | None
+) -> tuple[Tensor | None, ...]:
     """Autograd of ``attention_bwd``: its differentiable inputs are ``q, k, v, dout, dlse``.
 
     ``out`` and ``lse`` get no gradient here on purpose: they are the forward's outputs, and their
@@ -516,7 +518,7 @@ _FWD_ARGS = (
 )
 
 
-def _fwd_setup_context(ctx, inputs, output):
+def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
     ctx.save_for_backward(
@@ -528,7 +530,7 @@ def _fwd_setup_context(ctx, inputs, output):
     }
 
 
-def _fwd_backward(ctx, dout, dlse):
+def _fwd_backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
@@ -562,7 +564,7 @@ attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_conte
 # Torch backend: the reference (plain differentiable torch, double-differentiable, materialises scores)
 
 
-def _visible(lq, lk, causal, window, device):
+def _visible(lq: int, lk: int, causal: bool, window: int | None, device: torch.device) -> Tensor:
     i = torch.arange(lq, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
     vis = torch.ones(lq, lk, dtype=torch.bool, device=device)
@@ -573,7 +575,18 @@ def _visible(lq, lk, causal, window, device):
     return vis
 
 
-def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, visible=None):
+def _reference_padded(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    window: int | None,
+    visible: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     batch, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -598,7 +611,18 @@ def _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
     return out.to(q.dtype), lse
 
 
-def _reference_packed_dense(q, k, v, cu_q, cu_k, key_padding_mask, causal, scale, dropout_p, window):
+def _reference_packed_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    window: int | None,
+) -> tuple[Tensor, Tensor]:
     """The packed layout without host reads (for tracing): query i of document b sees key j when j is in
     document b and ``visible(i - cu_q[b], j - cu_k[b])`` holds with ``diag = Lk_b - Lq_b``. O(Tq * Tk)
     memory, so only for small compiled problems (tests, the CPU backend). No dropout: its reference mask
@@ -649,13 +673,13 @@ def attention_reference(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if cu_seqlens_q is None:
         return _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window)
+    assert cu_seqlens_k is not None, "attention_reference: cu_seqlens_q and cu_seqlens_k come together"
     if torch.compiler.is_compiling():
         # The per-document loop below reads the offsets on the host (a graph break); traced, the packed
         # layout is one dense [Tq, Tk] problem whose mask keeps each query inside its own document.
         return _reference_packed_dense(
             q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale, dropout_p, window
         )
-    assert cu_seqlens_k is not None, "attention_reference: cu_seqlens_q and cu_seqlens_k come together"
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
     for b in range(len(cq) - 1):
