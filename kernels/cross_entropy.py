@@ -148,7 +148,9 @@ def pick_blocks(n_cols: int, interpret: bool | None = None) -> tuple:
     tile = _TILE_INTERPRET if interpret else _TILE_GPU
     block_v = max(16, min(_MAX_BLOCK_V if not interpret else tile, triton.next_power_of_2(n_cols)))
     block_m = max(1, min(_MAX_ROWS if not interpret else 256, tile // block_v))
-    num_warps = 8 if block_m * block_v >= 4096 else 4
+    # 8 warps for full tiles, except the 8-row x 512 tile: its fp32/int64 gradient-writing forward spills 8 B
+    # at 8 warps for sm_90 (80 registers either way; 4 warps do not spill, compile check).
+    num_warps = 8 if block_m * block_v >= 4096 and block_m < 8 else 4
     return block_m, block_v, num_warps
 
 
