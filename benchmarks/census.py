@@ -24,9 +24,9 @@ The roofline (``census_count.roofline``) is a **projection**, not a measurement:
 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32 (torch's default IEEE fp32 matmuls), HBM3 3.35 TB/s; H200 the
 same compute with 4.8 TB/s. The GPU suite records measured times beside these (``projection``).
 """
+
 import argparse
 import contextlib
-from collections import Counter
 import dataclasses
 import datetime
 import inspect
@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 IMPLS = ("reference", "torch_sdpa", "engine_eager", "engine_compiled")
 # Opt-in (compiling on the CPU costs minutes): --impls ...,torch_sdpa_compiled
@@ -51,13 +52,22 @@ LABELS = {
 # bench_write implementation names -> census implementation (and whether the loop is replayed as a graph).
 # bench_write's engine takes MemoryWriter's default compile="auto": compiled on CUDA (``projection(...,
 # cuda=True)`` maps "gradmem_fast" there to engine_compiled), eager elsewhere.
-BENCH_IMPLS = {"reference": ("reference", False), "torch_sdpa": ("torch_sdpa", False),
-               "gradmem_fast": ("engine_eager", False), "gradmem_fast_graphs": ("engine_eager", True),
-               "gradmem_fast_eager": ("engine_eager", False),
-               "gradmem_fast_compiled": ("engine_compiled", False),
-               "torch_sdpa_compiled": ("torch_sdpa_compiled", False)}
-TARGETS = {"launch_ratio_max": 0.5, "bytes_ratio_max": 0.5, "syncs": 0, "speedup_vs_reference_min": 3.0,
-           "speedup_vs_sdpa_min": 1.5}
+BENCH_IMPLS = {
+    "reference": ("reference", False),
+    "torch_sdpa": ("torch_sdpa", False),
+    "gradmem_fast": ("engine_eager", False),
+    "gradmem_fast_graphs": ("engine_eager", True),
+    "gradmem_fast_eager": ("engine_eager", False),
+    "gradmem_fast_compiled": ("engine_compiled", False),
+    "torch_sdpa_compiled": ("torch_sdpa_compiled", False),
+}
+TARGETS = {
+    "launch_ratio_max": 0.5,
+    "bytes_ratio_max": 0.5,
+    "syncs": 0,
+    "speedup_vs_reference_min": 3.0,
+    "speedup_vs_sdpa_min": 1.5,
+}
 
 
 class NotAvailable(Exception):
@@ -77,6 +87,7 @@ def compiled_engine_available() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ running
+
 
 @contextlib.contextmanager
 def gpu_branches(cpu_gemms_uncounted: bool = False):
@@ -168,11 +179,19 @@ def count_steps(run, sdpa: bool = False) -> dict:
     step = {k: two[k] - one[k] for k in keys}
     setup = {k: one[k] - step[k] for k in keys}
     step["by_kind"] = {k: two["by_kind"].get(k, 0) - one["by_kind"].get(k, 0) for k in two["by_kind"]}
-    step["sync_sites"] = {k: two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0) for k in two["sync_sites"]
-                          if two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0)}
+    step["sync_sites"] = {
+        k: two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0)
+        for k in two["sync_sites"]
+        if two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0)
+    }
     step["top_ops"] = _top_ops(one["by_op"], two["by_op"])
-    return {"step": step, "setup": setup, "launches_1": one["launch_list"], "launches_2": two["launch_list"],
-            "all_sync_sites": set(two["sync_sites"])}
+    return {
+        "step": step,
+        "setup": setup,
+        "launches_1": one["launch_list"],
+        "launches_2": two["launch_list"],
+        "all_sync_sites": set(two["sync_sites"]),
+    }
 
 
 def _top_ops(one, two, n=8):
@@ -258,15 +277,17 @@ def count_compiled(impl, spec, eager_full: dict) -> dict:
             run(M0)
         runs[steps] = census
     meta_model, meta_ids, meta_mask, _, meta_M0 = _case_inputs(small)
-    eager_small = count_steps(_runner(COMPILED[impl], meta_model, small, meta_ids, meta_mask, meta_M0),
-                              sdpa=COMPILED[impl] == "torch_sdpa")
+    eager_small = count_steps(
+        _runner(COMPILED[impl], meta_model, small, meta_ids, meta_mask, meta_M0), sdpa=COMPILED[impl] == "torch_sdpa"
+    )
     # Syncs that only real CPU tensors cause (our ops validate offsets when they are on the host, a check a
     # GPU skips): the sites the eager twin shows on real CPU tensors but not on meta ones are dropped.
     artefacts = _cpu_only_sync_sites(COMPILED[impl], model, small, ids, mask, M0, eager_small)
     torch.set_grad_enabled(True)
     kept = {k: [x for x in runs[k].syncs if _site(x) not in artefacts] for k in (1, 2)}
-    out = compiled_counts({k: c.launches for k, c in runs.items()}, {k: len(v) for k, v in kept.items()},
-                          eager_small, eager_full)
+    out = compiled_counts(
+        {k: c.launches for k, c in runs.items()}, {k: len(v) for k, v in kept.items()}, eager_small, eager_full
+    )
     sites = [Counter(_site(x) for x in kept[k]) for k in (1, 2)]
     out["step"]["sync_sites"] = {k: v - sites[0].get(k, 0) for k, v in sites[1].items() if v - sites[0].get(k, 0)}
     out["step"]["cpu_only_syncs_dropped"] = sorted(artefacts)
@@ -300,18 +321,25 @@ def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: 
     out = {}
     for k in (1, 2):
         full, small = eager_full[f"launches_{k}"], eager_small[f"launches_{k}"]
-        scale = (sum(x.bytes for x in full if not _is_anchor(x))
-                 / max(1, sum(x.bytes for x in small if not _is_anchor(x))))
+        scale = sum(x.bytes for x in full if not _is_anchor(x)) / max(
+            1, sum(x.bytes for x in small if not _is_anchor(x))
+        )
         rest = [dataclasses.replace(x, bytes=int(x.bytes * scale)) for x in compiled_launches[k] if not _is_anchor(x)]
         out[f"launches_{k}"] = [x for x in full if _is_anchor(x)] + rest
     one, two = out["launches_1"], out["launches_2"]
-    step = {"launches": len(two) - len(one), "flops": sum(x.flops for x in two) - sum(x.flops for x in one),
-            "bytes": sum(x.bytes for x in two) - sum(x.bytes for x in one),
-            "syncs": compiled_syncs[2] - compiled_syncs[1], "unknown_values": 0, "uncounted_flops": 0,
-            "fused_kernels": sum(x.kind == "fused" for x in compiled_launches[2])
-            - sum(x.kind == "fused" for x in compiled_launches[1]),
-            "by_kind": {kind: sum(x.kind == kind for x in two) - sum(x.kind == kind for x in one)
-                        for kind in {x.kind for x in two}}}
+    step = {
+        "launches": len(two) - len(one),
+        "flops": sum(x.flops for x in two) - sum(x.flops for x in one),
+        "bytes": sum(x.bytes for x in two) - sum(x.bytes for x in one),
+        "syncs": compiled_syncs[2] - compiled_syncs[1],
+        "unknown_values": 0,
+        "uncounted_flops": 0,
+        "fused_kernels": sum(x.kind == "fused" for x in compiled_launches[2])
+        - sum(x.kind == "fused" for x in compiled_launches[1]),
+        "by_kind": {
+            kind: sum(x.kind == kind for x in two) - sum(x.kind == kind for x in one) for kind in {x.kind for x in two}
+        },
+    }
     return {"step": step, "setup": {}, "launches_1": one, "launches_2": two}
 
 
@@ -320,10 +348,10 @@ def fused_counts(counts: dict) -> dict:
     from .census_count import fusion_bound
 
     one, two = fusion_bound(counts["launches_1"]), fusion_bound(counts["launches_2"])
-    step = dict(counts["step"], launches=len(two) - len(one),
-                bytes=sum(x.bytes for x in two) - sum(x.bytes for x in one))
-    step["by_kind"] = {k: sum(x.kind == k for x in two) - sum(x.kind == k for x in one)
-                       for k in {x.kind for x in two}}
+    step = dict(
+        counts["step"], launches=len(two) - len(one), bytes=sum(x.bytes for x in two) - sum(x.bytes for x in one)
+    )
+    step["by_kind"] = {k: sum(x.kind == k for x in two) - sum(x.kind == k for x in one) for k in {x.kind for x in two}}
     step.pop("top_ops", None)
     return {"step": step, "setup": counts["setup"], "launches_1": one, "launches_2": two}
 
@@ -340,11 +368,20 @@ def project(counts: dict, graphs: bool = False) -> dict:
         comp = {k: two[k] - one[k] for k in ("gpu_busy_us", "host_launch_us", "compute_us", "memory_us")}
         syncs = counts["step"]["syncs"]
         step_us = max(comp["gpu_busy_us"], comp["host_launch_us"]) + syncs * gpu.sync_us
-        bound = "launch" if comp["host_launch_us"] >= comp["gpu_busy_us"] else (
-            "compute" if comp["compute_us"] >= comp["memory_us"] else "memory")
-        out[gpu.name] = {"step_ms": step_us / 1e3, "gpu_busy_ms": comp["gpu_busy_us"] / 1e3,
-                         "host_launch_ms": comp["host_launch_us"] / 1e3, "compute_ms": comp["compute_us"] / 1e3,
-                         "memory_ms": comp["memory_us"] / 1e3, "bound": bound, "graphs": graphs}
+        bound = (
+            "launch"
+            if comp["host_launch_us"] >= comp["gpu_busy_us"]
+            else ("compute" if comp["compute_us"] >= comp["memory_us"] else "memory")
+        )
+        out[gpu.name] = {
+            "step_ms": step_us / 1e3,
+            "gpu_busy_ms": comp["gpu_busy_us"] / 1e3,
+            "host_launch_ms": comp["host_launch_us"] / 1e3,
+            "compute_ms": comp["compute_us"] / 1e3,
+            "memory_ms": comp["memory_us"] / 1e3,
+            "bound": bound,
+            "graphs": graphs,
+        }
     return out
 
 
@@ -357,9 +394,17 @@ def census_case(spec, impls=IMPLS) -> list:
     _ensure_interpreter()
     model, ids, mask, lengths, M0 = _case_inputs(spec)
     useful = write_step_flops(model, lengths, spec.memory_tokens)
-    base = dict(case=spec.name, dtype=str(spec.dtype).replace("torch.", ""), batch=spec.batch,
-                min_len=spec.min_len, max_len=spec.max_len, memory_tokens=spec.memory_tokens, steps=spec.steps,
-                useful_flops_per_step=useful, context_tokens=sum(lengths))
+    base = dict(
+        case=spec.name,
+        dtype=str(spec.dtype).replace("torch.", ""),
+        batch=spec.batch,
+        min_len=spec.min_len,
+        max_len=spec.max_len,
+        memory_tokens=spec.memory_tokens,
+        steps=spec.steps,
+        useful_flops_per_step=useful,
+        context_tokens=sum(lengths),
+    )
     records, records_extra, counted = [], [], {}
     for impl in impls:
         rec = dict(base, impl=impl, label=LABELS[impl])
@@ -369,24 +414,39 @@ def census_case(spec, impls=IMPLS) -> list:
                 twin = counted.get(COMPILED[impl])
                 if twin is None:
                     twin = counted[COMPILED[impl]] = count_steps(
-                        _runner(COMPILED[impl], model, spec, ids, mask, M0), sdpa=COMPILED[impl] == "torch_sdpa")
+                        _runner(COMPILED[impl], model, spec, ids, mask, M0), sdpa=COMPILED[impl] == "torch_sdpa"
+                    )
                 counts = count_compiled(impl, spec, twin)
             else:
-                counts = counted[impl] = count_steps(_runner(impl, model, spec, ids, mask, M0),
-                                                     sdpa=impl == "torch_sdpa")
-            rec.update(status="ok", **{k: v for k, v in counts["step"].items()},
-                       setup={k: v for k, v in counts["setup"].items()},
-                       projection=project(counts))
+                counts = counted[impl] = count_steps(
+                    _runner(impl, model, spec, ids, mask, M0), sdpa=impl == "torch_sdpa"
+                )
+            rec.update(
+                status="ok",
+                **{k: v for k, v in counts["step"].items()},
+                setup={k: v for k, v in counts["setup"].items()},
+                projection=project(counts),
+            )
             if impl == "engine_eager":
                 rec["projection_graphs"] = project(counts, graphs=True)
                 fused = fused_counts(counts)
-                records_extra.append(dict(base, impl="engine_fusion_bound", label=LABELS["engine_fusion_bound"],
-                                          status="ok", **fused["step"], projection=project(fused, graphs=True),
-                                          projection_no_graphs=project(fused)))
+                records_extra.append(
+                    dict(
+                        base,
+                        impl="engine_fusion_bound",
+                        label=LABELS["engine_fusion_bound"],
+                        status="ok",
+                        **fused["step"],
+                        projection=project(fused, graphs=True),
+                        projection_no_graphs=project(fused),
+                    )
+                )
         except NotAvailable as exc:
             rec.update(status="not available", reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - one implementation's failure is recorded, the rest go on
-            rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            rec.update(
+                status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            )
         rec["census_wall_s"] = round(time.monotonic() - start, 2)
         print(f"census: {spec.name} {impl}: {rec['status']} ({rec['census_wall_s']} s)", file=sys.stderr, flush=True)
         records.append(rec)
@@ -418,8 +478,11 @@ def targets(records, gpu="H100 SXM") -> list:
     engine and the fusion bound): (implementation, target, value, met)."""
     rows = []
     for r in records:
-        if r.get("case") != "gpt2_124m" or r.get("impl") not in ("engine_compiled", "engine_eager",
-                                                                    "engine_fusion_bound"):
+        if r.get("case") != "gpt2_124m" or r.get("impl") not in (
+            "engine_compiled",
+            "engine_eager",
+            "engine_fusion_bound",
+        ):
             continue
         if r.get("status") != "ok":
             rows.append((r["impl"], "all targets", r.get("reason", r.get("status")), None))
@@ -429,12 +492,23 @@ def targets(records, gpu="H100 SXM") -> list:
             ("launches <= 1/2 reference", r.get("launch_ratio_vs_reference"), TARGETS["launch_ratio_max"], "le"),
             ("bytes <= 1/2 reference", r.get("bytes_ratio_vs_reference"), TARGETS["bytes_ratio_max"], "le"),
             ("host syncs per step = 0", r["syncs"], TARGETS["syncs"], "le"),
-            ("projected speedup >= 3x reference", p.get("speedup_vs_reference"), TARGETS["speedup_vs_reference_min"], "ge"),
+            (
+                "projected speedup >= 3x reference",
+                p.get("speedup_vs_reference"),
+                TARGETS["speedup_vs_reference_min"],
+                "ge",
+            ),
             ("projected speedup >= 1.5x SDPA loop", p.get("speedup_vs_sdpa"), TARGETS["speedup_vs_sdpa_min"], "ge"),
         ]
         if p.get("speedup_vs_sdpa_compiled") is not None:  # DESIGN.md: >= 1.5x the best plain-torch loop
-            checks.append(("projected >= 1.5x compiled SDPA loop", p["speedup_vs_sdpa_compiled"],
-                           TARGETS["speedup_vs_sdpa_min"], "ge"))
+            checks.append(
+                (
+                    "projected >= 1.5x compiled SDPA loop",
+                    p["speedup_vs_sdpa_compiled"],
+                    TARGETS["speedup_vs_sdpa_min"],
+                    "ge",
+                )
+            )
         for name, value, bound, how in checks:
             met = None if value is None else (value <= bound if how == "le" else value >= bound)
             rows.append((r["impl"], name, value, met))
@@ -443,8 +517,10 @@ def targets(records, gpu="H100 SXM") -> list:
 
 # ------------------------------------------------------------------------------------------ bucket waste
 
-def uniform_mix_waste(num_memory_tokens=8, docs=20000, low=100, high=450, batch_tokens=16384, window=4096,
-                      seed=0) -> dict:
+
+def uniform_mix_waste(
+    num_memory_tokens=8, docs=20000, low=100, high=450, batch_tokens=16384, window=4096, seed=0
+) -> dict:
     """Bucket padding of a ``write_many`` stream of ``docs`` documents with uniform lengths in [low, high].
 
     ``gradmem_fast.packing.padding_waste`` plans the batches exactly as the writer does (length-sorted windows,
@@ -464,6 +540,7 @@ def uniform_mix_waste(num_memory_tokens=8, docs=20000, low=100, high=450, batch_
 
 # ------------------------------------------------------------------------------------------ public entry points
 
+
 def specs(dry_run: bool, cases=CASES):
     from .bench_write import write_specs
 
@@ -479,16 +556,27 @@ def run_census(dry_run: bool = False, cases=CASES, impls=IMPLS) -> dict:
         # The dry run (CI, <= 60 s on 2 cores) compiles for the GPT-2 shape only: a compile costs ~25 s there.
         skip = [i for i in impls if i in COMPILED] if dry_run and spec.name != "gpt2_124m" else []
         records += census_case(spec, [i for i in impls if i not in skip])
-        records += [dict(case=spec.name, impl=i, label=LABELS[i], status="skipped",
-                         reason="compiled implementations are counted for gpt2_124m only in the dry run")
-                    for i in skip]
+        records += [
+            dict(
+                case=spec.name,
+                impl=i,
+                label=LABELS[i],
+                status="skipped",
+                reason="compiled implementations are counted for gpt2_124m only in the dry run",
+            )
+            for i in skip
+        ]
     try:
         waste = uniform_mix_waste()
     except Exception as exc:  # noqa: BLE001 - packing may change under another issue
         waste = {"status": "not available", "reason": f"{type(exc).__name__}: {exc}"}
-    meta = {"kind": "projection (counted on CPU, no GPU time measured)", "dry_run": dry_run,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "assumptions": _assumptions()}
+    meta = {
+        "kind": "projection (counted on CPU, no GPU time measured)",
+        "dry_run": dry_run,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "assumptions": _assumptions(),
+    }
     return {"meta": meta, "records": records, "targets": targets(records), "bucket_waste": waste}
 
 
@@ -525,8 +613,13 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
     p = project(counts, graphs)
     gpu_key = gpu if gpu in p else next(iter(p))
     step_ms = p[gpu_key]["step_ms"]
-    return {"projected_step_ms": step_ms, "projected_write_ms": step_ms * spec.steps, "projection_gpu": gpu_key,
-            "projected_launches_per_step": counts["step"]["launches"], "projected_bound": p[gpu_key]["bound"]}
+    return {
+        "projected_step_ms": step_ms,
+        "projected_write_ms": step_ms * spec.steps,
+        "projection_gpu": gpu_key,
+        "projected_launches_per_step": counts["step"]["launches"],
+        "projected_bound": p[gpu_key]["bound"],
+    }
 
 
 def compare(results_json: str) -> list:
@@ -543,8 +636,15 @@ def compare(results_json: str) -> list:
             continue
         row = {"case": r.get("case"), "impl": r["impl"], "measured_write_ms": r.get("ms"), "gpu": gpu}
         try:
-            row.update(projection(r["case"], r["impl"], dry_run=bool(meta.get("dry_run")), gpu=gpu,
-                                  cuda=str(meta.get("device", "")).startswith("cuda")))
+            row.update(
+                projection(
+                    r["case"],
+                    r["impl"],
+                    dry_run=bool(meta.get("dry_run")),
+                    gpu=gpu,
+                    cuda=str(meta.get("device", "")).startswith("cuda"),
+                )
+            )
             if row["measured_write_ms"]:
                 row["measured_over_projected"] = row["measured_write_ms"] / row["projected_write_ms"]
         except (NotAvailable, StopIteration, KeyError) as exc:
@@ -555,39 +655,51 @@ def compare(results_json: str) -> list:
 
 # ------------------------------------------------------------------------------------------ output
 
+
 def _fmt(x, spec="{:.3g}"):
     return "-" if x is None else spec.format(x)
 
 
 def format_table(result: dict) -> str:
-    lines = ["Step census (PROJECTION: counted on CPU with meta tensors; GPU times are a roofline model, "
-             "not measurements)", ""]
-    head = (f"{'case':10} {'implementation':20} {'launches':>8} {'GFLOP':>8} {'GB r+w':>8} {'syncs':>5} "
-            f"{'H100 ms':>8} {'H200 ms':>8} {'bound':>7} {'x ref':>6} {'x sdpa':>6}")
+    lines = [
+        "Step census (PROJECTION: counted on CPU with meta tensors; GPU times are a roofline model, not measurements)",
+        "",
+    ]
+    head = (
+        f"{'case':10} {'implementation':20} {'launches':>8} {'GFLOP':>8} {'GB r+w':>8} {'syncs':>5} "
+        f"{'H100 ms':>8} {'H200 ms':>8} {'bound':>7} {'x ref':>6} {'x sdpa':>6}"
+    )
     lines += [head, "-" * len(head)]
     for r in result["records"]:
         if r.get("status") != "ok":
             lines.append(f"{r['case']:10} {r['impl']:20} {r['status']}: {r.get('reason', '')}")
             continue
         h100, h200 = r["projection"]["H100 SXM"], r["projection"]["H200"]
-        lines.append(f"{r['case']:10} {r['impl']:20} {r['launches']:8d} {r['flops'] / 1e9:8.1f} "
-                     f"{r['bytes'] / 1e9:8.2f} {r['syncs']:5d} {h100['step_ms']:8.3f} {h200['step_ms']:8.3f} "
-                     f"{h100['bound']:>7} {_fmt(h100.get('speedup_vs_reference'), '{:.2f}'):>6} "
-                     f"{_fmt(h100.get('speedup_vs_sdpa'), '{:.2f}'):>6}")
+        lines.append(
+            f"{r['case']:10} {r['impl']:20} {r['launches']:8d} {r['flops'] / 1e9:8.1f} "
+            f"{r['bytes'] / 1e9:8.2f} {r['syncs']:5d} {h100['step_ms']:8.3f} {h200['step_ms']:8.3f} "
+            f"{h100['bound']:>7} {_fmt(h100.get('speedup_vs_reference'), '{:.2f}'):>6} "
+            f"{_fmt(h100.get('speedup_vs_sdpa'), '{:.2f}'):>6}"
+        )
     lines.append("")
-    lines.append("Per step (one of K). Launches: one per eager aten op that runs a kernel, one per Triton launch. "
-                 "GFLOP: all matmul/attention FLOPs executed (padding included). GB: bytes read + written, summed "
-                 "over kernels. Syncs: host waits inside the loop.")
+    lines.append(
+        "Per step (one of K). Launches: one per eager aten op that runs a kernel, one per Triton launch. "
+        "GFLOP: all matmul/attention FLOPs executed (padding included). GB: bytes read + written, summed "
+        "over kernels. Syncs: host waits inside the loop."
+    )
     for r in result["records"]:
         if r.get("status") == "ok" and r.get("sync_sites"):
-            lines.append(f"  syncs of {r['case']} / {r['impl']}: " + "; ".join(
-                f"{n}x {site}" for site, n in r["sync_sites"].items()))
+            lines.append(
+                f"  syncs of {r['case']} / {r['impl']}: "
+                + "; ".join(f"{n}x {site}" for site, n in r["sync_sites"].items())
+            )
         if r.get("note"):
             lines.append(f"  note on {r['case']} / {r['impl']}: {r['note']}")
         if r.get("status") == "ok" and r.get("projection_graphs"):
             g = r["projection_graphs"]["H100 SXM"]
-            lines.append(f"  {r['case']} / {r['impl']} replayed as a CUDA graph: {g['step_ms']:.3f} ms/step on "
-                         f"H100 (projection)")
+            lines.append(
+                f"  {r['case']} / {r['impl']} replayed as a CUDA graph: {g['step_ms']:.3f} ms/step on H100 (projection)"
+            )
     if result["targets"]:
         lines += ["", "Issue 13 targets, GPT-2 shape, H100 projection:"]
         for impl, name, value, met in result["targets"]:
@@ -596,9 +708,12 @@ def format_table(result: dict) -> str:
             lines.append(f"  {impl:20} {name:38} {shown:>10}  {verdict}")
     w = result.get("bucket_waste", {})
     if "row_waste" in w:
-        lines += ["", f"Bucket padding waste, {w['docs']} documents of {w['low']}-{w['high']} tokens through write_many "
-                      f"(packing.padding_waste): rows {w['row_waste']:.1%} (target <= {w['target_max']:.1%}), "
-                      f"{w['buckets']} bucket shapes (compiles) for {w['batches']} batches"]
+        lines += [
+            "",
+            f"Bucket padding waste, {w['docs']} documents of {w['low']}-{w['high']} tokens through write_many "
+            f"(packing.padding_waste): rows {w['row_waste']:.1%} (target <= {w['target_max']:.1%}), "
+            f"{w['buckets']} bucket shapes (compiles) for {w['batches']} batches",
+        ]
     elif w:
         lines += ["", f"Bucket padding waste: {w.get('reason')}"]
     return "\n".join(lines)
@@ -621,14 +736,21 @@ def default_out_dir(dry_run: bool) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.census", description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes (CI)")
-    p.add_argument("--out", default=None, help="folder for census.json / census.txt (default benchmarks/results/"
-                                               "<date>-census[-dryrun])")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for census.json / census.txt (default benchmarks/results/<date>-census[-dryrun])",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(ALL_CASES)}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS + EXTRA_IMPLS)}")
-    p.add_argument("--compare", default=None, metavar="RESULTS_JSON",
-                   help="print measured WRITE times of a benchmark results.json beside their projections "
-                        "(writes census_vs_measured.json next to it, or into --out)")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="print measured WRITE times of a benchmark results.json beside their projections "
+        "(writes census_vs_measured.json next to it, or into --out)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
         _ensure_interpreter()
@@ -638,9 +760,11 @@ def main(argv=None) -> int:
             json.dump(_strip(rows), f, indent=1)
             f.write("\n")
         for row in rows:
-            print(f"{row['case']:10} {row['impl']:22} measured {_fmt(row.get('measured_write_ms'))} ms, projected "
-                  f"{_fmt(row.get('projected_write_ms'))} ms ({row['gpu']}), measured/projected "
-                  f"{_fmt(row.get('measured_over_projected'))} {row.get('projection_error', '')}")
+            print(
+                f"{row['case']:10} {row['impl']:22} measured {_fmt(row.get('measured_write_ms'))} ms, projected "
+                f"{_fmt(row.get('projected_write_ms'))} ms ({row['gpu']}), measured/projected "
+                f"{_fmt(row.get('measured_over_projected'))} {row.get('projection_error', '')}"
+            )
         return 0
     cases = [c for c in args.cases.split(",") if c]
     impls = [i for i in args.impls.split(",") if i]

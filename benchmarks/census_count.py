@@ -30,6 +30,7 @@ Everything counted here is a model of the GPU, not a measurement: each aten op i
 sometimes adds a split-K reduction, a sort launches several), and bytes are the compulsory traffic (no
 cache misses, no re-reads).
 """
+
 import contextlib
 import dataclasses
 import math
@@ -45,18 +46,52 @@ from torch.utils.weak import WeakIdKeyDictionary
 aten = torch.ops.aten
 
 # Ops that allocate or relabel memory without launching a kernel.
-NO_LAUNCH = frozenset({
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-    "lift", "_unsafe_view", "set_", "resize_", "_reshape_alias", "sym_size", "sym_stride", "sym_numel",
-    "sym_storage_offset", "_has_compatible_shallow_copy_type", "is_same_size", "_nested_tensor_from_mask",
-    "record_stream", "_assert_async", "_assert_scalar", "_functional_assert_async", "_fused_sdp_choice",
-})
+NO_LAUNCH = frozenset(
+    {
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "detach",
+        "alias",
+        "lift_fresh",
+        "lift",
+        "_unsafe_view",
+        "set_",
+        "resize_",
+        "_reshape_alias",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+        "_has_compatible_shallow_copy_type",
+        "is_same_size",
+        "_nested_tensor_from_mask",
+        "record_stream",
+        "_assert_async",
+        "_assert_scalar",
+        "_functional_assert_async",
+        "_fused_sdp_choice",
+    }
+)
 UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 # Ops whose output size is read back from the device (a sync before the host can go on).
-DATA_DEPENDENT = frozenset({
-    "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
-    "nonzero_static", "equal", "is_nonzero", "argwhere",
-})
+DATA_DEPENDENT = frozenset(
+    {
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "nonzero_static",
+        "equal",
+        "is_nonzero",
+        "argwhere",
+    }
+)
 # Ops that overwrite their mutated argument without reading it (the mutated tensor is not an input read).
 OVERWRITE = frozenset({"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "index_put_"})
 # Above this many elements a known value is not computed on the CPU (it would cost real time and memory).
@@ -147,6 +182,7 @@ class Census(TorchDispatchMode):
 
     def _real_call(self, func, args, kwargs):
         """``func`` on the known CPU values of its tensor arguments, device keywords mapped to the CPU."""
+
         def real(a):
             if isinstance(a, torch.Tensor):
                 return self.known(a)
@@ -155,8 +191,10 @@ class Census(TorchDispatchMode):
             return a
 
         r_args = tree_map(real, args)
-        r_kwargs = {k: (torch.device("cpu") if k == "device" and v is not None else tree_map(real, v))
-                    for k, v in kwargs.items()}
+        r_kwargs = {
+            k: (torch.device("cpu") if k == "device" and v is not None else tree_map(real, v))
+            for k, v in kwargs.items()
+        }
         return func(*r_args, **r_kwargs)
 
     # ----------------------------------------------------------------------------------- recording
@@ -205,7 +243,8 @@ class Census(TorchDispatchMode):
         tensors_in = [a for a in flat_in if isinstance(a, torch.Tensor)]
         device_kw = kwargs.get("device")
         on_device = any(t.device.type != "cpu" for t in tensors_in) or (
-            device_kw is not None and torch.device(device_kw).type != "cpu")
+            device_kw is not None and torch.device(device_kw).type != "cpu"
+        )
         if namespace == "gradmem_fast":
             return self._custom_op(func, args, kwargs)
         if self.host_is_device:
@@ -233,9 +272,17 @@ class Census(TorchDispatchMode):
         flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not (func.is_view or name in NO_LAUNCH):
             reads, writes = self._io(func, name, args, tensors_in, flat_out)
-            self.add_launch(Launch(f"aten.{name}", "aten", self._flops(func, args, kwargs, out),
-                                   sum(b for _, b in reads) + sum(b for _, b in writes),
-                                   _dtype_of(tensors_in, flat_out), reads=reads, writes=writes))
+            self.add_launch(
+                Launch(
+                    f"aten.{name}",
+                    "aten",
+                    self._flops(func, args, kwargs, out),
+                    sum(b for _, b in reads) + sum(b for _, b in writes),
+                    _dtype_of(tensors_in, flat_out),
+                    reads=reads,
+                    writes=writes,
+                )
+            )
         self._propagate(func, args, kwargs, out, flat_out, all_known)
         return out
 
@@ -247,9 +294,17 @@ class Census(TorchDispatchMode):
         if not (func.is_view or name in NO_LAUNCH or name == "_local_scalar_dense"):
             flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             reads, writes = self._io(func, name, args, tensors_in, flat_out)
-            self.add_launch(Launch(f"aten.{name}", "aten", self._flops(func, args, kwargs, out),
-                                   sum(b for _, b in reads) + sum(b for _, b in writes),
-                                   _dtype_of(tensors_in, flat_out), reads=reads, writes=writes))
+            self.add_launch(
+                Launch(
+                    f"aten.{name}",
+                    "aten",
+                    self._flops(func, args, kwargs, out),
+                    sum(b for _, b in reads) + sum(b for _, b in writes),
+                    _dtype_of(tensors_in, flat_out),
+                    reads=reads,
+                    writes=writes,
+                )
+            )
         return out
 
     def _propagate(self, func, args, kwargs, out, flat_out, all_known):
@@ -269,8 +324,9 @@ class Census(TorchDispatchMode):
 
     def _crosses_host(self, func, args, kwargs):
         src = args[1] if func._schema.name.endswith("copy_") else args[0]
-        dst_dev = args[0].device if func._schema.name.endswith("copy_") else torch.device(
-            kwargs.get("device") or src.device)
+        dst_dev = (
+            args[0].device if func._schema.name.endswith("copy_") else torch.device(kwargs.get("device") or src.device)
+        )
         return (src.device.type == "cpu") != (dst_dev.type == "cpu")
 
     def _host_copy(self, func, name, args, kwargs):
@@ -279,8 +335,16 @@ class Census(TorchDispatchMode):
         to_host = src.device.type != "cpu"
         value = self.known(src)
         nbytes = tensor_bytes(src)
-        self.add_launch(Launch(f"memcpy {'D2H' if to_host else 'H2D'}", "memcpy", 0, nbytes, src.dtype,
-                               reads=((self.storage_key(src), nbytes),) if to_host else ()))
+        self.add_launch(
+            Launch(
+                f"memcpy {'D2H' if to_host else 'H2D'}",
+                "memcpy",
+                0,
+                nbytes,
+                src.dtype,
+                reads=((self.storage_key(src), nbytes),) if to_host else (),
+            )
+        )
         non_blocking = bool(kwargs.get("non_blocking", False) or (len(args) > 2 and args[2] is True))
         if to_host or not non_blocking:
             self.add_sync("D2H copy" if to_host else "blocking H2D copy", value is not None or not to_host)
@@ -300,17 +364,25 @@ class Census(TorchDispatchMode):
     def _data_dependent(self, func, name, args, kwargs, all_known):
         self.add_sync(name, all_known)
         if not all_known:
-            raise RuntimeError(f"census: aten.{name} needs device values that are not known here (they depend "
-                               "on model weights); the census cannot follow this path")
+            raise RuntimeError(
+                f"census: aten.{name} needs device values that are not known here (they depend "
+                "on model weights); the census cannot follow this path"
+            )
         real = self._real_call(func, args, kwargs)
         if not isinstance(real, torch.Tensor):
             return real
         device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
         out = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=device)
         self.set_value(out, real)
-        self.add_launch(Launch(f"aten.{name}", "aten", 0, sum(tensor_bytes(t) for t in tree_flatten(args)[0]
-                                                              if isinstance(t, torch.Tensor)) + tensor_bytes(out),
-                               real.dtype))
+        self.add_launch(
+            Launch(
+                f"aten.{name}",
+                "aten",
+                0,
+                sum(tensor_bytes(t) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)) + tensor_bytes(out),
+                real.dtype,
+            )
+        )
         return out
 
     def _custom_op(self, func, args, kwargs):
@@ -380,6 +452,7 @@ def _mutated_args(func, args, kwargs):
 
 # ------------------------------------------------------------------------------------------ attention costs
 
+
 def causal_pairs(lq: int, lk: int, causal: bool = True) -> int:
     """Visible (query, key) pairs of one sequence, bottom-right aligned causal mask (``j <= i + lk - lq``)."""
     if not causal:
@@ -407,10 +480,18 @@ def _sdpa_arg(args, kwargs, index, name, default):
 # masked upper triangle): forward QK^T + PV = 4 D per pair and head; backward recomputes QK^T and forms dP,
 # dV, dK, dQ = 10 D (FlashAttention-2).
 SDPA_FLOPS = {
-    "_scaled_dot_product_flash_attention": lambda a, k: 4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 4, "is_causal", False)),
-    "_scaled_dot_product_flash_attention_backward": lambda a, k: 10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 11, "is_causal", False)),
-    "_scaled_dot_product_efficient_attention": lambda a, k: 4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 6, "is_causal", False)),
-    "_scaled_dot_product_efficient_attention_backward": lambda a, k: 10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 9, "is_causal", False)),
+    "_scaled_dot_product_flash_attention": lambda a, k: (
+        4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 4, "is_causal", False))
+    ),
+    "_scaled_dot_product_flash_attention_backward": lambda a, k: (
+        10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 11, "is_causal", False))
+    ),
+    "_scaled_dot_product_efficient_attention": lambda a, k: (
+        4 * _sdpa_pairs(a[0], a[1], _sdpa_arg(a, k, 6, "is_causal", False))
+    ),
+    "_scaled_dot_product_efficient_attention_backward": lambda a, k: (
+        10 * _sdpa_pairs(a[1], a[2], _sdpa_arg(a, k, 9, "is_causal", False))
+    ),
 }
 
 
@@ -430,11 +511,13 @@ def fused_sdpa(device_type="cuda"):
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
         if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256:
-            return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
-                                                            scale=scale)[0]
+            return aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale
+            )[0]
         need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        return aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, need_lse, dropout_p,
-                                                            is_causal, scale=scale)[0]
+        return aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, need_lse, dropout_p, is_causal, scale=scale
+        )[0]
 
     F.scaled_dot_product_attention = sdpa
     try:
@@ -521,8 +604,10 @@ def record_triton(census: Census):
             name = _kernel_name(self)
             flops, nbytes = triton_kernel_cost(census, name, args, kwargs)
             dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-            reads = tuple((census.storage_key(a), tensor_bytes(a)) for a in
-                          {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}.values())
+            reads = tuple(
+                (census.storage_key(a), tensor_bytes(a))
+                for a in {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}.values()
+            )
             census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads))
             if flops is None:
                 census.uncounted_flops += 1
@@ -542,6 +627,7 @@ def record_triton(census: Census):
 
 
 # ------------------------------------------------------------------------------------------ compiled code
+
 
 class InfraCensus(Census):
     """A ``Census`` for code compiled by ``torch.compile`` running on real CPU tensors (which stand for the
@@ -617,9 +703,27 @@ def record_inductor(census: Census):
 # ------------------------------------------------------------------------------------------ fusion model
 
 # Reductions end a fused kernel (their consumers start the next one, as inductor schedules them mostly).
-_REDUCTION_WORDS = ("sum", "mean", "norm", "softmax", "max", "min", "logsumexp", "var", "std", "nll_loss",
-                    "cumsum", "index_add", "scatter", "embedding_dense_backward", "_backward_data", "argmax", "all",
-                    "any", "prod")
+_REDUCTION_WORDS = (
+    "sum",
+    "mean",
+    "norm",
+    "softmax",
+    "max",
+    "min",
+    "logsumexp",
+    "var",
+    "std",
+    "nll_loss",
+    "cumsum",
+    "index_add",
+    "scatter",
+    "embedding_dense_backward",
+    "_backward_data",
+    "argmax",
+    "all",
+    "any",
+    "prod",
+)
 
 
 def _is_anchor(x: Launch) -> bool:
@@ -677,6 +781,7 @@ def fusion_bound(launches) -> list:
 
 # ------------------------------------------------------------------------------------------ roofline
 
+
 @dataclasses.dataclass(frozen=True)
 class GPU:
     """Peak numbers of one GPU and the fractions of them a good kernel reaches (assumptions, stated)."""
@@ -730,9 +835,15 @@ def roofline(launches, syncs: int, gpu: GPU, graphs: bool = False) -> dict:
         gpu_us += max(t_c, t_m, gpu.min_kernel_us)
     host_us = len(launches) * (gpu.graph_launch_us if graphs else gpu.launch_us)
     total = max(gpu_us, host_us) + syncs * gpu.sync_us
-    return {"gpu": gpu.name, "step_us": total, "gpu_busy_us": gpu_us, "host_launch_us": host_us,
-            "compute_us": compute_us, "memory_us": memory_us, "bound": _bound(gpu_us, host_us, compute_us,
-                                                                              memory_us)}
+    return {
+        "gpu": gpu.name,
+        "step_us": total,
+        "gpu_busy_us": gpu_us,
+        "host_launch_us": host_us,
+        "compute_us": compute_us,
+        "memory_us": memory_us,
+        "bound": _bound(gpu_us, host_us, compute_us, memory_us),
+    }
 
 
 def _bound(gpu_us, host_us, compute_us, memory_us):

@@ -2,6 +2,7 @@
 Triton launch recording, attention pair counts, the roofline arithmetic, and the census of the real loops
 at the dry-run shapes (the reference's FLOPs against gradmem_fast.flops, no host sync in the engine's loop).
 """
+
 import json
 import math
 import os
@@ -12,8 +13,18 @@ import triton
 import triton.language as tl
 
 from benchmarks import census
-from benchmarks.census_count import (GPU, Census, InfraCensus, Launch, causal_pairs, fusion_bound, record_inductor,
-                                     record_triton, roofline, tensor_bytes)
+from benchmarks.census_count import (
+    GPU,
+    Census,
+    InfraCensus,
+    Launch,
+    causal_pairs,
+    fusion_bound,
+    record_inductor,
+    record_triton,
+    roofline,
+    tensor_bytes,
+)
 
 
 def test_known_op_sequence():
@@ -95,8 +106,10 @@ def test_triton_launch_recorded_not_run_then_restored():
     with record_triton(c), c:
         _double_kernel[(1,)](x, y, 10, BLOCK=16)
         _double_kernel[(1,)](x, x, 10, BLOCK=16)  # the same buffer twice is one tensor's traffic
-    assert [(l.name, l.kind, l.bytes) for l in c.launches] == [("_double_kernel", "triton", 80),
-                                                               ("_double_kernel", "triton", 40)]
+    assert [(ln.name, ln.kind, ln.bytes) for ln in c.launches] == [
+        ("_double_kernel", "triton", 80),
+        ("_double_kernel", "triton", 40),
+    ]
     assert c.uncounted_flops == 2  # an unknown kernel's FLOPs are reported as not modelled
     xr = torch.randn(10)
     yr = torch.full((10,), float("nan"))
@@ -119,26 +132,41 @@ def test_attention_launch_flops_from_packed_lengths():
         q = torch.empty(T, H, D, device="meta", requires_grad=True)
         k, v = torch.empty(T, H, D, device="meta"), torch.empty(T, H, D, device="meta")
         cu_m = cu.to("meta")
-        out = prefix_attention(q, k, v, cu_seqlens_q=cu_m, cu_seqlens_k=cu_m, max_seqlen_q=7, max_seqlen_k=7,
-                               backend="triton")
+        out = prefix_attention(
+            q, k, v, cu_seqlens_q=cu_m, cu_seqlens_k=cu_m, max_seqlen_q=7, max_seqlen_k=7, backend="triton"
+        )
         fwd = [x for x in c.launches if x.kind == "triton"]
         mark = c.mark()
         (g,) = torch.autograd.grad(out, q, torch.empty(T, H, D, device="meta"))
     assert g.shape == q.shape
-    assert [(x.name, x.flops, x.parent) for x in fwd] == [("attn_fwd_kernel", 4 * H * D * P,
-                                                         "gradmem_fast::attention_fwd")]
+    assert [(x.name, x.flops, x.parent) for x in fwd] == [
+        ("attn_fwd_kernel", 4 * H * D * P, "gradmem_fast::attention_fwd")
+    ]
     assert fwd[0].bytes >= 4 * T * H * D * 4  # q, k, v read and out written at least
     bwd = c.since(mark)
     assert bwd["flops"] >= 8 * H * D * P and bwd["syncs"] == 0
-    assert all(x.parent == "gradmem_fast::attention_bwd" for x in c.launches[len(fwd) + 1:] if x.kind == "triton")
+    assert all(x.parent == "gradmem_fast::attention_bwd" for x in c.launches[len(fwd) + 1 :] if x.kind == "triton")
 
 
 def test_roofline_arithmetic():
-    gpu = GPU("test", bf16_tflops=100.0, tf32_tflops=50.0, fp32_tflops=10.0, hbm_tbps=1.0, compute_fraction=0.5,
-              bandwidth_fraction=0.5, launch_us=4.0, graph_launch_us=1.0, min_kernel_us=2.0, sync_us=10.0)
-    launches = [Launch("gemm", "aten", int(1e9), int(1e6), torch.bfloat16),  # 20 us compute, 2 us memory
-                Launch("copy", "aten", 0, int(5e6), torch.float32),  # 10 us memory
-                Launch("tiny", "aten", 0, 10, torch.float32)]  # floor of 2 us
+    gpu = GPU(
+        "test",
+        bf16_tflops=100.0,
+        tf32_tflops=50.0,
+        fp32_tflops=10.0,
+        hbm_tbps=1.0,
+        compute_fraction=0.5,
+        bandwidth_fraction=0.5,
+        launch_us=4.0,
+        graph_launch_us=1.0,
+        min_kernel_us=2.0,
+        sync_us=10.0,
+    )
+    launches = [
+        Launch("gemm", "aten", int(1e9), int(1e6), torch.bfloat16),  # 20 us compute, 2 us memory
+        Launch("copy", "aten", 0, int(5e6), torch.float32),  # 10 us memory
+        Launch("tiny", "aten", 0, 10, torch.float32),
+    ]  # floor of 2 us
     r = roofline(launches, syncs=2, gpu=gpu)
     assert math.isclose(r["gpu_busy_us"], 20 + 10 + 2)
     assert math.isclose(r["compute_us"], 20) and math.isclose(r["memory_us"], 2 + 10 + 2e-5)
@@ -177,6 +205,7 @@ def test_fusion_bound_on_a_hand_made_step():
 def test_compiled_code_is_counted_kernel_by_kernel():
     """Under InfraCensus a torch.compile'd function runs compiled (not skipped to eager): its extern GEMM is
     seen through the dispatcher and each generated kernel call is recorded by record_inductor."""
+
     def f(x, w):
         return torch.nn.functional.gelu(x @ w).sin().sum()
 
@@ -188,22 +217,28 @@ def test_compiled_code_is_counted_kernel_by_kernel():
         y = compiled(x, w)
         forward = list(c.launches)
         y.backward()
-    fused = [l for l in forward if l.kind == "fused"]
+    fused = [ln for ln in forward if ln.kind == "fused"]
     assert len(fused) == 1 and fused[0].name.startswith("inductor.") and fused[0].bytes >= 8 * 4 * 4
-    assert [(l.name, l.flops) for l in forward if l.kind == "aten"] == [("aten.mm", 2 * 8 * 16 * 4)]
-    assert sum(l.kind == "fused" for l in c.launches) == 2 and c.syncs == []
+    assert [(ln.name, ln.flops) for ln in forward if ln.kind == "aten"] == [("aten.mm", 2 * 8 * 16 * 4)]
+    assert sum(ln.kind == "fused" for ln in c.launches) == 2 and c.syncs == []
     torch.testing.assert_close(y, f(x, w))  # the kernels ran, not just their records
 
 
 def test_compiled_counts_take_anchors_from_full_shape_and_scale_the_rest():
     f32 = torch.float32
     gemm_full = Launch("aten.mm", "aten", 1000, 500, f32)
-    eager_full = {"launches_1": [gemm_full, Launch("aten.add", "aten", 0, 400, f32)],
-                  "launches_2": [gemm_full, Launch("aten.add", "aten", 0, 400, f32)] * 2}
-    eager_small = {"launches_1": [Launch("aten.mm", "aten", 10, 5, f32), Launch("aten.add", "aten", 0, 4, f32)],
-                   "launches_2": [Launch("aten.mm", "aten", 10, 5, f32), Launch("aten.add", "aten", 0, 4, f32)] * 2}
-    compiled = {1: [Launch("aten.mm", "aten", 10, 5, f32), Launch("inductor.k", "fused", 0, 3, f32)],
-                2: [Launch("aten.mm", "aten", 10, 5, f32), Launch("inductor.k", "fused", 0, 3, f32)] * 2}
+    eager_full = {
+        "launches_1": [gemm_full, Launch("aten.add", "aten", 0, 400, f32)],
+        "launches_2": [gemm_full, Launch("aten.add", "aten", 0, 400, f32)] * 2,
+    }
+    eager_small = {
+        "launches_1": [Launch("aten.mm", "aten", 10, 5, f32), Launch("aten.add", "aten", 0, 4, f32)],
+        "launches_2": [Launch("aten.mm", "aten", 10, 5, f32), Launch("aten.add", "aten", 0, 4, f32)] * 2,
+    }
+    compiled = {
+        1: [Launch("aten.mm", "aten", 10, 5, f32), Launch("inductor.k", "fused", 0, 3, f32)],
+        2: [Launch("aten.mm", "aten", 10, 5, f32), Launch("inductor.k", "fused", 0, 3, f32)] * 2,
+    }
     out = census.compiled_counts(compiled, {1: 0, 2: 1}, eager_small, eager_full)
     assert [x.name for x in out["launches_1"]] == ["aten.mm", "inductor.k"]
     assert out["launches_1"][1].bytes == 300  # 3 bytes x (400 / 4)
@@ -258,10 +293,18 @@ def test_projection_for_the_gpu_suite():
 
 def test_compare_measured_with_projected(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"meta": {"dry_run": True, "gpu": "NVIDIA H200"}, "records": [
-        {"bench": "write", "status": "ok", "impl": "gradmem_fast", "case": "tiny_kv", "ms": 5.0},
-        {"bench": "write", "status": "ok", "impl": "gradmem_ops", "case": "tiny_kv", "ms": 5.0},
-        {"bench": "write", "status": "error", "impl": "reference", "case": "tiny_kv"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "meta": {"dry_run": True, "gpu": "NVIDIA H200"},
+                "records": [
+                    {"bench": "write", "status": "ok", "impl": "gradmem_fast", "case": "tiny_kv", "ms": 5.0},
+                    {"bench": "write", "status": "ok", "impl": "gradmem_ops", "case": "tiny_kv", "ms": 5.0},
+                    {"bench": "write", "status": "error", "impl": "reference", "case": "tiny_kv"},
+                ],
+            }
+        )
+    )
     rows = census.compare(str(path))
     assert [(r["case"], r["impl"], r["gpu"]) for r in rows] == [("tiny_kv", "gradmem_fast", "H200")]
     expected = census.projection("tiny_kv", "gradmem_fast", dry_run=True, gpu="H200")["projected_write_ms"]
@@ -283,8 +326,9 @@ def test_uniform_mix_waste_is_the_writers_padding():
 
 def test_cli_dry_run_writes_json(tmp_path, capsys):
     # The compiled implementations compile on the CPU (tens of seconds): the benchmark dry run covers them.
-    rc = census.main(["--dry-run", "--cases", "tiny_kv", "--impls", "reference,torch_sdpa,engine_eager",
-                      "--out", str(tmp_path)])
+    rc = census.main(
+        ["--dry-run", "--cases", "tiny_kv", "--impls", "reference,torch_sdpa,engine_eager", "--out", str(tmp_path)]
+    )
     assert rc == 0
     with open(os.path.join(tmp_path, "census.json")) as f:
         result = json.load(f)
