@@ -21,6 +21,7 @@ Implementations (same inputs, same initial memory, SGD with lr 1e-2 and clip_nor
   cross-entropy, fused update), before the write engine exists;
 * ``gradmem_fast``: ``MemoryWriter(backend="triton")``, the write engine;
 * ``gradmem_fast_graphs``: the engine with ``cuda_graphs=True`` (the K-step loop captured and replayed).
+* ``gradmem_fast_eager``: the engine with ``compile=False`` (``gradmem_fast`` compiles its step on CUDA).
 
 Metrics: median time of one whole write (K steps) over several calls, ``docs_per_s = B / t``,
 ``tokens_per_s = sum(n_b) / t`` (context tokens written per second), ``tflops = K * write_step_flops / t``
@@ -42,7 +43,15 @@ LR = 1e-2
 CLIP_NORM = 1.0
 # The compiled baseline goes last: its compilation is the slowest case, and a tight budget should cost it,
 # not our numbers.
-IMPLS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs", "gradmem_ops", "torch_sdpa_compiled")
+IMPLS = (
+    "reference",
+    "torch_sdpa",
+    "gradmem_fast",
+    "gradmem_fast_graphs",
+    "gradmem_fast_eager",
+    "gradmem_ops",
+    "torch_sdpa_compiled",
+)
 
 
 @dataclasses.dataclass
@@ -239,11 +248,11 @@ def _set_attention(model, name):
         raise Skip(f"attention implementation {name!r} unavailable: {type(exc).__name__}: {exc}") from None
 
 
-def _writer(model, spec, backend, cuda_graphs=False):
+def _writer(model, spec, backend, cuda_graphs=False, compile="auto"):
     from gradmem_fast import MemoryWriter, WriteConfig
 
     config = WriteConfig(num_memory_tokens=spec.memory_tokens, steps=spec.steps, lr=LR, clip_norm=CLIP_NORM)
-    return MemoryWriter(model, config, backend=backend, cuda_graphs=cuda_graphs)
+    return MemoryWriter(model, config, backend=backend, cuda_graphs=cuda_graphs, compile=compile)
 
 
 def make_impl(name, model, spec, ids, mask, device, dry_run):
@@ -272,14 +281,16 @@ def make_impl(name, model, spec, ids, mask, device, dry_run):
         _set_attention(model, "eager")
         writer = _writer(model, spec, "triton", cuda_graphs=True)
         return lambda M0: writer.write(ids, mask, memory=M0).memory
-    if name == "gradmem_fast":
+    if name in ("gradmem_fast", "gradmem_fast_eager"):
         _set_attention(model, "eager")
         if not is_cuda(device):
             from gradmem_fast.backend import interpreting
 
             if not interpreting():
                 raise Skip("the triton write engine needs CUDA or TRITON_INTERPRET=1")
-        writer = _writer(model, spec, "triton")
+        # gradmem_fast_eager: the engine with its step left eager (compile=False), beside the default
+        # (compiled on CUDA), so one run measures what compiling the step buys.
+        writer = _writer(model, spec, "triton", compile=False if name == "gradmem_fast_eager" else "auto")
         return lambda M0: writer.write(ids, mask, memory=M0).memory
     raise ValueError(f"unknown implementation {name!r}")
 

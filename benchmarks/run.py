@@ -29,7 +29,7 @@ DRY_BUDGETS = {name: 300 for name in SECTIONS}
 # (clauses of key -> values, see common.Recorder.wants). Each bench stage's hard limit in gpu_suite.sh is
 # the sum of its budgets plus PLAN_STARTUP_S (imports, report); tests/test_benchmarks.py checks that.
 _OURS_VS_FLASH = ("gradmem_fast", "sdpa_flash")
-_WRITE_LOOPS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs")
+_WRITE_LOOPS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs", "gradmem_fast_eager")
 PLANS = {
     # headline evidence: the peaks (for MFU), attention fwd+bwd vs SDPA flash at two shapes, fused linear
     # cross-entropy vs torch at the GPT-2 shape, whole WRITEs (GPT-2, tiny KV) vs the reference and SDPA loops
