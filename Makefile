@@ -10,9 +10,16 @@ venv:
 demo: venv
 	$(PY) -m gradmem_fast demo
 
+# The interpreter tests keep one core busy and leave the other mostly idle, so the compile check runs beside
+# them on one job (its log is printed after pytest); make test fails if either fails.
+PYTEST_ARGS ?= tests
+COMPILE_CHECK_ARGS ?=
 test: venv lint typecheck
-	$(PY) -m pytest -q tests
-	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
+	@log=$$(mktemp); \
+	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check --jobs 1 $(COMPILE_CHECK_ARGS) > $$log 2>&1 & cc=$$!; \
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	wait $$cc; ccrc=$$?; cat $$log; rm -f $$log; \
+	if [ $$rc -ne 0 ] || [ $$ccrc -ne 0 ]; then echo "make test: pytest exit $$rc, compile check exit $$ccrc"; exit 1; fi
 
 # Lint + import order + format check (ruff.toml), and the type check of the public API (mypy.ini). Both run
 # before the tests in make test. A venv without ruff/mypy (a GPU machine that reused its own packages, see
