@@ -6,10 +6,13 @@ For every sample ``b`` of a batch of memories ``M`` of shape ``[B, m, d]`` with 
     r_b = ||g_b||                                            (raw norm, reported, before any clip)
     g   = clamp(g, -clip_value, clip_value)                  (clip_value = +inf: no clamp)
     n_b = ||g_b||;  g_b = g_b * clip_norm / (n_b + 1e-6)  where n_b > clip_norm   (if HAS_CLIP_NORM)
-    SGD:  M_b = M_b - lr * g_b
+    SGD:  M_b = M_b - lr_b * g_b
     Adam: m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2            (betas default (0.9, 0.999))
-          m_hat = m / (1 - b1^step);  v_hat = max(v / (1 - b2^step), 1e-8)
-          M_b = M_b - lr * m_hat / (sqrt(v_hat) + 1e-8)
+          m_hat = m / (1 - b1^step_b);  v_hat = max(v / (1 - b2^step_b), 1e-8)
+          M_b = M_b - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+
+``lr_b = lr`` and ``step_b = step`` when one value is shared by the batch; with per-sample values
+(``[B]`` tensors, ``PER_SAMPLE``) each sample reads its own.
 
 Math is fp32 (inputs fp32/fp16/bf16, outputs cast to the memory dtype, Adam moments fp32); the squared
 norms are accumulated in fp64 so that tiny (1e-30) and huge (1e30) fp32 gradients neither underflow to a
@@ -25,9 +28,10 @@ Two launch shapes:
   per-chunk partial sums of squares, then ``_memory_update_kernel`` (grid ``[B, num_splits]``) reduces
   its sample's partials and updates its chunk. Deterministic (no atomics).
 
-``lr`` and ``step`` are runtime values, either Python numbers (scalar kernel arguments) or 1-element
-device tensors (loaded in the kernel, so a captured CUDA graph replays with new values); neither is
-ever a ``tl.constexpr``, so a new value never recompiles.
+``lr`` and ``step`` are runtime values: Python numbers (scalar kernel arguments), 1-element device tensors
+(loaded in the kernel, so a captured CUDA graph replays with new values), or ``[B]`` device tensors, one
+value per sample (program ``b`` loads ``ptr[b]``; continuous batching gives every slot its own schedule
+position and Adam step). Neither is ever a ``tl.constexpr``, so a new value never recompiles.
 
 Nothing here knows about autograd; see ``gradmem_fast.ops.update`` for the op.
 """
@@ -119,6 +123,7 @@ def _memory_update_kernel(
     ADAM: tl.constexpr,
     HAS_CLIP_NORM: tl.constexpr,
     SCALAR_PTRS: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_SPLITS: tl.constexpr,
@@ -126,7 +131,8 @@ def _memory_update_kernel(
     """Program ``(b, s)`` updates elements ``[s*CHUNK, (s+1)*CHUNK)``, ``CHUNK = ITERS * BLOCK``, of
     sample ``b`` (formula in the module docstring). ``N_ITERS = cdiv(N, BLOCK)`` blocks cover a sample.
 
-    ``lr``/``step`` are scalars, or pointers to 1-element tensors when ``SCALAR_PTRS``. With ``SPLIT`` the
+    ``lr``/``step`` are scalars, or pointers to 1-element tensors when ``SCALAR_PTRS``, or pointers to ``[B]``
+    tensors when ``SCALAR_PTRS`` and ``PER_SAMPLE`` (sample ``b`` uses ``lr[b]``, ``step[b]``). With ``SPLIT`` the
     sample's squared norms come from ``part_ptr`` (``_grad_sumsq_kernel``); otherwise the program owns the
     whole sample and computes them. ``norm_ptr[b]`` receives the raw norm ``||g_b||`` (fp32).
     Adam moments are read from ``exp_avg*_ptr`` and written to ``exp_avg*_out_ptr`` (may alias).
@@ -157,12 +163,17 @@ def _memory_update_kernel(
         # still reach the memory (a min()-based scale could turn them into a finite number).
         scale = tl.where(n > clip_norm, clip_norm / (n + 1e-6), 1.0).to(tl.float32)
 
-    if SCALAR_PTRS:
+    if PER_SAMPLE:
+        # Every chunk program (b, s) of a split sample reads the same lr[b], step[b].
+        lr_v = tl.load(lr + b).to(tl.float32)
+    elif SCALAR_PTRS:
         lr_v = tl.load(lr).to(tl.float32)
     else:
         lr_v = lr
     if ADAM:
-        if SCALAR_PTRS:
+        if PER_SAMPLE:
+            t = tl.load(step + b).to(tl.float64)
+        elif SCALAR_PTRS:
             t = tl.load(step).to(tl.float64)
         else:
             t = step.to(tl.float64)
@@ -242,6 +253,28 @@ def _scalar_tensor(value, dtype, device):
     return torch.full((), value, dtype=dtype, device=device)
 
 
+def _is_per_sample(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() != 1
+
+
+def _check_per_sample(name, value, batch):
+    """A tensor ``lr``/``step`` holds one shared value or one value per sample: nothing else may reach the
+    kernel, which would read ``value[b]`` out of bounds."""
+    if _is_per_sample(value) and value.shape != (batch,):
+        raise ValueError(
+            f"{name}: expected a number, a 1-element tensor or a 1-D tensor of shape [B] = [{batch}], "
+            f"got shape {tuple(value.shape)}"
+        )
+
+
+def _sample_tensor(value, batch, dtype, device):
+    """``value`` (number, 1-element or ``[B]`` tensor) as a contiguous ``[B]`` ``dtype`` tensor on ``device``,
+    one entry per program row; a shared value is broadcast on the device (no host synchronisation)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    return value.reshape(-1).to(device=device, dtype=dtype).expand(batch).contiguous()
+
+
 def launch_update(
     memory,
     grad,
@@ -263,7 +296,8 @@ def launch_update(
     """Run the fused update; returns ``(new_memory, raw_norms[B] fp32, exp_avg, exp_avg_sq)``.
 
     ``memory``/``grad``: ``[B, m, d]`` of one dtype in ``KERNEL_DTYPES`` (made contiguous here).
-    ``lr``: float or 1-element tensor; ``step`` (Adam): int or 1-element tensor, >= 1.
+    ``lr``: float, 1-element tensor or ``[B]`` tensor (per sample); ``step`` (Adam): int, 1-element tensor or
+    ``[B]`` integer tensor, each >= 1 (not checked: that would need a host synchronisation).
     ``clip_value``: None means no clamp (callers apply Adam's default of 10 themselves).
     ``betas``: Adam's (beta1, beta2), Python floats in [0, 1) (runtime values, no recompile).
     ``exp_avg``/``exp_avg_sq``: fp32 ``[B, m, d]`` moments for Adam (None: zeros).
@@ -282,6 +316,9 @@ def launch_update(
     device = memory.device
     B, m, d = memory.shape
     N = m * d
+    _check_per_sample("lr", lr, B)
+    if adam:
+        _check_per_sample("step", step, B)
     memory = memory.contiguous()
     grad = grad.contiguous()
     if out is None:
@@ -319,8 +356,14 @@ def launch_update(
     chunk = triton.cdiv(triton.cdiv(N, splits), BLOCK) * BLOCK
     splits = triton.cdiv(N, chunk)  # drop empty trailing chunks
 
-    scalar_ptrs = isinstance(lr, torch.Tensor) or (adam and isinstance(step, torch.Tensor))
-    if scalar_ptrs:
+    # Per-sample mode when lr or (Adam) step has one value per sample; the other one is then broadcast to
+    # [B] too, so a single flag covers both (B = 1 is always shared: one value either way).
+    per_sample = _is_per_sample(lr) or (adam and _is_per_sample(step))
+    scalar_ptrs = per_sample or isinstance(lr, torch.Tensor) or (adam and isinstance(step, torch.Tensor))
+    if per_sample:
+        lr_arg = _sample_tensor(lr, B, torch.float32, device)
+        step_arg = _sample_tensor(step, B, torch.int64, device) if adam else 1
+    elif scalar_ptrs:
         lr_arg = _scalar_tensor(lr, torch.float32, device)
         step_arg = _scalar_tensor(step, torch.int64, device) if adam else 1
     else:
@@ -359,6 +402,7 @@ def launch_update(
         ADAM=bool(adam),
         HAS_CLIP_NORM=clip_norm is not None,
         SCALAR_PTRS=scalar_ptrs,
+        PER_SAMPLE=per_sample,
         SPLIT=splits > 1,
         BLOCK=BLOCK,
         MAX_SPLITS=MAX_SPLITS,
@@ -371,7 +415,8 @@ def compile_specs():
     """Every launch configuration ``launch_update`` can pick (for ``gradmem_fast.tools.compile_check``), each
     in two specialisations: ``aligned`` (every buffer 16-byte aligned, m*d a multiple of 16: GPT-2's 8 x 768)
     and ``unaligned`` (memory and gradient views at odd offsets, odd m*d; only the outputs the launcher
-    allocates hinted). ``step`` is never specialised (``do_not_specialize``)."""
+    allocates hinted). ``step`` is never specialised (``do_not_specialize``). ``ptrs`` names how ``lr`` and
+    ``step`` arrive: ``0`` scalar arguments, ``1`` 1-element tensors, ``B`` ``[B]`` tensors (``PER_SAMPLE``)."""
 
     def variants(sig, own):
         pointers = {n for n, t in sig.items() if t.startswith("*")} - {"step"}  # do_not_specialize
@@ -395,7 +440,8 @@ def compile_specs():
         )
         for adam in (False, True):
             for clip_norm in (False, True):
-                for scalar_ptrs in (False, True):
+                for ptrs in ("0", "1", "B"):
+                    scalar_ptrs, per_sample = ptrs != "0", ptrs == "B"
                     for split in (False, True):
                         if adam:
                             step_t = "*i64" if scalar_ptrs else "i32"
@@ -429,13 +475,14 @@ def compile_specs():
                             "ADAM": adam,
                             "HAS_CLIP_NORM": clip_norm,
                             "SCALAR_PTRS": scalar_ptrs,
+                            "PER_SAMPLE": per_sample,
                             "SPLIT": split,
                             "BLOCK": BLOCK,
                             "MAX_SPLITS": MAX_SPLITS,
                         }
                         name = (
                             f"update.memory_update[{tname},{'adam' if adam else 'sgd'},"
-                            f"clip_norm={int(clip_norm)},ptrs={int(scalar_ptrs)},split={int(split)}]"
+                            f"clip_norm={int(clip_norm)},ptrs={ptrs},split={int(split)}]"
                         )
                         own = {"out_ptr", "norm_ptr", "exp_avg_out_ptr", "exp_avg_sq_out_ptr", "part_ptr"}
                         specs.append(

@@ -483,8 +483,8 @@ def test_linear_cross_entropy_gpu_tiles_three_orders(cfg):
 
 
 def update_variants():
-    """Distinct (ADAM, HAS_CLIP_NORM, SCALAR_PTRS, SPLIT) of the update kernel's compile specs."""
-    keys = ("ADAM", "HAS_CLIP_NORM", "SCALAR_PTRS", "SPLIT")
+    """Distinct (ADAM, HAS_CLIP_NORM, SCALAR_PTRS, SPLIT, PER_SAMPLE) of the update kernel's compile specs."""
+    keys = ("ADAM", "HAS_CLIP_NORM", "SCALAR_PTRS", "SPLIT", "PER_SAMPLE")
     return sorted({tuple(s.constexprs[k] for k in keys) for s in ku.compile_specs() if "ADAM" in s.constexprs})
 
 
@@ -495,7 +495,7 @@ UPDATE_PARAMS = [
         n,
         dtype,
         id=f"{'adam' if var[0] else 'sgd'}-clipnorm{int(var[1])}-ptrs{int(var[2])}"
-        f"-split{int(var[3])}-n{n}-{str(dtype)[6:]}",
+        f"-split{int(var[3])}{'-per_sample' if var[4] else ''}-n{n}-{str(dtype)[6:]}",
     )
     for i, var in enumerate(update_variants())
     for j, n in enumerate(UPDATE_SIZES if FULL else (UPDATE_SIZES[(i + 2) % 3],))
@@ -507,7 +507,7 @@ UPDATE_PARAMS = [
 def test_update_variants(variant, numel, dtype, nan_empty):
     """launch_update in each compiled variant on NaN-filled outputs; the change M - M0 (not M, where an error in
     the step would hide under M0) against the fp64 formula, with Adam state, non-default betas and a clip."""
-    adam, has_clip_norm, scalar_ptrs, split = variant
+    adam, has_clip_norm, scalar_ptrs, split, per_sample = variant
     B, m = 3, 1
     M, G, M64, G64 = make_inputs(B, m, numel, dtype)
     clip_value = 0.8 if adam or numel % 2 else None
@@ -520,6 +520,8 @@ def test_update_variants(variant, numel, dtype, nan_empty):
         outs.update(exp_avg_out=nan_empty(B, m, numel), exp_avg_sq_out=nan_empty(B, m, numel))
     lr_arg = torch.tensor([lr]) if scalar_ptrs else lr
     step_arg = torch.tensor([step]) if scalar_ptrs else step
+    if per_sample:  # [B] tensors holding the same value: the per-sample loads against the shared formula
+        lr_arg, step_arg = lr_arg.expand(B), step_arg.expand(B)
     new, norm, m1, m2 = ku.launch_update(
         M,
         G,

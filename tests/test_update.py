@@ -372,10 +372,10 @@ def test_compile_specs_cover_every_launch_configuration():
         assert f"update.grad_sumsq[{t}]" in names
         for opt in ("sgd", "adam"):
             for cn in (0, 1):
-                for ptrs in (0, 1):
+                for ptrs in ("0", "1", "B"):  # scalar arguments, 1-element tensors, per-sample [B] tensors
                     for split in (0, 1):
                         assert f"update.memory_update[{t},{opt},clip_norm={cn},ptrs={ptrs},split={split}]" in names
-    assert len(names) == 3 * (1 + 16)
+    assert len(names) == 3 * (1 + 24)
 
 
 @pytest.mark.parametrize("shape", [(0, 2, 3), (2, 0, 3), (2, 3, 0)])
@@ -503,7 +503,7 @@ BAD = [
     (_bad(lr=float("nan")), ValueError, "lr"),
     (_bad(lr="0.1"), TypeError, "lr"),
     (_bad(lr=True), TypeError, "lr"),
-    (_bad(lr=torch.tensor([0.1, 0.2])), ValueError, "lr: expected a number or a 1-element tensor"),
+    (_bad(lr=torch.tensor([0.1, 0.2, 0.3])), ValueError, r"lr: expected .* shape \[B\] = \[2\], got shape \(3,\)"),
     (_bad(lr=torch.tensor(1)), TypeError, "lr: expected a floating"),
     (_bad(clip_value=-1.0), ValueError, "clip_value"),
     (_bad(clip_value=float("nan")), ValueError, "clip_value"),
@@ -512,7 +512,7 @@ BAD = [
     (_bad(optimizer="rmsprop"), ValueError, "optimizer must be one of"),
     (_bad(optimizer="adam", step=0), ValueError, "step"),
     (_bad(optimizer="adam", step=1.5), TypeError, "step"),
-    (_bad(optimizer="adam", step=torch.tensor([1, 2])), ValueError, "step"),
+    (_bad(optimizer="adam", step=torch.tensor([1, 2, 3])), ValueError, r"step: expected .* shape \[B\] = \[2\]"),
     (_bad(optimizer="adam", betas=(1.0, 0.9)), ValueError, "betas"),
     (_bad(optimizer="adam", betas=0.9), TypeError, "betas"),
     (_bad(state=(torch.zeros(2, 3, 5), torch.zeros(2, 3, 5))), ValueError, "state: only optimizer='adam'"),

@@ -5,10 +5,14 @@ For memories ``M`` and their gradient ``g``, both ``[B, m, d]`` (DESIGN.md, sema
     r_b  = ||g_b||                                   raw norm over [m, d], reported before any clip
     g    = clamp(g, -clip_value, clip_value)         if clip_value is set (Adam: 10 when unset)
     n_b  = ||g_b||;  g_b = g_b * clip_norm / (n_b + 1e-6)  where n_b > clip_norm      if clip_norm is set
-    SGD:   M_b = M_b - lr * g_b
+    SGD:   M_b = M_b - lr_b * g_b
     Adam:  m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2                (betas = (0.9, 0.999))
-           m_hat = m / (1 - b1^step);   v_hat = max(v / (1 - b2^step), 1e-8)
-           M = M - lr * m_hat / (sqrt(v_hat) + 1e-8)
+           m_hat = m / (1 - b1^step_b);   v_hat = max(v / (1 - b2^step_b), 1e-8)
+           M_b = M_b - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+
+``lr`` and ``step`` are shared (a number or a 1-element tensor: ``lr_b = lr``, ``step_b = step``) or per sample
+(a 1-D ``[B]`` tensor: continuous batching keeps documents of different ages in one batch, each with its own
+schedule position and Adam step). ``lr_b = 0`` leaves ``M_b`` unchanged for a finite gradient (a frozen slot).
 
 Backends (``gradmem_fast.backend.resolve_backend``): ``torch`` runs the formula above as plain
 differentiable torch code; ``triton`` runs one fused kernel (``gradmem_fast.kernels.update``: fp32 math,
@@ -19,8 +23,8 @@ what fp64 gradcheck verifies).
 
 Autograd:
 
-* SGD is twice differentiable in ``memory``, ``grad`` and a tensor ``lr`` (grad_mode ``first`` and
-  ``second``). On the triton backend the forward is the kernel and the backward is the analytic
+* SGD is twice differentiable in ``memory``, ``grad`` and a tensor ``lr`` (shared or ``[B]``; grad_mode
+  ``first`` and ``second``). On the triton backend the forward is the kernel and the backward is the analytic
   vector-Jacobian product of the formula, written in torch ops, so it is itself differentiable: a
   second-order meta-gradient through the update (the ``torch.where`` norm clip included) equals torch
   autograd of the formula.
@@ -54,7 +58,8 @@ ADAM_V_FLOOR = 1e-8
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_STEP = 2**31 - 1  # a Python step is an i32 kernel argument
 
-# A learning rate or step is a Python number or a 1-element tensor (a tensor lr may require grad).
+# A learning rate or step is a Python number, a 1-element tensor (shared) or a [B] tensor (one per sample);
+# a tensor lr may require grad.
 LR = float | torch.Tensor
 Step = int | torch.Tensor
 
@@ -98,15 +103,17 @@ def memory_update(
     Args:
         memory: ``[B, m, d]`` floating tensor.
         grad: gradient of the same shape, dtype and device as ``memory``.
-        lr: learning rate >= 0, a Python number or a 1-element tensor (a tensor is read on the device, so
-            a captured CUDA graph replays with a new value; its sign cannot be checked without a sync).
+        lr: learning rate >= 0, a Python number, a 1-element tensor (shared by the batch) or a 1-D ``[B]``
+            floating tensor on the memory's device (``lr[b]`` for sample ``b``). A tensor is read on the
+            device, so a captured CUDA graph replays with new values; its sign cannot be checked without a sync.
         optimizer: ``"sgd"`` or ``"adam"``.
         clip_value: element-wise clamp to ``±clip_value`` (>= 0); ``None``: off for SGD, 10 for Adam
             (pass ``float("inf")`` for an Adam without clamp).
         clip_norm: per-sample L2 norm clip (>= 0) applied after the clamp; ``None``: off.
         state: Adam only: ``AdamState`` (or a pair ``(exp_avg, exp_avg_sq)``) from the previous step;
             ``None`` means zero moments.
-        step: Adam only: the 1-based step index ``k`` of the bias correction, an int or a 1-element tensor.
+        step: Adam only: the 1-based step index ``k`` of the bias correction, an int, a 1-element tensor, or a
+            1-D ``[B]`` integer tensor on the memory's device (``step[b]`` >= 1 for sample ``b``, unchecked).
         betas: Adam only: ``(beta1, beta2)`` in [0, 1).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
@@ -118,10 +125,12 @@ def memory_update(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     adam = optimizer == "adam"
     _check_lr(lr, memory)
+    _check_per_sample("lr", lr, memory)
     clip_value = _check_clip("clip_value", clip_value)
     clip_norm = _check_clip("clip_norm", clip_norm)
     if adam:
         _check_step(step)
+        _check_per_sample("step", step, memory)
         betas = _check_betas(betas)
         state = _check_state(state, memory)
         if clip_value is None:
@@ -183,15 +192,30 @@ def _is_number(x: object) -> bool:
     return isinstance(x, Real) and not isinstance(x, bool)
 
 
+def _check_per_sample(name: str, value: Any, memory: torch.Tensor) -> None:
+    """A tensor that is not 1-element must be one value per sample: 1-D ``[B]`` on the memory's device (a host
+    tensor would need a synchronous copy each step)."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 1:
+        return
+    B = memory.shape[0]
+    if value.shape != (B,):
+        raise ValueError(
+            f"{name}: expected a number, a 1-element tensor or a 1-D tensor of shape [B] = [{B}], "
+            f"got shape {tuple(value.shape)}"
+        )
+    if value.device != memory.device:
+        raise ValueError(
+            f"{name}: expected the [B] tensor on the device of memory ({memory.device}), got {value.device}"
+        )
+
+
 def _check_lr(lr: Any, memory: torch.Tensor) -> None:
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"lr: expected a number or a 1-element tensor, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise TypeError(f"lr: expected a floating-point tensor, got dtype {lr.dtype}")
         return
     if not _is_number(lr):
-        raise TypeError(f"lr: expected a number or a 1-element tensor, got {type(lr).__name__}")
+        raise TypeError(f"lr: expected a number or a tensor, got {type(lr).__name__}")
     if not math.isfinite(lr) or lr < 0:
         raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
 
@@ -208,13 +232,11 @@ def _check_clip(name: str, value: Any) -> float | None:
 
 def _check_step(step: object) -> None:
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1:
-            raise ValueError(f"step: expected an int or a 1-element tensor, got shape {tuple(step.shape)}")
         if step.dtype == torch.bool or step.is_complex():
             raise TypeError(f"step: expected an integer or floating tensor, got dtype {step.dtype}")
         return
     if not isinstance(step, int) or isinstance(step, bool):
-        raise TypeError(f"step: expected an int >= 1 or a 1-element tensor, got {type(step).__name__}")
+        raise TypeError(f"step: expected an int >= 1 or a tensor, got {type(step).__name__}")
     if not 1 <= step <= _MAX_STEP:
         raise ValueError(f"step: expected 1 <= step <= {_MAX_STEP} (Adam's 1-based step index), got {step}")
 
@@ -260,9 +282,14 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _per_sample_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-element tensor as a 0-d one, a ``[B]`` tensor as ``[B, 1, 1]``: broadcasts against ``[B, m, d]``."""
+    return t.reshape(()) if t.numel() == 1 else t.reshape(-1, 1, 1)
+
+
 def _lr_value(lr: LR, dtype: torch.dtype, device: torch.device) -> LR:
     if isinstance(lr, torch.Tensor):
-        return lr.reshape(()).to(device=device, dtype=dtype)
+        return _per_sample_view(lr).to(device=device, dtype=dtype)
     return lr
 
 
@@ -300,7 +327,7 @@ def sgd_torch(
 
 def _bias_correction(beta: float, step: Step, dt: torch.dtype, device: torch.device) -> torch.Tensor | float:
     if isinstance(step, torch.Tensor):
-        t = step.reshape(()).to(device=device, dtype=torch.float64)
+        t = _per_sample_view(step).to(device=device, dtype=torch.float64)
         return (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=device), t)).to(dt)
     return 1.0 - beta**step
 
@@ -395,8 +422,8 @@ class _SGDUpdate(torch.autograd.Function):
     and ``new = M - lr * u``, for a cotangent ``w`` of ``new``:
 
         dM  = w
-        dlr = -sum(w * u)
-        du  = -lr * w
+        dlr = -sum(w * u)          (a [B] lr: dlr_b = -sum(w_b * u_b), one sum per sample)
+        du  = -lr_b * w
         dh  = s * du - [n > C] * C (h . du) / ((n + 1e-6)^2 n) * h     (Jacobian of the norm clip)
         dg  = dh where -c <= g <= c, else 0                              (Jacobian of the clamp)
 
@@ -442,9 +469,11 @@ class _SGDUpdate(torch.autograd.Function):
             else:
                 u = h
             if need_lr:
-                d_lr = -(w * u).sum().reshape(lr_t.shape).to(device=lr_t.device, dtype=lr_t.dtype)
+                # Shared lr: summed over the whole batch; per-sample lr[b]: over sample b only.
+                wu = (w * u).sum() if lr_t.numel() == 1 else (w * u).sum(dim=(1, 2))
+                d_lr = -wu.reshape(lr_t.shape).to(device=lr_t.device, dtype=lr_t.dtype)
             if need_grad:
-                lr = ctx.lr if lr_t is None else lr_t.reshape(()).to(device=grad.device, dtype=dt)
+                lr = ctx.lr if lr_t is None else _per_sample_view(lr_t).to(device=grad.device, dtype=dt)
                 du = -lr * w
                 if clip_norm is not None:
                     hdu = (h * du).sum(dim=(1, 2), keepdim=True, dtype=torch.float64)
