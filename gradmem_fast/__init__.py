@@ -23,6 +23,9 @@ if not os.path.isdir(os.path.join(_here, "kernels")) and os.path.isfile(os.path.
 
 _EXPORTS = {
     "WriteConfig": "gradmem_fast.config",
+    "StopRule": "gradmem_fast.config",
+    "Schedule": "gradmem_fast.config",
+    "DocumentStats": "gradmem_fast.result",
     "WriteResult": "gradmem_fast.result",
     "MemoryWriter": "gradmem_fast.writer",
     "resolve_backend": "gradmem_fast.backend",
@@ -38,6 +41,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # the type checker sees the real names (and their signatures); at run time they stay lazy
     from gradmem_fast.backend import resolve_backend as resolve_backend
+    from gradmem_fast.config import Schedule as Schedule
+    from gradmem_fast.config import StopRule as StopRule
     from gradmem_fast.config import WriteConfig as WriteConfig
     from gradmem_fast.hf import register_attention as register_attention
     from gradmem_fast.ops.attention import prefix_attention as prefix_attention
@@ -45,6 +50,7 @@ if TYPE_CHECKING:  # the type checker sees the real names (and their signatures)
     from gradmem_fast.ops.update import UpdateResult as UpdateResult
     from gradmem_fast.ops.update import memory_update as memory_update
     from gradmem_fast.reader import MemoryReader as MemoryReader
+    from gradmem_fast.result import DocumentStats as DocumentStats
     from gradmem_fast.result import WriteResult as WriteResult
     from gradmem_fast.writer import MemoryWriter as MemoryWriter
 

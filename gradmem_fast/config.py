@@ -1,4 +1,9 @@
-"""WriteConfig: every knob of a GradMem WRITE in one dataclass (DESIGN.md, "The semantics contract")."""
+"""WriteConfig: every knob of a GradMem WRITE in one dataclass (DESIGN.md, "The semantics contract").
+
+Many-step writing ("cramming") adds two knobs: ``Schedule`` (the step size over a document's own steps) and
+``StopRule`` (when a document counts as learned, so its writing stops and, in ``write_many``, a waiting
+document takes its slot; see ``gradmem_fast.cramming``).
+"""
 
 import dataclasses
 import math
@@ -6,8 +11,95 @@ import math
 OPTIMIZERS = ("sgd", "adam")
 GRAD_MODES = ("none", "first", "second")
 
+SCHEDULES = ("constant", "cosine", "linear")
+
 # Adam clamps the raw gradient to +-clip_value; with no clip_value set it uses this (DESIGN.md item 4).
 ADAM_DEFAULT_CLIP_VALUE = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Step size of step k (0-based) of a document written with at most ``total`` steps: ``lr * factor(k, total)``.
+
+        warmup:   factor = (k + 1) / warmup                                  for k < warmup
+        then      p = (k - warmup) / max(1, total - warmup)                  (0 at the first step after warmup)
+        constant: factor = 1
+        cosine:   factor = final + (1 - final) * (1 + cos(pi * p)) / 2
+        linear:   factor = final + (1 - final) * (1 - p)
+
+    Each document follows its own schedule from its own first step (in continuous batching, a document that
+    enters a slot late starts at k = 0), over ``total`` = ``WriteConfig.steps``, whether or not it stops early.
+
+    Attributes:
+        kind: "constant", "cosine" or "linear".
+        warmup: steps of linear warmup (0: none).
+        final: the factor the decay approaches (reached one step after the last), as a fraction of lr; so
+            the last step still moves the memory when final is 0.
+    """
+
+    kind: str = "constant"
+    warmup: int = 0
+    final: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule kind must be one of {SCHEDULES}, got {self.kind!r}")
+        _check_int("warmup", self.warmup, minimum=0)
+        _check_number("final", self.final, minimum=0.0)
+        if self.final > 1.0:
+            raise ValueError(f"final must be in [0, 1] (a fraction of lr), got {self.final}")
+
+    def factor(self, k: int, total: int) -> float:
+        """The factor of step ``k`` (0-based) of ``total`` steps (formula in the class docstring)."""
+        if k < self.warmup:
+            return (k + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        p = min(1.0, (k - self.warmup) / max(1, total - self.warmup))
+        if self.kind == "cosine":
+            return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return self.final + (1.0 - self.final) * (1.0 - p)
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When a document is learned: its writing stops and its memory is final.
+
+    Checked on the memory *before* the update of every step k with k % check_every == 0, and once more on the
+    final memory of a document that reaches ``WriteConfig.steps`` without stopping; a document stops as soon as
+    any criterion that is set holds:
+
+        loss:     L_b <= loss                       mean reconstruction loss (nats per token)
+        accuracy: a_b >= accuracy                   a_b = #{j : argmax logit_j == c_j} / n_b (teacher forcing)
+        exact:    a_b == 1                          greedy decoding from the memory reproduces the document
+
+    ``exact`` is checked with teacher forcing in one batched forward: when every position's argmax is the true
+    token, greedy decoding from the memory alone emits exactly the document (by induction: each greedy token
+    is the true one, so the next step sees the true prefix), and conversely. Teacher-forced accuracy below 1
+    says little about decoding (one early error derails the rest), which is why ``exact`` is the default.
+
+    A check costs one forward pass without gradient and one small host read, so ``check_every`` trades
+    wasted steps (a document may run up to check_every - 1 steps past the point it was learned) against
+    checking overhead.
+    """
+
+    loss: float | None = None
+    accuracy: float | None = None
+    exact: bool = True
+    check_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.loss is not None:
+            _check_number("loss", self.loss, minimum=0.0)
+        if self.accuracy is not None:
+            _check_number("accuracy", self.accuracy, minimum=0.0, strict=True)
+            if self.accuracy > 1.0:
+                raise ValueError(f"accuracy must be in (0, 1], got {self.accuracy}")
+        if not isinstance(self.exact, bool):
+            raise TypeError(f"exact must be a bool, got {type(self.exact).__name__}")
+        _check_int("check_every", self.check_every, minimum=1)
+        if self.loss is None and self.accuracy is None and not self.exact:
+            raise ValueError("a StopRule needs a criterion: set loss, accuracy or exact=True")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +122,10 @@ class WriteConfig:
         adam_betas: Adam's (beta1, beta2).
         init_std: standard deviation of the N(0, init_std^2) initial memory drawn when none is given.
         seed: seed of the generator for that initial memory (drawn on the CPU, so it is device-independent).
+        schedule: the step size over each document's steps (``Schedule``; None: constant lr).
+        stop: ``StopRule`` for many-step writing: a document stops when it is learned (then ``steps`` is the
+            most steps any document gets). Needs grad_mode "none" (stopping is a decision, not a function
+            that meta-training could differentiate).
     """
 
     num_memory_tokens: int = 8
@@ -43,6 +139,8 @@ class WriteConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     init_std: float = 0.02
     seed: int = 0
+    schedule: Schedule | None = None
+    stop: StopRule | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_memory_tokens", self.num_memory_tokens, minimum=1)
@@ -70,6 +168,22 @@ class WriteConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_number("init_std", self.init_std, minimum=0.0)
         _check_int("seed", self.seed, minimum=None)
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule or None, got {type(self.schedule).__name__}")
+        if self.stop is not None:
+            if not isinstance(self.stop, StopRule):
+                raise TypeError(f"stop must be a StopRule or None, got {type(self.stop).__name__}")
+            if self.grad_mode != "none":
+                raise ValueError("stop: a StopRule needs grad_mode='none' (a stopped write is not differentiable)")
+
+    def lr_at(self, k: int) -> float:
+        """The step size of step ``k`` (0-based): ``lr * schedule.factor(k, steps)``."""
+        return self.lr if self.schedule is None else self.lr * self.schedule.factor(k, self.steps)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the step size changes from step to step."""
+        return self.schedule is not None and (self.schedule.kind != "constant" or self.schedule.warmup > 0)
 
     @property
     def effective_clip_value(self) -> float | None:

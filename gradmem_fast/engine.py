@@ -207,7 +207,7 @@ def _write_loop(
     config,
     head_weight,
     head_bias,
-    lr,
+    lrs,
     losses,
     norms,
     ones_mask=None,
@@ -216,6 +216,8 @@ def _write_loop(
 ):
     """The K steps; writes per-step stats into ``losses``/``norms`` [K, B] and returns the final memory.
 
+    ``lrs``: the K step sizes (``config.lr_at(k)``), a list of floats or a [K] device tensor (a graph replays
+    with the tensor's current values).
     Nothing here reads a tensor back to the host, so the loop can be captured in a CUDA graph (``on_step``,
     a per-step callback ``on_step(k, losses[k])``, is for uncaptured loops only; unset, it costs nothing).
     ``backbone``: a ``CompiledBackbone`` for the first-order steps, or None (eager).
@@ -242,7 +244,7 @@ def _write_loop(
             result = memory_update(
                 Mk,
                 grad if second else grad.detach(),
-                lr=lr,
+                lr=lrs[k] if isinstance(lrs, list) else lrs[k : k + 1],
                 optimizer=config.optimizer,
                 clip_value=clip_value,
                 clip_norm=config.clip_norm,
@@ -289,7 +291,7 @@ def write_packed(
             config,
             head_weight,
             head_bias,
-            config.lr,
+            [config.lr_at(k) for k in range(config.steps)],
             losses,
             norms,
             on_step=step_hook,
@@ -344,7 +346,9 @@ class GraphedWriteLoop:
         state = {
             "packed": static,
             "memory": memory.detach().clone(),
-            "lr": torch.full((1,), float(self.config.lr), dtype=torch.float32, device=memory.device),
+            "lr": torch.tensor(
+                [self.config.lr_at(k) for k in range(self.config.steps)], dtype=torch.float32, device=memory.device
+            ),
             "ones": torch.ones(1, static.total_rows, dtype=torch.long, device=memory.device),
             "losses": torch.empty(self.config.steps, static.batch, dtype=torch.float32, device=memory.device),
         }

@@ -99,10 +99,10 @@ def write(
             with torch.set_grad_enabled(config.grad_mode != "none"):
                 # The update formula lives once, as the torch backend of the update op.
                 if config.optimizer == "sgd":
-                    M, _ = update_ops.sgd_torch(Mk, grad, config.lr, clip_value, config.clip_norm)
+                    M, _ = update_ops.sgd_torch(Mk, grad, config.lr_at(k), clip_value, config.clip_norm)
                 else:
                     M, _, state = update_ops.adam_torch(
-                        Mk, grad, config.lr, clip_value, config.clip_norm, state, k + 1, config.adam_betas
+                        Mk, grad, config.lr_at(k), clip_value, config.clip_norm, state, k + 1, config.adam_betas
                     )
             if config.grad_mode == "none":
                 M = M.detach()

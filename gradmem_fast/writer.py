@@ -8,6 +8,10 @@ The writer picks a backend (``gradmem_fast.backend.resolve_backend``): ``torch``
 (documents packed back to back, fused attention / linear cross-entropy / update ops, optionally a compiled
 backbone and CUDA-graph replay).
 
+With a ``StopRule`` in the config (many-step writing, ``gradmem_fast.cramming``) every document stops when it
+is learned; in ``write_many`` a waiting document then takes its slot (continuous batching), and results
+carry per-document statistics (``DocumentStats``).
+
 ``write_many`` streams any iterable of documents: it reads a window of documents, sorts it by length,
 writes batches of at most ``batch_tokens`` packed rows, and yields the memories in input order, so
 memory use is bounded by the window whatever the number of documents. On the engine it validates and
@@ -16,19 +20,19 @@ kernels run: no host synchronisation per batch (the yielded memories stay on the
 """
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal, cast
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from typing import Any, Literal, cast
 
 import torch
 
-from . import engine, hf, reference
+from . import cramming, engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
 from .inputs import initial_memory, prepare_write, resolve_write_head
 from .packing import PackedBatch, bucket_rows, documents_from_batch, pack, plan_batches
-from .result import WriteResult
+from .result import DocumentStats, WriteResult
 
-__all__ = ["MemoryWriter", "WriteResult"]
+__all__ = ["DocumentStats", "MemoryWriter", "WriteResult"]
 
 # on_step(k, losses): called after step k with the detached per-document losses [B].
 StepCallback = Callable[[int, torch.Tensor], object]
@@ -117,6 +121,7 @@ class MemoryWriter:
         attention_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         on_step: StepCallback | None = None,
+        progress: bool = False,
     ) -> WriteResult:
         """Write every row of ``input_ids`` [B, S] into its own memory.
 
@@ -125,7 +130,20 @@ class MemoryWriter:
         require grad: with grad_mode first/second the result stays on its graph), or [B, m, d].
         ``on_step(k, losses)``: optional callback after each step's loss [B] (detached, on the device; reading
         it is the caller's host sync). Not called inside a captured CUDA graph (``cuda_graphs=True``).
+
+        With ``config.stop`` set, each document stops when the rule holds (at most ``config.steps`` steps):
+        ``result.stats`` holds each document's steps, final loss, accuracy, exact-decode flag and information
+        gain, and ``losses``/``grad_norms`` are NaN at steps a document did not take. ``on_step`` is then not
+        available (documents are at different steps); ``progress=True`` shows a bar of documents done.
         """
+        if self.config.stop is not None:
+            return self._write_stopping(input_ids, attention_mask, memory, on_step, progress)
+        if progress:
+            bar = _StepBar(self.config.steps, on_step)
+            try:
+                return self.write(input_ids, attention_mask, memory, bar)
+            finally:
+                bar.close()
         if self.backend == "torch":
             return reference.write(
                 self.model, input_ids, attention_mask, memory, self.config, self.write_head, on_step=on_step
@@ -136,6 +154,33 @@ class MemoryWriter:
         docs = [doc.cpu() for doc in documents_from_batch(ids, mask)]
         packed = self._pack(docs, M.device)
         return self._write_packed(packed, M, head_weight, head_bias, on_step)
+
+    def _write_stopping(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        memory: torch.Tensor | None,
+        on_step: StepCallback | None,
+        progress: bool,
+    ) -> WriteResult:
+        """``write`` with a StopRule: the whole batch in flight, each document stopping on its own."""
+        if on_step is not None:
+            raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
+        ids, mask, M, head_weight, head_bias = prepare_write(
+            self.model, input_ids, attention_mask, memory, self.config, self.write_head
+        )
+        docs = [doc.cpu() for doc in documents_from_batch(ids, mask)]
+        log: dict = {}
+        bar = cramming.ProgressBar(len(docs), disable=not progress)
+        with torch.no_grad(), bar:
+            results = dict(cramming.cram(self, docs, M.detach(), (head_weight, head_bias), on_check=bar, step_log=log))
+        ordered = [results[i] for i in range(len(docs))]
+        return WriteResult(
+            memory=torch.stack([r.memory for r in ordered]),
+            losses=log["losses"],
+            grad_norms=log["grad_norms"],
+            stats=cramming.stack_stats(ordered, self.config.num_memory_tokens),
+        )
 
     def _padded(self) -> bool:
         """Whether batches are padded to bucket sizes (a compiled or graphed step)."""
@@ -185,8 +230,17 @@ class MemoryWriter:
         window: int = 4096,
         memory: torch.Tensor | None = None,
         on_step: StepCallback | None = None,
-    ) -> Iterator[torch.Tensor]:
+        slots: int | None = None,
+        stats: bool = False,
+        progress: bool = False,
+    ) -> Iterator[Any]:
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
+
+        With ``config.stop`` set (continuous batching, ``gradmem_fast.cramming``): at most ``slots`` documents
+        (None: no limit) and ``batch_tokens`` packed rows are in flight; a document leaves when its rule holds
+        or its steps run out, and the next waiting document of the window takes its place. ``stats=True``
+        yields ``cramming.CrammedDocument`` (memory and per-document statistics) instead of the memory.
+        ``progress=True`` shows a tqdm bar (documents done, in flight, waiting, steps per second).
 
         Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
         ``batch_tokens`` packed rows (memory rows included; a longer document gets a batch of its own).
@@ -202,6 +256,22 @@ class MemoryWriter:
             raise ValueError(f"window must be a positive int, got {window!r}")
         if memory is not None and (not isinstance(memory, torch.Tensor) or memory.dim() != 2):
             raise ValueError("memory must be None or a shared [m, d] initial memory for write_many")
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ValueError(f"slots must be None or a positive int, got {slots!r}")
+        if self.config.stop is None and (slots is not None or stats):
+            raise ValueError("slots and stats need a StopRule in the config (WriteConfig(stop=StopRule(...)))")
+        if self.config.stop is not None:
+            if on_step is not None:
+                raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
+            yield from self._write_many_stopping(documents, batch_tokens, window, memory, slots, stats, progress)
+            return
+        if progress:
+            bar = _StepBar(None, on_step)
+            try:
+                yield from self.write_many(documents, batch_tokens, window, memory, bar)
+            finally:
+                bar.close()
+            return
         if self.backend == "triton":
             yield from self._write_many_engine(documents, batch_tokens, window, memory, on_step)
             return
@@ -219,6 +289,37 @@ class MemoryWriter:
                 for row, i in enumerate(batch):
                     out[i] = result.memory[row].detach()
             yield from cast(list[torch.Tensor], out)  # every slot is filled by its batch
+
+    def _write_many_stopping(
+        self,
+        documents: Iterable[torch.Tensor | Sequence[int]],
+        batch_tokens: int,
+        window: int,
+        memory: torch.Tensor | None,
+        slots: int | None,
+        stats: bool,
+        progress: bool,
+    ) -> Iterator[Any]:
+        """write_many with a StopRule: continuous batching over each window, results in input order."""
+        head_weight, head_bias = resolve_write_head(self.write_head, self.model)
+        emb_weight = cast(torch.Tensor, hf.input_embeddings(self.model).weight)
+        vocab = min(emb_weight.shape[0], head_weight.shape[0])
+        M0 = initial_memory(memory, 1, self.config, self.model, emb_weight.device)[0].detach()
+        total = len(documents) if isinstance(documents, Sized) else None
+        with cramming.ProgressBar(total, disable=not progress) as bar:
+            for docs in self._windows(documents, window, vocab):
+                ready: dict[int, cramming.CrammedDocument] = {}
+                position = 0
+                with torch.no_grad():
+                    for index, result in cramming.cram(
+                        self, docs, M0, (head_weight, head_bias), slots=slots, batch_tokens=batch_tokens, on_check=bar
+                    ):
+                        ready[index] = result
+                        while position in ready:
+                            done = ready.pop(position)
+                            yield done if stats else done.memory
+                            position += 1
+                bar.next_window(len(docs))
 
     def _write_many_engine(
         self,
@@ -287,3 +388,21 @@ class MemoryWriter:
         return plan_batches(
             [len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens, padded=self._padded()
         )
+
+
+class _StepBar:
+    """on_step callback that advances a tqdm bar per optimisation step (then calls the user's callback)."""
+
+    def __init__(self, steps_per_batch: int | None, inner: StepCallback | None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=steps_per_batch, unit="step", desc="write", dynamic_ncols=True)
+        self.inner = inner
+
+    def __call__(self, k: int, losses: torch.Tensor) -> None:
+        self.bar.update(1)
+        if self.inner is not None:
+            self.inner(k, losses)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -50,7 +50,9 @@ def write_one(
     write_head=None,
     betas=(0.9, 0.999),
 ):
-    """Returns (memory, [loss per step], [grad norm per step]) for one document."""
+    """Returns (memory, [loss per step], [grad norm per step]) for one document.
+
+    ``lr``: one step size, or a list with the step size of every step (a schedule)."""
     if optimizer == "adam" and clip_value is None:
         clip_value = 10.0
     last_k = steps if last_k is None else last_k
@@ -68,15 +70,16 @@ def write_one(
         if not second:
             g = g.detach()
         g = _clip(g, clip_value, clip_norm)
+        lr_k = lr[k] if isinstance(lr, (list, tuple)) else lr
         if optimizer == "sgd":
-            M = M - lr * g
+            M = M - lr_k * g
         else:
             b1, b2 = betas
             m1 = (1 - b1) * g if m1 is None else b1 * m1 + (1 - b1) * g
             v1 = (1 - b2) * g * g if v1 is None else b2 * v1 + (1 - b2) * g * g
             mh = m1 / (1 - b1 ** (k + 1))
             vh = torch.clamp(v1 / (1 - b2 ** (k + 1)), min=1e-8)
-            M = M - lr * mh / (torch.sqrt(vh) + 1e-8)
+            M = M - lr_k * mh / (torch.sqrt(vh) + 1e-8)
         if grad_mode == "none":
             M = M.detach()
     return M, losses, norms

@@ -1,0 +1,457 @@
+"""Many-step writing ("cramming"): every document stops when it is learned; waiting documents take its slot.
+
+A frozen pretrained LM needs hundreds of Adam steps to store a document in a few memory vectors, and
+documents converge at very different speeds. ``cram`` writes a stream of documents with a ``StopRule``:
+
+    tick t = 0, 1, 2, ...                   one optimisation step of every document in flight
+    at t % check_every == 0 (a check):      score every document in flight on its current memory M
+                                            (one forward without gradient, ``gradmem_fast.scoring``)
+                                            and read the [B] scores back: the loop's only host read;
+                                            a document whose rule holds, or that has taken
+                                            WriteConfig.steps steps, is done: M is its final memory;
+                                            waiting documents take the freed slots (fresh memory,
+                                            zero Adam moments, their own step counter and schedule)
+    between checks:                         step: loss, gradient, fused update, per document with
+                                            lr_b = lr * schedule(age_b) and Adam step age_b + 1;
+                                            a document that has taken all its steps gets lr_b = 0
+                                            (frozen until the next check)
+
+Every document's computation depends only on its own tokens, memory and age, and documents enter and are
+scored only at checks, so its memory and stopping step are those of writing it alone with the same rule
+(the tests check this, fp64 on the torch backend and fp32 on the engine). A document checked at age a has
+taken a steps; its memory is the one those a updates produced.
+
+Capacity of a batch: at most ``slots`` documents and ``batch_tokens`` packed rows (memory rows included)
+in flight. The backends: the torch reference (padded batch, eager autograd) or the engine (documents
+packed back to back, fused kernels, the compiled backbone on CUDA); a new batch is built only when its
+composition changes, at a check.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
+
+import torch
+
+from . import engine, hf
+from .backend import use_backend
+from .ops.update import AdamState, memory_update
+from .result import DocumentStats
+from .scoring import LN2, DocumentScores, no_memory_tail, score_rows
+
+# on_check(done, in_flight, waiting, steps): after every check, with the counts of documents and the number
+# of document-steps taken so far (the progress bar's input).
+CheckCallback = Callable[[int, int, int, int], object]
+
+
+@dataclasses.dataclass
+class CrammedDocument:
+    """One document's result: its final memory [m, d] and its statistics (see ``DocumentStats``)."""
+
+    memory: torch.Tensor
+    steps: int
+    stopped: bool
+    loss: float
+    accuracy: float
+    exact: bool
+    prefix: int
+    initial_loss: float
+    info_gain_bits: float
+    tokens: int
+
+
+def stack_stats(documents: Sequence[CrammedDocument], num_memory_tokens: int) -> DocumentStats:
+    """The ``DocumentStats`` [B] of a list of results, in that order (CPU tensors)."""
+
+    def column(name, dtype):
+        return torch.tensor([getattr(d, name) for d in documents], dtype=dtype)
+
+    tokens = column("tokens", torch.int64)
+    prefix = column("prefix", torch.int64)
+    return DocumentStats(
+        steps=column("steps", torch.int64),
+        stopped=column("stopped", torch.bool),
+        loss=column("loss", torch.float64),
+        accuracy=column("accuracy", torch.float64),
+        exact=column("exact", torch.bool),
+        prefix=prefix,
+        initial_loss=column("initial_loss", torch.float64),
+        info_gain_bits=column("info_gain_bits", torch.float64),
+        tokens=tokens,
+        tokens_per_vector=prefix.double() / num_memory_tokens,
+    )
+
+
+class _Batch:
+    """The documents in flight, their memories, Adam moments and ages; ``run`` steps, ``scores`` scores.
+
+    Backend-specific parts (inputs, one step's loss, the scoring forward) live in the two subclasses.
+    Rows past ``real`` are filler (the engine's bucket padding): lr 0, never scored.
+    """
+
+    def __init__(self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, head):
+        self.writer, self.config = writer, writer.config
+        self.model = writer.model
+        self.head_weight, self.head_bias = head
+        self.docs = docs
+        self.real = len(docs)
+        self._build(docs)
+        rows = self.rows
+        filler = rows - self.real
+        self.memory = torch.cat([memory, memory.new_zeros(filler, *memory.shape[1:])]) if filler else memory
+        if self.config.optimizer == "adam":
+            assert state is not None
+            self.state: AdamState | None = AdamState(
+                *(torch.cat([s, s.new_zeros(filler, *s.shape[1:])]) if filler else s for s in state)
+            )
+        else:
+            self.state = None
+        device = memory.device
+        K = self.config.steps
+        lr_dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
+        # lr of step k: table[k]; a document past its last step (or filler, age K) gets table[K] = 0.
+        table = [self.config.lr_at(k) for k in range(K)] + [0.0]
+        self.lr_table = torch.tensor(table, dtype=lr_dtype, device=device)
+        self.ages = torch.tensor(list(ages) + [K] * filler, dtype=torch.int64, device=device)
+
+    rows: int
+
+    def _build(self, docs: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _loss(self, M: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hidden_rows(self, M: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _contexts(self):
+        raise NotImplementedError
+
+    def run(self, steps: int, log=None) -> None:
+        """``steps`` optimisation steps of every document, without reading anything back to the host.
+        ``log(ages, losses, norms)``: optional per-step record (device tensors of the real documents)."""
+        K = self.config.steps
+        with self._contexts(), torch.enable_grad():
+            for _ in range(steps):
+                Mk = self.memory.detach().requires_grad_(True)
+                loss = self._loss(Mk)
+                (grad,) = torch.autograd.grad(loss.sum(), Mk)
+                index = self.ages.clamp(max=K)
+                with torch.no_grad():
+                    result = memory_update(
+                        Mk.detach(),
+                        grad.detach(),
+                        lr=self.lr_table[index],
+                        optimizer=self.config.optimizer,
+                        clip_value=self.config.effective_clip_value,
+                        clip_norm=self.config.clip_norm,
+                        state=self.state,
+                        step=index + 1,
+                        betas=self.config.adam_betas,
+                    )
+                if log is not None:
+                    log(self.ages[: self.real], loss.detach()[: self.real], result.grad_norm[: self.real])
+                self.memory, self.state = result.memory.detach(), result.state
+                self.ages = self.ages + 1
+
+    @torch.no_grad()
+    def scores(self) -> DocumentScores:
+        """Scores of the real documents on their current memories (device tensors, see ``scoring``)."""
+        with self._contexts():
+            hidden = self._hidden_rows(self.memory)
+        return score_rows(
+            hidden, self.head_weight, self.head_bias, self.targets, self.doc, self.position, self.rows
+        ).select(self.real)
+
+
+class _PaddedBatch(_Batch):
+    """The torch backend: documents right-padded to the longest, eager autograd (``reference``)."""
+
+    def _build(self, docs):
+        from . import reference
+
+        self._reference = reference
+        emb = hf.input_embeddings(self.model)
+        device = cast(torch.Tensor, emb.weight).device
+        lengths = [len(d) for d in docs]
+        S = max(lengths)
+        ids = torch.zeros(len(docs), S, dtype=torch.long)
+        mask = torch.zeros(len(docs), S, dtype=torch.bool)
+        for b, d in enumerate(docs):
+            ids[b, : len(d)], mask[b, : len(d)] = d, True
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.embeds = emb(self.ids).detach()
+        self.rows = len(docs)
+        b_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)])
+        j_idx = torch.cat([torch.arange(n) for n in lengths])
+        self.doc, self.position = b_idx.to(device), j_idx.to(device)
+        self.targets = self.ids[self.doc, self.position]
+
+    def _contexts(self):
+        return use_backend("torch")
+
+    def _loss(self, M):
+        return self._reference.write_losses(
+            self.model, M, self.ids, self.mask, self.head_weight.detach(), _detached(self.head_bias), self.embeds
+        )
+
+    def _hidden_rows(self, M):
+        B, m = M.shape[0], M.shape[1]
+        S = self.ids.shape[1]
+        x = torch.cat([M.to(self.embeds.dtype), self.embeds], dim=1)
+        full = torch.cat([torch.ones(B, m, dtype=torch.long, device=x.device), self.mask.long()], dim=1)
+        positions = torch.arange(m + S, device=x.device).unsqueeze(0).expand(B, -1)
+        hidden = hf.backbone_hidden(self.model, x, full, positions)
+        return hidden[self.doc, m - 1 + self.position]
+
+
+class _PackedBatch(_Batch):
+    """The engine: documents packed back to back (bucket-padded when the step is compiled), fused ops."""
+
+    def _build(self, docs):
+        emb = hf.input_embeddings(self.model)
+        device = cast(torch.Tensor, emb.weight).device
+        self.packed = self.writer._pack(docs, device)
+        self.rows = self.packed.batch
+        self.backbone = self.writer._step_backbone()
+        self.weights = None if self.backbone is None else self.backbone.frozen_weights()
+        self.x0 = engine.packed_input(self.packed, emb(self.packed.tokens).detach())
+        self.ones = torch.ones(1, self.packed.total_rows, dtype=torch.long, device=device)
+        lengths = self.packed.lengths
+        self.doc = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
+        self.position = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        self.targets = self.packed.targets
+
+    def _contexts(self):
+        backend = self.writer.ops_backend
+        stack = _Contexts(use_backend(backend), engine.gradmem_attention(self.model, backend))
+        return stack
+
+    def _loss(self, M):
+        return engine._step_loss(
+            self.model,
+            M,
+            self.x0,
+            self.packed,
+            self.head_weight,
+            self.head_bias,
+            self.ones,
+            False,
+            self.backbone,
+            self.weights,
+        )
+
+    def _hidden_rows(self, M):
+        B, m, d = M.shape
+        x = self.x0.index_put((self.packed.memory_rows,), M.reshape(B * m, d).to(self.x0.dtype)).unsqueeze(0)
+        p = self.packed
+        hidden = engine._backbone_hidden(
+            hf.backbone(self.model), None, x, p.position_ids, p.cu_seqlens, self.ones, p.max_seqlen
+        )
+        return hidden.index_select(0, p.loss_rows)
+
+
+class _Contexts:
+    """Enter several context managers as one."""
+
+    def __init__(self, *managers):
+        self.managers = managers
+
+    def __enter__(self):
+        for manager in self.managers:
+            manager.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for manager in reversed(self.managers):
+            manager.__exit__(*exc)
+        return False
+
+
+def _detached(x):
+    return None if x is None else x.detach()
+
+
+def _satisfied(rule, loss: float, accuracy: float, exact: bool) -> bool:
+    """Whether any criterion of ``rule`` that is set holds."""
+    return (
+        (rule.loss is not None and loss <= rule.loss)
+        or (rule.accuracy is not None and accuracy >= rule.accuracy)
+        or (rule.exact and exact)
+    )
+
+
+def cram(
+    writer,
+    documents: Sequence[torch.Tensor],
+    memory: torch.Tensor,
+    head: tuple,
+    slots: int | None = None,
+    batch_tokens: int | None = None,
+    on_check: CheckCallback | None = None,
+    step_log: dict | None = None,
+) -> Iterator[tuple[int, CrammedDocument]]:
+    """Write ``documents`` (validated 1-D CPU token tensors) with ``writer.config.stop``; yield ``(index,
+    result)`` as each document finishes (not in input order).
+
+    ``memory``: the initial memory on the model's device, shared [m, d] or per document [len(documents), m, d].
+    ``head``: (weight, bias) of the write head. ``slots``/``batch_tokens``: the most documents / packed rows in
+    flight (None: no limit; a document longer than ``batch_tokens`` gets the batch alone). ``step_log``: optional
+    dict that receives ``losses``/``grad_norms`` [steps, len(documents)] (NaN where a document took no such
+    step; device tensors, filled without host reads).
+    """
+    config = writer.config
+    rule = config.stop
+    assert rule is not None
+    m, K, every = config.num_memory_tokens, config.steps, rule.check_every
+    head_weight, head_bias = head
+    device = memory.device
+    baseline = no_memory_tail(writer.model, head_weight, head_bias, list(documents))
+    batch_class = _PackedBatch if writer.backend == "triton" else _PaddedBatch
+    waiting = list(range(len(documents)))
+    waiting.reverse()  # pop() takes the next in input order
+    active: list[int] = []
+    ages: list[int] = []
+    initial: dict[int, float] = {}
+    batch: _Batch | None = None
+    done, steps_taken = 0, 0
+    log = None
+    if step_log is not None:
+        n = len(documents)
+        losses = torch.full((K + 1, n), math.nan, dtype=torch.float32, device=device)
+        norms = torch.full_like(losses, math.nan)
+        step_log["losses"], step_log["grad_norms"] = losses[:K], norms[:K]
+        doc_ids = {"t": None}
+
+        def log(age, loss, norm):
+            rows = age.clamp(max=K)  # steps of frozen documents land in the discarded row K
+            losses[rows, doc_ids["t"]] = loss.float()
+            norms[rows, doc_ids["t"]] = norm.float()
+
+    decided: dict[int, int] = {}  # document -> the age at which its rule was last evaluated
+    while True:
+        # A check: score every document in flight, retire the learned ones and those out of steps.
+        keep = []
+        if batch is not None:
+            host = batch.scores().to_host()
+            for row, index in enumerate(active):
+                if decided.get(index) == ages[row]:  # already kept at this age (a refill re-scores the batch)
+                    keep.append(row)
+                    continue
+                decided[index] = ages[row]
+                loss, acc = float(host.loss[row]), float(host.accuracy[row])
+                exact = bool(host.prefix[row] == host.tokens[row])
+                initial.setdefault(index, loss)
+                stopped = _satisfied(rule, loss, acc, exact)
+                if not stopped and ages[row] < K:
+                    keep.append(row)
+                    continue
+                done += 1
+                decided.pop(index)
+                yield (
+                    index,
+                    CrammedDocument(
+                        memory=batch.memory[row].clone(),
+                        steps=min(ages[row], K),
+                        stopped=stopped,
+                        loss=loss,
+                        accuracy=acc,
+                        exact=exact,
+                        prefix=int(host.prefix[row]),
+                        initial_loss=initial.pop(index),
+                        info_gain_bits=(float(baseline[index]) - float(host.tail[row])) / LN2,
+                        tokens=int(host.tokens[row]),
+                    ),
+                )
+        # Refill the freed capacity with waiting documents, in input order.
+        new: list[int] = []
+        rows_used = sum(m + len(documents[active[r]]) for r in keep)
+        while waiting and (slots is None or len(keep) + len(new) < slots):
+            need = m + len(documents[waiting[-1]])
+            if batch_tokens is not None and rows_used + need > batch_tokens and (keep or new):
+                break
+            new.append(waiting.pop())
+            rows_used += need
+        if on_check is not None:
+            on_check(done, len(keep) + len(new), len(waiting), steps_taken)
+        if not keep and not new:
+            return
+        if batch is None or new or len(keep) != len(active):
+            ages = [ages[r] for r in keep] + [0] * len(new)
+            active = [active[r] for r in keep] + new
+            fresh = (
+                memory[torch.tensor(new, dtype=torch.long, device=device)]
+                if memory.dim() == 3
+                else memory.expand(len(new), m, -1)
+            )
+            batch = _rebuild(writer, batch, batch_class, [documents[i] for i in active], keep, ages, fresh, head)
+            if step_log is not None:
+                doc_ids["t"] = torch.tensor(active, dtype=torch.long, device=device)
+            if new:
+                continue  # the new documents' first check, on their initial memory (age 0)
+        batch.run(every, log)
+        steps_taken += every * len(active)
+        ages = [a + every for a in ages]
+
+
+def _moment_dtype(memory: torch.Tensor) -> torch.dtype:
+    """Adam moments: fp64 for fp64 memories, fp32 otherwise (as ``memory_update`` keeps them)."""
+    return torch.float64 if memory.dtype == torch.float64 else torch.float32
+
+
+def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head):
+    """The next batch: rows ``keep`` of the current one (memories, moments), then the new documents starting
+    from ``fresh`` [new, m, d] with zero moments. ``docs``/``ages``: every document of the batch, in row order."""
+    device = fresh.device
+    fresh = fresh.clone()
+    moments = torch.zeros(fresh.shape, dtype=_moment_dtype(fresh), device=device)
+    if batch is None:
+        M = fresh
+        state = AdamState(moments, moments.clone()) if writer.config.optimizer == "adam" else None
+    else:
+        kept = torch.tensor(keep, dtype=torch.long, device=device)
+        M = torch.cat([batch.memory.index_select(0, kept), fresh])
+        state = None
+        if batch.state is not None:
+            state = AdamState(*(torch.cat([s.index_select(0, kept), moments]) for s in batch.state))
+    return batch_class(writer, docs, M, state, ages, head)
+
+
+class ProgressBar:
+    """A tqdm bar of documents done for ``cram``'s ``on_check``, with in flight / waiting counts and the rate
+    of document-steps per second in its postfix (tqdm's ETA follows the documents done)."""
+
+    def __init__(self, total: int | None, disable: bool = False, desc: str = "write") -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="doc", desc=desc, dynamic_ncols=True, disable=disable)
+        self.base_done = 0  # documents of earlier windows
+        self.base_steps = 0
+        self.last_done = 0
+        self.last_steps = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, in_flight: int, waiting: int, steps: int) -> None:
+        total_done = self.base_done + done
+        self.bar.update(total_done - self.bar.n)
+        self.last_done, self.last_steps = done, steps
+        rate = (self.base_steps + steps) / max(1e-9, time.perf_counter() - self.start)
+        self.bar.set_postfix_str(f"in flight {in_flight}, waiting {waiting}, {rate:.1f} doc-steps/s", refresh=False)
+
+    def next_window(self, size: int) -> None:
+        """Move the counts on past a finished window of ``size`` documents."""
+        self.base_done += size
+        self.base_steps += self.last_steps
+        self.last_done = self.last_steps = 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

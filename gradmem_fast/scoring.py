@@ -1,0 +1,143 @@
+"""Per-document scores of a memory, computed on the device: what the stopping rules and the reports read.
+
+For document b with tokens c_0..c_{n-1}, the hidden state that predicts c_j (row m-1+j after the memory, or
+row j-1 without a memory) gives ``logit_j = W h_j (+ bias)`` and::
+
+    ce_j        = logsumexp(logit_j) - logit_j[c_j]              nats
+    ok_j        = argmax(logit_j) == c_j                         first maximum, as greedy decoding picks it
+    loss_b      = sum_j ce_j / n_b                               the WRITE's reconstruction loss
+    correct_b   = sum_j ok_j                                     teacher-forced accuracy = correct_b / n_b
+    prefix_b    = min{j : not ok_j}  (n_b if none)               greedy decoding reproduces c_0..c_{prefix_b-1}
+    tail_b      = sum_{j>=1} ce_j                                the tokens a model without memory can score
+
+Information gain (the cramming paper's measure, in bits): the loss of the document's tokens c_1..c_{n-1}
+without any memory minus their loss after the memory, ``(tail_nomem - tail_mem) / ln 2``. Token c_0 has no
+prediction without a prefix, so it is left out of both sums (a gradmem-fast decision: the gain reported is
+a lower bound by the bits of c_0).
+
+The head runs on ``chunk_rows`` rows at a time: no [rows, V] logits beyond one chunk. Nothing here reads a
+value back to the host; the caller reads the small [B] results once per check.
+"""
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import hf
+
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass
+class DocumentScores:
+    """Per-document scores [B] on the device (``loss``/``tail`` fp64, the counts int64)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    prefix: torch.Tensor
+    tail: torch.Tensor
+    tokens: torch.Tensor
+
+    def to_host(self) -> "DocumentScores":
+        """All five vectors on the CPU: one transfer (the caller's single host read of a check)."""
+        stacked = torch.stack([self.loss, self.correct.double(), self.prefix.double(), self.tail, self.tokens.double()])
+        loss, correct, prefix, tail, tokens = stacked.cpu().unbind(0)
+        return DocumentScores(loss, correct.long(), prefix.long(), tail, tokens.long())
+
+    def select(self, n: int) -> "DocumentScores":
+        """The first ``n`` documents (the real ones, before any filler)."""
+        return DocumentScores(self.loss[:n], self.correct[:n], self.prefix[:n], self.tail[:n], self.tokens[:n])
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        return self.correct.double() / self.tokens.clamp_min(1).double()
+
+
+def score_rows(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    doc: torch.Tensor,
+    position: torch.Tensor,
+    batch: int,
+    chunk_rows: int = 2048,
+) -> DocumentScores:
+    """Scores of ``batch`` documents from the hidden states that predict their tokens.
+
+    ``hidden`` [N, d]: row i predicts ``targets[i]``, token ``position[i]`` (0-based) of document ``doc[i]``
+    (rows with a negative target are ignored, e.g. filler). Formulas in the module docstring.
+    """
+    device = hidden.device
+    ce_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+    tail = torch.zeros_like(ce_sum)
+    correct = torch.zeros(batch, dtype=torch.int64, device=device)
+    tokens = torch.zeros_like(correct)
+    big = torch.iinfo(torch.int64).max
+    first_wrong = torch.full((batch,), big, dtype=torch.int64, device=device)
+    for lo in range(0, hidden.shape[0], chunk_rows):
+        hi = min(hidden.shape[0], lo + chunk_rows)
+        logits = F.linear(hidden[lo:hi], head_weight, head_bias)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        target, d, pos = targets[lo:hi], doc[lo:hi], position[lo:hi]
+        real = target >= 0
+        safe = torch.where(real, target, torch.zeros_like(target))
+        ce = (torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]).double()
+        ce = torch.where(real, ce, torch.zeros_like(ce))
+        ok = (logits.argmax(dim=-1) == target) & real
+        wrong = real & ~ok
+        d = torch.where(real, d, torch.zeros_like(d))
+        ce_sum.index_add_(0, d, ce)
+        tail.index_add_(0, d, torch.where(pos >= 1, ce, torch.zeros_like(ce)))
+        correct.index_add_(0, d, ok.long())
+        tokens.index_add_(0, d, real.long())
+        first_wrong.scatter_reduce_(0, d, torch.where(wrong, pos, torch.full_like(pos, big)), reduce="amin")
+    prefix = torch.minimum(first_wrong, tokens)
+    return DocumentScores(ce_sum / tokens.clamp_min(1).double(), correct, prefix, tail, tokens)
+
+
+@torch.no_grad()
+def no_memory_tail(
+    model: torch.nn.Module,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    documents: list[torch.Tensor],
+    batch_tokens: int = 8192,
+) -> torch.Tensor:
+    """``tail_b`` of every document read by the model with no memory (fp64 [B] on the CPU, nats): the
+    baseline of the information gain. Documents are right-padded in groups of about ``batch_tokens``."""
+    emb = hf.input_embeddings(model)
+    device = emb.weight.device
+    out = torch.zeros(len(documents), dtype=torch.float64)
+    order = sorted(range(len(documents)), key=lambda i: len(documents[i]))
+    start = 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * len(documents[order[stop]]) <= batch_tokens:
+            stop += 1
+        group = order[start:stop]
+        S = max(len(documents[i]) for i in group)
+        ids = torch.zeros(len(group), S, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(documents[i])] = documents[i]
+        ids = ids.to(device)
+        positions = torch.arange(S, device=device).expand(len(group), S)
+        hidden = hf.backbone_hidden(model, emb(ids), torch.ones_like(ids), positions)
+        # Row j-1 predicts token j (j >= 1): keep each document's rows 0..n-2.
+        rows = [(row, j) for row, i in enumerate(group) for j in range(len(documents[i]) - 1)]
+        if rows:
+            r = torch.tensor(rows, dtype=torch.long, device=device)
+            scores = score_rows(
+                hidden[r[:, 0], r[:, 1]],
+                head_weight,
+                head_bias,
+                ids[r[:, 0], r[:, 1] + 1],
+                r[:, 0],
+                r[:, 1] + 1,
+                len(group),
+            )
+            out[group] = scores.tail.cpu()
+        start = stop
+    return out
