@@ -37,6 +37,7 @@ import torch
 from . import hf
 from .backend import use_backend
 from .config import WriteConfig
+from .ops.attention import dropout_generator
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.update import memory_update
 from .packing import IGNORE_INDEX, PackedBatch, seqlen_bucket
@@ -61,8 +62,9 @@ def check_model_supported(model) -> None:
 def attention_dropout_active(model) -> bool:
     """Whether ``model`` would call attention with dropout (training mode and a nonzero probability).
 
-    Our attention draws its dropout seed on the host per call; a compiled graph or a CUDA graph would bake
-    one seed in (the same mask every replay), so those paths refuse such a model (eval() it for writing).
+    Such a model reads and advances the device's dropout generator in every attention call
+    (``ops.attention.dropout_generator``, an int64 device tensor), so compiled and graph-replayed steps draw
+    new masks; the engine creates that generator before tracing or capturing.
     """
     if not model.training:
         return False
@@ -276,10 +278,9 @@ def write_packed(
     ``backbone``: optional ``CompiledBackbone`` (compiled first-order steps; see the module docstring).
     """
     if backbone is not None and attention_dropout_active(model):
-        raise ValueError(
-            "compile: the model is in training mode with attention dropout, whose host-drawn seed a "
-            "compiled step would freeze; call model.eval() for writing or use compile=False"
-        )
+        # The compiled step reads and advances the device's dropout generator; created here, before tracing,
+        # it is a plain graph input (created inside the trace, the next call would recompile once).
+        dropout_generator(memory.device)
     losses = torch.empty(config.steps, packed.batch, dtype=torch.float32, device=memory.device)
     norms = torch.empty_like(losses)
     with use_backend(backend), gradmem_attention(model, backend), torch.enable_grad():
@@ -310,7 +311,8 @@ class GraphedWriteLoop:
     inductor's code is plain kernel launches, compiled during the warm-up runs before capture, so the two
     combine (torch.compile's own CUDA graphs, mode="reduce-overhead", are not used: a cudagraph tree cannot
     be nested inside this capture, and this capture also covers the eager loss and update kernels).
-    Attention dropout is refused (its seed is drawn on the host, so a replay would repeat one mask).
+    Attention dropout works: its seed is read from the device's dropout generator (a device tensor that each
+    attention call advances in place), so every replay draws new masks.
     """
 
     _STATIC = (
@@ -384,10 +386,7 @@ class GraphedWriteLoop:
 
     def __call__(self, packed: PackedBatch, memory: torch.Tensor) -> WriteResult:
         if attention_dropout_active(self.model):
-            raise ValueError(
-                "cuda_graphs: the model is in training mode with attention dropout, whose host-drawn "
-                "seed a replayed graph would repeat; call model.eval() for writing"
-            )
+            dropout_generator(memory.device)  # exists before any capture: replays read and advance it
         with use_backend(self.backend), gradmem_attention(self.model, self.backend), torch.enable_grad():
             state = self.graphs.get(self.key(packed)) or self._capture(packed, memory)
             static = state["packed"]

@@ -118,7 +118,10 @@ def gradmem_fast_attention(
     from ``gradmem_fast_mask`` (no copies: the kernels read the transposed views through their strides).
 
     Causality follows ``is_causal`` or ``module.is_causal`` (bottom-right aligned, which is what a KV cache
-    needs); ``sliding_window`` is honoured. Attention weights are never returned.
+    needs); ``sliding_window`` is honoured. ``dropout`` (nonzero when the model is in training mode) takes its
+    seed from the device's dropout generator (``ops.attention.dropout_generator``), which each call advances
+    on the device: compiled and graph-replayed steps draw a new mask per call. Attention weights are never
+    returned.
     """
     from gradmem_fast.ops.attention import prefix_attention
 

@@ -59,9 +59,9 @@ class MemoryWriter:
             the compiled step fuses the model's eager elementwise work (about half a GPT-2 step's time) for a
             one-off compile per bucket (tens of seconds), which a stream of writes repays; on the CPU the
             kernels run in the Triton interpreter, where inductor's C++ compile (minutes on 2 cores) buys
-            nothing. "auto" also stays eager for a model in training mode with attention dropout (its seed is
-            drawn on the host; ``compile=True`` refuses such a model). ``compile=True`` needs
-            backend="triton" (the torch backend is the eager reference).
+            nothing. Attention dropout (a model in training mode) compiles too: its seed is a device tensor
+            advanced per call, so compiled steps draw new masks. ``compile=True`` needs backend="triton"
+            (the torch backend is the eager reference).
     """
 
     def __init__(
@@ -111,8 +111,6 @@ class MemoryWriter:
 
     def _step_backbone(self) -> engine.CompiledBackbone | None:
         """The compiled backbone for this write, or None (eager)."""
-        if self.backbone is None or (self.compile == "auto" and engine.attention_dropout_active(self.model)):
-            return None
         return self.backbone
 
     def write(

@@ -12,6 +12,9 @@ Layouts (the same kernels serve both; only where a sequence starts and how long 
 The padded layout still computes the padded blocks (they are masked, not skipped); the packed layout is the
 fast path for many documents of different lengths.
 
+Dropout seed: the kernels read it from an int64 device tensor (``Seed``, see ``_seed_pointer``), so a new
+seed is a new value in memory, not a new kernel argument: no recompile, and a CUDA graph replays with it.
+
 Configurations: a short curated list per head-dim class (padded power-of-two ``BLOCK_D``) and element size,
 autotuned on a GPU; under the Triton interpreter one small configuration is used (autotuning needs a GPU
 driver). ``compile_specs()`` lists every configuration for ``gradmem_fast.tools.compile_check``.
@@ -408,6 +411,20 @@ def _scalars(q, scale, dropout_p):
     return (scale * _LOG2E, scale, rescale), params, fp64
 
 
+def _seed_pointer(seed, dropout_p, q):
+    """The kernels' ``Seed`` argument: the int64 device tensor holding the dropout seed (an int ``seed`` is
+    put into a fresh one), or ``q`` as a placeholder without dropout (the kernels never read it then).
+
+    A tensor seed is read by the kernels on the device when they run: a new value needs no recompile and no
+    host sync, and a captured CUDA graph reads whatever value the tensor holds at replay.
+    """
+    if not dropout_p > 0:
+        return q
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.full((1,), int(seed), dtype=torch.int64, device=q.device)
+
+
 def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64):
     if q.dtype == torch.float32:
         precision = fp32_precision
@@ -491,7 +508,7 @@ def attention_fwd(
         sm_scale,
         rescale,
         float(dropout_p),
-        int(seed),
+        _seed_pointer(seed, dropout_p, q),
         int(window or 0),
     )
     consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
@@ -589,7 +606,7 @@ def attention_bwd(
         sm_scale,
         rescale,
         float(dropout_p),
-        int(seed),
+        _seed_pointer(seed, dropout_p, q),
         int(window or 0),
     )
 
@@ -734,7 +751,7 @@ def attention_dbwd(
         sm_scale,
         rescale,
         float(dropout_p),
-        int(seed),
+        _seed_pointer(seed, dropout_p, q),
         int(window or 0),
     )
     inputs = (q, k, v, dout, gdq, gdk, gdv)
@@ -793,6 +810,7 @@ def attention_dbwd(
 def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None, cu_seqlens_k=None):
     """The keep mask ``[B, H, Sq, Sk]`` (bool) the kernels use for this seed (tests and debugging only).
 
+    ``seed``: an int, or an int64 device tensor of one element (the value the attention kernels read).
     For varlen calls, ``seqlen_q/k`` are the maximum lengths and entries past a sequence's end are False.
     """
     keep = torch.zeros((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
@@ -805,7 +823,7 @@ def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device,
         keep,
         cu_seqlens_q if varlen else keep,
         cu_seqlens_k if varlen else keep,
-        int(seed),
+        _seed_pointer(seed, 1.0, keep),
         float(dropout_p),
         heads,
         seqlen_q,
@@ -839,20 +857,22 @@ for _kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):
     _OWN_BUFFERS[_kind] = {"Lse", "Delta", "Dlse", "Beta", "Psi", "GradQ", "GraddOut"}
 
 
-def _variants(kind, sig):
+def _variants(kind, sig, dropout=False):
     """The two specialisations of a configuration (see kernels/runtime.py) the launcher tells apart.
 
     ``aligned`` (``_aligned_call``: every tensor the tiles read or write 16-byte aligned, their batch, token
     and head strides divisible by 16, e.g. GPT-2/Llama shapes, fused QKV included): every pointer and every
     tile stride carries ``tt.divisibility=16``, so tile loads become 16-byte vectors, ``cp.async`` copies and
     wgmma operands. ``unaligned`` (odd head dims, views at odd offsets): only the buffers the launcher
-    allocates are hinted. Lengths, the log-sum-exp and key-mask strides, window, head count and seed are
-    compiled unhinted and the GQA group as a runtime value: launches with 16-divisible lengths or group 1
+    allocates are hinted, and with dropout the seed tensor (the op layer always hands the kernels a fresh one;
+    without dropout ``q`` stands in for it). Lengths, the log-sum-exp and key-mask strides, window and head
+    count are compiled unhinted and the GQA group as a runtime value: launches with 16-divisible lengths or group 1
     (a constant) get binaries that differ from these in scalar index arithmetic only.
     """
     pointers = {n for n, t in sig.items() if t.startswith("*")}
     strides = {n for n in sig if n.startswith("stride_") and n not in _UNHINTED_STRIDES}
-    return (Variant("aligned", divisible=pointers | strides), Variant("unaligned", divisible=_OWN_BUFFERS[kind]))
+    own = _OWN_BUFFERS[kind] | ({"Seed"} if dropout else set())
+    return (Variant("aligned", divisible=pointers | strides), Variant("unaligned", divisible=own))
 
 
 def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
@@ -885,7 +905,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
         "sm_scale": f32,
         "rescale": f32,
         "dropout_p": f32,
-        "seed": i32,
+        # with dropout the int64 seed tensor (allocated by the op layer: aligned); without, q stands in
+        "Seed": "*i64" if flags["HAS_DROPOUT"] else t,
         "window": i32,
     }
     common = {"CuQ": "*i32", "CuK": "*i32", "Kpm": "*u8", "Params": "*fp64" if dtype == torch.float64 else t}
@@ -961,7 +982,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
         num_warps=warps,
         num_stages=stages,
         archs=(90,),
-        variants=_variants(kind, sig),
+        variants=_variants(kind, sig, flags["HAS_DROPOUT"]),
     )
 
 

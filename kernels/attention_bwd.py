@@ -27,6 +27,7 @@ from .attention_common import (
     load_row_stats,
     load_rows,
     load_scalars,
+    load_seed,
     query_range,
     rng_key,
     score_mask,
@@ -115,7 +116,7 @@ def attn_bwd_dkdv_kernel(
     sm_scale,
     rescale,
     dropout_p,
-    seed,
+    Seed,
     window,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -142,6 +143,7 @@ def attn_bwd_dkdv_kernel(
     if n0 >= k_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
+    seed = load_seed(Seed, HAS_DROPOUT)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
     V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
@@ -302,7 +304,7 @@ def attn_bwd_dq_kernel(
     sm_scale,
     rescale,
     dropout_p,
-    seed,
+    Seed,
     window,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -326,6 +328,7 @@ def attn_bwd_dq_kernel(
     if m0 >= q_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
+    seed = load_seed(Seed, HAS_DROPOUT)
     hk = h // group
     q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     do = load_head_rows(dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)

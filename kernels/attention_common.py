@@ -7,8 +7,10 @@ Notation used by every attention kernel (one program works on one sequence ``b``
   ``W``, also ``j > i + diag - W``), and the key is not padding (key padding mask, 1 = keep);
 * scores are kept in base 2: ``s2 = (q . k) * scale * log2(e)``, so ``exp(scale * q.k - lse) =
   exp2(s2 - lse * log2(e))``; the saved log-sum-exp ``lse`` is in natural-log units;
-* dropout keeps score ``(i, j)`` of head ``(b, h)`` iff ``philox(seed + 2^32 (b H + h), i Lk + j) >= p``
-  (``tl.rand``), a pure function of the indices, so forward and backward regenerate the same mask;
+* dropout keeps score ``(i, j)`` of head ``(b, h)`` iff ``philox(seed_lo + 2^32 (b H + h), i Lk + j) >= p``
+  (``tl.rand``), where ``seed_lo`` is the low 32 bits of the int64 the kernels load from ``Seed`` (a device
+  tensor, so a new seed neither recompiles a kernel nor stays frozen in a captured CUDA graph): a pure
+  function of the seed value and the indices, so forward and backward regenerate the same mask;
 * addresses: every product of a token or head index with a stride is formed in 64 bits: the scalar bases
   (``head_base``, ``stat_offset``) and the row offsets of each tile (``load_rows``/``store_rows``). A
   fused-QKV token stride times 131k tokens already passes 2^31.
@@ -235,9 +237,22 @@ def load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64: tl.constexpr)
 
 
 @triton.jit
+def load_seed(Seed, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed: the low 32 bits of the int64 at ``Seed`` (0 without dropout, when ``Seed`` is a
+    placeholder pointer that is never read)."""
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        # the high word belongs to the head index in rng_key; a counter past 2^32 wraps instead of leaking
+        # into it (arithmetic shifts: exact for negative values too)
+        seed = seed - ((seed >> 32) << 32)
+    else:
+        seed = tl.zeros([], dtype=tl.int64)
+    return seed
+
+
+@triton.jit
 def rng_key(seed, b, h, num_heads):
-    """Philox key of head ``h`` of sequence ``b``: low word the user seed, high word the head index."""
-    # no .to() on seed: Triton passes an integer argument equal to 1 as a constant
+    """Philox key of head ``h`` of sequence ``b``: low word the seed (``load_seed``), high word the head index."""
     return (b * num_heads + h).to(tl.int64) * 4294967296 + seed
 
 
@@ -278,7 +293,7 @@ def _dropout_mask_kernel(
     Keep,
     CuQ,
     CuK,
-    seed,
+    Seed,
     dropout_p,
     num_heads,
     seqlen_q,
@@ -298,7 +313,7 @@ def _dropout_mask_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, q_len, k_start, k_len = seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    key = rng_key(seed, b, h, num_heads)
+    key = rng_key(load_seed(Seed, True), b, h, num_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     base = Keep + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + offs_m[:, None].to(tl.int64) * stride_m
     for start_n in range(0, k_len, BLOCK_N):

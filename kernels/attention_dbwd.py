@@ -47,6 +47,7 @@ from .attention_common import (
     load_row_stats,
     load_rows,
     load_scalars,
+    load_seed,
     query_range,
     rng_key,
     score_mask,
@@ -165,7 +166,7 @@ def attn_dbwd_dq_kernel(
     sm_scale,
     rescale,
     dropout_p,
-    seed,
+    Seed,
     window,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -200,6 +201,7 @@ def attn_dbwd_dq_kernel(
     if m0 >= q_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
+    seed = load_seed(Seed, HAS_DROPOUT)
     hk = h // group
     q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
     if PASS < 2:
@@ -661,7 +663,7 @@ def attn_dbwd_dkdv_kernel(
     sm_scale,
     rescale,
     dropout_p,
-    seed,
+    Seed,
     window,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -691,6 +693,7 @@ def attn_dbwd_dkdv_kernel(
     if n0 >= k_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
+    seed = load_seed(Seed, HAS_DROPOUT)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = load_head_rows(K, b, k_start, hk, stride_kb, stride_kt, stride_kh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
     v = load_head_rows(V, b, k_start, hk, stride_vb, stride_vt, stride_vh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)

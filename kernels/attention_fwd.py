@@ -21,6 +21,7 @@ from .attention_common import (
     key_range,
     load_rows,
     load_scalars,
+    load_seed,
     rng_key,
     score_mask,
     seq_bounds,
@@ -123,7 +124,7 @@ def attn_fwd_kernel(
     sm_scale,
     rescale,
     dropout_p,
-    seed,
+    Seed,
     window,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -151,6 +152,7 @@ def attn_fwd_kernel(
     if m0 >= q_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
+    seed = load_seed(Seed, HAS_DROPOUT)
     hk = h // group
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < q_len

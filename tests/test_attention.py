@@ -349,11 +349,14 @@ def test_torch_compile_first_order():
 
 
 def test_opcheck_custom_ops():
-    from gradmem_fast.ops.attention import attention_fwd_op
+    from gradmem_fast.ops.attention import attention_fwd_op, dropout_seed_op
 
     q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE) for _ in range(3))
-    args = (q, k, v, None, None, -1, -1, None, True, 0.25, 0.0, 0, 0, "ieee")
-    torch.library.opcheck(attention_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    seed = torch.tensor([12], dtype=torch.int64, device=DEVICE)
+    for p, s in ((0.0, None), (0.2, seed)):  # without dropout no seed tensor; with it, the seed on the device
+        args = (q, k, v, None, None, -1, -1, None, True, 0.25, p, s, 0, "ieee")
+        torch.library.opcheck(attention_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(dropout_seed_op, (seed,), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,16 @@ For a sequence with ``Lq`` queries and ``Lk`` keys (``diag = Lk - Lq``), query h
     lse_i = log sum_{j visible} exp(s_ij)           (-inf when no key is visible)
     out_i = sum_{j visible} exp(s_ij - lse_i) * z_ij / (1 - p) * v_j     (0 when no key is visible)
 
-``z`` is the dropout keep mask (keep with probability 1 - p), a pure function of ``seed`` and the indices on
-the Triton backend, so the backward regenerates it. With more keys than queries the last query sees all
-keys: queries attend to a cached prefix (memory) plus themselves, as in GradMem's READ.
+``z`` is the dropout keep mask (keep with probability 1 - p), a pure function of the seed's value and the
+indices on the Triton backend, so the backward regenerates it. With more keys than queries the last query
+sees all keys: queries attend to a cached prefix (memory) plus themselves, as in GradMem's READ.
+
+Dropout seeds live on the device. The ops take the seed as an int64 tensor that the kernels read when they
+run, never as a Python number: a call without an explicit seed takes the current value of its device's
+dropout generator (``dropout_generator``, an int64 counter tensor) and advances the counter in place by one,
+so consecutive calls, a compiled step (``torch.compile``) and every replay of a captured CUDA graph draw new
+masks without a host synchronisation or a recompile. The seed each forward used is copied (the counter moves
+on) and saved: backward and double backward regenerate exactly the forward's mask.
 
 Three ops are registered with ``torch.library`` so a compiled graph can hold them:
 ``gradmem_fast::attention_fwd`` -> (out, lse), ``gradmem_fast::attention_bwd`` -> (dq, dk, dv) and
@@ -30,7 +37,7 @@ from torch import Tensor
 
 from gradmem_fast.backend import resolve_backend
 
-__all__ = ["prefix_attention", "attention_reference"]
+__all__ = ["prefix_attention", "attention_reference", "dropout_generator", "set_dropout_seed"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_HEAD_DIM = 256
@@ -154,6 +161,90 @@ def _check_args(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dropout seeds on the device
+
+_GENERATORS: dict[str, Tensor] = {}  # device -> int64 [1] counter: the seed of the next unseeded call
+
+
+def dropout_generator(device: torch.device | str) -> Tensor:
+    """The dropout generator of ``device``: an int64 ``[1]`` tensor on it holding the seed of the next
+    ``prefix_attention`` call without an explicit seed; each such call advances it by one, in place.
+
+    Created on first use with a value drawn from torch's generator of that device (so ``torch.manual_seed``
+    before the first dropout call makes a run reproducible); ``set_dropout_seed`` sets it later. The tensor
+    is never replaced, so compiled graphs and captured CUDA graphs that read it keep seeing its current value.
+    Seeds ``s`` and ``s + 1`` are different Philox keys (independent masks), and the kernels use the low
+    32 bits, so the counter wraps after 2^32 calls.
+    """
+    device = torch.device(device)
+    key = str(device)
+    state = _GENERATORS.get(key)
+    if state is None:
+        if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            # Inside a capture the fill would only run at replay, resetting the counter on every replay.
+            raise RuntimeError(
+                f"prefix_attention: the dropout generator of {key} does not exist yet and cannot be created "
+                "inside a CUDA graph capture; run one call before capturing (a warm-up) or call "
+                f"gradmem_fast.ops.attention.dropout_generator({key!r}) first"
+            )
+        # drawn on the device itself: no host-to-device copy, so it also traces under torch.compile
+        state = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        _GENERATORS[key] = state
+    return state
+
+
+def set_dropout_seed(seed: int, device: torch.device | str) -> None:
+    """Set ``device``'s dropout generator to ``seed`` (an int), in place: the next unseeded call on that device
+    uses ``seed``, the one after it ``seed + 1``, and so on, inside compiled and graph-replayed steps too."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"set_dropout_seed: seed must be a non-negative int, got {seed!r}")
+    dropout_generator(device).fill_(seed)
+
+
+@torch.library.custom_op("gradmem_fast::dropout_seed", mutates_args=())
+def dropout_seed_op(seed: Tensor) -> Tensor:
+    """A copy of ``seed`` (int64, one element) as ``[1]``: the value one attention call uses.
+
+    An opaque op on purpose. The attention's backward must read the value the forward used, while the
+    generator it came from moves on in place. AOTAutograd's partitioner may recompute a plain ``clone`` in
+    the compiled backward from the generator tensor, by then advanced (a different mask; it does so when the
+    copy feeds a pointwise op, seen with aot_eager and inductor); a custom op is outside its recomputable
+    allowlist, so its output is saved. Limit: with ``torch._functorch.config.activation_memory_budget < 1``
+    the partitioner recomputes custom ops too, from the advanced generator; keep the default budget (1.0)
+    for compiled steps with attention dropout.
+    """
+    return seed.reshape(1).clone()
+
+
+@dropout_seed_op.register_fake
+def _dropout_seed_fake(seed: Tensor) -> Tensor:
+    return seed.new_empty((1,))
+
+
+def _call_seed(seed: Any, dropout_p: float, device: torch.device) -> Tensor | None:
+    """The seed tensor of one call (None without dropout): a fresh copy of the explicit seed, or the
+    generator's current value, after which the generator advances (on the device, no host read)."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(
+                f"prefix_attention: a tensor seed must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}"
+            )
+        if seed.device != device:
+            raise ValueError(f"prefix_attention: the seed tensor is on {seed.device}, q on {device}")
+        return dropout_seed_op(seed) if dropout_p > 0 else None
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
+        raise ValueError(f"prefix_attention: seed must be an int in [0, 2**31), an int64 tensor or None, got {seed!r}")
+    if not dropout_p > 0:
+        return None
+    if seed is not None:
+        return torch.full((1,), seed, dtype=torch.int64, device=device)
+    state = dropout_generator(device)
+    value = dropout_seed_op(state)
+    state.add_(1)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
 # Triton backend: custom ops
 
 
@@ -180,7 +271,7 @@ def attention_fwd_op(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor]:
@@ -218,7 +309,7 @@ def _attention_fwd_fake(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor]:
@@ -244,7 +335,7 @@ def attention_bwd_op(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -297,7 +388,7 @@ def _attention_bwd_fake(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,7 +415,7 @@ def attention_dbwd_op(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -396,7 +487,7 @@ def _attention_dbwd_fake(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     window: int,
     fp32_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -429,7 +520,7 @@ _BWD_ARGS = (
     "window",
     "fp32_precision",
 )
-_OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
+_OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "window", "fp32_precision")
 
 
 def _bwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -448,6 +539,7 @@ def _bwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
                 "cu_seqlens_q",
                 "cu_seqlens_k",
                 "key_padding_mask",
+                "seed",
             )
         )
     )
@@ -464,7 +556,7 @@ def _bwd_backward(
     dependence on ``q, k, v`` is already inside the double-backward formulas (returning a gradient for them
     as well would count that path twice). The forward's autograd always passes its own outputs.
     """
-    dout, q, k, v, out, lse, dlse, cu_q, cu_k, kpm = ctx.saved_tensors
+    dout, q, k, v, out, lse, dlse, cu_q, cu_k, kpm, seed = ctx.saved_tensors
     if grad_dq is None and grad_dk is None and grad_dv is None:
         return (None,) * len(_BWD_ARGS)
     grad_dq = torch.zeros_like(q) if grad_dq is None else grad_dq
@@ -490,7 +582,7 @@ def _bwd_backward(
         o["causal"],
         o["scale"],
         o["dropout_p"],
-        o["seed"],
+        seed,
         o["window"],
         o["fp32_precision"],
     )
@@ -521,17 +613,23 @@ _FWD_ARGS = (
 def _fwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
+    # The seed tensor is saved, not its number: the backward kernels read the forward's value on the device.
     ctx.save_for_backward(
-        args["q"], args["k"], args["v"], out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"], args["key_padding_mask"]
+        args["q"],
+        args["k"],
+        args["v"],
+        out,
+        lse,
+        args["cu_seqlens_q"],
+        args["cu_seqlens_k"],
+        args["key_padding_mask"],
+        args["seed"],
     )
-    ctx.options = {
-        name: args[name]
-        for name in ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "seed", "window", "fp32_precision")
-    }
+    ctx.options = {name: args[name] for name in _OPTIONS}
 
 
 def _fwd_backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-    q, k, v, out, lse, cu_q, cu_k, kpm = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, kpm, seed = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd_op(
@@ -550,7 +648,7 @@ def _fwd_backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[T
         ctx.options["causal"],
         ctx.options["scale"],
         ctx.options["dropout_p"],
-        ctx.options["seed"],
+        seed,
         ctx.options["window"],
         ctx.options["fp32_precision"],
     )
@@ -662,15 +760,24 @@ def attention_reference(
     causal: bool = True,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | Tensor | None = 0,
     window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
 
-    Dropout draws its keep mask from ``torch.rand`` with a generator seeded by ``seed`` (deterministic, but
-    not the Triton kernels' Philox stream).
+    Dropout draws its keep mask from ``torch.rand`` with a generator seeded by the low 32 bits of ``seed``
+    (deterministic, but not the Triton kernels' Philox stream). A tensor ``seed`` is read back to the host
+    (a synchronisation on a GPU: this backend is the eager reference), so dropout is not traceable here.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if isinstance(seed, Tensor):
+        if dropout_p > 0 and torch.compiler.is_compiling():
+            raise NotImplementedError(
+                "prefix_attention: the torch backend has no compiled dropout (its mask comes from a host "
+                "generator); use backend='triton' or dropout_p=0 under torch.compile"
+            )
+        seed = int(seed.reshape(-1)[0]) & 0xFFFFFFFF if dropout_p > 0 else 0
+    seed = 0 if seed is None else seed
     if cu_seqlens_q is None:
         return _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window)
     assert cu_seqlens_k is not None, "attention_reference: cu_seqlens_q and cu_seqlens_k come together"
@@ -731,7 +838,7 @@ def prefix_attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     window: int | None = ...,
-    seed: int | None = ...,
+    seed: int | Tensor | None = ...,
     return_lse: Literal[False] = ...,
     fp32_precision: str | None = ...,
     backend: str = ...,
@@ -753,7 +860,7 @@ def prefix_attention(
     scale: float | None = ...,
     dropout_p: float = ...,
     window: int | None = ...,
-    seed: int | None = ...,
+    seed: int | Tensor | None = ...,
     return_lse: Literal[True],
     fp32_precision: str | None = ...,
     backend: str = ...,
@@ -774,7 +881,7 @@ def prefix_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     window: int | None = None,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     return_lse: bool = False,
     fp32_precision: str | None = None,
     backend: str = "auto",
@@ -788,7 +895,11 @@ def prefix_attention(
     keep; in the packed layout a ``[Tk]`` mask). ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA, no K/V
     copies). ``causal`` aligns the diagonal bottom-right (``Lk > Lq``: the queries follow a cached prefix).
     ``window`` (causal only): each query sees its last ``window`` keys. ``dropout_p``: attention dropout
-    with a Philox mask derived from ``seed`` (drawn from torch's generator when None). ``fp32_precision``
+    with a Philox mask derived from ``seed``: None (default) takes the next seed of the device's dropout
+    generator (``dropout_generator``; on the device, so compiled and graph-replayed calls get a fresh mask
+    each time); an int in [0, 2**31) or an int64 tensor of one element on q's device is that seed (the same
+    value gives the same mask; a tensor is read on the device, the torch backend reads it back).
+    ``fp32_precision``
     (fp32 inputs on a GPU): ``"ieee"`` (exact fp32 dots on CUDA cores, small tiles, slower) or ``"tf32"``
     (tensor cores, ~1e-3 relative per dot); None follows ``torch.backends.cuda.matmul`` (``fp32_precision``
     / ``allow_tf32``), i.e. IEEE unless TF32 was enabled, as for eager matmuls.
@@ -813,10 +924,7 @@ def prefix_attention(
         fp32_precision,
     )
     dropout_p = float(dropout_p)
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    elif not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"prefix_attention: seed must be an int in [0, 2**31), got {seed!r}")
+    seed = _call_seed(seed, dropout_p, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if fp32_precision is None:
         fp32_precision = _default_fp32_precision()
