@@ -18,9 +18,12 @@ Input decisions (also in ``--help``):
 - A query may have empty text: the answer is then decoded from the memory alone.
 
 Defaults: a plain pretrained LM was never meta-trained to write in a few steps, so the defaults are the
-"cramming" recipe measured with the demo (Adam, step size 0.2, 150 steps, 8 memory vectors); every memory
-file records, per document, the loss before and after, the steps used and the teacher-forced accuracy
-(100% = greedy decoding from the memory reproduces the document), and ``write`` prints a summary.
+"cramming" recipe measured with the demo (Adam, step size 0.2, 8 memory vectors, at most 150 steps) with
+early exit: each document stops as soon as greedy decoding from its memory reproduces it (``--stop exact``,
+checked every 10 steps) and a waiting document takes its slot (``--stop none``: every document takes all
+``--steps``). Every memory file records, per document, the loss before and after, the steps used, the
+teacher-forced accuracy, whether greedy decoding reproduces it exactly, how many leading tokens it
+reproduces, and the information gain in bits; ``write`` prints a summary.
 
 Safety: no output is ever the same file as an input (symlinks and hard links included), and an existing
 output is replaced only with ``--force``. Problems with the user's input print one ``error:`` line and exit
@@ -249,8 +252,36 @@ def add_write_arguments(p):
         "--steps",
         type=int,
         default=demo.DEFAULT_STEPS,
-        help=f"optimisation steps per write (K, default {demo.DEFAULT_STEPS}: enough for a plain "
-        "pretrained LM to memorise a short paragraph)",
+        help=f"optimisation steps per document (K, default {demo.DEFAULT_STEPS}: enough for a plain "
+        "pretrained LM to memorise a short paragraph); with --stop, the most a document gets",
+    )
+    p.add_argument(
+        "--stop",
+        default="exact",
+        help="when a document is learned and stops (its slot goes to a waiting document): exact (greedy "
+        "decoding from the memory reproduces it; default), accuracy=A (teacher-forced accuracy >= A), "
+        "loss=L (mean loss <= L), several joined by commas (any one stops), or none (every document takes "
+        "--steps steps)",
+    )
+    p.add_argument("--check-every", type=int, default=10, help="steps between checks of the stop rule (default 10)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="with --stop: documents in flight at once (default: as many as --batch-tokens holds)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "cosine", "linear"],
+        default="constant",
+        help="step size over each document's --steps steps (default constant)",
+    )
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup of the step size (default 0)")
+    p.add_argument(
+        "--final-lr",
+        type=float,
+        default=0.0,
+        help="cosine/linear: the fraction of --lr the decay approaches (default 0)",
     )
     p.add_argument("--lr", type=float, default=demo.DEFAULT_LR, help=f"step size (default {demo.DEFAULT_LR})")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="default adam")
@@ -316,7 +347,7 @@ def add_write_arguments(p):
 
 def _write_config(args):
     """The WriteConfig of the write options; bad values become messages naming the flag."""
-    from .config import WriteConfig
+    from .config import Schedule, WriteConfig
 
     _positive_int("--memory-tokens", args.memory_tokens)
     _positive_int("--steps", args.steps)
@@ -327,6 +358,17 @@ def _write_config(args):
             raise UserError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
+    stop = _stop_rule(args.stop, args.check_every)
+    if args.slots is not None:
+        _positive_int("--slots", args.slots)
+        if stop is None:
+            raise UserError("--slots needs a stop rule (--stop exact, accuracy=A or loss=L), not --stop none")
+    _positive_int("--warmup", args.warmup, minimum=0)
+    if not 0 <= args.final_lr <= 1:
+        raise UserError(f"--final-lr must be a fraction in [0, 1], got {args.final_lr}")
+    schedule = None
+    if args.schedule != "constant" or args.warmup:
+        schedule = Schedule(args.schedule, warmup=args.warmup, final=args.final_lr)
     try:
         return WriteConfig(
             num_memory_tokens=args.memory_tokens,
@@ -337,9 +379,36 @@ def _write_config(args):
             clip_norm=args.clip_norm,
             init_std=args.init_std,
             seed=args.seed,
+            schedule=schedule,
+            stop=stop,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid write options: {exc}") from None
+
+
+def _stop_rule(text: str, check_every: int):
+    """``--stop``: "none", or criteria joined by commas: "exact", "accuracy=A", "loss=L"."""
+    from .config import StopRule
+
+    _positive_int("--check-every", check_every)
+    if text.strip() == "none":
+        return None
+    fields: dict = {"exact": False}
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "exact" and not value:
+            fields["exact"] = True
+        elif name in ("accuracy", "loss") and value:
+            try:
+                fields[name] = float(value)
+            except ValueError:
+                raise UserError(f"--stop {name}= needs a number, got {value!r}") from None
+        else:
+            raise UserError(f"--stop must be exact, accuracy=A, loss=L (comma-joined) or none, got {text!r}")
+    try:
+        return StopRule(check_every=check_every, **fields)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--stop: {exc}") from None
 
 
 def _eos_id(tokenizer):
@@ -516,10 +585,15 @@ def _summary(output, ids, stats, shape) -> str:
         f"{100 * float(acc.double().mean()):.1f}% mean, {len(below)} of {len(ids)} document(s) below 100%"
     )
     text += f" (ids {shown}: they will not decode back exactly)" if below else " (all decode back exactly)"
-    return text + (
+    text += (
         f"; mean loss {float(stats['loss_before'].double().mean()):.3f} -> "
         f"{float(stats['loss_after'].double().mean()):.3f}"
     )
+    steps = stats["steps"].double()
+    text += f"; steps per document {int(steps.min())}-{int(steps.max())}, mean {float(steps.mean()):.1f}"
+    if "info_gain_bits" in stats:
+        text += f"; mean information gain {float(stats['info_gain_bits'].double().mean()):.1f} bits"
+    return text
 
 
 class _StepProgress:
@@ -554,59 +628,111 @@ class _StepProgress:
 
 def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint):
     """Write this rank's unfinished shards, each atomically with its per-document stats; rank 0 shows a
-    progress bar that advances every optimisation step."""
-    import torch
+    progress bar (one per write advancing per optimisation step; with a stop rule, one per shard advancing
+    per document done)."""
     from tqdm import tqdm
 
     from . import fileio
-    from .reader import teacher_forced
 
-    steps = writer.config.steps
-    plans = {s: list(writer.plan_batches(docs[bounds[s][0] : bounds[s][1]], args.batch_tokens)) for s in mine}
-    total = sum(len(plans[s]) for s in mine) * steps
-    done = sum(len(plans[s]) for s in mine if s not in todo) * steps
-    bar = tqdm(
-        total=total,
-        initial=done,
-        unit="step",
-        desc="write",
-        dynamic_ncols=True,
-        disable=args.quiet or not ctx.is_main,
-        file=sys.stderr,
-    )
-    bar.set_postfix_str("starting (the first step compiles and warms up)")
+    bar = None
+    if writer.config.stop is None:
+        steps = writer.config.steps
+        plans = {s: list(writer.plan_batches(docs[bounds[s][0] : bounds[s][1]], args.batch_tokens)) for s in mine}
+        bar = tqdm(
+            total=sum(len(plans[s]) for s in mine) * steps,
+            initial=sum(len(plans[s]) for s in mine if s not in todo) * steps,
+            unit="step",
+            desc="write",
+            dynamic_ncols=True,
+            disable=args.quiet or not ctx.is_main,
+            file=sys.stderr,
+        )
+        bar.set_postfix_str("starting (the first step compiles and warms up)")
     meter = {"tokens": 0.0, "start": time.perf_counter()}
     try:
         for s in todo:
             lo, hi = bounds[s]
-            shard_docs = [torch.as_tensor(d, dtype=torch.long) for d in docs[lo:hi]]
-            progress = _StepProgress(plans[s], [len(d) for d in shard_docs], steps, bar, meter)
-            # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
-            # run computes exactly the batches of an uninterrupted single-process run.
-            memories = torch.stack(
-                list(
-                    writer.write_many(
-                        shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), on_step=progress
-                    )
-                )
-            )
-            loss_after = torch.empty(hi - lo, dtype=torch.float64)
-            correct = torch.empty(hi - lo, dtype=torch.int64)
-            for batch in plans[s]:
-                loss_after[batch], correct[batch] = teacher_forced(
-                    writer.model, memories[batch], [shard_docs[i] for i in batch]
-                )
-            tokens = torch.tensor([len(d) for d in shard_docs], dtype=torch.int64)
-            stats = {
-                "loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
-                "loss_after": loss_after.float(),
-                "accuracy": (correct.double() / tokens).float(),
-                "steps": torch.full((hi - lo,), steps, dtype=torch.int64),
-                "tokens": tokens,
-            }
+            shard_docs = [torch_long(d) for d in docs[lo:hi]]
+            if bar is None:
+                memories, stats = _cram_shard(args, ctx, writer, shard_docs)
+            else:
+                memories, stats = _fixed_shard(args, writer, shard_docs, plans[s], bar, meter)
             fileio.save_shard(ckpt, s, memories, fingerprint, stats)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+
+
+def torch_long(doc):
+    import torch
+
+    return torch.as_tensor(doc, dtype=torch.long)
+
+
+def _cram_shard(args, ctx, writer, shard_docs):
+    """One shard with a stop rule: continuous batching (``write_many(slots=...)``), stats from the writer."""
+    import torch
+
+    bar = not args.quiet and ctx.is_main
+    results = list(
+        writer.write_many(
+            shard_docs,
+            batch_tokens=args.batch_tokens,
+            window=len(shard_docs),
+            slots=args.slots,
+            stats=True,
+            progress=bar,
+        )
+    )
+    memories = torch.stack([r.memory for r in results])
+    tokens = torch.tensor([r.tokens for r in results], dtype=torch.int64)
+    stats = {
+        "loss_before": torch.tensor([r.initial_loss for r in results], dtype=torch.float32),
+        "loss_after": torch.tensor([r.loss for r in results], dtype=torch.float32),
+        "accuracy": torch.tensor([r.accuracy for r in results], dtype=torch.float32),
+        "steps": torch.tensor([r.steps for r in results], dtype=torch.int64),
+        "tokens": tokens,
+        "exact": torch.tensor([r.exact for r in results], dtype=torch.uint8),
+        "prefix": torch.tensor([r.prefix for r in results], dtype=torch.int64),
+        "info_gain_bits": torch.tensor([r.info_gain_bits for r in results], dtype=torch.float32),
+    }
+    return memories, stats
+
+
+def _fixed_shard(args, writer, shard_docs, plan, bar, meter):
+    """One shard with a fixed step count (``--stop none``): the bar advances per step; stats scored after."""
+    import torch
+
+    from .inputs import resolve_write_head
+    from .scoring import LN2, no_memory_tail, score_memories
+
+    steps = writer.config.steps
+    progress = _StepProgress(plan, [len(d) for d in shard_docs], steps, bar, meter)
+    # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
+    # run computes exactly the batches of an uninterrupted single-process run.
+    memories = torch.stack(
+        list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), on_step=progress))
+    )
+    head_weight, head_bias = resolve_write_head(writer.write_head, writer.model)
+    n = len(shard_docs)
+    loss_after, correct, prefix, tail = (torch.empty(n, dtype=torch.float64) for _ in range(4))
+    for batch in plan:
+        scores = score_memories(writer.model, memories[batch], [shard_docs[i] for i in batch], head_weight, head_bias)
+        loss_after[batch], correct[batch] = scores.loss, scores.correct.double()
+        prefix[batch], tail[batch] = scores.prefix.double(), scores.tail
+    baseline = no_memory_tail(writer.model, head_weight, head_bias, shard_docs)
+    tokens = torch.tensor([len(d) for d in shard_docs], dtype=torch.int64)
+    stats = {
+        "loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
+        "loss_after": loss_after.float(),
+        "accuracy": (correct / tokens).float(),
+        "steps": torch.full((n,), steps, dtype=torch.int64),
+        "tokens": tokens,
+        "exact": (correct.long() == tokens).to(torch.uint8),
+        "prefix": prefix.long(),
+        "info_gain_bits": ((baseline - tail) / LN2).float(),
+    }
+    return memories, stats
 
 
 def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos):
@@ -946,7 +1072,7 @@ def build_parser():
         prog=PROG, description="GradMem: write documents into memory vectors, read answers from them."
     )
     parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{write,read,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{write,read,demo,capacity}")
     add_write_arguments(
         sub.add_parser("write", help="write documents (JSON lines) into a memory file", description=cmd_write.__doc__)
     )
@@ -958,6 +1084,15 @@ def build_parser():
             description=demo.__doc__.splitlines()[0],
         )
     )
+    from . import capacity
+
+    capacity.add_arguments(
+        sub.add_parser(
+            "capacity",
+            help="find how many tokens N memory vectors hold exactly, per text",
+            description=capacity.__doc__.splitlines()[0],
+        )
+    )
     return parser
 
 
@@ -965,7 +1100,7 @@ def main(argv=None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad input or usage, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv and not argv[0].startswith("-") and argv[0] not in ("write", "read", "demo"):
+    if argv and not argv[0].startswith("-") and argv[0] not in ("write", "read", "demo", "capacity"):
         parser.print_usage(sys.stderr)
         print(f"{PROG}: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
@@ -978,7 +1113,9 @@ def main(argv=None) -> int:
         return 2
     from . import demo
 
-    handler = {"write": cmd_write, "read": cmd_read, "demo": demo.run_from_args}[args.command]
+    from . import capacity
+
+    handler = {"write": cmd_write, "read": cmd_read, "demo": demo.run_from_args, "capacity": capacity.run}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -65,9 +65,9 @@ class Schedule:
 class StopRule:
     """When a document is learned: its writing stops and its memory is final.
 
-    Checked on the memory *before* the update of every step k with k % check_every == 0, and once more on the
-    final memory of a document that reaches ``WriteConfig.steps`` without stopping; a document stops as soon as
-    any criterion that is set holds:
+    Checked on the memory *before* the update of every step k with k % c == 0, c = min(check_every,
+    WriteConfig.steps), and once more on the final memory of a document that reaches ``WriteConfig.steps``
+    without stopping; a document stops as soon as any criterion that is set holds:
 
         loss:     L_b <= loss                       mean reconstruction loss (nats per token)
         accuracy: a_b >= accuracy                   a_b = #{j : argmax logit_j == c_j} / n_b (teacher forcing)

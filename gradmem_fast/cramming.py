@@ -3,8 +3,9 @@
 A frozen pretrained LM needs hundreds of Adam steps to store a document in a few memory vectors, and
 documents converge at very different speeds. ``cram`` writes a stream of documents with a ``StopRule``:
 
-    tick t = 0, 1, 2, ...                   one optimisation step of every document in flight
-    at t % check_every == 0 (a check):      score every document in flight on its current memory M
+    tick t = 0, 1, 2, ...                   one optimisation step of every document in flight;
+                                            c = min(check_every, WriteConfig.steps)
+    at t % c == 0 (a check):                score every document in flight on its current memory M
                                             (one forward without gradient, ``gradmem_fast.scoring``)
                                             and read the [B] scores back: the loop's only host read;
                                             a document whose rule holds, or that has taken
@@ -14,7 +15,8 @@ documents converge at very different speeds. ``cram`` writes a stream of documen
     between checks:                         step: loss, gradient, fused update, per document with
                                             lr_b = lr * schedule(age_b) and Adam step age_b + 1;
                                             a document that has taken all its steps gets lr_b = 0
-                                            (frozen until the next check)
+                                            (frozen until the next check: up to c - 1 wasted steps
+                                            when steps is not a multiple of c)
 
 Every document's computation depends only on its own tokens, memory and age, and documents enter and are
 scored only at checks, so its memory and stopping step are those of writing it alone with the same rule
@@ -306,7 +308,10 @@ def cram(
     config = writer.config
     rule = config.stop
     assert rule is not None
-    m, K, every = config.num_memory_tokens, config.steps, rule.check_every
+    m, K = config.num_memory_tokens, config.steps
+    # Steps between checks; never more than a document's whole budget (a write of K < check_every steps
+    # would otherwise run frozen steps up to the first check).
+    interval = min(rule.check_every, K)
     head_weight, head_bias = head
     device = memory.device
     baseline = no_memory_tail(writer.model, head_weight, head_bias, list(documents))
@@ -392,9 +397,9 @@ def cram(
                 doc_ids["t"] = torch.tensor(active, dtype=torch.long, device=device)
             if new:
                 continue  # the new documents' first check, on their initial memory (age 0)
-        batch.run(every, log)
-        steps_taken += every * len(active)
-        ages = [a + every for a in ages]
+        batch.run(interval, log)
+        steps_taken += interval * len(active)
+        ages = [a + interval for a in ages]
 
 
 def _moment_dtype(memory: torch.Tensor) -> torch.dtype:

@@ -5,9 +5,13 @@ the demo runs on a fresh CPU-only machine with no download. Each paragraph is wr
 ``m`` memory vectors by many Adam steps on those vectors alone (the "cramming" regime of a plain
 pretrained model, which was never meta-trained to write in a few steps); then every paragraph is decoded
 greedily from its memory alone — no text at all is given — and compared token by token with the
-original. ``--model`` takes any Hugging Face causal LM (a name or a ``save_pretrained`` directory).
+original. Each paragraph stops as soon as greedy decoding from its memory reproduces it (checked every 10
+steps; ``--no-early-exit`` gives every paragraph all ``--steps``), and the demo prints the steps each took
+and what that saves against the fixed step count. ``--model`` takes any Hugging Face causal LM (a name or a
+``save_pretrained`` directory).
 """
 
+import argparse
 import dataclasses
 import time
 
@@ -24,6 +28,7 @@ PARAGRAPHS = (
 DEFAULT_STEPS = 150
 DEFAULT_LR = 0.2
 DEFAULT_MEMORY_TOKENS = 8
+CHECK_EVERY = 10  # steps between checks of the early-exit rule
 
 
 @dataclasses.dataclass
@@ -36,6 +41,7 @@ class DocumentResult:
     correct: int
     exact: bool
     final_loss: float
+    steps: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -93,6 +99,12 @@ def add_arguments(p):
         default="auto",
         help="auto: triton kernels on CUDA, the torch reference on CPU",
     )
+    p.add_argument(
+        "--early-exit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop each paragraph when greedy decoding reproduces it (checked every 10 steps; default on)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
 
@@ -112,11 +124,12 @@ def run(
     device="auto",
     dtype="float32",
     out=print,
+    early_exit=True,
 ) -> DemoResult:
     """Write ``texts`` into memories of ``model`` and decode them back; print a report through ``out``."""
     import torch
 
-    from .config import WriteConfig
+    from .config import StopRule, WriteConfig
     from .errors import UserError
     from .models import EMBEDDED_MODEL, load_model, resolve_device
     from .reader import MemoryReader
@@ -125,7 +138,8 @@ def run(
     model_name = EMBEDDED_MODEL if model is None else model
     texts = list(PARAGRAPHS if not texts else texts)
     try:
-        config = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam")
+        stop = StopRule(exact=True, check_every=CHECK_EVERY) if early_exit else None
+        config = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam", stop=stop)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
     device = resolve_device(device)
@@ -155,14 +169,16 @@ def run(
         mask[b, : len(d)] = 1
     writer = MemoryWriter(net, config, backend=backend)
     lengths = sorted(len(d) for d in docs)
+    rule_text = f" (a paragraph stops when decoded exactly; checked every {CHECK_EVERY})" if early_exit else ""
     out(
-        f"write: Adam lr={lr}, {steps} steps, {len(docs)} paragraphs of {lengths[0]}-{lengths[-1]} tokens in one "
-        f"batch, backend {writer.backend} ..."
+        f"write: Adam lr={lr}, {'at most ' if early_exit else ''}{steps} steps{rule_text}, {len(docs)} paragraphs "
+        f"of {lengths[0]}-{lengths[-1]} tokens in one batch, backend {writer.backend} ..."
     )
     t1 = time.perf_counter()
-    result = writer.write(ids.to(device), mask.to(device))
+    result = writer.write(ids.to(device), mask.to(device), progress=True)
     write_s = time.perf_counter() - t1
     losses = result.losses.cpu()
+    taken = [steps] * len(docs) if result.stats is None else result.stats.steps.tolist()
     out(
         "  step  "
         + "".join(f"  doc {b:<3d}" for b in range(len(docs)))
@@ -170,8 +186,15 @@ def run(
     )
     shown = sorted({0, 1, steps - 1} | {k for k in range(steps) if (k + 1) % max(1, steps // 6) == 0})
     for k in shown:
-        out(f"  {k + 1:4d}  " + "".join(f"  {v:7.3f}" for v in losses[k].tolist()))
-    out(f"  wrote {tuple(result.memory.shape)} memories in {_fmt_time(write_s)} ({write_s / steps:.2f} s per step)")
+        out(f"  {k + 1:4d}  " + "".join("  " + ("stopped" if v != v else f"{v:7.3f}") for v in losses[k].tolist()))
+    out(f"  wrote {tuple(result.memory.shape)} memories in {_fmt_time(write_s)}")
+    if early_exit:
+        fixed = steps * len(docs)
+        out(
+            f"  steps per paragraph: {taken} (early exit): {sum(taken)} paragraph-steps instead of {fixed} for "
+            f"{steps} fixed steps each, {100 * (1 - sum(taken) / fixed):.0f}% saved "
+            f"({fixed / max(1, sum(taken)):.1f}x fewer)"
+        )
 
     out("read: greedy decoding of each paragraph from its memory alone (no text given)")
     t2 = time.perf_counter()
@@ -193,12 +216,13 @@ def run(
             tokens=len(d),
             correct=correct,
             exact=list(gen) == list(d),
-            final_loss=float(losses[-1, b]),
+            final_loss=float(losses[-1, b]) if result.stats is None else float(result.stats.loss[b]),
+            steps=taken[b],
         )
         documents.append(res)
         out(
             f"  doc {b}: {res.correct}/{res.tokens} tokens ({100 * res.accuracy:.1f}%), "
-            f"exact match: {'yes' if res.exact else 'no'}"
+            f"exact match: {'yes' if res.exact else 'no'}, {res.steps} steps"
         )
         out(f"    original: {res.text}")
         out(f"    decoded : {res.decoded}")
@@ -237,5 +261,6 @@ def run_from_args(args) -> int:
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,
+        early_exit=args.early_exit,
     )
     return 0

@@ -9,7 +9,10 @@ Memory file (``gradmem-fast write`` output, read by ``gradmem-fast read``): a sa
   ``loss_after`` (mean reconstruction loss with the initial and the final memory), ``accuracy`` (teacher-
   forced: the fraction of the document's tokens that are the model's argmax given the memory and the true
   preceding tokens; 1.0 means greedy decoding from the memory alone reproduces the document), ``steps``
-  (optimisation steps used) and ``tokens`` (the document's length, end-of-text token included);
+  (optimisation steps used), ``tokens`` (the document's length, end-of-text token included), ``exact``
+  (1 when greedy decoding reproduces the whole document), ``prefix`` (leading tokens it reproduces) and
+  ``info_gain_bits`` (loss of tokens 1..n-1 without a memory minus with it, in bits; ``gradmem_fast.scoring``);
+  files written before the last three existed lack them;
 - string metadata: ``format``, ``format_version``, ``model``, ``hidden_size``, ``config`` (JSON of the
   WriteConfig), ``tokenizer``, ``versions`` (JSON), ``weights_signature`` and ``model_config`` (what
   ``gradmem-fast read`` checks the model against), ``append_eos`` and the other options that shaped the
@@ -32,7 +35,7 @@ from .errors import UserError
 FORMAT = "gradmem-fast.memories"
 FORMAT_VERSION = "1"
 # Per-document tensors of a memory file (optional: files of older versions lack them).
-DOC_STATS = ("loss_before", "loss_after", "accuracy", "steps", "tokens")
+DOC_STATS = ("loss_before", "loss_after", "accuracy", "steps", "tokens", "exact", "prefix", "info_gain_bits")
 
 # safetensors' names of the dtypes we write.
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "uint8": "U8"}

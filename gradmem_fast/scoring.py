@@ -141,3 +141,28 @@ def no_memory_tail(
             out[group] = scores.tail.cpu()
         start = stop
     return out
+
+
+@torch.no_grad()
+def score_memories(
+    model: torch.nn.Module,
+    memory: torch.Tensor,
+    documents: list[torch.Tensor],
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+) -> DocumentScores:
+    """Scores of each memory ``memory[b]`` [B, m, d] on its document (one padded forward; CPU results)."""
+    emb = hf.input_embeddings(model)
+    device = emb.weight.device
+    lengths = [len(d) for d in documents]
+    B, m, S = len(documents), memory.shape[1], max(lengths)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    for b, doc in enumerate(documents):
+        ids[b, : lengths[b]] = doc
+    ids = ids.to(device)
+    x = torch.cat([memory.to(device=device, dtype=emb.weight.dtype), emb(ids)], dim=1)
+    positions = torch.arange(m + S, device=device).expand(B, m + S)
+    hidden = hf.backbone_hidden(model, x, torch.ones(B, m + S, dtype=torch.long, device=device), positions)
+    doc = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
+    pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    return score_rows(hidden[doc, m - 1 + pos], head_weight, head_bias, ids[doc, pos], doc, pos, B).to_host()

@@ -18,7 +18,7 @@ def model_dir(tmp_path_factory):
     return save_tiny(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def _recount_correct_tokens(model_dir, texts, steps, lr, memory_tokens):
+def _recount_correct_tokens(model_dir, texts, steps, lr, memory_tokens, stop=None):
     """Tokens of each text decoded at the right position, counted here: the demo's write redone (Adam,
     deterministic on CPU), each next token taken greedily from full READ logits (no KV cache)."""
     import torch
@@ -32,7 +32,7 @@ def _recount_correct_tokens(model_dir, texts, steps, lr, memory_tokens):
     mask = torch.zeros_like(ids)
     for b, d in enumerate(docs):
         ids[b, : len(d)], mask[b, : len(d)] = torch.tensor(d), 1
-    cfg = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam")
+    cfg = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam", stop=stop)
     memory = MemoryWriter(net, cfg, backend="torch").write(ids, mask).memory
     counts = []
     with torch.no_grad():
@@ -48,6 +48,7 @@ def _recount_correct_tokens(model_dir, texts, steps, lr, memory_tokens):
 def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
     """The demo's whole path (load, write, decode from memory alone, report) on a tiny local model."""
     from gradmem_fast import demo
+    from gradmem_fast.config import StopRule
 
     texts = [sentence(6, 0), sentence(4, 3)]
     result = demo.run(model=model_dir, texts=texts, steps=4, lr=0.05, memory_tokens=2, device="cpu")
@@ -55,7 +56,10 @@ def test_demo_reduced_form_runs_and_reports(model_dir, capsys):
     assert result.losses.shape == (4, 2)
     assert (result.losses[-1] < result.losses[0]).all()
     assert [d.tokens for d in result.documents] == [6, 4]
-    correct = _recount_correct_tokens(model_dir, texts, steps=4, lr=0.05, memory_tokens=2)
+    assert [d.steps for d in result.documents] == [4, 4]  # not learned in 4 steps: all steps taken
+    assert "steps per paragraph: [4, 4]" in out and "0% saved" in out
+    rule = StopRule(exact=True, check_every=demo.CHECK_EVERY)
+    correct = _recount_correct_tokens(model_dir, texts, steps=4, lr=0.05, memory_tokens=2, stop=rule)
     assert [d.correct for d in result.documents] == correct
     assert result.token_accuracy == sum(correct) / 10
     assert [d.exact for d in result.documents] == [c == n for c, n in zip(correct, [6, 4])]

@@ -63,56 +63,48 @@ def _write(model_dir, inp, out, *extra):
     )
 
 
-def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
-    """Memory file contents (ids, shape, metadata) and values equal the Python API."""
+@pytest.mark.parametrize("stop", ["exact", "none"])
+def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys, stop):
+    """Memory file contents (ids, shape, metadata) and values equal the Python API, with the default stop
+    rule (continuous batching, a bar of documents) and with a fixed step count (a bar of steps)."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs())
     out = str(tmp_path / "mem.safetensors")
-    assert (
-        cli.main(
-            [
-                "write",
-                "--model",
-                model_dir,
-                "--input",
-                inp,
-                "--output",
-                out,
-                "--steps",
-                "3",
-                "--memory-tokens",
-                "3",
-                "--lr",
-                "0.05",
-                "--shard-size",
-                "2",
-            ]
-        )
-        == 0
-    )
+    args = ["write", "--model", model_dir, "--input", inp, "--output", out, "--steps", "3", "--memory-tokens", "3"]
+    assert cli.main([*args, "--lr", "0.05", "--shard-size", "2", "--stop", stop]) == 0
     err = capsys.readouterr().err
-    # The progress bar advances per optimisation step (3 shards of one batch, 3 steps each) with the loss.
-    assert "9/9" in err and "step 3/3, loss " in err and "tok/s" in err and " 0 tok/s" not in err
-    assert "of 5 document(s) below 100%" in err  # the summary line
+    if stop == "none":
+        # The progress bar advances per optimisation step (3 shards of one batch, 3 steps each) with the loss.
+        assert "9/9" in err and "step 3/3, loss " in err and "tok/s" in err and " 0 tok/s" not in err
+    else:
+        # One bar of documents per shard (2 + 2 + 1 documents), with in-flight/waiting counts and a rate.
+        assert "2/2" in err and "1/1" in err and "in flight" in err and "doc-steps/s" in err
+    assert "of 5 document(s) below 100%" in err and "steps per document 3-3" in err  # the summary line
     f = fileio.MemoryFile(out)
     assert f.ids == [0, "doc-1", 2, "doc-3", 4]
     assert f.shape == (5, 3, 32)
     meta = f.metadata
     assert meta["model"] == model_dir and meta["hidden_size"] == "32" and json.loads(meta["versions"])["torch"]
-    assert json.loads(meta["config"])["steps"] == 3 and json.loads(meta["tokenizer"])["vocab_size"] > 0
+    config = json.loads(meta["config"])
+    assert config["steps"] == 3 and json.loads(meta["tokenizer"])["vocab_size"] > 0
+    assert config["stop"] == (None if stop == "none" else dict(loss=None, accuracy=None, exact=True, check_every=10))
     assert not os.path.exists(fileio.checkpoint_dir(out))  # shards removed once merged
 
     assert meta["append_eos"] == "1" and json.loads(meta["model_config"])["hidden_size"] == 32
     assert len(json.loads(meta["weights_signature"])) == len(list(model_params(model_dir)))
 
     # The same memories as the Python API (each document written on its own, ending with [EOS]), and
-    # the per-document evidence: loss before/after, teacher-forced accuracy, steps, tokens.
+    # the per-document evidence: loss before/after, teacher-forced accuracy, steps, tokens, exactness,
+    # exact prefix and information gain.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gradmem_fast.config import StopRule
     from gradmem_fast.reader import teacher_forced
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    writer = MemoryWriter(model, WriteConfig(num_memory_tokens=3, steps=3, lr=0.05, optimizer="adam"), backend="torch")
+    rule = None if stop == "none" else StopRule(check_every=10)
+    config = WriteConfig(num_memory_tokens=3, steps=3, lr=0.05, optimizer="adam", stop=rule)
+    writer = MemoryWriter(model, config, backend="torch")
     stats = f.stats()
     assert sorted(stats) == sorted(fileio.DOC_STATS)
     for row, doc in enumerate(_docs()):
@@ -122,8 +114,12 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys):
         loss, correct = teacher_forced(model, result.memory, [ids[0]])
         assert_close(stats["loss_before"][row], result.losses[0, 0], name="loss before")
         assert_close(stats["loss_after"][row], loss[0].float(), name="loss after")
-        assert stats["accuracy"][row] == correct[0] / ids.shape[1]
+        assert float(stats["accuracy"][row]) == pytest.approx(float(correct[0]) / ids.shape[1], rel=1e-6)
         assert stats["steps"][row] == 3 and stats["tokens"][row] == ids.shape[1]
+        assert stats["exact"][row] == int(correct[0] == ids.shape[1])
+        assert 0 <= int(stats["prefix"][row]) <= int(correct[0])
+        if rule is not None:
+            assert float(stats["info_gain_bits"][row]) == pytest.approx(float(result.stats.info_gain_bits[0]), rel=1e-5)
 
 
 def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monkeypatch):
@@ -356,6 +352,39 @@ def test_write_never_destroys_an_input_or_an_existing_output(model_dir, tmp_path
     assert fileio.MemoryFile(old).shape[0] == 2
 
 
+def test_stop_rule_and_schedule_options_reach_the_writer(model_dir, tmp_path):
+    """--stop loss=L,accuracy=A --check-every --slots --schedule --warmup --final-lr: the file's config says so,
+    and the memories are the API's with the same WriteConfig (continuous batching = each document alone)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradmem_fast.config import Schedule, StopRule
+
+    inp = _jsonl(tmp_path / "docs.jsonl", _docs(3))
+    out = str(tmp_path / "mem.safetensors")
+    extra = ["--stop", "loss=3.5,accuracy=0.9", "--check-every", "2", "--slots", "2", "--schedule", "cosine"]
+    assert _write(model_dir, inp, out, *extra, "--warmup", "1", "--final-lr", "0.1", "--steps", "5") == 0
+    f = fileio.MemoryFile(out)
+    config = json.loads(f.metadata["config"])
+    assert config["stop"] == dict(loss=3.5, accuracy=0.9, exact=False, check_every=2)
+    assert config["schedule"] == dict(kind="cosine", warmup=1, final=0.1) and config["steps"] == 5
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    write_config = WriteConfig(
+        num_memory_tokens=3,
+        steps=5,
+        lr=0.05,
+        optimizer="adam",
+        stop=StopRule(loss=3.5, accuracy=0.9, exact=False, check_every=2),
+        schedule=Schedule("cosine", warmup=1, final=0.1),
+    )
+    writer = MemoryWriter(model, write_config, backend="torch")
+    for row, doc in enumerate(_docs(3)):
+        ids = torch.tensor([tok(doc["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]])
+        result = writer.write(ids)
+        assert_close(f.rows([row])[0], result.memory[0], name=f"memory {row}")
+        assert f.stats()["steps"][row] == result.stats.steps[0]
+
+
 def _no_weights(*args, **kwargs):
     """Stands in for ``models.load_model`` where an input must be refused before any weights load."""
     raise AssertionError("the weights were loaded before the bad input was noticed")
@@ -371,6 +400,14 @@ def _no_weights(*args, **kwargs):
         ([{"text": "the cat"}], ["--device", "tpu"], "--device must be"),
         ([{"text": "the cat"}], ["--device", "cuda:3"], "--device"),
         ([{"text": "the cat"}], ["--dtype", "float8"], "--dtype"),
+        ([{"text": "the cat"}], ["--stop", "exactly"], "--stop must be"),
+        ([{"text": "the cat"}], ["--stop", "loss=low"], "--stop loss= needs a number"),
+        ([{"text": "the cat"}], ["--stop", "accuracy=1.5"], "accuracy must be in (0, 1]"),
+        ([{"text": "the cat"}], ["--check-every", "0"], "--check-every must be >= 1"),
+        ([{"text": "the cat"}], ["--stop", "none", "--slots", "4"], "--slots needs a stop rule"),
+        ([{"text": "the cat"}], ["--slots", "0"], "--slots must be >= 1"),
+        ([{"text": "the cat"}], ["--final-lr", "2"], "--final-lr must be"),
+        ([{"text": "the cat"}], ["--warmup", "-1"], "--warmup must be >= 0"),
     ],
 )
 def test_bad_inputs_are_refused_before_the_weights_load(model_dir, tmp_path, capsys, monkeypatch, rows, extra, needle):
