@@ -88,9 +88,9 @@ BENCH_ARGS="$BENCH_ARGS_CALL ${GRADMEM_BENCH_ARGS:-}"
 
 # The first call's CUDA tests: bf16 (and fp16) numerics of every kernel (attention forward/backward on the
 # padded and packed layouts with all dtypes, the fused cross-entropy, the update), the double backward in
-# 16 bits, CUDA-graph replay parity and the host-sync-free K-step loop / update.
+# 16 bits, CUDA-graph replay parity and the host-sync-free K-step loop / update / cramming slot loop.
 FIRST_TEST_FILES=(tests/test_attention.py tests/test_attention_second_order.py tests/test_cross_entropy.py
-                  tests/test_update.py tests/test_engine.py)
+                  tests/test_update.py tests/test_engine.py tests/test_cramming.py)
 for extra in tests/test_bf16*.py; do [ -f "$extra" ] && FIRST_TEST_FILES+=("$extra"); done
 FIRST_TEST_K=${GRADMEM_FIRST_TESTS_K:-"test_padded or test_varlen or half_precision or bfloat16 or bf16 or second_order_fp16 or cuda_graph or host_sync"}
 

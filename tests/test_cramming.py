@@ -378,3 +378,34 @@ def test_engine_continuous_batching_equals_alone_and_the_reference(ops):
         assert stream[i].exact == bool(ref.stats.exact[i])
         assert_close(stream[i].memory, alone[i].memory[0], torch.float32, name=f"memory {i}")
         assert_close(stream[i].memory, ref.memory[i], torch.float32, name=f"memory {i} vs reference")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-synchronisation check needs a GPU")
+def test_cramming_has_no_host_sync_between_checks(monkeypatch):
+    """On CUDA the steps between checks and the scoring of a check run with synchronisation forbidden
+    (torch.cuda sync debug mode "error"); the check's single small read is the only host read."""
+    from gradmem_fast import cramming
+
+    model = tiny_model("llama", dtype=torch.float32, **LEARNABLE).cuda()
+    writer = MemoryWriter(model, cram_config(steps=20), backend="triton", compile=False)
+    docs = documents((3, 1, 5, 2))
+    warm = list(writer.write_many(docs, slots=2, stats=True))  # Triton compiles and autotunes outside the check
+    guarded = []
+
+    def strict(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                guarded.append(fn.__name__)
+
+        return wrapped
+
+    monkeypatch.setattr(cramming._Batch, "run", strict(cramming._Batch.run))
+    monkeypatch.setattr(cramming._Batch, "scores", strict(cramming._Batch.scores))
+    again = list(writer.write_many(docs, slots=2, stats=True))
+    assert "run" in guarded and "scores" in guarded
+    assert [d.steps for d in again] == [d.steps for d in warm]
