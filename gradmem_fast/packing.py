@@ -132,18 +132,6 @@ def filler_lengths(
     return [base + (1 if i < extra else 0) for i in range(count)]
 
 
-def bucket_shape(num_docs: int, num_tokens: int, doc_step: int = 8, token_step: int = 1024) -> tuple:
-    """Legacy (documents, tokens) buckets, about 41% apart; the writer now pads to ``bucket_rows``.
-
-    Documents round up to a multiple of ``doc_step``; tokens to the next of token_step * 2^(k/2).
-    """
-    docs = -(-num_docs // doc_step) * doc_step
-    size = token_step
-    while size < num_tokens:
-        size = int(round(size * 2**0.5 / 64)) * 64
-    return docs, size
-
-
 def plan_batches(lengths, num_memory_tokens: int, batch_tokens: int, padded: bool = False) -> list:
     """Batches (lists of indices into ``lengths``) of length-sorted documents with at most ``batch_tokens``
     packed rows each (memory rows included; a longer document gets a batch of its own).

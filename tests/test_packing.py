@@ -100,14 +100,6 @@ def test_padding_waste_on_the_uniform_100_450_mix_is_below_one_eighth():
     assert padding_waste([1] * 10, 8, batch_tokens=9, window=10)["row_waste"] > 0.125
 
 
-def test_legacy_bucket_shape():
-    from gradmem_fast.packing import bucket_shape
-
-    assert bucket_shape(3, 700) == (8, 1024)
-    b, n = bucket_shape(9, 5000)
-    assert b == 16 and n >= 5000 and n < 5000 * 1.5
-
-
 def test_packed_batch_upload_keeps_every_field():
     docs = [torch.tensor([5, 6, 7]), torch.tensor([9])]
     p = pack(docs, 2, "cpu", rows=22)
