@@ -523,6 +523,8 @@ def cmd_write(args) -> int:
         "dtype": str(model.dtype),
         "device": torch.device(device).type,
         "backend": writer.backend,
+        # A compiled step rounds differently from the eager one: shards of one must not resume the other.
+        "compiled": writer.backbone is not None,
         "config": dataclasses.asdict(config),
         "batch_tokens": args.batch_tokens,
         "shard_size": args.shard_size,
