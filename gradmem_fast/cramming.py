@@ -29,6 +29,7 @@ packed back to back, fused kernels, the compiled backbone on CUDA); a new batch 
 composition changes, at a check.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -229,7 +230,9 @@ class _PackedBatch(_Batch):
 
     def _contexts(self):
         backend = self.writer.ops_backend
-        stack = _Contexts(use_backend(backend), engine.gradmem_attention(self.model, backend))
+        stack = contextlib.ExitStack()
+        stack.enter_context(use_backend(backend))
+        stack.enter_context(engine.gradmem_attention(self.model, backend))
         return stack
 
     def _loss(self, M):
@@ -254,23 +257,6 @@ class _PackedBatch(_Batch):
             hf.backbone(self.model), None, x, p.position_ids, p.cu_seqlens, self.ones, p.max_seqlen
         )
         return hidden.index_select(0, p.loss_rows)
-
-
-class _Contexts:
-    """Enter several context managers as one."""
-
-    def __init__(self, *managers):
-        self.managers = managers
-
-    def __enter__(self):
-        for manager in self.managers:
-            manager.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for manager in reversed(self.managers):
-            manager.__exit__(*exc)
-        return False
 
 
 def _detached(x):
