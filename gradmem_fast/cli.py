@@ -1113,9 +1113,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return 2
-    from . import demo
-
-    from . import capacity
+    from . import capacity, demo
 
     handler = {"write": cmd_write, "read": cmd_read, "demo": demo.run_from_args, "capacity": capacity.run}[args.command]
     try:

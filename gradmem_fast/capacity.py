@@ -1,0 +1,459 @@
+"""Capacity of N memory vectors: per text, the longest prefix that greedy decoding reproduces exactly.
+
+    gradmem-fast capacity --model M --memory-tokens N --input texts.jsonl [--output results.json]
+
+The measure is the one of Kuratov et al. 2025 ("Cramming 1568 tokens into a single vector and back again"):
+a frozen LM reads ``[M ; c_0 .. c_{t-1}]``, only the memory M (N vectors) is optimised with Adam, and the text
+counts as stored when greedy decoding from M alone reproduces its first t tokens exactly. The capacity of
+a text is the largest such t; tokens per vector = capacity / N.
+
+Search: progressive, not bisection. Stage s writes the target t_s = min(T_s, n) (n: the text's tokens) with
+``StopRule(exact=True)`` and at most ``--max-steps`` steps:
+
+    T_0 = --first (16),   T_{s+1} = max(T_s + 1, ceil(T_s * --grow))       (grow 1.5 by default)
+    stage s exact  ->  last_exact = t_s; if t_s == n the whole text is stored (capacity n); else the next
+                       stage starts from this memory (warm start)
+    stage s fails  ->  capacity = max(last_exact, prefix_s)
+
+where ``prefix_s`` is how many leading tokens the failed stage's final memory decodes exactly (teacher-forced
+argmax, which equals greedy decoding). Why progressive: a memory that holds t tokens is most of the way to
+holding 1.5 t (in practice exactness is close to monotone in the prefix length: a memory that decodes t
+tokens decodes every shorter prefix, and the optimum for a longer target starts where the shorter one ended),
+so each stage reuses the previous stage's work and only the last, failing stage runs its full budget.
+Bisection would restart every probe from scratch and spend a full failing budget at each probe above the
+capacity (about log2(n) of them). Why 1.5: a larger factor means fewer stages (each stage costs at least
+one check and its Adam restart) but more new tokens to learn per stage, so a stage may fail within its
+budget at a target the memory could reach in smaller steps; the failed stage's ``prefix`` recovers most of
+an overshoot, which is what lets the factor be coarse. Only the memory carries over between stages: Adam's
+moments and step counter restart at zero (``write`` gives each document fresh optimizer state), so the first
+steps of a stage are bias-corrected full-size steps from the warm memory.
+
+Batching: all texts progress together, one ``MemoryWriter.write`` per stage over the texts still growing.
+Inside a stage each text stops on its own (a stopped text leaves the batch's computation at the next check);
+a text whose stage ended exact waits for the stage to end before its next, longer stage; a text that failed
+its stage, or whose whole text is exact, drops out for good. The wall time of a stage is its slowest text's,
+but the computation is only what each text needs.
+
+Reported per text: tokens of the text, capacity, tokens per vector, information gain of the capacity prefix
+in bits (loss of its tokens 1..t-1 without memory minus with the memory that decodes it,
+``gradmem_fast.scoring``), total Adam steps over all stages, and every stage's target, steps, exact flag and
+prefix. The capacity is verified at the end: the memory that decodes it is scored again on exactly that
+prefix (a write with step size 0 that stops at its first check), which also yields the information gain.
+
+Texts are tokenized without special tokens and without an end-of-text token (the memory takes the place of
+a BOS token; a prefix has no end). A text longer than the model's positions minus N is cut there (note).
+"""
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+DEFAULT_FIRST = 16
+DEFAULT_GROW = 1.5
+DEFAULT_MAX_STEPS = 250
+DEFAULT_LR = 0.2
+DEFAULT_CHECK_EVERY = 10
+PROG = "gradmem-fast capacity"
+
+# on_stage(stage, target, texts, exact, seconds): after every stage, for progress lines.
+StageCallback = Callable[[int, int, int, int, float], object]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage of one text: the target (tokens), the steps it took, whether it ended exact, its prefix."""
+
+    target: int
+    steps: int
+    exact: bool
+    prefix: int
+
+
+@dataclasses.dataclass
+class Capacity:
+    """One text's result.
+
+    Attributes:
+        tokens: the text's tokens.
+        capacity: the longest prefix decoded exactly (tokens).
+        complete: whether the whole text is decoded exactly (then capacity == tokens: a lower bound of what
+            the memory could hold).
+        tokens_per_vector: capacity / N.
+        info_gain_bits: information gain of the capacity prefix with ``memory`` (bits; 0 when capacity < 2).
+        steps: Adam steps over all stages.
+        stages: every stage, in order.
+        memory: [N, d] the memory that decodes the capacity prefix (the initial memory when capacity is 0).
+    """
+
+    tokens: int
+    capacity: int
+    complete: bool
+    tokens_per_vector: float
+    info_gain_bits: float
+    steps: int
+    stages: list[Stage]
+    memory: torch.Tensor
+
+
+def next_target(target: int, grow: float) -> int:
+    """The target after ``target``: ``max(target + 1, ceil(target * grow))``."""
+    return max(target + 1, math.ceil(target * grow))
+
+
+def _check_writer(writer) -> None:
+    stop = writer.config.stop
+    if stop is None or not stop.exact or stop.loss is not None or stop.accuracy is not None:
+        raise ValueError(
+            "capacity needs a writer whose config stops on exact decoding only: "
+            "WriteConfig(stop=StopRule(exact=True)) without loss or accuracy criteria"
+        )
+
+
+def _batch(docs: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask [B, S] of 1-D token tensors."""
+    S = max(len(d) for d in docs)
+    ids = torch.zeros(len(docs), S, dtype=torch.long)
+    mask = torch.zeros(len(docs), S, dtype=torch.long)
+    for b, d in enumerate(docs):
+        ids[b, : len(d)], mask[b, : len(d)] = d, 1
+    return ids.to(device), mask.to(device)
+
+
+def progressive_capacity(
+    writer,
+    documents: Sequence[torch.Tensor | Sequence[int]],
+    first: int = DEFAULT_FIRST,
+    grow: float = DEFAULT_GROW,
+    on_stage: StageCallback | None = None,
+) -> list[Capacity]:
+    """The capacity of ``writer.config.num_memory_tokens`` vectors for every document (module docstring).
+
+    ``writer``: a ``MemoryWriter`` whose config has ``stop=StopRule(exact=True)`` (no other criterion);
+    ``config.steps`` is each stage's budget. ``documents``: non-empty 1-D token-id sequences.
+    """
+    _check_writer(writer)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"first must be an int >= 1, got {first!r}")
+    if isinstance(grow, bool) or not isinstance(grow, (int, float)) or not (1.0 < grow < float("inf")):
+        raise ValueError(f"grow must be a finite number > 1, got {grow!r}")
+    docs = [writer._as_document(d, i) for i, d in enumerate(documents)]
+    if not docs:
+        raise ValueError("documents must hold at least one document")
+    device = writer.model.get_input_embeddings().weight.device
+    n = len(docs)
+    last_exact = [0] * n
+    capacity = [0] * n
+    complete = [False] * n
+    steps = [0] * n
+    stages: list[list[Stage]] = [[] for _ in range(n)]
+    best: list[torch.Tensor | None] = [None] * n  # the memory that decodes capacity / last_exact tokens
+    warm: list[torch.Tensor | None] = [None] * n  # the memory the next stage starts from
+    active = list(range(n))
+    target, stage = first, 0
+    while active:
+        start = time.perf_counter()
+        lengths = [min(target, len(docs[i])) for i in active]
+        ids, mask = _batch([docs[i][:t] for i, t in zip(active, lengths)], device)
+        # Stage 0 starts every text from the config's seeded initial memory; later stages warm-start.
+        memory = None if stage == 0 else torch.stack([warm[i] for i in active])  # type: ignore[misc]
+        with torch.no_grad():
+            result = writer.write(ids, mask, memory=memory)
+        st = result.stats
+        still = []
+        for row, i in enumerate(active):
+            t, exact, prefix = lengths[row], bool(st.exact[row]), int(st.prefix[row])
+            steps[i] += int(st.steps[row])
+            stages[i].append(Stage(t, int(st.steps[row]), exact, prefix))
+            M = result.memory[row].detach()
+            if exact:
+                last_exact[i], best[i], warm[i] = t, M, M
+                if t == len(docs[i]):
+                    capacity[i], complete[i] = t, True
+                else:
+                    still.append(i)
+            else:
+                capacity[i] = max(last_exact[i], prefix)
+                if prefix > last_exact[i] or best[i] is None:
+                    best[i] = M
+        if on_stage is not None:
+            on_stage(
+                stage,
+                target,
+                len(active),
+                sum(s[-1].exact for s in (stages[i] for i in active)),
+                time.perf_counter() - start,
+            )
+        active = still
+        target, stage = next_target(target, grow), stage + 1
+    gains = _verify(writer, docs, capacity, best)
+    m = writer.config.num_memory_tokens
+    return [
+        Capacity(
+            tokens=len(docs[i]),
+            capacity=capacity[i],
+            complete=complete[i] and capacity[i] == len(docs[i]),
+            tokens_per_vector=capacity[i] / m,
+            info_gain_bits=gains[i],
+            steps=steps[i],
+            stages=stages[i],
+            memory=best[i],  # type: ignore[arg-type]
+        )
+        for i in range(n)
+    ]
+
+
+def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
+    """Score every capacity prefix with the memory that decodes it; shrink a capacity the scoring does not
+    confirm (a near tie of two logits may flip between batch shapes in low precision), and return the
+    information gain of each prefix in bits (0 for capacity < 2: no token has a prediction without memory).
+
+    The scoring is a write with step size 0 stopping on exact decoding: its first check reads the given
+    memory; a prefix that does not decode exactly gets one step of size 0 (no change) and the final check
+    reports its prefix.
+    """
+    from .writer import MemoryWriter
+
+    config = dataclasses.replace(writer.config, steps=1, lr=0.0, schedule=None)
+    scorer = MemoryWriter(writer.model, config, backend=writer.backend, write_head=writer.write_head, compile=False)
+    gains = [0.0] * len(docs)
+    device = writer.model.get_input_embeddings().weight.device
+    todo = [i for i in range(len(docs)) if capacity[i] >= 1]
+    while todo:
+        ids, mask = _batch([docs[i][: capacity[i]] for i in todo], device)
+        with torch.no_grad():
+            st = scorer.write(ids, mask, memory=torch.stack([best[i] for i in todo])).stats
+        again = []
+        for row, i in enumerate(todo):
+            prefix = int(st.prefix[row])
+            if prefix < capacity[i]:
+                capacity[i] = prefix
+                if prefix >= 1:
+                    again.append(i)
+            else:
+                gains[i] = float(st.info_gain_bits[row]) if capacity[i] >= 2 else 0.0
+        todo = again
+    return gains
+
+
+def summary(results: Sequence[Capacity]) -> dict:
+    """Mean and median capacity, tokens per vector and information gain over the texts."""
+    tpv = [r.tokens_per_vector for r in results]
+    cap = [r.capacity for r in results]
+    gain = [r.info_gain_bits for r in results]
+    return {
+        "texts": len(results),
+        "complete": sum(r.complete for r in results),
+        "mean_tokens_per_vector": statistics.fmean(tpv),
+        "median_tokens_per_vector": statistics.median(tpv),
+        "mean_capacity": statistics.fmean(cap),
+        "median_capacity": statistics.median(cap),
+        "mean_info_gain_bits": statistics.fmean(gain),
+        "median_info_gain_bits": statistics.median(gain),
+        "total_steps": sum(r.steps for r in results),
+    }
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    """Options of ``gradmem-fast capacity``."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model name, a local directory, or smollm2-135m-instruct (the embedded GGUF model)",
+    )
+    p.add_argument("--memory-tokens", type=int, required=True, help="memory vectors per text (N)")
+    p.add_argument("--input", required=True, help="JSON lines, one text per line")
+    p.add_argument("--output", default=None, help="results file (JSON, written when complete); default: none")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
+    p.add_argument("--text-field", default="text", help="field holding a text (default: text)")
+    p.add_argument("--id-field", default="id", help="field holding a text's id (default: id, else the line number)")
+    p.add_argument("--limit", type=int, default=None, help="measure only the first LIMIT texts")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=DEFAULT_MAX_STEPS,
+        help=f"Adam steps at most per stage (default {DEFAULT_MAX_STEPS})",
+    )
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam step size (default {DEFAULT_LR})")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=DEFAULT_CHECK_EVERY,
+        help=f"steps between exact-decoding checks (default {DEFAULT_CHECK_EVERY})",
+    )
+    p.add_argument("--first", type=int, default=DEFAULT_FIRST, help=f"first target, tokens (default {DEFAULT_FIRST})")
+    p.add_argument(
+        "--grow",
+        type=float,
+        default=DEFAULT_GROW,
+        help=f"factor from one exact target to the next (> 1, default {DEFAULT_GROW})",
+    )
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="auto: triton kernels on CUDA, the torch reference on CPU",
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-stage lines")
+
+
+def _config(args):
+    """The WriteConfig of the options (every bad value named by its flag), checked before anything loads."""
+    from .config import StopRule, WriteConfig
+    from .errors import UserError
+
+    for flag, value in (
+        ("--memory-tokens", args.memory_tokens),
+        ("--max-steps", args.max_steps),
+        ("--check-every", args.check_every),
+        ("--first", args.first),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 1 < args.grow < float("inf"):
+        raise UserError(f"--grow must be a finite number > 1, got {args.grow}")
+    if not 0 <= args.init_std < float("inf"):
+        raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
+    return WriteConfig(
+        num_memory_tokens=args.memory_tokens,
+        steps=args.max_steps,
+        lr=args.lr,
+        optimizer="adam",
+        init_std=args.init_std,
+        seed=args.seed,
+        stop=StopRule(exact=True, check_every=args.check_every),
+    )
+
+
+def run(args) -> int:
+    """``gradmem-fast capacity`` with parsed arguments; returns the exit status (errors raise UserError)."""
+    from . import cli, fileio
+    from .errors import UserError
+    from .models import load_model, load_tokenizer, max_positions, quiet_transformers
+
+    # 1. Everything that needs no model: options, paths, the input file, the device.
+    config = _config(args)
+    if args.output is not None:
+        fileio.check_output(args.output, [("--input", args.input)], args.force)
+    records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
+    if args.limit is not None:
+        records = records[: args.limit]
+    device = cli._device_and_dtype(args)
+
+    # 2. The tokenizer: every text is checked before the weights load.
+    quiet_transformers()
+    tokenizer, model_config = load_tokenizer(args.model)
+    positions = max_positions(model_config)
+    limit = None if positions is None else positions - config.num_memory_tokens
+    if limit is not None and limit < 1:
+        raise UserError(f"--memory-tokens {config.num_memory_tokens} leaves no room for text in {positions} positions")
+    token_lists = tokenizer([r.text for r in records], add_special_tokens=False)["input_ids"]
+    docs, cut = [], 0
+    for record, tokens in zip(records, token_lists):
+        if not record.text.strip() or not tokens:
+            raise UserError(f"{args.input}:{record.line}: empty text (id {json.dumps(record.id)})")
+        if limit is not None and len(tokens) > limit:
+            tokens, cut = tokens[:limit], cut + 1
+        docs.append(torch.tensor(tokens, dtype=torch.long))
+    if cut:
+        cli._note("capacity", f"note: {cut} text(s) cut to {limit} tokens (the model's positions minus the memory)")
+
+    # 3. The weights.
+    from .writer import MemoryWriter
+
+    model, tokenizer = load_model(args.model, args.dtype, device, tokenizer=tokenizer)
+    try:
+        writer = MemoryWriter(model, config, backend=args.backend)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"cannot write with model {args.model!r}: {exc}") from None
+
+    def on_stage(stage, target, texts, exact, seconds):
+        if not args.quiet:
+            cli._note(
+                "capacity",
+                f"stage {stage}: target {target} tokens, {texts} text(s), {exact} exact, {seconds:.1f} s",
+            )
+
+    start = time.perf_counter()
+    results = progressive_capacity(writer, docs, first=args.first, grow=args.grow, on_stage=on_stage)
+    wall = time.perf_counter() - start
+    report = {
+        "format": "gradmem-fast.capacity",
+        "model": args.model,
+        "memory_tokens": config.num_memory_tokens,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(device),
+        "backend": writer.backend,
+        "threads": torch.get_num_threads(),
+        "method": "progressive",
+        "settings": {
+            "first": args.first,
+            "grow": args.grow,
+            "max_steps_per_stage": config.steps,
+            "lr": config.lr,
+            "optimizer": config.optimizer,
+            "check_every": args.check_every,
+            "init_std": config.init_std,
+            "seed": config.seed,
+        },
+        "versions": cli._versions(),
+        "wall_seconds": wall,
+        "summary": summary(results),
+        "texts": [
+            {
+                "id": record.id,
+                "tokens": r.tokens,
+                "capacity": r.capacity,
+                "complete": r.complete,
+                "tokens_per_vector": r.tokens_per_vector,
+                "info_gain_bits": r.info_gain_bits,
+                "steps": r.steps,
+                "stages": [dataclasses.asdict(s) for s in r.stages],
+            }
+            for record, r in zip(records, results)
+        ],
+    }
+    if args.output is not None:
+        with fileio.atomic_output(args.output) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=1)
+                fh.write("\n")
+    print(format_table(report))
+    return 0
+
+
+def format_table(report: dict) -> str:
+    """The per-text table and the summary line of a report."""
+    lines = [f"{'id':>12} {'tokens':>6} {'capacity':>8} {'tok/vec':>8} {'gain bits':>9} {'steps':>6}"]
+    for t in report["texts"]:
+        mark = "*" if t["complete"] else " "
+        lines.append(
+            f"{str(t['id']):>12} {t['tokens']:>6} {t['capacity']:>7}{mark} {t['tokens_per_vector']:>8.1f} "
+            f"{t['info_gain_bits']:>9.1f} {t['steps']:>6}"
+        )
+    s = report["summary"]
+    lines.append(
+        f"tokens per vector: mean {s['mean_tokens_per_vector']:.1f}, median {s['median_tokens_per_vector']:.1f} "
+        f"over {s['texts']} text(s) ({s['complete']} decoded whole, marked *: a lower bound); "
+        f"{report['wall_seconds']:.0f} s"
+    )
+    return "\n".join(lines)
