@@ -35,6 +35,8 @@ _EXPORTS = {
     "UpdateResult": "gradmem_fast.ops.update",
     "register_attention": "gradmem_fast.hf",
     "MemoryReader": "gradmem_fast.reader",
+    "GradMemConfig": "gradmem_fast.model",
+    "GradMemModel": "gradmem_fast.model",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -45,6 +47,8 @@ if TYPE_CHECKING:  # the type checker sees the real names (and their signatures)
     from gradmem_fast.config import StopRule as StopRule
     from gradmem_fast.config import WriteConfig as WriteConfig
     from gradmem_fast.hf import register_attention as register_attention
+    from gradmem_fast.model import GradMemConfig as GradMemConfig
+    from gradmem_fast.model import GradMemModel as GradMemModel
     from gradmem_fast.ops.attention import prefix_attention as prefix_attention
     from gradmem_fast.ops.cross_entropy import linear_cross_entropy as linear_cross_entropy
     from gradmem_fast.ops.update import UpdateResult as UpdateResult

@@ -215,8 +215,13 @@ def _write_loop(
     ones_mask=None,
     on_step=None,
     backbone=None,
+    memory_input=None,
+    kept=None,
 ):
     """The K steps; writes per-step stats into ``losses``/``norms`` [K, B] and returns the final memory.
+
+    ``memory_input`` / ``kept`` (a list receiving the last step's loss): the meta-training hooks of
+    ``write_packed``.
 
     ``lrs``: the K step sizes (``config.lr_at(k)``), a list of floats or a [K] device tensor (a graph replays
     with the tensor's current values).
@@ -228,7 +233,7 @@ def _write_loop(
     emb = hf.input_embeddings(model)
     M, state = memory, None
     token_embeds = emb(packed.tokens)
-    if config.grad_mode == "none":
+    if config.grad_mode == "none" and kept is None:
         token_embeds = token_embeds.detach()
     x0 = packed_input(packed, token_embeds)  # built once per write, not once per step
     if ones_mask is None:
@@ -237,8 +242,14 @@ def _write_loop(
     for k in range(config.steps):
         second = config.second_order_step(k)
         Mk = M.detach().requires_grad_(True) if config.grad_mode == "none" or not M.requires_grad else M
-        loss = _step_loss(model, Mk, x0, packed, head_weight, head_bias, ones_mask, second, backbone, weights)
-        (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
+        # A kept loss is differentiated again by the outer loss: trainable head and eager backbone, as in
+        # a second-order step, and its graph retained.
+        keep = kept is not None and k == config.steps - 1
+        rows = Mk if memory_input is None else memory_input(Mk)
+        loss = _step_loss(model, rows, x0, packed, head_weight, head_bias, ones_mask, second or keep, backbone, weights)
+        (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second, retain_graph=second or keep)
+        if keep:
+            kept.append(loss)
         losses[k].copy_(loss.detach())
         if on_step is not None:
             on_step(k, losses[k])
@@ -271,12 +282,18 @@ def write_packed(
     backend: str,
     on_step=None,
     backbone=None,
+    memory_input=None,
+    keep_last_loss=False,
 ) -> WriteResult:
     """Run ``config.steps`` WRITE steps on a packed batch; ``memory`` is [B, m, d] (B = packed.batch).
 
     ``on_step(k, losses)``: optional callback after step k's loss (the real documents' [B], detached).
     ``backbone``: optional ``CompiledBackbone`` (compiled first-order steps; see the module docstring).
+    Meta-training hooks (``gradmem_fast.model``): ``memory_input(M)`` maps the memory [B, m, d] to the
+    ``packed.num_memory_tokens`` rows placed before each document (the gradient is still w.r.t. M);
+    ``keep_last_loss`` returns the last step's losses [B] on the graph as ``WriteResult.last_loss``.
     """
+    kept: list | None = [] if keep_last_loss else None
     if backbone is not None and attention_dropout_active(model):
         # The compiled step reads and advances the device's dropout generator; created here, before tracing,
         # it is a plain graph input (created inside the trace, the next call would recompile once).
@@ -297,9 +314,12 @@ def write_packed(
             norms,
             on_step=step_hook,
             backbone=backbone,
+            memory_input=memory_input,
+            kept=kept,
         )
     B = packed.real_batch
-    return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B])
+    last_loss = kept[0][:B] if kept else None
+    return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B], last_loss=last_loss)
 
 
 class GraphedWriteLoop:

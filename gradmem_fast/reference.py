@@ -55,13 +55,26 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
 
 
 def write(
-    model, input_ids, attention_mask=None, memory=None, config: WriteConfig = None, write_head=None, on_step=None
+    model,
+    input_ids,
+    attention_mask=None,
+    memory=None,
+    config: WriteConfig = None,
+    write_head=None,
+    on_step=None,
+    memory_input=None,
+    keep_last_loss=False,
 ):
     """Write each row of ``input_ids`` into its own memory with ``config.steps`` gradient steps.
 
     ``memory``: None (seeded N(0, init_std^2), shared), [m, d] shared initial memory (may be a leaf that
     requires grad), or [B, m, d]. Returns a ``WriteResult``. ``on_step(k, losses)``, if given, is called
     after step k's loss [B] (detached, before its update) is known.
+
+    Hooks for the meta-training model class (``gradmem_fast.model``): ``memory_input(M)`` maps the memory
+    [B, m, d] to the rows placed before the context ([B, m', d]: e.g. control vectors around a projected
+    memory; the gradient is still taken w.r.t. M); ``keep_last_loss=True`` returns the last step's losses
+    [B] on the autograd graph (weights, head, M) as ``WriteResult.last_loss``.
     """
     config = WriteConfig() if config is None else config
     if not isinstance(config, WriteConfig):
@@ -70,11 +83,12 @@ def write(
     ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config, write_head)
     clip_value = config.effective_clip_value
 
-    losses, norms, state = [], [], None
+    losses, norms, state, kept = [], [], None, None
     with torch.enable_grad():
         embeds = emb(ids)
         for k in range(config.steps):
             second = config.second_order_step(k)
+            keep = keep_last_loss and k == config.steps - 1
             if config.grad_mode == "none" or not M.requires_grad:
                 # A fresh leaf: only the memory's gradient is needed, nothing upstream is tracked.
                 Mk = M.detach().requires_grad_(True)
@@ -82,14 +96,16 @@ def write(
                 Mk = M
             loss = write_losses(
                 model,
-                Mk,
+                Mk if memory_input is None else memory_input(Mk),
                 ids,
                 mask,
                 head_weight,
                 head_bias,
-                embeds=embeds if config.grad_mode != "none" else embeds.detach(),
+                embeds=embeds if config.grad_mode != "none" or keep_last_loss else embeds.detach(),
             )
-            (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second)
+            (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second, retain_graph=second or keep)
+            if keep:
+                kept = loss
             losses.append(loss.detach().float())
             if on_step is not None:
                 on_step(k, losses[-1])
@@ -106,7 +122,7 @@ def write(
                     )
             if config.grad_mode == "none":
                 M = M.detach()
-    return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms))
+    return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms), last_loss=kept)
 
 
 def read_logits(model, memory, query_ids, query_mask=None):

@@ -45,9 +45,12 @@ class WriteResult:
         grad_norms: [K, B] fp32, the raw (pre-clip) L2 norm of each document's memory gradient.
         stats: with a ``StopRule``, each document's ``DocumentStats`` (then ``losses``/``grad_norms`` are NaN
             at the steps a document did not take); None otherwise.
+        last_loss: with ``keep_last_loss=True`` (meta-training), the last step's losses [B] on the autograd
+            graph; None otherwise.
     """
 
     memory: torch.Tensor
     losses: torch.Tensor
     grad_norms: torch.Tensor
     stats: DocumentStats | None = None
+    last_loss: torch.Tensor | None = None
