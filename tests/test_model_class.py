@@ -140,37 +140,43 @@ CASES = {
 }
 
 # Every case on the torch backend; on the Triton engine (interpreter, ~20 s a case on 2 cores) the
-# all-options case, or every case with GRADMEM_TEST_MODEL_SWEEP=1.
+# all-options case in fp64, or every case in fp64 and fp32 with GRADMEM_TEST_MODEL_SWEEP=1.
 _SWEEP = os.environ.get("GRADMEM_TEST_MODEL_SWEEP") == "1"
 BACKEND_CASES = [(case, "torch") for case in CASES] + [
-    (case, "triton") for case in CASES if _SWEEP or case == "second-all-options"
+    (case, backend)
+    for case in CASES
+    for backend in ("triton", "triton-fp32")
+    if _SWEEP or (case, backend) == ("second-all-options", "triton")
 ]
 
 
 @pytest.mark.parametrize("case, backend", BACKEND_CASES)
 def test_forward_and_gradients_match_naive_loop(case, backend):
     """Loss and the gradients w.r.t. every parameter (initial memory, control vectors, projection, write
-    head, every backbone weight) equal the independent eager loop's, fp64."""
+    head, every backbone weight) equal the independent eager loop's in fp64: within the fp64 bound on the
+    torch and Triton backends in fp64, within the fp32 bound with the model in fp32 ("triton-fp32")."""
     torch.set_num_threads(1)
     family, options = CASES[case]
-    cfg = GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend=backend, **options)
+    dtype = torch.float32 if backend.endswith("fp32") else torch.float64
+    cfg = GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend=backend.split("-")[0], **options)
     model = GradMemModel(cfg, model=tiny_model(family))
     _randomise(model)
     ctx, mask, docs, queries, labels = _batch([5, 1, 3])
-    out = model(context_input_ids=ctx, query_input_ids=queries, labels=labels, context_attention_mask=mask)
-    assert out.logits.shape == (3, 5, VOCAB)
-    assert out.inner_losses.shape == (2, 3) and out.inner_grad_norms.shape == (2, 3)
-    names = [n for n, p in model.named_parameters()]
     params = list(model.parameters())
-    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    names = [n for n, p in model.named_parameters()]
     want_loss = naive_meta_loss(model, docs, list(queries), labels)
     want = torch.autograd.grad(want_loss, params, allow_unused=True)
-    assert_close(out.loss.detach(), want_loss.detach(), dtype=torch.float64, name="loss")
+    model.to(dtype)
+    out = model(context_input_ids=ctx, query_input_ids=queries, labels=labels, context_attention_mask=mask)
+    assert out.logits.shape == (3, 5, VOCAB) and out.logits.dtype == dtype
+    assert out.inner_losses.shape == (2, 3) and out.inner_grad_norms.shape == (2, 3)
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    assert_close(out.loss.detach(), want_loss.detach(), dtype=dtype, name="loss")
     for name, g, w in zip(names, got, want):
         if w is None or g is None:
             assert g is None and w is None, f"{name}: gradient present on one side only"
             continue
-        assert_close(g, w, dtype=torch.float64, name=name)
+        assert_close(g, w, dtype=dtype, name=name)
     if cfg.grad_mode == "none":
         assert got[names.index("mem")] is None  # detached memory: M0 gets no outer gradient
     else:
@@ -187,6 +193,14 @@ def test_published_batch_format_and_k0():
     a = model(input_ids={"context_input_ids": ctx, "query_input_ids": queries}, labels=labels)
     b = model(context_input_ids=ctx, context_attention_mask=mask, query_input_ids=queries, labels=labels)
     assert torch.equal(a.loss, b.loss)
+    # A right-padded query (masked): its real rows equal the same query read alone.
+    qmask = torch.ones_like(queries)
+    qmask[1, 3:] = 0
+    padded = model(
+        context_input_ids=ctx, context_attention_mask=mask, query_input_ids=queries, query_attention_mask=qmask
+    )
+    alone = model(context_input_ids=ctx[1:], context_attention_mask=mask[1:], query_input_ids=queries[1:, :3])
+    assert_close(padded.logits[1, :4], alone.logits[0], dtype=torch.float64, name="padded query logits")
     model.config.K = 0
     out = model(context_input_ids=ctx, query_input_ids=queries, labels=labels, return_mem=True)
     assert out.inner_losses is None
@@ -204,19 +218,7 @@ def test_published_batch_format_and_k0():
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
-ALL_OPTIONS = dict(
-    n_mem_tokens=3,
-    K=2,
-    lr=0.2,
-    grad_mode="second",
-    n_ctrl_tokens=1,
-    use_mem_proj=True,
-    mem_proj_mode="proj",
-    use_write_head=True,
-    add_inner_loss_to_outer=True,
-    inner_loss_weight=0.5,
-    backend="torch",
-)
+ALL_OPTIONS = dict(n_mem_tokens=3, K=2, lr=0.2, backend="torch", **SECOND_ALL_OPTIONS)
 
 
 def _base_config(family):
