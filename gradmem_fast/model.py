@@ -28,7 +28,8 @@ Backends: the inner loop runs on our packed engine (``gradmem_fast.engine``: var
 cross-entropy without logits, fused update, O(S) second-order attention) with backend "triton" (default on
 CUDA), or on the pure-torch reference (``gradmem_fast.reference``) with backend "torch" (default elsewhere).
 The READ is one batched forward of the backbone with the model's own attention implementation and the
-output head on the Q+1 read rows only.
+output head on the Q+1 read rows only. The engine runs its eager-layer step here (no ``CompiledBackbone``:
+training batches change shape every step, and second-order steps are eager anyway).
 
 Parameter names follow the published GradMem implementation (``grad_memgpt.py``, class ``GradMemGPT``), so its
 ``model.safetensors`` load with ``from_pretrained``/``load_state_dict``:
