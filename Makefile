@@ -47,9 +47,10 @@ mutants: venv
 	$(PY) scripts/mutants.py
 
 # Compiled write step against the eager engine with inductor on all five families and both op backends
-# (make test runs inductor on two of them and aot_eager on the rest: cold C++ compiles are slow on 2 cores).
+# (make test runs inductor on two of them and aot_eager on the rest: cold C++ compiles are slow on 2 cores),
+# and the compiled step with attention dropout under inductor (aot_eager in make test).
 test-compile: venv
-	GRADMEM_TEST_INDUCTOR=all $(PY) -m pytest -q tests/test_engine_compile.py
+	GRADMEM_TEST_INDUCTOR=all $(PY) -m pytest -q tests/test_engine_compile.py tests/test_attention_dropout_seed.py
 
 compile-check: venv
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
