@@ -15,6 +15,17 @@ from gradmem_fast.model import GradMemConfig, GradMemModel
 from helpers import assert_close
 from tiny_models import VOCAB, tiny_model
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many tiny ops: a second torch thread on a busy 2-core machine mostly waits for a core. Restored after
+    the module so other test files keep torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # An independent implementation: one document at a time, full logits, log-softmax written out, the
 # optimizer formulas written out, plain torch.autograd. Shares no code with the package.
@@ -155,7 +166,6 @@ def test_forward_and_gradients_match_naive_loop(case, backend):
     """Loss and the gradients w.r.t. every parameter (initial memory, control vectors, projection, write
     head, every backbone weight) equal the independent eager loop's in fp64: within the fp64 bound on the
     torch and Triton backends in fp64, within the fp32 bound with the model in fp32 ("triton-fp32")."""
-    torch.set_num_threads(1)
     family, options = CASES[case]
     dtype = torch.float32 if backend.endswith("fp32") else torch.float64
     cfg = GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend=backend.split("-")[0], **options)
@@ -185,7 +195,6 @@ def test_forward_and_gradients_match_naive_loop(case, backend):
 
 def test_published_batch_format_and_k0():
     """input_ids as the published dict, padding from the pad id; K=0 reads the initial memory."""
-    torch.set_num_threads(1)
     lm = tiny_model("gpt2")
     lm.config.pad_token_id = 0
     model = GradMemModel(GradMemConfig(n_mem_tokens=2, K=1, lr=0.3, backend="torch"), model=lm)
@@ -229,7 +238,6 @@ def _base_config(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # gpt2: tied input/output embeddings
 def test_save_pretrained_round_trip(tmp_path, family):
-    torch.set_num_threads(1)
     model = GradMemModel(GradMemConfig(base_config=_base_config(family), **ALL_OPTIONS)).eval()
     _randomise(model)
     model.save_pretrained(tmp_path)
@@ -250,7 +258,6 @@ def test_loads_published_key_layout(tmp_path):
     write_head.weight) loads with from_pretrained and with load_state_dict(strict=True)."""
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
     lm = tiny_model("llama", dtype=torch.float32)
     d, m, c = 32, 3, 2
     tensors = {f"model.{k}": v.clone() + 0.01 for k, v in lm.state_dict().items()}
@@ -356,7 +363,6 @@ def _trainer_model(seed=0):
 def test_trainer_trains_and_resumes(tmp_path):
     """Trainer runs 3 steps (checkpoint at step 2); a fresh Trainer resumed from that checkpoint ends with
     the uninterrupted run's weights."""
-    torch.set_num_threads(1)
     full = _trainer_model()
     before = {k: v.clone() for k, v in full.state_dict().items()}
     state = _trainer(full, tmp_path / "a", 3).train()
@@ -382,7 +388,6 @@ def _dp_model():
 def _dp_worker(rank, world, port, batch, out_path):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     model = torch.nn.parallel.DistributedDataParallel(_dp_model())
@@ -402,7 +407,6 @@ def test_two_process_data_parallel_gradients(tmp_path):
 
     import torch.multiprocessing as mp
 
-    torch.set_num_threads(1)
     ctx, mask, _, queries, labels = _batch([5, 5, 5, 5])
     batch = {"context_input_ids": ctx, "query_input_ids": queries, "labels": labels}
     with socket.socket() as s:
