@@ -409,3 +409,30 @@ def test_cramming_has_no_host_sync_between_checks(monkeypatch):
     again = list(writer.write_many(docs, slots=2, stats=True))
     assert "run" in guarded and "scores" in guarded
     assert [d.steps for d in again] == [d.steps for d in warm]
+
+
+def test_engine_continuous_batching_with_the_compiled_step():
+    """The slot loop on the compiled backbone (aot_eager here: dynamo + AOTAutograd graphs without inductor's
+    C++ build; the engine compiles with inductor on CUDA): same steps and memories as the eager engine, and
+    one compile per bucket shape however often the batch is rebuilt."""
+    from gradmem_fast import engine
+
+    model = tiny_model("llama", dtype=torch.float32, **LEARNABLE)
+    config = cram_config(steps=20)
+    docs = documents((3, 1, 5, 2))
+    eager = MemoryWriter(model, config, backend="triton", compile=False)
+    eager.ops_backend = "torch"
+    eager._padded = lambda: True  # the same bucket-padded batches as the compiled writer
+    compiled = MemoryWriter(model, config, backend="triton", compile=False)
+    compiled.ops_backend = "torch"
+    compiled.compile = True
+    compiled.backbone = engine.CompiledBackbone(model, backend="aot_eager")
+    want = list(eager.write_many(docs, slots=2, stats=True))
+    got = list(compiled.write_many(docs, slots=2, stats=True))
+    assert compiled.backbone.compiles >= 1
+    shapes = compiled.backbone.compiles
+    again = list(compiled.write_many(docs, slots=2, stats=True))
+    assert compiled.backbone.compiles == shapes  # the second stream reuses every compiled bucket
+    for i in range(len(docs)):
+        assert got[i].steps == want[i].steps == again[i].steps
+        assert_close(got[i].memory, want[i].memory, torch.float32, name=f"memory {i}")
