@@ -347,7 +347,7 @@ def _config(args):
 
 def run(args) -> int:
     """``gradmem-fast capacity`` with parsed arguments; returns the exit status (errors raise UserError)."""
-    from . import cli, fileio
+    from . import cli_common, fileio
     from .errors import UserError
     from .models import load_model, load_tokenizer, max_positions, quiet_transformers
 
@@ -358,7 +358,7 @@ def run(args) -> int:
     records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
     if args.limit is not None:
         records = records[: args.limit]
-    device = cli._device_and_dtype(args)
+    device = cli_common.device_and_dtype(args)
 
     # 2. The tokenizer: every text is checked before the weights load.
     quiet_transformers()
@@ -376,7 +376,9 @@ def run(args) -> int:
             tokens, cut = tokens[:limit], cut + 1
         docs.append(torch.tensor(tokens, dtype=torch.long))
     if cut:
-        cli._note("capacity", f"note: {cut} text(s) cut to {limit} tokens (the model's positions minus the memory)")
+        cli_common.note(
+            "capacity", f"note: {cut} text(s) cut to {limit} tokens (the model's positions minus the memory)"
+        )
 
     # 3. The weights.
     from .writer import MemoryWriter
@@ -389,7 +391,7 @@ def run(args) -> int:
 
     def on_stage(stage, target, texts, exact, seconds):
         if not args.quiet:
-            cli._note(
+            cli_common.note(
                 "capacity",
                 f"stage {stage}: target {target} tokens, {texts} text(s), {exact} exact, {seconds:.1f} s",
             )
@@ -416,7 +418,7 @@ def run(args) -> int:
             "init_std": config.init_std,
             "seed": config.seed,
         },
-        "versions": cli._versions(),
+        "versions": cli_common.versions(),
         "wall_seconds": wall,
         "summary": summary(results),
         "texts": [

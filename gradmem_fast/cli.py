@@ -42,36 +42,12 @@ import os
 import sys
 import time
 
+from .cli_common import PROG, device_and_dtype, note, positive_int, versions, warn
 from .errors import UserError
-from .models import check_device, quiet_transformers
+from .models import quiet_transformers
 
-PROG = "gradmem-fast"
-
-
-def _warn(command, message):
-    """Print a warning line on stderr (the command goes on)."""
-    print(f"{PROG} {command}: warning: {message}", file=sys.stderr, flush=True)
-
-
-def _note(command, message):
-    """Print an informational line on stderr."""
-    print(f"{PROG} {command}: {message}", file=sys.stderr, flush=True)
-
-
-def _versions() -> dict:
-    """Versions of the libraries that shape the numbers, for the memory file's metadata."""
-    import safetensors
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {
-        "gradmem_fast": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
+# The shared helpers, under the names this module has always used.
+_warn, _note, _versions = warn, note, versions
 
 
 class _VersionAction(argparse.Action):
@@ -92,20 +68,7 @@ class _VersionAction(argparse.Action):
 # --- checks shared by the commands ---------------------------------------------------------------------------
 
 
-def _positive_int(name, value, minimum=1):
-    """Reject an integer option below ``minimum`` with a message naming the flag."""
-    if value is None or value < minimum:
-        raise UserError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _device_and_dtype(args, local_rank=0):
-    """The resolved device string, after ``--device`` and ``--dtype`` are checked (nothing loaded)."""
-    from .models import resolve_device, resolve_dtype
-
-    check_device(args.device)
-    device = resolve_device(args.device, local_rank)
-    resolve_dtype(args.dtype, device)
-    return device
+_positive_int, _device_and_dtype = positive_int, device_and_dtype
 
 
 # --- model fingerprints --------------------------------------------------------------------------------------
