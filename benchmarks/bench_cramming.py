@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     result = {
         "model": args.model if args.model != EMBEDDED_MODEL else "SmolLM2-135M-Instruct (embedded GGUF)",
-        "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.processor()})",
+        "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores{_processor()})",
         "dtype": args.dtype,
         "paragraphs": len(docs),
         "tokens": [len(d) for d in docs],
@@ -142,6 +142,11 @@ def main(argv=None) -> int:
             f.write(table(result))
         print(table(result))
     return 0
+
+
+def _processor() -> str:
+    name = platform.processor()
+    return f", {name}" if name else ""
 
 
 def table(result: dict) -> str:
