@@ -248,6 +248,17 @@ def _call_seed(seed: Any, dropout_p: float, device: torch.device) -> Tensor | No
 # Triton backend: custom ops
 
 
+def deterministic_kernels() -> bool:
+    """Whether the backward and double backward must run their deterministic (atomic-free) kernels.
+
+    Follows torch's switch: ``torch.use_deterministic_algorithms(True)`` selects the split kernels that
+    recompute the query side in a pass of its own; otherwise the kernels may accumulate the query-side
+    gradients with fp32/fp64 atomics (fewer FLOPs, run-to-run bit differences on a GPU). The interpreter
+    runs programs one after another, so on CPU both paths are deterministic and both are tested.
+    """
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def _lse_shape(q: Tensor, cu_seqlens_q: Tensor | None) -> tuple[int, ...]:
     if cu_seqlens_q is not None:
         return (q.shape[1], q.shape[0])
