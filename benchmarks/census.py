@@ -755,7 +755,9 @@ def main(argv=None) -> int:
     if args.compare:
         _ensure_interpreter()
         rows = compare(args.compare)
-        path = os.path.join(args.out or os.path.dirname(os.path.abspath(args.compare)), "census_vs_measured.json")
+        out_dir = args.out or os.path.dirname(os.path.abspath(args.compare))
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "census_vs_measured.json")
         with open(path, "w") as f:
             json.dump(_strip(rows), f, indent=1)
             f.write("\n")

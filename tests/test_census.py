@@ -309,6 +309,11 @@ def test_compare_measured_with_projected(tmp_path):
     assert [(r["case"], r["impl"], r["gpu"]) for r in rows] == [("tiny_kv", "gradmem_fast", "H200")]
     expected = census.projection("tiny_kv", "gradmem_fast", dry_run=True, gpu="H200")["projected_write_ms"]
     assert math.isclose(rows[0]["measured_over_projected"], 5.0 / expected)
+    # The command line writes into an --out folder that does not exist yet (it used to raise FileNotFoundError).
+    out = tmp_path / "new" / "folder"
+    assert census.main(["--compare", str(path), "--out", str(out)]) in (0, None)
+    written = json.loads((out / "census_vs_measured.json").read_text())
+    assert [(r["case"], r["impl"]) for r in written] == [("tiny_kv", "gradmem_fast")]
 
 
 def test_uniform_mix_waste_is_the_writers_padding():
