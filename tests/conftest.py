@@ -14,6 +14,10 @@ import torch  # noqa: E402
 
 from helpers import DEVICE  # noqa: E402
 
+# One intra-op thread unless told otherwise: make test runs the sm_90 compile check on the other core, and
+# with two threads beside it the many tiny ops of the interpreter tests slow down 10-30x (oversubscription).
+torch.set_num_threads(int(os.environ.get("GRADMEM_TEST_THREADS", "1")))
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
