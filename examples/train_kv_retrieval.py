@@ -44,7 +44,9 @@ are not measured yet, and the settings above are a starting point, not a tuned r
 """
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -52,7 +54,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 try:
     import gradmem_fast  # noqa: F401
@@ -61,8 +62,7 @@ except ImportError:  # a source checkout run without installing: the package is 
 
 import transformers  # noqa: E402
 
-from gradmem_fast import MemoryWriter, WriteConfig  # noqa: E402
-from gradmem_fast.reference import read_logits  # noqa: E402
+from gradmem_fast import GradMemConfig, GradMemModel  # noqa: E402
 
 PAD, OPEN_CLOSE, SEP = "_", "!", ":"
 
@@ -197,12 +197,11 @@ def encode_batch(samples, tok: CharTokenizer, device):
 
 
 # -------------------------------------------------------------------------------------------- model
-def build_model(vocab_size: int, layers=4, hidden=128, heads=4, max_positions=2048, device="cpu"):
-    """A randomly initialised fp32 Llama-style causal LM (no download).
-
-    Eager attention: on the ``torch`` backend the WRITE differentiates through attention twice, which
-    torch SDPA's fused CPU/GPU kernels cannot do; the Triton backend switches to its own attention."""
-    config = transformers.LlamaConfig(
+def llama_config(vocab_size: int, layers=4, hidden=128, heads=4, max_positions=2048):
+    """The backbone: a randomly initialised fp32 Llama-style causal LM (no download), eager attention
+    (on the ``torch`` backend the WRITE differentiates through attention twice, which torch SDPA's fused
+    kernels cannot; the Triton engine uses its own attention)."""
+    return transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -216,44 +215,90 @@ def build_model(vocab_size: int, layers=4, hidden=128, heads=4, max_positions=20
         bos_token_id=None,
         eos_token_id=None,
     )
-    config._attn_implementation = "eager"
-    return transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.float32)
+
+
+def build_model(args, vocab_size: int, device) -> GradMemModel:
+    """A fresh ``GradMemModel`` (``--init-from`` unset) or the previous curriculum stage's checkpoint.
+
+    The memory options of this run (K, inner lr, write head, inner loss weight, ...) are set on the loaded
+    configuration, so a stage may change them; the architecture (backbone, m) comes from the checkpoint."""
+    options = dict(
+        K=args.inner_steps,
+        lr=args.inner_lr,
+        grad_mode="second",
+        last_K_second_order=args.last_k_second_order,
+        inner_clip_norm=args.inner_clip_norm,
+        use_write_head=args.write_head,
+        add_inner_loss_to_outer=args.inner_loss_weight > 0,
+        inner_loss_weight=args.inner_loss_weight if args.inner_loss_weight > 0 else None,
+        backend=args.backend,
+    )
+    if args.init_from:
+        model = GradMemModel.from_pretrained(args.init_from)
+        if model.config.base_config.get("vocab_size") != vocab_size:
+            raise ValueError(
+                f"--init-from {args.init_from}: its vocabulary has {model.config.base_config.get('vocab_size')} "
+                f"tokens, this task's alphabet gives {vocab_size} (use the same --alphabet in every stage)"
+            )
+        if args.write_head != model.config.use_write_head:
+            raise ValueError(f"--init-from {args.init_from}: use_write_head={model.config.use_write_head} there")
+        for name, value in options.items():
+            setattr(model.config, name, value)
+        last = args.inner_steps if args.last_k_second_order is None else args.last_k_second_order
+        model.config.last_K_second_order = max(0, min(last, args.inner_steps))  # as GradMemConfig clamps it
+        return model.to(device=device, dtype=torch.float32)
+    base = llama_config(vocab_size, args.layers, args.hidden, args.heads, args.max_positions)
+    config = GradMemConfig(base_config=base.to_dict(), n_mem_tokens=args.memory, **options)
+    return GradMemModel(config).to(device=device, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ training
-def answer_loss(model, memory, read_ids, query_len: int):
-    """Mean cross-entropy of the answer tokens read from ``[memory ; query + answer]`` (teacher forcing).
-
-    ``read_logits`` row j predicts READ token j, so the answer tokens (positions query_len..) are
-    predicted by rows query_len .. Q+A-1; the last row (after the answer) is unused."""
-    logits = read_logits(model, memory, read_ids)[:, query_len:-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), read_ids[:, query_len:].reshape(-1))
-
-
-def meta_step(model, m0, writer, optimizer, samples, tok, device, grad_clip=1.0):
-    """One outer step: WRITE (second order) -> READ answer loss -> backward -> AdamW.
-
-    Returns (outer loss, inner losses [K] averaged over the batch)."""
+def model_batch(samples, tok: CharTokenizer, device) -> dict:
+    """The batch of ``GradMemModel.forward``: contexts, the READ input ``query + answer`` (teacher forcing)
+    and labels on the answer tokens only (-100 on the query; label j is predicted by READ row j)."""
     ids, mask, read = encode_batch(samples, tok, device)
-    query_len = len(samples[0].query)
-    result = writer.write(ids, mask, memory=m0)
-    loss = answer_loss(model, result.memory, read, query_len)
+    labels = read.clone()
+    labels[:, : len(samples[0].query)] = -100
+    return dict(context_input_ids=ids, context_attention_mask=mask, query_input_ids=read, labels=labels)
+
+
+def meta_step(model, optimizer, samples, tok, device, grad_clip=1.0):
+    """One outer step: forward (K second-order WRITE steps, READ) -> loss -> backward -> AdamW.
+
+    Returns (outer loss, READ answer loss, inner losses [K] averaged over the batch)."""
+    out = model(**model_batch(samples, tok, device))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    out.loss.backward()
     if grad_clip:
-        # Second-order gradients spike early on when inner steps are large; a norm clip keeps AdamW stable.
-        torch.nn.utils.clip_grad_norm_([m0, *model.parameters()], grad_clip)
+        # Second-order gradients spike early on; a norm clip keeps AdamW stable.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.item(), result.losses.mean(dim=1).tolist()
+    return out.loss.item(), out.target_loss.item(), out.inner_losses.mean(dim=1).tolist()
+
+
+@contextlib.contextmanager
+def inference_write(model):
+    """WRITE without the meta-gradient: grad_mode "none" (each step detached, no graph kept) and no inner
+    loss kept for the outer loss; the model's configuration is restored afterwards."""
+    cfg = model.config
+    saved = cfg.grad_mode, cfg.last_K_second_order, cfg.add_inner_loss_to_outer
+    was_training = model.training
+    cfg.grad_mode, cfg.last_K_second_order, cfg.add_inner_loss_to_outer = "none", 0, False
+    model.eval()
+    try:
+        yield
+    finally:
+        cfg.grad_mode, cfg.last_K_second_order, cfg.add_inner_loss_to_outer = saved
+        model.train(was_training)
 
 
 @torch.no_grad()
 def greedy_values(model, memory, samples, tok, device):
-    """Decode each value from ``[memory ; query]`` alone, one greedy token at a time."""
+    """Decode each value from ``[read_st ; P(memory) ; read_end ; query]`` alone, one greedy token at a time."""
     cur = torch.tensor([tok.encode(s.query) for s in samples], dtype=torch.long, device=device)
     value_len = len(samples[0].value)
     for _ in range(value_len + 1):  # the value and its closing delimiter
-        nxt = read_logits(model, memory, cur)[:, -1].argmax(dim=-1, keepdim=True)
+        nxt = model.read_logits(memory, cur)[:, -1].argmax(dim=-1, keepdim=True)
         cur = torch.cat([cur, nxt], dim=1)
     out = []
     for row in cur[:, len(samples[0].query) :].tolist():
@@ -262,18 +307,16 @@ def greedy_values(model, memory, samples, tok, device):
     return out
 
 
-def evaluate(model, m0, eval_writer, samples, tok, device, batch=128):
+def evaluate(model, samples, tok, device, batch=128):
     """Exact-match rate of the greedily decoded value on ``samples`` (the context is never shown to the
-    READ). The WRITE runs with grad_mode="none": the memory's own gradient only, no graph kept."""
-    was_training = model.training
-    model.eval()
+    READ); the WRITE runs with grad_mode="none" (``inference_write``)."""
     hits = 0
-    for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        ids, mask, _ = encode_batch(chunk, tok, device)
-        memory = eval_writer.write(ids, mask, memory=m0.detach()).memory
-        hits += sum(p == s.value for p, s in zip(greedy_values(model, memory, chunk, tok, device), chunk))
-    model.train(was_training)
+    with inference_write(model):
+        for i in range(0, len(samples), batch):
+            chunk = samples[i : i + batch]
+            ids, mask, _ = encode_batch(chunk, tok, device)
+            memory = model.write(ids, mask).memory.detach()
+            hits += sum(p == s.value for p, s in zip(greedy_values(model, memory, chunk, tok, device), chunk))
     return hits / len(samples)
 
 
@@ -287,15 +330,22 @@ def parse_args(argv=None):
     g.add_argument("--value-len", type=int, default=2)
     g.add_argument("--alphabet", default="abcdef")
     g.add_argument("--filler", type=int, default=1, help="max filler characters between pairs")
-    g = p.add_argument_group("model and memory")
+    g = p.add_argument_group("model and memory (GradMemModel; the architecture is ignored with --init-from)")
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--memory", type=int, default=8, help="memory vectors")
+    g.add_argument("--max-positions", type=int, default=2048)
+    g.add_argument("--memory", type=int, default=8, help="memory vectors (n_mem_tokens)")
     g.add_argument("--inner-steps", type=int, default=2, help="K, WRITE steps")
-    g.add_argument("--inner-lr", type=float, default=1.0)
+    g.add_argument("--inner-lr", type=float, default=0.04)
     g.add_argument("--inner-clip-norm", type=float, default=None)
     g.add_argument("--last-k-second-order", type=int, default=None)
+    g.add_argument(
+        "--write-head", action=argparse.BooleanOptionalAction, default=True, help="separate [V, d] WRITE head"
+    )
+    g.add_argument(
+        "--inner-loss-weight", type=float, default=0.5, help="weight of the inner loss in the outer loss (0: off)"
+    )
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=3000, help="outer steps (upper bound)")
     g.add_argument("--batch", type=int, default=16)
@@ -307,7 +357,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-size", type=int, default=256)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--target", type=float, default=0.9, help="stop once eval exact match reaches this")
-    g.add_argument("--time-limit", type=float, default=900.0, help="seconds; 0 = no limit")
+    g.add_argument("--time-limit", type=float, default=900.0, help="seconds of process CPU time; 0 = no limit")
+    g.add_argument("--init-from", default=None, help="GradMemModel checkpoint of the previous curriculum stage")
+    g.add_argument("--save", default=None, help="directory: save_pretrained the model at the end of the run")
+    g.add_argument("--curve-out", default=None, help="JSON file: the evaluation curve and the run's settings")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--backend", default=None, help="torch | triton | auto (default: torch on CPU, auto else)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -316,14 +369,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Train, log and return the list of (step, eval exact match, elapsed seconds)."""
+    """Train, log and return the list of (step, eval exact match, wall seconds, process CPU seconds)."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    backend = args.backend or ("torch" if device.type == "cpu" else "auto")
-    if device.type == "cuda" and backend != "torch":
+    args.backend = args.backend or ("torch" if device.type == "cpu" else "auto")
+    if device.type == "cuda" and args.backend != "torch":
         # The Triton attention's double backward has no spill-free IEEE-fp32 configuration on GPUs yet
         # (see README, limits); TF32 tensor-core dots serve this fp32 model (DESIGN.md tolerance 5e-4).
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -334,37 +387,21 @@ def main(argv=None):
     eval_samples = SampleStream(task, seed=10_000 + args.seed).batch(args.eval_size)
     train = SampleStream(task, seed=args.seed, exclude={s.context for s in eval_samples})
 
-    max_ctx = task.filler * (task.pairs + 1) + task.pairs * (task.key_len + task.value_len + 3)
-    model = build_model(
-        len(tok),
-        args.layers,
-        args.hidden,
-        args.heads,
-        max_positions=args.memory + max(max_ctx, task.key_len + task.value_len + 3) + 8,
-        device=device,
-    )
-    # M0 starts at the scale of the token embeddings (HF init std 0.02) so it enters the network like a token.
-    m0 = torch.nn.Parameter(0.02 * torch.randn(args.memory, args.hidden, device=device))
-    common = dict(
-        num_memory_tokens=args.memory, steps=args.inner_steps, lr=args.inner_lr, clip_norm=args.inner_clip_norm
-    )
-    writer = MemoryWriter(
-        model, WriteConfig(grad_mode="second", last_k_second_order=args.last_k_second_order, **common), backend=backend
-    )
-    eval_writer = MemoryWriter(model, WriteConfig(grad_mode="none", **common), backend=backend)
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2] + [m0]  # norms and M0: no weight decay
+    model = build_model(args, len(tok), device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "mem"]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n == "mem"]  # norms and M0: no decay
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
 
+    cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"task {task} | vocab {len(tok)} | model {args.layers}x{args.hidden} ({n_params / 1e6:.2f}M) | "
-        f"m={args.memory} K={args.inner_steps} inner lr {args.inner_lr} | batch {args.batch} lr {args.lr} | "
-        f"{device} backend {writer.backend} threads {torch.get_num_threads()}",
+        f"task {task} | vocab {len(tok)} | GradMemModel {n_params / 1e6:.2f}M params"
+        f"{' from ' + args.init_from if args.init_from else ''} | m={cfg.n_mem_tokens} K={cfg.K} inner lr {cfg.lr} "
+        f"write head {cfg.use_write_head} inner loss weight {cfg.outer_inner_weight} | batch {args.batch} "
+        f"lr {args.lr} warmup {args.warmup} | {device} backend {args.backend} threads {torch.get_num_threads()}",
         flush=True,
     )
     print(
@@ -373,32 +410,39 @@ def main(argv=None):
         flush=True,
     )
 
-    curve, start, recent = [], time.perf_counter(), []
-    em = evaluate(model, m0, eval_writer, eval_samples, tok, device)
-    curve.append((0, em, 0.0))
+    curve, recent = [], []
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    def record(step):
+        em = evaluate(model, eval_samples, tok, device)
+        curve.append((step, em, time.perf_counter() - wall0, time.process_time() - cpu0))
+        return em
+
+    em = record(0)
     print(f"step     0 | eval exact match {em:6.1%}", flush=True)
     for step in range(1, args.steps + 1):
-        loss, inner = meta_step(model, m0, writer, optimizer, train.batch(args.batch), tok, device, args.grad_clip)
+        loss, read_loss, inner = meta_step(model, optimizer, train.batch(args.batch), tok, device, args.grad_clip)
         schedule.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"outer loss became {loss} at step {step}; lower --lr or --inner-lr")
-        recent.append((loss, inner[0], inner[-1]))
-        elapsed = time.perf_counter() - start
+        recent.append((loss, read_loss, inner[0], inner[-1]))
         line = None
         if step % args.log_every == 0:
             avg = [sum(x) / len(recent) for x in zip(*recent)]
             recent = []
-            line = f"step {step:5d} | outer {avg[0]:.3f} | inner {avg[1]:.3f} -> {avg[2]:.3f} | {elapsed:6.0f}s"
-        out_of_time = args.time_limit and elapsed >= args.time_limit
+            line = (
+                f"step {step:5d} | outer {avg[0]:.3f} (read {avg[1]:.3f}) | inner {avg[2]:.3f} -> {avg[3]:.3f} | "
+                f"cpu {time.process_time() - cpu0:6.0f}s wall {time.perf_counter() - wall0:6.0f}s"
+            )
+        out_of_time = args.time_limit and time.process_time() - cpu0 >= args.time_limit
         if step % args.eval_every == 0 or out_of_time or step == args.steps:
-            em = evaluate(model, m0, eval_writer, eval_samples, tok, device)
-            elapsed = time.perf_counter() - start
-            curve.append((step, em, elapsed))
-            line = (line or f"step {step:5d} |") + f" | eval exact match {em:6.1%} ({elapsed:.0f}s)"
+            em = record(step)
+            line = (line or f"step {step:5d} |") + f" | eval exact match {em:6.1%}"
             if em >= args.target:
                 print(line, flush=True)
                 print(
-                    f"reached {em:.1%} >= {args.target:.0%} held-out exact match at step {step} in {elapsed:.0f}s",
+                    f"reached {em:.1%} >= {args.target:.0%} held-out exact match at step {step} "
+                    f"(cpu {curve[-1][3]:.0f}s, wall {curve[-1][2]:.0f}s)",
                     flush=True,
                 )
                 break
@@ -406,11 +450,27 @@ def main(argv=None):
             print(line, flush=True)
         if out_of_time:
             print(
-                f"time limit {args.time_limit:.0f}s reached at step {step}; best exact match "
+                f"time limit {args.time_limit:.0f}s of CPU reached at step {step}; best exact match "
                 f"{max(c[1] for c in curve):.1%}",
                 flush=True,
             )
             break
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"saved {args.save}", flush=True)
+    if args.curve_out:
+        settings = {k: v for k, v in vars(args).items() if k not in ("curve_out",)}
+        Path(args.curve_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.curve_out).write_text(
+            json.dumps(
+                {
+                    "settings": settings,
+                    "columns": ["step", "exact_match", "wall_s", "cpu_s"],
+                    "curve": curve,
+                },
+                indent=1,
+            )
+        )
     return curve
 
 

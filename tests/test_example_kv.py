@@ -1,15 +1,15 @@
-"""Smoke test of examples/train_kv_retrieval.py: the task generator, the tokenizer, two meta-training steps.
+"""Smoke test of examples/train_kv_retrieval.py: the task generator, the tokenizer, two meta-training steps of
+GradMemModel, the command line and the curriculum (a stage-1 checkpoint loads into stage 2).
 
 The example is not a package, so it is imported by path."""
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-
-from gradmem_fast import MemoryWriter, WriteConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_kv_retrieval.py"
 
@@ -57,36 +57,99 @@ def test_held_out_contexts_excluded(kv):
     assert all(s.context not in held for s in kv.SampleStream(task, seed=2, exclude=held).batch(50))
 
 
+def _tiny_args(kv, *extra):
+    return kv.parse_args(["--layers", "2", "--hidden", "32", "--heads", "2", "--memory", "4", *extra])
+
+
 def test_two_meta_steps(kv):
-    """Two outer steps run end to end: finite losses, gradients reach M0 and every weight, and the
-    evaluation and greedy decoding run on memories written from held-out contexts."""
+    """Two outer steps of GradMemModel (write head, inner loss in the outer loss) run end to end: finite
+    losses, gradients reach M0, the write head and every weight, and the evaluation and greedy decoding run
+    on memories written from held-out contexts without touching the training configuration."""
     torch.manual_seed(0)
     task = kv.TaskConfig(pairs=2)
     tok = kv.CharTokenizer(task.alphabet)
-    model = kv.build_model(len(tok), layers=2, hidden=32, heads=2, max_positions=64)
-    m0 = torch.nn.Parameter(0.02 * torch.randn(4, 32))
-    cfg = dict(num_memory_tokens=4, steps=2, lr=1.0)
-    writer = MemoryWriter(model, WriteConfig(grad_mode="second", **cfg), backend="torch")
-    optimizer = torch.optim.AdamW([m0, *model.parameters()], lr=1e-3)
+    args = _tiny_args(kv)
+    args.backend = "torch"
+    model = kv.build_model(args, len(tok), "cpu")
+    assert model.config.use_write_head and model.config.outer_inner_weight == 0.5
+    assert model.config.K == 2 and model.config.lr == 0.04 and model.config.grad_mode == "second"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stream = kv.SampleStream(task, seed=0)
-    before = m0.detach().clone()
+    before = model.mem.detach().clone()
     for _ in range(2):
-        loss, inner = kv.meta_step(model, m0, writer, optimizer, stream.batch(4), tok, "cpu")
-        assert torch.isfinite(torch.tensor([loss, *inner])).all() and len(inner) == 2
-        assert m0.grad is not None and torch.isfinite(m0.grad).all() and m0.grad.abs().sum() > 0
+        loss, read_loss, inner = kv.meta_step(model, optimizer, stream.batch(4), tok, "cpu")
+        assert torch.isfinite(torch.tensor([loss, read_loss, *inner])).all() and len(inner) == 2
+        assert loss > read_loss  # the weighted inner loss is added
         for name, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
             assert p.grad.abs().sum() > 0, name
-    assert not torch.equal(before, m0.detach())
-    eval_writer = MemoryWriter(model, WriteConfig(grad_mode="none", **cfg), backend="torch")
+    assert not torch.equal(before, model.mem.detach())
     samples = kv.SampleStream(task, seed=5).batch(3)
-    em = kv.evaluate(model, m0, eval_writer, samples, tok, "cpu")
+    em = kv.evaluate(model, samples, tok, "cpu")
+    assert model.config.grad_mode == "second" and model.config.add_inner_loss_to_outer  # restored
     ids, mask, _ = kv.encode_batch(samples, tok, "cpu")
+    with kv.inference_write(model):
+        memory = model.write(ids, mask).memory
+    assert not memory.requires_grad  # grad_mode "none": no graph into the weights
     model.eval()  # as evaluate() decodes (no dropout in this model, but the mode must match)
-    values = kv.greedy_values(model, eval_writer.write(ids, mask, memory=m0.detach()).memory, samples, tok, "cpu")
+    values = kv.greedy_values(model, memory, samples, tok, "cpu")
     assert len(values) == 3 and all(isinstance(v, str) for v in values)
     assert all(len(v) <= task.value_len + 1 for v in values)  # the value and at most its closing delimiter
     assert em == sum(v == s.value for v, s in zip(values, samples)) / 3  # the rate of exact values decoded
+
+
+def test_model_batch_labels(kv):
+    """Labels cover the answer only, aligned with the READ input (label j is predicted by READ row j)."""
+    tok = kv.CharTokenizer("abcdef")
+    samples = kv.SampleStream(kv.TaskConfig(pairs=2), seed=3).batch(2)
+    batch = kv.model_batch(samples, tok, "cpu")
+    q = len(samples[0].query)
+    assert (batch["labels"][:, :q] == -100).all()
+    assert torch.equal(batch["labels"][:, q:], batch["query_input_ids"][:, q:])
+    assert tok.decode(batch["labels"][0, q:]) == samples[0].answer
+
+
+TINY = ["--layers", "1", "--hidden", "32", "--heads", "2", "--memory", "2", "--batch", "2", "--eval-size", "4",
+        "--log-every", "1", "--device", "cpu", "--time-limit", "0", "--target", "1.01"]  # fmt: skip
+
+
+def test_curriculum_checkpoint(kv, tmp_path):
+    """Stage 1 (1 pair) saves a GradMemModel; stage 2 (2 pairs, other K and inner lr) starts from exactly
+    those weights, takes the stage's memory options and trains on; its curve file is written."""
+    stage1 = tmp_path / "stage1"
+    kv.main([*TINY, "--steps", "1", "--eval-every", "1", "--save", str(stage1)])
+    saved = kv.GradMemModel.from_pretrained(stage1).state_dict()
+    args = kv.parse_args(["--pairs", "2", "--init-from", str(stage1), "--inner-steps", "3", "--inner-lr", "0.1"])
+    args.backend = "torch"
+    model = kv.build_model(args, len(kv.CharTokenizer("abcdef")), "cpu")
+    assert model.config.K == 3 and model.config.lr == 0.1 and model.config.last_K_second_order == 3
+    state = model.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    curve_file = tmp_path / "curve.json"
+    curve = kv.main(
+        [
+            *TINY,
+            "--pairs",
+            "2",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--init-from",
+            str(stage1),
+            "--save",
+            str(tmp_path / "stage2"),
+            "--curve-out",
+            str(curve_file),
+        ]  # fmt: skip
+    )
+    assert [c[0] for c in curve] == [0, 2]
+    stage2 = kv.GradMemModel.from_pretrained(tmp_path / "stage2").state_dict()
+    assert not torch.equal(stage2["mem"], saved["mem"])  # trained on from the stage-1 weights
+    data = json.loads(curve_file.read_text())
+    assert data["settings"]["pairs"] == 2 and [row[0] for row in data["curve"]] == [0, 2]
+    with pytest.raises(ValueError, match="vocabulary"):
+        kv.main([*TINY, "--steps", "1", "--alphabet", "abcdefg", "--init-from", str(stage1)])
 
 
 def test_main_runs(kv, capsys):
@@ -119,6 +182,6 @@ def test_main_runs(kv, capsys):
             "1.01",
         ]
     )
-    assert [c[0] for c in curve] == [0, 2]
+    assert [c[0] for c in curve] == [0, 2] and all(len(c) == 4 for c in curve)
     out = capsys.readouterr().out
     assert "step     2 | outer" in out and "eval exact match" in out
