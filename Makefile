@@ -41,6 +41,16 @@ typecheck: venv
 test-kernels-full: venv
 	GRADMEM_KERNELS_FULL=1 $(PY) -m pytest -q tests/test_kernel_tiles.py
 
+# Kernel microbenchmarks (pytest-benchmark; not part of make test, whose testpaths is tests/): attention fwd,
+# fwd+bwd and double backward, linear CE fwd+bwd, memory update, each against its torch baseline and the peers,
+# on this machine's device (CPU: small shapes, torch backends, one thread, ~30 s). Saved under
+# benchmarks/results/pytest-benchmark/<device>/ and compared with the previous run there. Extra arguments:
+# BENCH_KERNELS_ARGS (e.g. "--no-save", "-- -k attention").
+.PHONY: bench-kernels
+BENCH_KERNELS_ARGS ?=
+bench-kernels: venv
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.kernel_bench $(BENCH_KERNELS_ARGS)
+
 # Plant known one-line bugs in kernels and ops (scratch copy) and check that the tests kill every one.
 .PHONY: mutants
 mutants: venv

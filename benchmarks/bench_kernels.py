@@ -15,6 +15,11 @@ FLOP formulas (the same for every implementation, so TFLOP/s compare like for li
   adds ``2 N d V`` for ``dhidden`` and another ``2 N d V`` for ``dweight``.
 * memory update, ``B x m x d`` fp32 memories: bandwidth only, bytes = SGD ``3 x 4 B m d`` (read M, g;
   write M), Adam ``7 x 4 B m d`` (plus read and write both moments).
+
+Peers (``benchmarks/peers.py``): flash-attn and jvp-flash-attention in the attention section, Liger-Kernel's
+fused linear cross-entropy and Cut Cross-Entropy in the cross-entropy section; on CUDA when installed,
+otherwise recorded as skipped with the reason. The timed callables (``attention_run``, ``ce_run``,
+``update_run``) are shared with the pytest-benchmark microbenchmarks (``benchmarks/test_kernel_bench.py``).
 """
 
 import contextlib
@@ -23,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import peers
 from .common import Skip, bench_ms, is_cuda, peak_memory_mb, tflops
 
 ATTENTION_MODES = ("fwd", "bwd", "fwd+bwd", "dbwd")
@@ -117,12 +123,14 @@ def _sdpa_backend(name):
     )
 
 
-def attention_impls(device):
-    """name -> builder(B, lengths, S, H, D, dtype) -> (fn(q, k, v) -> out, tensors q, k, v)."""
+def attention_impls(device, backend=None):
+    """name -> builder(B, lengths, S, H, D, dtype) -> (fn(q, k, v) -> out, [q, k, v], context, info dict).
+
+    ``backend``: our op's backend (default ``our_backend(device)``)."""
 
     def ours(batch, lengths, s, h, d, dtype):
         op = gradmem_op("prefix_attention")
-        backend = our_backend(device)
+        ours_backend = backend or our_backend(device)
         if lengths is not None:  # packed varlen, the fast path for ragged documents
             total = sum(lengths)
             cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
@@ -133,9 +141,9 @@ def attention_impls(device):
             kw = {}
 
         def fn(q, k, v):
-            return op(q, k, v, causal=True, backend=backend, **kw)
+            return op(q, k, v, causal=True, backend=ours_backend, **kw)
 
-        return fn, [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)], contextlib.nullcontext
+        return fn, [torch.randn(shape, device=device, dtype=dtype) for _ in range(3)], contextlib.nullcontext, {}
 
     def sdpa(kind):
         def build(batch, lengths, s, h, d, dtype):
@@ -148,6 +156,7 @@ def attention_impls(device):
                 fn,
                 [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)],
                 (lambda: _sdpa_backend(kind)),
+                {},
             )
 
         return build
@@ -159,7 +168,19 @@ def attention_impls(device):
         def fn(q, k, v):
             return _eager_attention(q, k, v, keep)
 
-        return fn, [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)], contextlib.nullcontext
+        return (
+            fn,
+            [torch.randn(batch, h, s, d, device=device, dtype=dtype) for _ in range(3)],
+            contextlib.nullcontext,
+            {},
+        )
+
+    def peer(name):
+        def build(batch, lengths, s, h, d, dtype):
+            fn, tensors, label = peers.attention(name, device, batch, lengths, s, h, d, dtype)
+            return fn, tensors, contextlib.nullcontext, {"peer": label}
+
+        return build
 
     impls = {
         "gradmem_fast": ours,
@@ -171,43 +192,67 @@ def attention_impls(device):
     }
     if not is_cuda(device):
         impls.pop("sdpa_cudnn")
+    for name in peers.peers_of("attention"):  # listed everywhere; off CUDA each case records why it is skipped
+        impls[name] = peer(name)
     return impls
+
+
+def attention_run(fn, tensors, mode):
+    """The timed callable of one attention ``mode`` on built inputs (call and time it inside the impl's context).
+
+    ``bwd`` times the backward of one kept forward; ``dbwd`` the gradient's own gradient (second-order
+    meta-training): the first-order gradients with ``create_graph`` against random cotangents, then the
+    gradient of their inner product with random directions. An implementation whose gradient carries no
+    graph has no double backward: Skip.
+    """
+    q, k, v = tensors
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                fn(q, k, v)
+
+        return run
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    dout = torch.randn_like(fn(q, k, v).detach())
+    if mode == "bwd":
+        out = fn(q, k, v)
+
+        def run():
+            torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+    elif mode == "fwd+bwd":
+
+        def run():
+            torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+    elif mode == "dbwd":
+        w = [torch.randn_like(t) for t in (q, k, v)]
+        probe = torch.autograd.grad(fn(q, k, v), (q, k, v), dout, create_graph=True)
+        if not all(g.requires_grad for g in probe):
+            raise Skip("unsupported here: no reverse-mode double backward (its gradient carries no graph)")
+        del probe
+
+        def run():
+            grads = torch.autograd.grad(fn(q, k, v), (q, k, v), dout, create_graph=True)
+            inner = sum((g * wi).sum() for g, wi in zip(grads, w))
+            torch.autograd.grad(inner, (q, k, v))
+
+    else:
+        raise ValueError(f"mode: expected one of {ATTENTION_MODES}, got {mode!r}")
+    return run
 
 
 def _attention_case(build, shape, mode, device, timing):
     name, batch, lengths, s, h, d, dtype = shape
 
     def measure():
-        fn, (q, k, v), ctx = build(batch, lengths, s, h, d, dtype)
+        fn, tensors, ctx, info = build(batch, lengths, s, h, d, dtype)
         with ctx():
-            if mode == "fwd":
-
-                def run():
-                    with torch.no_grad():
-                        fn(q, k, v)
-            else:
-                for t in (q, k, v):
-                    t.requires_grad_(True)
-                dout = torch.randn_like(fn(q, k, v).detach())
-                if mode == "bwd":
-                    out = fn(q, k, v)
-
-                    def run():
-                        torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-                elif mode == "fwd+bwd":
-
-                    def run():
-                        torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
-                else:  # dbwd: the gradient's own gradient, as second-order meta-training needs
-                    w = [torch.randn_like(t) for t in (q, k, v)]
-
-                    def run():
-                        grads = torch.autograd.grad(fn(q, k, v), (q, k, v), dout, create_graph=True)
-                        inner = sum((g * wi).sum() for g, wi in zip(grads, w))
-                        torch.autograd.grad(inner, (q, k, v))
-
+            run = attention_run(fn, tensors, mode)
             lens = lengths if lengths is not None else [s] * batch
-            return _measure(run, device, timing, attention_flops(lens, h, d, mode))
+            return {**_measure(run, device, timing, attention_flops(lens, h, d, mode)), **info}
 
     return measure
 
@@ -234,7 +279,7 @@ def run_attention(rec, device, dry_run, timing) -> None:
                     seqlen=longest,
                     heads=h,
                     head_dim=d,
-                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                    backend=backend_label(impl, device),
                 )
 
 
@@ -257,49 +302,81 @@ def _torch_ce(hidden, weight, targets):
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
 
 
-def ce_impls(device, dry_run):
+def ce_impls(device, dry_run, backend=None):
+    """name -> make() -> (fn(hidden, weight, targets) -> mean loss, info dict stored with the record).
+
+    ``backend``: our op's backend (default ``our_backend(device)``)."""
+
     def ours():
         op = gradmem_op("linear_cross_entropy")
-        backend = our_backend(device)
-        return lambda h, w, t: op(h, w, t, reduction="mean", backend=backend)
+        ours_backend = backend or our_backend(device)
+        return (lambda h, w, t: op(h, w, t, reduction="mean", backend=ours_backend)), {}
 
     def torch_eager():
-        return _torch_ce
+        return _torch_ce, {}
 
     def torch_compiled():
         # The dry run traces with the eager backend (no C++/Triton compilation on a CPU box).
-        return torch.compile(_torch_ce, backend="eager" if dry_run else "inductor", dynamic=False)
+        return torch.compile(_torch_ce, backend="eager" if dry_run else "inductor", dynamic=False), {}
 
-    return {"gradmem_fast": ours, "torch": torch_eager, "torch_compiled": torch_compiled}
+    def peer(name):
+        def make():
+            fn, label = peers.linear_cross_entropy(name, device)
+            return fn, {"peer": label}
+
+        return make
+
+    impls = {"gradmem_fast": ours, "torch": torch_eager, "torch_compiled": torch_compiled}
+    for name in peers.peers_of("cross_entropy"):  # listed everywhere; off CUDA each case records why it is skipped
+        impls[name] = peer(name)
+    return impls
+
+
+def ce_inputs(shape, device):
+    """hidden [N, d], weight [V, d] (scaled so logits are O(1)), targets [N] of one cross-entropy case."""
+    _, n, d, v, dtype = shape
+    hidden = torch.randn(n, d, device=device, dtype=dtype)
+    weight = torch.randn(v, d, device=device, dtype=dtype) / math.sqrt(d)
+    return hidden, weight, torch.randint(0, v, (n,), device=device)
+
+
+def ce_run(fn, hidden, weight, targets, mode):
+    """(timed callable, FLOPs) of one cross-entropy ``mode``: ``fwd``, ``fwd+bwd:dh``, ``fwd+bwd:dh,dW``."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    if mode == "fwd":
+
+        def run():
+            with torch.no_grad():
+                fn(hidden, weight, targets)
+
+        return run, 2 * n * d * v
+    if mode not in CE_MODES:
+        raise ValueError(f"mode: expected one of {CE_MODES}, got {mode!r}")
+    wrt = [hidden.requires_grad_(True)]
+    if mode.endswith("dW"):
+        wrt.append(weight.requires_grad_(True))
+
+    def run():
+        torch.autograd.grad(fn(hidden, weight, targets), wrt)
+
+    return run, 2 * n * d * v * (1 + len(wrt))
 
 
 def _ce_case(make, shape, mode, device, timing):
-    name, n, d, v, dtype = shape
-
     def measure():
-        fn = make()
-        hidden = torch.randn(n, d, device=device, dtype=dtype)
-        weight = torch.randn(v, d, device=device, dtype=dtype) / math.sqrt(d)
-        targets = torch.randint(0, v, (n,), device=device)
-        if mode == "fwd":
-
-            def run():
-                with torch.no_grad():
-                    fn(hidden, weight, targets)
-
-            count = 2 * n * d * v
-        else:
-            wrt = [hidden.requires_grad_(True)]
-            if mode.endswith("dW"):
-                wrt.append(weight.requires_grad_(True))
-
-            def run():
-                torch.autograd.grad(fn(hidden, weight, targets), wrt)
-
-            count = 2 * n * d * v * (1 + len(wrt))
-        return _measure(run, device, timing, count)
+        fn, info = make()
+        run, count = ce_run(fn, *ce_inputs(shape, device), mode)
+        return {**_measure(run, device, timing, count), **info}
 
     return measure
+
+
+def backend_label(impl, device) -> str:
+    """The record's ``backend``: ours (triton / torch), ``peer`` for another project's kernels, else torch."""
+    if impl.startswith("gradmem"):
+        return our_backend(device)
+    return "peer" if impl in peers.PEERS else "torch"
 
 
 def run_cross_entropy(rec, device, dry_run, timing) -> None:
@@ -319,7 +396,7 @@ def run_cross_entropy(rec, device, dry_run, timing) -> None:
                     tokens=n,
                     hidden=d,
                     vocab=v,
-                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                    backend=backend_label(impl, device),
                 )
 
 
@@ -341,30 +418,35 @@ def _update_kwargs(kind):
     }[kind]
 
 
-def _update_case(impl, shape, kind, device, timing, dry_run):
+def update_run(impl, shape, kind, device, dry_run=False, backend=None):
+    """(timed callable, bytes moved) of one memory update: ``gradmem_fast`` (our kernels where they run, or
+    ``backend``), ``torch`` (the op's torch backend) or ``torch_compiled`` (that backend under ``torch.compile``)."""
     b, m, d = shape
+    op = gradmem_op("memory_update")
+    memory = torch.randn(b, m, d, device=device)
+    grad = torch.randn(b, m, d, device=device)
+    kwargs = _update_kwargs(kind)
+    backend = (backend or our_backend(device)) if impl == "gradmem_fast" else "torch"
+    state = None
+    if kind == "adam":
+        state = (torch.zeros_like(memory), torch.rand_like(memory))
 
+    def call(mem, g, st):
+        return op(mem, g, lr=1e-2, state=st, step=3 if st is not None else 1, backend=backend, **kwargs)
+
+    if impl == "torch_compiled":
+        call = torch.compile(call, backend="eager" if dry_run else "inductor", dynamic=False)
+
+    def run():
+        with torch.no_grad():
+            call(memory, grad, state)
+
+    return run, (7 if kind == "adam" else 3) * memory.numel() * memory.element_size()
+
+
+def _update_case(impl, shape, kind, device, timing, dry_run):
     def measure():
-        op = gradmem_op("memory_update")
-        memory = torch.randn(b, m, d, device=device)
-        grad = torch.randn(b, m, d, device=device)
-        kwargs = _update_kwargs(kind)
-        backend = our_backend(device) if impl == "gradmem_fast" else "torch"
-        state = None
-        if kind == "adam":
-            state = (torch.zeros_like(memory), torch.rand_like(memory))
-
-        def call(mem, g, st):
-            return op(mem, g, lr=1e-2, state=st, step=3 if st is not None else 1, backend=backend, **kwargs)
-
-        if impl == "torch_compiled":
-            call = torch.compile(call, backend="eager" if dry_run else "inductor", dynamic=False)
-
-        def run():
-            with torch.no_grad():
-                call(memory, grad, state)
-
-        nbytes = (7 if kind == "adam" else 3) * memory.numel() * memory.element_size()
+        run, nbytes = update_run(impl, shape, kind, device, dry_run)
         return _measure(run, device, timing, nbytes=nbytes, cudagraph=True, memory=False)
 
     return measure
@@ -386,5 +468,5 @@ def run_update(rec, device, dry_run, timing) -> None:
                     batch=shape[0],
                     memory_tokens=shape[1],
                     hidden=shape[2],
-                    backend=our_backend(device) if impl == "gradmem_fast" else "torch",
+                    backend=backend_label(impl, device),
                 )

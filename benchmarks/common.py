@@ -149,6 +149,10 @@ def run_metadata(device, dry_run: bool) -> dict:
         "host_cpu": platform.processor() or platform.machine(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
     }
+    from .peers import versions  # here, not at import: peers imports this module
+
+    # The peers measured beside ours (benchmarks/peers.py): distribution -> version or "not installed".
+    meta["peers"] = versions()
     if device.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device)
         meta.update(

@@ -2,17 +2,30 @@
 # The GPU validation suite, sized for a lent GPU: 15 minutes of device time in all, machine start included.
 #
 #   bash benchmarks/gpu_suite.sh [first]     # call 1, <= 9 min: env tests bench census report (the headline)
-#   bash benchmarks/gpu_suite.sh second      # call 2 (optional), <= 5 min: env sanitizer bench report
-#   bash benchmarks/gpu_suite.sh full        # everything, ~26 min (a machine without the 15-minute limit)
+#   bash benchmarks/gpu_suite.sh second      # call 2 (optional), <= 5 min: env sanitizer bench kernels report
+#   bash benchmarks/gpu_suite.sh full        # everything, ~27 min (a machine without the 15-minute limit)
 #   bash benchmarks/gpu_suite.sh first tests # one call's stages only
 #   GRADMEM_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh [first|second]   # CPU rehearsal (CI)
 #
 # First call (headline evidence): CUDA tests of the bf16 numerics of each kernel, CUDA-graph parity and the
 # host-sync-free K-step loop; `benchmarks.run --plan first`: the matmul/copy peaks, attention fwd+bwd vs SDPA
-# flash at two shapes, fused linear cross-entropy vs torch at the GPT-2 shape, whole WRITEs at the GPT-2 and
-# tiny-KV shapes vs the reference and SDPA loops; the step census (hook below). Second call:
-# compute-sanitizer (memcheck, racecheck) and `--plan second` (the compiled SDPA loop and our ops in the
-# plain loop at GPT-2, the second-order meta step). Both print their budget plan first.
+# flash (and flash-attn when the machine has it) at two shapes, fused linear cross-entropy vs torch, Liger-Kernel
+# and Cut Cross-Entropy at the GPT-2 shape, whole WRITEs at the GPT-2 and tiny-KV shapes vs the reference and
+# SDPA loops; the step census (hook below). Second call: compute-sanitizer (memcheck, racecheck), `--plan
+# second` (the compiled SDPA loop and our ops in the plain loop at GPT-2, the second-order meta step) and the
+# kernels stage: the pytest-benchmark microbenchmarks (benchmarks/test_kernel_bench.py: each op vs its torch
+# baseline and the peers, jvp-flash-attention's double backward among them) -> kernels-bench.json. Both
+# print their budget plan first.
+#
+# Peers (benchmarks/peers.py) travel as wheels, since the GPU machine cannot download: where there is
+# network run `bash benchmarks/fetch_peer_wheels.sh` (pip download --no-deps of the pinned pure-Python
+# liger-kernel, cut-cross-entropy, jvp-flash-attention into benchmarks/wheels/, ~1 MB, git-ignored), and
+# name the folder in the device tool's carry (`carry: ["benchmarks/wheels"]`). The first stage that needs
+# them installs them with `pip install --no-index --no-deps --find-links benchmarks/wheels --target
+# $GRADMEM_PEER_SITE` (default /tmp/gradmem-peers, put on PYTHONPATH after the tree); no wheels: the peer
+# cases are recorded as skipped "not installed". flash-attn (2: a CUDA build per torch version; 3: built
+# from source; 4: needs the CUTLASS DSL's native libraries) does not travel this way: it is measured only
+# where the machine already has it.
 #
 # Every stage has a hard limit (seconds; GRADMEM_T_<STAGE> overrides, e.g. GRADMEM_T_TESTS=200) and the
 # call has a deadline (GRADMEM_SUITE_SECONDS, default the call's limit): a stage never starts with less than
@@ -41,7 +54,9 @@ if [ -z "$PY" ]; then
 fi
 if [ -z "$PY" ]; then echo "gpu_suite: no python found" >&2; exit 2; fi
 
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PEER_SITE=${GRADMEM_PEER_SITE:-/tmp/gradmem-peers}
+WHEELS="$ROOT/benchmarks/wheels"
+export PYTHONPATH="$ROOT:$PEER_SITE${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
 DRY=${GRADMEM_SUITE_DRY_RUN:-0}
@@ -54,7 +69,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------- the calls
-ALL_STAGES=(env tests sanitizer bench census report)
+ALL_STAGES=(env tests sanitizer bench kernels census report)
 CALL=first
 case "${1:-}" in
     first | second | full) CALL=$1; shift ;;
@@ -65,19 +80,19 @@ case "$CALL" in
     first)
         CALL_LIMIT=540
         DEFAULT_STAGES=(env tests bench census report)
-        declare -A LIMIT=([env]=15 [tests]=170 [bench]=250 [census]=40 [report]=15)
+        declare -A LIMIT=([env]=20 [tests]=170 [bench]=265 [census]=40 [report]=15)
         BENCH_ARGS_CALL="--plan first --no-plots --no-csv"
         ;;
     second)
         CALL_LIMIT=300
-        DEFAULT_STAGES=(env sanitizer bench report)
-        declare -A LIMIT=([env]=10 [sanitizer]=70 [bench]=195 [report]=10)
+        DEFAULT_STAGES=(env sanitizer bench kernels report)
+        declare -A LIMIT=([env]=15 [sanitizer]=60 [bench]=170 [kernels]=35 [report]=10)
         BENCH_ARGS_CALL="--plan second --no-plots --no-csv"
         ;;
     full)
-        CALL_LIMIT=1560
-        DEFAULT_STAGES=(env tests sanitizer bench census report)
-        declare -A LIMIT=([env]=15 [tests]=380 [sanitizer]=230 [bench]=840 [census]=60 [report]=30)
+        CALL_LIMIT=1625
+        DEFAULT_STAGES=(env tests sanitizer bench kernels census report)
+        declare -A LIMIT=([env]=20 [tests]=380 [sanitizer]=230 [bench]=840 [kernels]=60 [census]=60 [report]=30)
         BENCH_ARGS_CALL=""
         ;;
 esac
@@ -141,9 +156,33 @@ record() {  # stage rc seconds note
 # ---------------------------------------------------------------------------------------------- stages
 # Each stage runs its commands under `timeout -k 10 $T` (T: the stage's limit, cut to the call's deadline).
 
+# The peers' wheels (see the header): installed once per machine into $PEER_SITE by the first stage that needs
+# them (env, bench, kernels); a dry run installs nothing (the peers run on CUDA only).
+ensure_peers() {
+    PEERS_NOTE=""
+    if [ "$DRY" = 1 ]; then PEERS_NOTE="dry run: peers not installed"; return 0; fi
+    if [ -f "$PEER_SITE/.gradmem-peers" ]; then return 0; fi
+    local wheels=("$WHEELS"/*.whl)
+    if [ ! -e "${wheels[0]}" ]; then
+        PEERS_NOTE="no peer wheels in benchmarks/wheels (bash benchmarks/fetch_peer_wheels.sh, carry it)"
+        return 0
+    fi
+    if timeout -k 5 60 "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+        --find-links "$WHEELS" --target "$PEER_SITE" "${wheels[@]}" >"$OUT/.peers-install.log" 2>&1; then
+        touch "$PEER_SITE/.gradmem-peers"
+        PEERS_NOTE="peers installed from ${#wheels[@]} wheel(s)"
+    else
+        PEERS_NOTE="peer install failed: $(tail -n 1 "$OUT/.peers-install.log")"
+    fi
+    rm -f "$OUT/.peers-install.log"
+    echo "== $PEERS_NOTE"
+}
+
 stage_env() {
+    ensure_peers
     {
         echo "# date: $(date -u)"
+        echo "# peers: ${PEERS_NOTE:-already installed in $PEER_SITE}"
         echo "# call: $CALL; plan: $PLAN"
         echo "# commit: ${GRADMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
         echo "# python: $PY ($("$PY" --version 2>&1))"
@@ -155,6 +194,12 @@ for name in ("torch", "triton", "transformers", "numpy", "pytest", "pytest_bench
         print(f"{name} {getattr(module, '__version__', '?')}")
     except Exception as exc:  # noqa: BLE001
         print(f"{name} MISSING ({type(exc).__name__}: {exc})")
+import importlib.metadata
+for name in ("liger-kernel", "cut-cross-entropy", "jvp-flash-attention", "flash-attn", "flash_attn_3", "flash-attn-4"):
+    try:
+        print(f"peer {name} {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+        print(f"peer {name} not installed")
 import torch
 print("cuda available:", torch.cuda.is_available(), "| torch cuda:", torch.version.cuda)
 if torch.cuda.is_available():
@@ -224,12 +269,32 @@ stage_sanitizer() {
 }
 
 stage_bench() {
+    ensure_peers
     # Exit 1 from benchmarks.run: one of our own implementations failed (named at the end of bench.log).
     # shellcheck disable=SC2086
     timeout -k 20 "$T" "$PY" -m benchmarks.run --out "$OUT" $DRY_FLAG $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
     local rc=${PIPESTATUS[0]}
     [ $rc -eq 124 ] && NOTE="timed out after ${T}s (results so far are in results.json)"
     [ $rc -eq 1 ] && NOTE="one of our own implementations failed (see the end of bench.log)"
+    return $rc
+}
+
+# The pytest-benchmark kernel microbenchmarks (make bench-kernels): ours vs the torch baselines and the peers at
+# the suite's shapes -> kernels-bench.json; tests that would start in the stage's last 15 s are skipped so the
+# JSON is always written. A skipped test (a peer not installed) is not a failure.
+stage_kernels() {
+    ensure_peers
+    local args=(--no-save --json "$OUT/kernels-bench.json" --seconds $((T > 30 ? T - 15 : T / 2)))
+    if [ "$DRY" = 1 ]; then
+        # Rehearsal: collect the tests as this machine would run them (the timing run is `make bench-kernels`).
+        timeout -k 10 "$T" "$PY" -m benchmarks.kernel_bench --no-save -- --collect-only 2>&1 | tail -n 25
+        local rc=${PIPESTATUS[0]}
+        NOTE="dry run: tests collected, not timed"
+        return $rc
+    fi
+    timeout -k 10 "$T" env -u TRITON_INTERPRET "$PY" -m benchmarks.kernel_bench "${args[@]}" 2>&1 | tail -n 45
+    local rc=${PIPESTATUS[0]}
+    [ $rc -eq 124 ] && NOTE="timed out after ${T}s (no JSON)"
     return $rc
 }
 

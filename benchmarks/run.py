@@ -28,28 +28,35 @@ DRY_BUDGETS = {name: 300 for name in SECTIONS}
 # The lent GPU's calls (benchmarks/gpu_suite.sh first|second): sections, budgets (s) and the cases kept
 # (clauses of key -> values, see common.Recorder.wants). Each bench stage's hard limit in gpu_suite.sh is
 # the sum of its budgets plus PLAN_STARTUP_S (imports, report); tests/test_benchmarks.py checks that.
-_OURS_VS_FLASH = ("gradmem_fast", "sdpa_flash")
+# flash_attn and the cross-entropy peers (benchmarks/peers.py) are measured beside ours when installed.
+_OURS_VS_FLASH = ("gradmem_fast", "sdpa_flash", "flash_attn")
 _WRITE_LOOPS = ("reference", "torch_sdpa", "gradmem_fast", "gradmem_fast_graphs", "gradmem_fast_eager")
 PLANS = {
-    # headline evidence: the peaks (for MFU), attention fwd+bwd vs SDPA flash at two shapes, fused linear
-    # cross-entropy vs torch at the GPT-2 shape, whole WRITEs (GPT-2, tiny KV) vs the reference and SDPA loops
+    # headline evidence: the peaks (for MFU), attention fwd+bwd vs SDPA flash (and flash-attn) at two shapes,
+    # fused linear cross-entropy vs torch, Liger and CCE at the GPT-2 shape, whole WRITEs (GPT-2, tiny KV) vs
+    # the reference and SDPA loops
     "first": {
-        "budgets": {"peak": 15, "attention": 40, "cross_entropy": 25, "write": 150},
+        "budgets": {"peak": 15, "attention": 40, "cross_entropy": 40, "write": 150},
         "select": {
             "attention": [
                 dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("gpt2-write varlen",)),
                 dict(mode=("fwd+bwd",), impl=_OURS_VS_FLASH, case=("S=4096",), head_dim=("128",)),
             ],
             "cross_entropy": [
-                dict(mode=("fwd+bwd:dh",), impl=("gradmem_fast", "torch"), case=("gpt2 N=16384 V=50257",))
+                dict(
+                    mode=("fwd+bwd:dh",),
+                    impl=("gradmem_fast", "torch", "liger", "cce"),
+                    case=("gpt2 N=16384 V=50257",),
+                )
             ],
             "write": [dict(case=("gpt2_124m", "tiny_kv"), impl=_WRITE_LOOPS)],
         },
     },
     # the rest that fits 5 minutes: the compiled SDPA loop and our ops in the plain loop at GPT-2 (with the
-    # reference again for their error and speedup), and the second-order meta step
+    # reference again for their error and speedup), and the second-order meta step (the suite's kernels stage,
+    # pytest-benchmark with the peers, follows in the same call: write gave it 25 s)
     "second": {
-        "budgets": {"write": 150, "second_order": 30},
+        "budgets": {"write": 125, "second_order": 30},
         "select": {"write": [dict(case=("gpt2_124m",), impl=("reference", "gradmem_ops", "torch_sdpa_compiled"))]},
     },
 }

@@ -244,6 +244,49 @@ def test_dry_run_writes_well_formed_json(dry_run_dir):
         assert sdpa["tokens_per_s"] > 0 and sdpa["flops"] > 0 and sdpa["mfu"] is not None
 
 
+def test_dry_run_lists_peers_with_reason_and_versions(dry_run_dir):
+    """Every peer (Liger, CCE, flash-attn, jvp-flash-attention) has records in its section, skipped with the
+    reason on a CPU; results.json's meta records each peer distribution's version or "not installed"."""
+    from benchmarks import peers
+
+    doc = json.loads((dry_run_dir / "results.json").read_text())
+    assert doc["meta"]["peers"] == {d: peers.version(d) for d in peers.DISTRIBUTIONS}
+    for name, (section, dists, _) in peers.PEERS.items():
+        rows = [r for r in doc["records"] if r["impl"] == name]
+        assert rows and {r["section"] for r in rows} == {section}, name
+        assert all(r["backend"] == "peer" for r in rows), name
+        if DEVICE == "cpu":
+            for r in rows:
+                assert r["status"] == "skipped" and r["reason"].startswith(f"peer {name} runs on CUDA only ("), r
+                assert any(d in r["reason"] for d in dists), r
+    text = report.render(str(dry_run_dir))
+    assert "Peers: " in text and "| liger | cce |" in text and "jvp_flash_attention" in text
+
+
+def test_peer_versions_recorded_from_metadata(monkeypatch):
+    """The version comes from the distribution's metadata (nothing imported); a missing one says so."""
+    from benchmarks import peers
+
+    assert peers.version("no-such-distribution-gradmem") == peers.NOT_INSTALLED
+    monkeypatch.setattr(peers, "version", lambda d: "9.9.1" if d == "liger-kernel" else peers.NOT_INSTALLED)
+    meta = common.run_metadata("cpu", dry_run=True)
+    assert meta["peers"]["liger-kernel"] == "9.9.1" and meta["peers"]["cut-cross-entropy"] == "not installed"
+    with pytest.raises(common.Skip, match=r"peer liger runs on CUDA only \(liger-kernel 9\.9\.1\)"):
+        peers.require("liger", "cpu")
+    with pytest.raises(common.Skip, match="flash_attn_3 / flash-attn / flash-attn-4 not installed"):
+        peers.require("flash_attn", "cpu")
+
+
+def test_kernel_microbenchmarks_stay_out_of_make_test():
+    """pytest's configured test path is tests/ alone (make test never collects benchmarks/test_*.py)."""
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(ROOT, "pytest.ini"))
+    assert ini["pytest"]["testpaths"].split() == ["tests"]
+    assert os.path.isfile(os.path.join(ROOT, "benchmarks", "test_kernel_bench.py"))
+
+
 @pytest.mark.parametrize("failing", ["gradmem_fast", "sdpa_flash"])
 def test_run_exit_code_follows_our_implementations(tmp_path, monkeypatch, capsys, failing):
     """An error of one of our implementations fails the run (exit 1, named on stderr); a baseline's error
@@ -420,7 +463,7 @@ def test_gpu_suite_budget_plans():
     second_limit, second = _plan("second")
     assert first_limit <= 9 * 60 and second_limit <= 5 * 60
     assert list(first) == ["env", "tests", "bench", "census", "report"]
-    assert list(second) == ["env", "sanitizer", "bench", "report"]
+    assert list(second) == ["env", "sanitizer", "bench", "kernels", "report"]
     for call, stages in (("first", first), ("second", second)):
         assert stages["bench"] >= sum(run.PLANS[call]["budgets"].values()) + run.PLAN_STARTUP_S, call
     # a shorter deadline shrinks the stages to fit it
@@ -510,7 +553,11 @@ def test_gpu_suite_calls_rehearsed_dry(tmp_path):
     collected = (first_dir / "pytest.txt").read_text()
     for needle in ("bfloat16", "test_cuda_graph_replay_matches_eager_engine", "host_sync", "test_half_precision"):
         assert needle in collected, needle
-    done = _suite(["second", "env", "report"], dict(env, GRADMEM_RESULTS_DIR=str(second_dir)))
+    done = _suite(["second", "env", "kernels", "report"], dict(env, GRADMEM_RESULTS_DIR=str(second_dir)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "== budget plan: call second, limit 300 s (5.0 min)" in done.stdout
+    # the kernels stage collects the pytest-benchmark microbenchmarks, peers included (timed only on a GPU)
+    for test_id in ("test_attention[dbwd-jvp_flash_attention]", "test_linear_cross_entropy[liger]", "adam-torch"):
+        assert test_id in done.stdout, test_id
+    assert "peer jvp-flash-attention" in (second_dir / "env.txt").read_text()
     assert len(list(first_dir.iterdir())) <= 8 and len(list(second_dir.iterdir())) <= 8
