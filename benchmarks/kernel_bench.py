@@ -38,11 +38,10 @@ def pytest_args(args, device_label: str) -> list:
     ]
     storage = args.storage or storage_dir(device_label)
     out.append(f"--benchmark-storage=file://{storage}")
+    if glob.glob(os.path.join(storage, "*", "*.json")) and not args.no_compare:
+        out.append("--benchmark-compare")  # the latest run saved in this device's folder
     if not args.no_save:
-        previous = glob.glob(os.path.join(storage, "*", "*.json"))
         out.append("--benchmark-autosave")
-        if previous and not args.no_compare:
-            out.append("--benchmark-compare")  # the latest run saved in this device's folder
     if args.json:
         out.append(f"--benchmark-json={args.json}")
     return out + list(args.pytest_args)
