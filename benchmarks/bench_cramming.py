@@ -26,7 +26,7 @@ import time
 import torch
 
 from gradmem_fast import MemoryWriter
-from gradmem_fast.config import StopRule, WriteConfig
+from gradmem_fast.config import StopRule, WriteConfig, default_check_every
 from gradmem_fast.models import EMBEDDED_MODEL, load_model, quiet_transformers
 from gradmem_fast.reader import teacher_forced
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--memory-tokens", type=int, default=8)
-    p.add_argument("--check-every", type=int, default=10)
+    p.add_argument("--check-every", type=int, default=None, help="default: 1 on a CPU, 10 on a GPU (as the CLI)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=None)
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.check_every is None:
+        args.check_every = default_check_every(args.device)
     quiet_transformers()
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     rows = load_paragraphs(args.paragraphs, args.count)

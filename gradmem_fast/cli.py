@@ -20,10 +20,10 @@ Input decisions (also in ``--help``):
 Defaults: a plain pretrained LM was never meta-trained to write in a few steps, so the defaults are the
 "cramming" recipe measured with the demo (Adam, step size 0.2, 8 memory vectors, at most 150 steps) with
 early exit: each document stops as soon as greedy decoding from its memory reproduces it (``--stop exact``,
-checked every 10 steps) and a waiting document takes its slot (``--stop none``: every document takes all
-``--steps``). Every memory file records, per document, the loss before and after, the steps used, the
-teacher-forced accuracy, whether greedy decoding reproduces it exactly, how many leading tokens it
-reproduces, and the information gain in bits; ``write`` prints a summary.
+checked every step on a CPU, every 10 steps on a GPU) and a waiting document takes its slot (``--stop none``:
+every document takes all ``--steps``). Every memory file records, per document, the loss before and
+after, the steps used, the teacher-forced accuracy, whether greedy decoding reproduces it exactly, how
+many leading tokens it reproduces, and the information gain in bits; ``write`` prints a summary.
 
 Safety: no output is ever the same file as an input (symlinks and hard links included), and an existing
 output is replaced only with ``--force``. Problems with the user's input print one ``error:`` line and exit
@@ -226,7 +226,12 @@ def add_write_arguments(p):
         "loss=L (mean loss <= L), several joined by commas (any one stops), or none (every document takes "
         "--steps steps)",
     )
-    p.add_argument("--check-every", type=int, default=10, help="steps between checks of the stop rule (default 10)")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=None,
+        help="steps between checks of the stop rule (default 1 on a CPU, where a check costs nothing; 10 on a GPU)",
+    )
     p.add_argument(
         "--slots",
         type=int,
@@ -321,7 +326,7 @@ def _write_config(args):
             raise UserError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
-    stop = _stop_rule(args.stop, args.check_every)
+    stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
         _positive_int("--slots", args.slots)
         if stop is None:
@@ -349,10 +354,13 @@ def _write_config(args):
         raise UserError(f"invalid write options: {exc}") from None
 
 
-def _stop_rule(text: str, check_every: int):
+def _stop_rule(text: str, check_every: int | None, device: str):
     """``--stop``: "none", or criteria joined by commas: "exact", "accuracy=A", "loss=L"."""
-    from .config import StopRule
+    from .config import StopRule, default_check_every
+    from .models import resolve_device
 
+    if check_every is None:
+        check_every = default_check_every(resolve_device(device))
     _positive_int("--check-every", check_every)
     if text.strip() == "none":
         return None

@@ -61,13 +61,22 @@ class Schedule:
         return self.final + (1.0 - self.final) * (1.0 - p)
 
 
+def default_check_every(device: str) -> int:
+    """The command line's default ``check_every`` on ``device``: 1 on a CPU, where a check's host read costs
+    nothing (the check reuses the step's forward), so documents stop at their exact step; 10 on a GPU, where
+    every host read drains the queue of launched work."""
+    return 1 if str(device).startswith("cpu") else 10
+
+
 @dataclasses.dataclass(frozen=True)
 class StopRule:
     """When a document is learned: its writing stops and its memory is final.
 
-    Checked on the memory *before* the update of every step k with k % c == 0, c = min(check_every,
-    WriteConfig.steps), and once more on the final memory of a document that reaches ``WriteConfig.steps``
-    without stopping; a document stops as soon as any criterion that is set holds:
+    Checked in the forward pass of every c-th step of a document (steps c, 2c, 3c, ...; c =
+    min(check_every, WriteConfig.steps + 1)), on the memory that step starts from: the memory of c - 1,
+    2c - 1, ... updates. When the rule holds, that step's update is skipped and the memory is final, with
+    ``steps`` = the updates it took. A document that reaches ``WriteConfig.steps`` updates without stopping
+    is frozen and reported at its next check. A document stops as soon as any criterion that is set holds:
 
         loss:     L_b <= loss                       mean reconstruction loss (nats per token)
         accuracy: a_b >= accuracy                   a_b = #{j : argmax logit_j == c_j} / n_b (teacher forcing)
@@ -78,9 +87,11 @@ class StopRule:
     is the true one, so the next step sees the true prefix), and conversely. Teacher-forced accuracy below 1
     says little about decoding (one early error derails the rest), which is why ``exact`` is the default.
 
-    A check costs one forward pass without gradient and one small host read, so ``check_every`` trades
-    wasted steps (a document may run up to check_every - 1 steps past the point it was learned) against
-    checking overhead.
+    A check reuses the step's own forward (scoring its logits on the torch backend; one extra head product
+    on the engine, whose fused cross-entropy keeps no logits) and costs one small host read, so
+    ``check_every`` trades wasted steps (a document may run up to check_every - 1 steps past the point it
+    was learned) against host reads, which stall a GPU's queue but cost nothing on a CPU (check_every=1
+    is the right choice there).
     """
 
     loss: float | None = None

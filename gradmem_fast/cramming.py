@@ -3,29 +3,30 @@
 A frozen pretrained LM needs hundreds of Adam steps to store a document in a few memory vectors, and
 documents converge at very different speeds. ``cram`` writes a stream of documents with a ``StopRule``:
 
-    tick t = 0, 1, 2, ...                   one optimisation step of every document in flight;
-                                            c = min(check_every, WriteConfig.steps)
-    at t % c == 0 (a check):                score every document in flight on its current memory M
-                                            (one forward without gradient, ``gradmem_fast.scoring``)
-                                            and read the [B] scores back: the loop's only host read;
-                                            a document whose rule holds, or that has taken
-                                            WriteConfig.steps steps, is done: M is its final memory;
-                                            waiting documents take the freed slots (fresh memory,
-                                            zero Adam moments, their own step counter and schedule)
-    between checks:                         step: loss, gradient, fused update, per document with
-                                            lr_b = lr * schedule(age_b) and Adam step age_b + 1;
-                                            a document that has taken all its steps gets lr_b = 0
-                                            (frozen until the next check: up to c - 1 wasted steps
-                                            when steps is not a multiple of c)
+    tick t = 0, 1, 2, ...          one optimisation step of every document in flight: forward, loss,
+                                   gradient, fused update with lr_b = lr * schedule(age_b), Adam step age_b + 1
+                                   (age_b: the updates document b has taken; a document that has taken all
+                                   WriteConfig.steps gets lr_b = 0 and stays frozen until the next check)
+    every c-th tick (a check),     the step's own forward also scores every document on the memory it
+    c = min(check_every,           started the tick with (``gradmem_fast.scoring``: teacher-forced argmax,
+        WriteConfig.steps + 1)     loss, exact prefix, from the logits the step computed anyway on the
+                                   torch backend, from its hidden rows with one head product on the engine);
+                                   a document whose rule holds gets lr_b = 0 in this tick's update, so it
+                                   keeps exactly the memory that was scored; then the loop's only host read,
+                                   one small [7, B] transfer, retires the stopped documents and those out of
+                                   steps, and waiting documents take the freed slots (fresh memory, zero Adam
+                                   moments, their own age and schedule)
 
-Every document's computation depends only on its own tokens, memory and age, and documents enter and are
-scored only at checks, so its memory and stopping step are those of writing it alone with the same rule
-(the tests check this, fp64 on the torch backend and fp32 on the engine). A document checked at age a has
-taken a steps; its memory is the one those a updates produced.
+Documents enter only right after a check, so every document is checked in the forward of its own steps
+c, 2c, 3c, ...: on the memories of c - 1, 2c - 1, 3c - 1, ... updates (``steps`` reports the updates
+taken). Its computation depends only on its own tokens, memory and age, so its memory and stopping step
+are those of writing it alone with the same rule (the tests check this, fp64 on the torch backend and
+fp32 on the engine). No forward runs only to check: a check costs the scoring of logits (torch backend)
+or one head product (engine), and one host read.
 
 Capacity of a batch: at most ``slots`` documents and ``batch_tokens`` packed rows (memory rows included)
 in flight. The backends: the torch reference (padded batch, eager autograd) or the engine (documents
-packed back to back, fused kernels, the compiled backbone on CUDA); a new batch is built only when its
+packed back to back, fused ops, the compiled backbone on CUDA); a new batch is built only when its
 composition changes, at a check.
 """
 
@@ -37,12 +38,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 
 from . import engine, hf
 from .backend import use_backend
 from .ops.update import AdamState, memory_update
 from .result import DocumentStats
-from .scoring import LN2, DocumentScores, no_memory_tail, score_rows
+from .scoring import LN2, DocumentScores, no_memory_tail, score_logits, score_rows
 
 # on_check(done, in_flight, waiting, steps): after every check, with the counts of documents and the number
 # of document-steps taken so far (the progress bar's input).
@@ -88,13 +90,13 @@ def stack_stats(documents: Sequence[CrammedDocument], num_memory_tokens: int) ->
 
 
 class _Batch:
-    """The documents in flight, their memories, Adam moments and ages; ``run`` steps, ``scores`` scores.
+    """The documents in flight, their memories, Adam moments, ages and initial losses; ``run`` steps them.
 
-    Backend-specific parts (inputs, one step's loss, the scoring forward) live in the two subclasses.
-    Rows past ``real`` are filler (the engine's bucket padding): lr 0, never scored.
+    Backend-specific parts (inputs, one step's loss and scores) live in the two subclasses.
+    Rows past ``real`` are filler (the engine's bucket padding): lr 0, never reported.
     """
 
-    def __init__(self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, head):
+    def __init__(self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, initial, head):
         self.writer, self.config = writer, writer.config
         self.model = writer.model
         self.head_weight, self.head_bias = head
@@ -118,36 +120,46 @@ class _Batch:
         table = [self.config.lr_at(k) for k in range(K)] + [0.0]
         self.lr_table = torch.tensor(table, dtype=lr_dtype, device=device)
         self.ages = torch.tensor(list(ages) + [K] * filler, dtype=torch.int64, device=device)
+        # The loss of each document's first step (its initial memory), filled in by that step on the device.
+        self.initial = torch.cat([initial, initial.new_full((filler,), math.nan)]) if filler else initial
 
     rows: int
 
     def _build(self, docs: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def _loss(self, M: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _hidden_rows(self, M: torch.Tensor) -> torch.Tensor:
+    def _loss(self, M: torch.Tensor, score: bool) -> tuple[torch.Tensor, DocumentScores | None]:
+        """Losses [rows] of memories ``M`` and, if ``score``, the scores of ``M`` (detached) from the same
+        forward."""
         raise NotImplementedError
 
     def _contexts(self):
         raise NotImplementedError
 
-    def run(self, steps: int, log=None) -> None:
-        """``steps`` optimisation steps of every document, without reading anything back to the host.
+    def run(self, steps: int, rule, log=None) -> tuple[DocumentScores, torch.Tensor]:
+        """``steps`` optimisation steps of every document, the last of them a check; nothing is read back to
+        the host. Returns the scores of the memories the check step started from and the [real] flags of the
+        documents whose ``rule`` held there (their update was skipped: ``memory`` is still the scored one).
         ``log(ages, losses, norms)``: optional per-step record (device tensors of the real documents)."""
         K = self.config.steps
         with self._contexts(), torch.enable_grad():
-            for _ in range(steps):
+            for t in range(steps):
+                check = t == steps - 1
                 Mk = self.memory.detach().requires_grad_(True)
-                loss = self._loss(Mk)
+                loss, scores = self._loss(Mk, check)
                 (grad,) = torch.autograd.grad(loss.sum(), Mk)
                 index = self.ages.clamp(max=K)
+                lr = self.lr_table[index]
                 with torch.no_grad():
+                    self.initial = torch.where(self.ages == 0, loss.detach().to(self.initial.dtype), self.initial)
+                    if check:
+                        assert scores is not None
+                        stop = _satisfied_on_device(rule, scores)
+                        lr = torch.where(stop, torch.zeros_like(lr), lr)
                     result = memory_update(
                         Mk.detach(),
                         grad.detach(),
-                        lr=self.lr_table[index],
+                        lr=lr,
                         optimizer=self.config.optimizer,
                         clip_value=self.config.effective_clip_value,
                         clip_norm=self.config.clip_norm,
@@ -156,27 +168,22 @@ class _Batch:
                         betas=self.config.adam_betas,
                     )
                 if log is not None:
-                    log(self.ages[: self.real], loss.detach()[: self.real], result.grad_norm[: self.real])
+                    # A stopped document's check step took no update: its record goes to the discarded row K.
+                    ages = torch.where(stop, K, self.ages) if check else self.ages
+                    log(ages[: self.real], loss.detach()[: self.real], result.grad_norm[: self.real])
                 self.memory, self.state = result.memory.detach(), result.state
                 self.ages = self.ages + 1
-
-    @torch.no_grad()
-    def scores(self) -> DocumentScores:
-        """Scores of the real documents on their current memories (device tensors, see ``scoring``)."""
-        with self._contexts():
-            hidden = self._hidden_rows(self.memory)
-        return score_rows(
-            hidden, self.head_weight, self.head_bias, self.targets, self.doc, self.position, self.rows
-        ).select(self.real)
+        assert scores is not None
+        return scores.select(self.real), stop[: self.real]
 
 
 class _PaddedBatch(_Batch):
-    """The torch backend: documents right-padded to the longest, eager autograd (``reference``)."""
+    """The torch backend: documents right-padded to the longest, eager autograd and full logits."""
 
     def _build(self, docs):
         from . import reference
 
-        self._reference = reference
+        self._math_dtype = reference._math_dtype
         emb = hf.input_embeddings(self.model)
         device = cast(torch.Tensor, emb.weight).device
         lengths = [len(d) for d in docs]
@@ -192,23 +199,27 @@ class _PaddedBatch(_Batch):
         j_idx = torch.cat([torch.arange(n) for n in lengths])
         self.doc, self.position = b_idx.to(device), j_idx.to(device)
         self.targets = self.ids[self.doc, self.position]
+        self.counts = torch.tensor(lengths, device=device)
 
     def _contexts(self):
         return use_backend("torch")
 
-    def _loss(self, M):
-        return self._reference.write_losses(
-            self.model, M, self.ids, self.mask, self.head_weight.detach(), _detached(self.head_bias), self.embeds
-        )
-
-    def _hidden_rows(self, M):
+    def _loss(self, M, score):
+        # The reference's loss (reference.write_losses) on the real tokens only, keeping the logits to score.
         B, m = M.shape[0], M.shape[1]
         S = self.ids.shape[1]
         x = torch.cat([M.to(self.embeds.dtype), self.embeds], dim=1)
         full = torch.cat([torch.ones(B, m, dtype=torch.long, device=x.device), self.mask.long()], dim=1)
         positions = torch.arange(m + S, device=x.device).unsqueeze(0).expand(B, -1)
-        hidden = hf.backbone_hidden(self.model, x, full, positions)
-        return hidden[self.doc, m - 1 + self.position]
+        hidden = hf.backbone_hidden(self.model, x, full, positions)[self.doc, m - 1 + self.position]
+        logits = F.linear(hidden, self.head_weight.detach(), _detached(self.head_bias))
+        math_logits = logits.to(self._math_dtype(logits.dtype))
+        ce = F.cross_entropy(math_logits, self.targets, reduction="none")
+        loss = ce.new_zeros(B).index_add(0, self.doc, ce) / self.counts.clamp_min(1).to(ce.dtype)
+        scores = None
+        if score:
+            scores = score_logits(math_logits.detach(), self.targets, self.doc, self.position, B)
+        return loss, scores
 
 
 class _PackedBatch(_Batch):
@@ -235,8 +246,8 @@ class _PackedBatch(_Batch):
         stack.enter_context(engine.gradmem_attention(self.model, backend))
         return stack
 
-    def _loss(self, M):
-        return engine._step_loss(
+    def _loss(self, M, score):
+        loss, hidden = engine._step_loss(
             self.model,
             M,
             self.x0,
@@ -247,29 +258,32 @@ class _PackedBatch(_Batch):
             False,
             self.backbone,
             self.weights,
+            return_hidden=True,
         )
-
-    def _hidden_rows(self, M):
-        B, m, d = M.shape
-        x = self.x0.index_put((self.packed.memory_rows,), M.reshape(B * m, d).to(self.x0.dtype)).unsqueeze(0)
-        p = self.packed
-        hidden = engine._backbone_hidden(
-            hf.backbone(self.model), None, x, p.position_ids, p.cu_seqlens, self.ones, p.max_seqlen
-        )
-        return hidden.index_select(0, p.loss_rows)
+        scores = None
+        if score:
+            # The fused cross-entropy keeps no logits: one more head product on the step's own hidden rows.
+            with torch.no_grad():
+                scores = score_rows(
+                    hidden.detach(), self.head_weight, self.head_bias, self.targets, self.doc, self.position, self.rows
+                )
+        return loss, scores
 
 
 def _detached(x):
     return None if x is None else x.detach()
 
 
-def _satisfied(rule, loss: float, accuracy: float, exact: bool) -> bool:
-    """Whether any criterion of ``rule`` that is set holds."""
-    return (
-        (rule.loss is not None and loss <= rule.loss)
-        or (rule.accuracy is not None and accuracy >= rule.accuracy)
-        or (rule.exact and exact)
-    )
+def _satisfied_on_device(rule, scores: DocumentScores) -> torch.Tensor:
+    """[B] whether any criterion of ``rule`` that is set holds (on the device: no host read)."""
+    held = torch.zeros_like(scores.tokens, dtype=torch.bool)
+    if rule.loss is not None:
+        held |= scores.loss <= rule.loss
+    if rule.accuracy is not None:
+        held |= scores.accuracy >= rule.accuracy
+    if rule.exact:
+        held |= scores.prefix == scores.tokens
+    return held
 
 
 def cram(
@@ -295,18 +309,18 @@ def cram(
     rule = config.stop
     assert rule is not None
     m, K = config.num_memory_tokens, config.steps
-    # Steps between checks; never more than a document's whole budget (a write of K < check_every steps
-    # would otherwise run frozen steps up to the first check).
-    interval = min(rule.check_every, K)
+    # Ticks between checks. A document's checks fall in its steps c, 2c, ...; c <= K + 1 puts one at or
+    # before the step after its last, so a write of K < check_every steps is checked on its final memory.
+    interval = min(rule.check_every, K + 1)
     head_weight, head_bias = head
     device = memory.device
     baseline = no_memory_tail(writer.model, head_weight, head_bias, list(documents))
     batch_class = _PackedBatch if writer.backend == "triton" else _PaddedBatch
+    initial_dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
     waiting = list(range(len(documents)))
     waiting.reverse()  # pop() takes the next in input order
     active: list[int] = []
-    ages: list[int] = []
-    initial: dict[int, float] = {}
+    ages: list[int] = []  # updates taken by each document in flight, at the start of the next run
     batch: _Batch | None = None
     done, steps_taken = 0, 0
     log = None
@@ -322,41 +336,38 @@ def cram(
             losses[rows, doc_ids["t"]] = loss.float()
             norms[rows, doc_ids["t"]] = norm.float()
 
-    decided: dict[int, int] = {}  # document -> the age at which its rule was last evaluated
+    scores: DocumentScores | None = None
+    stop: torch.Tensor | None = None
     while True:
-        # A check: score every document in flight, retire the learned ones and those out of steps.
+        # After a check: retire the documents whose rule held and those out of steps.
         keep = []
         if batch is not None:
-            host = batch.scores().to_host()
+            assert scores is not None and stop is not None
+            host = _to_host(scores, stop, batch.initial[: batch.real])
             for row, index in enumerate(active):
-                if decided.get(index) == ages[row]:  # already kept at this age (a refill re-scores the batch)
-                    keep.append(row)
-                    continue
-                decided[index] = ages[row]
-                loss, acc = float(host.loss[row]), float(host.accuracy[row])
-                exact = bool(host.prefix[row] == host.tokens[row])
-                initial.setdefault(index, loss)
-                stopped = _satisfied(rule, loss, acc, exact)
-                if not stopped and ages[row] < K:
+                checked_at = ages[row] + interval - 1  # updates taken when the check's forward ran
+                stopped = bool(host["stop"][row])
+                if not stopped and checked_at < K:
                     keep.append(row)
                     continue
                 done += 1
-                decided.pop(index)
+                tokens = int(host["tokens"][row])
                 yield (
                     index,
                     CrammedDocument(
                         memory=batch.memory[row].clone(),
-                        steps=min(ages[row], K),
+                        steps=min(checked_at, K),
                         stopped=stopped,
-                        loss=loss,
-                        accuracy=acc,
-                        exact=exact,
-                        prefix=int(host.prefix[row]),
-                        initial_loss=initial.pop(index),
-                        info_gain_bits=(float(baseline[index]) - float(host.tail[row])) / LN2,
-                        tokens=int(host.tokens[row]),
+                        loss=float(host["loss"][row]),
+                        accuracy=float(host["correct"][row]) / max(1, tokens),
+                        exact=bool(host["prefix"][row] == tokens),
+                        prefix=int(host["prefix"][row]),
+                        initial_loss=float(host["initial"][row]),
+                        info_gain_bits=(float(baseline[index]) - float(host["tail"][row])) / LN2,
+                        tokens=tokens,
                     ),
                 )
+            ages = [a + interval for a in ages]
         # Refill the freed capacity with waiting documents, in input order.
         new: list[int] = []
         rows_used = sum(m + len(documents[active[r]]) for r in keep)
@@ -378,14 +389,20 @@ def cram(
                 if memory.dim() == 3
                 else memory.expand(len(new), m, -1)
             )
-            batch = _rebuild(writer, batch, batch_class, [documents[i] for i in active], keep, ages, fresh, head)
+            docs = [documents[i] for i in active]
+            batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype)
             if step_log is not None:
                 doc_ids["t"] = torch.tensor(active, dtype=torch.long, device=device)
-            if new:
-                continue  # the new documents' first check, on their initial memory (age 0)
-        batch.run(interval, log)
+        scores, stop = batch.run(interval, rule, log)
         steps_taken += interval * len(active)
-        ages = [a + interval for a in ages]
+
+
+def _to_host(scores: DocumentScores, stop: torch.Tensor, initial: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A check's single host read: the scores, stop flags and initial losses [B] in one transfer."""
+    names = ("loss", "correct", "prefix", "tail", "tokens", "stop", "initial")
+    parts = (scores.loss, scores.correct, scores.prefix, scores.tail, scores.tokens, stop, initial)
+    stacked = torch.stack([p.double() for p in parts]).cpu()
+    return dict(zip(names, stacked.unbind(0), strict=True))
 
 
 def _moment_dtype(memory: torch.Tensor) -> torch.dtype:
@@ -393,22 +410,25 @@ def _moment_dtype(memory: torch.Tensor) -> torch.dtype:
     return torch.float64 if memory.dtype == torch.float64 else torch.float32
 
 
-def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head):
-    """The next batch: rows ``keep`` of the current one (memories, moments), then the new documents starting
-    from ``fresh`` [new, m, d] with zero moments. ``docs``/``ages``: every document of the batch, in row order."""
+def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype):
+    """The next batch: rows ``keep`` of the current one (memories, moments, initial losses), then the new
+    documents starting from ``fresh`` [new, m, d] with zero moments. ``docs``/``ages``: every document of the
+    batch, in row order."""
     device = fresh.device
     fresh = fresh.clone()
     moments = torch.zeros(fresh.shape, dtype=_moment_dtype(fresh), device=device)
+    unknown = torch.full((fresh.shape[0],), math.nan, dtype=initial_dtype, device=device)
     if batch is None:
-        M = fresh
+        M, initial = fresh, unknown
         state = AdamState(moments, moments.clone()) if writer.config.optimizer == "adam" else None
     else:
         kept = torch.tensor(keep, dtype=torch.long, device=device)
         M = torch.cat([batch.memory.index_select(0, kept), fresh])
+        initial = torch.cat([batch.initial.index_select(0, kept), unknown])
         state = None
         if batch.state is not None:
             state = AdamState(*(torch.cat([s.index_select(0, kept), moments]) for s in batch.state))
-    return batch_class(writer, docs, M, state, ages, head)
+    return batch_class(writer, docs, M, state, ages, initial, head)
 
 
 class ProgressBar:

@@ -5,10 +5,10 @@ the demo runs on a fresh CPU-only machine with no download. Each paragraph is wr
 ``m`` memory vectors by many Adam steps on those vectors alone (the "cramming" regime of a plain
 pretrained model, which was never meta-trained to write in a few steps); then every paragraph is decoded
 greedily from its memory alone — no text at all is given — and compared token by token with the
-original. Each paragraph stops as soon as greedy decoding from its memory reproduces it (checked every 10
-steps; ``--no-early-exit`` gives every paragraph all ``--steps``), and the demo prints the steps each took
-and what that saves against the fixed step count. ``--model`` takes any Hugging Face causal LM (a name or a
-``save_pretrained`` directory).
+original. Each paragraph stops as soon as greedy decoding from its memory reproduces it (checked every step
+on a CPU, every 10 steps on a GPU; ``--no-early-exit`` gives every paragraph all ``--steps``), and the demo
+prints the steps each took and what that saves against the fixed step count. ``--model`` takes any Hugging
+Face causal LM (a name or a ``save_pretrained`` directory).
 """
 
 import argparse
@@ -28,7 +28,6 @@ PARAGRAPHS = (
 DEFAULT_STEPS = 150
 DEFAULT_LR = 0.2
 DEFAULT_MEMORY_TOKENS = 8
-CHECK_EVERY = 10  # steps between checks of the early-exit rule
 
 
 @dataclasses.dataclass
@@ -103,7 +102,8 @@ def add_arguments(p):
         "--early-exit",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="stop each paragraph when greedy decoding reproduces it (checked every 10 steps; default on)",
+        help="stop each paragraph when greedy decoding reproduces it (checked every step on a CPU, every 10 "
+        "steps on a GPU; default on)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
@@ -129,7 +129,7 @@ def run(
     """Write ``texts`` into memories of ``model`` and decode them back; print a report through ``out``."""
     import torch
 
-    from .config import StopRule, WriteConfig
+    from .config import StopRule, WriteConfig, default_check_every
     from .errors import UserError
     from .models import EMBEDDED_MODEL, load_model, resolve_device
     from .reader import MemoryReader
@@ -137,12 +137,13 @@ def run(
 
     model_name = EMBEDDED_MODEL if model is None else model
     texts = list(PARAGRAPHS if not texts else texts)
+    device = resolve_device(device)
+    check_every = default_check_every(device)
     try:
-        stop = StopRule(exact=True, check_every=CHECK_EVERY) if early_exit else None
+        stop = StopRule(exact=True, check_every=check_every) if early_exit else None
         config = WriteConfig(num_memory_tokens=memory_tokens, steps=steps, lr=lr, optimizer="adam", stop=stop)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    device = resolve_device(device)
     t0 = time.perf_counter()
     out(
         f"gradmem-fast demo: cram {len(texts)} short paragraphs into {memory_tokens} memory vectors each, "
@@ -169,7 +170,8 @@ def run(
         mask[b, : len(d)] = 1
     writer = MemoryWriter(net, config, backend=backend)
     lengths = sorted(len(d) for d in docs)
-    rule_text = f" (a paragraph stops when decoded exactly; checked every {CHECK_EVERY})" if early_exit else ""
+    every = "every step" if check_every == 1 else f"every {check_every} steps"
+    rule_text = f" (a paragraph stops when decoded exactly; checked {every})" if early_exit else ""
     out(
         f"write: Adam lr={lr}, {'at most ' if early_exit else ''}{steps} steps{rule_text}, {len(docs)} paragraphs "
         f"of {lengths[0]}-{lengths[-1]} tokens in one batch, backend {writer.backend} ..."

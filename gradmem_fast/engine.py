@@ -170,7 +170,10 @@ def _step_loss(
     second_order=False,
     backbone=None,
     weights=None,
+    return_hidden=False,
 ):
+    """Per-document mean losses [B] of one step; with ``return_hidden`` also the hidden rows that predict
+    the tokens (what a cramming check scores, so the check needs no forward of its own)."""
     B, m, d = memories.shape
     # Only the memory rows change from step to step: an out-of-place scatter into the packed input, whose
     # backward is a gather of the B*m memory rows.
@@ -190,7 +193,7 @@ def _step_loss(
         head_weight = head_weight.detach()
         head_bias = None if head_bias is None else head_bias.detach()
     # A second-order step differentiates the loss's backward, so the gradient must not be pre-formed.
-    return linear_cross_entropy(
+    loss = linear_cross_entropy(
         h,
         head_weight,
         packed.targets,
@@ -200,6 +203,7 @@ def _step_loss(
         ignore_index=IGNORE_INDEX,
         precompute_grad=None if not second_order else False,
     )
+    return (loss, h) if return_hidden else loss
 
 
 def _write_loop(

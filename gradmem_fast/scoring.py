@@ -55,6 +55,51 @@ class DocumentScores:
         return self.correct.double() / self.tokens.clamp_min(1).double()
 
 
+class _Accumulator:
+    """Per-document sums of the formulas above, filled one logits chunk at a time (device tensors)."""
+
+    BIG = torch.iinfo(torch.int64).max
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.ce_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.tail = torch.zeros_like(self.ce_sum)
+        self.correct = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.tokens = torch.zeros_like(self.correct)
+        self.first_wrong = torch.full((batch,), self.BIG, dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor, d: torch.Tensor, pos: torch.Tensor) -> None:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        real = target >= 0
+        safe = torch.where(real, target, torch.zeros_like(target))
+        ce = (torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]).double()
+        ce = torch.where(real, ce, torch.zeros_like(ce))
+        ok = (logits.argmax(dim=-1) == target) & real
+        wrong = real & ~ok
+        d = torch.where(real, d, torch.zeros_like(d))
+        self.ce_sum.index_add_(0, d, ce)
+        self.tail.index_add_(0, d, torch.where(pos >= 1, ce, torch.zeros_like(ce)))
+        self.correct.index_add_(0, d, ok.long())
+        self.tokens.index_add_(0, d, real.long())
+        never = torch.full_like(pos, self.BIG)
+        self.first_wrong.scatter_reduce_(0, d, torch.where(wrong, pos, never), reduce="amin")
+
+    def scores(self) -> DocumentScores:
+        prefix = torch.minimum(self.first_wrong, self.tokens)
+        loss = self.ce_sum / self.tokens.clamp_min(1).double()
+        return DocumentScores(loss, self.correct, prefix, self.tail, self.tokens)
+
+
+def score_logits(
+    logits: torch.Tensor, targets: torch.Tensor, doc: torch.Tensor, position: torch.Tensor, batch: int
+) -> DocumentScores:
+    """Scores of ``batch`` documents from logits already computed ([N, V], e.g. by a write step's own
+    forward): row i predicts ``targets[i]``, token ``position[i]`` of document ``doc[i]`` (negative target:
+    ignored)."""
+    acc = _Accumulator(batch, logits.device)
+    acc.add(logits, targets, doc, position)
+    return acc.scores()
+
+
 def score_rows(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
@@ -70,32 +115,11 @@ def score_rows(
     ``hidden`` [N, d]: row i predicts ``targets[i]``, token ``position[i]`` (0-based) of document ``doc[i]``
     (rows with a negative target are ignored, e.g. filler). Formulas in the module docstring.
     """
-    device = hidden.device
-    ce_sum = torch.zeros(batch, dtype=torch.float64, device=device)
-    tail = torch.zeros_like(ce_sum)
-    correct = torch.zeros(batch, dtype=torch.int64, device=device)
-    tokens = torch.zeros_like(correct)
-    big = torch.iinfo(torch.int64).max
-    first_wrong = torch.full((batch,), big, dtype=torch.int64, device=device)
+    acc = _Accumulator(batch, hidden.device)
     for lo in range(0, hidden.shape[0], chunk_rows):
         hi = min(hidden.shape[0], lo + chunk_rows)
-        logits = F.linear(hidden[lo:hi], head_weight, head_bias)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        target, d, pos = targets[lo:hi], doc[lo:hi], position[lo:hi]
-        real = target >= 0
-        safe = torch.where(real, target, torch.zeros_like(target))
-        ce = (torch.logsumexp(logits, dim=-1) - logits.gather(1, safe[:, None])[:, 0]).double()
-        ce = torch.where(real, ce, torch.zeros_like(ce))
-        ok = (logits.argmax(dim=-1) == target) & real
-        wrong = real & ~ok
-        d = torch.where(real, d, torch.zeros_like(d))
-        ce_sum.index_add_(0, d, ce)
-        tail.index_add_(0, d, torch.where(pos >= 1, ce, torch.zeros_like(ce)))
-        correct.index_add_(0, d, ok.long())
-        tokens.index_add_(0, d, real.long())
-        first_wrong.scatter_reduce_(0, d, torch.where(wrong, pos, torch.full_like(pos, big)), reduce="amin")
-    prefix = torch.minimum(first_wrong, tokens)
-    return DocumentScores(ce_sum / tokens.clamp_min(1).double(), correct, prefix, tail, tokens)
+        acc.add(F.linear(hidden[lo:hi], head_weight, head_bias), targets[lo:hi], doc[lo:hi], position[lo:hi])
+    return acc.scores()
 
 
 @torch.no_grad()

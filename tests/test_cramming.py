@@ -221,7 +221,9 @@ def test_documents_stop_at_different_steps(crammed):
     config, _, _, batch, _, _ = crammed
     steps = batch.stats.steps.tolist()
     assert len(set(steps)) >= 3, steps
-    assert batch.stats.stopped.any() and all(s % config.stop.check_every == 0 or s == config.steps for s in steps)
+    # Checks run in the forward of a document's steps c, 2c, ...: on the memory of c - 1, 2c - 1, ... updates.
+    c = config.stop.check_every
+    assert batch.stats.stopped.any() and all((s + 1) % c == 0 or s == config.steps for s in steps), steps
 
 
 def test_continuous_batching_equals_writing_each_document_alone(crammed):
@@ -319,7 +321,7 @@ def test_loss_and_accuracy_rules(model64):
     """A loss threshold that the initial memory already meets stops every document at 0 steps with its
     initial memory; an accuracy level stops a document as soon as a check sees it."""
     docs = documents((4, 6))
-    lax = MemoryWriter(model64, cram_config(stop=StopRule(loss=1e3, exact=False)), backend="torch")
+    lax = MemoryWriter(model64, cram_config(stop=StopRule(loss=1e3, exact=False, check_every=1)), backend="torch")
     result = lax.write(*padded(docs))
     assert result.stats.steps.tolist() == [0, 0] and result.stats.stopped.all()
     assert_close(result.memory[0], reference_initial(model64, lax.config), torch.float64, name="memory")
@@ -339,6 +341,32 @@ def level_accuracy_before(model, writer, doc, steps):
         M = write_one(model, doc, reference_initial(model, writer.config), steps - 1, lrs, optimizer="adam")[0][None]
     _, correct = teacher_forced(model, M, [doc])
     return correct[0] / len(doc)
+
+
+def test_a_check_reuses_the_steps_forward(model64, monkeypatch):
+    """One backbone forward per step, checks included: a check scores the logits its step computed anyway
+    (a separate scoring forward per check would add one per check)."""
+    from gradmem_fast import cramming, hf
+
+    writer = MemoryWriter(model64, cram_config(steps=12, stop=StopRule(check_every=4)), backend="torch")
+    monkeypatch.setattr(
+        cramming, "no_memory_tail", lambda model, w, b, docs: torch.zeros(len(docs), dtype=torch.float64)
+    )
+    calls = {"forward": 0, "ticks": 0}
+    forward, run = hf.backbone_hidden, cramming._Batch.run
+
+    def counting_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return forward(*args, **kwargs)
+
+    def counting_run(self, steps, *args, **kwargs):
+        calls["ticks"] += steps
+        return run(self, steps, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "backbone_hidden", counting_forward)
+    monkeypatch.setattr(cramming._Batch, "run", counting_run)
+    list(writer.write_many(documents((3, 5, 2)), slots=2, stats=True))
+    assert calls["ticks"] >= 8 and calls["forward"] == calls["ticks"]
 
 
 def test_documents_out_of_steps_are_reported_as_not_stopped(model64):
@@ -382,7 +410,7 @@ def test_engine_continuous_batching_equals_alone_and_the_reference(ops):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-synchronisation check needs a GPU")
 def test_cramming_has_no_host_sync_between_checks(monkeypatch):
-    """On CUDA the steps between checks and the scoring of a check run with synchronisation forbidden
+    """On CUDA the steps, the check's scoring and its stop decision run with synchronisation forbidden
     (torch.cuda sync debug mode "error"); the check's single small read is the only host read."""
     from gradmem_fast import cramming
 
@@ -404,10 +432,9 @@ def test_cramming_has_no_host_sync_between_checks(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(cramming._Batch, "run", strict(cramming._Batch.run))
-    monkeypatch.setattr(cramming._Batch, "scores", strict(cramming._Batch.scores))
+    monkeypatch.setattr(cramming._Batch, "run", strict(cramming._Batch.run))  # the steps and the check's scoring
     again = list(writer.write_many(docs, slots=2, stats=True))
-    assert "run" in guarded and "scores" in guarded
+    assert "run" in guarded
     assert [d.steps for d in again] == [d.steps for d in warm]
 
 
