@@ -11,7 +11,7 @@ Record name, section, distribution (pinned for the wheels folder) and the entry 
 - ``flash_attn`` (attention): the first importable of ``flash_attn_3`` (module ``flash_attn_interface``),
   ``flash-attn`` 2 (``flash_attn``), ``flash-attn-4`` (``flash_attn.cute``): ``flash_attn_func(q, k, v,
   causal=True)`` on ``[B, S, H, D]``; ragged documents packed as ``[T, H, D]`` through
-  ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True)``
+  ``flash_attn_varlen_func(q, k, v, cu_seqlens_q=, cu_seqlens_k=, max_seqlen_q=, max_seqlen_k=, causal=True)``
 
 None of them is a dependency of ``make test``; nothing here imports them at module import time (only a case
 that runs on CUDA does). They run on CUDA only: on a CPU every peer case is recorded as skipped with the
@@ -160,7 +160,19 @@ def attention(name: str, device, batch, lengths, seqlen, heads, head_dim, dtype)
             tensors = [torch.randn(sum(lengths), heads, head_dim, device=device, dtype=dtype) for _ in range(3)]
 
             def fa_varlen(q, k, v):
-                return _first(mod.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True))
+                # Keywords: flash-attn 4 puts an optional ``qv`` before cu_seqlens_q; the names agree in 2, 3, 4.
+                return _first(
+                    mod.flash_attn_varlen_func(
+                        q,
+                        k,
+                        v,
+                        cu_seqlens_q=cu,
+                        cu_seqlens_k=cu,
+                        max_seqlen_q=longest,
+                        max_seqlen_k=longest,
+                        causal=True,
+                    )
+                )
 
             return fa_varlen, tensors, label
         tensors = [torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=dtype) for _ in range(3)]
