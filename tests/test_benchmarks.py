@@ -277,6 +277,38 @@ def test_peer_versions_recorded_from_metadata(monkeypatch):
         peers.require("flash_attn", "cpu")
 
 
+class _OpaqueBackward(torch.autograd.Function):
+    """q * k + v whose backward runs outside autograd, as a Triton backward does (jvp-flash-attention's)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k)
+        return q * k + v
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        with torch.no_grad():
+            return grad * k, grad * q, grad.clone()
+
+
+def test_attention_double_backward_case_needs_a_gradient_graph():
+    """The dbwd case checks the first-order gradient's graph before timing: an op whose backward is opaque is
+    skipped as unsupported (not timed, not an error); a differentiable one runs."""
+    from benchmarks import bench_kernels
+
+    def inputs():
+        return [torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3)]
+
+    with pytest.raises(common.Skip, match="unsupported here: no reverse-mode double backward"):
+        bench_kernels.attention_run(_OpaqueBackward.apply, inputs(), "dbwd")
+    q, k, v = inputs()
+    run = bench_kernels.attention_run(lambda a, b, c: a * b * c, [q, k, v], "dbwd")
+    run()  # the gradients of <dout, q k v> (dout k v, ...) have a graph: the double backward exists
+    with pytest.raises(ValueError, match="mode"):
+        bench_kernels.attention_run(lambda a, b, c: a, inputs(), "dbwd2")
+
+
 def test_kernel_microbenchmarks_stay_out_of_make_test():
     """pytest's configured test path is tests/ alone (make test never collects benchmarks/test_*.py)."""
     import configparser
