@@ -167,7 +167,7 @@ ensure_peers() {
         PEERS_NOTE="no peer wheels in benchmarks/wheels (bash benchmarks/fetch_peer_wheels.sh, carry it)"
         return 0
     fi
-    if timeout -k 5 60 "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+    if timeout -k 5 30 "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
         --find-links "$WHEELS" --target "$PEER_SITE" "${wheels[@]}" >"$OUT/.peers-install.log" 2>&1; then
         touch "$PEER_SITE/.gradmem-peers"
         PEERS_NOTE="peers installed from ${#wheels[@]} wheel(s)"
@@ -287,7 +287,7 @@ stage_kernels() {
     local args=(--no-save --json "$OUT/kernels-bench.json" --seconds $((T > 30 ? T - 15 : T / 2)))
     if [ "$DRY" = 1 ]; then
         # Rehearsal: collect the tests as this machine would run them (the timing run is `make bench-kernels`).
-        timeout -k 10 "$T" "$PY" -m benchmarks.kernel_bench --no-save -- --collect-only 2>&1 | tail -n 25
+        timeout -k 10 "$T" "$PY" -m benchmarks.kernel_bench --no-save -- --collect-only 2>&1 | tail -n 40
         local rc=${PIPESTATUS[0]}
         NOTE="dry run: tests collected, not timed"
         return $rc
