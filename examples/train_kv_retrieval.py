@@ -5,42 +5,29 @@ The task. A context is a string of random filler characters with ``pairs`` key-v
 context. The query is one of its keys, written ``!key:``; the answer is that key's value followed by the
 closing ``!`` (``fd!``), so greedy decoding knows where a value ends.
 
-The method (GradMem, Kuratov et al., ICML 2026). A learnable initial memory M0 (``memory`` vectors of
-the model width) is copied per sample and updated by K SGD steps on the context's reconstruction loss
-(``MemoryWriter`` WRITE). The context is then removed: the READ input is ``[memory ; query + answer]``
-with teacher forcing, and the outer loss is the cross-entropy of the answer tokens. The WRITE runs with
-``grad_mode="second"``, so the outer gradient flows through the K inner gradients into the model weights
-and M0, which AdamW updates. Evaluation writes held-out contexts (no gradient graph kept), greedily
-decodes the value from ``[memory ; query]`` and counts exact matches.
+The model. ``gradmem_fast.GradMemModel`` (the meta-training model class, a Hugging Face ``PreTrainedModel``)
+around a randomly initialised Llama-style backbone (``transformers.LlamaConfig``: 4 layers, 128 wide, 4 heads,
+head dim 32, fp32) and a character tokenizer defined below; nothing is downloaded. The recipe is the paper's
+(GradMem, Kuratov et al., ICML 2026): 8 memory vectors, K=2 inner SGD steps with lr 0.04 on the context's
+reconstruction loss through a separate write head, ``grad_mode="second"`` (the outer gradient flows through
+the K inner gradients into the weights, the write head and the initial memory), and the last inner loss
+added to the outer loss with weight 0.5. The outer loss is the cross-entropy of the answer tokens read from
+``[memory ; query + answer]`` (teacher forcing, context removed); AdamW updates everything. Evaluation writes
+held-out contexts with ``grad_mode="none"``, greedily decodes the value from ``[memory ; query]`` and counts
+exact matches.
 
-Model: ``transformers.LlamaConfig`` with 4 layers, 128 wide, 4 heads (head dim 32), fp32, random init,
-a character tokenizer defined below; nothing is downloaded.
+Curriculum. ``--save DIR`` writes the model with ``save_pretrained`` at the end of a run; ``--init-from DIR``
+starts the next stage (more pairs) from it with ``GradMemModel.from_pretrained`` (the stage's K, inner lr,
+inner loss weight are set on the loaded configuration; the architecture and the alphabet must stay):
 
-Run (tiny CPU configuration, the defaults: 1 pair, 2-character keys and values over 6 letters, filler
-of 0-1 characters, m=8, K=2, inner SGD lr 1.0, batch 16, AdamW lr 1e-3):
+    python examples/train_kv_retrieval.py --pairs 1 --target 0.99 --save runs/p1
+    python examples/train_kv_retrieval.py --pairs 2 --init-from runs/p1 --save runs/p2
 
-    python examples/train_kv_retrieval.py                   # stops at 90% held-out exact match or 15 min
-    python examples/train_kv_retrieval.py --device cpu --time-limit 900 --target 0.9
-
-Measured on this project's 2-core CPU machine (shared with other jobs, load ~4 during the run): 99.6%
-exact match on 256 held-out samples at step 250, after 442 s (curve in examples/README.md). With 2 pairs
-(``--pairs 2``) the same settings plateaued at ~50% (it recalls one of the two values, not yet the
-binding of key to value) for 1600 steps / 9 minutes; 2 pairs need a longer run than the CPU budget.
-The CPU runs the ``torch`` backend (the pure-torch reference); the Triton interpreter is correct but far
-too slow for training.
-
-GPU configurations (``--device cuda``; the backend defaults to ``auto`` = the Triton write engine on
-CUDA). Settings for the paper's scale, 8 memory vectors:
-
-    python examples/train_kv_retrieval.py --device cuda --pairs 16 --key-len 3 --value-len 3 \
-        --alphabet abcdefghijklmnopqrstuvwxyz --filler 0 --batch 64 --inner-steps 5 --steps 100000 \
-        --eval-every 500 --eval-size 1024 --time-limit 0 --target 1.01
-    # 32, 64, 96 pairs: the same with --pairs 32 / 64 / 96 (9 characters a pair: WRITE contexts of
-    # 144 / 288 / 576 / 864 tokens for 16 / 32 / 64 / 96 pairs)
-
-For comparison, the paper reports exact match with 8 memory vectors of 95% at 16 pairs and 88.4% at
-96 pairs. Those are the paper's numbers, with its own generator and training schedule; our GPU numbers
-are not measured yet, and the settings above are a starting point, not a tuned recipe.
+``--time-limit`` counts process CPU seconds (fair on a shared machine); ``--curve-out FILE`` writes the
+evaluation curve (step, exact match, wall s, CPU s) as JSON for ``examples/plot_kv_curves.py``. Measured
+curves, the runs tried and the GPU configurations (``examples/kv_gpu_curriculum.sh``: 16 -> 96 pairs) are in
+examples/README.md. The CPU runs the model class's ``torch`` backend (the pure-torch reference); the Triton
+interpreter is correct but far too slow for training. On CUDA the backend is the Triton write engine.
 """
 
 import argparse
@@ -307,16 +294,23 @@ def greedy_values(model, memory, samples, tok, device):
     return out
 
 
-def evaluate(model, samples, tok, device, batch=128):
+def evaluate(model, samples, tok, device, batch=128, by_pair=None):
     """Exact-match rate of the greedily decoded value on ``samples`` (the context is never shown to the
-    READ); the WRITE runs with grad_mode="none" (``inference_write``)."""
-    hits = 0
+    READ); the WRITE runs with grad_mode="none" (``inference_write``). ``by_pair``, a dict, receives the rate
+    per position of the queried pair in its context (0 = first pair): a model that decodes memory by
+    position rather than by key scores well on the first pair only."""
+    hits, per = 0, {}
     with inference_write(model):
         for i in range(0, len(samples), batch):
             chunk = samples[i : i + batch]
             ids, mask, _ = encode_batch(chunk, tok, device)
             memory = model.write(ids, mask).memory.detach()
-            hits += sum(p == s.value for p, s in zip(greedy_values(model, memory, chunk, tok, device), chunk))
+            for p, s in zip(greedy_values(model, memory, chunk, tok, device), chunk):
+                hits += p == s.value
+                index = list(parse_pairs(s.context)).index(s.key)
+                per.setdefault(index, []).append(p == s.value)
+    if by_pair is not None:
+        by_pair.update({i: sum(v) / len(v) for i, v in sorted(per.items())})
     return hits / len(samples)
 
 
@@ -414,8 +408,18 @@ def main(argv=None):
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
     def record(step):
-        em = evaluate(model, eval_samples, tok, device)
+        by_pair = {}
+        em = evaluate(model, eval_samples, tok, device, by_pair=by_pair)
+        if len(by_pair) > 1:
+            print("  exact match by queried pair: " + ", ".join(f"#{i + 1} {v:.1%}" for i, v in by_pair.items()))
         curve.append((step, em, time.perf_counter() - wall0, time.process_time() - cpu0))
+        if args.curve_out:  # rewritten at every evaluation, so a stopped run leaves its curve so far
+            path = Path(args.curve_out)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            settings = {k: v for k, v in vars(args).items() if k != "curve_out"}
+            doc = {"settings": settings, "columns": ["step", "exact_match", "wall_s", "cpu_s"], "curve": curve}
+            path.with_suffix(".tmp").write_text(json.dumps(doc, indent=1))
+            path.with_suffix(".tmp").replace(path)
         return em
 
     em = record(0)
@@ -437,7 +441,7 @@ def main(argv=None):
         out_of_time = args.time_limit and time.process_time() - cpu0 >= args.time_limit
         if step % args.eval_every == 0 or out_of_time or step == args.steps:
             em = record(step)
-            line = (line or f"step {step:5d} |") + f" | eval exact match {em:6.1%}"
+            line = (line or f"step {step:5d}") + f" | eval exact match {em:6.1%}"
             if em >= args.target:
                 print(line, flush=True)
                 print(
@@ -458,19 +462,6 @@ def main(argv=None):
     if args.save:
         model.save_pretrained(args.save)
         print(f"saved {args.save}", flush=True)
-    if args.curve_out:
-        settings = {k: v for k, v in vars(args).items() if k not in ("curve_out",)}
-        Path(args.curve_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.curve_out).write_text(
-            json.dumps(
-                {
-                    "settings": settings,
-                    "columns": ["step", "exact_match", "wall_s", "cpu_s"],
-                    "curve": curve,
-                },
-                indent=1,
-            )
-        )
     return curve
 
 
