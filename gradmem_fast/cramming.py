@@ -136,26 +136,38 @@ class _Batch:
     def _contexts(self):
         raise NotImplementedError
 
-    def run(self, steps: int, rule, log=None) -> tuple[DocumentScores, torch.Tensor]:
+    def run(self, steps: int, rule) -> "RunOutput":
         """``steps`` optimisation steps of every document, the last of them a check; nothing is read back to
-        the host. Returns the scores of the memories the check step started from and the [real] flags of the
-        documents whose ``rule`` held there (their update was skipped: ``memory`` is still the scored one).
-        ``log(ages, losses, norms)``: optional per-step record (device tensors of the real documents)."""
+        the host. The batch moves on to the returned memories, moments, ages and initial losses; the output
+        also holds the scores of the memories the check step started from, the flags of the documents whose
+        ``rule`` held there (their update was skipped: their memory is still the scored one) and the per-step
+        record (ages, losses, grad norms)."""
+        out = self.steps(self.memory, self.state, self.ages, self.initial, steps, rule)
+        self.memory, self.state, self.ages, self.initial = out.memory, out.state, out.ages, out.initial
+        return out
+
+    def steps(self, memory, state, ages, initial, steps: int, rule) -> "RunOutput":
+        """``run`` as a function of the batch's changing state (no attribute changes): what a CUDA graph
+        captures, with the packing, embeddings and weights as its fixed inputs."""
         K = self.config.steps
+        logged_ages, losses, norms = [], [], []
         with self._contexts(), torch.enable_grad():
             for t in range(steps):
                 check = t == steps - 1
-                Mk = self.memory.detach().requires_grad_(True)
+                Mk = memory.detach().requires_grad_(True)
                 loss, scores = self._loss(Mk, check)
                 (grad,) = torch.autograd.grad(loss.sum(), Mk)
-                index = self.ages.clamp(max=K)
+                index = ages.clamp(max=K)
                 lr = self.lr_table[index]
+                logged = ages
                 with torch.no_grad():
-                    self.initial = torch.where(self.ages == 0, loss.detach().to(self.initial.dtype), self.initial)
+                    initial = torch.where(ages == 0, loss.detach().to(initial.dtype), initial)
                     if check:
                         assert scores is not None
                         stop = _satisfied_on_device(rule, scores)
                         lr = torch.where(stop, torch.zeros_like(lr), lr)
+                        # A stopped document's check step took no update: its record goes to the row K.
+                        logged = torch.where(stop, K, ages)
                     result = memory_update(
                         Mk.detach(),
                         grad.detach(),
@@ -163,18 +175,42 @@ class _Batch:
                         optimizer=self.config.optimizer,
                         clip_value=self.config.effective_clip_value,
                         clip_norm=self.config.clip_norm,
-                        state=self.state,
+                        state=state,
                         step=index + 1,
                         betas=self.config.adam_betas,
                     )
-                if log is not None:
-                    # A stopped document's check step took no update: its record goes to the discarded row K.
-                    ages = torch.where(stop, K, self.ages) if check else self.ages
-                    log(ages[: self.real], loss.detach()[: self.real], result.grad_norm[: self.real])
-                self.memory, self.state = result.memory.detach(), result.state
-                self.ages = self.ages + 1
+                logged_ages.append(logged)
+                losses.append(loss.detach().float())
+                norms.append(result.grad_norm.float())
+                memory, state = result.memory.detach(), result.state
+                ages = ages + 1
         assert scores is not None
-        return scores.select(self.real), stop[: self.real]
+        record = torch.stack(logged_ages), torch.stack(losses), torch.stack(norms)
+        return RunOutput(memory, state, ages, initial, scores, stop, *record)
+
+
+@dataclasses.dataclass
+class RunOutput:
+    """What ``_Batch.run`` leaves on the device: the batch's new state, the check's scores [rows] and stop
+    flags [rows], and the per-step record [steps, rows] (ages, with stopped documents' check step at K)."""
+
+    memory: torch.Tensor
+    state: AdamState | None
+    ages: torch.Tensor
+    initial: torch.Tensor
+    scores: DocumentScores
+    stop: torch.Tensor
+    logged_ages: torch.Tensor
+    losses: torch.Tensor
+    norms: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor, in a fixed order (what a graph replay overwrites in place)."""
+        state = [] if self.state is None else list(self.state)
+        sc = self.scores
+        scores = [sc.loss, sc.correct, sc.prefix, sc.tail, sc.tokens]
+        record = [self.logged_ages, self.losses, self.norms]
+        return [self.memory, *state, self.ages, self.initial, *scores, self.stop, *record]
 
 
 class _PaddedBatch(_Batch):
@@ -270,6 +306,81 @@ class _PackedBatch(_Batch):
         return loss, scores
 
 
+class GraphedSlots:
+    """``_Batch.run`` of the engine's batches captured as CUDA graphs and replayed: one capture per bucket
+    shape and run length, so the steps between two checks are one replay, however often refills rebuild the
+    batch (the writer's bucket padding keeps the shapes to a handful).
+
+    The first batch of a shape becomes that graph's static batch: the graph reads its packing, embeddings,
+    per-row document/position indices and lr table, and the static input buffers of the changing state
+    (memory, Adam moments, ages, initial losses). A later batch of the same shape is copied into those
+    buffers (device copies, no host read) before its replay; a batch that continues copies the previous
+    replay's outputs back in. The batch then refers to the graph's outputs, which stay valid until the
+    next replay, the only time they are read. ``capture(fn) -> (replay, outputs)``: CUDA capture by
+    default; the tests pass an eager stand-in that runs the same buffer discipline on a CPU.
+    """
+
+    _PACKED = engine.GraphedWriteLoop._STATIC
+
+    def __init__(self, capture: Callable | None = None) -> None:
+        self.capture = capture or _capture_cuda_graph
+        self.entries: dict[tuple, dict] = {}
+
+    def run(self, batch: "_PackedBatch", steps: int, rule) -> RunOutput:
+        key = (engine.GraphedWriteLoop.key(batch.packed), steps)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._capture(batch, key, steps, rule)
+        elif entry["batch"] is not batch:
+            self._load(entry["static"], batch)
+        entry["batch"] = batch
+        for buffer, value in zip(entry["inputs"], _state_tensors(batch), strict=True):
+            if buffer is not value:
+                buffer.copy_(value)
+        entry["replay"]()
+        out: RunOutput = entry["out"]
+        batch.memory, batch.state, batch.ages, batch.initial = out.memory, out.state, out.ages, out.initial
+        return out
+
+    def _capture(self, batch: "_PackedBatch", key: tuple, steps: int, rule) -> dict:
+        # The batch becomes the static one: its max_seqlen is the bucket's, as every batch of this shape gets.
+        batch.packed = dataclasses.replace(batch.packed, max_seqlen=key[0][3])
+        inputs = [t.clone() for t in _state_tensors(batch)]
+        memory, ages, initial = inputs[0], inputs[-2], inputs[-1]
+        state = AdamState(inputs[1], inputs[2]) if batch.state is not None else None
+        if engine.attention_dropout_active(batch.model):
+            engine.dropout_generator(memory.device)  # exists before the capture: replays read and advance it
+        replay, out = self.capture(lambda: batch.steps(memory, state, ages, initial, steps, rule))
+        return {"static": batch, "inputs": inputs, "replay": replay, "out": out, "batch": batch}
+
+    def _load(self, static: "_PackedBatch", batch: "_PackedBatch") -> None:
+        """Copy a new batch's fixed inputs into the static batch's tensors (the same shapes by the key)."""
+        for name in self._PACKED:
+            getattr(static.packed, name).copy_(getattr(batch.packed, name))
+        for name in ("x0", "doc", "position", "lr_table"):
+            getattr(static, name).copy_(getattr(batch, name))
+
+
+def _state_tensors(batch: "_Batch") -> list[torch.Tensor]:
+    """The batch's changing state in a fixed order: memory, Adam moments (if any), ages, initial losses."""
+    state = [] if batch.state is None else list(batch.state)
+    return [batch.memory, *state, batch.ages, batch.initial]
+
+
+def _capture_cuda_graph(fn: Callable[[], RunOutput]) -> tuple[Callable[[], None], RunOutput]:
+    """Warm up ``fn`` on a side stream (Triton and torch.compile compile and autotune there), then capture it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 def _detached(x):
     return None if x is None else x.detach()
 
@@ -323,18 +434,14 @@ def cram(
     ages: list[int] = []  # updates taken by each document in flight, at the start of the next run
     batch: _Batch | None = None
     done, steps_taken = 0, 0
-    log = None
+    doc_ids: torch.Tensor | None = None  # the documents of the batch's real rows, on the device
     if step_log is not None:
         n = len(documents)
+        # Row K collects the steps of frozen documents and the skipped update of stopped ones (discarded).
         losses = torch.full((K + 1, n), math.nan, dtype=torch.float32, device=device)
         norms = torch.full_like(losses, math.nan)
         step_log["losses"], step_log["grad_norms"] = losses[:K], norms[:K]
-        doc_ids = {"t": None}
-
-        def log(age, loss, norm):
-            rows = age.clamp(max=K)  # steps of frozen documents land in the discarded row K
-            losses[rows, doc_ids["t"]] = loss.float()
-            norms[rows, doc_ids["t"]] = norm.float()
+    graphs = writer._slot_graphs() if batch_class is _PackedBatch else None
 
     scores: DocumentScores | None = None
     stop: torch.Tensor | None = None
@@ -391,9 +498,16 @@ def cram(
             )
             docs = [documents[i] for i in active]
             batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype)
-            if step_log is not None:
-                doc_ids["t"] = torch.tensor(active, dtype=torch.long, device=device)
-        scores, stop = batch.run(interval, rule, log)
+            doc_ids = torch.tensor(active, dtype=torch.long, device=device)
+        out = batch.run(interval, rule) if graphs is None else graphs.run(batch, interval, rule)
+        real = batch.real
+        scores, stop = out.scores.select(real), out.stop[:real]
+        if step_log is not None:
+            assert doc_ids is not None
+            rows = out.logged_ages[:, :real].clamp(max=K)
+            cols = doc_ids.expand_as(rows)
+            losses[rows, cols] = out.losses[:, :real]
+            norms[rows, cols] = out.norms[:, :real]
         steps_taken += interval * len(active)
 
 

@@ -50,7 +50,8 @@ class MemoryWriter:
             default: the model's own output head.
         cuda_graphs: on the triton backend on CUDA with grad_mode "none", capture the whole K-step loop
             once per bucket shape (batches padded to a few fixed sizes) and replay it, with the compiled step
-            inside when ``compile`` is on. Off by default until it has been validated on a GPU (see README,
+            inside when ``compile`` is on; with a stop rule, the steps between two checks of the slot loop
+            (``cramming.GraphedSlots``). Off by default until it has been validated on a GPU (see README,
             Limits).
         compile: compile the backbone of every first-order step (grad_mode "none"/"first"; second-order steps
             stay eager) with ``torch.compile(fullgraph=True)`` on the engine (``engine.CompiledBackbone``);
@@ -108,6 +109,15 @@ class MemoryWriter:
             cuda_graphs and self.backend == "triton" and device.type == "cuda" and config.grad_mode == "none"
         )
         self._graphed: engine.GraphedWriteLoop | None = None
+        self._graphed_slots: cramming.GraphedSlots | None = None
+
+    def _slot_graphs(self) -> "cramming.GraphedSlots | None":
+        """The CUDA-graph replayer of the cramming slot loop (with ``cuda_graphs``), or None (eager)."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphed_slots is None:
+            self._graphed_slots = cramming.GraphedSlots()
+        return self._graphed_slots
 
     def _step_backbone(self) -> engine.CompiledBackbone | None:
         """The compiled backbone for this write, or None (eager)."""

@@ -463,3 +463,110 @@ def test_engine_continuous_batching_with_the_compiled_step():
     for i in range(len(docs)):
         assert got[i].steps == want[i].steps == again[i].steps
         assert_close(got[i].memory, want[i].memory, torch.float32, name=f"memory {i}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The slot loop replayed as CUDA graphs (cramming.GraphedSlots)
+
+
+def _eager_capture(counter):
+    """A CPU stand-in for CUDA capture with the same buffer discipline: the outputs are fixed tensors that
+    every replay overwrites in place, computed from the captured static inputs only."""
+
+    def capture(fn):
+        counter["captures"] += 1
+        out = fn()
+
+        def replay():
+            counter["replays"] += 1
+            for buffer, value in zip(out.tensors(), fn().tensors(), strict=True):
+                buffer.copy_(value)
+
+        return replay, out
+
+    return capture
+
+
+def _graphed_writer(model, config, counter):
+    from gradmem_fast import cramming
+
+    writer = MemoryWriter(model, config, backend="triton", compile=False)
+    writer.ops_backend = "torch"
+    writer._padded = lambda: True  # bucket-padded batches, as with cuda_graphs
+    slots = cramming.GraphedSlots(capture=_eager_capture(counter))
+    writer._slot_graphs = lambda: slots
+    return writer
+
+
+def test_graphed_slot_loop_equals_the_eager_one():
+    """The slot loop through GraphedSlots (captured once per shape, later batches copied into the static
+    buffers, continuing batches fed the previous replay's outputs) = the eager slot loop: steps, memories,
+    scores and the per-step record. The stand-in capture runs on the CPU; the CUDA capture is tested in the
+    GPU suite (test_graphed_slot_loop_on_cuda_graph)."""
+    model = tiny_model("llama", dtype=torch.float32, **LEARNABLE)
+    config = cram_config(steps=30)
+    docs = documents((3, 1, 5, 2, 6, 4))
+    eager = MemoryWriter(model, config, backend="triton", compile=False)
+    eager.ops_backend = "torch"
+    eager._padded = lambda: True
+    counter = {"captures": 0, "replays": 0}
+    graphed = _graphed_writer(model, config, counter)
+    want = list(eager.write_many(docs, slots=2, stats=True))
+    got = list(graphed.write_many(docs, slots=2, stats=True))
+    assert len({d.steps for d in want}) >= 3
+    # Several batches share a shape: the reuse path (a new batch loaded into a captured graph) ran.
+    assert 1 <= counter["captures"] < counter["replays"] and counter["replays"] >= len(docs)
+    for i in range(len(docs)):
+        assert (got[i].steps, got[i].stopped, got[i].exact, got[i].prefix) == (
+            want[i].steps,
+            want[i].stopped,
+            want[i].exact,
+            want[i].prefix,
+        )
+        assert_close(got[i].memory, want[i].memory, torch.float32, name=f"memory {i}")
+        assert got[i].loss == pytest.approx(want[i].loss, rel=1e-6)
+        assert got[i].initial_loss == pytest.approx(want[i].initial_loss, rel=1e-6)
+    # writer.write: every document in flight, the per-step record (WriteResult.losses) through the graph.
+    batch_want = eager.write(*padded(docs))
+    batch_got = _graphed_writer(model, config, counter).write(*padded(docs))
+    assert torch.equal(batch_got.stats.steps, batch_want.stats.steps)
+    taken = ~batch_want.losses.isnan()  # NaN after a document stopped
+    assert torch.equal(~batch_got.losses.isnan(), taken) and taken.any()
+    assert_close(batch_got.losses[taken], batch_want.losses[taken], torch.float32, name="losses")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_slot_loop_on_cuda_graph_has_no_host_sync():
+    """On CUDA with cuda_graphs=True: the same documents, steps and memories as the eager engine, and a
+    replay (copies in, graph, outputs) runs with synchronisation forbidden."""
+    from gradmem_fast import cramming
+
+    model = tiny_model("llama", dtype=torch.float32, **LEARNABLE).cuda()
+    config = cram_config(steps=20)
+    docs = documents((3, 1, 5, 2))
+    eager = MemoryWriter(model, config, backend="triton", compile=False)
+    graphed = MemoryWriter(model, config, backend="triton", compile=False, cuda_graphs=True)
+    assert graphed._slot_graphs() is not None
+    eager._padded = lambda: True  # the same buckets as the graphed writer
+    eager._pack = graphed._pack
+    want = list(eager.write_many(docs, slots=2, stats=True))
+    got = list(graphed.write_many(docs, slots=2, stats=True))  # captures every shape
+    run = cramming.GraphedSlots.run
+
+    def strict(self, *args, **kwargs):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    cramming.GraphedSlots.run = strict
+    try:
+        again = list(graphed.write_many(docs, slots=2, stats=True))
+    finally:
+        cramming.GraphedSlots.run = run
+    for i in range(len(docs)):
+        assert got[i].steps == want[i].steps == again[i].steps
+        assert_close(got[i].memory, want[i].memory, torch.float32, name=f"memory {i}")
+        assert_close(again[i].memory, want[i].memory, torch.float32, name=f"memory {i} (replayed)")
