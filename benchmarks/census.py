@@ -160,7 +160,7 @@ def _runner(impl, model, spec, ids, mask, M0):
 
 def count_steps(run, sdpa: bool = False) -> dict:
     """Census of ``run(1)`` and ``run(2)``: per-step and setup totals, and the per-step launch lists."""
-    from .census_count import Census, fused_sdpa, record_triton
+    from .census_count import Census, ce_logits_passes, fused_sdpa, record_triton
 
     runs = {}
     for steps in (1, 2):
@@ -185,6 +185,7 @@ def count_steps(run, sdpa: bool = False) -> dict:
         if two["sync_sites"].get(k, 0) - one["sync_sites"].get(k, 0)
     }
     step["top_ops"] = _top_ops(one["by_op"], two["by_op"])
+    step["ce_logits_passes"] = ce_logits_passes(two["launch_list"])  # per chunk: the same in every step
     return {
         "step": step,
         "setup": setup,

@@ -423,6 +423,9 @@ class Census(TorchDispatchMode):
         each as (storage key, bytes)."""
         mutated = {id(t) for t in _mutated_args(func, args, {})}
         overwrite = name in OVERWRITE or func._overloadname.startswith("out")  # torch.mm(..., out=z)
+        if func._overloadname.startswith("out"):
+            # ``out=`` arrives as a keyword, which ``_mutated_args(func, args, {})`` does not see; the op returns it.
+            mutated |= {id(t) for t in flat_out}
         seen, reads = set(), []
         for t in tensors_in:
             if id(t) in seen or (overwrite and id(t) in mutated):
@@ -534,7 +537,10 @@ def fused_sdpa(device_type="cuda"):
 # (reported as uncounted). Update this table when a kernel's work changes (issue 14).
 ATTENTION_UNITS = {"attn_fwd_kernel": 2, "attn_bwd_dkdv_kernel": 4, "attn_bwd_dq_kernel": 3}
 # Elementwise FLOPs per element of the logits chunk (max, exp, sum, subtract, scale): small next to the GEMMs.
-CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4}
+# ce_dh_kernel / ce_dw_kernel also multiply the gradient formed from the chunk by W / H: 2 d FLOPs per logit.
+CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4, "ce_dw_kernel": 4}
+CE_PRODUCTS = ("ce_dh_kernel", "ce_dw_kernel")
+
 
 
 def _triton_pairs(census, tensors, kwargs):
@@ -570,11 +576,51 @@ def triton_kernel_cost(census, name, args, kwargs):
     elif name in CE_ELEMENTWISE:
         z = tensors[0]
         flops = CE_ELEMENTWISE[name] * z.numel()
-        if name == "ce_grad_kernel" or kwargs.get("WRITE_GRAD"):
+        if _ce_writes_logits(name, kwargs):
             nbytes += tensor_bytes(z)  # read, then overwritten in place with the gradient
+        if name in CE_PRODUCTS:
+            # [V, d]: the head (dh) or the dW accumulator (dw); the hidden size is its second dimension.
+            mats = [t for t in tensors[1:] if t.dim() == 2 and t.shape[0] == z.shape[1]]
+            if name == "ce_dh_kernel" or kwargs.get("HAS_DW"):
+                flops += 2 * z.numel() * (mats[0].shape[1] if mats else 0)
+            if name == "ce_dw_kernel":  # dW and db are read, added to and written back
+                nbytes += sum(tensor_bytes(t) for t in tensors[1:] if t.dim() >= 1 and t.shape[0] == z.shape[1])
     elif name in ("_memory_update_kernel", "_grad_sumsq_kernel"):
         flops = 12 * tensors[0].numel()
     return flops, nbytes
+
+
+def _ce_writes_logits(name, kwargs):
+    """Whether a cross-entropy launch overwrites its logits chunk in place (with the gradient)."""
+    return name == "ce_grad_kernel" or (name == "ce_forward_kernel" and bool(kwargs.get("WRITE_GRAD")))
+
+
+def ce_logits_passes(launches) -> dict:
+    """HBM passes over the cross-entropy's logits, counted from recorded launches.
+
+    The logits buffers are the storages the cross-entropy kernels take as their first argument. Every launch's
+    reads and writes of those storages (a Triton launch reads its tensors once, and writes the chunk too when
+    it overwrites it in place; a GEMM ``out=`` writes it) are summed per launch name and divided by the bytes of
+    the logits themselves, which the statistics kernel (``ce_forward_kernel``, one launch per chunk) reads
+    exactly once: ``{"chunks": statistics launches, "passes": total, "by_op": {name: passes}}``. The fused
+    linear cross-entropy makes 3 with a frozen head (GEMM write, statistics read, dH read; module docstring of
+    ``gradmem_fast.ops.cross_entropy``); a backward that recomputes the logits adds its own GEMM write and
+    reads. ``passes`` is 0 when no statistics kernel ran."""
+    keys = {x.reads[0][0] for x in launches if x.kind == "triton" and x.name in CE_ELEMENTWISE and x.reads}
+    stats = [x.reads[0][1] for x in launches if x.kind == "triton" and x.name == "ce_forward_kernel" and x.reads]
+    by_op = defaultdict(int)
+    for x in launches:
+        touched = sum(b for k, b in x.reads if k in keys) + sum(b for k, b in x.writes if k in keys)
+        if touched:
+            by_op[x.name] += touched
+    if not sum(stats):
+        return {"chunks": 0, "passes": 0, "by_op": {}}
+    logits = sum(stats)
+    return {
+        "chunks": len(stats),
+        "passes": sum(by_op.values()) / logits,
+        "by_op": {k: v / logits for k, v in by_op.items()},
+    }
 
 
 def _kernel_name(kernel):
@@ -608,7 +654,8 @@ def record_triton(census: Census):
                 (census.storage_key(a), tensor_bytes(a))
                 for a in {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}.values()
             )
-            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads))
+            writes = reads[:1] if _ce_writes_logits(name, kwargs) else ()
+            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads, writes=writes))
             if flops is None:
                 census.uncounted_flops += 1
 

@@ -15,29 +15,52 @@ where ``g_i = dL/dloss_i`` is what the reduction sends back to token i:
     "sample_mean"  [B]: L_b = sum_{i in b} loss_i / max(1, n_b) (GradMem's per-document loss),
                    g_i = g_b / max(1, n_b); a row without valid tokens gives 0 loss and zero gradient.
 
-Design (chunked, cuBLAS + Triton):
+Design (chunked; cuBLAS writes the logits, Triton reads them; option (a) of issue 14, item 3):
   * Tokens are processed in chunks of C rows. For each chunk cuBLAS writes ``Z = H_c W^T (+ b)`` into one
-    reusable ``[C, V]`` buffer (the input dtype, as ``F.linear`` would); the Triton kernels of
-    ``gradmem_fast.kernels.cross_entropy`` compute the online log-sum-exp, the loss and, in place, the
-    logits gradient ``q`` in fp32; cuBLAS then forms ``q W`` and ``q^T H_c`` (fp32 accumulation of
-    ``dW``/``db`` across chunks). The ``torch`` backend runs the same chunked algorithm with plain torch
-    ops instead of the kernels, so it never builds ``[N, V]`` either.
-  * Chunk rule: ``C = min(max(16, 2**26 // V), max(128, ceil(N / 4)))``, rounded down to a multiple of 128
-    when it is at least 128, and at most N (``chunk_size=`` overrides). So a chunk's logits hold at most
-    2**26 elements (128 MiB in bf16: 1280 rows at V=50257, 256 rows at V=256k) and at most a quarter of
-    ``N x V`` once N >= 512 (N=4096, V=2048: 1024 rows).
+    reusable buffer ``[C, Vpad]`` (the input dtype, as ``F.linear`` would; ``Vpad`` = V rounded up to a
+    multiple of ``ROW_ALIGN`` = 64, the view ``[:, :V]`` is what the GEMM writes, so every row starts 128-byte
+    aligned and the kernels' loads vectorise even at GPT-2's odd V = 50257). The kernels of
+    ``gradmem_fast.kernels.cross_entropy`` then read Z, never write it: ``ce_forward`` the online
+    log-sum-exp and the loss, ``ce_dh`` the product ``dH = q W`` with ``q`` formed tile by tile from Z and the
+    row's lse in the product's prologue (fp32 math), ``ce_dw`` likewise ``dW += q^T H_c`` and ``db += sum q``
+    (fp32 accumulators, deterministic: no atomics). The gradient ``q`` is never stored. Option (b), never
+    writing Z and recomputing it inside the kernels (as Cut Cross-Entropy does), would need Triton GEMMs for
+    the forward too and one more logits GEMM of FLOPs in the backward; (a) keeps the forward GEMM in cuBLAS.
+  * HBM passes over a chunk's logits (counted per chunk by ``benchmarks.census_count.ce_logits_passes``):
+    loss only (no gradient) 2 = GEMM write + statistics read; the WRITE loop's frozen head (hidden needs a
+    gradient, formed in the forward) 3 = + dH read; a trainable head adds the dW/db read: 4 with forward-time
+    gradients ("sum"/"mean"), and for "none"/"sample_mean" 2 in the forward + 3 in the backward (GEMM
+    recompute write, dH read, dW read). Before this design: 5 (statistics read, q read + written in place,
+    cuBLAS read of q), 6 with dW. The second-order backward (``_LinearCEGrad.backward``) is plain torch and
+    materialises fp32 ``p``, ``q`` and the cotangent ``a`` per chunk: about 10 passes, counted by the census
+    like any other aten op; it is not part of the 3-pass target.
+  * The ``torch`` backend runs the same chunked algorithm with plain torch ops (it forms ``q`` per chunk),
+    so it never builds ``[N, V]`` either.
+  * Chunk rule (``chunk_rows``): with ``big = min(max(16, 2**26 // V), max(128, ceil(N / 4)))`` (at most
+    2**26 logits, at most a quarter of ``N x V`` once N >= 512; a multiple of 128 when >= 128) and ``small``
+    = the rows whose padded logits fit in half the L2 cache (``l2_bytes``: the device's L2 size, 50 MiB where
+    none can be queried, so about 25 MiB on H100; a multiple of 16, >= 16), C is ``small`` when ``small >=
+    big`` or when its modelled HBM bytes per token are not larger: ``(1 if the chunk fits else 3) * Vpad *
+    e + (2 V d e / C if the head V x d does not fit in the other half of L2 else 0)``. The second term is the
+    head re-read by the two GEMMs of every chunk. For GPT-2 (V = 50257, d = 768, bf16, 28,672 tokens) the
+    L2-resident chunk of 256 rows would read the 77 MB head 2 x 112 times (17.3 GB) and write the logits
+    once (2.9 GB): 20.2 GB, against 3.6 GB of head and 3 x 2.9 GB of logits with 1280-row chunks (12.2 GB).
+    So the rule keeps 1280-row chunks for GPT-2-sized heads and picks the L2 chunk where the head is small
+    (it stays in L2) or the hidden size small next to the chunk (the paper's 4-layer model).
   * Precision: matrix products run in the input dtype with fp32 accumulation (cuBLAS); for fp32 inputs
-    they follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, i.e. IEEE fp32). The softmax
-    math is fp32 (fp64 for fp64 inputs) and the loss is returned in that dtype.
+    they follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default, i.e. IEEE fp32), in cuBLAS and in
+    the kernels' products alike. ``q`` enters a product rounded to the input dtype (what a 16-bit ``q``
+    buffer would hold). The softmax math is fp32 (fp64 for fp64 inputs) and the loss is returned in that
+    dtype.
   * Forward-time gradients: because every token's loss depends only on its own row, ``q_i`` can be formed
     in the forward sweep and the upstream ``g_i`` applied afterwards. When the graph needs a gradient
     (``precompute_grad=None`` means: grad mode is on and an input requires grad), the forward also stores
     ``W^T q_i`` ([N, d], fp32) for ``hidden`` (the frozen-head WRITE loop: one sweep, no recomputation),
     and, for the scalar reductions "sum"/"mean" whose ``g_i`` is the same for every token, the unit
     ``dW``/``db`` as well. For "none"/"sample_mean" with a trainable head the backward recomputes each
-    chunk's logits from the saved log-sum-exp instead (``g_i`` differs per token, so ``dW`` cannot be
-    formed before it is known). Nothing reads tensor values on the host, so the op can be captured in a
-    CUDA graph (cu_seqlens are validated against N only when they live on the CPU).
+    chunk's logits and forms ``g_i q_i`` from the saved log-sum-exp instead (``g_i`` differs per token, so
+    ``dW`` cannot be formed before it is known). Nothing reads tensor values on the host, so the op can be
+    captured in a CUDA graph (cu_seqlens are validated against N only when they live on the CPU).
   * Second order (``grad_mode="second"``): when the backward runs with grad mode on (``create_graph=True``)
     it calls ``_LinearCEGrad``, an autograd.Function whose forward recomputes ``(dh, dW, db)`` chunk by
     chunk and whose backward is the explicit, chunked double-backward formula (plain torch ops, both
@@ -55,19 +78,58 @@ from torch import Tensor
 from gradmem_fast.backend import resolve_backend
 
 REDUCTIONS = ("none", "sum", "mean", "sample_mean")
-_LOGITS_BUDGET = 1 << 26
+ROW_ALIGN = 64  # logits rows padded to a multiple of 64 elements (128 B in 16-bit): aligned vector loads
+_LOGITS_BUDGET = 1 << 26  # elements of a chunk's logits at most
+_L2_DEFAULT = 50 << 20  # bytes of L2 assumed where none can be queried (CPU, meta): H100 SXM / H200
 _HALF = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk (the module docstring's rule); ``chunk_size`` overrides it."""
+def padded_vocab(vocab: int) -> int:
+    """Row stride of the logits buffer: ``vocab`` rounded up to a multiple of ``ROW_ALIGN``."""
+    return -(-vocab // ROW_ALIGN) * ROW_ALIGN
+
+
+def l2_bytes(device: torch.device | str | None = None) -> int:
+    """L2 cache size of a CUDA device (``torch.cuda.get_device_properties``), else ``_L2_DEFAULT``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        if size:
+            return int(size)
+    return _L2_DEFAULT
+
+
+def chunk_rows(
+    n_rows: int,
+    vocab: int,
+    chunk_size: int | None = None,
+    *,
+    hidden_size: int = 0,
+    elem_size: int = 2,
+    l2: int | None = None,
+) -> int:
+    """Rows per chunk (``chunk_size`` overrides): the L2-resident chunk unless the weight re-reads it costs
+    outweigh what it saves (module docstring, "Chunk rule")."""
     if chunk_size is not None:
         return max(1, min(int(chunk_size), n_rows))
-    rows = min(max(16, _LOGITS_BUDGET // max(1, vocab)), max(128, -(-n_rows // 4)))
-    if rows >= 128:
-        rows = rows // 128 * 128
-    return max(1, min(rows, n_rows))
+    big = min(max(16, _LOGITS_BUDGET // max(1, vocab)), max(128, -(-n_rows // 4)))
+    if big >= 128:
+        big = big // 128 * 128
+    l2 = _L2_DEFAULT if l2 is None else l2
+    budget = l2 // 2
+    row = padded_vocab(vocab) * elem_size
+    small = max(16, budget // row // 16 * 16)
+    if small < big:
+        weight = vocab * hidden_size * elem_size
+        streamed = weight > l2 - budget  # the head does not stay in L2 beside the chunk: read once per chunk
+
+        def cost(rows: int) -> float:  # modelled HBM bytes per token: logits passes + weight reads (2 GEMMs)
+            return (1 if rows * row <= budget else 3) * row + (2 * weight / rows if streamed else 0)
+
+        if cost(small) <= cost(big):
+            big = small
+    return max(1, min(big, n_rows))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,7 +166,7 @@ def _logits_into(z: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> N
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-chunk softmax/CE: Triton kernels or plain torch, same contract (in place on the logits chunk ``z``)
+# Per-chunk statistics and products: Triton kernels or plain torch, same contract (Z read, never written)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -114,55 +176,78 @@ def _onehot_index(t: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return torch.where(in_range, t, torch.zeros_like(t)).long(), in_range
 
 
-def _torch_ce_forward(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int, write_grad: bool) -> None:
-    acc = lse.dtype
-    zf = z.to(acc)
+def _torch_stats(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int) -> None:
+    zf = z.to(lse.dtype)
     chunk_lse = torch.logsumexp(zf, dim=1)
     idx, in_range = _onehot_index(t, z.shape[1])
     zt = zf.gather(1, idx[:, None]).squeeze(1) * in_range
-    valid = t != ignore_index
     lse.copy_(chunk_lse)
-    loss.copy_(torch.where(valid, chunk_lse - zt, torch.zeros_like(zt)))
-    if write_grad:
-        _torch_fill_grad(z, zf, idx, in_range, chunk_lse, valid.to(acc))
+    loss.copy_(torch.where(t != ignore_index, chunk_lse - zt, torch.zeros_like(zt)))
 
 
-def _torch_fill_grad(z: Tensor, zf: Tensor, idx: Tensor, in_range: Tensor, lse: Tensor, scale: Tensor) -> None:
-    p = torch.exp(zf - lse[:, None])
-    p.scatter_add_(1, idx[:, None], -in_range.to(p.dtype)[:, None])
-    p.mul_(scale[:, None])
-    z.copy_(p)
-
-
-def _torch_ce_grad(z: Tensor, t: Tensor, lse: Tensor, scale: Tensor, ignore_index: int) -> None:
+def _torch_grad(z: Tensor, t: Tensor, lse: Tensor, scale: Tensor | None, ignore_index: int) -> Tensor:
+    """G = valid * scale * (softmax - onehot) of a chunk, a new tensor in the math dtype."""
     idx, in_range = _onehot_index(t, z.shape[1])
-    valid = (t != ignore_index).to(lse.dtype)
-    _torch_fill_grad(z, z.to(lse.dtype), idx, in_range, lse, scale * valid)
+    g = (t != ignore_index).to(lse.dtype)
+    if scale is not None:
+        g = g * scale
+    p = torch.exp(z.to(lse.dtype) - lse[:, None])
+    p.scatter_add_(1, idx[:, None], -in_range.to(p.dtype)[:, None])
+    return p.mul_(g[:, None])
 
 
-def _ce_forward(
-    backend: str, z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int, write_grad: bool
-) -> None:
-    if backend == "triton":
-        from gradmem_fast.kernels import cross_entropy as kernels
+class _Chunk:
+    """One logits chunk ``z`` [rows, V] (a view of the padded buffer; ``n_load`` columns readable per row) with
+    its targets and saved statistics, and the per-chunk steps on the chosen backend."""
 
-        kernels.ce_forward(z, t, lse, loss, ignore_index, write_grad)
-    else:
-        _torch_ce_forward(z, t, lse, loss, ignore_index, write_grad)
+    def __init__(self, backend: str, z: Tensor, t: Tensor, lse: Tensor, ignore_index: int, n_load: int):
+        self.backend, self.z, self.t, self.lse, self.ignore, self.n_load = backend, z, t, lse, ignore_index, n_load
+        # fp32 products follow torch's TF32 switch for cuBLAS, as the GEMMs they replace would.
+        self.tf32 = z.dtype == torch.float32 and z.is_cuda and torch.backends.cuda.matmul.allow_tf32
 
+    def stats(self, loss: Tensor) -> None:
+        """lse and loss of every row (a read of Z)."""
+        if self.backend == "triton":
+            from gradmem_fast.kernels import cross_entropy as kernels
 
-def _ce_grad(backend: str, z: Tensor, t: Tensor, lse: Tensor, scale: Tensor, ignore_index: int) -> None:
-    if backend == "triton":
-        from gradmem_fast.kernels import cross_entropy as kernels
+            kernels.ce_forward(self.z, self.t, self.lse, loss, self.ignore, False, n_load=self.n_load)
+        else:
+            _torch_stats(self.z, self.t, self.lse, loss, self.ignore)
 
-        kernels.ce_grad(z, t, lse, scale, ignore_index)
-    else:
-        _torch_ce_grad(z, t, lse, scale, ignore_index)
+    def dh(self, scale: Tensor | None, weight: Tensor, out: Tensor) -> None:
+        """``out = G W`` (a read of Z; G rounded to W's dtype, fp32 accumulation)."""
+        if self.backend == "triton":
+            from gradmem_fast.kernels import cross_entropy as kernels
+
+            kernels.ce_dh(self.z, self.t, self.lse, scale, weight, out, self.ignore, self.n_load, self.tf32)
+        else:
+            g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore).to(weight.dtype)
+            out.copy_(_mm_acc(g, weight))
+
+    def dw(self, scale: Tensor | None, h_c: Tensor, dw: Tensor | None, db: Tensor | None) -> None:
+        """``dw += G^T H_c``, ``db += colsum(G)`` (a read of Z)."""
+        if dw is None and db is None:
+            return
+        if self.backend == "triton":
+            from gradmem_fast.kernels import cross_entropy as kernels
+
+            kernels.ce_dw(self.z, self.t, self.lse, scale, h_c, dw, db, self.ignore, self.n_load, self.tf32)
+            return
+        g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore)
+        if db is not None:
+            db += g.sum(0)
+        if dw is not None:
+            dw += _mm_acc(g.to(h_c.dtype).t(), h_c)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Chunked sweeps
 # ---------------------------------------------------------------------------------------------------
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The reusable ``[rows, Vpad]`` logits buffer, ``Vpad`` = V rounded up to ``ROW_ALIGN`` (module docstring)."""
+    return torch.empty((rows, padded_vocab(vocab)), dtype=dtype, device=device)
 
 
 def _forward_sweep(
@@ -177,7 +262,8 @@ def _forward_sweep(
     want_wb: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """lse, loss ([N], math dtype) and optionally the unit-scale gradients W^T q ([N, d]) and
-    sum_i q_i h_i^T, sum_i q_i (fp32/fp64), in one pass over the token chunks."""
+    sum_i q_i h_i^T, sum_i q_i (fp32/fp64), in one pass over the token chunks: per chunk the GEMM writes Z,
+    the statistics read it, dH reads it (want_h) and dW/db read it (want_wb)."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -187,20 +273,17 @@ def _forward_sweep(
     dh_unit = torch.empty((n, d), dtype=acc, device=dev) if want_h else None
     dw_unit = torch.zeros((vocab, d), dtype=acc, device=dev) if want_wb else None
     db_unit = torch.zeros(vocab, dtype=acc, device=dev) if (want_wb and bias is not None) else None
-    write_grad = want_h or want_wb
-    buf = torch.empty((min(chunk, n), vocab), dtype=hidden.dtype, device=dev)
+    buf = _logits_buffer(min(chunk, n), vocab, hidden.dtype, dev)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         h_c = hidden[s:e]
-        z = buf[: e - s]
+        z = buf[: e - s, :vocab]
         _logits_into(z, h_c, weight, bias)
-        _ce_forward(backend, z, targets[s:e], lse[s:e], loss[s:e], ignore_index, write_grad)
+        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1])
+        c.stats(loss[s:e])
         if dh_unit is not None:  # want_h
-            dh_unit[s:e] = _mm_acc(z, weight)
-        if dw_unit is not None:  # want_wb
-            dw_unit += _mm_acc(z.t(), h_c)
-            if db_unit is not None:
-                db_unit += z.sum(0, dtype=acc)
+            c.dh(None, weight, dh_unit[s:e])
+        c.dw(None, h_c, dw_unit, db_unit)
     return lse, loss, dh_unit, dw_unit, db_unit
 
 
@@ -218,7 +301,8 @@ def _grad_sweep(
     need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dh, dW, db) of sum_i g_i loss_i by recomputing each chunk's logits from the saved lse.
+    """(dh, dW, db) of sum_i g_i loss_i by recomputing each chunk's logits from the saved lse (the GEMM
+    writes Z, dH reads it, dW/db read it).
 
     ``dh`` is in hidden's dtype; ``dW``/``db`` are accumulated in fp32 (fp64 for fp64) and returned in
     the math dtype; entries not needed are None."""
@@ -232,19 +316,16 @@ def _grad_sweep(
     db = torch.zeros(vocab, dtype=acc, device=dev) if (need_b and bias is not None) else None
     if not (need_h or need_w or db is not None):
         return dh, dw, db
-    buf = torch.empty((min(chunk, n), vocab), dtype=hidden.dtype, device=dev)
+    buf = _logits_buffer(min(chunk, n), vocab, hidden.dtype, dev)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         h_c = hidden[s:e]
-        z = buf[: e - s]
+        z = buf[: e - s, :vocab]
         _logits_into(z, h_c, weight, bias)
-        _ce_grad(backend, z, targets[s:e], lse[s:e], g[s:e], ignore_index)
+        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1])
         if dh is not None:  # need_h
-            dh[s:e] = torch.mm(z, weight)
-        if dw is not None:  # need_w
-            dw += _mm_acc(z.t(), h_c)
-        if db is not None:
-            db += z.sum(0, dtype=acc)
+            c.dh(g[s:e], weight, dh[s:e])
+        c.dw(g[s:e], h_c, dw, db)
     return dh, dw, db
 
 
@@ -568,7 +649,9 @@ def linear_cross_entropy(
     h2 = hidden.reshape(-1, d)
     t1 = targets.reshape(-1).contiguous()
     n = h2.shape[0]
-    chunk = chunk_rows(n, weight.shape[0], chunk_size)
+    chunk = chunk_rows(
+        n, weight.shape[0], chunk_size, hidden_size=d, elem_size=hidden.element_size(), l2=l2_bytes(hidden.device)
+    )
     if precompute_grad is None:
         precompute_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (hidden, weight, bias)
