@@ -535,7 +535,20 @@ def fused_sdpa(device_type="cuda"):
 # pairs): forward S = QK^T and O = PV; backward dK/dV kernel recomputes S, forms dP = dO V^T, dV = P^T dO,
 # dK = dS^T Q; the dQ kernel recomputes S and dP and forms dQ = dS K. Kernels not listed count 0 FLOPs
 # (reported as uncounted). Update this table when a kernel's work changes (issue 14).
-ATTENTION_UNITS = {"attn_fwd_kernel": 2, "attn_bwd_dkdv_kernel": 4, "attn_bwd_dq_kernel": 3}
+ATTENTION_UNITS = {
+    "attn_fwd_kernel": 2,
+    "attn_bwd_dkdv_kernel": 4,
+    "attn_bwd_dq_kernel": 3,
+    # double backward (kernels/attention_dbwd.py), one kernel whose ROLE constexpr picks the pass: row pass
+    # (S, B = gQ k^T + q gK^T, P (B - c) v, P gV), grad-q pass (S, dP, B, C = dO gV^T, dS gK, G k), key pass
+    # (S, dP, B, C, dS^T gQ + G^T q, W^T dO), fused key pass (the key pass and dS gK + G k by atomics):
+    # split path 5 + 7 + 8 = 20 units, fused path 5 + 10 = 15 (gradmem_fast.flops.attention_flops).
+    "attn_dbwd_kernel": None,  # marks the kernel as counted; the units are its ROLE entries
+    "attn_dbwd_kernel[ROLE=0]": 5,
+    "attn_dbwd_kernel[ROLE=1]": 7,
+    "attn_dbwd_kernel[ROLE=2]": 8,
+    "attn_dbwd_kernel[ROLE=3]": 10,
+}
 # Elementwise FLOPs per element of the logits chunk (max, exp, sum, subtract, scale): small next to the GEMMs.
 # ce_dh_kernel / ce_dw_kernel also multiply the gradient formed from the chunk by W / H: 2 d FLOPs per logit.
 CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4, "ce_dw_kernel": 4}
@@ -569,8 +582,11 @@ def triton_kernel_cost(census, name, args, kwargs):
     nbytes = sum(tensor_bytes(t) for t in tensors)
     flops = None
     if name in ATTENTION_UNITS:
+        units = ATTENTION_UNITS[name]
+        if "ROLE" in kwargs:
+            units = ATTENTION_UNITS.get(f"{name}[ROLE={int(kwargs['ROLE'])}]")
         hq, d, pairs = _triton_pairs(census, tensors, kwargs)
-        flops = None if pairs is None else ATTENTION_UNITS[name] * 2 * hq * d * pairs
+        flops = None if pairs is None else units * 2 * hq * d * pairs
     elif name == "attn_bwd_preprocess_kernel":
         flops = 2 * tensors[0].numel()
     elif name in CE_ELEMENTWISE:

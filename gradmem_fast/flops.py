@@ -25,12 +25,44 @@ head on the ``n_b`` loss positions ``m-1 .. m+n_b-2``.
 A K-step write costs ``K`` times that. ``attention_pairs="full"`` counts ``T_b^2`` pairs instead of
 ``P_b`` (what an eager implementation that masks a full score matrix multiplies); that variant matches
 ``torch.utils.flop_counter`` on the eager reference exactly and is what the tests check.
+
+``attention_flops`` is the other kind of count: the FLOPs our attention kernels *execute*, recomputation
+included, per call of the forward, the backward and the double backward (the second-order WRITE's extra
+attention work). Unit ``U = 2 Hq Dh P`` (one ``Lq x Lk x Dh`` matrix product over the ``P`` visible pairs);
+the kernel docstrings derive the counts::
+
+    forward                      2 U     S = q k^T, O = P v
+    backward, split kernels      7 U     dK/dV kernel: S, dP, dV, dK (4); dQ kernel: S, dP, dQ (3)
+    backward, atomic dQ          5 U     dK/dV kernel adds dQ = dS k by atomics: S, dP, dV, dK, dQ
+    double backward, split      20 U     row pass 5 (S, B = 2, P (B - c) v, P gV); grad-q pass 7 (S, dP, B,
+                                         C = 5, dS gK, G k); key pass 8 (S, dP, B, C, dS^T gQ + G^T q, W^T dO)
+    double backward, fused      15 U     row pass 5; key pass with grad q by atomics 10
+
+``deterministic=True`` (``torch.use_deterministic_algorithms(True)``) selects the split kernels of both.
+Double backward over forward + backward: fused 15 / 7 = 2.14 (15 / 9 = 1.67 against the split backward);
+split 20 / 9 = 2.22.
 """
 
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["ModelShape", "model_shape", "write_step_flops", "write_step_breakdown", "write_flops"]
+__all__ = [
+    "ModelShape",
+    "model_shape",
+    "write_step_flops",
+    "write_step_breakdown",
+    "write_flops",
+    "visible_pairs",
+    "attention_flops",
+    "ATTENTION_KERNEL_UNITS",
+]
+
+# GEMM units per call of our attention kernels (module docstring), split (deterministic) / atomic paths.
+ATTENTION_KERNEL_UNITS = {
+    "fwd": {True: 2, False: 2},
+    "bwd": {True: 7, False: 5},
+    "dbwd": {True: 20, False: 15},
+}
 
 # Model families whose MLP has three matrices (gate, up, down).
 GATED_MLP_TYPES = frozenset(
@@ -171,3 +203,48 @@ def write_step_flops(
 def write_flops(config, lengths: Iterable[int], num_memory_tokens: int, steps: int, **kwargs) -> int:
     """FLOPs of a whole ``steps``-step WRITE: ``steps * write_step_flops(...)``."""
     return int(steps) * write_step_flops(config, lengths, num_memory_tokens, **kwargs)
+
+
+def visible_pairs(lq: int, lk: int, causal: bool = True, window: int | None = None) -> int:
+    """(query, key) pairs the prefix attention computes for ``lq`` queries and ``lk`` keys: query ``i`` sees
+    key ``j`` iff ``j <= i + lk - lq`` (causal, bottom-right aligned) and ``j > i + lk - lq - window``."""
+    lq, lk = int(lq), int(lk)
+    if lq < 0 or lk < 0:
+        raise ValueError(f"lengths must be >= 0, got lq={lq}, lk={lk}")
+    if window is not None and int(window) < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if not causal and window is None:
+        return lq * lk
+    diag = lk - lq
+    total = 0
+    for i in range(lq):
+        hi = min(lk, i + diag + 1) if causal else lk
+        lo = 0 if window is None else max(0, i + diag - int(window) + 1)
+        total += max(0, hi - lo)
+    return total
+
+
+def attention_flops(
+    lengths_q: Iterable[int],
+    lengths_k: Iterable[int] | None = None,
+    *,
+    num_heads: int,
+    head_dim: int,
+    causal: bool = True,
+    window: int | None = None,
+    deterministic: bool = False,
+) -> dict:
+    """FLOPs our attention kernels execute for one call over documents of ``lengths_q`` queries and
+    ``lengths_k`` keys (default: the same), ``num_heads`` query heads of ``head_dim``: a dict with ``fwd``,
+    ``bwd`` and ``dbwd`` (the double backward), ``pairs`` (visible pairs per head) and ``unit``
+    (``2 num_heads head_dim pairs``). ``deterministic`` picks the split kernels (torch's deterministic mode)
+    instead of the atomic ones; the unit counts are in the module docstring and ``ATTENTION_KERNEL_UNITS``.
+    """
+    lq = _lengths(lengths_q)
+    lk = lq if lengths_k is None else _lengths(lengths_k)
+    if len(lq) != len(lk):
+        raise ValueError(f"lengths_q and lengths_k must have the same number of documents, got {len(lq)} and {len(lk)}")
+    pairs = sum(visible_pairs(a, b, causal, window) for a, b in zip(lq, lk))
+    unit = 2 * int(num_heads) * int(head_dim) * pairs
+    counts = {name: units[bool(deterministic)] * unit for name, units in ATTENTION_KERNEL_UNITS.items()}
+    return {**counts, "pairs": pairs, "unit": unit}

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attention_common import _dropout_mask_kernel
-from .attention_dbwd import attn_dbwd_dkdv_kernel, attn_dbwd_dq_kernel
+from .attention_dbwd import attn_dbwd_kernel
 from .attention_fwd import attn_fwd_kernel
 from .runtime import CompileSpec, Variant, interpreting
 
@@ -91,12 +91,14 @@ _DQ_CONFIGS = {
 # backward, so tiles are small. Every entry was found by compiling candidates for sm_90 and keeping the
 # first spill-free one; an empty list means none was found, and the launcher refuses that class
 # (``dbwd_supported``) rather than run a spilling kernel.
-_DBWD_STATS_CONFIGS = {
-    (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(64, 32, 4, 2)]},
-    (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(64, 32, 8, 2)]},
-    (256, 2): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},  # 16x32 spills unaligned with dropout
-    (64, 4): {"plain": [(64, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    (128, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+# Row pass (beta, psi, grad dO): one [BLOCK_M, D] accumulator. Unaligned fp16 regs: d64 64x32/8 238 (64x32/4
+# spills 40 B), with dropout 32x32 243; d128 16x16 255; d256 187 / 255.
+_DBWD_ROW_CONFIGS = {
+    (64, 2): {"plain": [(64, 32, 8, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
+    (64, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
+    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
     (256, 4): {"plain": [], "dropout": []},
 }
 _DBWD_DQ_CONFIGS = {
@@ -107,18 +109,22 @@ _DBWD_DQ_CONFIGS = {
     (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
     (256, 4): {"plain": [], "dropout": []},
 }
-_DBWD_DDO_CONFIGS = {
-    (64, 2): {"plain": [(64, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    (128, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
-    (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
-    (64, 4): {"plain": [(16, 32, 4, 1)], "dropout": [(16, 32, 4, 1)]},
-    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
-    (256, 4): {"plain": [], "dropout": []},
-}
 _DBWD_DKDV_CONFIGS = {
     (64, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     (128, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 8, 1)]},
     (256, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
+    (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    # fp32 d128 unaligned: 32x16 spills (132 B; 36 B with dropout): 16x16 (170 / 242 regs)
+    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
+    (256, 4): {"plain": [], "dropout": []},
+}
+# Fused key pass (grad k, grad v, grad q by atomics): the key pass plus two dots and the atomic tile.
+# Unaligned fp16: d64 32x32/4 208 / 252 regs; d128 32x32/8 255 (32x32/4 spills 20 B); d256 16x16/8 254 / 255
+# (16x16/4 spills 16 B).
+_DBWD_FUSED_CONFIGS = {
+    (64, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    (128, 2): {"plain": [(32, 32, 8, 1)], "dropout": [(32, 32, 8, 1)]},
+    (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
     (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
     # fp32 d128 unaligned: 32x16 spills (132 B; 36 B with dropout): 16x16 (170 / 242 regs)
     (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
@@ -132,10 +138,10 @@ _IEEE_CONFIGS = {
     # IEEE fp32 double backward: FMA dots replicate their operands across threads and five of them are in
     # flight; without alignment hints the grad-q pass spills at every tile shape tried (16x16 with 1-8
     # warps), so unaligned calls are refused. Aligned calls have 16x16 tiles (``_ALIGNED_IEEE``).
-    "dbwd_stats": {64: [], 128: [], 256: []},
+    "dbwd_row": {64: [], 128: [], 256: []},
     "dbwd_dq": {64: [], 128: [], 256: []},
-    "dbwd_ddo": {64: [], 128: [], 256: []},
     "dbwd_dkdv": {64: [], 128: [], 256: []},
+    "dbwd_fused": {64: [], 128: [], 256: []},
 }
 
 
@@ -170,17 +176,12 @@ _ALIGNED = {
         (128, 4): {"plain": [(128, 32, 8, 2), (32, 32, 4, 2)]},
     },  # fp32: 219 regs aligned
     # Double backward on wgmma-sized tiles, 128 queries over 8 warps (d64 / d128 regs, plain -> dropout):
-    # statistics 108 / 110 -> 156 / 172, grad q 144 / 192 -> 186 / 236, grad dO 113 / 148 -> 158 / 175.
-    "dbwd_stats": {
-        (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-        (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
-        (256, 2): {"dropout": [(16, 32, 4, 1)]},
-    },  # 138 regs aligned
-    "dbwd_dq": {
+    # grad q 144 / 192 -> 186 / 236.
+    "dbwd_row": {
         (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
         (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
     },
-    "dbwd_ddo": {
+    "dbwd_dq": {
         (64, 2): {"plain": [(128, 32, 8, 2), (64, 64, 4, 2)], "dropout": [(128, 32, 8, 2)]},
         (128, 2): {"plain": [(128, 32, 8, 2), (64, 32, 4, 2)], "dropout": [(128, 32, 8, 2)]},
     },
@@ -191,16 +192,20 @@ _ALIGNED = {
         (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
         (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
     },
+    "dbwd_fused": {
+        (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
+        (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
+    },
 }
 # IEEE fp32 double backward: with aligned operands the FMA tiles fit at 16x16 for d <= 64 (regs with
 # dropout: statistics 133, grad q 168, grad dO 168, grad k/v 133). d128 stays refused: its grad-dO pass
 # spills at 16x16 with 4 and 8 warps (the other three passes fit: 224 / 246 / 230 regs); so do unaligned
 # calls (grad q spills without hints) and d256.
 _ALIGNED_IEEE = {kind: {} for kind in _ALIGNED}
-_ALIGNED_IEEE["dbwd_stats"] = {64: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_row"] = {64: [(16, 16, 8, 1)]}
 _ALIGNED_IEEE["dbwd_dq"] = {64: [(16, 16, 4, 1)]}
-_ALIGNED_IEEE["dbwd_ddo"] = {64: [(16, 16, 8, 1)]}
 _ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_fused"] = {64: [(16, 16, 8, 1)]}
 
 
 def _pre_block_m(block_d):
@@ -216,23 +221,24 @@ _TABLES = {
     "fwd": _FWD_CONFIGS,
     "dkdv": _DKDV_CONFIGS,
     "dq": _DQ_CONFIGS,
-    "dbwd_stats": _DBWD_STATS_CONFIGS,
+    "dbwd_row": _DBWD_ROW_CONFIGS,
     "dbwd_dq": _DBWD_DQ_CONFIGS,
-    "dbwd_ddo": _DBWD_DDO_CONFIGS,
     "dbwd_dkdv": _DBWD_DKDV_CONFIGS,
+    "dbwd_fused": _DBWD_FUSED_CONFIGS,
 }
 _KERNELS = {
     "fwd": attn_fwd_kernel,
     "dkdv": attn_bwd_dkdv_kernel,
     "dq": attn_bwd_dq_kernel,
-    "dbwd_stats": attn_dbwd_dq_kernel,
-    "dbwd_dq": attn_dbwd_dq_kernel,
-    "dbwd_ddo": attn_dbwd_dq_kernel,
-    "dbwd_dkdv": attn_dbwd_dkdv_kernel,
+    "dbwd_row": attn_dbwd_kernel,
+    "dbwd_dq": attn_dbwd_kernel,
+    "dbwd_dkdv": attn_dbwd_kernel,
+    "dbwd_fused": attn_dbwd_kernel,
 }
-# The three launches of attn_dbwd_dq_kernel (its PASS constexpr): row statistics, grad q, grad dout.
-_DBWD_PASS = {"dbwd_stats": 0, "dbwd_dq": 1, "dbwd_ddo": 2}
-_DBWD_KINDS = ("dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
+# The launches of attn_dbwd_kernel (its ROLE constexpr): row pass, grad-q pass, key pass, fused key pass;
+# the deterministic double backward runs the first three, the other one the row pass and the fused key pass.
+_DBWD_ROLE = {"dbwd_row": 0, "dbwd_dq": 1, "dbwd_dkdv": 2, "dbwd_fused": 3}
+_DBWD_PATHS = {True: ("dbwd_row", "dbwd_dq", "dbwd_dkdv"), False: ("dbwd_row", "dbwd_fused")}
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 
@@ -277,8 +283,11 @@ def gpu_configs(
     return _TABLES[kind][(cls, element_size)][variant]
 
 
-def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool = False) -> bool:
-    """Whether every double-backward kernel has a spill-free configuration for this class on a GPU.
+def dbwd_supported(
+    block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool = False, deterministic: bool = True
+) -> bool:
+    """Whether every launch of the double backward's ``deterministic`` (atomic-free) or fused path has a
+    spill-free configuration for this class on a GPU.
 
     Empty entries of the double-backward tables mark classes where no tile shape compiled without register
     spills for sm_90 (the double backward keeps about twice the live tiles of the backward); the launcher
@@ -287,7 +296,8 @@ def dbwd_supported(block_d: int, element_size: int, dropout: bool, precision: st
     """
     if _interpreting():
         return True
-    return all(configs(kind, block_d, element_size, dropout, precision, aligned) for kind in _DBWD_KINDS)
+    kinds = _DBWD_PATHS[bool(deterministic)]
+    return all(configs(kind, block_d, element_size, dropout, precision, aligned) for kind in kinds)
 
 
 @functools.cache
@@ -308,8 +318,8 @@ def _aligned_call(tensors, strides) -> bool:
 def _launch(kind, grid_of, args, consts, block_d, element_size):
     """Run ``kind`` with the autotuned config on a GPU (from the aligned or unaligned table, as ``args``
     decide), or with the single interpreter config."""
-    if kind in _DBWD_PASS:
-        consts = dict(consts, PASS=_DBWD_PASS[kind])
+    if kind in _DBWD_ROLE:
+        consts = dict(consts, ROLE=_DBWD_ROLE[kind])
     if _interpreting():
         bm, bn, w, s = _INTERPRET_PINS.get(kind, _INTERPRET_CONFIG)
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
@@ -687,6 +697,7 @@ def attention_dbwd(
     seed=0,
     window=None,
     fp32_precision="ieee",
+    deterministic=True,
 ):
     """Double backward: gradients of ``<gdq, dq> + <gdk, dk> + <gdv, dv>``, where ``(dq, dk, dv)`` is
     ``attention_bwd`` of ``<dout, out> + <dlse, lse>``, with respect to ``q, k, v, dout`` and ``dlse``.
@@ -695,52 +706,80 @@ def attention_dbwd(
     part of the result (formulas in attention_dbwd.py). Returns ``(grad_q, grad_k, grad_v, grad_dout,
     grad_dlse)``; the first four in the inputs' dtype and layouts, ``grad_dlse`` in the log-sum-exp layout
     and precision. No [Lq, Lk] tensor is formed.
+
+    ``deterministic``: True runs the atomic-free path (row pass, grad-q pass, key pass: 20 GEMM units,
+    bitwise reproducible); False the row pass and the fused key pass, which adds grad q with fp32 atomics
+    (fp64 for fp64 inputs) into a zeroed accumulator (15 units; the last bits of grad q vary between runs on
+    a GPU). Where the fused pass has no spill-free configuration on a GPU, the deterministic path runs.
     """
-    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    q, k, v, dout, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout), _unit_last(out)
     gdq, gdk, gdv = _unit_last(gdq), _unit_last(gdk), _unit_last(gdv)
     geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
     precision = "ieee" if q.dtype == torch.float64 else fp32_precision
     # The launches' alignment follows from the inputs' (the outputs are allocated with q's and k's shapes).
-    ins = [q, k, v, dout, gdq, gdk, gdv]
+    ins = [q, k, v, dout, out, gdq, gdk, gdv]
     aligned = _aligned_call(
         ins + [t for t in (cu_seqlens_q, cu_seqlens_k, geo.kpm) if t is not None],
         [st for t in ins for st in geo.strides(t)],
     )
-    if q.dtype != torch.float64 and not dbwd_supported(
-        geo.block_d, q.element_size(), dropout_p > 0, precision, aligned
-    ):
-        raise NotImplementedError(
-            f"prefix attention double backward: no spill-free sm_90 kernel configuration for head_dim={geo.d} "
-            f"(padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
-            f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'} yet; use "
-            "backend='torch' for this second-order call"
-            + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else "")
-        )
+    if q.dtype != torch.float64:
+        class_args = (geo.block_d, q.element_size(), dropout_p > 0, precision, aligned)
+        deterministic = deterministic or not dbwd_supported(*class_args, deterministic=False)
+        if not dbwd_supported(*class_args, deterministic=True):
+            raise NotImplementedError(
+                f"prefix attention double backward: no spill-free sm_90 kernel configuration for "
+                f"head_dim={geo.d} (padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
+                f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'} yet; use "
+                "backend='torch' for this second-order call"
+                + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else "")
+            )
     scale = 1.0 / math.sqrt(geo.d) if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_do = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    grad_v = torch.empty(k.shape, dtype=v.dtype, device=v.device)  # allocated like grad_k: shared strides
     beta = torch.empty(geo.lse_shape, dtype=acc_dtype, device=q.device)
-    if geo.batch == 0 or geo.hq == 0:
-        return grad_q, grad_k, grad_v, grad_do, beta
-    if geo.seqlen_q == 0 or geo.seqlen_k == 0:
+    if deterministic:
+        grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:  # the atomic accumulator; rows no key block visits (no visible key) stay 0
+        grad_q = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    if geo.batch == 0 or geo.hq == 0 or geo.seqlen_q == 0 or geo.seqlen_k == 0:
         # No (query, key) pair exists: the backward is identically zero, and so is its derivative.
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_(), grad_do.zero_(), beta.zero_()
+        grad_q = grad_q.to(q.dtype).zero_()
+        return grad_q, grad_k.zero_(), grad_v.zero_(), grad_do.zero_(), beta.zero_()
     # delta_i = dO_i . O_i - dlse_i, exactly as the first-order backward formed it.
     delta = attention_bwd_preprocess(out, dout, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=geo.seqlen_q)
-    if dlse is None:
-        dlse = torch.zeros_like(delta)
-    else:
-        # rows with no visible key carry lse = -inf and no gradient; a cotangent there must not leak into psi
-        dlse = dlse.to(acc_dtype).masked_fill(torch.isneginf(lse), 0.0).contiguous()
-        delta = delta - dlse
+    if dlse is not None:
+        # rows with no visible key carry lse = -inf and no gradient; a cotangent there must not leak into delta
+        delta = delta - dlse.to(acc_dtype).masked_fill(torch.isneginf(lse), 0.0)
     psi = torch.empty_like(beta)
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
     consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
-    tail = (
+    args = (
+        q,
+        k,
+        v,
+        dout,
+        out,
+        gdq,
+        gdk,
+        gdv,
+        lse,
+        delta,
+        beta,
+        psi,
+        grad_q,
+        grad_do,
+        grad_k,
+        grad_v,
+        cu_q,
+        cu_k,
+        kpm,
+        params,
+        *(st for t in ins for st in geo.strides(t)),
+        *geo.strides(grad_do),  # every query-shaped output is allocated like grad_do
+        *geo.strides(grad_k),  # and every key-shaped one like grad_k
         *geo.lse_strides,
         geo.kpm_stride,
         geo.seqlen_q,
@@ -754,57 +793,18 @@ def attention_dbwd(
         _seed_pointer(seed, dropout_p, q),
         int(window or 0),
     )
-    inputs = (q, k, v, dout, gdq, gdk, gdv)
-    in_strides = tuple(s for t in inputs for s in geo.strides(t))
-
-    dq_args = (
-        *inputs,
-        lse,
-        delta,
-        dlse,
-        beta,
-        psi,
-        grad_q,
-        grad_do,
-        cu_q,
-        cu_k,
-        kpm,
-        params,
-        *in_strides,
-        *geo.strides(grad_q),
-        *geo.strides(grad_do),
-        *tail,
-    )
 
     def grid_q(meta):
         return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
 
-    for kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):  # statistics first: the other passes read them
-        _launch(kind, grid_q, dq_args, consts, geo.block_d, q.element_size())
-
-    kv_args = (
-        *inputs,
-        lse,
-        delta,
-        beta,
-        psi,
-        grad_k,
-        grad_v,
-        cu_q,
-        cu_k,
-        kpm,
-        params,
-        *in_strides,
-        *geo.strides(grad_k),
-        *geo.strides(grad_v),
-        *tail,
-    )
-
     def grid_kv(meta):
         return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
 
-    _launch("dbwd_dkdv", grid_kv, kv_args, consts, geo.block_d, q.element_size())
-    return grad_q, grad_k, grad_v, grad_do, beta
+    # the row pass first: every other pass reads its beta and psi
+    for kind in _DBWD_PATHS[bool(deterministic)]:
+        grid = grid_q if kind in ("dbwd_row", "dbwd_dq") else grid_kv
+        _launch(kind, grid, args, consts, geo.block_d, q.element_size())
+    return grad_q.to(q.dtype), grad_k, grad_v, grad_do, beta
 
 
 def dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, seed, device, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -851,10 +851,9 @@ _OWN_BUFFERS = {
     "fwd": {"Out", "Lse"},
     "dkdv": {"Lse", "Delta", "dK", "dV"},
     "dq": {"Lse", "Delta", "dQ"},
-    "dbwd_dkdv": {"Lse", "Delta", "Beta", "Psi", "GradK", "GradV"},
 }
-for _kind in ("dbwd_stats", "dbwd_dq", "dbwd_ddo"):
-    _OWN_BUFFERS[_kind] = {"Lse", "Delta", "Dlse", "Beta", "Psi", "GradQ", "GraddOut"}
+for _kind in _DBWD_ROLE:  # Out, the forward's output, may be a caller's buffer: not counted as own
+    _OWN_BUFFERS[_kind] = {"Lse", "Delta", "Beta", "Psi", "GradQ", "GraddOut", "GradK", "GradV"}
 
 
 def _variants(kind, sig, dropout=False):
@@ -880,7 +879,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     i32, f32 = "i32", "fp32"
     bm, bn, warps, stages = cfg
-    extra = {"PASS": _DBWD_PASS[kind]} if kind in _DBWD_PASS else {}
+    extra = {"ROLE": _DBWD_ROLE[kind]} if kind in _DBWD_ROLE else {}
     consts = dict(
         **extra,
         HEAD_DIM=block_d,
@@ -961,15 +960,12 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
             **tail,
         }
     else:
-        ins = {"Q": t, "K": t, "V": t, "dOut": t, "gQ": t, "gK": t, "gV": t, "Lse": acc, "Delta": acc}
-        in_strides = {name: i32 for p in ("q", "k", "v", "do", "gq", "gk", "gv") for name in strides3(p)}
-        if kind != "dbwd_dkdv":
-            outs = {"Dlse": acc, "Beta": acc, "Psi": acc, "GradQ": t, "GraddOut": t}
-            out_strides = {**strides3("oq"), **strides3("od")}
-        else:
-            outs = {"Beta": acc, "Psi": acc, "GradK": t, "GradV": t}
-            out_strides = {**strides3("ok"), **strides3("ov")}
-        sig = {**ins, **outs, **common, **in_strides, **out_strides, **tail}
+        ins = {"Q": t, "K": t, "V": t, "dOut": t, "Out": t, "gQ": t, "gK": t, "gV": t, "Lse": acc, "Delta": acc}
+        # GradQ: the fused key pass's accumulator (fp32/fp64), the grad-q pass's output (the others ignore it)
+        outs = {"Beta": acc, "Psi": acc, "GradQ": acc if kind == "dbwd_fused" else t, "GraddOut": t}
+        outs.update(GradK=t, GradV=t)
+        in_strides = {name: i32 for p in ("q", "k", "v", "do", "o", "gq", "gk", "gv") for name in strides3(p)}
+        sig = {**ins, **outs, **common, **in_strides, **strides3("oq"), **strides3("ok"), **tail}
     name = (
         f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
         f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}"
@@ -986,7 +982,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     )
 
 
-KINDS = ("fwd", "dkdv", "dq", "dbwd_stats", "dbwd_dq", "dbwd_ddo", "dbwd_dkdv")
+KINDS = ("fwd", "dkdv", "dq", "dbwd_row", "dbwd_dq", "dbwd_dkdv", "dbwd_fused")
 
 
 def compile_specs(kinds=KINDS):

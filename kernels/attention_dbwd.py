@@ -1,8 +1,8 @@
-"""Double-backward kernels of prefix attention: the VJP of the attention backward, by recomputation.
+"""Double-backward kernel of prefix attention: the VJP of the attention backward, by recomputation.
 
 The backward (kernels/attention_bwd.py) maps ``(q, k, v, dO, dlse)`` to ``(dQ, dK, dV)``; ``O`` and ``lse``
-are the forward's outputs, i.e. functions of ``q, k, v``. These kernels take cotangents ``(gQ, gK, gV)`` of
-``(dQ, dK, dV)`` and return the gradients of ``<gQ, dQ> + <gK, dK> + <gV, dV>`` with respect to ``q, k, v,
+are the forward's outputs, i.e. functions of ``q, k, v``. This kernel takes cotangents ``(gQ, gK, gV)`` of
+``(dQ, dK, dV)`` and returns the gradients of ``<gQ, dQ> + <gK, dK> + <gV, dV>`` with respect to ``q, k, v,
 dO, dlse``, the dependence through ``O`` and ``lse`` included. Per pair ``(i, j)`` (``P`` the softmax,
 ``z`` the dropout keep mask, ``r = 1/(1-p)``, ``delta_i = dO_i.O_i - dlse_i``, ``do_i = dO_i.O_i``)::
 
@@ -25,14 +25,38 @@ with ``-beta_i``, which puts the cotangent ``-beta_i dO_i`` on ``O_i``; that flo
 as scores gradient ``-beta_i P_ij (dP_ij - do_i)`` and ``grad v_j -= sum_i z r P_ij beta_i dO_i``.
 Collecting the score terms with ``do_i = delta_i + dlse_i`` gives ``G``.
 
-Two kernels, four launches, no atomics, no [Lq, Lk] tensor: ``attn_dbwd_dq_kernel`` (one program per
-query block) runs three times, its ``PASS`` constexpr selecting one sweep over the keys: the row statistics
-``beta, psi`` (written to [heads, tokens] buffers, since grad q and grad k need the complete rows), then
-``grad q``, then ``grad dO`` (separate launches: one fused program holding the query-side tiles across
-several sweeps spills on sm_90); ``attn_dbwd_dkdv_kernel`` (one program per key block, looping over the
-query heads of its KV head and their query blocks) forms ``grad k`` and ``grad v``. Every score tile is
-recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with base-2 exponentials;
-mask, window and dropout keep mask are regenerated exactly as in the forward.
+Two identities make the row statistics cheap. ``psi_i = dO_i . grad dO_i``: expanding,
+``dO_i . grad dO_i = sum_j P_ij (B_ij - beta_i) dP_ij + sum_j P_ij C_ij = phi_i + beta_i (delta_i - do_i)``,
+because ``sum_j P_ij dP_ij = dO_i . O_i = do_i``; and ``delta_i - do_i = -dlse_i``. And, for any per-row
+``c_i``, ``sum_j W_ij v_j = sum_j z r P_ij (B_ij - c_i) v_j - (beta_i - c_i) O_i`` because
+``O_i = sum_j z r P_ij v_j``. So one sweep over the keys that forms only ``S`` and ``B`` yields ``beta``,
+``grad dO`` and ``psi``, with no ``dP`` or ``C``. The centre ``c_i`` is the P-weighted mean of ``B`` over
+the first key block in which row ``i`` sees a key: the tiles cast to the input dtype are then ``B - c``
+(the row's spread of ``B``, not its common level, which is large when keys share a component), and the
+saved 16-bit ``O`` is multiplied only by the small ``beta - c``.
+
+One kernel, ``attn_dbwd_kernel``; its ``ROLE`` constexpr picks what a program does (``kernels/attention.py``
+launches them in this order):
+
+* ROLE 0, row pass (one program per query block): ``beta`` (= grad dlse), ``psi`` and ``grad dO`` as above;
+* ROLE 1, grad-q pass (one program per query block; deterministic path only): ``grad q`` from the stored
+  ``beta, psi``;
+* ROLE 2, key pass (one program per key block of a KV head, looping over the query heads of its group and
+  their query blocks in the transposed orientation [keys, queries]): ``grad k``, ``grad v``;
+* ROLE 3, fused key pass: ROLE 2 plus each visited tile's contribution to ``grad q``, added with atomics into
+  a zeroed fp32 (fp64 for fp64 inputs) accumulator. Replaces ROLE 1 and its recomputation of the tiles.
+
+FLOPs, in units of one ``Lq x Lk x D`` matrix product over the visible pairs (``2 D`` FLOPs per pair):
+row pass ``S = q k^T`` 1 + ``B`` 2 + ``(P (B - c)) v`` 1 + ``P gV`` 1 = 5; key pass recomputes ``S``, ``dP``,
+``B``, ``C`` (5) and forms ``grad k = dS^T gQ + G^T q`` 2 and ``grad v = W^T dO`` 1 = 8; grad q
+``= dS gK + G k`` is 2 more, in the fused key pass (10) or in the grad-q pass after its own recomputation
+(5 + 2 = 7). Double backward: fused 5 + 10 = 15 units, deterministic 5 + 7 + 8 = 20 (the four-launch
+version before this one: 25). For scale, forward 2 and backward 5 (dQ by atomics) or 7 (split kernels).
+``gradmem_fast.flops.attention_flops`` counts them.
+
+Every score tile is recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with
+base-2 exponentials; mask, window and dropout keep mask are regenerated exactly as in the forward. No
+[Lq, Lk] tensor exists anywhere.
 """
 
 import triton
@@ -44,6 +68,7 @@ from .attention_common import (
     key_keep,
     key_range,
     load_head_rows,
+    load_lse2,
     load_row_stats,
     load_rows,
     load_scalars,
@@ -52,573 +77,29 @@ from .attention_common import (
     rng_key,
     score_mask,
     seq_bounds,
+    stat_offset,
     store_rows,
 )
 
-
-@triton.jit
-def _dbwd_row_tiles(
-    q,
-    do,
-    gq,
-    kT,
-    vT,
-    gkT,
-    gvT,
-    lse2,
-    delta,
-    offs_m,
-    offs_n,
-    k_len,
-    diag,
-    window,
-    kp_ok,
-    qk_scale,
-    sm_scale,
-    rescale,
-    dropout_p,
-    key,
-    IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Recomputed [BLOCK_M, BLOCK_N] tiles of the module formulas: (P, dP - delta, B, C, z r)."""
-    s = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
-    valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
-    if HAS_KPM:
-        valid = valid & kp_ok[None, :]
-    p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    cc = tl.dot(do, gvT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    bb = (
-        tl.dot(gq, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        + tl.dot(q, gkT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    ) * sm_scale
-    if HAS_DROPOUT:
-        keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
-        zr = tl.where(keep, rescale, 0.0)
-        dp = dp * zr
-        cc = cc * zr
-    else:
-        zr = rescale
-    return p, dp - delta[:, None], bb, cc, zr
+ROW, GRAD_Q, KEY, KEY_FUSED = 0, 1, 2, 3  # the ROLE constexpr of attn_dbwd_kernel
 
 
 @triton.jit
-def attn_dbwd_dq_kernel(
+def attn_dbwd_kernel(
     Q,
     K,
     V,
     dOut,
+    Out,
     gQ,
     gK,
     gV,
     Lse,
     Delta,
-    Dlse,
     Beta,
     Psi,
     GradQ,
     GraddOut,
-    CuQ,
-    CuK,
-    Kpm,
-    Params,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    stride_vb,
-    stride_vt,
-    stride_vh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
-    stride_gqb,
-    stride_gqt,
-    stride_gqh,
-    stride_gkb,
-    stride_gkt,
-    stride_gkh,
-    stride_gvb,
-    stride_gvt,
-    stride_gvh,
-    stride_oqb,
-    stride_oqt,
-    stride_oqh,
-    stride_odb,
-    stride_odt,
-    stride_odh,
-    stride_lb,
-    stride_lh,
-    stride_mb,
-    seqlen_q,
-    seqlen_k,
-    num_heads,
-    group,
-    qk_scale,
-    sm_scale,
-    rescale,
-    dropout_p,
-    Seed,
-    window,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    PARAMS_FP64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    PASS: tl.constexpr,
-):
-    """Row statistics and the query-side gradients of the module formulas, for one query block:
-
-    PASS 0: Beta_i = sum_j P_ij B_ij, Psi_i = sum_j P_ij ((dP_ij - delta_i) B_ij + C_ij) - Beta_i dlse_i;
-    PASS 1: GradQ_i = scale sum_j (dS_ij gK_j + G_ij k_j)              (reads Beta, Psi);
-    PASS 2: GraddOut_i = sum_j (W_ij v_j + z r P_ij gV_j)              (reads Beta).
-
-    The launcher runs the three passes as three launches: one fused program keeps the query-side tiles
-    live across several key sweeps and spills on sm_90, and PASS 2 needs only three of the five
-    score-shaped products. Grid: (query blocks of the longest sequence, query heads, sequences). Beta
-    (= grad dlse) and Psi are written for every real row (0 for rows that see no key).
-    """
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    q_start, q_len, k_start, k_len = seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    m0 = pid_m * BLOCK_M
-    if m0 >= q_len:
-        return
-    qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
-    seed = load_seed(Seed, HAS_DROPOUT)
-    hk = h // group
-    q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-    if PASS < 2:
-        do = load_head_rows(
-            dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
-        )
-    else:
-        do = q  # PASS 2 does not use dO
-    gq = load_head_rows(gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-    offs_m, m_ok, stat, lse2, delta = load_row_stats(
-        Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
-    )
-    K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
-    V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
-    gK_base = head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh)
-    gV_base = head_base(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh)
-    Kpm_base = Kpm + b.to(tl.int64) * stride_mb + k_start
-
-    # every row statistic needs the complete row: the key range of the block, no unmasked split
-    diag, lo, hi, full_lo, full_hi = key_range(m0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    key = rng_key(seed, b, h, num_heads)
-
-    if PASS == 0:
-        # The row statistics need every key of the row before any gradient can be formed.
-        _dbwd_row_stats(
-            q,
-            do,
-            gq,
-            K_base,
-            V_base,
-            gK_base,
-            gV_base,
-            Kpm_base,
-            stride_kt,
-            stride_vt,
-            stride_gkt,
-            stride_gvt,
-            lse2,
-            delta,
-            Dlse,
-            Beta,
-            Psi,
-            stat,
-            offs_m,
-            m_ok,
-            lo,
-            hi,
-            k_len,
-            diag,
-            window,
-            qk_scale,
-            sm_scale,
-            rescale,
-            dropout_p,
-            key,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            BLOCK_N,
-            IS_CAUSAL,
-            HAS_WINDOW,
-            HAS_KPM,
-            HAS_DROPOUT,
-            ACC_DTYPE,
-            INPUT_PRECISION,
-        )
-    elif PASS == 1:
-        beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
-        psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
-        _dbwd_grad_q(
-            q,
-            do,
-            gq,
-            K_base,
-            V_base,
-            gK_base,
-            gV_base,
-            Kpm_base,
-            stride_kt,
-            stride_vt,
-            stride_gkt,
-            stride_gvt,
-            lse2,
-            delta,
-            beta,
-            psi,
-            head_base(GradQ, b, q_start, h, stride_oqb, stride_oqt, stride_oqh),
-            stride_oqt,
-            m0,
-            q_len,
-            offs_m,
-            lo,
-            hi,
-            k_len,
-            diag,
-            window,
-            qk_scale,
-            sm_scale,
-            rescale,
-            dropout_p,
-            key,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            BLOCK_N,
-            IS_CAUSAL,
-            HAS_WINDOW,
-            HAS_KPM,
-            HAS_DROPOUT,
-            ACC_DTYPE,
-            INPUT_PRECISION,
-        )
-    else:
-        beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
-        _dbwd_grad_dout(
-            q,
-            gq,
-            K_base,
-            V_base,
-            gK_base,
-            gV_base,
-            Kpm_base,
-            stride_kt,
-            stride_vt,
-            stride_gkt,
-            stride_gvt,
-            lse2,
-            beta,
-            head_base(GraddOut, b, q_start, h, stride_odb, stride_odt, stride_odh),
-            stride_odt,
-            m0,
-            q_len,
-            offs_m,
-            lo,
-            hi,
-            k_len,
-            diag,
-            window,
-            qk_scale,
-            sm_scale,
-            rescale,
-            dropout_p,
-            key,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            BLOCK_N,
-            IS_CAUSAL,
-            HAS_WINDOW,
-            HAS_KPM,
-            HAS_DROPOUT,
-            ACC_DTYPE,
-            INPUT_PRECISION,
-        )
-
-
-@triton.jit
-def _dbwd_row_stats(
-    q,
-    do,
-    gq,
-    K_base,
-    V_base,
-    gK_base,
-    gV_base,
-    Kpm_base,
-    stride_kt,
-    stride_vt,
-    stride_gkt,
-    stride_gvt,
-    lse2,
-    delta,
-    Dlse,
-    Beta,
-    Psi,
-    stat,
-    offs_m,
-    m_ok,
-    lo,
-    hi,
-    k_len,
-    diag,
-    window,
-    qk_scale,
-    sm_scale,
-    rescale,
-    dropout_p,
-    key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """PASS 0 of attn_dbwd_dq_kernel: stores Beta and Psi of one query block."""
-    beta = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    phi = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
-        vT = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
-        gkT = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
-        gvT = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, True)
-        kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(
-            q,
-            do,
-            gq,
-            kT,
-            vT,
-            gkT,
-            gvT,
-            lse2,
-            delta,
-            offs_m,
-            offs_n,
-            k_len,
-            diag,
-            window,
-            kp_ok,
-            qk_scale,
-            sm_scale,
-            rescale,
-            dropout_p,
-            key,
-            IS_CAUSAL,
-            HAS_WINDOW,
-            HAS_KPM,
-            HAS_DROPOUT,
-            ACC_DTYPE,
-            INPUT_PRECISION,
-        )
-        beta += tl.sum(p * bb, 1)
-        phi += tl.sum(p * (dpd * bb + cc), 1)
-    dlse = tl.load(Dlse + stat, mask=m_ok, other=0.0)
-    psi = phi - beta * dlse
-    tl.store(Beta + stat, beta, mask=m_ok)
-    tl.store(Psi + stat, psi, mask=m_ok)
-
-
-@triton.jit
-def _dbwd_grad_q(
-    q,
-    do,
-    gq,
-    K_base,
-    V_base,
-    gK_base,
-    gV_base,
-    Kpm_base,
-    stride_kt,
-    stride_vt,
-    stride_gkt,
-    stride_gvt,
-    lse2,
-    delta,
-    beta,
-    psi,
-    Out_base,
-    stride_ot,
-    m0,
-    q_len,
-    offs_m,
-    lo,
-    hi,
-    k_len,
-    diag,
-    window,
-    qk_scale,
-    sm_scale,
-    rescale,
-    dropout_p,
-    key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """PASS 1 of attn_dbwd_dq_kernel: stores GradQ of one query block."""
-    acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        # Row-major tiles here (transposed for the score products), transposed loads in the statistics
-        # pass: each is the variant that compiles without spills for more tile shapes on sm_90.
-        k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
-        p, dpd, bb, cc, zr = _dbwd_row_tiles(
-            q,
-            do,
-            gq,
-            tl.trans(k),
-            tl.trans(v),
-            tl.trans(gk),
-            tl.trans(gv),
-            lse2,
-            delta,
-            offs_m,
-            offs_n,
-            k_len,
-            diag,
-            window,
-            kp_ok,
-            qk_scale,
-            sm_scale,
-            rescale,
-            dropout_p,
-            key,
-            IS_CAUSAL,
-            HAS_WINDOW,
-            HAS_KPM,
-            HAS_DROPOUT,
-            ACC_DTYPE,
-            INPUT_PRECISION,
-        )
-        ds = p * dpd
-        g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
-        acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    acc_q = acc_q * sm_scale
-    store_rows(Out_base, m0, q_len, stride_ot, acc_q, BLOCK_M, BLOCK_D, HEAD_DIM)
-
-
-@triton.jit
-def _dbwd_grad_dout(
-    q,
-    gq,
-    K_base,
-    V_base,
-    gK_base,
-    gV_base,
-    Kpm_base,
-    stride_kt,
-    stride_vt,
-    stride_gkt,
-    stride_gvt,
-    lse2,
-    beta,
-    Out_base,
-    stride_ot,
-    m0,
-    q_len,
-    offs_m,
-    lo,
-    hi,
-    k_len,
-    diag,
-    window,
-    qk_scale,
-    sm_scale,
-    rescale,
-    dropout_p,
-    key,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """PASS 2 of attn_dbwd_dq_kernel: stores GraddOut of one query block."""
-    acc_do = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
-        if HAS_KPM:
-            valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
-        pd = tl.where(valid, p, 0.0)
-        if HAS_DROPOUT:
-            keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
-            pd = tl.where(keep, pd * rescale, 0.0)
-        bb = (
-            tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        ) * sm_scale
-        w = pd * (bb - beta[:, None])
-        v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-        acc_do += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc_do += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    store_rows(Out_base, m0, q_len, stride_ot, acc_do, BLOCK_M, BLOCK_D, HEAD_DIM)
-
-
-@triton.jit
-def attn_dbwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    dOut,
-    gQ,
-    gK,
-    gV,
-    Lse,
-    Delta,
-    Beta,
-    Psi,
     GradK,
     GradV,
     CuQ,
@@ -637,6 +118,9 @@ def attn_dbwd_dkdv_kernel(
     stride_dob,
     stride_dot,
     stride_doh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
     stride_gqb,
     stride_gqt,
     stride_gqh,
@@ -646,12 +130,12 @@ def attn_dbwd_dkdv_kernel(
     stride_gvb,
     stride_gvt,
     stride_gvh,
+    stride_oqb,
+    stride_oqt,
+    stride_oqh,
     stride_okb,
     stride_okt,
     stride_okh,
-    stride_ovb,
-    stride_ovt,
-    stride_ovh,
     stride_lb,
     stride_lh,
     stride_mb,
@@ -677,97 +161,253 @@ def attn_dbwd_dkdv_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ROLE: tl.constexpr,
 ):
-    """Key-side gradients of the module formulas, for one key block of one KV head:
+    """One program of the module's ROLE (formulas in the module docstring):
 
-    GradK_j = scale sum_{h in group, i} (dS_ij gQ_i + G_ij q_i),  GradV_j = sum_{h in group, i} W_ij dO_i,
+    ROLE 0: Beta_i = sum_j P_ij B_ij, GraddOut_i = sum_j (W_ij v_j + z r P_ij gV_j), Psi_i = dO_i . GraddOut_i;
+    ROLE 1: GradQ_i = scale sum_j (dS_ij gK_j + G_ij k_j)                      (reads Beta, Psi);
+    ROLE 2: GradK_j = scale sum_{h in group, i} (dS_ij gQ_i + G_ij q_i), GradV_j = sum_{h, i} W_ij dO_i;
+    ROLE 3: ROLE 2, and GradQ_i += scale (dS_ij gK_j + G_ij k_j) summed over the program's keys, by atomics.
 
-    with Beta and Psi from ``attn_dbwd_dq_kernel``. Grid: (key blocks of the longest sequence, KV heads,
-    sequences); works in the transposed orientation [keys, queries] so both accumulate without transposes.
+    Grid: (query blocks of the longest sequence, query heads, sequences) for ROLE 0 and 1; (key blocks,
+    KV heads, sequences) for ROLE 2 and 3. Query-shaped outputs (GradQ, GraddOut) share the strides
+    ``stride_oq*``, key-shaped ones (GradK, GradV) ``stride_ok*``; Beta and Psi are written for every real
+    row (0 for rows that see no key). GradQ is the output in ROLE 1 and the accumulator in ROLE 3.
     """
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
     b = tl.program_id(2)
     q_start, q_len, k_start, k_len = seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    n0 = pid_n * BLOCK_N
-    if n0 >= k_len:
+    if ROLE < 2:
+        start = pid * BLOCK_M
+        own_len = q_len
+    else:
+        start = pid * BLOCK_N
+        own_len = k_len
+    if start >= own_len:
         return
     qk_scale, sm_scale, rescale, log2e, ln2 = load_scalars(qk_scale, sm_scale, rescale, Params, PARAMS_FP64)
     seed = load_seed(Seed, HAS_DROPOUT)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = load_head_rows(K, b, k_start, hk, stride_kb, stride_kt, stride_kh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
-    v = load_head_rows(V, b, k_start, hk, stride_vb, stride_vt, stride_vh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
-    gk = load_head_rows(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
-    gv = load_head_rows(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
-    kp_ok = key_keep(Kpm + b.to(tl.int64) * stride_mb + k_start, offs_n, offs_n < k_len, HAS_KPM)
-    # Only the query blocks that see some key of this block are visited.
-    diag, lo, n_blocks = query_range(n0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    Kpm_base = Kpm + b.to(tl.int64) * stride_mb + k_start
 
-    acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
-    # One flat loop over (query head of the group, query block), as in attn_bwd_dkdv_kernel.
-    for it in range(0, group * n_blocks):
-        g_idx = it // n_blocks
-        h = hk * group + g_idx
-        m0 = lo + (it - g_idx * n_blocks) * BLOCK_M
-        q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
-        do = load_head_rows(
-            dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
-        )
+    if ROLE < 2:
+        # ---- query-block roles: one query block of head `head`, a sweep over every key its rows see
+        m0 = start
+        hk = head // group
+        q = load_head_rows(Q, b, q_start, head, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
         gq = load_head_rows(
-            gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            gQ, b, q_start, head, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
         )
-        offs_m, m_ok, stat, lse2, delta = load_row_stats(
-            Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
-        )
-        beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
-        psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
-        sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-        pT = tl.math.exp2(sT - lse2[None, :])
-        valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
-        if HAS_KPM:
-            valid = valid & kp_ok[:, None]
-        pT = tl.where(valid, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        ccT = tl.dot(gv, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        bbT = (
-            tl.dot(k, tl.trans(gq), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            + tl.dot(gk, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        ) * sm_scale
-        if HAS_DROPOUT:
-            keep = keep_mask(rng_key(seed, b, h, num_heads), offs_m[None, :], offs_n[:, None], k_len, dropout_p)
-            zrT = tl.where(keep, rescale, 0.0)
-            dpT = dpT * zrT
-            ccT = ccT * zrT
-            pdT = pT * zrT
+        K_base = head_base(K, b, k_start, hk, stride_kb, stride_kt, stride_kh)
+        V_base = head_base(V, b, k_start, hk, stride_vb, stride_vt, stride_vh)
+        gK_base = head_base(gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh)
+        gV_base = head_base(gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh)
+        # every row quantity needs the complete row: the key range of the block, no unmasked split
+        diag, lo, hi, full_lo, full_hi = key_range(m0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+        key = rng_key(seed, b, head, num_heads)
+        if ROLE == 0:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < q_len
+            stat = stat_offset(b, head, q_start, stride_lb, stride_lh) + offs_m
+            lse2 = load_lse2(Lse, stat, m_ok, log2e)
+            beta = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            mass = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            centre = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+            for start_n in range(lo, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+                p = tl.math.exp2(s - lse2[:, None])
+                valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
+                if HAS_KPM:
+                    valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
+                p = tl.where(valid, p, 0.0)
+                bb = (
+                    tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                ) * sm_scale
+                p_sum = tl.sum(p, 1)
+                pb_sum = tl.sum(p * bb, 1)
+                # the centre is fixed by the first block with some probability mass in the row (earlier
+                # blocks added nothing to acc for that row, so the choice needs no correction)
+                centre = tl.where(mass > 0, centre, pb_sum / tl.where(p_sum > 0, p_sum, 1.0))
+                mass += p_sum
+                beta += pb_sum
+                if HAS_DROPOUT:
+                    keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
+                    pd = tl.where(keep, p * rescale, 0.0)
+                else:  # rescale is 1 without dropout
+                    pd = p
+                v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                w = pd * (bb - centre[:, None])
+                acc += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            o = load_head_rows(
+                Out, b, q_start, head, stride_ob, stride_ot, stride_oh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            acc -= (beta - centre)[:, None] * o.to(ACC_DTYPE)
+            do = load_head_rows(
+                dOut, b, q_start, head, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            psi = tl.sum(do.to(ACC_DTYPE) * acc, 1)
+            tl.store(Beta + stat, beta, mask=m_ok)
+            tl.store(Psi + stat, psi, mask=m_ok)
+            store_rows(
+                head_base(GraddOut, b, q_start, head, stride_oqb, stride_oqt, stride_oqh),
+                m0,
+                q_len,
+                stride_oqt,
+                acc,
+                BLOCK_M,
+                BLOCK_D,
+                HEAD_DIM,
+            )
         else:
-            pdT = pT * rescale
-        dpdT = dpT - delta[None, :]
-        bbT = bbT - beta[None, :]
-        dsT = pT * dpdT
-        gT = pT * (dpdT * bbT + ccT - psi[None, :])
-        wT = pdT * bbT
-        acc_k += tl.dot(dsT.to(gq.dtype), gq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc_k += tl.dot(gT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc_v += tl.dot(wT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    acc_k = acc_k * sm_scale
-    store_rows(
-        head_base(GradK, b, k_start, hk, stride_okb, stride_okt, stride_okh),
-        n0,
-        k_len,
-        stride_okt,
-        acc_k,
-        BLOCK_N,
-        BLOCK_D,
-        HEAD_DIM,
-    )
-    store_rows(
-        head_base(GradV, b, k_start, hk, stride_ovb, stride_ovt, stride_ovh),
-        n0,
-        k_len,
-        stride_ovt,
-        acc_v,
-        BLOCK_N,
-        BLOCK_D,
-        HEAD_DIM,
-    )
+            do = load_head_rows(
+                dOut, b, q_start, head, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            offs_m, m_ok, stat, lse2, delta = load_row_stats(
+                Lse, Delta, b, head, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+            )
+            beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
+            psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
+            acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+            for start_n in range(lo, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+                p = tl.math.exp2(s - lse2[:, None])
+                valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
+                if HAS_KPM:
+                    valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
+                p = tl.where(valid, p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                cc = tl.dot(do, tl.trans(gv), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                bb = (
+                    tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                ) * sm_scale
+                if HAS_DROPOUT:  # (without dropout rescale is 1)
+                    zr = tl.where(keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p), rescale, 0.0)
+                    dp = dp * zr
+                    cc = cc * zr
+                dpd = dp - delta[:, None]
+                ds = p * dpd
+                g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
+                acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_q = acc_q * sm_scale
+            store_rows(
+                head_base(GradQ, b, q_start, head, stride_oqb, stride_oqt, stride_oqh),
+                m0,
+                q_len,
+                stride_oqt,
+                acc_q,
+                BLOCK_M,
+                BLOCK_D,
+                HEAD_DIM,
+            )
+    else:
+        # ---- key-block roles: one key block of KV head `head`, every query block of its group that sees it
+        n0 = start
+        hk = head
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = load_head_rows(K, b, k_start, hk, stride_kb, stride_kt, stride_kh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
+        v = load_head_rows(V, b, k_start, hk, stride_vb, stride_vt, stride_vh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM)
+        gk = load_head_rows(
+            gK, b, k_start, hk, stride_gkb, stride_gkt, stride_gkh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM
+        )
+        gv = load_head_rows(
+            gV, b, k_start, hk, stride_gvb, stride_gvt, stride_gvh, n0, k_len, BLOCK_N, BLOCK_D, HEAD_DIM
+        )
+        kp_ok = key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)
+        diag, lo, n_blocks = query_range(n0, q_len, k_len, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+        acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+        # One flat loop over (query head of the group, query block), as in attn_bwd_dkdv_kernel.
+        for it in range(0, group * n_blocks):
+            g_idx = it // n_blocks
+            h = hk * group + g_idx
+            m0 = lo + (it - g_idx * n_blocks) * BLOCK_M
+            q = load_head_rows(Q, b, q_start, h, stride_qb, stride_qt, stride_qh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM)
+            do = load_head_rows(
+                dOut, b, q_start, h, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            gq = load_head_rows(
+                gQ, b, q_start, h, stride_gqb, stride_gqt, stride_gqh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            offs_m, m_ok, stat, lse2, delta = load_row_stats(
+                Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
+            )
+            beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
+            psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
+            sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+            pT = tl.math.exp2(sT - lse2[None, :])
+            valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
+            if HAS_KPM:
+                valid = valid & kp_ok[:, None]
+            pT = tl.where(valid, pT, 0.0)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ccT = tl.dot(gv, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            bbT = (
+                tl.dot(k, tl.trans(gq), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                + tl.dot(gk, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ) * sm_scale
+            if HAS_DROPOUT:
+                keep = keep_mask(rng_key(seed, b, h, num_heads), offs_m[None, :], offs_n[:, None], k_len, dropout_p)
+                zrT = tl.where(keep, rescale, 0.0)
+                dpT = dpT * zrT
+                ccT = ccT * zrT
+                pdT = pT * zrT
+            else:  # rescale is 1 without dropout
+                pdT = pT
+            dpdT = dpT - delta[None, :]
+            bbT = bbT - beta[None, :]
+            dsT = pT * dpdT
+            gT = pT * (dpdT * bbT + ccT - psi[None, :])
+            wT = pdT * bbT
+            acc_k += tl.dot(dsT.to(gq.dtype), gq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_k += tl.dot(gT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_v += tl.dot(wT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if ROLE == 3:
+                # this key block's share of grad q for the visited query rows; other key blocks (programs)
+                # add theirs to the same rows, hence the atomics
+                part = tl.dot(tl.trans(dsT.to(gk.dtype)), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                part += tl.dot(tl.trans(gT.to(k.dtype)), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                cols = tl.arange(0, BLOCK_D)
+                tl.atomic_add(
+                    head_base(GradQ, b, q_start, h, stride_oqb, stride_oqt, stride_oqh)
+                    + offs_m.to(tl.int64)[:, None] * stride_oqt
+                    + cols[None, :],
+                    part * sm_scale,
+                    mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :],
+                    sem="relaxed",
+                )
+        acc_k = acc_k * sm_scale
+        store_rows(
+            head_base(GradK, b, k_start, hk, stride_okb, stride_okt, stride_okh),
+            n0,
+            k_len,
+            stride_okt,
+            acc_k,
+            BLOCK_N,
+            BLOCK_D,
+            HEAD_DIM,
+        )
+        store_rows(
+            head_base(GradV, b, k_start, hk, stride_okb, stride_okt, stride_okh),
+            n0,
+            k_len,
+            stride_okt,
+            acc_v,
+            BLOCK_N,
+            BLOCK_D,
+            HEAD_DIM,
+        )

@@ -3,8 +3,11 @@ of plain softmax attention.
 
 Every case differentiates a random projection of (dq, dk, dv) — themselves the gradient of a random
 projection of (out, lse) — with respect to q, k, v, dout and dlse, and compares with the same computation on
-the independent fp64 reference of tests/test_attention.py.
+the independent fp64 reference of tests/test_attention.py. The cases run the default (fused) double backward,
+whose key pass adds grad q by atomics; ``test_second_order_deterministic_path`` runs the atomic-free one.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -135,6 +138,76 @@ CASES = {
 def test_second_order_matches_fp64_reference(case, dtype):
     shapes, op_kw, ref_fn = CASES[case]()
     check_second_order(shapes, dtype, op_kw, ref_fn)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("case", ["varlen-len1-morekeys-gqa4"])
+def test_second_order_deterministic_path(case):
+    """torch.use_deterministic_algorithms(True) selects the atomic-free path (row pass, grad-q pass, key pass;
+    NaN-filled outputs in that mode): catches a wrong grad-q pass or a launcher that forgets one of its passes."""
+    shapes, op_kw, ref_fn = CASES[case]()
+    with deterministic_algorithms():
+        check_second_order(shapes, torch.float32, op_kw, ref_fn)
+
+
+def _dbwd_inputs(shapes, dtype, lse_fn):
+    q, k, v = (torch.randn(*s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes)
+    dout = torch.randn(*shapes[0], dtype=torch.float64, device=DEVICE).to(dtype)
+    out, lse = lse_fn(q, k, v)
+    dlse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0.0)
+    cots = [torch.randn(*s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes]
+    return (dout, q, k, v, out, lse, *cots), dlse
+
+
+def test_fused_and_deterministic_paths_agree_over_many_key_blocks():
+    """Both paths of the launcher on one call whose rows collect grad q from up to 3 key blocks (16-key tiles
+    under the interpreter) and 2 query heads per KV head, with a window and an lse cotangent: the
+    atomic accumulation must equal the grad-q pass to fp64 rounding. Catches an atomic add that misses a
+    key block, a query head of the group or a row (its mask), or an accumulator not zeroed."""
+    lens = [1, 41, 20]
+    cq = cu(lens)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=cq, max_seqlen_q=41, max_seqlen_k=41, window=33)
+    shapes = [(sum(lens), 4, 24), (sum(lens), 2, 24), (sum(lens), 2, 24)]
+    args, dlse = _dbwd_inputs(shapes, torch.float64, lambda q, k, v: kernels.attention_fwd(q, k, v, **kw))
+    fused = kernels.attention_dbwd(*args, dlse=dlse, deterministic=False, **kw)
+    split = kernels.attention_dbwd(*args, dlse=dlse, deterministic=True, **kw)
+    for name, a, b in zip(("q", "k", "v", "dout", "dlse"), fused, split):
+        assert a.dtype == b.dtype
+        assert_close(a, b, name=f"fused vs deterministic grad {name}")
+
+
+def test_second_order_fp16_keys_with_a_shared_component():
+    """fp16 keys whose shared component is 10 times the rest (real keys share a large mean direction): the
+    scores' row-constant part cancels in the softmax, but B = scale (gQ.k + q.gK) then has a large row level.
+    The row pass casts P (B - c) with c near the row's mean of B and corrects with (beta - c) O; a row pass
+    without the centre (c = 0) casts P B and loses the spread of B to fp16 rounding: psi, and with it grad q,
+    misses the bound (measured: grad q 1.1e-2 without the centre, 2.9e-3 with it)."""
+    torch.manual_seed(3)
+    lq, lk, d = 24, 40, 64
+    shared = 10.0 * torch.randn(1, 1, 1, d, dtype=torch.float64, device=DEVICE)
+    q, k, v, dout, gq, gk, gv = (
+        torch.randn(1, n, 1, d, dtype=torch.float64, device=DEVICE) for n in (lq, lk, lk, lq, lq, lk, lk)
+    )
+    k = k + shared
+    leaves = [t.to(torch.float16).requires_grad_() for t in (q, k, v)]
+    dout = dout.to(torch.float16).requires_grad_()
+    cots = [t.to(torch.float16) for t in (gq, gk, gv)]
+    got = second_order(
+        *leaves, dout, None, cots, lambda q, k, v: prefix_attention(q, k, v, return_lse=True, backend="triton")
+    )
+    leaves64 = [t.detach().double().requires_grad_() for t in (*leaves, dout)]
+    want = second_order(*leaves64, None, [c.double() for c in cots], lambda q, k, v: ref_padded(q, k, v))
+    for name, g, w in zip(("q", "k", "v", "dout"), got, want):
+        assert_close(g, w, dtype=torch.float16, name=f"second-order grad {name}")
 
 
 def test_second_order_fp16():

@@ -184,11 +184,11 @@ def test_update_bf16_path(adam, nan_empty):
 # ----------------------------------------------------------------------------------------------------
 # fp64 model of the attention casts
 
-SITES = ("fwd.P", "out", "bwd.P", "bwd.dS", "dbwd.dS", "dbwd.G", "dbwd.W", "dbwd.P")
+SITES = ("fwd.P", "out", "bwd.P", "bwd.dS", "dbwd.dS", "dbwd.G", "dbwd.W", "dbwd.Wc", "dbwd.P")
 OUTPUTS = ("out", "dq", "dk", "dv", "grad_q", "grad_k", "grad_v", "grad_dout")
 
 
-def cast_model(q, k, v, dout, gq, gk, gv, sites=SITES, causal=True, delta_from_out=True):
+def cast_model(q, k, v, dout, gq, gk, gv, sites=SITES, causal=True, delta_from_out=True, centre_keys=32):
     """One head, one sequence ([L, D] fp64 tensors holding bf16 values), computed by the kernels' formulas
     (attention_fwd/bwd/dbwd.py) in fp64, rounding to bf16 exactly the values the kernels cast:
 
@@ -196,7 +196,9 @@ def cast_model(q, k, v, dout, gq, gk, gv, sites=SITES, causal=True, delta_from_o
     maximum differs by a power-free rescale that leaves the relative rounding alike); out: the stored outputs
     (the backward's delta is formed from the stored bf16 output, as attention_bwd_preprocess does); bwd.P,
     bwd.dS: the tiles of dV = P^T dO, dK = dS^T q, dQ = dS k; dbwd.dS, dbwd.G, dbwd.W, dbwd.P: the tiles of
-    grad q = dS gK + G k, grad k = dS^T gQ + G^T q, grad v = W^T dO, grad dO = W v + P gV.
+    grad q = dS gK + G k, grad k = dS^T gQ + G^T q, grad v = W^T dO; dbwd.Wc, dbwd.P: the row pass's tiles of
+    grad dO = P (B - c) v + P gV - (beta - c) out, with c the P-weighted mean of B over the first
+    ``centre_keys`` keys (the row pass's first key block) and psi = dO . grad dO (attention_dbwd.py).
     ``delta_from_out=False`` forms delta_i = sum_j P_ij dP_ij without rounding instead (what a backward that
     does not read the stored output would get).
     """
@@ -222,7 +224,10 @@ def cast_model(q, k, v, dout, gq, gk, gv, sites=SITES, causal=True, delta_from_o
     bb = (gq @ k.T + q @ gk.T) * scale
     cc = dout @ gv.T
     beta = (p * bb).sum(1, keepdim=True)
-    psi = (p * (dpd * bb + cc)).sum(1, keepdim=True)
+    first = slice(0, centre_keys)
+    c = (p[:, first] * bb[:, first]).sum(1, keepdim=True) / p[:, first].sum(1, keepdim=True)
+    grad_dout = r("dbwd.Wc", p * (bb - c)) @ v + r("dbwd.P", p) @ gv - (beta - c) * out
+    psi = (dout * grad_dout).sum(1, keepdim=True)
     g = p * (dpd * (bb - beta) + cc - psi)
     w = p * (bb - beta)
     res = dict(
@@ -233,7 +238,7 @@ def cast_model(q, k, v, dout, gq, gk, gv, sites=SITES, causal=True, delta_from_o
         grad_q=(r("dbwd.dS", ds) @ gk + r("dbwd.G", g) @ k) * scale,
         grad_k=(r("dbwd.dS", ds).T @ gq + r("dbwd.G", g).T @ q) * scale,
         grad_v=r("dbwd.W", w).T @ dout,
-        grad_dout=r("dbwd.W", w) @ v + r("dbwd.P", p) @ gv,
+        grad_dout=grad_dout,
     )
     return {name: r("out", x) for name, x in res.items()}
 

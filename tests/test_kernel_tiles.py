@@ -117,7 +117,8 @@ CASES = attention_cases()
 GEOMETRIES = ("varlen-short", "varlen-edges", "padded-kpm", "padded-window", "padded-noncausal")
 
 
-KEY_SIDE = ("dkdv", "dbwd_dkdv")  # one program per key tile (BLOCK_N), streaming query tiles (BLOCK_M)
+# one program per key tile (BLOCK_N), streaming query tiles (BLOCK_M)
+KEY_SIDE = ("dkdv", "dkdv_atomic", "dbwd_dkdv", "dbwd_fused")
 
 
 def tile_edges(kind, cfg):
@@ -203,17 +204,49 @@ def build_geometry(geom, kind, pins, hq, hkv, d, dropout, variant=0):
     return shapes, kw, lambda q, k, v: ref_padded(q, k, v, **ref_kw)
 
 
+@contextlib.contextmanager
+def dbwd_path(deterministic):
+    """The double backward's path (atomic-free, or the fused key pass with atomic grad q), whatever torch's
+    deterministic switch says (``nan_filled_empty`` turns it on for its NaN-filled buffers)."""
+    original = attn.attention_dbwd
+    attn.attention_dbwd = lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic})
+    try:
+        yield
+    finally:
+        attn.attention_dbwd = original
+
+
+@contextlib.contextmanager
+def bwd_path(deterministic):
+    """The backward's path (split dK/dV and dQ kernels, or dQ by atomics inside the dK/dV kernel), whatever
+    torch's deterministic switch says."""
+    original = attn.attention_bwd
+    attn.attention_bwd = lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic})
+    try:
+        yield
+    finally:
+        attn.attention_bwd = original
+
+
 def three_orders(q, k, v, dout, dlse, cots, fwd, second):
     """out, lse, grads of <dout, out> + <dlse, lse> w.r.t. q, k, v, and (``second``) the gradients of
-    <cots, those grads> w.r.t. q, k, v, dout, dlse."""
+    <cots, those grads> w.r.t. q, k, v, dout, dlse: by both paths of the double backward on a GPU-table
+    configuration (the reference gets one), so every table entry of both runs in the CI sample."""
     out, lse = fwd(q, k, v)
     fin = torch.isfinite(lse.detach())
     loss = (out.to(dout.dtype) * dout).sum() + (lse.to(dlse.dtype).masked_fill(~fin, 0.0) * dlse).sum()
     grads = torch.autograd.grad(loss, (q, k, v), create_graph=second)
     if not second:
-        return out, lse, grads, ()
+        return out, lse, grads, []
     inner = sum((g.to(c.dtype) * c).sum() for g, c in zip(grads, cots))
-    return out, lse, grads, torch.autograd.grad(inner, (q, k, v, dout, dlse))
+    leaves = (q, k, v, dout, dlse)
+    if q.dtype == torch.float64:
+        return out, lse, grads, [torch.autograd.grad(inner, leaves)]
+    paths = []
+    for deterministic in (False, True):
+        with dbwd_path(deterministic):
+            paths.append(torch.autograd.grad(inner, leaves, retain_graph=not deterministic))
+    return out, lse, grads, paths
 
 
 def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second):
@@ -242,15 +275,35 @@ def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second):
         )
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, dout, dlse)]
     want = three_orders(*leaves, [c.double() for c in cots], ref_fn, second)
-    out, lse, grads, gg = got
-    rout, rlse, rgrads, rgg = want
+    out, lse, grads, paths = got
+    rout, rlse, rgrads, rpaths = want
     assert out.dtype == dtype
     assert_close(out, rout, dtype=dtype, name="out")
     assert_lse(lse, rlse, dtype)
     for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
         assert_close(g, r, dtype=dtype, name=name)
-    for name, g, r in zip(("q", "k", "v", "dout", "dlse"), gg, rgg):
-        assert_close(g, r, dtype=dtype, name=f"second-order grad {name}")
+    for path, gg in zip(("fused", "deterministic"), paths):
+        for name, g, r in zip(("q", "k", "v", "dout", "dlse"), gg, rpaths[0]):
+            assert_close(g, r, dtype=dtype, name=f"second-order grad {name} ({path} path)")
+    if atomic:
+        with attn.interpret_configs(**pins), nan_filled_empty(), bwd_path(deterministic=False):
+            out, lse = prefix_attention(q, k, v, return_lse=True, backend="triton", fp32_precision=precision, **op_kw)
+            _, _, agrads, _ = three_orders(q, k, v, dout, dlse, cots, lambda *_: (out, lse), False)
+        for name, g, r in zip(("dq", "dk", "dv"), agrads, rgrads):
+            assert_close(g, r, dtype=dtype, name=f"{name} (atomic dQ)")
+
+
+def _atomic_shape(case):
+    return case["cls"], tuple(case["pins"]["dkdv_atomic"][:2])
+
+
+# The backward's atomic path runs as the backward of the geometries aimed at it (kind "dkdv_atomic") and, CI
+# time, once more per tile shape of its table and head-dim class, in the varlen-short geometry of the first
+# case that pins it (the interpreter executes shapes; warps and stages only matter to the compiler, which the
+# compile check covers); GRADMEM_KERNELS_FULL=1 runs it after every geometry.
+ATOMIC_RUNS = {}
+for _case in CASES:
+    ATOMIC_RUNS.setdefault(_atomic_shape(_case), _case["id"])
 
 
 def _heads(i, geom, kind):

@@ -449,7 +449,9 @@ def attention_dbwd_op(
 
     (derivation in kernels/attention_dbwd.py). Triton kernels, recomputing every score tile from q, k and
     ``lse``; memory O(S). Returns ``(grad_q, grad_k, grad_v, grad_dout, grad_dlse)``. Not differentiable
-    itself (third order is not supported).
+    itself (third order is not supported). grad q is accumulated with fp32 atomics inside the key pass
+    (15 GEMM units) unless ``torch.use_deterministic_algorithms(True)`` asks for the atomic-free path (a
+    grad-q pass of its own, 20 units, reproducible bit for bit): ``deterministic_kernels``.
     """
     from gradmem_fast.kernels import attention as kernels
 
@@ -475,6 +477,7 @@ def attention_dbwd_op(
         seed=seed,
         window=window or None,
         fp32_precision=fp32_precision,
+        deterministic=deterministic_kernels(),
     )
 
 
