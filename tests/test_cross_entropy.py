@@ -464,6 +464,43 @@ def test_census_counts_logits_passes(case, passes):
     }
 
 
+def test_padded_rows_compile_to_vector_loads():
+    """sm_90 PTX (ahead-of-time compile, no GPU) of the statistics kernel and the dH kernel in the specialisation
+    the op launches at GPT-2's odd V (row stride and n_load = Vpad divisible by 16, V not): 16-byte loads of
+    the logits (``ld.global.v4`` / 16-byte ``cp.async``) and no 16-bit scalar load, as with an aligned V; an
+    unpadded odd-V chunk (the statistics kernel's ``unaligned`` variant) gets scalar 16-bit loads. Fails if a
+    load's mask uses V instead of n_load, which no numerical test can see."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, re
+from gradmem_fast.kernels import cross_entropy as c
+from gradmem_fast.tools.compile_check import compile_source
+specs = {s.name: s for s in c.compile_specs()}
+out = {}
+for name in ("ce_forward[bf16,i64,grad=0,M=1,V=4096]", "ce_dh[bf16,ieee,i64,scale=0,M=64,N=16,K=64]"):
+    for v in specs[name].variants:
+        if v.label == "padded" or (v.label == "unaligned" and name.startswith("ce_forward")):
+            ptx = compile_source(specs[name], v, 90).asm["ptx"]
+            out[name.split("[")[0] + " " + v.label] = [
+                len(re.findall(r"ld\\.global\\.v4|cp\\.async\\.cg\\.shared\\.global", ptx)),
+                len(re.findall(r"ld\\.global\\.b16", ptx)),
+            ]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for kernel in ("ce_forward", "ce_dh"):
+        vector, scalar = got[f"{kernel} padded"]
+        assert vector > 0 and scalar == 0, (kernel, got)
+    assert got["ce_forward unaligned"][1] > 0, got  # the check can see scalar loads
+
+
 def test_chunk_rule():
     """At most 2**26 logits and a quarter of N x V per chunk; the L2-resident chunk (half the L2) where the head
     stays in L2 (a small head, or GPT-2's on a 200 MiB L2); GPT-2's 77 MB head on a 50 MiB L2 keeps 1280-row

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_attention import assert_lse, cu, ref_padded
+from test_cross_entropy import check_product_kernels
 from test_update import clips_for, make_inputs, ref_update
 
 from gradmem_fast import prefix_attention
@@ -528,6 +529,58 @@ def test_linear_cross_entropy_gpu_tiles_three_orders(cfg):
     )
     for name, g, r in zip(("loss", "grad hidden", "second-order grad hidden", "second-order grad weight"), got, want):
         assert_close(g, r, dtype=torch.float32, name=name)
+
+
+def ce_dot_configs():
+    """{(operand bytes, GPU tile of pick_dot_blocks): a hidden size that picks it} for fp16 and fp32 operands
+    (bf16 shares fp16's tiles; its dots are wrong in the interpreter)."""
+    found = {}
+    for size in (2, 4):
+        for d in (16, 32, 64, 128, 256, 4096):
+            found.setdefault((size, ce.pick_dot_blocks(d, size, interpret=False)), d)
+    return found
+
+
+CE_DOT_CONFIGS = ce_dot_configs()
+
+
+def ce_dot_geometries(cfg):
+    """(rows, V, d, split) for ``cfg``: rows around BLOCK_M (ce_dh's row tile) and BLOCK_K (ce_dw's row step), V
+    around BLOCK_K (ce_dh's step) and BLOCK_M (ce_dw's V tile) with a masked tail, the hidden sizes at the edges
+    of BLOCK_N that still pick this tile, split-K 1 and 2."""
+    size, (bm, bn, bk, _, _) = cfg
+    ds = sorted(
+        d for d in {bn - 1, bn, bn + 1, 2 * bn + 1} if d >= 1 and ce.pick_dot_blocks(d, size, interpret=False) == cfg[1]
+    )
+    big = max(bm, bk)
+    if FULL:
+        return [
+            (r, v, d, s)
+            for r in (1, bk - 1, bm + 1, 2 * big + 1)
+            for v in (bk - 1, bm + 1, 2 * big + 3)
+            for d in ds
+            for s in (1, 2)
+        ]
+    return [(big + 1, 2 * big + 3, ds[-1], 2)]
+
+
+CE_DOT_PARAMS = [
+    pytest.param(
+        cfg, *geo, id=f"{cfg[0]}B-M{cfg[1][0]}-N{cfg[1][1]}-K{cfg[1][2]}-rows{geo[0]}-v{geo[1]}-d{geo[2]}-s{geo[3]}"
+    )
+    for cfg in CE_DOT_CONFIGS
+    for geo in ce_dot_geometries(cfg)
+]
+
+
+@pytest.mark.parametrize("cfg, rows, vocab, d, split", CE_DOT_PARAMS)
+def test_cross_entropy_products_gpu_tiles(cfg, rows, vocab, d, split):
+    """ce_dh / ce_dw (and the statistics) with the GPU tiles on a NaN-padded chunk, against fp64
+    (test_cross_entropy.check_product_kernels)."""
+    dtype = torch.float16 if cfg[0] == 2 else torch.float32
+    with ce.interpret_gpu_tiles():
+        assert ce.pick_dot_blocks(d, cfg[0]) == cfg[1]
+        check_product_kernels(dtype, rows, vocab, d, split, DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------------
