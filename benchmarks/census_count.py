@@ -533,11 +533,14 @@ def fused_sdpa(device_type="cuda"):
 
 # FLOPs of our attention kernels in units of 2 Hq D P (one Lq x Lk x D matrix product over the visible
 # pairs): forward S = QK^T and O = PV; backward dK/dV kernel recomputes S, forms dP = dO V^T, dV = P^T dO,
-# dK = dS^T Q; the dQ kernel recomputes S and dP and forms dQ = dS K. Kernels not listed count 0 FLOPs
-# (reported as uncounted). Update this table when a kernel's work changes (issue 14).
+# dK = dS^T Q and, launched with ATOMIC_DQ (the default backward, unless torch's deterministic mode is on),
+# also dQ = dS K (5 units in all, no dQ kernel); the deterministic path's dQ kernel recomputes S and dP and
+# forms dQ = dS K (4 + 3 = 7 units). A "[CONSTEXPR]" suffix names the launch with that constexpr true.
+# Kernels not listed count 0 FLOPs (reported as uncounted). Update this table when a kernel's work changes.
 ATTENTION_UNITS = {
     "attn_fwd_kernel": 2,
     "attn_bwd_dkdv_kernel": 4,
+    "attn_bwd_dkdv_kernel[ATOMIC_DQ]": 5,
     "attn_bwd_dq_kernel": 3,
     # double backward (kernels/attention_dbwd.py), one kernel whose ROLE constexpr picks the pass: row pass
     # (S, B = gQ k^T + q gK^T, P (B - c) v, P gV), grad-q pass (S, dP, B, C = dO gV^T, dS gK, G k), key pass
@@ -553,7 +556,6 @@ ATTENTION_UNITS = {
 # ce_dh_kernel / ce_dw_kernel also multiply the gradient formed from the chunk by W / H: 2 d FLOPs per logit.
 CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4, "ce_dw_kernel": 4}
 CE_PRODUCTS = ("ce_dh_kernel", "ce_dw_kernel")
-
 
 
 def _triton_pairs(census, tensors, kwargs):
@@ -582,7 +584,7 @@ def triton_kernel_cost(census, name, args, kwargs):
     nbytes = sum(tensor_bytes(t) for t in tensors)
     flops = None
     if name in ATTENTION_UNITS:
-        units = ATTENTION_UNITS[name]
+        units = ATTENTION_UNITS.get(f"{name}[ATOMIC_DQ]" if kwargs.get("ATOMIC_DQ") else name)
         if "ROLE" in kwargs:
             units = ATTENTION_UNITS.get(f"{name}[ROLE={int(kwargs['ROLE'])}]")
         hq, d, pairs = _triton_pairs(census, tensors, kwargs)

@@ -18,6 +18,20 @@ seed is a new value in memory, not a new kernel argument: no recompile, and a CU
 Configurations: a short curated list per head-dim class (padded power-of-two ``BLOCK_D``) and element size,
 autotuned on a GPU; under the Triton interpreter one small configuration is used (autotuning needs a GPU
 driver). ``compile_specs()`` lists every configuration for ``gradmem_fast.tools.compile_check``.
+
+Autotuning by length bucket: a tile that suits 4096-token sequences wastes most of its rows on a 136-token
+document, so the tuned choice depends on length. Triton's autotuner keys on argument values; keying it on
+the lengths themselves would re-tune (benchmark every configuration) at each new length, keying it on the
+flags alone lets the first call's length decide for all. The launcher keeps one autotuner per
+``length_bucket`` (next power of two of ``max(max_seqlen_q, max_seqlen_k)``, clamped to [128, 4096]: at most
+six tunings per kernel class, flags and alignment), and buckets up to 1024 tokens, where GradMem's 100-1000
+token contexts fall, also try the short-document tiles of ``_SHORT`` (64-row query tiles, 64-key key tiles)
+where a class's list has none. The bucket is part of the tuner's cache key rather than a kernel argument,
+so no kernel signature changes and the binaries are shared between buckets.
+
+Backward (``attention_bwd``): by default of the op layer the dK/dV kernel also accumulates dQ with atomics
+(kind ``dkdv_atomic``, 5 GEMM units); ``deterministic=True`` (torch's deterministic mode) runs the split
+``dkdv`` and ``dq`` kernels (7 units). Formulas in attention_bwd.py.
 """
 
 import contextlib
@@ -72,6 +86,17 @@ _DKDV_CONFIGS = {
     (128, 2): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (256, 2): {"plain": [(32, 32, 8, 2), (16, 32, 4, 2)], "dropout": [(32, 32, 8, 2)]},
     (64, 4): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},  # 32x128 spills 192 B unaligned
+    (128, 4): {"plain": [(16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
+    (256, 4): {"plain": [(16, 32, 8, 1)], "dropout": [(16, 32, 8, 1)]},
+}
+# dK/dV with dQ accumulated by atomics (deterministic=False): one more dot (dS^T K) and its [BLOCK_M, D]
+# fp32 result live at the atomic add on top of the dK/dV kernel's state. Unaligned 16-bit: d128 32x64 spills
+# 16 B (32x32 with 8 warps: 250 regs, 246 with dropout); d256 16x32 with 4 warps spills 16 B (8 warps: 255).
+_DKDV_ATOMIC_CONFIGS = {
+    (64, 2): {"plain": [(32, 128, 8, 3), (64, 64, 8, 2)], "dropout": [(32, 128, 8, 3)]},
+    (128, 2): {"plain": [(32, 32, 8, 2)], "dropout": [(32, 32, 8, 2)]},
+    (256, 2): {"plain": [(32, 32, 8, 2), (16, 32, 8, 2)], "dropout": [(32, 32, 8, 2)]},
+    (64, 4): {"plain": [(32, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]},
     (128, 4): {"plain": [(16, 32, 4, 2)], "dropout": [(16, 32, 4, 2)]},
     (256, 4): {"plain": [(16, 32, 8, 1)], "dropout": [(16, 32, 8, 1)]},
 }
@@ -133,7 +158,10 @@ _DBWD_FUSED_CONFIGS = {
 # fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
 _IEEE_CONFIGS = {
     "fwd": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
-    "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
+    # d256 with 4 warps: ptxas caps the unaligned dropout kernel at 168 regs and spills (8 warps: 186 regs)
+    "dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
+    # atomic dQ, unaligned with dropout: d64 32x32 spills (16x32 with 8 warps: 110 regs), d256 as dkdv (201)
+    "dkdv_atomic": {64: [(16, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 8, 1)]},
     "dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 4, 1)], 256: [(16, 16, 4, 1)]},
     # IEEE fp32 double backward: FMA dots replicate their operands across threads and five of them are in
     # flight; without alignment hints the grad-q pass spills at every tile shape tried (16x16 with 1-8
@@ -168,6 +196,11 @@ _ALIGNED = {
         (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]},
         (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)]},
     },  # fp32 32x128: 207 regs aligned
+    "dkdv_atomic": {
+        (64, 2): {"plain": [(64, 128, 8, 2), (32, 128, 8, 3)]},
+        (128, 2): {"plain": [(32, 128, 8, 2), (32, 64, 8, 2)]},
+        (64, 4): {"plain": [(32, 64, 8, 2), (32, 128, 8, 2)]},
+    },
     # d128 dQ: 128-query tiles (128x64: 218 regs; 128x32: 182, with dropout 223; 128x64 spills with dropout).
     "dq": {
         (128, 2): {"plain": [(128, 64, 8, 2), (128, 32, 8, 2)], "dropout": [(128, 32, 8, 2)]},
@@ -202,10 +235,43 @@ _ALIGNED = {
 # spills at 16x16 with 4 and 8 warps (the other three passes fit: 224 / 246 / 230 regs); so do unaligned
 # calls (grad q spills without hints) and d256.
 _ALIGNED_IEEE = {kind: {} for kind in _ALIGNED}
+_ALIGNED_IEEE["dkdv_atomic"] = {64: [(32, 32, 8, 1)]}  # aligned: 32x32 fits with dropout
 _ALIGNED_IEEE["dbwd_row"] = {64: [(16, 16, 8, 1)]}
 _ALIGNED_IEEE["dbwd_dq"] = {64: [(16, 16, 4, 1)]}
 _ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)]}
 _ALIGNED_IEEE["dbwd_fused"] = {64: [(16, 16, 8, 1)]}
+
+
+# Short documents (issue 14 item 4): GradMem contexts are 100-1000 tokens, and a 136-token document fills a
+# 128-row tile and 6% of the next one. Calls whose length bucket (``length_bucket``) is at most _SHORT_MAX
+# also autotune over these tiles (64 rows for the query-side kernels, 64 keys for the key-side ones), added
+# where the class's list has no tile of that size; longer calls keep the plain lists. Every entry is compiled
+# in both specialisations (``compile_specs``) and executed by the GPU-tile interpreter tests.
+_SHORT = {
+    "fwd": {
+        (64, 2): {"dropout": [(64, 32, 4, 2)]},
+        (128, 2): {"plain": [(64, 64, 8, 3)], "dropout": [(64, 32, 8, 3)]},  # 64x64 with 4 warps spills
+        (64, 4): {"dropout": [(64, 32, 4, 2)]},
+        (128, 4): {"plain": [(64, 32, 8, 3)], "dropout": [(64, 32, 8, 3)]},
+    },
+    "dq": {
+        (64, 2): {"dropout": [(64, 32, 4, 2)]},
+        (128, 2): {"plain": [(64, 32, 8, 2)], "dropout": [(32, 64, 8, 2)]},  # 64x32 with dropout spills 4 B
+        (64, 4): {"plain": [(64, 32, 8, 3)]},  # 64x32 with 4 warps spills 4 B unaligned (8 warps: 219 regs)
+    },
+    "dkdv": {(64, 2): {"plain": [(64, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]}},
+    "dkdv_atomic": {(64, 2): {"plain": [(64, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]}},
+}
+# Length buckets of the autotuner (``length_bucket``): one tuning per kernel class and power of two between
+# these bounds. Triton's own key would re-tune at every new length if it held the length itself.
+_MIN_BUCKET, _MAX_BUCKET, _SHORT_MAX = 128, 4096, 1024
+
+
+def length_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """The autotune length bucket of a call: the next power of two of its longest sequence (``max_seqlen_q``,
+    ``max_seqlen_k``), clamped to [128, 4096]."""
+    n = max(int(seqlen_q), int(seqlen_k), 1)
+    return min(max(triton.next_power_of_2(n), _MIN_BUCKET), _MAX_BUCKET)
 
 
 def _pre_block_m(block_d):
@@ -220,6 +286,7 @@ _INTERPRET_PINS = {}
 _TABLES = {
     "fwd": _FWD_CONFIGS,
     "dkdv": _DKDV_CONFIGS,
+    "dkdv_atomic": _DKDV_ATOMIC_CONFIGS,
     "dq": _DQ_CONFIGS,
     "dbwd_row": _DBWD_ROW_CONFIGS,
     "dbwd_dq": _DBWD_DQ_CONFIGS,
@@ -229,6 +296,7 @@ _TABLES = {
 _KERNELS = {
     "fwd": attn_fwd_kernel,
     "dkdv": attn_bwd_dkdv_kernel,
+    "dkdv_atomic": attn_bwd_dkdv_kernel,
     "dq": attn_bwd_dq_kernel,
     "dbwd_row": attn_dbwd_kernel,
     "dbwd_dq": attn_dbwd_kernel,
@@ -239,6 +307,8 @@ _KERNELS = {
 # the deterministic double backward runs the first three, the other one the row pass and the fused key pass.
 _DBWD_ROLE = {"dbwd_row": 0, "dbwd_dq": 1, "dbwd_dkdv": 2, "dbwd_fused": 3}
 _DBWD_PATHS = {True: ("dbwd_row", "dbwd_dq", "dbwd_dkdv"), False: ("dbwd_row", "dbwd_fused")}
+# The two launches of attn_bwd_dkdv_kernel (its ATOMIC_DQ constexpr): split (deterministic) or with atomic dQ.
+_DKDV_ATOMIC = {"dkdv": False, "dkdv_atomic": True}
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 
@@ -253,22 +323,37 @@ def block_d_for(head_dim: int) -> int:
 
 
 def configs(
-    kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32", aligned: bool = True
+    kind: str,
+    block_d: int,
+    element_size: int,
+    dropout: bool = False,
+    precision: str = "tf32",
+    aligned: bool = True,
+    bucket: int | None = None,
 ) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class.
 
     fp32 with IEEE dots runs on CUDA cores (FMA), whose operands live in registers: it gets its own
-    small tiles. ``aligned``: whether the call passes ``_aligned_call`` (it picks the table).
+    small tiles. ``aligned``: whether the call passes ``_aligned_call`` (it picks the table). ``bucket``: the
+    call's ``length_bucket`` (None: every entry any length may use). The interpreter has no driver to
+    autotune with: it always runs one configuration.
     """
     if _interpreting():
         return [_INTERPRET_CONFIG]
-    return gpu_configs(kind, block_d, element_size, dropout, precision, aligned)
+    return gpu_configs(kind, block_d, element_size, dropout, precision, aligned, bucket)
 
 
 def gpu_configs(
-    kind: str, block_d: int, element_size: int, dropout: bool = False, precision: str = "tf32", aligned: bool = True
+    kind: str,
+    block_d: int,
+    element_size: int,
+    dropout: bool = False,
+    precision: str = "tf32",
+    aligned: bool = True,
+    bucket: int | None = None,
 ) -> list:
-    """The GPU table entry for this kernel/class (what ``configs`` returns on a GPU), also under the interpreter."""
+    """The GPU table entry for this kernel/class (what ``configs`` returns on a GPU), also under the interpreter;
+    with the short-document tiles (``_SHORT``) unless ``bucket`` is a length bucket above ``_SHORT_MAX``."""
     if element_size not in (2, 4):
         raise TypeError("prefix attention kernels: float64 runs only under the Triton interpreter")
     cls = head_dim_class(block_d)
@@ -278,9 +363,11 @@ def gpu_configs(
             return _ALIGNED_IEEE[kind][cls]
         return _IEEE_CONFIGS[kind][cls]
     override = _ALIGNED[kind].get((cls, element_size), {}) if aligned else {}
-    if variant in override:
-        return override[variant]
-    return _TABLES[kind][(cls, element_size)][variant]
+    base = override[variant] if variant in override else _TABLES[kind][(cls, element_size)][variant]
+    if bucket is not None and bucket > _SHORT_MAX:
+        return base
+    short = _SHORT.get(kind, {}).get((cls, element_size), {}).get(variant, [])
+    return base + [c for c in short if c not in base]
 
 
 def dbwd_supported(
@@ -301,10 +388,13 @@ def dbwd_supported(
 
 
 @functools.cache
-def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool):
+def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool, bucket: int):
+    """One autotuner per kernel class, alignment and length bucket: the bucket is part of the tuning key this
+    way (a kernel argument would change every kernel's signature), and each autotuner keys on the flags in
+    ``_AUTOTUNE_KEY``. The compiled binaries are shared: they are cached by the kernel, not by the tuner."""
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned)
+        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned, bucket)
     ]
     return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
 
@@ -320,6 +410,8 @@ def _launch(kind, grid_of, args, consts, block_d, element_size):
     decide), or with the single interpreter config."""
     if kind in _DBWD_ROLE:
         consts = dict(consts, ROLE=_DBWD_ROLE[kind])
+    if kind in _DKDV_ATOMIC:
+        consts = dict(consts, ATOMIC_DQ=_DKDV_ATOMIC[kind])
     if _interpreting():
         bm, bn, w, s = _INTERPRET_PINS.get(kind, _INTERPRET_CONFIG)
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
@@ -329,7 +421,9 @@ def _launch(kind, grid_of, args, consts, block_d, element_size):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         strides = [a for n, a in zip(names, args) if n.startswith("stride_") and n not in _UNHINTED_STRIDES]
         aligned = _aligned_call(tensors, strides)
-        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"], aligned)
+        lengths = dict((n, a) for n, a in zip(names, args) if n in ("seqlen_q", "seqlen_k"))
+        bucket = length_bucket(lengths.get("seqlen_q", 1), lengths.get("seqlen_k", 1))
+        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"], aligned, bucket)
         tuned[grid_of](*args, **consts)
 
 
@@ -583,11 +677,15 @@ def attention_bwd(
     dq=None,
     dk=None,
     dv=None,
+    deterministic=True,
 ):
     """Gradients ``(dq, dk, dv)`` of ``<dout, out>`` by recomputation from ``lse`` (see attention_bwd.py).
 
     ``delta`` (from ``attention_bwd_preprocess``) is computed when not given; ``dq/dk/dv`` may be
-    preallocated buffers shaped like q/k/v.
+    preallocated buffers shaped like q/k/v (unit last stride). ``deterministic``: True runs the split
+    kernels (dK/dV, then dQ recomputing S and dP: 7 GEMM units, bitwise reproducible); False accumulates dQ
+    inside the dK/dV kernel with fp32 atomics (fp64 for fp64 inputs) into a zeroed buffer, cast into dq
+    afterwards unless dq has the accumulator's dtype (5 units; the last bits of dq vary between runs on a GPU).
     """
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     geo = _Geometry(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask)
@@ -620,32 +718,45 @@ def attention_bwd(
         int(window or 0),
     )
 
-    dkdv_args = (
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        cu_q,
-        cu_k,
-        kpm,
-        params,
-        *geo.strides(q),
-        *geo.strides(k),
-        *geo.strides(v),
-        *geo.strides(dout),
-        *geo.strides(dk),
-        *geo.strides(dv),
-        *tail,
-    )
+    def dkdv_args(acc):
+        return (
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            acc,
+            cu_q,
+            cu_k,
+            kpm,
+            params,
+            *geo.strides(q),
+            *geo.strides(k),
+            *geo.strides(v),
+            *geo.strides(dout),
+            *geo.strides(dk),
+            *geo.strides(dv),
+            *geo.strides(acc),
+            *tail,
+        )
 
     def grid_kv(meta):
         return (triton.cdiv(geo.seqlen_k, meta["BLOCK_N"]), geo.hkv, geo.batch)
 
-    _launch("dkdv", grid_kv, dkdv_args, consts, geo.block_d, q.element_size())
+    if not deterministic:
+        # dQ by atomics from the dK/dV programs into zeros: rows no program visits (no visible key) stay 0.
+        acc_dtype = torch.float64 if fp64 else torch.float32
+        direct = dq.dtype == acc_dtype and dq.stride(-1) == 1
+        acc = dq.zero_() if direct else torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+        _launch("dkdv_atomic", grid_kv, dkdv_args(acc), consts, geo.block_d, q.element_size())
+        if not direct:
+            dq.copy_(acc)
+        return dq, dk, dv
+    # the split kernels never touch the accumulator argument: q stands in for it
+    _launch("dkdv", grid_kv, dkdv_args(q), consts, geo.block_d, q.element_size())
 
     dq_args = (
         q,
@@ -850,6 +961,7 @@ _UNHINTED_STRIDES = ("stride_lb", "stride_lh", "stride_mb")
 _OWN_BUFFERS = {
     "fwd": {"Out", "Lse"},
     "dkdv": {"Lse", "Delta", "dK", "dV"},
+    "dkdv_atomic": {"Lse", "Delta", "dK", "dV", "dQacc"},  # the zeroed accumulator, or dq (allocated like it)
     "dq": {"Lse", "Delta", "dQ"},
 }
 for _kind in _DBWD_ROLE:  # Out, the forward's output, may be a caller's buffer: not counted as own
@@ -880,6 +992,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     i32, f32 = "i32", "fp32"
     bm, bn, warps, stages = cfg
     extra = {"ROLE": _DBWD_ROLE[kind]} if kind in _DBWD_ROLE else {}
+    if kind in _DKDV_ATOMIC:
+        extra = {"ATOMIC_DQ": _DKDV_ATOMIC[kind]}
     consts = dict(
         **extra,
         HEAD_DIM=block_d,
@@ -923,7 +1037,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
             **strides3("o"),
             **tail,
         }
-    elif kind == "dkdv":
+    elif kind in _DKDV_ATOMIC:
         sig = {
             "Q": t,
             "K": t,
@@ -933,6 +1047,8 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
             "Delta": acc,
             "dK": t,
             "dV": t,
+            # the atomic dQ accumulator (fp32/fp64); the split kernel gets q as a stand-in it never reads
+            "dQacc": acc if _DKDV_ATOMIC[kind] else t,
             **common,
             **strides3("q"),
             **strides3("k"),
@@ -940,6 +1056,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
             **strides3("do"),
             **strides3("dk"),
             **strides3("dv"),
+            **strides3("dq"),
             **tail,
         }
     elif kind == "dq":
@@ -982,7 +1099,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     )
 
 
-KINDS = ("fwd", "dkdv", "dq", "dbwd_row", "dbwd_dq", "dbwd_dkdv", "dbwd_fused")
+KINDS = ("fwd", "dkdv", "dkdv_atomic", "dq", "dbwd_row", "dbwd_dq", "dbwd_dkdv", "dbwd_fused")
 
 
 def compile_specs(kinds=KINDS):

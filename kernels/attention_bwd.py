@@ -7,11 +7,22 @@ With ``P_ij = exp(s_ij - lse_i)`` (0 where not visible), keep mask ``z`` and ``r
     dP_ij  = z_ij r (dO_i . v_j)
     dS_ij  = P_ij (dP_ij - delta_i)
     dK_j   = scale sum_i dS_ij q_i                      (attn_bwd_dkdv_kernel)
-    dQ_i   = scale sum_j dS_ij k_j                      (attn_bwd_dq_kernel)
+    dQ_i   = scale sum_j dS_ij k_j                      (ATOMIC_DQ: attn_bwd_dkdv_kernel; else attn_bwd_dq_kernel)
 
-``delta_i = sum_j P_ij dP_ij`` holds with dropout too, because O_i = sum_j P_ij z_ij r v_j. dK/dV and dQ are
-separate passes, so there are no atomics and the result is deterministic; with GQA a dK/dV program
-loops over the query heads of its KV head. No [Lq, Lk] tensor exists: P and dS live in registers.
+``delta_i = sum_j P_ij dP_ij`` holds with dropout too, because O_i = sum_j P_ij z_ij r v_j. No [Lq, Lk]
+tensor exists: P and dS live in registers. With GQA a dK/dV program loops over the query heads of its KV
+head (and, with ATOMIC_DQ, adds into each of their dQ rows).
+
+Two ways to form dQ (the launcher's ``deterministic`` switch picks one):
+
+* atomic (``ATOMIC_DQ``, the default of the op layer): the dK/dV program, which already holds dS_ij for its
+  key block and each query block it visits, also forms ``scale dS k`` for those query rows and adds it into
+  a zero-initialised fp32 (fp64 for fp64 inputs) buffer with ``tl.atomic_add``; the launcher casts the
+  buffer into dq (or it is dq when dq has that dtype). Work, in units of one Lq x Lk x D product over the
+  visible pairs: S, dP, dV, dK, dQ = **5 units** (FlashAttention-2's count). The order in which key blocks
+  add is up to the GPU scheduler, so dQ may differ in the last bits between runs.
+* deterministic (split kernels): the dK/dV kernel (S, dP, dV, dK: 4 units) and a dQ kernel per query block
+  that recomputes S and dP before dQ = dS K (3 units): **7 units**, no atomics, bitwise reproducible.
 """
 
 import triton
@@ -74,6 +85,20 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def atomic_add_rows(
+    base, start, n_rows, stride_t, value, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """Add the [BLOCK, BLOCK_D] tile ``value`` atomically into rows ``start ..`` of the matrix at ``base``
+    (the accumulator's dtype); rows >= ``n_rows`` and columns >= HEAD_DIM are untouched. Relaxed ordering:
+    the adds only need to be atomic, nothing reads the buffer before the kernel ends."""
+    rows = start + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    tl.atomic_add(ptrs, value.to(base.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
 def attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -83,6 +108,7 @@ def attn_bwd_dkdv_kernel(
     Delta,
     dK,
     dV,
+    dQacc,
     CuQ,
     CuK,
     Kpm,
@@ -105,6 +131,9 @@ def attn_bwd_dkdv_kernel(
     stride_dvb,
     stride_dvt,
     stride_dvh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
     stride_lb,
     stride_lh,
     stride_mb,
@@ -130,10 +159,14 @@ def attn_bwd_dkdv_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
-    """dK_j = scale sum_{h in group, i} dS_ij q_i and dV_j = sum_{h in group, i} P_ij z_ij r dO_i.
+    """dK_j = scale sum_{h in group, i} dS_ij q_i and dV_j = sum_{h in group, i} P_ij z_ij r dO_i; with
+    ATOMIC_DQ also dQacc_i += scale sum_{j in block} dS_ij k_j for every query head h of the group.
 
-    Grid: (key blocks of the longest sequence, KV heads, sequences); each program owns its dK/dV rows.
+    Grid: (key blocks of the longest sequence, KV heads, sequences); each program owns its dK/dV rows. With
+    ATOMIC_DQ the key blocks of one sequence and KV head share the query rows, so their dQ parts meet in the
+    zero-initialised ACC_DTYPE buffer ``dQacc`` through atomic adds (without it ``dQacc`` is never touched).
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -184,8 +217,21 @@ def attn_bwd_dkdv_kernel(
         else:
             pdT = pT
         dv += tl.dot(pdT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dsT, q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if ATOMIC_DQ:
+            # this key block's share of dQ for the block's query rows, scaled here (the buffer may be dq itself)
+            dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * sm_scale
+            atomic_add_rows(
+                head_base(dQacc, b, q_start, h, stride_dqb, stride_dqt, stride_dqh),
+                m0,
+                q_len,
+                stride_dqt,
+                dq,
+                BLOCK_M,
+                BLOCK_D,
+                HEAD_DIM,
+            )
     dk = dk * sm_scale
     store_rows(
         head_base(dK, b, k_start, hk, stride_dkb, stride_dkt, stride_dkh),

@@ -109,7 +109,7 @@ def test_launcher_picks_the_table_of_its_specialisation(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def tuned(kind, block_d, element_size, dropout, precision, aligned):
+    def tuned(kind, block_d, element_size, dropout, precision, aligned, bucket):
         picked.append(aligned)
         return Launch()
 

@@ -68,7 +68,7 @@ DTYPE_GROUPS = [
 HEAD_DIM_CLASSES = (64, 128, 256)
 # A head dim below the class width (masked columns) for the sample, the class width too in the full run.
 HEAD_DIMS = {64: (48, 64), 128: (80, 128), 256: (160, 256)}
-FWD_KINDS = ("fwd", "dkdv", "dq")
+FWD_KINDS = ("fwd", "dkdv", "dkdv_atomic", "dq")
 # The launcher may keep separate tables for calls with 16-byte aligned pointers and strides and for the rest.
 ALIGNMENTS = (True, False) if "aligned" in inspect.signature(attn.gpu_configs).parameters else (None,)
 
@@ -250,8 +250,10 @@ def three_orders(q, k, v, dout, dlse, cots, fwd, second):
     return out, lse, grads, paths
 
 
-def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second):
-    """Forward, backward and (``second``) double backward with ``pins`` against the fp64 reference."""
+def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second, atomic=False):
+    """Forward, backward and (``second``) double backward with ``pins`` against the fp64 reference; with
+    ``atomic`` also the backward's default path off deterministic mode (dQ by atomics inside the dK/dV
+    kernel, pinned as ``dkdv_atomic``; ``nan_filled_empty`` turns deterministic mode on)."""
 
     def rnd(shape, dt=dtype):
         return torch.randn(*shape, dtype=torch.float64, device=DEVICE).to(dt)
@@ -348,7 +350,12 @@ def test_attention_gpu_tiles(case, geom, kind, variant):
     dims = HEAD_DIMS[case["cls"]]
     d = dims[variant % len(dims)] if FULL else dims[0]
     shapes, op_kw, ref_fn = build_geometry(geom, kind, case["pins"], hq, hkv, d, case["dropout"], variant)
-    check_attention(shapes, op_kw, ref_fn, case["dtype"], case["precision"], case["pins"], case["second"])
+    args = (shapes, op_kw, ref_fn, case["dtype"], case["precision"], case["pins"], case["second"])
+    if kind == "dkdv_atomic":  # a geometry against the atomic kernel's edges: its backward is the atomic one
+        with bwd_path(deterministic=False):
+            check_attention(*args)
+    else:
+        check_attention(*args, FULL or (geom == GEOMETRIES[0] and ATOMIC_RUNS[_atomic_shape(case)] == case["id"]))
 
 
 def test_sample_runs_every_table_entry():
@@ -532,13 +539,16 @@ def test_linear_cross_entropy_gpu_tiles_three_orders(cfg):
 
 
 def ce_dot_configs():
-    """{(operand bytes, GPU tile of pick_dot_blocks): a hidden size that picks it} for fp16 and fp32 operands
-    (bf16 shares fp16's tiles; its dots are wrong in the interpreter)."""
+    """[(kernel, operand bytes, GPU tile)]: every tile pick_dot_blocks gives ce_dh or ce_dw for fp16 and fp32
+    operands (bf16 shares fp16's tiles; its dots are wrong in the interpreter), each once: both kernels run in
+    every case, so a ce_dw tile equal to a ce_dh tile is already covered."""
     found = {}
-    for size in (2, 4):
-        for d in (16, 32, 64, 128, 256, 4096):
-            found.setdefault((size, ce.pick_dot_blocks(d, size, interpret=False)), d)
-    return found
+    for kind in ("dh", "dw"):
+        for size in (2, 4):
+            for d in (16, 32, 64, 128, 256, 4096):
+                tile = ce.pick_dot_blocks(d, size, interpret=False, kind=kind)
+                found.setdefault((size, tile), kind)
+    return [(kind, size, tile) for (size, tile), kind in found.items()]
 
 
 CE_DOT_CONFIGS = ce_dot_configs()
@@ -547,10 +557,12 @@ CE_DOT_CONFIGS = ce_dot_configs()
 def ce_dot_geometries(cfg):
     """(rows, V, d, split) for ``cfg``: rows around BLOCK_M (ce_dh's row tile) and BLOCK_K (ce_dw's row step), V
     around BLOCK_K (ce_dh's step) and BLOCK_M (ce_dw's V tile) with a masked tail, the hidden sizes at the edges
-    of BLOCK_N that still pick this tile, split-K 1 and 2."""
-    size, (bm, bn, bk, _, _) = cfg
+    of BLOCK_N that still pick this tile, split-K 1 and 2 (ce_dw's tile reads as BLOCK_V, BLOCK_N, BLOCK_C)."""
+    kind, size, (bm, bn, bk, _, _) = cfg
     ds = sorted(
-        d for d in {bn - 1, bn, bn + 1, 2 * bn + 1} if d >= 1 and ce.pick_dot_blocks(d, size, interpret=False) == cfg[1]
+        d
+        for d in {bn - 1, bn, bn + 1, 2 * bn + 1}
+        if d >= 1 and ce.pick_dot_blocks(d, size, interpret=False, kind=kind) == cfg[2]
     )
     big = max(bm, bk)
     if FULL:
@@ -566,7 +578,7 @@ def ce_dot_geometries(cfg):
 
 CE_DOT_PARAMS = [
     pytest.param(
-        cfg, *geo, id=f"{cfg[0]}B-M{cfg[1][0]}-N{cfg[1][1]}-K{cfg[1][2]}-rows{geo[0]}-v{geo[1]}-d{geo[2]}-s{geo[3]}"
+        cfg, *geo, id=f"{cfg[0]}-{cfg[1]}B-{'-'.join(map(str, cfg[2][:3]))}-rows{geo[0]}-v{geo[1]}-d{geo[2]}-s{geo[3]}"
     )
     for cfg in CE_DOT_CONFIGS
     for geo in ce_dot_geometries(cfg)
@@ -577,9 +589,10 @@ CE_DOT_PARAMS = [
 def test_cross_entropy_products_gpu_tiles(cfg, rows, vocab, d, split):
     """ce_dh / ce_dw (and the statistics) with the GPU tiles on a NaN-padded chunk, against fp64
     (test_cross_entropy.check_product_kernels)."""
-    dtype = torch.float16 if cfg[0] == 2 else torch.float32
+    kind, size, tile = cfg
+    dtype = torch.float16 if size == 2 else torch.float32
     with ce.interpret_gpu_tiles():
-        assert ce.pick_dot_blocks(d, cfg[0]) == cfg[1]
+        assert ce.pick_dot_blocks(d, size, kind=kind) == tile
         check_product_kernels(dtype, rows, vocab, d, split, DEVICE)
 
 

@@ -353,7 +353,9 @@ def attention_bwd_op(
     """(dq, dk, dv) of ``<dout, out> + <dlse, lse>``.
 
     With ``delta_i = dout_i . out_i - dlse_i`` the formulas of kernels/attention_bwd.py apply unchanged,
-    because d lse_i / d s_ij = P_ij.
+    because d lse_i / d s_ij = P_ij. dq comes from fp32 atomics inside the dK/dV kernel (5 GEMM units)
+    unless ``torch.use_deterministic_algorithms(True)`` asks for the split kernels (7 units, reproducible
+    bit for bit): ``deterministic_kernels``.
     """
     from gradmem_fast.kernels import attention as kernels
 
@@ -379,6 +381,7 @@ def attention_bwd_op(
         window=window or None,
         fp32_precision=fp32_precision,
         delta=delta,
+        deterministic=deterministic_kernels(),
     )
 
 
