@@ -158,7 +158,8 @@ def eager_meta_loss(gm, ids, mask, query, labels):
         att = torch.cat([torch.ones(B, r, dtype=mask.dtype, device=mask.device), mask], dim=1)
         hidden = lm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
         logits = hidden @ head.t()  # every position, as the published code computes them
-        pred = logits[:, r - 1 : r - 1 + S].float()
+        pred = logits[:, r - 1 : r - 1 + S]
+        pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # fp32 softmax for 16-bit models
         ce = F.cross_entropy(pred.transpose(1, 2), ids, reduction="none")
         per_doc = (ce * mask).sum(dim=1) / n
         (g,) = torch.autograd.grad(per_doc.sum(), M, create_graph=second, retain_graph=True)
@@ -166,7 +167,8 @@ def eager_meta_loss(gm, ids, mask, query, labels):
     rows = gm.read_prefix(M)
     r = rows.shape[1]
     logits = lm(inputs_embeds=torch.cat([rows.to(embeds.dtype), emb(query)], dim=1)).logits
-    read = logits[:, r - 1 : -1].float()
+    read = logits[:, r - 1 : -1]
+    read = read.to(torch.promote_types(read.dtype, torch.float32))
     loss = F.cross_entropy(read.flatten(0, 1), labels.flatten(), ignore_index=-100)
     return loss + cfg.outer_inner_weight * per_doc.sum() / B
 

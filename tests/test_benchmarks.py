@@ -593,3 +593,34 @@ def test_gpu_suite_calls_rehearsed_dry(tmp_path):
         assert test_id in done.stdout, test_id
     assert "peer jvp-flash-attention" in (second_dir / "env.txt").read_text()
     assert len(list(first_dir.iterdir())) <= 8 and len(list(second_dir.iterdir())) <= 8
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_second_order_reference_equals_model_class(family):
+    """The second_order section's reference (the published path: padded batch, eager attention, full logits)
+    computes the same meta loss and gradients as GradMemModel on its torch backend (fp64, ragged contexts),
+    so the benchmark compares two implementations of one computation."""
+    from benchmarks import bench_second_order as so
+    from benchmarks.bench_write import build_model
+
+    config = (
+        dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, vocab_size=23)
+        if family == "gpt2"
+        else so._llama(16, 2, 2, 23)
+    )
+    spec = so.SecondOrderSpec("t", family, config, torch.float64, 3, 9, 5, 3, 2, inner_lr=0.3)
+    gm = so.gradmem_model(build_model(family, config, torch.float64, "cpu"), spec, "torch")
+    ids, mask, query, labels = so.make_inputs(spec, 23, "cpu")
+    assert mask.sum(1).min() < mask.shape[1]  # ragged
+    params = [p for p in gm.parameters() if p.requires_grad]
+    out = []
+    for fn in (
+        lambda: so.eager_meta_loss(gm, ids, mask, query, labels),
+        lambda: gm(context_input_ids=ids, context_attention_mask=mask, query_input_ids=query, labels=labels).loss,
+    ):
+        loss = fn()
+        out.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (ref_loss, ref_grads), (loss, grads) = out
+    assert rel_error(loss, ref_loss) < 1e-10
+    for p, g, r in zip(params, grads, ref_grads):
+        assert rel_error(g, r) < 1e-10, [n for n, q in gm.named_parameters() if q is p]
