@@ -52,13 +52,17 @@ _MAX_ROWS = 8  # more rows a program made ptxas spill at short rows (V <= 128)
 _MAX_BLOCK_V = 4096
 _GPU_TILES_IN_INTERPRETER = [False]  # set by ``interpret_gpu_tiles`` (tests of the GPU tiles)
 
-# Matrix-product tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of ce_dh_kernel per element size of
-# the operands, with BLOCK_N the widest; narrower hidden sizes take BLOCK_N = next power of two >= d (>= 16,
-# the smallest dot operand a GPU takes). ce_dw_kernel uses the same tuple as (BLOCK_V, BLOCK_N, BLOCK_C).
-# Every dimension >= 16: 16-bit dot operands need K >= 16 on a GPU.
-# BLOCK_N = 256 for 16-bit operands: G is recomputed (one exp per logit) by every hidden tile, and at d = 768 three
-# tiles instead of six halve that work (sm_90: 128 / 196 registers for ce_dh / ce_dw, ~123 KB shared, no spills).
-_DOT_TILES_GPU = {2: (64, 256, 64, 8, 3), 4: (64, 64, 32, 4, 3), 8: (32, 32, 16, 4, 2)}
+# Matrix-product tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel and element size of the
+# operands, with BLOCK_N the widest; narrower hidden sizes take BLOCK_N = next power of two >= d (>= 16, the
+# smallest dot operand a GPU takes). ce_dw_kernel reads its tuple as (BLOCK_V, BLOCK_N, BLOCK_C). Every
+# dimension >= 16: 16-bit dot operands need K >= 16 on a GPU. G is recomputed (one exp per logit) by every
+# hidden tile, so wide BLOCK_N pays: ce_dh takes 256 for 16-bit operands (d = 768 in three tiles, not six; sm_90:
+# 128 registers, 120 KB shared, no spills in every specialisation); ce_dw stays at 128, since at 256 its
+# unaligned specialisation (odd d: scalar H loads and dW read-add-write) spills at 255 registers.
+_DOT_TILES_GPU = {
+    "dh": {2: (64, 256, 64, 8, 3), 4: (64, 64, 32, 4, 3), 8: (32, 32, 16, 4, 2)},
+    "dw": {2: (64, 128, 64, 8, 3), 4: (64, 64, 32, 4, 3), 8: (32, 32, 16, 4, 2)},
+}
 # The interpreter pays per program and per operation: few programs with wide tiles (ce_dw_kernel's tile is
 # (BLOCK_V, BLOCK_N, BLOCK_C)).
 _DOT_TILES_INTERPRET = {"dh": (256, 64, 1024, 4, 1), "dw": (1024, 64, 256, 4, 1)}
@@ -334,7 +338,7 @@ def pick_dot_blocks(n_hidden: int, elem_size: int, interpret: bool | None = None
     power of two >= max(16, n_hidden) for small hidden sizes."""
     if interpret is None:
         interpret = interpreting() and not _GPU_TILES_IN_INTERPRETER[0]
-    bm, bn, bk, warps, stages = _DOT_TILES_INTERPRET[kind] if interpret else _DOT_TILES_GPU[elem_size]
+    bm, bn, bk, warps, stages = _DOT_TILES_INTERPRET[kind] if interpret else _DOT_TILES_GPU[kind][elem_size]
     bn = max(16, min(bn, triton.next_power_of_2(n_hidden)))
     return bm, bn, bk, warps, stages
 
@@ -657,99 +661,74 @@ def compile_specs() -> list:
 def _dot_specs() -> list:
     """The ``compile_specs`` of ``ce_dh_kernel`` and ``ce_dw_kernel`` (see there)."""
     stats = {"t_ptr", "lse_ptr", "scale_ptr"}
-    dh_all = {"z_ptr", "stride_z", "w_ptr", "stride_w", "out_ptr", "stride_out", "stride_split"}
-    dh_all |= {"n_load", "n_hidden", "cols_per_split", "n_rows"} | stats
-    dw_all = {"z_ptr", "stride_z", "h_ptr", "stride_h", "dw_ptr", "stride_dw", "db_ptr", "n_load", "n_hidden"}
-    dw_all |= {"n_rows"} | stats
+    every = {
+        "dh": {"z_ptr", "stride_z", "w_ptr", "stride_w", "out_ptr", "stride_out", "stride_split", "n_load"}
+        | {"n_hidden", "cols_per_split", "n_rows"}
+        | stats,
+        "dw": {"z_ptr", "stride_z", "h_ptr", "stride_h", "dw_ptr", "stride_dw", "db_ptr", "n_load", "n_hidden"}
+        | {"n_rows"}
+        | stats,
+    }
 
-    def variants(every):
+    def variants(kind):
         # The op's own buffer is always aligned, and a split-K slice is a whole number of BLOCK_K steps.
-        ours = {"z_ptr", "stride_z", "n_load", "lse_ptr", "cols_per_split"} & every
+        ours = {"z_ptr", "stride_z", "n_load", "lse_ptr", "cols_per_split"} & every[kind]
         return (
-            Variant("aligned", divisible=every | {"n_cols"}),
-            Variant("padded", divisible=every, archs=(90,)),
+            Variant("aligned", divisible=every[kind] | {"n_cols"}),
+            Variant("padded", divisible=every[kind], archs=(90,)),
             Variant("unaligned", divisible=ours, archs=(90,)),
         )
 
+    def ints(*names):
+        return {n: "i32" for n in names}
+
     dtypes = [("fp16", 2, "ieee"), ("bf16", 2, "ieee"), ("fp32", 4, "ieee"), ("fp32", 4, "tf32"), ("fp64", 8, "ieee")]
     specs = []
-    for dt, size, prec in dtypes:
-        acc = "fp64" if dt == "fp64" else "fp32"
-        # fp64 (a reference dtype): the widest tile only.
-        hidden_sizes = (4096,) if dt == "fp64" else (16, 32, 64, 128, 256, 4096)
-        widths = sorted({pick_dot_blocks(d, size, interpret=False)[1] for d in hidden_sizes})
-        for bn in widths:
-            bm, _, bk, warps, stages = pick_dot_blocks(bn, size, interpret=False)
-            for has_scale in (False, True):
-                for tdt in ("i64", "i32") if bn == widths[-1] and has_scale else ("i64",):
-                    common = {"t_ptr": f"*{tdt}", "lse_ptr": f"*{acc}", "scale_ptr": f"*{acc}"}
-                    tiles = f"{dt},{prec},{tdt},scale={int(has_scale)},M={bm},N={bn},K={bk}"
-                    specs.append(
-                        CompileSpec(
-                            name=f"ce_dh[{tiles}]",
-                            kernel=ce_dh_kernel,
-                            signature={
-                                "z_ptr": f"*{dt}",
-                                "stride_z": "i32",
-                                **common,
-                                "w_ptr": f"*{dt}",
-                                "stride_w": "i32",
-                                "out_ptr": f"*{acc}" if bn != widths[-1] or not has_scale else f"*{dt}",
-                                "stride_out": "i32",
-                                "stride_split": "i32",
-                                "n_rows": "i32",
-                                "n_cols": "i32",
-                                "n_load": "i32",
-                                "n_hidden": "i32",
-                                "ignore_index": "i32",
-                                "cols_per_split": "i32",
-                            },
-                            constexprs={
-                                "HAS_SCALE": has_scale,
-                                "PRECISION": prec,
-                                "BLOCK_M": bm,
-                                "BLOCK_N": bn,
-                                "BLOCK_K": bk,
-                            },
-                            num_warps=warps,
-                            num_stages=stages,
-                            variants=variants(dh_all),
-                        )
-                    )
-                    for has_dw, has_db in ((True, True), (True, False), (False, True)):
-                        if not has_dw and bn != widths[-1]:
-                            continue  # db only: one hidden tile, BLOCK_N unused
-                        specs.append(
-                            CompileSpec(
-                                name=f"ce_dw[{tiles},dw={int(has_dw)},db={int(has_db)}]",
-                                kernel=ce_dw_kernel,
-                                signature={
-                                    "z_ptr": f"*{dt}",
-                                    "stride_z": "i32",
-                                    **common,
-                                    "h_ptr": f"*{dt}",
-                                    "stride_h": "i32",
-                                    "dw_ptr": f"*{acc}",
-                                    "stride_dw": "i32",
-                                    "db_ptr": f"*{acc}",
-                                    "n_rows": "i32",
-                                    "n_cols": "i32",
-                                    "n_load": "i32",
-                                    "n_hidden": "i32",
-                                    "ignore_index": "i32",
-                                },
-                                constexprs={
-                                    "HAS_SCALE": has_scale,
-                                    "HAS_DW": has_dw,
-                                    "HAS_DB": has_db,
-                                    "PRECISION": prec,
-                                    "BLOCK_V": bm,
-                                    "BLOCK_N": bn,
-                                    "BLOCK_C": bk,
-                                },
-                                num_warps=warps,
-                                num_stages=stages,
-                                variants=variants(dw_all),
+    for kind in ("dh", "dw"):
+        for dt, size, prec in dtypes:
+            acc = "fp64" if dt == "fp64" else "fp32"
+            # fp64 (a reference dtype): the widest tile only.
+            hidden_sizes = (4096,) if dt == "fp64" else (16, 32, 64, 128, 256, 4096)
+            widths = sorted({pick_dot_blocks(d, size, interpret=False, kind=kind)[1] for d in hidden_sizes})
+            for bn in widths:
+                bm, _, bk, warps, stages = pick_dot_blocks(bn, size, interpret=False, kind=kind)
+                for has_scale in (False, True):
+                    for tdt in ("i64", "i32") if bn == widths[-1] and has_scale else ("i64",):
+                        head = {"z_ptr": f"*{dt}", "stride_z": "i32", "t_ptr": f"*{tdt}"}
+                        head |= {"lse_ptr": f"*{acc}", "scale_ptr": f"*{acc}"}
+                        tiles = f"{dt},{prec},{tdt},scale={int(has_scale)},M={bm},N={bn},K={bk}"
+                        if kind == "dh":
+                            # dH is fp32 (forward-time unit gradient, split-K partial sums) or the input dtype.
+                            out = f"*{acc}" if bn != widths[-1] or not has_scale else f"*{dt}"
+                            signature = head | {"w_ptr": f"*{dt}", "stride_w": "i32", "out_ptr": out}
+                            signature |= ints("stride_out", "stride_split", "n_rows", "n_cols", "n_load", "n_hidden")
+                            signature |= ints("ignore_index", "cols_per_split")
+                            flags = {"HAS_SCALE": has_scale, "PRECISION": prec}
+                            spec_tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                            named = [(f"ce_dh[{tiles}]", flags)]
+                        else:
+                            signature = head | {"h_ptr": f"*{dt}", "stride_h": "i32", "dw_ptr": f"*{acc}"}
+                            signature |= {"stride_dw": "i32", "db_ptr": f"*{acc}"}
+                            signature |= ints("n_rows", "n_cols", "n_load", "n_hidden", "ignore_index")
+                            spec_tiles = {"BLOCK_V": bm, "BLOCK_N": bn, "BLOCK_C": bk}
+                            named = [
+                                (
+                                    f"ce_dw[{tiles},dw={int(dw)},db={int(db)}]",
+                                    {"HAS_SCALE": has_scale, "HAS_DW": dw, "HAS_DB": db, "PRECISION": prec},
+                                )
+                                for dw, db in ((True, True), (True, False), (False, True))
+                                if dw or bn == widths[-1]  # db only: one hidden tile, BLOCK_N unused
+                            ]
+                        for name, flags in named:
+                            specs.append(
+                                CompileSpec(
+                                    name=name,
+                                    kernel=ce_dh_kernel if kind == "dh" else ce_dw_kernel,
+                                    signature=signature,
+                                    constexprs=flags | spec_tiles,
+                                    num_warps=warps,
+                                    num_stages=stages,
+                                    variants=variants(kind),
+                                )
                             )
-                        )
     return specs

@@ -157,6 +157,15 @@ def test_cross_entropy_bf16_path(nan_empty):
     assert_close(zs, unit * scale.double()[:, None], dtype=BF16, name="scaled gradient")
 
 
+def test_cross_entropy_products_bf16_path():
+    """ce_dh / ce_dw with bf16 operands (G rounded to bf16 before its dot) on the GPU tiles: 65 rows, V = 131 in a
+    padded buffer, d = 257 (a masked hidden tile of 256 for ce_dh, of 128 for ce_dw), split-K 2."""
+    from test_cross_entropy import check_product_kernels
+
+    with emulate_bf16(), ce.interpret_gpu_tiles():
+        check_product_kernels(BF16, 65, 131, 257, 2, "cpu")
+
+
 @pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adam"])
 def test_update_bf16_path(adam, nan_empty):
     """The change M - M0 of a bf16 memory (fp32 math inside, one rounding at the store)."""

@@ -368,11 +368,14 @@ def check_product_kernels(dtype, rows, vocab, d, split, device):
     assert torch.equal(z, z0) and torch.isnan(buf[:, vocab:]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("split", [1, 3])
 def test_product_kernels_directly(dtype, split, device, small_tiles):
     """37 rows (3 row tiles of 16), V = 601 (prime; three 256-wide V steps, three split-K slices), d = 40 (3
-    hidden tiles, the last masked), dW in 3 row steps (see check_product_kernels for the rest)."""
+    hidden tiles, the last masked), dW in 3 row steps (see check_product_kernels for the rest). bf16 on a GPU
+    only (the interpreter's bf16 dots are wrong; test_bf16_emulation.py covers that path on CPU)."""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter")
     check_product_kernels(dtype, 37, 601, 40, split, device)
 
 
