@@ -116,8 +116,8 @@ _DQ_CONFIGS = {
 # backward, so tiles are small. Every entry was found by compiling candidates for sm_90 and keeping the
 # first spill-free one; an empty list means none was found, and the launcher refuses that class
 # (``dbwd_supported``) rather than run a spilling kernel.
-# Row pass (beta, psi, grad dO): one [BLOCK_M, D] accumulator. Unaligned fp16 regs: d64 64x32/8 238 (64x32/4
-# spills 40 B), with dropout 32x32 243; d128 16x16 255; d256 187 / 255.
+# Row pass (beta, psi, grad dO): one [BLOCK_M, D] accumulator. Unaligned fp16 regs: d64 64x32/8 202 (64x32/4
+# spilled 40 B), with dropout 32x32 255; d128 16x16 255; d256 236 / 244.
 _DBWD_ROW_CONFIGS = {
     (64, 2): {"plain": [(64, 32, 8, 2)], "dropout": [(32, 32, 4, 2)]},
     (128, 2): {"plain": [(16, 16, 4, 1)], "dropout": [(16, 16, 4, 1)]},
@@ -147,13 +147,9 @@ _DBWD_DKDV_CONFIGS = {
 # Unaligned fp16: d64 32x32/4 208 / 252 regs; d128 32x32/8 255 (32x32/4 spills 20 B); d256 16x16/8 254 / 255
 # (16x16/4 spills 16 B).
 _DBWD_FUSED_CONFIGS = {
-    (64, 2): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
+    **_DBWD_DKDV_CONFIGS,
     (128, 2): {"plain": [(32, 32, 8, 1)], "dropout": [(32, 32, 8, 1)]},
     (256, 2): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 8, 1)]},
-    (64, 4): {"plain": [(32, 32, 4, 2)], "dropout": [(32, 32, 4, 2)]},
-    # fp32 d128 unaligned: 32x16 spills (132 B; 36 B with dropout): 16x16 (170 / 242 regs)
-    (128, 4): {"plain": [(16, 16, 8, 1)], "dropout": [(16, 16, 4, 1)]},
-    (256, 4): {"plain": [], "dropout": []},
 }
 # fp32 with input_precision="ieee": FMA dots keep both operands in registers, so one small tile per class.
 _IEEE_CONFIGS = {
@@ -225,20 +221,24 @@ _ALIGNED = {
         (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
         (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
     },
+    # fused key pass, aligned fp16: d64 with dropout 32x64/4 255 regs (32x128/8 spills 28 B); d128 16x128/8
+    # 246 regs (32x64/4, 64x64/4, 32x128/8, 16x64/4 spill; with dropout every one tried, so 32x32/8 stays).
     "dbwd_fused": {
-        (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)]},
+        (64, 2): {"plain": [(32, 128, 8, 2), (32, 64, 4, 2)], "dropout": [(32, 64, 4, 2), (32, 32, 4, 2)]},
+        (128, 2): {"plain": [(16, 128, 8, 2), (32, 32, 8, 1)]},
         (128, 4): {"plain": [(32, 16, 4, 1)], "dropout": [(32, 16, 4, 1)]},
     },
 }
 # IEEE fp32 double backward: with aligned operands the FMA tiles fit at 16x16 for d <= 64 (regs with
-# dropout: statistics 133, grad q 168, grad dO 168, grad k/v 133). d128 stays refused: its grad-dO pass
-# spills at 16x16 with 4 and 8 warps (the other three passes fit: 224 / 246 / 230 regs); so do unaligned
-# calls (grad q spills without hints) and d256.
+# dropout: row pass 124, grad q 168, key pass 134, fused key pass 132) and, for d128, in the atomic-free
+# path (row pass 198 with 8 warps, grad q 255, key pass 234; the fused key pass spills 364 B at 16x16 with 8
+# warps, 660 B with 4, so d128 falls back to the atomic-free path). Unaligned calls (grad q spills without
+# hints) and d256 are refused.
 _ALIGNED_IEEE = {kind: {} for kind in _ALIGNED}
 _ALIGNED_IEEE["dkdv_atomic"] = {64: [(32, 32, 8, 1)]}  # aligned: 32x32 fits with dropout
-_ALIGNED_IEEE["dbwd_row"] = {64: [(16, 16, 8, 1)]}
-_ALIGNED_IEEE["dbwd_dq"] = {64: [(16, 16, 4, 1)]}
-_ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_row"] = {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)]}
+_ALIGNED_IEEE["dbwd_dq"] = {64: [(16, 16, 4, 1)], 128: [(16, 16, 4, 1)]}
+_ALIGNED_IEEE["dbwd_dkdv"] = {64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)]}
 _ALIGNED_IEEE["dbwd_fused"] = {64: [(16, 16, 8, 1)]}
 
 

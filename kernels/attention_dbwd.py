@@ -214,58 +214,6 @@ def attn_dbwd_kernel(
             beta = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
             mass = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
             centre = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-            for start_n in range(lo, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-                p = tl.math.exp2(s - lse2[:, None])
-                valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
-                if HAS_KPM:
-                    valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
-                p = tl.where(valid, p, 0.0)
-                bb = (
-                    tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                ) * sm_scale
-                p_sum = tl.sum(p, 1)
-                pb_sum = tl.sum(p * bb, 1)
-                # the centre is fixed by the first block with some probability mass in the row (earlier
-                # blocks added nothing to acc for that row, so the choice needs no correction)
-                centre = tl.where(mass > 0, centre, pb_sum / tl.where(p_sum > 0, p_sum, 1.0))
-                mass += p_sum
-                beta += pb_sum
-                if HAS_DROPOUT:
-                    keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
-                    pd = tl.where(keep, p * rescale, 0.0)
-                else:  # rescale is 1 without dropout
-                    pd = p
-                v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                w = pd * (bb - centre[:, None])
-                acc += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                acc += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            o = load_head_rows(
-                Out, b, q_start, head, stride_ob, stride_ot, stride_oh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
-            )
-            acc -= (beta - centre)[:, None] * o.to(ACC_DTYPE)
-            do = load_head_rows(
-                dOut, b, q_start, head, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
-            )
-            psi = tl.sum(do.to(ACC_DTYPE) * acc, 1)
-            tl.store(Beta + stat, beta, mask=m_ok)
-            tl.store(Psi + stat, psi, mask=m_ok)
-            store_rows(
-                head_base(GraddOut, b, q_start, head, stride_oqb, stride_oqt, stride_oqh),
-                m0,
-                q_len,
-                stride_oqt,
-                acc,
-                BLOCK_M,
-                BLOCK_D,
-                HEAD_DIM,
-            )
         else:
             do = load_head_rows(
                 dOut, b, q_start, head, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
@@ -275,45 +223,67 @@ def attn_dbwd_kernel(
             )
             beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
             psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
-            acc_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-            for start_n in range(lo, hi, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
-                s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
-                p = tl.math.exp2(s - lse2[:, None])
-                valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
-                if HAS_KPM:
-                    valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
-                p = tl.where(valid, p, 0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)  # ROLE 0: grad dO; ROLE 1: grad q / scale
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+            v = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+            gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+            gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
+            if HAS_KPM:
+                valid = valid & key_keep(Kpm_base, offs_n, offs_n < k_len, HAS_KPM)[None, :]
+            p = tl.where(valid, p, 0.0)
+            if ROLE == 1:
                 dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 cc = tl.dot(do, tl.trans(gv), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                bb = (
-                    tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                ) * sm_scale
-                if HAS_DROPOUT:  # (without dropout rescale is 1)
-                    zr = tl.where(keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p), rescale, 0.0)
+            bb = (
+                tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            ) * sm_scale
+            if HAS_DROPOUT:  # z r; without dropout rescale is 1
+                zr = tl.where(keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p), rescale, 0.0)
+            if ROLE == 0:
+                p_sum = tl.sum(p, 1)
+                pb_sum = tl.sum(p * bb, 1)
+                # the centre is fixed by the first block with some probability mass in the row (earlier
+                # blocks added nothing to acc for that row, so the choice needs no correction)
+                centre = tl.where(mass > 0, centre, pb_sum / tl.where(p_sum > 0, p_sum, 1.0))
+                mass += p_sum
+                beta += pb_sum
+                if HAS_DROPOUT:
+                    pd = p * zr
+                else:
+                    pd = p
+                w = pd * (bb - centre[:, None])
+                acc += tl.dot(w.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc += tl.dot(pd.to(gv.dtype), gv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                if HAS_DROPOUT:
                     dp = dp * zr
                     cc = cc * zr
                 dpd = dp - delta[:, None]
                 ds = p * dpd
                 g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
-                acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                acc_q += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            acc_q = acc_q * sm_scale
-            store_rows(
-                head_base(GradQ, b, q_start, head, stride_oqb, stride_oqt, stride_oqh),
-                m0,
-                q_len,
-                stride_oqt,
-                acc_q,
-                BLOCK_M,
-                BLOCK_D,
-                HEAD_DIM,
+                acc += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if ROLE == 0:
+            o = load_head_rows(
+                Out, b, q_start, head, stride_ob, stride_ot, stride_oh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
             )
+            acc -= (beta - centre)[:, None] * o.to(ACC_DTYPE)
+            do = load_head_rows(
+                dOut, b, q_start, head, stride_dob, stride_dot, stride_doh, m0, q_len, BLOCK_M, BLOCK_D, HEAD_DIM
+            )
+            tl.store(Beta + stat, beta, mask=m_ok)
+            tl.store(Psi + stat, tl.sum(do.to(ACC_DTYPE) * acc, 1), mask=m_ok)
+            out_base = head_base(GraddOut, b, q_start, head, stride_oqb, stride_oqt, stride_oqh)
+        else:
+            acc = acc * sm_scale
+            out_base = head_base(GradQ, b, q_start, head, stride_oqb, stride_oqt, stride_oqh)
+        store_rows(out_base, m0, q_len, stride_oqt, acc, BLOCK_M, BLOCK_D, HEAD_DIM)
     else:
         # ---- key-block roles: one key block of KV head `head`, every query block of its group that sees it
         n0 = start

@@ -1,10 +1,9 @@
 """FLOP accounting of the attention kernels (gradmem_fast.flops.attention_flops) and the step census's
 count of the double backward's launches (benchmarks/census_count.py), which must agree with it."""
 
-import contextlib
-
 import pytest
 import torch
+from test_attention_second_order import deterministic_algorithms
 
 from benchmarks.census_count import Census, record_triton
 from gradmem_fast.flops import ATTENTION_KERNEL_UNITS, attention_flops, visible_pairs
@@ -40,16 +39,6 @@ def test_attention_flops_units_and_ratios():
     assert split["dbwd"] / (split["fwd"] + split["bwd"]) == pytest.approx(20 / 9)
     with pytest.raises(ValueError, match="same number of documents"):
         attention_flops([3, 4], [3], num_heads=1, head_dim=8)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(on):
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

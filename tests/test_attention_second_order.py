@@ -141,9 +141,10 @@ def test_second_order_matches_fp64_reference(case, dtype):
 
 
 @contextlib.contextmanager
-def deterministic_algorithms():
+def deterministic_algorithms(on=True):
+    """torch.use_deterministic_algorithms(on) inside (the ops' choice of the atomic-free kernels)."""
     was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(on)
     try:
         yield
     finally:
@@ -311,16 +312,37 @@ def test_third_order_is_a_clear_error():
 
 def test_gpu_classes_without_a_spill_free_config_are_refused(monkeypatch):
     """On a GPU the launcher runs only configurations that passed the sm_90 compile check; classes without
-    one (IEEE fp32 unaligned or above head dim 64, fp32 head dims above 128) are refused with a clear error."""
+    one (IEEE fp32 unaligned or above head dim 128, fp32 head dims above 128) are refused with a clear error,
+    and classes where only the atomic-free path fits (IEEE fp32 d128 aligned) run that path."""
     monkeypatch.setattr(kernels, "_interpreting", lambda: False)
-    assert kernels.dbwd_supported(64, 2, True, "tf32") and kernels.dbwd_supported(128, 4, False, "tf32")
-    assert kernels.dbwd_supported(256, 2, True, "tf32")
-    assert not kernels.dbwd_supported(64, 4, False, "ieee") and not kernels.dbwd_supported(256, 4, False, "tf32")
-    assert kernels.dbwd_supported(64, 4, True, "ieee", aligned=True)
-    assert not kernels.dbwd_supported(128, 4, False, "ieee", aligned=True)
+    for deterministic in (True, False):
+        assert kernels.dbwd_supported(64, 2, True, "tf32", deterministic=deterministic)
+        assert kernels.dbwd_supported(128, 4, False, "tf32", deterministic=deterministic)
+        assert kernels.dbwd_supported(256, 2, True, "tf32", deterministic=deterministic)
+        assert kernels.dbwd_supported(64, 4, True, "ieee", aligned=True, deterministic=deterministic)
+        assert not kernels.dbwd_supported(64, 4, False, "ieee", deterministic=deterministic)
+        assert not kernels.dbwd_supported(256, 4, False, "tf32", deterministic=deterministic)
+        assert not kernels.dbwd_supported(256, 4, False, "ieee", aligned=True, deterministic=deterministic)
+    assert kernels.dbwd_supported(128, 4, False, "ieee", aligned=True, deterministic=True)
+    assert not kernels.dbwd_supported(128, 4, False, "ieee", aligned=True, deterministic=False)
     q = torch.randn(1, 3, 1, 17, device=DEVICE)[..., 1:]  # a view at an odd offset: the unaligned tables
     with pytest.raises(NotImplementedError, match="fp32_precision='ieee'.*backend='torch'"):
         kernels.attention_dbwd(q, q, q, q, q, torch.zeros(1, 1, 3, device=DEVICE), q, q, q, fp32_precision="ieee")
+
+
+def test_launcher_falls_back_to_the_atomic_free_path(monkeypatch):
+    """On a GPU, IEEE fp32 at head dim 128 (aligned) has no spill-free fused key pass: a call that allows
+    atomics runs the atomic-free passes instead; TF32 runs the fused pair. Catches a launcher that launches
+    a kind whose table is empty (a spilling or missing configuration)."""
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    launched = []
+    monkeypatch.setattr(kernels, "_launch", lambda kind, *args: launched.append(kind))
+    q = torch.randn(1, 5, 1, 128, device=DEVICE)
+    lse = torch.zeros(1, 1, 5, device=DEVICE)
+    for precision, want in (("ieee", ["dbwd_row", "dbwd_dq", "dbwd_dkdv"]), ("tf32", ["dbwd_row", "dbwd_fused"])):
+        launched.clear()
+        kernels.attention_dbwd(q, q, q, q, q, lse, q, q, q, fp32_precision=precision, deterministic=False)
+        assert launched == want, precision
 
 
 def test_opcheck_double_backward_op():
