@@ -314,6 +314,16 @@ def evaluate(model, samples, tok, device, batch=128, by_pair=None):
     return hits / len(samples)
 
 
+def lr_factor(step: int, args) -> float:
+    """The outer learning-rate multiplier at ``step``: linear warm-up, then constant or cosine to 0.1."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    if args.lr_schedule == "constant":
+        return 1.0
+    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -346,6 +356,12 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=int, default=50)
+    g.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="after the warm-up: constant, or cosine decay to 10%% of --lr at --steps",
+    )
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--eval-size", type=int, default=256)
@@ -353,7 +369,9 @@ def parse_args(argv=None):
     g.add_argument("--target", type=float, default=0.9, help="stop once eval exact match reaches this")
     g.add_argument("--time-limit", type=float, default=900.0, help="seconds of process CPU time; 0 = no limit")
     g.add_argument("--init-from", default=None, help="GradMemModel checkpoint of the previous curriculum stage")
-    g.add_argument("--save", default=None, help="directory: save_pretrained the model at the end of the run")
+    g.add_argument(
+        "--save", default=None, help="directory: save_pretrained the model at every evaluation and at the end"
+    )
     g.add_argument("--curve-out", default=None, help="JSON file: the evaluation curve and the run's settings")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--backend", default=None, help="torch | triton | auto (default: torch on CPU, auto else)")
@@ -387,7 +405,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
 
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -420,6 +438,8 @@ def main(argv=None):
             doc = {"settings": settings, "columns": ["step", "exact_match", "wall_s", "cpu_s"], "curve": curve}
             path.with_suffix(".tmp").write_text(json.dumps(doc, indent=1))
             path.with_suffix(".tmp").replace(path)
+        if args.save and step:  # a stopped or plateaued run can still seed the next stage
+            model.save_pretrained(args.save)
         return em
 
     em = record(0)
