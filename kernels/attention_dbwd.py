@@ -51,7 +51,11 @@ row pass ``S = q k^T`` 1 + ``B`` 2 + ``(P (B - c)) v`` 1 + ``P gV`` 1 = 5; key p
 ``B``, ``C`` (5) and forms ``grad k = dS^T gQ + G^T q`` 2 and ``grad v = W^T dO`` 1 = 8; grad q
 ``= dS gK + G k`` is 2 more, in the fused key pass (10) or in the grad-q pass after its own recomputation
 (5 + 2 = 7). Double backward: fused 5 + 10 = 15 units, deterministic 5 + 7 + 8 = 20 (the four-launch
-version before this one: 25). For scale, forward 2 and backward 5 (dQ by atomics) or 7 (split kernels).
+version before this one: 25). For scale, forward 2 and backward 5 (dQ by atomics) or 7 (split kernels):
+the fused double backward is 15 / 7 = 2.14 times forward + backward with atomics (15 / 9 = 1.67 against the
+split backward). The unit above 2x is structural: grad k and grad v of a key block need beta and psi of
+every row that sees it, so no key block can finish before every row has been swept once, and both sweeps
+form S and B (3 units each); the row pass forms nothing else that it could hand over in O(S) memory.
 ``gradmem_fast.flops.attention_flops`` counts them.
 
 Every score tile is recomputed from ``q, k`` and the saved ``lse`` in fp32 (fp64 for fp64 inputs) with
@@ -80,8 +84,6 @@ from .attention_common import (
     stat_offset,
     store_rows,
 )
-
-ROW, GRAD_Q, KEY, KEY_FUSED = 0, 1, 2, 3  # the ROLE constexpr of attn_dbwd_kernel
 
 
 @triton.jit
