@@ -48,7 +48,10 @@ from .runtime import CompileSpec, Variant, interpreting
 _TILE_GPU = 4096
 # The interpreter pays per operation, not per element: bigger tiles make the CPU tests much faster.
 _TILE_INTERPRET = 1 << 17
-_MAX_ROWS = 8  # more rows a program made ptxas spill at short rows (V <= 128)
+# More rows a program made ptxas spill at short rows: each element of a multi-row tile carries its own 64-bit
+# pointer. 8-row tiles (V <= 512) spilled 4-32 B in the n_load / odd-V specialisations on sm_90; 4-row tiles on
+# 4 warps do not (compile check).
+_MAX_ROWS = 4
 _MAX_BLOCK_V = 4096
 _GPU_TILES_IN_INTERPRETER = [False]  # set by ``interpret_gpu_tiles`` (tests of the GPU tiles)
 
@@ -326,9 +329,9 @@ def pick_blocks(n_cols: int, interpret: bool | None = None) -> tuple:
     tile = _TILE_INTERPRET if interpret else _TILE_GPU
     block_v = max(16, min(_MAX_BLOCK_V if not interpret else tile, triton.next_power_of_2(n_cols)))
     block_m = max(1, min(_MAX_ROWS if not interpret else 256, tile // block_v))
-    # 8 warps for full tiles, except the 8-row x 512 tile: its fp32/int64 gradient-writing forward spills 8 B
-    # at 8 warps for sm_90 (80 registers either way; 4 warps do not spill, compile check).
-    num_warps = 8 if block_m * block_v >= 4096 and block_m < 8 else 4
+    # 8 warps for full tiles of one or two rows; the 4-row x 1024 tile spilled 4-8 B at 8 warps (fp16 / bf16,
+    # padded specialisation) and does not at 4 (compile check).
+    num_warps = 8 if block_m * block_v >= 4096 and block_m < 4 else 4
     return block_m, block_v, num_warps
 
 

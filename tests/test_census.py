@@ -273,7 +273,9 @@ def test_engine_step_has_no_host_sync_and_counts_our_kernels(gpt2_dry):
     step = counts["step"]
     assert step["syncs"] == 0 and step["unknown_values"] == 0 and step["uncounted_flops"] == 0
     names = {x.name for x in counts["launches_2"]}
-    assert {"attn_fwd_kernel", "ce_forward_kernel", "_memory_update_kernel"} <= names
+    assert {"attn_fwd_kernel", "ce_forward_kernel", "ce_dh_kernel", "_memory_update_kernel"} <= names
+    # The WRITE loop's frozen head: GEMM write, statistics read, dH read of each logits chunk (issue 14: <= 3).
+    assert step["ce_logits_passes"]["passes"] == 3
     # Executed FLOPs: at least the useful ones (causal attention, no padding), at most the eager reference's.
     from gradmem_fast.flops import write_step_flops
 

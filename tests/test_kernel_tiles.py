@@ -568,13 +568,10 @@ def ce_dot_geometries(cfg):
         if d >= 1 and ce.pick_dot_blocks(d, size, interpret=False, kind=kind) == cfg[2]
     )
     big = max(bm, bk)
-    if FULL:
-        return [
-            (r, v, d, s)
-            for r in (1, bk - 1, bm + 1, 2 * big + 1)
-            for v in (bk - 1, bm + 1, 2 * big + 3)
-            for d in ds
-            for s in (1, 2)
+    if FULL:  # split-K 2 on the V that has more than two K steps
+        rows = (1, bk - 1, bm + 1, 2 * big + 1)
+        return [(r, v, d, 1) for r in rows for v in (bk - 1, bm + 1, 2 * big + 3) for d in ds] + [
+            (r, 2 * big + 3, d, 2) for r in rows for d in ds
         ]
     return [(big + 1, 2 * big + 3, ds[-1], 2)]
 
