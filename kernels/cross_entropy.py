@@ -21,14 +21,16 @@ Kernels:
 
 HBM passes over a chunk's logits (the ``≤ 3`` of issue 14): the GEMM writes Z (1), ``ce_forward_kernel``
 reads it for the statistics (2), ``ce_dh_kernel`` reads it for dH (3); a trainable head adds one read by
-``ce_dw_kernel`` (4). The previous design made 5 (statistics read, G read + write in place, cuBLAS read of G),
-6 with dW. ``benchmarks.census_count.ce_logits_passes`` counts them from the recorded launches.
+``ce_dw_kernel`` (4). The previous design made 5 (GEMM write, statistics read, G read + written in place,
+cuBLAS read of G), 6 with dW. ``benchmarks.census_count.ce_logits_passes`` counts them from recorded launches.
 
 Vector loads: a masked load vectorises only when its mask is constant over 16-byte groups, so the column
 mask of every load is ``col < n_load`` (``Vpad``, a multiple of 64, with a 16-divisible row stride), and the
 vocabulary edge ``col < V`` is applied afterwards with ``tl.where``: the padding columns (uninitialised memory,
 possibly NaN) are read but never reach a result. With ``n_load == V`` (an unpadded chunk) this is the plain
-masked load.
+masked load. sm_90 PTX at GPT-2's V = 50257 (bf16): the statistics kernel's padded launch loads with
+``ld.global.v4`` and ``ce_dh_kernel``'s with 16-byte ``cp.async``, where an unpadded odd-V chunk takes 16-bit
+scalar loads (tests/test_cross_entropy.py::test_padded_rows_compile_to_vector_loads).
 
 A target outside ``[0, V)`` that is not ``ignore_index`` matches no column: its target logit reads as 0 and
 its one-hot term is absent (no out-of-bounds access; such targets are the caller's error, and the kernels do
