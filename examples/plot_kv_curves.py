@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.suptitle("GradMemModel on KV retrieval (CPU, 4x128 Llama, m=8, K=2, inner lr 0.04, write head)", fontsize=9)
+    fig.suptitle("GradMemModel on KV retrieval (CPU, 4x128 Llama, m=8, write head; settings per curve)", fontsize=9)
     fig.tight_layout()
     Path(argv[0]).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(argv[0], dpi=110)
