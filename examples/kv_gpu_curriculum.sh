@@ -31,6 +31,6 @@ for pairs in $STAGES; do
         --alphabet "$ALPHABET" --filler 0 --memory 8 --inner-steps "$K" --inner-lr "$ILR" \
         --inner-loss-weight 0.5 --batch 64 --lr 1e-4 --warmup "$warmup" --steps "$STEPS" \
         --eval-every 500 --eval-size 1024 --log-every 100 --time-limit 0 --target 0.99 \
-        "${init[@]}" --save "$OUT/p$pairs" --curve-out "$OUT/p$pairs.json" 2>&1 | tee "$OUT/p$pairs.log"
+        ${init[@]+"${init[@]}"} --save "$OUT/p$pairs" --curve-out "$OUT/p$pairs.json" 2>&1 | tee "$OUT/p$pairs.log"
     prev=$pairs
 done
