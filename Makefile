@@ -58,9 +58,11 @@ mutants: venv
 
 # Compiled write step against the eager engine with inductor on all five families and both op backends
 # (make test runs inductor on two of them and aot_eager on the rest: cold C++ compiles are slow on 2 cores),
-# and the compiled step with attention dropout under inductor (aot_eager in make test).
+# the compiled step with attention dropout under inductor (aot_eager in make test), and the cramming slot
+# loop on the Triton kernels in the interpreter (make test runs it on the torch ops).
 test-compile: venv
-	GRADMEM_TEST_INDUCTOR=all $(PY) -m pytest -q tests/test_engine_compile.py tests/test_attention_dropout_seed.py
+	GRADMEM_TEST_INDUCTOR=all GRADMEM_TEST_SLOW_INTEGRATION=1 $(PY) -m pytest -q tests/test_engine_compile.py \
+		tests/test_attention_dropout_seed.py tests/test_cramming.py::test_engine_continuous_batching_equals_alone_and_the_reference
 
 compile-check: venv
 	env -u TRITON_INTERPRET $(PY) -m gradmem_fast.tools.compile_check
