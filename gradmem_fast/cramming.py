@@ -323,7 +323,7 @@ class GraphedSlots:
     _PACKED = engine.GraphedWriteLoop._STATIC
 
     def __init__(self, capture: Callable | None = None) -> None:
-        self.capture = capture or _capture_cuda_graph
+        self.capture = capture or engine.capture_cuda_graph
         self.entries: dict[tuple, dict] = {}
 
     def run(self, batch: "_PackedBatch", steps: int, rule) -> RunOutput:
@@ -365,20 +365,6 @@ def _state_tensors(batch: "_Batch") -> list[torch.Tensor]:
     """The batch's changing state in a fixed order: memory, Adam moments (if any), ages, initial losses."""
     state = [] if batch.state is None else list(batch.state)
     return [batch.memory, *state, batch.ages, batch.initial]
-
-
-def _capture_cuda_graph(fn: Callable[[], RunOutput]) -> tuple[Callable[[], None], RunOutput]:
-    """Warm up ``fn`` on a side stream (Triton and torch.compile compile and autotune there), then capture it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
 
 
 def _detached(x):

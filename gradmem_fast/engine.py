@@ -326,6 +326,22 @@ def write_packed(
     return WriteResult(memory=M[:B], losses=losses[:, :B], grad_norms=norms[:, :B], last_loss=last_loss)
 
 
+def capture_cuda_graph(fn):
+    """Run ``fn`` twice on a side stream (torch.compile and Triton compile and autotune every kernel there),
+    then capture it in a CUDA graph. Returns ``(replay, outputs)``: the outputs are the captured call's
+    tensors, which every ``replay()`` overwrites in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 class GraphedWriteLoop:
     """The whole K-step loop (grad_mode "none") captured once per fixed shape and replayed (CUDA only).
 
@@ -395,16 +411,7 @@ class GraphedWriteLoop:
                 backbone=self.backbone,
             )
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles (torch.compile and Triton) and autotunes every kernel before capture
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            state["out"] = run()
-        state["graph"] = graph
+        state["replay"], state["out"] = capture_cuda_graph(run)
         self.graphs[key] = state
         return state
 
@@ -417,7 +424,7 @@ class GraphedWriteLoop:
             for name in self._STATIC:
                 getattr(static, name).copy_(getattr(packed, name), non_blocking=True)
             state["memory"].copy_(memory)
-            state["graph"].replay()
+            state["replay"]()
         B = packed.real_batch
         return WriteResult(
             memory=state["out"][:B].clone(),
