@@ -75,9 +75,51 @@ class NotAvailable(Exception):
 
 
 def _ensure_interpreter():
-    # Our ops choose the Triton backend for non-CUDA tensors only under the interpreter; nothing is run.
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    """Set ``TRITON_INTERPRET=1`` where it still takes effect: our ops choose the Triton backend for non-CUDA
+    tensors only under the interpreter (on the meta device nothing runs, the launches are recorded), and the
+    compiled implementations run the kernels on real CPU tensors.
+
+    Triton reads the variable when a kernel is decorated (``triton.knobs``, read lazily), not when ``triton``
+    is imported, so what matters is whether our kernel modules are loaded yet. ``import triton`` alone does
+    not settle it, and it happens early: ``torch.use_deterministic_algorithms(True)`` imports
+    ``torch._dynamo``, which imports triton (so did ``from gradmem_fast import MemoryWriter``); the old check
+    on ``"triton" in sys.modules`` then left the variable unset and the engine reported "needs CUDA or
+    TRITON_INTERPRET=1"."""
+    if _interpreter_problem() is None and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _interpreter_problem():
+    """Why the engine cannot be counted in this process (None when it can): our kernel modules were imported
+    before ``TRITON_INTERPRET=1`` was set, so their kernels are compiled for a GPU."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    loaded = sorted(m for m in sys.modules if m == "gradmem_fast.kernels" or m.startswith("gradmem_fast.kernels."))
+    if not loaded:
+        return None
+    return (
+        "the Triton kernels were imported (" + ", ".join(loaded) + ") before TRITON_INTERPRET=1 was set, so they "
+        "are compiled for a GPU and our ops do not pick them for meta or CPU tensors; set TRITON_INTERPRET=1 in "
+        "the environment, or start the census before anything imports the kernels"
+    )
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool | None):
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block (None: leave torch's mode as it is).
+    Our attention backward and double backward then take their split, atomic-free kernels
+    (``gradmem_fast.ops.attention.deterministic_kernels``: 7 and 20 GEMM units instead of 5 and 15)."""
+    import torch
+
+    if enabled is None:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(bool(enabled))
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 def compiled_engine_available() -> bool:
@@ -144,6 +186,8 @@ def _runner(impl, model, spec, ids, mask, M0):
 
     if impl in COMPILED:
         raise ValueError(f"{impl} is counted by count_compiled, not on the meta device")
+    if impl == "engine_eager" and _interpreter_problem():
+        raise NotAvailable(_interpreter_problem())
     bench_name = {"engine_eager": "gradmem_fast"}.get(impl, impl)
 
     def run(steps):
@@ -160,7 +204,7 @@ def _runner(impl, model, spec, ids, mask, M0):
 
 def count_steps(run, sdpa: bool = False) -> dict:
     """Census of ``run(1)`` and ``run(2)``: per-step and setup totals, and the per-step launch lists."""
-    from .census_count import Census, ce_logits_passes, fused_sdpa, record_triton
+    from .census_count import Census, attention_pass_flops, ce_logits_passes, fused_sdpa, record_triton
 
     runs = {}
     for steps in (1, 2):
@@ -186,6 +230,9 @@ def count_steps(run, sdpa: bool = False) -> dict:
     }
     step["top_ops"] = _top_ops(one["by_op"], two["by_op"])
     step["ce_logits_passes"] = ce_logits_passes(two["launch_list"])  # per chunk: the same in every step
+    step["attention_flops"] = _pass_diff(
+        attention_pass_flops(one["launch_list"]), attention_pass_flops(two["launch_list"])
+    )
     return {
         "step": step,
         "setup": setup,
@@ -193,6 +240,10 @@ def count_steps(run, sdpa: bool = False) -> dict:
         "launches_2": two["launch_list"],
         "all_sync_sites": set(two["sync_sites"]),
     }
+
+
+def _pass_diff(one: dict, two: dict) -> dict:
+    return {k: two[k] - one[k] for k in two}
 
 
 def _top_ops(one, two, n=8):
@@ -234,6 +285,8 @@ def _compiled_impl(impl, model, spec, ids, mask):
         return loop, set_steps
     if not compiled_engine_available():
         raise NotAvailable("not available yet: MemoryWriter has no compile option in this checkout")
+    if _interpreter_problem():
+        raise NotAvailable(_interpreter_problem())
     from gradmem_fast import MemoryWriter, WriteConfig
 
     from .bench_write import CLIP_NORM, LR
@@ -317,7 +370,7 @@ def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: 
     and our kernels ("anchors") of the eager twin's full-shape census, plus the compiled run's other launches
     (fused kernels, eager glue) with their bytes scaled by the eager twin's (full / small) ratio of non-anchor
     bytes. An extrapolation, labelled as such."""
-    from .census_count import _is_anchor
+    from .census_count import _is_anchor, attention_pass_flops
 
     out = {}
     for k in (1, 2):
@@ -337,6 +390,7 @@ def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: 
         "uncounted_flops": 0,
         "fused_kernels": sum(x.kind == "fused" for x in compiled_launches[2])
         - sum(x.kind == "fused" for x in compiled_launches[1]),
+        "attention_flops": _pass_diff(attention_pass_flops(one), attention_pass_flops(two)),
         "by_kind": {
             kind: sum(x.kind == kind for x in two) - sum(x.kind == kind for x in one) for kind in {x.kind for x in two}
         },
@@ -405,6 +459,7 @@ def census_case(spec, impls=IMPLS) -> list:
         steps=spec.steps,
         useful_flops_per_step=useful,
         context_tokens=sum(lengths),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     records, records_extra, counted = [], [], {}
     for impl in impls:
@@ -548,8 +603,15 @@ def specs(dry_run: bool, cases=CASES):
     return [s for s in write_specs(dry_run) if s.name in cases]
 
 
-def run_census(dry_run: bool = False, cases=CASES, impls=IMPLS) -> dict:
-    """The whole census: {"meta", "records", "targets", "bucket_waste"} (JSON-ready after ``_jsonable``)."""
+def run_census(dry_run: bool = False, cases=CASES, impls=IMPLS, deterministic: bool | None = None) -> dict:
+    """The whole census: {"meta", "records", "targets", "bucket_waste"} (JSON-ready after ``_jsonable``).
+    ``deterministic``: count under ``torch.use_deterministic_algorithms(True)`` (False: with it off; None:
+    torch's mode as it is), where our attention backward takes its split kernels."""
+    with deterministic_mode(deterministic):
+        return _run_census(dry_run, cases, impls)
+
+
+def _run_census(dry_run, cases, impls):
     import torch
 
     records = []
@@ -574,6 +636,7 @@ def run_census(dry_run: bool = False, cases=CASES, impls=IMPLS) -> dict:
     meta = {
         "kind": "projection (counted on CPU, no GPU time measured)",
         "dry_run": dry_run,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "assumptions": _assumptions(),
@@ -599,7 +662,9 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
     name, graphs = BENCH_IMPLS[impl]
     if cuda and name == "engine_eager" and impl != "gradmem_fast_eager" and compiled_engine_available():
         name = "engine_compiled"
-    key = (case, name, dry_run)
+    import torch
+
+    key = (case, name, dry_run, torch.are_deterministic_algorithms_enabled())
     if key not in _CACHE:
         spec = next(s for s in specs(dry_run, (case,)))
         _ensure_interpreter()
@@ -664,8 +729,10 @@ def _fmt(x, spec="{:.3g}"):
 def format_table(result: dict) -> str:
     lines = [
         "Step census (PROJECTION: counted on CPU with meta tensors; GPU times are a roofline model, not measurements)",
-        "",
     ]
+    if result.get("meta", {}).get("deterministic"):
+        lines.append("torch deterministic mode: our attention backward runs its split kernels (7 GEMM units, not 5)")
+    lines.append("")
     head = (
         f"{'case':10} {'implementation':20} {'launches':>8} {'GFLOP':>8} {'GB r+w':>8} {'syncs':>5} "
         f"{'H100 ms':>8} {'H200 ms':>8} {'bound':>7} {'x ref':>6} {'x sdpa':>6}"
@@ -696,6 +763,12 @@ def format_table(result: dict) -> str:
             )
         if r.get("note"):
             lines.append(f"  note on {r['case']} / {r['impl']}: {r['note']}")
+        att = r.get("attention_flops") if r.get("status") == "ok" else None
+        if att and any(att.values()):
+            lines.append(
+                f"  attention kernels of {r['case']} / {r['impl']}, GFLOP per step: "
+                + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in att.items() if v)
+            )
         if r.get("status") == "ok" and r.get("projection_graphs"):
             g = r["projection_graphs"]["H100 SXM"]
             lines.append(
@@ -727,11 +800,12 @@ def _strip(result):
     return _jsonable(result)
 
 
-def default_out_dir(dry_run: bool) -> str:
+def default_out_dir(dry_run: bool, deterministic: bool = False) -> str:
     from .common import repo_root
 
     date = datetime.date.today().isoformat()
-    return os.path.join(repo_root(), "benchmarks", "results", f"{date}-census" + ("-dryrun" if dry_run else ""))
+    name = f"{date}-census" + ("-deterministic" if deterministic else "") + ("-dryrun" if dry_run else "")
+    return os.path.join(repo_root(), "benchmarks", "results", name)
 
 
 def main(argv=None) -> int:
@@ -740,9 +814,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out",
         default=None,
-        help="folder for census.json / census.txt (default benchmarks/results/<date>-census[-dryrun])",
+        help="folder for census.json / census.txt (default benchmarks/results/<date>-census[-deterministic][-dryrun])",
     )
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="count under torch.use_deterministic_algorithms(True): the attention backward's split kernels "
+        "(default: torch's mode as the process has it, normally off)",
+    )
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(ALL_CASES)}")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS + EXTRA_IMPLS)}")
     p.add_argument(
@@ -755,7 +835,8 @@ def main(argv=None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
         _ensure_interpreter()
-        rows = compare(args.compare)
+        with deterministic_mode(True if args.deterministic else None):
+            rows = compare(args.compare)
         out_dir = args.out or os.path.dirname(os.path.abspath(args.compare))
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "census_vs_measured.json")
@@ -778,9 +859,9 @@ def main(argv=None) -> int:
         if i not in IMPLS + EXTRA_IMPLS:
             p.error(f"--impls: unknown implementation {i!r}; choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
     _ensure_interpreter()
-    result = _strip(run_census(args.dry_run, cases, impls))
+    result = _strip(run_census(args.dry_run, cases, impls, deterministic=True if args.deterministic else None))
     table = format_table(result)
-    out_dir = args.out or default_out_dir(args.dry_run)
+    out_dir = args.out or default_out_dir(args.dry_run, result["meta"]["deterministic"])
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "census.json"), "w") as f:
         json.dump(result, f, indent=1)

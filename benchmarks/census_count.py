@@ -22,7 +22,8 @@ weights) answers 0 and is counted in ``unknown_values``.
 
 Triton launches (``kernel[grid](...)``) are recorded, not run, while ``record_triton`` is active: one
 launch each, with FLOPs from ``triton_kernel_cost`` (attention: multiples of ``2 Hq D P`` for ``P``
-visible query-key pairs, read from the known ``cu_seqlens``) and bytes = the distinct tensor arguments
+visible query-key pairs, read from the known ``cu_seqlens``, inside the sliding window when the launch has one:
+``launch_window``) and bytes = the distinct tensor arguments
 (plus a second pass over a buffer the kernel rewrites in place). Our ``gradmem_fast::*`` custom ops run
 their real Python implementation inside the census, so the launches they make are what is counted.
 
@@ -33,6 +34,7 @@ cache misses, no re-reads).
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import traceback
@@ -456,18 +458,13 @@ def _mutated_args(func, args, kwargs):
 # ------------------------------------------------------------------------------------------ attention costs
 
 
-def causal_pairs(lq: int, lk: int, causal: bool = True) -> int:
-    """Visible (query, key) pairs of one sequence, bottom-right aligned causal mask (``j <= i + lk - lq``)."""
-    if not causal:
-        return lq * lk
-    diag = lk - lq
-    total = 0
-    # Rows i with i + diag + 1 keys visible, clipped to [0, lk].
-    first_full = max(0, lk - diag)  # from this row on every key is visible
-    for i in range(min(lq, first_full)):
-        total += max(0, min(lk, i + diag + 1))
-    total += max(0, lq - first_full) * lk
-    return total
+def causal_pairs(lq: int, lk: int, causal: bool = True, window: int | None = None) -> int:
+    """Visible (query, key) pairs of one sequence, bottom-right aligned causal mask (``j <= i + lk - lq``) and,
+    with a sliding ``window``, ``j > i + lk - lq - window`` (``gradmem_fast.flops.visible_pairs``, one formula
+    for the census and the FLOP accounting)."""
+    from gradmem_fast.flops import visible_pairs
+
+    return visible_pairs(lq, lk, causal, window)
 
 
 def _sdpa_pairs(q, k, is_causal):
@@ -552,15 +549,36 @@ ATTENTION_UNITS = {
     "attn_dbwd_kernel[ROLE=2]": 8,
     "attn_dbwd_kernel[ROLE=3]": 10,
 }
+# Which pass of ``gradmem_fast.flops.attention_flops`` (``fwd``, ``bwd``, ``dbwd``) each attention kernel belongs to.
+ATTENTION_PASSES = {
+    "attn_fwd_kernel": "fwd",
+    "attn_bwd_dkdv_kernel": "bwd",
+    "attn_bwd_dq_kernel": "bwd",
+    "attn_dbwd_kernel": "dbwd",
+}
+
+
+def attention_pass_flops(launches) -> dict:
+    """FLOPs of our attention kernels among ``launches`` per pass, ``{"fwd", "bwd", "dbwd"}``: comparable with
+    ``gradmem_fast.flops.attention_flops`` (summed over layers and calls), in either of torch's modes."""
+    out = {"fwd": 0, "bwd": 0, "dbwd": 0}
+    for x in launches:
+        if x.kind == "triton" and x.name in ATTENTION_PASSES:
+            out[ATTENTION_PASSES[x.name]] += x.flops
+    return out
+
+
 # Elementwise FLOPs per element of the logits chunk (max, exp, sum, subtract, scale): small next to the GEMMs.
 # ce_dh_kernel / ce_dw_kernel also multiply the gradient formed from the chunk by W / H: 2 d FLOPs per logit.
 CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4, "ce_dw_kernel": 4}
 CE_PRODUCTS = ("ce_dh_kernel", "ce_dw_kernel")
 
 
-def _triton_pairs(census, tensors, kwargs):
+def _triton_pairs(census, tensors, kwargs, window=None):
     """(Hq, D, visible pairs) of an attention launch: q, k are the first two tensor arguments; cu_seqlens
-    (known values) give the packed documents, otherwise the padded [B, S, H, D] shapes do."""
+    (known values) give the packed documents, otherwise the padded [B, S, H, D] shapes do. ``window``: the
+    launch's sliding window (None without one); pairs outside it are not counted because the kernels do not
+    visit their tiles (``launch_window``)."""
     q, k = tensors[0], tensors[1]
     causal = bool(kwargs.get("IS_CAUSAL", True))
     if kwargs.get("IS_VARLEN"):
@@ -569,13 +587,35 @@ def _triton_pairs(census, tensors, kwargs):
             cq, ck = census.known(cu[0]), census.known(cu[-1])
             if cq is not None and ck is not None:
                 lq, lk = (cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist()
-                return q.shape[1], q.shape[2], sum(causal_pairs(a, b, causal) for a, b in zip(lq, lk))
+                return q.shape[1], q.shape[2], sum(causal_pairs(a, b, causal, window) for a, b in zip(lq, lk))
         return q.shape[1], q.shape[2], None
-    return q.shape[2], q.shape[3], q.shape[0] * causal_pairs(q.shape[1], k.shape[1], causal)
+    return q.shape[2], q.shape[3], q.shape[0] * causal_pairs(q.shape[1], k.shape[1], causal, window)
 
 
-def triton_kernel_cost(census, name, args, kwargs):
-    """(flops, bytes) of one Triton launch (module docstring); flops None when not modelled."""
+def launch_window(arg_names, args, kwargs):
+    """The sliding window of an attention launch, or None: the ``window`` argument (0 stands for none in
+    kernels/attention.py) when the ``HAS_WINDOW`` constexpr is set.
+
+    What the kernels skip (kernels/attention_common.py): a query-block program (forward, dQ, the double
+    backward's row and grad-q passes) starts its key loop at ``key_range``'s ``lo``, the first key tile that
+    holds a key inside the window of the block's first row; a key-block program (dK/dV, the key passes) stops
+    its query loop at ``query_range``'s ``hi``, past the last query whose window reaches the block. So tiles
+    wholly outside the window are never computed and the work scales with the window, not with the causal
+    triangle. Tiles that straddle a window edge or the diagonal are computed whole and masked; that overhead
+    depends on the tile size, which the GPU's autotuner picks, and is not counted (for the diagonal neither),
+    so the census's attention FLOPs stay the visible-pair formula of ``gradmem_fast.flops.attention_flops``."""
+    if not kwargs.get("HAS_WINDOW"):
+        return None
+    named = dict(zip(arg_names or (), args))
+    window = kwargs.get("window", named.get("window"))
+    if window is None:
+        raise RuntimeError("census: an attention launch has HAS_WINDOW set but no 'window' argument was found")
+    return int(window) or None
+
+
+def triton_kernel_cost(census, name, args, kwargs, arg_names=None):
+    """(flops, bytes) of one Triton launch (module docstring); flops None when not modelled. ``arg_names``:
+    the kernel's parameter names, for the positional arguments (an attention launch's window)."""
     tensors, seen = [], set()
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, torch.Tensor) and id(a) not in seen:
@@ -587,7 +627,7 @@ def triton_kernel_cost(census, name, args, kwargs):
         units = ATTENTION_UNITS.get(f"{name}[ATOMIC_DQ]" if kwargs.get("ATOMIC_DQ") else name)
         if "ROLE" in kwargs:
             units = ATTENTION_UNITS.get(f"{name}[ROLE={int(kwargs['ROLE'])}]")
-        hq, d, pairs = _triton_pairs(census, tensors, kwargs)
+        hq, d, pairs = _triton_pairs(census, tensors, kwargs, launch_window(arg_names, args, kwargs))
         flops = None if pairs is None else units * 2 * hq * d * pairs
     elif name == "attn_bwd_preprocess_kernel":
         flops = 2 * tensors[0].numel()
@@ -641,11 +681,23 @@ def ce_logits_passes(launches) -> dict:
     }
 
 
-def _kernel_name(kernel):
+def _kernel_fn(kernel):
+    """The Python function under a Triton kernel (JIT, interpreted, autotuned or heuristics wrappers)."""
     fn = getattr(kernel, "fn", kernel)
     while hasattr(fn, "fn"):
         fn = fn.fn
-    return getattr(fn, "__name__", type(kernel).__name__)
+    return fn
+
+
+def _kernel_name(kernel):
+    return getattr(_kernel_fn(kernel), "__name__", type(kernel).__name__)
+
+
+def _arg_names(kernel):
+    try:
+        return tuple(inspect.signature(_kernel_fn(kernel)).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 @contextlib.contextmanager
@@ -666,7 +718,7 @@ def record_triton(census: Census):
     def getitem(self, grid):
         def launch(*args, **kwargs):
             name = _kernel_name(self)
-            flops, nbytes = triton_kernel_cost(census, name, args, kwargs)
+            flops, nbytes = triton_kernel_cost(census, name, args, kwargs, _arg_names(self))
             dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
             reads = tuple(
                 (census.storage_key(a), tensor_bytes(a))

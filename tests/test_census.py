@@ -18,6 +18,7 @@ from benchmarks.census_count import (
     Census,
     InfraCensus,
     Launch,
+    attention_pass_flops,
     causal_pairs,
     fusion_bound,
     record_inductor,
@@ -280,6 +281,138 @@ def test_engine_step_has_no_host_sync_and_counts_our_kernels(gpt2_dry):
     from gradmem_fast.flops import write_step_flops
 
     assert step["flops"] >= write_step_flops(model, lengths, spec.memory_tokens)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_engine_step_attention_flops_match_the_formula(gpt2_dry, deterministic):
+    """The census of the engine's real WRITE step, in torch's default and deterministic modes: our attention
+    kernels' FLOPs per step equal L x gradmem_fast.flops.attention_flops over the packed documents (m + n_b
+    positions each), with the split backward's 7 units in deterministic mode and the atomic one's 5 otherwise."""
+    from gradmem_fast.flops import attention_flops, model_shape
+
+    spec, (model, ids, mask, lengths, M0) = gpt2_dry
+    with census.deterministic_mode(deterministic):
+        step = census.count_steps(census._runner("engine_eager", model, spec, ids, mask, M0))["step"]
+    assert torch.are_deterministic_algorithms_enabled() is False  # the mode is restored
+    shape = model_shape(model.config)
+    want = attention_flops(
+        [spec.memory_tokens + n for n in lengths],
+        num_heads=shape.num_heads,
+        head_dim=shape.head_dim,
+        deterministic=deterministic,
+    )
+    assert step["attention_flops"] == {
+        "fwd": shape.num_layers * want["fwd"],
+        "bwd": shape.num_layers * want["bwd"],
+        "dbwd": 0,
+    }
+    assert step["by_kind"]["triton"] > 0 and step["syncs"] == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_windowed_attention_call_counts_the_window(deterministic):
+    """A sliding-window call, packed (GQA) and padded: the census counts the pairs inside the window (the
+    kernels never visit tiles wholly outside it, census_count.launch_window), forward, backward and double
+    backward, equal to attention_flops(window=...) and fewer than the causal pairs."""
+    from gradmem_fast.flops import attention_flops
+    from gradmem_fast.ops.attention import prefix_attention
+
+    lengths, hq, hkv, d, window = [9, 1, 4], 4, 2, 16, 3
+    t = sum(lengths)
+    cu = torch.tensor([0, 9, 10, 14], dtype=torch.int32)  # moved to meta inside the census: values known
+    want = attention_flops(lengths, num_heads=hq, head_dim=d, window=window, deterministic=deterministic)
+    assert want["pairs"] < attention_flops(lengths, num_heads=hq, head_dim=d)["pairs"]
+    calls = {
+        "packed": ((t, hq, d), (t, hkv, d), dict(max_seqlen_q=9, max_seqlen_k=9)),
+        "padded": ((3, 9, hq, d), (3, 9, hkv, d), {}),
+    }
+    for layout, (q_shape, kv_shape, kw) in calls.items():
+        c = Census()
+        with census.deterministic_mode(deterministic), record_triton(c), c:
+            q = torch.empty(q_shape, device="meta", requires_grad=True)
+            k, v = (torch.empty(kv_shape, device="meta", requires_grad=True) for _ in range(2))
+            if layout == "packed":
+                cu_m = cu.to("meta")
+                kw = dict(kw, cu_seqlens_q=cu_m, cu_seqlens_k=cu_m)
+            out = prefix_attention(q, k, v, window=window, backend="triton", **kw)
+            grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out), create_graph=True)
+            first = attention_pass_flops(c.launches)
+            inner = sum((g * torch.empty_like(g)).sum() for g in grads)
+            torch.autograd.grad(inner, (q, k, v))
+        second = attention_pass_flops(c.launches)
+        if layout == "padded":  # three rows of 9 tokens: the window's pairs of a 9 x 9 sequence, three times
+            want = attention_flops([9] * 3, num_heads=hq, head_dim=d, window=window, deterministic=deterministic)
+        assert first == {"fwd": want["fwd"], "bwd": want["bwd"], "dbwd": 0}, layout
+        # The second-order pass adds the double backward's kernels. (It currently also reruns the first-order
+        # backward on zero cotangents, the forward's autograd node being reached with no gradient: not pinned.)
+        assert (second["fwd"], second["dbwd"]) == (want["fwd"], want["dbwd"]), layout
+
+
+def test_engine_step_on_a_sliding_window_model():
+    """A Mistral with a sliding window (Hugging Face passes it to our attention) through the engine's WRITE step:
+    the census counts the windowed pairs, L x attention_flops(window=...), not the causal triangle."""
+    import dataclasses
+
+    from gradmem_fast import MemoryWriter, WriteConfig
+    from gradmem_fast.flops import attention_flops, model_shape
+    from tiny_models import VOCAB, tiny_model
+
+    model = tiny_model("mistral", dtype=torch.float32, sliding_window=3).to("meta").requires_grad_(False)
+    lengths, m = [6, 1, 4], 2
+    ids = torch.randint(1, VOCAB, (3, 6))
+    mask = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    config = WriteConfig(num_memory_tokens=m, steps=1, lr=0.1)
+    writer = MemoryWriter(model, config, backend="triton")
+
+    def run(steps):
+        writer.config = dataclasses.replace(config, steps=steps)
+        return writer.write(ids, mask, memory=torch.randn(m, model.config.hidden_size)).memory
+
+    step = census.count_steps(run)["step"]
+    shape = model_shape(model.config)
+    docs = [m + n for n in lengths]
+    want = attention_flops(docs, num_heads=shape.num_heads, head_dim=shape.head_dim, window=3)
+    assert want["pairs"] < attention_flops(docs, num_heads=shape.num_heads, head_dim=shape.head_dim)["pairs"]
+    assert step["attention_flops"] == {
+        "fwd": shape.num_layers * want["fwd"],
+        "bwd": shape.num_layers * want["bwd"],
+        "dbwd": 0,
+    }
+
+
+def test_deterministic_mode_no_longer_hides_the_engine(monkeypatch):
+    """torch.use_deterministic_algorithms(True) imports triton (through torch._dynamo) before the census starts;
+    the census used to leave TRITON_INTERPRET unset whenever triton was imported, and the engine then read as
+    "needs CUDA or TRITON_INTERPRET=1". What decides is whether our kernels were decorated yet."""
+    import sys
+
+    import gradmem_fast.kernels.attention  # noqa: F401  (loaded, as in any test process that ran a kernel)
+
+    with census.deterministic_mode(True):
+        assert "triton" in sys.modules
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "before TRITON_INTERPRET=1 was set" in census._interpreter_problem()
+    with pytest.raises(census.NotAvailable, match="before TRITON_INTERPRET=1 was set"):
+        census._runner("engine_eager", None, None, None, None, None)
+    for name in [m for m in sys.modules if m.startswith("gradmem_fast.kernels")]:
+        monkeypatch.delitem(sys.modules, name)  # restored by monkeypatch
+    assert census._interpreter_problem() is None
+    census._ensure_interpreter()
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_cli_deterministic_flag(tmp_path):
+    rc = census.main(
+        ["--dry-run", "--deterministic", "--cases", "tiny_kv", "--impls", "engine_eager", "--out", str(tmp_path)]
+    )
+    assert rc == 0 and torch.are_deterministic_algorithms_enabled() is False
+    with open(os.path.join(tmp_path, "census.json")) as f:
+        result = json.load(f)
+    (eager,) = [r for r in result["records"] if r["impl"] == "engine_eager"]
+    assert result["meta"]["deterministic"] is True and eager["status"] == "ok" and eager["deterministic"] is True
+    att = eager["attention_flops"]
+    assert att["bwd"] * 2 == att["fwd"] * 7  # split backward: 7 units against the forward's 2
+    assert "deterministic mode" in open(os.path.join(tmp_path, "census.txt")).read()
 
 
 def test_projection_for_the_gpu_suite():
