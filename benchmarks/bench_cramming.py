@@ -18,6 +18,7 @@ which is greedy decoding's result; ``gradmem_fast.scoring``), per-paragraph step
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import time
 import torch
 
 from gradmem_fast import MemoryWriter
-from gradmem_fast.config import StopRule, WriteConfig, default_check_every
+from gradmem_fast.config import SCHEDULES, Schedule, StopRule, WriteConfig, default_check_every
 from gradmem_fast.models import EMBEDDED_MODEL, load_model, quiet_transformers
 from gradmem_fast.reader import teacher_forced
 
@@ -51,6 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--memory-tokens", type=int, default=8)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (as the CLI)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="lr schedule per paragraph")
+    p.add_argument("--warmup", type=int, default=0, help="schedule warmup steps")
+    p.add_argument("--final-lr", type=float, default=0.0, help="schedule's final factor (fraction of --lr)")
     p.add_argument("--check-every", type=int, default=None, help="default: 1 on a CPU, 10 on a GPU (as the CLI)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -68,7 +73,17 @@ def main(argv=None) -> int:
     rows = load_paragraphs(args.paragraphs, args.count)
     eos = tokenizer.eos_token_id
     docs = [torch.tensor(tokenizer(r["text"], add_special_tokens=False).input_ids + [eos]) for r in rows]
-    base = dict(num_memory_tokens=args.memory_tokens, steps=args.steps, lr=args.lr, optimizer="adam")
+    schedule = None
+    if args.schedule != "constant" or args.warmup:
+        schedule = Schedule(args.schedule, warmup=args.warmup, final=args.final_lr)
+    base = dict(
+        num_memory_tokens=args.memory_tokens,
+        steps=args.steps,
+        lr=args.lr,
+        optimizer="adam",
+        init_std=args.init_std,
+        schedule=schedule,
+    )
     print(
         f"{len(docs)} paragraphs of {min(map(len, docs))}-{max(map(len, docs))} tokens, {args.slots} slots, "
         f"Adam lr {args.lr}, at most {args.steps} steps, m={args.memory_tokens}, {args.device} {args.dtype}",
@@ -96,6 +111,8 @@ def main(argv=None) -> int:
         "slots": args.slots,
         "max_steps": args.steps,
         "lr": args.lr,
+        "init_std": args.init_std,
+        "schedule": None if schedule is None else dataclasses.asdict(schedule),
         "memory_tokens": args.memory_tokens,
         "check_every": args.check_every,
         "backend": writer.backend,
