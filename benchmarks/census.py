@@ -3,6 +3,7 @@
     python -m benchmarks.census                    # GPT-2 WRITE shape and tiny KV shape, all implementations
     python -m benchmarks.census --dry-run          # tiny shapes (CI), same table and files
     python -m benchmarks.census --out DIR --json   # also write DIR/census.json (default folder: results/)
+    python -m benchmarks.census --deterministic    # under torch.use_deterministic_algorithms(True)
 
 Shapes (``benchmarks.bench_write.write_specs``): ``gpt2_124m`` (GPT-2 small, bf16, 64 documents of
 100-450 tokens, m=8, K=5) and ``tiny_kv`` (Llama-style 4 layers x 128, 4 heads, fp32, 64 x 240 tokens,
@@ -17,6 +18,11 @@ data, no arithmetic) and each implementation runs whole writes of 1 and 2 steps 
 that classifies every aten op and records every Triton launch; one step = (2-step write) - (1-step write),
 so the setup (validation, packing, embedding) is counted apart. Two branches that depend on the device
 type take their CUDA path (fp32-output GEMMs in the cross-entropy, the update's split count for 132 SMs).
+
+Attention: each record's ``attention_flops`` are our attention kernels' FLOPs per step by pass (``fwd``,
+``bwd``, ``dbwd``) over the visible pairs, sliding windows included (``gradmem_fast.flops.attention_flops``,
+in the mode torch is in: ``--deterministic`` selects the split backward); ``attention_tile_flops`` the
+``[fewest, most]`` the kernels execute in whole tiles of the GPU tables (``census_count.tile_pairs``).
 
 The roofline (``census_count.roofline``) is a **projection**, not a measurement: per kernel
 ``max(FLOPs / (peak x 0.7), bytes / (HBM x 0.8), 2 us)``, summed; the host issues eager launches at
@@ -204,7 +210,7 @@ def _runner(impl, model, spec, ids, mask, M0):
 
 def count_steps(run, sdpa: bool = False) -> dict:
     """Census of ``run(1)`` and ``run(2)``: per-step and setup totals, and the per-step launch lists."""
-    from .census_count import Census, attention_pass_flops, ce_logits_passes, fused_sdpa, record_triton
+    from .census_count import Census, ce_logits_passes, fused_sdpa, record_triton
 
     runs = {}
     for steps in (1, 2):
@@ -230,9 +236,7 @@ def count_steps(run, sdpa: bool = False) -> dict:
     }
     step["top_ops"] = _top_ops(one["by_op"], two["by_op"])
     step["ce_logits_passes"] = ce_logits_passes(two["launch_list"])  # per chunk: the same in every step
-    step["attention_flops"] = _pass_diff(
-        attention_pass_flops(one["launch_list"]), attention_pass_flops(two["launch_list"])
-    )
+    step.update(_attention_step(one["launch_list"], two["launch_list"]))
     return {
         "step": step,
         "setup": setup,
@@ -242,8 +246,18 @@ def count_steps(run, sdpa: bool = False) -> dict:
     }
 
 
-def _pass_diff(one: dict, two: dict) -> dict:
-    return {k: two[k] - one[k] for k in two}
+def _attention_step(one: list, two: list) -> dict:
+    """Per-step FLOPs of our attention kernels by pass (2-step launches minus 1-step ones): ``attention_flops``
+    (visible pairs, = ``gradmem_fast.flops.attention_flops``) and ``attention_tile_flops`` (``[fewest, most]``
+    over the GPU tables' tiles: what the kernels compute, whole tiles)."""
+    from .census_count import attention_pass_flops
+
+    def diff(tiles=None):
+        a, b = attention_pass_flops(one, tiles), attention_pass_flops(two, tiles)
+        return {k: b[k] - a[k] for k in b}
+
+    low, high = diff(0), diff(1)
+    return {"attention_flops": diff(), "attention_tile_flops": {k: [low[k], high[k]] for k in low}}
 
 
 def _top_ops(one, two, n=8):
@@ -370,7 +384,7 @@ def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: 
     and our kernels ("anchors") of the eager twin's full-shape census, plus the compiled run's other launches
     (fused kernels, eager glue) with their bytes scaled by the eager twin's (full / small) ratio of non-anchor
     bytes. An extrapolation, labelled as such."""
-    from .census_count import _is_anchor, attention_pass_flops
+    from .census_count import _is_anchor
 
     out = {}
     for k in (1, 2):
@@ -390,7 +404,7 @@ def compiled_counts(compiled_launches: dict, compiled_syncs: dict, eager_small: 
         "uncounted_flops": 0,
         "fused_kernels": sum(x.kind == "fused" for x in compiled_launches[2])
         - sum(x.kind == "fused" for x in compiled_launches[1]),
-        "attention_flops": _pass_diff(attention_pass_flops(one), attention_pass_flops(two)),
+        **_attention_step(one, two),
         "by_kind": {
             kind: sum(x.kind == kind for x in two) - sum(x.kind == kind for x in one) for kind in {x.kind for x in two}
         },
@@ -765,9 +779,15 @@ def format_table(result: dict) -> str:
             lines.append(f"  note on {r['case']} / {r['impl']}: {r['note']}")
         att = r.get("attention_flops") if r.get("status") == "ok" else None
         if att and any(att.values()):
+            tiles = r.get("attention_tile_flops") or {}
             lines.append(
-                f"  attention kernels of {r['case']} / {r['impl']}, GFLOP per step: "
-                + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in att.items() if v)
+                f"  attention kernels of {r['case']} / {r['impl']}, GFLOP per step (visible pairs; whole GPU tiles): "
+                + ", ".join(
+                    f"{k} {v / 1e9:.3g}"
+                    + ("; {:.3g}-{:.3g}".format(*(t / 1e9 for t in tiles[k])) if k in tiles else "")
+                    for k, v in att.items()
+                    if v
+                )
             )
         if r.get("status") == "ok" and r.get("projection_graphs"):
             g = r["projection_graphs"]["H100 SXM"]

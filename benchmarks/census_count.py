@@ -136,6 +136,7 @@ class Launch:
     parent: str = None  # the custom op or aten op that made this launch, if any
     reads: tuple = ()  # (storage key, bytes) of each distinct tensor read (for the fusion model)
     writes: tuple = ()  # (storage key, bytes) of each tensor written
+    tile_flops: tuple = None  # attention: (fewest, most) FLOPs over the GPU tables' tiles (``attention_tile_flops``)
 
 
 @dataclasses.dataclass
@@ -558,13 +559,16 @@ ATTENTION_PASSES = {
 }
 
 
-def attention_pass_flops(launches) -> dict:
+def attention_pass_flops(launches, tiles: int | None = None) -> dict:
     """FLOPs of our attention kernels among ``launches`` per pass, ``{"fwd", "bwd", "dbwd"}``: comparable with
-    ``gradmem_fast.flops.attention_flops`` (summed over layers and calls), in either of torch's modes."""
+    ``gradmem_fast.flops.attention_flops`` (summed over layers and calls), in either of torch's modes.
+    ``tiles`` 0 / 1: the fewest / most FLOPs at the GPU tables' tiles instead (``Launch.tile_flops``; a launch
+    without them counts its visible pairs)."""
     out = {"fwd": 0, "bwd": 0, "dbwd": 0}
     for x in launches:
         if x.kind == "triton" and x.name in ATTENTION_PASSES:
-            out[ATTENTION_PASSES[x.name]] += x.flops
+            at_tiles = tiles is not None and x.tile_flops is not None
+            out[ATTENTION_PASSES[x.name]] += x.tile_flops[tiles] if at_tiles else x.flops
     return out
 
 
@@ -574,22 +578,113 @@ CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4
 CE_PRODUCTS = ("ce_dh_kernel", "ce_dw_kernel")
 
 
-def _triton_pairs(census, tensors, kwargs, window=None):
-    """(Hq, D, visible pairs) of an attention launch: q, k are the first two tensor arguments; cu_seqlens
-    (known values) give the packed documents, otherwise the padded [B, S, H, D] shapes do. ``window``: the
-    launch's sliding window (None without one); pairs outside it are not counted because the kernels do not
-    visit their tiles (``launch_window``)."""
+def _attention_docs(census, tensors, kwargs):
+    """(Hq, D, [(queries, keys) per sequence]) of an attention launch: q, k are the first two tensor arguments;
+    cu_seqlens (known values) give the packed documents, otherwise the padded [B, S, H, D] shapes do. The list
+    is None when the offsets are not known."""
     q, k = tensors[0], tensors[1]
-    causal = bool(kwargs.get("IS_CAUSAL", True))
     if kwargs.get("IS_VARLEN"):
         cu = [t for t in tensors[2:] if t.dtype == torch.int32 and t.dim() == 1]
         if cu:  # one tensor when the query and key offsets are the same object
             cq, ck = census.known(cu[0]), census.known(cu[-1])
             if cq is not None and ck is not None:
                 lq, lk = (cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist()
-                return q.shape[1], q.shape[2], sum(causal_pairs(a, b, causal, window) for a, b in zip(lq, lk))
+                return q.shape[1], q.shape[2], list(zip(lq, lk))
         return q.shape[1], q.shape[2], None
-    return q.shape[2], q.shape[3], q.shape[0] * causal_pairs(q.shape[1], k.shape[1], causal, window)
+    return q.shape[2], q.shape[3], [(q.shape[1], k.shape[1])] * q.shape[0]
+
+
+def _triton_pairs(census, tensors, kwargs, window=None):
+    """(Hq, D, visible pairs) of an attention launch (``_attention_docs``). ``window``: the launch's sliding
+    window (None without one); pairs outside it are not counted because the kernels do not visit their tiles
+    (``launch_window``)."""
+    hq, d, docs = _attention_docs(census, tensors, kwargs)
+    causal = bool(kwargs.get("IS_CAUSAL", True))
+    pairs = None if docs is None else sum(causal_pairs(a, b, causal, window) for a, b in docs)
+    return hq, d, pairs
+
+
+def tile_pairs(lq: int, lk: int, block_m: int, block_n: int, causal: bool = True, window: int | None = None) -> int:
+    """(query, key) pairs our attention kernels compute for one sequence at ``block_m x block_n`` tiles.
+
+    A query-block program (forward, dQ, the double backward's row and grad-q passes) sweeps the key tiles from
+    ``key_range``'s ``lo`` (the window's start for the block's first row, rounded down to the tile grid) to its
+    ``hi`` (the last row's last visible key); a key-block program (dK/dV, the key passes) sweeps the query
+    blocks from ``query_range``'s ``lo`` to its ``hi``. Both grids start at 0 and every row's visible keys form
+    one interval that moves by one per row, so either way the tiles computed are exactly the tiles of the grid
+    that hold at least one visible pair, each computed whole (rows past the sequence's end and masked pairs
+    included): that count times ``block_m * block_n``, summed here over query blocks."""
+    diag, tiles = lk - lq, 0
+    for m0 in range(0, lq, block_m):
+        last = min(m0 + block_m, lq) - 1
+        lo = 0 if window is None else max(m0 + diag - int(window) + 1, 0)
+        hi = min(lk, last + diag + 1) if causal else lk
+        if hi > lo:
+            tiles += -(-hi // block_n) - lo // block_n
+    return tiles * block_m * block_n
+
+
+def attention_tile_flops(census, name, args, kwargs, arg_names):
+    """(fewest, most) FLOPs an attention launch executes on a GPU, over the tiles its kernel class may autotune
+    to (``gpu_configs`` of kernels/attention.py for this head dim, dtype, dropout, precision, alignment and
+    length bucket): the launch's GEMM units x ``2 D`` x ``tile_pairs`` per query head. None when not modelled
+    (fp64, an unknown kernel, offsets not known). Alignment follows ``_aligned_call`` with the meta tensors'
+    storage offsets standing in for their addresses."""
+    from gradmem_fast.kernels import attention as ka
+
+    units = _attention_units(name, kwargs)
+    tensors = _distinct_tensors(args, kwargs)
+    if units is None or not tensors or tensors[0].element_size() not in (2, 4):
+        return None
+    if name == "attn_bwd_dkdv_kernel":
+        kind = "dkdv_atomic" if kwargs.get("ATOMIC_DQ") else "dkdv"
+    elif name == "attn_dbwd_kernel":
+        kind = {role: k for k, role in ka._DBWD_ROLE.items()}[int(kwargs["ROLE"])]
+    else:
+        kind = {"attn_fwd_kernel": "fwd", "attn_bwd_dq_kernel": "dq"}.get(name)
+    hq, d, docs = _attention_docs(census, tensors, kwargs)
+    if kind is None or docs is None:
+        return None
+    named = dict(zip(arg_names or (), args))
+    strides = [v for n, v in named.items() if n.startswith("stride_") and n not in ka._UNHINTED_STRIDES]
+    aligned = all(t.storage_offset() * t.element_size() % 16 == 0 for t in tensors) and all(
+        int(st) % 16 == 0 for st in strides
+    )
+    bucket = ka.length_bucket(named.get("seqlen_q", 1), named.get("seqlen_k", 1))
+    tiles = ka.gpu_configs(
+        kind,
+        int(kwargs["BLOCK_D"]),
+        tensors[0].element_size(),
+        bool(kwargs.get("HAS_DROPOUT")),
+        str(kwargs.get("INPUT_PRECISION", "tf32")),
+        aligned,
+        bucket,
+    )
+    if not tiles:
+        return None
+    causal, window = bool(kwargs.get("IS_CAUSAL", True)), launch_window(arg_names, args, kwargs)
+    flops = [
+        units * 2 * hq * d * sum(tile_pairs(a, b, bm, bn, causal, window) for a, b in docs) for bm, bn, *_ in tiles
+    ]
+    return min(flops), max(flops)
+
+
+def _attention_units(name, kwargs):
+    """GEMM units of one attention launch (``ATTENTION_UNITS``), None when the kernel is not modelled."""
+    if name not in ATTENTION_UNITS:
+        return None
+    if "ROLE" in kwargs:
+        return ATTENTION_UNITS.get(f"{name}[ROLE={int(kwargs['ROLE'])}]")
+    return ATTENTION_UNITS.get(f"{name}[ATOMIC_DQ]" if kwargs.get("ATOMIC_DQ") else name)
+
+
+def _distinct_tensors(args, kwargs):
+    tensors, seen = [], set()
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and id(a) not in seen:
+            seen.add(id(a))
+            tensors.append(a)
+    return tensors
 
 
 def launch_window(arg_names, args, kwargs):
@@ -616,17 +711,11 @@ def launch_window(arg_names, args, kwargs):
 def triton_kernel_cost(census, name, args, kwargs, arg_names=None):
     """(flops, bytes) of one Triton launch (module docstring); flops None when not modelled. ``arg_names``:
     the kernel's parameter names, for the positional arguments (an attention launch's window)."""
-    tensors, seen = [], set()
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor) and id(a) not in seen:
-            seen.add(id(a))
-            tensors.append(a)
+    tensors = _distinct_tensors(args, kwargs)
     nbytes = sum(tensor_bytes(t) for t in tensors)
     flops = None
     if name in ATTENTION_UNITS:
-        units = ATTENTION_UNITS.get(f"{name}[ATOMIC_DQ]" if kwargs.get("ATOMIC_DQ") else name)
-        if "ROLE" in kwargs:
-            units = ATTENTION_UNITS.get(f"{name}[ROLE={int(kwargs['ROLE'])}]")
+        units = _attention_units(name, kwargs)
         hq, d, pairs = _triton_pairs(census, tensors, kwargs, launch_window(arg_names, args, kwargs))
         flops = None if pairs is None else units * 2 * hq * d * pairs
     elif name == "attn_bwd_preprocess_kernel":
@@ -718,14 +807,18 @@ def record_triton(census: Census):
     def getitem(self, grid):
         def launch(*args, **kwargs):
             name = _kernel_name(self)
-            flops, nbytes = triton_kernel_cost(census, name, args, kwargs, _arg_names(self))
+            names = _arg_names(self)
+            flops, nbytes = triton_kernel_cost(census, name, args, kwargs, names)
             dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
             reads = tuple(
                 (census.storage_key(a), tensor_bytes(a))
                 for a in {id(a): a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}.values()
             )
             writes = reads[:1] if _ce_writes_logits(name, kwargs) else ()
-            census.add_launch(Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads, writes=writes))
+            tiles = attention_tile_flops(census, name, args, kwargs, names) if name in ATTENTION_PASSES else None
+            census.add_launch(
+                Launch(name, "triton", flops or 0, nbytes, dtype, reads=reads, writes=writes, tile_flops=tiles)
+            )
             if flops is None:
                 census.uncounted_flops += 1
 

@@ -25,6 +25,7 @@ from benchmarks.census_count import (
     record_triton,
     roofline,
     tensor_bytes,
+    tile_pairs,
 )
 
 
@@ -92,6 +93,20 @@ def test_causal_pairs_brute_force(lq, lk):
     expected = sum(1 for i in range(lq) for j in range(lk) if j <= i + lk - lq)
     assert causal_pairs(lq, lk) == expected
     assert causal_pairs(lq, lk, causal=False) == lq * lk
+
+
+@pytest.mark.parametrize("lq,lk", [(1, 1), (37, 37), (20, 45), (45, 20), (64, 64)])
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (True, 17), (False, None)])
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64)])
+def test_tile_pairs_are_the_grid_tiles_holding_a_visible_pair(lq, lk, causal, window, bm, bn):
+    """Against the mask (the torch reference's, as tests/test_attention_flops.py checks visible_pairs against
+    its own): every tile of the bm x bn grid with at least one visible pair, computed whole."""
+    from gradmem_fast.ops.attention import _visible
+
+    vis = _visible(lq, lk, causal, window, torch.device("cpu"))
+    rows, cols = vis.nonzero(as_tuple=True)
+    tiles = {(int(a) // bm, int(b) // bn) for a, b in zip(rows, cols)}
+    assert tile_pairs(lq, lk, bm, bn, causal, window) == len(tiles) * bm * bn >= int(vis.sum())
 
 
 @triton.jit
@@ -346,6 +361,26 @@ def test_windowed_attention_call_counts_the_window(deterministic):
         # The second-order pass adds the double backward's kernels. (It currently also reruns the first-order
         # backward on zero cotangents, the forward's autograd node being reached with no gradient: not pinned.)
         assert (second["fwd"], second["dbwd"]) == (want["fwd"], want["dbwd"]), layout
+
+
+def test_tile_flops_of_a_long_windowed_call():
+    """At the GPU tables' tiles a launch computes whole tiles: at least its visible pairs, and with a window fewer
+    tiles than the causal triangle (the kernels skip the tiles outside it)."""
+    from gradmem_fast.ops.attention import prefix_attention
+
+    def forward(window):
+        c = Census()
+        with record_triton(c), c:
+            q, k, v = (torch.empty(2, 512, 4, 64, device="meta", dtype=torch.bfloat16) for _ in range(3))
+            prefix_attention(q, k, v, window=window, backend="triton")
+        (launch,) = [x for x in c.launches if x.name == "attn_fwd_kernel"]
+        return launch
+
+    causal, windowed = forward(None), forward(64)
+    for x in (causal, windowed):
+        assert x.flops <= x.tile_flops[0] <= x.tile_flops[1]
+    assert windowed.flops < causal.flops / 3
+    assert windowed.tile_flops[0] < causal.tile_flops[0] and windowed.tile_flops[1] < causal.tile_flops[1]
 
 
 def test_engine_step_on_a_sliding_window_model():
