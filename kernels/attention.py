@@ -245,17 +245,39 @@ _ALIGNED_IEEE["dbwd_fused"] = {64: [(16, 16, 8, 1)]}
 # Short documents (issue 14 item 4): GradMem contexts are 100-1000 tokens, and a 136-token document fills a
 # 128-row tile and 6% of the next one. Calls whose length bucket (``length_bucket``) is at most _SHORT_MAX
 # also autotune over these tiles (64 rows for the query-side kernels, 64 keys for the key-side ones), added
-# where a 16-bit class's list has no tile of that size (the aligned d64 dK/dV lists stream 128 keys, the
-# aligned d128 forward and dQ lists 128 queries); longer calls keep the plain lists. Every entry is compiled
-# in both specialisations (``compile_specs``) and executed by the GPU-tile interpreter tests. Not yet for
-# dropout or fp32 calls (less common in WRITE steps; each entry costs interpreter test time): candidates that
-# compiled spill-free there are d64 fwd/dQ 64x32/4 with dropout and fp32 d64 dQ 64x32/8; d128 dQ 64x32/8 with
-# dropout spills 4 B unaligned.
+# where a class's list has no tile of that size: 16-bit calls with and without dropout, and fp32 calls with
+# TF32 dots (the paper's tiny KV model: fp32, head dim 32, 240-token contexts; IEEE fp32 keeps its own small
+# tiles). Longer calls keep the plain lists. Every entry is compiled in both specialisations
+# (``compile_specs``: fp16 and bf16 for the 16-bit entries, both spill-free) and executed by the GPU-tile
+# interpreter tests. Registers (sm_90, "plain" with key mask and window, "dropout" with dropout added) as
+# unaligned / aligned, fp16 figures; the first spill-free candidate, largest tiles first, was kept.
 _SHORT = {
-    "fwd": {(128, 2): {"plain": [(64, 64, 8, 3)]}},  # 64x64 with 4 warps spills 248 B unaligned
-    "dq": {(128, 2): {"plain": [(64, 32, 8, 2)]}},
-    "dkdv": {(64, 2): {"plain": [(64, 64, 8, 2)]}},
-    "dkdv_atomic": {(64, 2): {"plain": [(64, 64, 8, 2)]}},
+    "fwd": {
+        # 16-bit d64 dropout: 64x64/4 255 / 175 (64x32/4 also fits: 178 / 168)
+        (64, 2): {"dropout": [(64, 64, 4, 3)]},
+        # 16-bit d128: plain 64x64/8 255 / 169 (64x64 with 4 warps spills 248 B unaligned); dropout 64x32/8
+        # 255 / 170 (the unaligned list's tile, added to the aligned one)
+        (128, 2): {"plain": [(64, 64, 8, 3)], "dropout": [(64, 32, 8, 3)]},
+        # fp32 d64 dropout: 64x32/4 255 / 176 (64x64/4 spills 48 B unaligned, 64x64/8 4 B unaligned with 3
+        # stages and 4 B aligned with 2)
+        (64, 4): {"dropout": [(64, 32, 4, 3)]},
+        # fp32 d128: 64x32/8 plain 255 / 167, dropout 247 aligned (the unaligned dropout list's tile)
+        (128, 4): {"plain": [(64, 32, 8, 3)], "dropout": [(64, 32, 8, 3)]},
+    },
+    "dq": {
+        # 16-bit d64 dropout: 64x64/8 255 / 188 (64x64/4 spills 24 B unaligned; 64x32/4 fits: 239 / 180)
+        (64, 2): {"dropout": [(64, 64, 8, 3)]},
+        # 16-bit d128: plain 64x32/8 255 / 159; dropout 64x16/8 255 / 173 (64x32/8 spills 4 B unaligned at 1,
+        # 2 and 3 stages, 64x32/4 516 B; 32x64/8, the unaligned list's tile, fits aligned too: 168 regs)
+        (128, 2): {"plain": [(64, 32, 8, 2)], "dropout": [(64, 16, 8, 2)]},
+        # fp32 d64 plain: 64x64/8 255 / 226 (64x32/8 fits too: 219 / 160)
+        (64, 4): {"plain": [(64, 64, 8, 3)]},
+    },
+    # 16-bit d64, 64 keys: plain 64x64/8 251 / 209, dropout 255 / 255
+    "dkdv": {(64, 2): {"plain": [(64, 64, 8, 2)], "dropout": [(64, 64, 8, 2)]}},
+    # 16-bit d64: plain 64x64/8 255 / 238; dropout 32x64/8 219 / 186 (64x64/8 spills 16 B unaligned, 64x64/4
+    # 668 B, 64x64/8 with one stage 36 B)
+    "dkdv_atomic": {(64, 2): {"plain": [(64, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]}},
 }
 # Length buckets of the autotuner (``length_bucket``): one tuning per kernel class and power of two between
 # these bounds. Triton's own key would re-tune at every new length if it held the length itself.
@@ -304,6 +326,9 @@ _DBWD_ROLE = {"dbwd_row": 0, "dbwd_dq": 1, "dbwd_dkdv": 2, "dbwd_fused": 3}
 _DBWD_PATHS = {True: ("dbwd_row", "dbwd_dq", "dbwd_dkdv"), False: ("dbwd_row", "dbwd_fused")}
 # The two launches of attn_bwd_dkdv_kernel (its ATOMIC_DQ constexpr): split (deterministic) or with atomic dQ.
 _DKDV_ATOMIC = {"dkdv": False, "dkdv_atomic": True}
+# The accumulators the launcher zeroes before these kinds add into them with atomics (the dQ of the atomic
+# backward, grad q of the fused key pass): the autotuner must zero them again before each of its runs.
+_ATOMIC_OUTPUTS = {"dkdv_atomic": ["dQacc"]}  # TEMP
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 
@@ -386,12 +411,16 @@ def dbwd_supported(
 def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool, bucket: int):
     """One autotuner per kernel class, alignment and length bucket: the bucket is part of the tuning key this
     way (a kernel argument would change every kernel's signature), and each autotuner keys on the flags in
-    ``_AUTOTUNE_KEY``. The compiled binaries are shared: they are cached by the kernel, not by the tuner."""
+    ``_AUTOTUNE_KEY``. The compiled binaries are shared: they are cached by the kernel, not by the tuner.
+
+    Tuning runs the kernel many times on the call's own buffers; the kinds that add into an accumulator with
+    atomics (``_ATOMIC_OUTPUTS``) have it zeroed before every timed run and before the real one, or the call
+    that tunes would return the sum of every run."""
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned, bucket)
     ]
-    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(_KERNELS[kind])
+    return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY, reset_to_zero=_ATOMIC_OUTPUTS.get(kind))(_KERNELS[kind])
 
 
 def _aligned_call(tensors, strides) -> bool:

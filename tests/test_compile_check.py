@@ -93,6 +93,17 @@ def test_attention_configurations_are_compiled_in_the_specialisation_of_their_ta
     assert all(labels == {"aligned", "unaligned"} for c, labels in labels_per_class.items() if c not in ieee), {
         c: v for c, v in labels_per_class.items() if v != {"aligned", "unaligned"}
     }
+    # the short-document tiles (``_SHORT``) join both tables of short calls: both specialisations, every dtype
+    from gradmem_fast.kernels import attention as A
+
+    labels = {name: {v[0] for v in variants} for name, variants in specs}
+    dtypes = {2: ("fp16", "bf16"), 4: ("fp32",)}  # fp32: the TF32 tables (IEEE has its own)
+    for kind, table in A._SHORT.items():
+        for (cls, size), lists in table.items():
+            for variant, cfgs in lists.items():
+                for (bm, bn, w, s), dt in ((c, dt) for c in cfgs for dt in dtypes[size]):
+                    name = f"attn_{kind}_{dt}_d{cls}_m{bm}n{bn}w{w}s{s}{'_dropout' if variant == 'dropout' else ''}"
+                    assert labels.get(name) == {"aligned", "unaligned"}, name
 
 
 def test_launcher_picks_the_table_of_its_specialisation(monkeypatch):

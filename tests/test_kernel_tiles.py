@@ -11,13 +11,13 @@ batches with the same offsets, a key padding mask (left padding, holes, a sequen
 sliding window; GQA everywhere; dropout for the dropout tables. Every output starts NaN-filled (torch's
 deterministic mode fills ``torch.empty``), cotangents are random, references are fp64.
 
-``make test`` runs a deterministic sample in which every configuration runs at least once (one geometry per
-configuration, rotating); ``GRADMEM_KERNELS_FULL=1`` (``make test-kernels-full``) runs every geometry for
-every configuration and a longer property-based search.
+``make test`` runs a deterministic sample in which every tile shape of every table (aligned and unaligned lists,
+short-document tiles included) runs at least once (one geometry per shape, rotating): warps, stages and pointer
+alignment change only what the compiler builds, which the compile check covers. ``GRADMEM_KERNELS_FULL=1``
+(``make test-kernels-full``) runs every geometry for every shape and a longer property-based search.
 """
 
 import contextlib
-import inspect
 import os
 
 import pytest
@@ -69,52 +69,53 @@ HEAD_DIM_CLASSES = (64, 128, 256)
 # A head dim below the class width (masked columns) for the sample, the class width too in the full run.
 HEAD_DIMS = {64: (48, 64), 128: (80, 128), 256: (160, 256)}
 FWD_KINDS = ("fwd", "dkdv", "dkdv_atomic", "dq")
-# The launcher may keep separate tables for calls with 16-byte aligned pointers and strides and for the rest.
-ALIGNMENTS = (True, False) if "aligned" in inspect.signature(attn.gpu_configs).parameters else (None,)
+# The launcher keeps separate tables for calls with 16-byte aligned pointers and strides and for the rest.
+ALIGNMENTS = (True, False)
 
 
-def gpu_configs(kind, cls, size, dropout, precision, align):
-    extra = {} if align is None else {"aligned": align}
-    return attn.gpu_configs(kind, cls, size, dropout, precision, **extra)
+def tile_shapes(kind, cls, size, dropout, precision):
+    """The configurations of ``kind``'s aligned and unaligned GPU lists (short-document tiles included), one per
+    tile shape (BLOCK_M, BLOCK_N): the interpreter runs one program per tile whatever the warps, stages and
+    pointer alignment, which only the compiler sees (the compile check compiles every entry in its
+    specialisations), so an entry whose shape ran already adds nothing here."""
+    shapes = {}
+    for align in ALIGNMENTS:
+        for cfg in attn.gpu_configs(kind, cls, size, dropout, precision, aligned=align):
+            shapes.setdefault(tuple(cfg[:2]), tuple(cfg))
+    return list(shapes.values())
 
 
 def attention_cases():
-    """One case per (dtype group, head-dim class, dropout, column): column i pins entry i (cyclically) of every
-    kind's GPU list, so the columns together run every entry of every table. The double backward runs
-    where every double-backward kind has an entry (elsewhere the launcher refuses it on a GPU), in the columns
-    that pin a double-backward entry for the first time (later columns, there for longer first-order lists,
-    run the first order only: CI time)."""
+    """One case per (dtype group, head-dim class, dropout, column): column i pins shape i (cyclically) of every
+    kind's ``tile_shapes``, so the columns together run every tile shape of every table. The double backward
+    runs where every double-backward kind has an entry (elsewhere the launcher refuses it on a GPU), in the
+    columns that pin a double-backward shape for the first time (later columns, there for longer first-order
+    lists, run the first order only: CI time)."""
     cases = []
     for gname, dtype, size, precision in DTYPE_GROUPS:
         for cls in HEAD_DIM_CLASSES:
             for dropout in (False, True):
-                seen = []
-                for align in ALIGNMENTS:
-                    lists = {
-                        kind: [tuple(c) for c in gpu_configs(kind, cls, size, dropout, precision, align)]
-                        for kind in attn.KINDS
-                    }
-                    if lists in seen:
-                        continue  # the unaligned table equals the aligned one for this class
-                    seen.append(lists)
-                    second = all(lists[kind] for kind in attn.KINDS if kind not in FWD_KINDS)
-                    second_cols = max(len(v) for kind, v in lists.items() if kind not in FWD_KINDS)
-                    tag = "" if align is not False else "-unaligned"
-                    for col in range(max(len(v) for v in lists.values())):
-                        pins = {kind: v[col % len(v)] for kind, v in lists.items() if v}
-                        cases.append(
-                            dict(
-                                id=f"{gname}-d{cls}-{'dropout' if dropout else 'plain'}{tag}-{col}",
-                                dtype=dtype,
-                                precision=precision,
-                                cls=cls,
-                                dropout=dropout,
-                                pins=pins,
-                                second=second and col < second_cols,
-                                align=align,
-                            )
+                lists = {kind: tile_shapes(kind, cls, size, dropout, precision) for kind in attn.KINDS}
+                second = all(lists[kind] for kind in attn.KINDS if kind not in FWD_KINDS)
+                second_cols = max(len(v) for kind, v in lists.items() if kind not in FWD_KINDS)
+                for col in range(max(len(v) for v in lists.values())):
+                    cases.append(
+                        dict(
+                            id=f"{gname}-d{cls}-{'dropout' if dropout else 'plain'}-{col}",
+                            dtype=dtype,
+                            precision=precision,
+                            cls=cls,
+                            dropout=dropout,
+                            pins={kind: v[col % len(v)] for kind, v in lists.items() if v},
+                            second=second and col < second_cols,
                         )
+                    )
     return cases
+
+
+def running_kinds(case):
+    """The kinds a case runs: the first-order ones, and the double backward's where the case runs it."""
+    return [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
 
 
 CASES = attention_cases()
@@ -209,27 +210,16 @@ def build_geometry(geom, kind, pins, hq, hkv, d, dropout, variant=0):
 
 
 @contextlib.contextmanager
-def dbwd_path(deterministic):
-    """The double backward's path (atomic-free, or the fused key pass with atomic grad q), whatever torch's
-    deterministic switch says (``nan_filled_empty`` turns it on for its NaN-filled buffers)."""
-    original = attn.attention_dbwd
-    attn.attention_dbwd = lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic})
+def forced_path(launcher, deterministic):
+    """``attn.<launcher>`` on one path whatever torch's deterministic switch says (``nan_filled_empty`` turns it
+    on for its NaN-filled buffers): ``attention_bwd`` (split dK/dV and dQ kernels, or dQ by atomics inside the
+    dK/dV kernel) or ``attention_dbwd`` (atomic-free, or the fused key pass with atomic grad q)."""
+    original = getattr(attn, launcher)
+    setattr(attn, launcher, lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic}))
     try:
         yield
     finally:
-        attn.attention_dbwd = original
-
-
-@contextlib.contextmanager
-def bwd_path(deterministic):
-    """The backward's path (split dK/dV and dQ kernels, or dQ by atomics inside the dK/dV kernel), whatever
-    torch's deterministic switch says."""
-    original = attn.attention_bwd
-    attn.attention_bwd = lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic})
-    try:
-        yield
-    finally:
-        attn.attention_bwd = original
+        setattr(attn, launcher, original)
 
 
 def three_orders(q, k, v, dout, dlse, cots, fwd, second):
@@ -248,7 +238,7 @@ def three_orders(q, k, v, dout, dlse, cots, fwd, second):
         return out, lse, grads, [torch.autograd.grad(inner, leaves)]
     paths = []
     for deterministic in (False, True):
-        with dbwd_path(deterministic):
+        with forced_path("attention_dbwd", deterministic):
             paths.append(torch.autograd.grad(inner, leaves, retain_graph=not deterministic))
     return out, lse, grads, paths
 
@@ -292,7 +282,7 @@ def check_attention(shapes, op_kw, ref_fn, dtype, precision, pins, second, atomi
         for name, g, r in zip(("q", "k", "v", "dout", "dlse"), gg, rpaths[0]):
             assert_close(g, r, dtype=dtype, name=f"second-order grad {name} ({path} path)")
     if atomic:
-        with attn.interpret_configs(**pins), nan_filled_empty(), bwd_path(deterministic=False):
+        with attn.interpret_configs(**pins), nan_filled_empty(), forced_path("attention_bwd", False):
             out, lse = prefix_attention(q, k, v, return_lse=True, backend="triton", fp32_precision=precision, **op_kw)
             _, _, agrads, _ = three_orders(q, k, v, dout, dlse, cots, lambda *_: (out, lse), False)
         for name, g, r in zip(("dq", "dk", "dv"), agrads, rgrads):
@@ -321,26 +311,27 @@ def _heads(i, geom, kind):
 
 
 def _sample_params():
-    """CI: varlen-short for every case (so every table entry runs), and for every other aligned-table case one
-    more geometry, rotating over the others, the kinds whose edges it targets, and offsets (CI time)."""
+    """CI: varlen-short for every case (so every tile shape runs), and for every fourth case one more geometry,
+    rotating over the others, the kinds whose edges it targets (shifted by one per round of geometries, so a
+    geometry meets different kinds), and offsets (CI time)."""
     params = []
+    others = GEOMETRIES[1:]
     j = 0
     for i, case in enumerate(CASES):
-        kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
+        kinds = running_kinds(case)
         kind = kinds[i % len(kinds)]
-        geoms = [GEOMETRIES[0]]
-        if case["align"] is not False and i % 2 == 0:
-            geoms.append(GEOMETRIES[1 + j % (len(GEOMETRIES) - 1)])
-            j += 1
-        for geom in geoms:
+        params.append(pytest.param(case, GEOMETRIES[0], kind, i, id=f"{case['id']}-{GEOMETRIES[0]}-{kind}"))
+        if i % 4 == 0:
+            geom, kind = others[j % len(others)], kinds[(j + j // len(others)) % len(kinds)]
             params.append(pytest.param(case, geom, kind, i, id=f"{case['id']}-{geom}-{kind}"))
+            j += 1
     return params
 
 
 def _full_params():
     params = []
     for i, case in enumerate(CASES):
-        kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
+        kinds = running_kinds(case)
         for geom in GEOMETRIES:
             for j, kind in enumerate(kinds):
                 params.append(pytest.param(case, geom, kind, i + j, id=f"{case['id']}-{geom}-{kind}"))
@@ -355,26 +346,47 @@ def test_attention_gpu_tiles(case, geom, kind, variant):
     shapes, op_kw, ref_fn = build_geometry(geom, kind, case["pins"], hq, hkv, d, case["dropout"], variant)
     args = (shapes, op_kw, ref_fn, case["dtype"], case["precision"], case["pins"], case["second"])
     if kind == "dkdv_atomic":  # a geometry against the atomic kernel's edges: its backward is the atomic one
-        with bwd_path(deterministic=False):
+        with forced_path("attention_bwd", False):
             check_attention(*args)
     else:
         check_attention(*args, FULL or (geom == GEOMETRIES[0] and ATOMIC_RUNS[_atomic_shape(case)] == case["id"]))
 
 
 def test_sample_runs_every_table_entry():
-    """The CI sample pins every entry of every GPU list at least once (guards the column construction)."""
-    pinned = {
-        (c["dtype"], c["precision"], c["cls"], c["dropout"], kind, cfg)
+    """The CI sample runs the tile shape of every entry of every GPU list (aligned and unaligned, the
+    short-document tiles of ``_SHORT`` included) in its dtype group, class and dropout setting; a
+    double-backward entry in a case that runs the double backward wherever the class has one (guards the
+    column construction)."""
+    ran = {
+        (c["dtype"], c["precision"], c["cls"], c["dropout"], kind, c["pins"][kind][:2])
         for c in CASES
-        for kind, cfg in c["pins"].items()
+        for kind in running_kinds(c)
     }
+    second_kinds = [kind for kind in attn.KINDS if kind not in FWD_KINDS]
+    expected = set()
     for _, dtype, size, precision in DTYPE_GROUPS:
         for cls in HEAD_DIM_CLASSES:
             for dropout in (False, True):
-                for align in ALIGNMENTS:
-                    for kind in attn.KINDS:
-                        for cfg in gpu_configs(kind, cls, size, dropout, precision, align):
-                            assert (dtype, precision, cls, dropout, kind, tuple(cfg)) in pinned, (cls, kind, cfg)
+                lists = {
+                    kind: [
+                        cfg
+                        for a in ALIGNMENTS
+                        for cfg in attn.gpu_configs(kind, cls, size, dropout, precision, aligned=a)
+                    ]
+                    for kind in attn.KINDS
+                }
+                has_second = all(lists[kind] for kind in second_kinds)
+                for kind, cfgs in lists.items():
+                    if kind in FWD_KINDS or has_second:
+                        expected |= {(dtype, precision, cls, dropout, kind, tuple(cfg[:2])) for cfg in cfgs}
+    assert expected <= ran, sorted(expected - ran, key=str)
+    # the short-document tiles explicitly (fp16 stands for the 16-bit tables, TF32 for the fp32 ones)
+    groups = {2: (torch.float16, "tf32"), 4: (torch.float32, "tf32")}
+    for kind, table in attn._SHORT.items():
+        for (cls, size), variants in table.items():
+            for variant, cfgs in variants.items():
+                for cfg in cfgs:
+                    assert (*groups[size], cls, variant == "dropout", kind, tuple(cfg[:2])) in ran, (kind, cls, cfg)
     sampled = {(p.values[0]["id"], p.values[1]) for p in _sample_params()}
     assert all((c["id"], GEOMETRIES[0]) in sampled for c in CASES)
 
@@ -392,8 +404,7 @@ def test_interpret_configs_rejects_unknown_kinds():
 @st.composite
 def attention_geometry(draw):
     case = draw(st.sampled_from(CASES))
-    kinds = [k for k in case["pins"] if case["second"] or k in FWD_KINDS]
-    kind = draw(st.sampled_from(kinds))
+    kind = draw(st.sampled_from(running_kinds(case)))
     bm, bn = case["pins"][kind][:2]
     edge = st.sampled_from(sorted({1, bm - 1, bm, bm + 1, bn - 1, bn, bn + 1}))
     length = st.one_of(st.integers(1, 24), edge)
