@@ -328,7 +328,7 @@ _DBWD_PATHS = {True: ("dbwd_row", "dbwd_dq", "dbwd_dkdv"), False: ("dbwd_row", "
 _DKDV_ATOMIC = {"dkdv": False, "dkdv_atomic": True}
 # The accumulators the launcher zeroes before these kinds add into them with atomics (the dQ of the atomic
 # backward, grad q of the fused key pass): the autotuner must zero them again before each of its runs.
-_ATOMIC_OUTPUTS = {"dkdv_atomic": ["dQacc"]}  # TEMP
+_ATOMIC_OUTPUTS = {"dkdv_atomic": ["dQacc"], "dbwd_fused": ["GradQ"]}
 _AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
 
 

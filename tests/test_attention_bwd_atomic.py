@@ -238,3 +238,50 @@ def test_launch_tunes_per_length_bucket(monkeypatch):
         offsets = torch.tensor([0, 700 - n, 700], dtype=torch.int32)
         kernels.attention_fwd(q, q, q, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=n, max_seqlen_k=n)
         assert seen[-1] == ("fwd", bucket)
+
+
+def test_autotuning_call_zeroes_the_atomic_accumulators(monkeypatch):
+    """On a GPU the first call of each tuning key autotunes: Triton times every configuration on the call's own
+    buffers, many runs each, then runs the best once more. The atomic backward's dQ and the fused double
+    backward's grad q are added into accumulators with atomics, so a tuner that does not zero them before every
+    run returns the sum of all its runs. Here the GPU launch path runs under the interpreter with two tile
+    configurations and a stand-in timer that runs each three times: the results must be those of one launch."""
+    if DEVICE == "cuda":
+        pytest.skip("runs the GPU launch path under the interpreter")
+    lens = [1, 23, 9]
+    cq = cu(lens)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=cq, max_seqlen_q=23, max_seqlen_k=23)
+    shapes = [(sum(lens), 4, 16), (sum(lens), 2, 16), (sum(lens), 2, 16)]
+    rnd = lambda s: torch.randn(*s, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    q, k, v = (rnd(s) for s in shapes)
+    dout, gq, gk, gv = rnd(shapes[0]), rnd(shapes[0]), rnd(shapes[1]), rnd(shapes[2])
+    out, lse = kernels.attention_fwd(q, k, v, **kw)
+    dlse = torch.randn_like(lse)
+
+    def run():
+        delta = kernels.attention_bwd_preprocess(out, dout, cu_seqlens_q=cq) - dlse
+        first = kernels.attention_bwd(dout, q, k, v, out, lse, delta=delta, deterministic=False, **kw)
+        second = kernels.attention_dbwd(dout, q, k, v, out, lse, gq, gk, gv, dlse=dlse, deterministic=False, **kw)
+        return first + second
+
+    want = run()  # the interpreter's single untuned launch per kind
+
+    def timer(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    real_tuned = kernels._tuned.__wrapped__
+
+    def tuned(*key):
+        tuner = real_tuned(*key)
+        tuner._do_bench = timer
+        return tuner
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "configs", lambda *a, **kw: [(16, 16, 4, 1), (32, 16, 4, 1)])
+    monkeypatch.setattr(kernels, "_tuned", tuned)
+    got = run()
+    names = ("dq", "dk", "dv", "grad q", "grad k", "grad v", "grad dout", "grad dlse")
+    for name, a, b in zip(names, got, want, strict=True):
+        assert_close(a, b, dtype=torch.float64, name=f"{name} of the tuning call")
