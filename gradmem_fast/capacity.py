@@ -43,6 +43,13 @@ prefix (a write with step size 0 that stops at its first check), which also yiel
 
 Texts are tokenized without special tokens and without an end-of-text token (the memory takes the place of
 a BOS token; a prefix has no end). A text longer than the model's positions minus N is cut there (note).
+
+Given tokens (``WriteConfig.given_tokens = g``, ``--given-tokens``): the first g tokens of every text are
+inputs after the memory, not predictions (the cramming paper's convention with g = 1: the text starts with
+BOS, or here its own first token, and the memory's own position predicts nothing). Targets, capacities and
+prefixes then count the tokens after the given ones: a stage of target t writes ``c_0 .. c_{g+t-1}``, and the
+capacity is the number of tokens after ``c_{g-1}`` that greedy decoding continues exactly; every such token
+has a prediction without memory, so the information gain covers all of them.
 """
 
 import dataclasses
@@ -144,6 +151,13 @@ def progressive_capacity(
     docs = [writer._as_document(d, i) for i, d in enumerate(documents)]
     if not docs:
         raise ValueError("documents must hold at least one document")
+    g = writer.config.given_tokens
+    short = [i for i, d in enumerate(docs) if len(d) <= g]
+    if short:
+        raise ValueError(
+            f"documents: document {short[0]} has {len(docs[short[0]])} tokens, no more than given_tokens={g} "
+            "(nothing left to decode)"
+        )
     device = writer.model.get_input_embeddings().weight.device
     n = len(docs)
     last_exact = [0] * n
@@ -157,7 +171,7 @@ def progressive_capacity(
     target, stage = first, 0
     while active:
         start = time.perf_counter()
-        lengths = [min(target, len(docs[i])) for i in active]
+        lengths = [min(g + target, len(docs[i])) for i in active]  # tokens written, the given ones included
         ids, mask = _batch([docs[i][:t] for i, t in zip(active, lengths)], device)
         # Stage 0 starts every text from the config's seeded initial memory; later stages warm-start.
         memory = None if stage == 0 else torch.stack([warm[i] for i in active])  # type: ignore[misc]
@@ -166,13 +180,14 @@ def progressive_capacity(
         st = result.stats
         still = []
         for row, i in enumerate(active):
-            t, exact, prefix = lengths[row], bool(st.exact[row]), int(st.prefix[row])
+            # t: the stage's target in decoded tokens (after the given ones), as prefix counts them
+            t, exact, prefix = lengths[row] - g, bool(st.exact[row]), int(st.prefix[row])
             steps[i] += int(st.steps[row])
             stages[i].append(Stage(t, int(st.steps[row]), exact, prefix))
             M = result.memory[row].detach()
             if exact:
                 last_exact[i], best[i], warm[i] = t, M, M
-                if t == len(docs[i]):
+                if lengths[row] == len(docs[i]):
                     capacity[i], complete[i] = t, True
                 else:
                     still.append(i)
@@ -196,7 +211,7 @@ def progressive_capacity(
         Capacity(
             tokens=len(docs[i]),
             capacity=capacity[i],
-            complete=complete[i] and capacity[i] == len(docs[i]),
+            complete=complete[i] and g + capacity[i] == len(docs[i]),
             tokens_per_vector=capacity[i] / m,
             info_gain_bits=gains[i],
             steps=steps[i],
@@ -210,7 +225,8 @@ def progressive_capacity(
 def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
     """Score every capacity prefix with the memory that decodes it; shrink a capacity the scoring does not
     confirm (a near tie of two logits may flip between batch shapes in low precision), and return the
-    information gain of each prefix in bits (0 for capacity < 2: no token has a prediction without memory).
+    information gain of each prefix in bits (0 for capacity < 2 without given tokens: no token has a
+    prediction without memory; with given tokens every decoded token has one).
 
     The scoring is a write with step size 0 stopping on exact decoding: its first check reads the given
     memory; a prefix that does not decode exactly gets one step of size 0 (no change) and the final check
@@ -222,9 +238,11 @@ def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
     scorer = MemoryWriter(writer.model, config, backend=writer.backend, write_head=writer.write_head, compile=False)
     gains = [0.0] * len(docs)
     device = writer.model.get_input_embeddings().weight.device
+    g = config.given_tokens
+    gain_from = 2 if g == 0 else 1
     todo = [i for i in range(len(docs)) if capacity[i] >= 1]
     while todo:
-        ids, mask = _batch([docs[i][: capacity[i]] for i in todo], device)
+        ids, mask = _batch([docs[i][: g + capacity[i]] for i in todo], device)
         with torch.no_grad():
             st = scorer.write(ids, mask, memory=torch.stack([best[i] for i in todo])).stats
         again = []
@@ -235,7 +253,7 @@ def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
                 if prefix >= 1:
                     again.append(i)
             else:
-                gains[i] = float(st.info_gain_bits[row]) if capacity[i] >= 2 else 0.0
+                gains[i] = float(st.info_gain_bits[row]) if capacity[i] >= gain_from else 0.0
         todo = again
     return gains
 
@@ -298,6 +316,13 @@ def add_arguments(p) -> None:
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
     p.add_argument(
+        "--given-tokens",
+        type=int,
+        default=0,
+        help="leading tokens of each text given after the memory, not decoded (1: the cramming paper's "
+        "convention; default 0: the memory decodes the text from its first token)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64",
@@ -330,6 +355,8 @@ def _config(args):
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.given_tokens < 0:
+        raise UserError(f"--given-tokens must be >= 0, got {args.given_tokens}")
     if not 0 < args.lr < float("inf"):
         raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if not 1 < args.grow < float("inf"):
@@ -344,6 +371,7 @@ def _config(args):
         init_std=args.init_std,
         seed=args.seed,
         stop=StopRule(exact=True, check_every=args.check_every),
+        given_tokens=args.given_tokens,
     )
 
 
@@ -374,6 +402,11 @@ def run(args) -> int:
     for record, tokens in zip(records, token_lists):
         if not record.text.strip() or not tokens:
             raise UserError(f"{args.input}:{record.line}: empty text (id {json.dumps(record.id)})")
+        if len(tokens) <= config.given_tokens:
+            raise UserError(
+                f"{args.input}:{record.line}: text of {len(tokens)} token(s) has nothing after "
+                f"--given-tokens {config.given_tokens} (id {json.dumps(record.id)})"
+            )
         if limit is not None and len(tokens) > limit:
             tokens, cut = tokens[:limit], cut + 1
         docs.append(torch.tensor(tokens, dtype=torch.long))
@@ -419,6 +452,7 @@ def run(args) -> int:
             "check_every": args.check_every,
             "init_std": config.init_std,
             "seed": config.seed,
+            "given_tokens": config.given_tokens,
         },
         "versions": cli_common.versions(),
         "wall_seconds": wall,

@@ -263,6 +263,13 @@ def add_write_arguments(p):
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
     p.add_argument(
+        "--given-tokens",
+        type=int,
+        default=0,
+        help="leading tokens of each document that are read but not predicted (1: the cramming papers' "
+        "convention, the memory precedes a given first token; default 0: the memory predicts token 0)",
+    )
+    p.add_argument(
         "--append-eos",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -326,6 +333,7 @@ def _write_config(args):
             raise UserError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
+    _positive_int("--given-tokens", args.given_tokens, minimum=0)
     stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
         _positive_int("--slots", args.slots)
@@ -349,6 +357,7 @@ def _write_config(args):
             seed=args.seed,
             schedule=schedule,
             stop=stop,
+            given_tokens=args.given_tokens,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid write options: {exc}") from None
@@ -687,18 +696,20 @@ def _fixed_shard(args, writer, shard_docs, plan, bar, meter):
         list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), on_step=progress))
     )
     head_weight, head_bias = resolve_write_head(writer.write_head, writer.model)
-    n = len(shard_docs)
+    n, given = len(shard_docs), writer.config.given_tokens
     loss_after, correct, prefix, tail = (torch.empty(n, dtype=torch.float64) for _ in range(4))
     for batch in plan:
-        scores = score_memories(writer.model, memories[batch], [shard_docs[i] for i in batch], head_weight, head_bias)
+        docs = [shard_docs[i] for i in batch]
+        scores = score_memories(writer.model, memories[batch], docs, head_weight, head_bias, given_tokens=given)
         loss_after[batch], correct[batch] = scores.loss, scores.correct.double()
         prefix[batch], tail[batch] = scores.prefix.double(), scores.tail
-    baseline = no_memory_tail(writer.model, head_weight, head_bias, shard_docs)
-    tokens = torch.tensor([len(d) for d in shard_docs], dtype=torch.int64)
+    baseline = no_memory_tail(writer.model, head_weight, head_bias, shard_docs, given_tokens=given)
+    # the scored tokens: those after the given ones
+    tokens = torch.tensor([max(0, len(d) - given) for d in shard_docs], dtype=torch.int64)
     stats = {
         "loss_before": torch.tensor(progress.loss_before, dtype=torch.float32),
         "loss_after": loss_after.float(),
-        "accuracy": (correct / tokens).float(),
+        "accuracy": (correct / tokens.clamp_min(1)).float(),
         "steps": torch.full((n,), steps, dtype=torch.int64),
         "tokens": tokens,
         "exact": (correct.long() == tokens).to(torch.uint8),

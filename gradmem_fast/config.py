@@ -137,6 +137,12 @@ class WriteConfig:
         stop: ``StopRule`` for many-step writing: a document stops when it is learned (then ``steps`` is the
             most steps any document gets). Needs grad_mode "none" (stopping is a decision, not a function
             that meta-training could differentiate).
+        given_tokens: g, leading tokens of every document that are read but not predicted. The loss, its
+            per-document mean and every score (stopping rules, exact decode, accuracy, information gain) cover
+            tokens g..n-1 only: with g = 1, position m-1 predicts nothing and token 0 is an input, the
+            convention of the cramming papers (their text starts with BOS, which the memory precedes). A
+            document with n <= g has no scored token (loss 0, zero gradient). 0: the GradMem contract, where
+            the memory predicts token 0.
     """
 
     num_memory_tokens: int = 8
@@ -152,6 +158,7 @@ class WriteConfig:
     seed: int = 0
     schedule: Schedule | None = None
     stop: StopRule | None = None
+    given_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_int("num_memory_tokens", self.num_memory_tokens, minimum=1)
@@ -179,6 +186,7 @@ class WriteConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_number("init_std", self.init_std, minimum=0.0)
         _check_int("seed", self.seed, minimum=None)
+        _check_int("given_tokens", self.given_tokens, minimum=0)
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or None, got {type(self.schedule).__name__}")
         if self.stop is not None:

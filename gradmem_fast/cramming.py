@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from . import engine, hf
 from .backend import use_backend
 from .ops.update import AdamState, memory_update
+from .packing import IGNORE_INDEX
 from .result import DocumentStats
 from .scoring import LN2, DocumentScores, no_memory_tail, score_logits, score_rows
 
@@ -234,8 +235,11 @@ class _PaddedBatch(_Batch):
         b_idx = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)])
         j_idx = torch.cat([torch.arange(n) for n in lengths])
         self.doc, self.position = b_idx.to(device), j_idx.to(device)
-        self.targets = self.ids[self.doc, self.position]
-        self.counts = torch.tensor(lengths, device=device)
+        # Given tokens (WriteConfig.given_tokens) are inputs only: ignored targets, left out of the count.
+        given = self.config.given_tokens
+        ids = self.ids[self.doc, self.position]
+        self.targets = torch.where(self.position >= given, ids, torch.full_like(ids, IGNORE_INDEX))
+        self.counts = torch.tensor([max(0, n - given) for n in lengths], device=device)
 
     def _contexts(self):
         return use_backend("torch")
@@ -411,7 +415,7 @@ def cram(
     interval = min(rule.check_every, K + 1)
     head_weight, head_bias = head
     device = memory.device
-    baseline = no_memory_tail(writer.model, head_weight, head_bias, list(documents))
+    baseline = no_memory_tail(writer.model, head_weight, head_bias, list(documents), given_tokens=config.given_tokens)
     batch_class = _PackedBatch if writer.backend == "triton" else _PaddedBatch
     initial_dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
     waiting = list(range(len(documents)))

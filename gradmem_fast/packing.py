@@ -9,6 +9,7 @@ For B documents with n_b tokens and m memory vectors, document b occupies packed
     token_rows     = s_b + m + j for j < n_b  (row of token j, in the order of ``tokens``)
     source_index   maps every packed row to a row of cat([memories.reshape(B*m, d), token_embeddings])
     loss_rows      = s_b + m - 1 + j for j < n_b   (row m-1+j predicts token j)
+    targets[j]     = token j, IGNORE_INDEX for j < given_tokens (read, not predicted) and for filler
     cu_tokens[b]   = sum_{c<b} n_c            int32 [B+1], the loss's per-document offsets
 
 Fixed shapes (compiled steps and CUDA-graph replay): ``pack(..., rows=R)`` appends filler documents so the
@@ -187,18 +188,26 @@ def padding_waste(lengths, num_memory_tokens: int, batch_tokens: int = 16384, wi
     }
 
 
-def pack(documents, num_memory_tokens: int, device, rows=None, doc_multiple: int = 1) -> PackedBatch:
+def pack(
+    documents, num_memory_tokens: int, device, rows=None, doc_multiple: int = 1, given_tokens: int = 0
+) -> PackedBatch:
     """Pack ``documents`` (a list of 1-D long tensors with at least one token each), on the CPU, then move
     the result to ``device`` (``PackedBatch.to``).
 
     ``rows=R`` pads with filler documents (``filler_lengths``) to exactly R packed rows; ``doc_multiple``
-    asks for a document count that is a multiple of it where the filler allows.
+    asks for a document count that is a multiple of it where the filler allows. ``given_tokens=g``: the
+    first g tokens of every document are inputs only (``WriteConfig.given_tokens``): their targets are
+    ``IGNORE_INDEX``, so the loss and its per-document mean skip them.
     """
     m = num_memory_tokens
     lengths = [int(doc.numel()) for doc in documents]
     real_batch = len(lengths)
-    targets = [doc.reshape(-1).long().cpu() for doc in documents]
-    embed_ids = list(targets)
+    embed_ids = [doc.reshape(-1).long().cpu() for doc in documents]
+    targets = list(embed_ids)
+    if given_tokens:
+        targets = [t.clone() for t in targets]
+        for t in targets:
+            t[:given_tokens] = IGNORE_INDEX
     if rows is not None:
         used = sum(lengths) + m * real_batch
         if rows < used or 0 < rows - used < m:

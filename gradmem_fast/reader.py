@@ -64,6 +64,7 @@ def teacher_forced(
     memory: torch.Tensor,
     documents: Sequence[torch.Tensor | Sequence[int]],
     chunk_rows: int = 1024,
+    given_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How well each memory holds its document, with the true tokens fed in (teacher forcing).
 
@@ -76,7 +77,9 @@ def teacher_forced(
     ``correct_b == n`` exactly when greedy decoding from the memory alone reproduces the document (each
     greedy token is then the true one, so the next step sees the true prefix). Documents are right-padded:
     with causal attention the pads after a document cannot change its rows. The head runs on
-    ``chunk_rows`` rows at a time, so no [B, S, V] logits tensor is formed.
+    ``chunk_rows`` rows at a time, so no [B, S, V] logits tensor is formed. ``given_tokens=g``
+    (``WriteConfig.given_tokens``): the sums run over j >= g, the loss is divided by max(1, n - g), and
+    ``correct_b == n - g`` means greedy decoding continues the given tokens with the rest of the document.
 
     Args: ``memory`` [B, m, d]; ``documents``: B non-empty token-id sequences. Returns ``(loss [B] float64,
     correct [B] int64)`` on the CPU.
@@ -100,15 +103,17 @@ def teacher_forced(
     bias = getattr(head, "bias", None)
     loss = torch.zeros(B, dtype=torch.float64)
     correct = torch.zeros(B, dtype=torch.int64)
+    if isinstance(given_tokens, bool) or not isinstance(given_tokens, int) or given_tokens < 0:
+        raise ValueError(f"given_tokens must be an int >= 0, got {given_tokens!r}")
     for b, n in enumerate(lengths):
-        for lo in range(0, n, chunk_rows):
+        for lo in range(given_tokens, n, chunk_rows):
             hi = min(n, lo + chunk_rows)
             logits = F.linear(hidden[b, m - 1 + lo : m - 1 + hi], _weight(head), bias)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             target = ids[b, lo:hi]
             loss[b] += float(F.cross_entropy(logits, target, reduction="sum"))
             correct[b] += int((logits.argmax(dim=-1) == target).sum())
-        loss[b] /= n
+        loss[b] /= max(1, n - given_tokens)
     return loss, correct
 
 

@@ -9,6 +9,7 @@ For a batch of B documents c_b with n_b real tokens and memories M_b [m, d]:
     h_b      = backbone(x_b)                        final hidden states
     logit_bj = W h_b[m - 1 + j] (+ bias)            position m-1+j predicts token j
     L_b      = sum_j CE(logit_bj, c_bj) / max(1, n_b)
+               (with ``config.given_tokens = g``: sums over j >= g, divided by max(1, n_b - g))
     g_b      = d(sum_b L_b) / d M_b                 each memory gets its own document's gradient
     SGD:  g <- clamp(g, +-clip_value); g_b <- g_b * clip_norm / (||g_b|| + 1e-6) if ||g_b|| > clip_norm;
           M_b <- M_b - lr g_b
@@ -35,10 +36,11 @@ def _math_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=None):
+def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=None, given_tokens=0):
     """Per-document mean reconstruction loss [B] (fp32 or fp64) with full logits.
 
     ``ids``/``mask`` [B, S] are right-aligned (see ``inputs.check_token_batch``); ``memory`` [B, m, d].
+    ``given_tokens=g``: tokens j < g are inputs only, left out of the sum and of the count.
     """
     B, S = ids.shape
     m = memory.shape[1]
@@ -50,8 +52,9 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
     hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
     logits = F.linear(hidden[:, m - 1 : m + S - 1], head_weight, head_bias)
     ce = F.cross_entropy(logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none").view(B, S)
-    ce = torch.where(mask, ce, torch.zeros_like(ce))
-    return ce.sum(dim=1) / mask.sum(dim=1).clamp_min(1).to(ce.dtype)
+    scored = mask.bool() & (torch.arange(S, device=ids.device) >= given_tokens)
+    ce = torch.where(scored, ce, torch.zeros_like(ce))
+    return ce.sum(dim=1) / scored.sum(dim=1).clamp_min(1).to(ce.dtype)
 
 
 def write(
@@ -102,6 +105,7 @@ def write(
                 head_weight,
                 head_bias,
                 embeds=embeds if config.grad_mode != "none" or keep_last_loss else embeds.detach(),
+                given_tokens=config.given_tokens,
             )
             (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second, retain_graph=second or keep)
             if keep:

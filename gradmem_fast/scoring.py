@@ -10,6 +10,10 @@ row j-1 without a memory) gives ``logit_j = W h_j (+ bias)`` and::
     prefix_b    = min{j : not ok_j}  (n_b if none)               greedy decoding reproduces c_0..c_{prefix_b-1}
     tail_b      = sum_{j>=1} ce_j                                the tokens a model without memory can score
 
+With ``WriteConfig.given_tokens = g`` the tokens j < g are inputs, not predictions: their targets are
+negative (ignored) and every sum, ``n_b`` and ``prefix_b`` count from token g on (``prefix_b`` is then the
+number of tokens after the given ones that greedy decoding reproduces, ``min{j >= g : not ok_j} - g``).
+
 Information gain (the cramming paper's measure, in bits): the loss of the document's tokens c_1..c_{n-1}
 without any memory minus their loss after the memory, ``(tail_nomem - tail_mem) / ln 2``. Token c_0 has no
 prediction without a prefix, so it is left out of both sums (a gradmem-fast decision: the gain reported is
@@ -66,6 +70,7 @@ class _Accumulator:
         self.correct = torch.zeros(batch, dtype=torch.int64, device=device)
         self.tokens = torch.zeros_like(self.correct)
         self.first_wrong = torch.full((batch,), self.BIG, dtype=torch.int64, device=device)
+        self.first_scored = torch.full((batch,), self.BIG, dtype=torch.int64, device=device)
 
     def add(self, logits: torch.Tensor, target: torch.Tensor, d: torch.Tensor, pos: torch.Tensor) -> None:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -82,9 +87,12 @@ class _Accumulator:
         self.tokens.index_add_(0, d, real.long())
         never = torch.full_like(pos, self.BIG)
         self.first_wrong.scatter_reduce_(0, d, torch.where(wrong, pos, never), reduce="amin")
+        # Ignored targets before a document's first scored token are its given tokens (a prefix).
+        self.first_scored.scatter_reduce_(0, d, torch.where(real, pos, never), reduce="amin")
 
     def scores(self) -> DocumentScores:
-        prefix = torch.minimum(self.first_wrong, self.tokens)
+        start = torch.where(self.tokens > 0, self.first_scored, torch.zeros_like(self.first_scored))
+        prefix = torch.minimum(self.first_wrong - start, self.tokens)
         loss = self.ce_sum / self.tokens.clamp_min(1).double()
         return DocumentScores(loss, self.correct, prefix, self.tail, self.tokens)
 
@@ -129,9 +137,11 @@ def no_memory_tail(
     head_bias: torch.Tensor | None,
     documents: list[torch.Tensor],
     batch_tokens: int = 8192,
+    given_tokens: int = 0,
 ) -> torch.Tensor:
     """``tail_b`` of every document read by the model with no memory (fp64 [B] on the CPU, nats): the
-    baseline of the information gain. Documents are right-padded in groups of about ``batch_tokens``."""
+    baseline of the information gain, over tokens ``max(1, given_tokens)..n-1`` (the tokens the memory's
+    ``tail`` covers). Documents are right-padded in groups of about ``batch_tokens``."""
     emb = hf.input_embeddings(model)
     device = emb.weight.device
     out = torch.zeros(len(documents), dtype=torch.float64)
@@ -149,8 +159,9 @@ def no_memory_tail(
         ids = ids.to(device)
         positions = torch.arange(S, device=device).expand(len(group), S)
         hidden = hf.backbone_hidden(model, emb(ids), torch.ones_like(ids), positions)
-        # Row j-1 predicts token j (j >= 1): keep each document's rows 0..n-2.
-        rows = [(row, j) for row, i in enumerate(group) for j in range(len(documents[i]) - 1)]
+        # Row j-1 predicts token j (j >= 1, and j >= given_tokens): keep each document's rows from there to n-2.
+        first = max(0, given_tokens - 1)
+        rows = [(row, j) for row, i in enumerate(group) for j in range(first, len(documents[i]) - 1)]
         if rows:
             r = torch.tensor(rows, dtype=torch.long, device=device)
             scores = score_rows(
@@ -174,8 +185,10 @@ def score_memories(
     documents: list[torch.Tensor],
     head_weight: torch.Tensor,
     head_bias: torch.Tensor | None,
+    given_tokens: int = 0,
 ) -> DocumentScores:
-    """Scores of each memory ``memory[b]`` [B, m, d] on its document (one padded forward; CPU results)."""
+    """Scores of each memory ``memory[b]`` [B, m, d] on its document (one padded forward; CPU results);
+    ``given_tokens``: as ``WriteConfig.given_tokens``."""
     emb = hf.input_embeddings(model)
     device = emb.weight.device
     lengths = [len(d) for d in documents]
@@ -189,4 +202,5 @@ def score_memories(
     hidden = hf.backbone_hidden(model, x, torch.ones(B, m + S, dtype=torch.long, device=device), positions)
     doc = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
     pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    return score_rows(hidden[doc, m - 1 + pos], head_weight, head_bias, ids[doc, pos], doc, pos, B).to_host()
+    targets = torch.where(pos >= given_tokens, ids[doc, pos], torch.full_like(pos, -1))
+    return score_rows(hidden[doc, m - 1 + pos], head_weight, head_bias, targets, doc, pos, B).to_host()

@@ -200,7 +200,14 @@ class MemoryWriter:
         rows = None
         if self._padded():
             rows = bucket_rows(sum(len(doc) for doc in docs) + m * len(docs), m)
-        return pack(docs, m, device, rows=rows, doc_multiple=8 if self.cuda_graphs else 1)
+        return pack(
+            docs,
+            m,
+            device,
+            rows=rows,
+            doc_multiple=8 if self.cuda_graphs else 1,
+            given_tokens=self.config.given_tokens,
+        )
 
     def _write_packed(
         self,

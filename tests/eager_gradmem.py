@@ -17,13 +17,16 @@ def _logits(model, x, write_head):
     return out + bias if bias is not None else out
 
 
-def doc_loss(model, memory, tokens, write_head=None):
-    """Mean next-token cross-entropy of ``tokens`` predicted from [memory ; E(tokens)]."""
+def doc_loss(model, memory, tokens, write_head=None, given=0):
+    """Mean next-token cross-entropy of ``tokens`` predicted from [memory ; E(tokens)]; the first ``given``
+    tokens are read but not predicted (0 when nothing is left to predict)."""
     m, n = memory.shape[0], tokens.shape[0]
+    if n <= given:
+        return (memory * 0).sum()
     x = torch.cat([memory.to(model.get_input_embeddings().weight.dtype), model.get_input_embeddings()(tokens)])
-    pred = _logits(model, x, write_head)[m - 1 : m - 1 + n]
+    pred = _logits(model, x, write_head)[m - 1 + given : m - 1 + n]
     logp = pred - pred.logsumexp(dim=-1, keepdim=True)
-    return -logp[torch.arange(n), tokens].sum() / n
+    return -logp[torch.arange(n - given), tokens[given:]].sum() / (n - given)
 
 
 def _clip(g, clip_value, clip_norm):
@@ -49,6 +52,7 @@ def write_one(
     last_k=None,
     write_head=None,
     betas=(0.9, 0.999),
+    given=0,
 ):
     """Returns (memory, [loss per step], [grad norm per step]) for one document.
 
@@ -63,7 +67,7 @@ def write_one(
         second = grad_mode == "second" and k >= steps - last_k
         if grad_mode == "none" or not M.requires_grad:
             M = M.detach().requires_grad_(True)
-        loss = doc_loss(model, M, tokens, write_head)
+        loss = doc_loss(model, M, tokens, write_head, given)
         (g,) = torch.autograd.grad(loss, M, create_graph=second)
         losses.append(float(loss.detach()))
         norms.append(float(torch.sqrt((g.detach() ** 2).sum())))

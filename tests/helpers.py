@@ -1,4 +1,4 @@
-"""Shared test helpers: the one tolerance table of DESIGN.md and relative-error assertions."""
+"""Shared test helpers: the one tolerance table of DESIGN.md, relative-error assertions, random documents."""
 
 import os
 
@@ -41,3 +41,19 @@ def assert_close(out, ref, dtype=None, tf32: bool = False, name: str = "output")
     bound = tolerance(dtype, tf32)
     err = rel_error(out, ref)
     assert err <= bound, f"{name}: relative error {err:.3e} exceeds {bound:.1e} for {dtype}"
+
+
+def random_documents(lengths, vocab: int, seed: int) -> list:
+    """Token-id documents [n] of the given lengths, drawn from a generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+
+
+def right_padded(docs) -> tuple:
+    """Right-padded ids and 0/1 mask [B, S] (long) of 1-D token tensors."""
+    S = max(len(d) for d in docs)
+    ids = torch.zeros(len(docs), S, dtype=torch.long)
+    mask = torch.zeros(len(docs), S, dtype=torch.long)
+    for b, d in enumerate(docs):
+        ids[b, : len(d)], mask[b, : len(d)] = d, 1
+    return ids, mask

@@ -184,6 +184,8 @@ def test_cli_output_is_written_only_when_complete(model_dir, tmp_path, capsys, m
         (["--lr", "0"], None, "--lr must be"),
         (["--limit", "0"], None, "--limit must be >= 1"),
         (["--first", "0"], None, "--first must be >= 1"),
+        (["--given-tokens", "-1"], None, "--given-tokens must be >= 0"),
+        (["--given-tokens", "2"], [{"text": "the cat"}], "nothing after --given-tokens 2"),
         (["--device", "tpu"], None, "--device must be"),
         ([], [{"text": "the cat"}, {"text": "  "}], "empty text"),
         ([], [{"txt": "the cat"}], "text"),

@@ -123,6 +123,33 @@ def test_write_round_trip_matches_the_api(model_dir, tmp_path, capsys, stop):
             assert float(stats["info_gain_bits"][row]) == pytest.approx(float(result.stats.info_gain_bits[0]), rel=1e-5)
 
 
+@pytest.mark.parametrize("stop", ["exact", "none"])
+def test_given_tokens_are_read_not_scored(model_dir, tmp_path, stop):
+    """``--given-tokens 1``: stored in the config; the per-document stats count the tokens after the first
+    one and describe the stored memory (teacher forcing with one given token), on both stat paths."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradmem_fast.reader import teacher_forced
+
+    docs = _docs(3)
+    inp = _jsonl(tmp_path / "docs.jsonl", docs)
+    out = str(tmp_path / "mem.safetensors")
+    assert _write(model_dir, inp, out, "--given-tokens", "1", "--stop", stop) == 0
+    f = fileio.MemoryFile(out)
+    assert json.loads(f.metadata["config"])["given_tokens"] == 1
+    stats = f.stats()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [torch.tensor(tok(d["text"], add_special_tokens=False).input_ids + [tok.eos_token_id]) for d in docs]
+    memory = f.rows(list(range(len(docs))))
+    loss, correct = teacher_forced(model, memory, ids, given_tokens=1)
+    for row, doc in enumerate(ids):
+        assert int(stats["tokens"][row]) == len(doc) - 1
+        assert float(stats["accuracy"][row]) == pytest.approx(float(correct[row]) / (len(doc) - 1), rel=1e-6)
+        assert float(stats["loss_after"][row]) == pytest.approx(float(loss[row]), rel=1e-4)
+        assert stats["exact"][row] == int(correct[row] == len(doc) - 1)
+
+
 def test_resume_after_a_kill_gives_the_identical_file(model_dir, tmp_path, monkeypatch):
     """Interrupted after one shard, rerun: the same bytes as an uninterrupted run."""
     inp = _jsonl(tmp_path / "docs.jsonl", _docs(5))
@@ -240,6 +267,7 @@ def test_unknown_model(tmp_path, capsys):
         ("--memory-tokens", "0", "--memory-tokens"),
         ("--clip-norm", "-1", "--clip-norm"),
         ("--batch-tokens", "0", "--batch-tokens"),
+        ("--given-tokens", "-1", "--given-tokens"),
     ],
 )
 def test_bad_numbers(model_dir, tmp_path, capsys, flag, value, needle):

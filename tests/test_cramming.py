@@ -12,7 +12,8 @@ from gradmem_fast import MemoryReader, MemoryWriter, WriteConfig, reference
 from gradmem_fast.config import Schedule, StopRule
 from gradmem_fast.reader import teacher_forced
 from gradmem_fast.scoring import LN2, no_memory_tail, score_rows
-from helpers import assert_close
+from helpers import assert_close, random_documents
+from helpers import right_padded as padded
 from tiny_models import VOCAB, tiny_model
 
 # A tiny model with large random weights and a large initial memory: its memories learn short random
@@ -23,17 +24,7 @@ LENGTHS = (3, 6, 2, 8, 5, 1, 4)
 
 
 def documents(lengths=LENGTHS, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
-
-
-def padded(docs):
-    S = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), S, dtype=torch.long)
-    mask = torch.zeros(len(docs), S, dtype=torch.long)
-    for b, d in enumerate(docs):
-        ids[b, : len(d)], mask[b, : len(d)] = d, 1
-    return ids, mask
+    return random_documents(lengths, VOCAB, seed)
 
 
 def cram_config(**over):
@@ -351,7 +342,7 @@ def test_a_check_reuses_the_steps_forward(model64, monkeypatch):
 
     writer = MemoryWriter(model64, cram_config(steps=12, stop=StopRule(check_every=4)), backend="torch")
     monkeypatch.setattr(
-        cramming, "no_memory_tail", lambda model, w, b, docs: torch.zeros(len(docs), dtype=torch.float64)
+        cramming, "no_memory_tail", lambda model, w, b, docs, **kw: torch.zeros(len(docs), dtype=torch.float64)
     )
     calls = {"forward": 0, "ticks": 0}
     forward, run = hf.backbone_hidden, cramming._Batch.run
