@@ -116,7 +116,9 @@ PADDED_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, lq, lk, hq, hkv, d, causal", PADDED_CASES)
 def test_padded(batch, lq, lk, hq, hkv, d, causal, dtype):
-    if dtype != torch.float32 and lq >= 130:
+    if dtype != torch.float32 and lq >= 130 and not ON_GPU:
+        # On a GPU the 16-bit long case runs too: its 130 keys span several key blocks at every tile size of
+        # the tables, so each dQ row collects atomic adds from several programs.
         pytest.skip("one dtype suffices for the long case (interpreter time)")
     q = randn(batch, lq, hq, d, dtype=dtype)
     k = randn(batch, lk, hkv, d, dtype=dtype)
@@ -126,6 +128,7 @@ def test_padded(batch, lq, lk, hq, hkv, d, causal, dtype):
     )
 
 
+@pytest.mark.skipif(ON_GPU, reason="float64 runs on the Triton backend only under the interpreter")
 def test_padded_fp64_window_mask_scale():
     """fp64 (the exact-arithmetic mode for gradient checks): sliding window, key padding and a scale."""
     dtype = torch.float64
