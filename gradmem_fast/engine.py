@@ -388,8 +388,11 @@ class GraphedWriteLoop:
         state = {
             "packed": static,
             "memory": memory.detach().clone(),
+            # fp64 step sizes for fp64 memories (the eager loop's Python floats), as the slot loop's lr table
             "lr": torch.tensor(
-                [self.config.lr_at(k) for k in range(self.config.steps)], dtype=torch.float32, device=memory.device
+                [self.config.lr_at(k) for k in range(self.config.steps)],
+                dtype=torch.float64 if memory.dtype == torch.float64 else torch.float32,
+                device=memory.device,
             ),
             "ones": torch.ones(1, static.total_rows, dtype=torch.long, device=memory.device),
             "losses": torch.empty(self.config.steps, static.batch, dtype=torch.float32, device=memory.device),

@@ -3,6 +3,8 @@
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 DEVICE = os.environ.get("GRADMEM_TEST_DEVICE", "cpu")
 
@@ -57,3 +59,72 @@ def right_padded(docs) -> tuple:
     for b, d in enumerate(docs):
         ids[b, : len(d)], mask[b, : len(d)] = d, 1
     return ids, mask
+
+
+class OpTrace(TorchDispatchMode):
+    """The aten ops a call runs, each with its tensors' shapes and dtypes and its other arguments: what a CUDA
+    graph freezes at capture (a replay relaunches the captured kernels with the captured scalars and shapes,
+    whatever Python would compute for the inputs now in the static buffers). CPU stand-ins for a capture
+    record the captured call and check each replay against it (``assert_same``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        described = tree_map(lambda x: (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        self.ops.append(f"{func} {described}")
+        return func(*args, **kwargs)
+
+    def assert_same(self, replay: "OpTrace", what: str = "replay") -> None:
+        diff = next((i for i, (a, b) in enumerate(zip(self.ops, replay.ops)) if a != b), None)
+        if diff is None and len(replay.ops) == len(self.ops):
+            return
+        where = min(len(self.ops), len(replay.ops)) if diff is None else diff
+        got = replay.ops[where] if where < len(replay.ops) else "(end)"
+        want = self.ops[where] if where < len(self.ops) else "(end)"
+        raise AssertionError(f"{what} differs from the captured call at op {where} of {len(self.ops)}: {got} vs {want}")
+
+
+def packed_attention_without_host_reads(monkeypatch) -> None:
+    """Route the torch backend's packed attention to its host-read-free dense form: the Triton kernels read the
+    packed offsets on the device, the torch backend's per-document loop on the host, which no CUDA graph could
+    replay for another batch (an ``OpTrace`` check of a stand-in capture catches it)."""
+    from gradmem_fast.ops import attention as attention_ops
+
+    per_document = attention_ops.attention_reference
+
+    def dense(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, **kw):
+        if cu_seqlens_q is None:
+            return per_document(q, k, v, **kw)
+        args = (kw["key_padding_mask"], kw["causal"], kw["scale"], kw["dropout_p"], kw["window"])
+        return attention_ops._reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)
+
+    monkeypatch.setattr(attention_ops, "attention_reference", dense)
+
+
+def eager_capture(counter: dict, tensors=lambda out: [out]):
+    """A CPU stand-in for ``engine.capture_cuda_graph`` with a graph's buffer discipline: the captured call's
+    outputs are fixed tensors that every replay overwrites in place (``tensors(out)``: them, in a fixed
+    order), computed from the static inputs only, and each replay must run the captured call's exact op
+    sequence (``OpTrace``): the eager re-run would otherwise hide a Python-side value that differs between
+    inputs sharing a graph, which a real replay takes from the captured call. ``counter`` counts "captures"
+    and "replays"."""
+
+    def capture(fn):
+        counter["captures"] += 1
+        with OpTrace() as captured:
+            out = fn()
+
+        def replay():
+            counter["replays"] += 1
+            with OpTrace() as now:
+                values = fn()
+            captured.assert_same(now, f"replay {counter['replays']}")
+            for buffer, value in zip(tensors(out), tensors(values), strict=True):
+                buffer.copy_(value)
+
+        return replay, out
+
+    return capture

@@ -6,15 +6,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 from eager_gradmem import write_one
 from gradmem_fast import MemoryReader, MemoryWriter, WriteConfig, reference
 from gradmem_fast.config import Schedule, StopRule
 from gradmem_fast.reader import teacher_forced
 from gradmem_fast.scoring import LN2, no_memory_tail, score_rows
-from helpers import assert_close, random_documents
+from helpers import assert_close, eager_capture, packed_attention_without_host_reads, random_documents
 from helpers import right_padded as padded
 from tiny_models import VOCAB, tiny_model
 
@@ -470,59 +468,13 @@ def test_engine_continuous_batching_with_the_compiled_step():
 # The slot loop replayed as CUDA graphs (cramming.GraphedSlots)
 
 
-class _OpTrace(TorchDispatchMode):
-    """The aten ops a call runs, each with its tensors' shapes and dtypes and its other arguments: what a CUDA
-    graph freezes at capture (a replay relaunches the captured kernels with the captured scalars and shapes,
-    whatever Python would compute for the batch now in the static buffers)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        described = tree_map(lambda x: (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x, (args, kwargs))
-        self.ops.append(f"{func} {described}")
-        return func(*args, **kwargs)
-
-
-def _eager_capture(counter):
-    """A CPU stand-in for CUDA capture with the same buffer discipline: the outputs are fixed tensors that
-    every replay overwrites in place, computed from the captured static inputs only. Each replay must also
-    run the captured call's exact op sequence (shapes, dtypes, scalar arguments): the eager re-run would
-    otherwise hide a Python-side value that differs between batches sharing a graph, which a real replay
-    would silently take from the captured batch."""
-
-    def capture(fn):
-        counter["captures"] += 1
-        with _OpTrace() as captured:
-            out = fn()
-
-        def replay():
-            counter["replays"] += 1
-            with _OpTrace() as now:
-                values = fn()
-            diff = next((i for i, (a, b) in enumerate(zip(captured.ops, now.ops)) if a != b), None)
-            assert diff is None and len(now.ops) == len(captured.ops), (
-                f"replay {counter['replays']} differs from the captured call at op {diff} of {len(captured.ops)}: "
-                f"{now.ops[diff] if diff is not None else len(now.ops)} vs "
-                f"{captured.ops[diff] if diff is not None else len(captured.ops)}"
-            )
-            for buffer, value in zip(out.tensors(), values.tensors(), strict=True):
-                buffer.copy_(value)
-
-        return replay, out
-
-    return capture
-
-
 def _graphed_writer(model, config, counter):
     from gradmem_fast import cramming
 
     writer = MemoryWriter(model, config, backend="triton", compile=False)
     writer.ops_backend = "torch"
     writer._padded = lambda: True  # bucket-padded batches, as with cuda_graphs
-    slots = cramming.GraphedSlots(capture=_eager_capture(counter))
+    slots = cramming.GraphedSlots(capture=eager_capture(counter, lambda out: out.tensors()))
     writer._slot_graphs = lambda: slots
     return writer
 
@@ -530,22 +482,10 @@ def _graphed_writer(model, config, counter):
 def test_graphed_slot_loop_equals_the_eager_one(monkeypatch):
     """The slot loop through GraphedSlots (captured once per shape, later batches copied into the static
     buffers, continuing batches fed the previous replay's outputs) = the eager slot loop: steps, memories,
-    scores and the per-step record; every replay runs the captured call's ops (``_eager_capture``). The
+    scores and the per-step record; every replay runs the captured call's ops (``helpers.eager_capture``). The
     stand-in capture runs on the CPU; the CUDA capture is tested in the GPU suite
     (test_graphed_slot_loop_on_cuda_graph)."""
-    from gradmem_fast.ops import attention as attention_ops
-
-    per_document = attention_ops.attention_reference
-
-    def offsets_on_device(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, **kw):
-        # The kernels read the packed offsets on the device; the torch backend's per-document loop reads
-        # them on the host (no graph could replay that): its host-read-free dense form stands in for both.
-        if cu_seqlens_q is None:
-            return per_document(q, k, v, **kw)
-        args = (kw["key_padding_mask"], kw["causal"], kw["scale"], kw["dropout_p"], kw["window"])
-        return attention_ops._reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)
-
-    monkeypatch.setattr(attention_ops, "attention_reference", offsets_on_device)
+    packed_attention_without_host_reads(monkeypatch)  # for the eager run too: the same attention math
     model = tiny_model("llama", dtype=torch.float32, **LEARNABLE)
     config = cram_config(steps=30)
     docs = documents((3, 1, 5, 2, 6, 4))

@@ -6,8 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradmem_fast import MemoryWriter, WriteConfig, engine, reference
 from gradmem_fast.inputs import check_token_batch
-from gradmem_fast.packing import documents_from_batch, pack
-from helpers import assert_close
+from gradmem_fast.packing import bucket_rows, documents_from_batch, pack
+from helpers import assert_close, eager_capture, packed_attention_without_host_reads
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
 
@@ -83,6 +83,32 @@ def test_cuda_graph_replay_matches_eager_engine():
         b = graph_writer.write(ids.cuda(), mask.cuda())
         assert_same_write(b, a, torch.float32, tf32=True)
     assert len(graph_writer._graphed.graphs) >= 1
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["sgd-clip", "adam"])
+def test_graphed_write_loop_with_a_cpu_stand_in_capture(cfg, monkeypatch):
+    """GraphedWriteLoop's buffer discipline with a CPU stand-in for the capture: each replay re-runs the loop
+    on the static buffers and must run the captured call's exact op sequence (``helpers.eager_capture``: a
+    CUDA graph freezes shapes and scalars), and batches that share the graph give the eager engine's
+    memories, losses and norms (fp64, torch ops)."""
+    counter = {"captures": 0, "replays": 0}
+    monkeypatch.setattr(engine, "capture_cuda_graph", eager_capture(counter))
+    packed_attention_without_host_reads(monkeypatch)
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    m = cfg.num_memory_tokens
+    loop = engine.GraphedWriteLoop(model, cfg, head.weight, head.bias, "torch")
+    keys = set()
+    for lengths in ([6, 1, 3], [2, 7, 1], [3, 5, 2]):
+        docs = [torch.randint(0, VOCAB, (n,)) for n in lengths]
+        packed = pack(docs, m, "cpu", rows=bucket_rows(sum(lengths) + m * len(lengths), m), doc_multiple=8)
+        keys.add(loop.key(packed))
+        M = torch.randn(packed.batch, m, model.config.hidden_size, dtype=torch.float64) * 0.5
+        got = loop(packed, M)
+        want = engine.write_packed(model, packed, M, cfg, head.weight, head.bias, "torch")
+        assert got.memory.shape == (len(lengths), m, model.config.hidden_size)
+        assert_same_write(got, want, torch.float64)
+    assert counter == {"captures": len(keys), "replays": 3} and len(keys) < 3  # a graph served two batches
 
 
 @pytest.mark.parametrize("family", FAMILIES)
