@@ -116,6 +116,9 @@ def eager_capture(counter: dict, tensors=lambda out: [out]):
         counter["captures"] += 1
         with OpTrace() as captured:
             out = fn()
+        # A tensor made from host data (torch.tensor) is a host-to-device copy on a GPU: illegal in a capture.
+        lifted = [op for op in captured.ops if op.startswith("aten.lift_fresh")]
+        assert not lifted, f"the captured call builds {len(lifted)} tensors from host data: {lifted[:3]}"
 
         def replay():
             counter["replays"] += 1

@@ -328,7 +328,9 @@ def sgd_torch(
 def _bias_correction(beta: float, step: Step, dt: torch.dtype, device: torch.device) -> torch.Tensor | float:
     if isinstance(step, torch.Tensor):
         t = _per_sample_view(step).to(device=device, dtype=torch.float64)
-        return (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64, device=device), t)).to(dt)
+        # A Python base: no tensor made from host data (a synchronising host-to-device copy on a GPU, and
+        # illegal inside a CUDA graph capture).
+        return (1.0 - torch.pow(beta, t)).to(dt)
     return 1.0 - beta**step
 
 
