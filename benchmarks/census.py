@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -454,6 +455,18 @@ def project(counts: dict, graphs: bool = False) -> dict:
     return out
 
 
+def spec_shape(spec) -> dict:
+    """The WRITE shape fields a census record carries (a stored record answers only for the same shape)."""
+    return dict(
+        dtype=str(spec.dtype).replace("torch.", ""),
+        batch=spec.batch,
+        min_len=spec.min_len,
+        max_len=spec.max_len,
+        memory_tokens=spec.memory_tokens,
+        steps=spec.steps,
+    )
+
+
 def census_case(spec, impls=IMPLS) -> list:
     """One record per implementation for the shape ``spec`` (status ok / not available / error)."""
     import torch
@@ -465,12 +478,7 @@ def census_case(spec, impls=IMPLS) -> list:
     useful = write_step_flops(model, lengths, spec.memory_tokens)
     base = dict(
         case=spec.name,
-        dtype=str(spec.dtype).replace("torch.", ""),
-        batch=spec.batch,
-        min_len=spec.min_len,
-        max_len=spec.max_len,
-        memory_tokens=spec.memory_tokens,
-        steps=spec.steps,
+        **spec_shape(spec),
         useful_flops_per_step=useful,
         context_tokens=sum(lengths),
         deterministic=torch.are_deterministic_algorithms_enabled(),
@@ -497,8 +505,9 @@ def census_case(spec, impls=IMPLS) -> list:
                 setup={k: v for k, v in counts["setup"].items()},
                 projection=project(counts),
             )
-            if impl == "engine_eager":
+            if impl in ("engine_eager", "engine_compiled"):  # a GPU suite measures both replayed as a graph
                 rec["projection_graphs"] = project(counts, graphs=True)
+            if impl == "engine_eager":
                 fused = fused_counts(counts)
                 records_extra.append(
                     dict(
@@ -673,9 +682,7 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
     for the GPU suite to store beside the measured time. Raises KeyError for an implementation the census
     does not model, NotAvailable when it does not exist yet. ``cuda``: the measurement ran on a GPU, where the
     engine compiles its step by default."""
-    name, graphs = BENCH_IMPLS[impl]
-    if cuda and name == "engine_eager" and impl != "gradmem_fast_eager" and compiled_engine_available():
-        name = "engine_compiled"
+    name, graphs = census_impl(impl, cuda)
     import torch
 
     key = (case, name, dry_run, torch.are_deterministic_algorithms_enabled())
@@ -702,35 +709,132 @@ def projection(case: str, impl: str, dry_run: bool = False, gpu: str = "H100 SXM
     }
 
 
-def compare(results_json: str) -> list:
+def census_impl(impl: str, cuda: bool = False):
+    """(census implementation, replayed as a CUDA graph) of a ``bench_write`` implementation name; KeyError for
+    one the census does not model. ``cuda``: measured on a GPU, where the engine compiles its step by default."""
+    name, graphs = BENCH_IMPLS[impl]
+    if cuda and name == "engine_eager" and impl != "gradmem_fast_eager" and compiled_engine_available():
+        name = "engine_compiled"
+    return name, graphs
+
+
+def stored_projection(case: str, name: str, graphs: bool = False, gpu: str = "H100 SXM", root=None):
+    """The projection of census implementation ``name`` on the full-size ``case`` from the newest stored census
+    (``census.json`` under ``root``, default benchmarks/results/*/, not a dry run, in torch's current
+    deterministic mode, the same WRITE shape), or None. Counting a compiled implementation compiles the model on
+    the CPU (minutes, ``census_wall_s`` of the stored censuses), which no lent-GPU stage can wait for."""
+    import glob
+
+    import torch
+
+    from .common import repo_root
+
+    spec = next(iter(specs(False, (case,))), None)
+    if spec is None:
+        return None
+    shape = spec_shape(spec)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = "projection_graphs" if graphs else "projection"
+    root = root or os.path.join(repo_root(), "benchmarks", "results")
+    best = None
+    for path in glob.glob(os.path.join(root, "*", "census.json")):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        meta = doc.get("meta", {})
+        if meta.get("dry_run") or bool(meta.get("deterministic")) != deterministic:
+            continue
+        stamp = str(meta.get("timestamp", ""))
+        for r in doc.get("records", []):
+            p = r.get(key) or {}
+            if (r.get("case"), r.get("impl"), r.get("status")) != (case, name, "ok") or not p:
+                continue
+            if any(r.get(k) != v for k, v in shape.items()) or (best and stamp <= best[0]):
+                continue
+            gpu_key = gpu if gpu in p else next(iter(p))
+            best = (stamp, path, r, p[gpu_key], gpu_key)
+    if best is None:
+        return None
+    stamp, path, r, p, gpu_key = best
+    return {
+        "projected_step_ms": p["step_ms"],
+        "projected_write_ms": p["step_ms"] * spec.steps,
+        "projection_gpu": gpu_key,
+        "projected_launches_per_step": r.get("launches"),
+        "projected_bound": p.get("bound"),
+        "projection_source": f"{os.path.relpath(path, repo_root())} ({stamp})",
+    }
+
+
+# Seconds a compiled implementation's count takes on the CPU (inductor compiles the model there): 160-630 s in
+# the stored censuses. With a time limit, compare starts such a count only when at least this much is left.
+COMPILED_COUNT_S = 600.0
+
+
+def compare(results_json: str, seconds: float | None = None, on_rows=None, stored_root=None) -> list:
     """Measured whole-WRITE times of a benchmark ``results.json`` beside the census projection of the same
     case and implementation (the GPU it ran on when it is an H200, else the H100 figures): one row per write
-    record the census models, with ``measured / projected``."""
+    record the census models, with ``measured / projected``.
+
+    A full-size measurement takes its projection from the newest stored census when one has it
+    (``stored_projection``, named in ``projection_source``), else counts it now: eager implementations first
+    (seconds each), compiled ones last (minutes). ``seconds``: no count starts after that many seconds, nor a
+    compiled one with less than ``COMPILED_COUNT_S`` left (the row says why). ``on_rows(rows)`` is called
+    after each row is settled (the command line rewrites its JSON file there, so a killed stage keeps them)."""
     with open(results_json) as f:
         doc = json.load(f)
+    start = time.monotonic()
     meta = doc.get("meta", {})
     gpu = "H200" if "H200" in str(meta.get("gpu", "")) else "H100 SXM"
-    rows = []
+    dry_run = bool(meta.get("dry_run"))
+    cuda = str(meta.get("device", "")).startswith("cuda")
+    rows, pending = [], []
     for r in doc.get("records", []):
         if r.get("bench") != "write" or r.get("status") != "ok" or r.get("impl") not in BENCH_IMPLS:
             continue
         row = {"case": r.get("case"), "impl": r["impl"], "measured_write_ms": r.get("ms"), "gpu": gpu}
-        try:
-            row.update(
-                projection(
-                    r["case"],
-                    r["impl"],
-                    dry_run=bool(meta.get("dry_run")),
-                    gpu=gpu,
-                    cuda=str(meta.get("device", "")).startswith("cuda"),
-                )
-            )
-            if row["measured_write_ms"]:
-                row["measured_over_projected"] = row["measured_write_ms"] / row["projected_write_ms"]
-        except (NotAvailable, StopIteration, KeyError) as exc:
-            row["projection_error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
+        try:
+            name, graphs = census_impl(r["impl"], cuda)
+            stored = None if dry_run else stored_projection(r.get("case"), name, graphs, gpu, stored_root)
+        except Exception as exc:  # noqa: BLE001 - one row's failure is recorded, the others go on
+            row["projection_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        if stored is None:
+            pending.append((name in COMPILED, row))
+        else:
+            row.update(stored)
+    for _, row in pending:
+        row["projection_error"] = "not counted yet"
+    _settle_ratios(rows)
+    if on_rows:
+        on_rows(rows)
+    for compiled, row in sorted(pending, key=lambda item: item[0]):  # eager counts first
+        left = math.inf if seconds is None else seconds - (time.monotonic() - start)
+        if left <= (COMPILED_COUNT_S if compiled else 0.0):
+            why = "a compiled implementation is counted by compiling it on the CPU (minutes); " if compiled else ""
+            row["projection_error"] = (
+                f"not counted: {why}{max(0.0, left):.0f} s left of --seconds {seconds:g}, and no stored census has it "
+                "(python -m benchmarks.census --compare RESULTS_JSON, without --seconds, counts it)"
+            )
+            continue
+        del row["projection_error"]
+        try:
+            row.update(projection(row["case"], row["impl"], dry_run=dry_run, gpu=gpu, cuda=cuda))
+        except Exception as exc:  # noqa: BLE001 - one row's failure is recorded, the others go on
+            row["projection_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        _settle_ratios(rows)
+        if on_rows:
+            on_rows(rows)
     return rows
+
+
+def _settle_ratios(rows):
+    for row in rows:
+        if row.get("measured_write_ms") and row.get("projected_write_ms"):
+            row["measured_over_projected"] = row["measured_write_ms"] / row["projected_write_ms"]
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -852,17 +956,29 @@ def main(argv=None) -> int:
         help="print measured WRITE times of a benchmark results.json beside their projections "
         "(writes census_vs_measured.json next to it, or into --out)",
     )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="with --compare: start no count after this many seconds, and no compiled one (minutes) with less "
+        f"than {COMPILED_COUNT_S:.0f} s left; stored censuses answer the rest (a lent GPU's stage limit)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
         _ensure_interpreter()
-        with deterministic_mode(True if args.deterministic else None):
-            rows = compare(args.compare)
         out_dir = args.out or os.path.dirname(os.path.abspath(args.compare))
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "census_vs_measured.json")
-        with open(path, "w") as f:
-            json.dump(_strip(rows), f, indent=1)
-            f.write("\n")
+
+        def write_rows(rows):
+            with open(path + ".tmp", "w") as f:
+                json.dump(_strip(rows), f, indent=1)
+                f.write("\n")
+            os.replace(path + ".tmp", path)
+
+        with deterministic_mode(True if args.deterministic else None):
+            rows = compare(args.compare, seconds=args.seconds, on_rows=write_rows)
+        write_rows(rows)
         for row in rows:
             print(
                 f"{row['case']:10} {row['impl']:22} measured {_fmt(row.get('measured_write_ms'))} ms, projected "

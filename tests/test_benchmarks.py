@@ -624,6 +624,58 @@ def test_gpu_suite_calls_rehearsed_dry(tmp_path):
     assert len(list(first_dir.iterdir())) <= 8 and len(list(second_dir.iterdir())) <= 8
 
 
+def test_census_compare_of_a_gpu_run_takes_stored_projections(tmp_path):
+    """The first GPU call's census stage (~30 s) compares a CUDA results.json, whose engine rows map to the
+    compiled engine: counting that compiles the model on the CPU (160-630 s in the stored censuses). The newest
+    stored census of the same shape answers; a compiled count none has is not started under --seconds."""
+    from benchmarks import census
+
+    spec = census.specs(False, ("tiny_kv",))[0]
+    shape = dict(
+        case="tiny_kv",
+        dtype="float32",
+        batch=spec.batch,
+        min_len=spec.min_len,
+        max_len=spec.max_len,
+        memory_tokens=spec.memory_tokens,
+        steps=spec.steps,
+    )
+
+    def stored(name, stamp, records, dry_run=False):
+        folder = tmp_path / "results" / name
+        folder.mkdir(parents=True)
+        doc = {"meta": {"dry_run": dry_run, "timestamp": stamp}, "records": records}
+        (folder / "census.json").write_text(json.dumps(doc))
+
+    def rec(impl, step_ms, **extra):
+        p = {"H100 SXM": {"step_ms": 2 * step_ms, "bound": "memory"}, "H200": {"step_ms": step_ms, "bound": "compute"}}
+        return dict(shape, impl=impl, status="ok", launches=7, projection=p, **extra)
+
+    stored("old-census", "2026-01-01T00:00:00", [rec("engine_compiled", 99.0), rec("reference", 8.0)])
+    stored("new-census", "2026-02-01T00:00:00", [rec("engine_compiled", 3.0)])
+    stored("other-shape", "2026-03-01T00:00:00", [dict(rec("engine_compiled", 50.0), batch=spec.batch + 1)])
+    stored("dry", "2026-04-01T00:00:00", [rec("engine_compiled", 60.0)], dry_run=True)
+    results = tmp_path / "results.json"
+    write = [("reference", 40.0), ("gradmem_fast", 12.0), ("gradmem_fast_graphs", 10.0)]
+    doc = {
+        "meta": {"dry_run": False, "gpu": "NVIDIA H200", "device": "cuda"},
+        "records": [dict(bench="write", status="ok", impl=i, case="tiny_kv", ms=ms) for i, ms in write],
+    }
+    results.write_text(json.dumps(doc))
+    calls = []
+    rows = census.compare(str(results), seconds=5.0, on_rows=calls.append, stored_root=str(tmp_path / "results"))
+    assert [r["impl"] for r in rows] == ["reference", "gradmem_fast", "gradmem_fast_graphs"] and calls
+    ref, engine, graphs = rows
+    assert ref["projected_write_ms"] == 8.0 * spec.steps and "old-census" in ref["projection_source"]
+    assert engine["projected_step_ms"] == 3.0 and engine["projection_gpu"] == "H200"  # newest of the same shape
+    assert engine["measured_over_projected"] == 12.0 / (3.0 * spec.steps)
+    assert graphs["projection_error"].startswith("not counted: a compiled implementation")  # no graph projection
+    # The command line writes its file (under --seconds 0 nothing is counted; stored censuses of the tree answer).
+    out = tmp_path / "out"
+    assert census.main(["--compare", str(results), "--out", str(out), "--seconds", "0"]) == 0
+    assert len(json.loads((out / "census_vs_measured.json").read_text())) == 3
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_second_order_reference_equals_model_class(family):
     """The second_order section's reference (the published path: padded batch, eager attention, full logits)
