@@ -35,8 +35,8 @@
 # Results go to $GRADMEM_RESULTS_DIR (default benchmarks/results/<date>-<gpu>/); on a lent machine use
 # GRADMEM_RESULTS_DIR=$OUT/suite. A call writes at most 8 files (what a lent machine sends back), each as
 # soon as it has it: results.json (rewritten after every benchmark case), suite_status.tsv (a line per
-# stage: name, exit code, seconds, time, note), env.txt, pytest.txt, bench.log, report.md, census.json and
-# census.txt (first call); sanitizer-memcheck.txt, sanitizer-racecheck.txt and kernels-bench.json (second call). Plots and
+# stage: name, exit code, seconds, time, note), env.txt, pytest.txt, bench.log, report.md and
+# census_vs_measured.json (first call); sanitizer-memcheck.txt, sanitizer-racecheck.txt and kernels-bench.json (second call). Plots and
 # results.csv are made later from results.json (`python -m benchmarks.plots DIR`). Put the first call's
 # results.json into the second call's folder first and its records are kept (merged by case).
 # GRADMEM_COMMIT names the commit when the tree was copied without .git. The machine's own
