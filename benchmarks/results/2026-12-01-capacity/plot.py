@@ -27,7 +27,10 @@ def main(report_path: str, png_path: str) -> None:
             label="whole text decoded (a lower bound)",
         )
     top = max(t["tokens"] for t in texts)
-    ax.plot([0, top], [0, top / report["memory_tokens"]], color="grey", lw=0.8, ls="--", label="whole text")
+    given = report["settings"].get("given_tokens", 0)  # given tokens are not decoded
+    ax.plot(
+        [given, top], [0, (top - given) / report["memory_tokens"]], color="grey", lw=0.8, ls="--", label="whole text"
+    )
     for t in texts:
         ax.annotate(
             str(t["id"]), (t["tokens"], t["tokens_per_vector"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
@@ -37,8 +40,9 @@ def main(report_path: str, png_path: str) -> None:
     st = report["settings"]
     ax.set_xlabel("text length (tokens)")
     ax.set_ylabel(f"tokens decoded exactly per vector (N={report['memory_tokens']})")
+    first = f", first {given} token(s) given" if given else ""
     ax.set_title(
-        f"{report['model']}, {report['dtype']}, <= {st['max_steps_per_stage']} Adam steps/stage, lr {st['lr']}",
+        f"{report['model']}, {report['dtype']}, <= {st['max_steps_per_stage']} Adam steps/stage, lr {st['lr']}{first}",
         fontsize=9,
     )
     # The diagonal (whole text) runs far above the measured points: show the points, clip the line.
