@@ -131,3 +131,11 @@ def eager_capture(counter: dict, tensors=lambda out: [out]):
         return replay, out
 
     return capture
+
+
+def seeded_initial_memory(model, config) -> torch.Tensor:
+    """[m, d] fp64: the initial memory a write draws when none is given (N(0, init_std^2) from a CPU generator
+    seeded with ``config.seed``), written out independently of ``gradmem_fast.inputs``."""
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    d = model.config.hidden_size
+    return torch.randn(config.num_memory_tokens, d, generator=gen, dtype=torch.float64) * config.init_std

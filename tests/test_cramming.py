@@ -12,7 +12,13 @@ from gradmem_fast import MemoryReader, MemoryWriter, WriteConfig, reference
 from gradmem_fast.config import Schedule, StopRule
 from gradmem_fast.reader import teacher_forced
 from gradmem_fast.scoring import LN2, no_memory_tail, score_rows
-from helpers import assert_close, eager_capture, packed_attention_without_host_reads, random_documents
+from helpers import (
+    assert_close,
+    eager_capture,
+    packed_attention_without_host_reads,
+    random_documents,
+    seeded_initial_memory,
+)
 from helpers import right_padded as padded
 from tiny_models import VOCAB, tiny_model
 
@@ -236,7 +242,7 @@ def test_a_stopped_memory_is_the_one_its_steps_produced(model64, crammed):
     for i, s in enumerate(batch.stats.steps.tolist()):
         if 0 < s < config.steps:
             lrs = [config.lr_at(k) for k in range(s)]
-            memory, _, _ = write_one(model64, docs[i], reference_initial(model64, config), s, lrs, optimizer="adam")
+            memory, _, _ = write_one(model64, docs[i], seeded_initial_memory(model64, config), s, lrs, optimizer="adam")
             assert_close(batch.memory[i], memory, torch.float64, name=f"memory of document {i} after {s} steps")
             checked += 1
     assert checked >= 2
@@ -244,13 +250,6 @@ def test_a_stopped_memory_is_the_one_its_steps_produced(model64, crammed):
 
 def _fields(config):
     return {f: getattr(config, f) for f in config.__dataclass_fields__}
-
-
-def reference_initial(model, config):
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    return torch.randn(config.num_memory_tokens, model.config.hidden_size, generator=gen, dtype=torch.float64) * (
-        config.init_std
-    )
 
 
 def test_stats_describe_the_returned_memory(model64, crammed):
@@ -316,7 +315,7 @@ def test_loss_and_accuracy_rules(model64):
     lax = MemoryWriter(model64, cram_config(stop=StopRule(loss=1e3, exact=False, check_every=1)), backend="torch")
     result = lax.write(*padded(docs))
     assert result.stats.steps.tolist() == [0, 0] and result.stats.stopped.all()
-    assert_close(result.memory[0], reference_initial(model64, lax.config), torch.float64, name="memory")
+    assert_close(result.memory[0], seeded_initial_memory(model64, lax.config), torch.float64, name="memory")
     level = MemoryWriter(model64, cram_config(stop=StopRule(accuracy=0.5, exact=False, check_every=1)), backend="torch")
     result = level.write(*padded(docs))
     assert (result.stats.accuracy >= 0.5).all()
@@ -327,10 +326,12 @@ def test_loss_and_accuracy_rules(model64):
 def level_accuracy_before(model, writer, doc, steps):
     """Teacher-forced accuracy after steps - 1 updates (the previous check, with check_every=1)."""
     config = WriteConfig(**{**_fields(writer.config), "stop": None, "steps": steps - 1}) if steps > 1 else None
-    M = reference_initial(model, writer.config)[None] if config is None else None
+    M = seeded_initial_memory(model, writer.config)[None] if config is None else None
     if config is not None:
         lrs = [writer.config.lr_at(k) for k in range(steps - 1)]
-        M = write_one(model, doc, reference_initial(model, writer.config), steps - 1, lrs, optimizer="adam")[0][None]
+        M = write_one(model, doc, seeded_initial_memory(model, writer.config), steps - 1, lrs, optimizer="adam")[0][
+            None
+        ]
     _, correct = teacher_forced(model, M, [doc])
     return correct[0] / len(doc)
 

@@ -17,7 +17,7 @@ from gradmem_fast.config import StopRule
 from gradmem_fast.packing import IGNORE_INDEX, pack
 from gradmem_fast.reader import teacher_forced
 from gradmem_fast.scoring import no_memory_tail, score_logits
-from helpers import assert_close, random_documents
+from helpers import assert_close, random_documents, seeded_initial_memory
 from helpers import right_padded as padded
 from tiny_models import VOCAB, tiny_model
 
@@ -28,12 +28,6 @@ LENGTHS = (5, 1, 3, 2, 7)
 
 def documents(lengths=LENGTHS, seed=3):
     return random_documents(lengths, VOCAB, seed)
-
-
-def initial(model, config):
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    d = model.config.hidden_size
-    return torch.randn(config.num_memory_tokens, d, generator=gen, dtype=torch.float64) * config.init_std
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +74,13 @@ def test_reference_write_equals_the_eager_loop(model64, g):
     docs = documents()
     out = MemoryWriter(model64, config, backend="torch").write(*padded(docs))
     for i, d in enumerate(docs):
-        memory, losses, _ = write_one(model64, d, initial(model64, config), 4, 0.05, optimizer="adam", given=g)
+        memory, losses, _ = write_one(
+            model64, d, seeded_initial_memory(model64, config), 4, 0.05, optimizer="adam", given=g
+        )
         assert_close(out.memory[i], memory, torch.float64, name=f"memory {i}")
         assert_close(out.losses[:, i], torch.tensor(losses), torch.float64, name=f"losses {i}")
         if len(d) <= g:  # nothing to predict: no gradient, the memory stays where it started
-            assert torch.equal(out.memory[i], initial(model64, config))
+            assert torch.equal(out.memory[i], seeded_initial_memory(model64, config))
 
 
 @pytest.mark.parametrize("ops", ["torch", "triton"])
@@ -171,7 +167,7 @@ def test_cramming_stops_on_the_tokens_after_the_given_ones(backend, ops):
         assert r.exact and int(correct[i]) == r.tokens
         assert r.loss == pytest.approx(float(loss[i]), rel=1e-4 if dtype == torch.float32 else 1e-9)
         lrs = [config.lr_at(k) for k in range(r.steps)]
-        want, _, _ = write_one(oracle, d, initial(model, config), r.steps, lrs, optimizer="adam", given=g)
+        want, _, _ = write_one(oracle, d, seeded_initial_memory(model, config), r.steps, lrs, optimizer="adam", given=g)
         assert_close(r.memory, want, dtype, name=f"memory {i} after {r.steps} steps")
 
 
