@@ -188,6 +188,30 @@ MUTANTS = [
         _k("tests/test_write_delta.py", "triton-adam_clip_norm"),
         "the engine runs Adam with the default betas whatever the config says",
     ),
+    Mutant(
+        "autotune_keeps_atomic_accumulators",
+        "kernels/attention.py",
+        "reset_to_zero=_ATOMIC_OUTPUTS.get(kind)",
+        "reset_to_zero=None",
+        ("tests/test_attention_bwd_atomic.py::test_autotuning_call_zeroes_the_atomic_accumulators",),
+        "on a GPU the tuning call returns dQ / grad q summed over every timed run",
+    ),
+    Mutant(
+        "given_tokens_still_predicted_engine",
+        "gradmem_fast/packing.py",
+        "t[:given_tokens] = IGNORE_INDEX",
+        "t[:0] = IGNORE_INDEX",
+        _k("tests/test_given_tokens.py", "engine_write_equals_the_reference and torch"),
+        "the engine's loss still predicts the given tokens",
+    ),
+    Mutant(
+        "given_tokens_prefix_not_offset",
+        "gradmem_fast/scoring.py",
+        "prefix = torch.minimum(self.first_wrong - start, self.tokens)",
+        "prefix = torch.minimum(self.first_wrong, self.tokens)",
+        _k("tests/test_given_tokens.py", "scores_count_from_the_first_predicted_token"),
+        "with given tokens, the exact prefix counts the given ones too",
+    ),
 ]
 
 
