@@ -329,7 +329,16 @@ _DKDV_ATOMIC = {"dkdv": False, "dkdv_atomic": True}
 # The accumulators the launcher zeroes before these kinds add into them with atomics (the dQ of the atomic
 # backward, grad q of the fused key pass): the autotuner must zero them again before each of its runs.
 _ATOMIC_OUTPUTS = {"dkdv_atomic": ["dQacc"], "dbwd_fused": ["GradQ"]}
-_AUTOTUNE_KEY = ["HEAD_DIM", "IS_VARLEN", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_DROPOUT", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = [
+    "HEAD_DIM",
+    "IS_VARLEN",
+    "IS_CAUSAL",
+    "HAS_WINDOW",
+    "HAS_KPM",
+    "HAS_DROPOUT",
+    "INPUT_PRECISION",
+    "SOFTCAP",
+]
 
 
 def head_dim_class(block_d: int) -> int:
@@ -553,7 +562,7 @@ def _seed_pointer(seed, dropout_p, q):
     return torch.full((1,), int(seed), dtype=torch.int64, device=q.device)
 
 
-def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64):
+def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64, softcap=0.0):
     if q.dtype == torch.float32:
         precision = fp32_precision
     elif fp64:
@@ -571,6 +580,7 @@ def _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64):
         PARAMS_FP64=fp64,
         ACC_DTYPE=tl.float64 if fp64 else tl.float32,
         INPUT_PRECISION=precision,
+        SOFTCAP=float(softcap or 0.0),
     )
 
 
@@ -590,6 +600,7 @@ def attention_fwd(
     seed=0,
     window=None,
     fp32_precision="ieee",
+    softcap=0.0,
     out=None,
     lse=None,
 ):
@@ -639,7 +650,7 @@ def attention_fwd(
         _seed_pointer(seed, dropout_p, q),
         int(window or 0),
     )
-    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64, softcap)
 
     def grid(meta):
         return (triton.cdiv(geo.seqlen_q, meta["BLOCK_M"]), geo.hq, geo.batch)
@@ -697,6 +708,7 @@ def attention_bwd(
     seed=0,
     window=None,
     fp32_precision="ieee",
+    softcap=0.0,
     delta=None,
     dq=None,
     dk=None,
@@ -726,7 +738,7 @@ def attention_bwd(
         delta = attention_bwd_preprocess(out, dout, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=geo.seqlen_q)
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
-    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64, softcap)
     tail = (
         *geo.lse_strides,
         geo.kpm_stride,
@@ -832,6 +844,7 @@ def attention_dbwd(
     seed=0,
     window=None,
     fp32_precision="ieee",
+    softcap=0.0,
     deterministic=True,
 ):
     """Double backward: gradients of ``<gdq, dq> + <gdk, dk> + <gdv, dv>``, where ``(dq, dk, dv)`` is
@@ -890,7 +903,7 @@ def attention_dbwd(
     psi = torch.empty_like(beta)
     (qk_scale, sm_scale, rescale), params, fp64 = _scalars(q, scale, dropout_p)
     cu_q, cu_k, kpm = geo.pointers(q)
-    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64)
+    consts = _consts(geo, q, causal, window, dropout_p, fp32_precision, fp64, softcap)
     args = (
         q,
         k,
@@ -1011,6 +1024,7 @@ def _variants(kind, sig, dropout=False):
 
 
 def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
+    flags = {"SOFTCAP": 0.0, **flags}
     t = "*" + _DTYPE_SIG[dtype]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     i32, f32 = "i32", "fp32"
@@ -1110,6 +1124,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     name = (
         f"attn_{kind}_{_DTYPE_SIG[dtype]}{'_ieee' if precision == 'ieee' and dtype == torch.float32 else ''}"
         f"_d{block_d}_m{bm}n{bn}w{warps}s{stages}{'_dropout' if flags['HAS_DROPOUT'] else ''}"
+        f"{'_softcap' if flags['SOFTCAP'] else ''}"
     )
     return CompileSpec(
         name=name,

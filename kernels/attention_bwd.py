@@ -6,6 +6,8 @@ With ``P_ij = exp(s_ij - lse_i)`` (0 where not visible), keep mask ``z`` and ``r
     dV_j   = sum_i P_ij z_ij r dO_i                     (attn_bwd_dkdv_kernel)
     dP_ij  = z_ij r (dO_i . v_j)
     dS_ij  = P_ij (dP_ij - delta_i)
+    (with SOFTCAP = c > 0: s_ij = c tanh(scale q_i.k_j / c), and dS_ij is multiplied by 1 - (s_ij / c)^2
+    before the two products below)
     dK_j   = scale sum_i dS_ij q_i                      (attn_bwd_dkdv_kernel)
     dQ_i   = scale sum_j dS_ij k_j                      (ATOMIC_DQ: attn_bwd_dkdv_kernel; else attn_bwd_dq_kernel)
 
@@ -30,6 +32,8 @@ import triton.language as tl
 
 from .attention_common import (
     aligned_ranges,
+    cap_scores,
+    cap_slope,
     head_base,
     keep_mask,
     key_keep,
@@ -159,6 +163,7 @@ def attn_bwd_dkdv_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
 ):
     """dK_j = scale sum_{h in group, i} dS_ij q_i and dV_j = sum_{h in group, i} P_ij z_ij r dO_i; with
@@ -204,6 +209,7 @@ def attn_bwd_dkdv_kernel(
             Lse, Delta, b, h, q_start, m0, q_len, stride_lb, stride_lh, log2e, BLOCK_M
         )
         sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        sT = cap_scores(sT, SOFTCAP)
         pT = tl.math.exp2(sT - lse2[None, :])
         valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
         if HAS_KPM:
@@ -217,7 +223,10 @@ def attn_bwd_dkdv_kernel(
         else:
             pdT = pT
         dv += tl.dot(pdT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        if SOFTCAP > 0:  # the scores' gradient, carried back through the cap to q.k
+            dsT = (pT * (dpT - delta[None, :]) * cap_slope(sT, SOFTCAP)).to(q.dtype)
+        else:
+            dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk += tl.dot(dsT, q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if ATOMIC_DQ:
             # this key block's share of dQ for the block's query rows, scaled here (the buffer may be dq itself)
@@ -287,12 +296,14 @@ def _dq_inner(
     HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, True)
         vT = load_rows(V_base, start_n, k_len, stride_vt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, True)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        s = cap_scores(s, SOFTCAP)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
@@ -307,6 +318,8 @@ def _dq_inner(
             keep = keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p)
             dp = tl.where(keep, dp * rescale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP > 0:
+            ds = ds * cap_slope(s, SOFTCAP)
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return dq
 
@@ -364,6 +377,7 @@ def attn_bwd_dq_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """dQ_i = scale sum_j P_ij (z_ij r dO_i.v_j - delta_i) k_j. Grid: (query blocks, query heads, seqs)."""
     pid_m = tl.program_id(0)
@@ -421,6 +435,7 @@ def attn_bwd_dq_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
     dq = _dq_inner(
         dq,
@@ -453,6 +468,7 @@ def attn_bwd_dq_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
     dq = _dq_inner(
         dq,
@@ -485,6 +501,7 @@ def attn_bwd_dq_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
     dq = dq * sm_scale
     store_rows(

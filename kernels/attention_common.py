@@ -11,6 +11,10 @@ Notation used by every attention kernel (one program works on one sequence ``b``
   (``tl.rand``), where ``seed_lo`` is the low 32 bits of the int64 the kernels load from ``Seed`` (a device
   tensor, so a new seed neither recompiles a kernel nor stays frozen in a captured CUDA graph): a pure
   function of the seed value and the indices, so forward and backward regenerate the same mask;
+* soft-capping (``SOFTCAP`` constexpr, 0 = off, so the default specialisation has none of its code): the
+  natural score ``r = scale q.k`` becomes ``s = c tanh(r / c)`` before any mask (``cap_scores``), and every
+  gradient with respect to ``s`` is multiplied by ``ds/dr = 1 - (s/c)^2`` (``cap_slope``) on its way to
+  q and k;
 * addresses: every product of a token or head index with a stride is formed in 64 bits: the scalar bases
   (``head_base``, ``stat_offset``) and the row offsets of each tile (``load_rows``/``store_rows``). A
   fused-QKV token stride times 131k tokens already passes 2^31.
@@ -150,6 +154,26 @@ def load_lse2(Lse, rows, rows_ok, log2e):
     (lse = -inf, output 0) read +inf, so their recomputed P = exp2(s - lse2) is exactly 0 (no NaN)."""
     lse = tl.load(Lse + rows, mask=rows_ok, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * log2e)
+
+
+@triton.jit
+def cap_scores(s2, SOFTCAP: tl.constexpr):
+    """Soft-capped base-2 scores: with ``c2 = SOFTCAP log2 e``, ``c2 tanh(s2 / c2)`` is ``log2 e`` times
+    ``c tanh(r / c)`` of the natural score ``r = s2 / log2 e`` (Gemma 2's cap). ``SOFTCAP == 0``: ``s2``.
+
+    tanh(x) = 1 - 2 / (exp(2x) + 1): exp2 overflows to inf for large x (t -> 1) and underflows to 0 for very
+    negative x (t -> -1), never NaN; the absolute error near 0 is one rounding of 1, small beside c."""
+    if SOFTCAP > 0:
+        e = tl.math.exp2(s2 * (2.0 / SOFTCAP))  # exp(2 r / c) = 2^(2 r log2 e / c) = 2^(2 s2 / c)
+        s2 = (SOFTCAP * 1.4426950408889634) * (1.0 - 2.0 / (e + 1.0))
+    return s2
+
+
+@triton.jit
+def cap_slope(s2, SOFTCAP: tl.constexpr):
+    """d s / d r = 1 - tanh^2(r / c) from the capped base-2 score ``s2`` (``cap_scores``); SOFTCAP > 0 only."""
+    t = s2 * (1.0 / (SOFTCAP * 1.4426950408889634))
+    return 1.0 - t * t
 
 
 @triton.jit

@@ -19,6 +19,18 @@ dO, dlse``, the dependence through ``O`` and ``lse`` included. Per pair ``(i, j)
     grad dO_i  = sum_j (W_ij v_j + z_ij r P_ij gV_j)
     grad dlse_i = beta_i
 
+Soft-capping (``SOFTCAP = c > 0``; natural score ``r = scale q.k``, capped ``s = c t`` with ``t = tanh(r /
+c)``, slope ``s' = 1 - t^2``, curvature ``s'' = -2 t s' / c``): the backward's ``dS`` is multiplied by ``s'``
+on its way to q and k, so the objective is the sum above with ``B`` replaced by ``B~ = s' B`` (both taken
+in the capped scores' units). Every formula above holds with ``B~`` for ``B`` (beta, psi, G, W, grad v,
+grad dO, grad dlse), and the q/k gradients pick up the cap's chain rule twice: G reaches ``r`` as ``G s'``,
+and ``B~``'s own dependence on ``r`` adds ``dS B s'' = -(2 t / c) dS B~``::
+
+    grad q_i = scale sum_j (dS_ij s'_ij gK_j + (G_ij s'_ij - (2 t_ij / c) dS_ij B~_ij) k_j)
+    grad k_j = scale sum_i (dS_ij s'_ij gQ_i + (G_ij s'_ij - (2 t_ij / c) dS_ij B~_ij) q_i)
+
+(``2 t / c = 2 s2 / (c^2 log2 e)`` from the base-2 capped score ``s2``.)
+
 Derivation: ``<gQ,dQ> + <gK,dK> + <gV,dV> = sum_ij P_ij f_ij`` with ``f_ij = (dP_ij - delta_i) B_ij + C_ij``.
 Differentiating ``P`` through the softmax gives ``P_ij (f_ij - phi_i)`` on the scores; ``delta_i`` enters
 with ``-beta_i``, which puts the cotangent ``-beta_i dO_i`` on ``O_i``; that flows back through the forward
@@ -67,6 +79,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
+    cap_scores,
+    cap_slope,
     head_base,
     keep_mask,
     key_keep,
@@ -163,6 +177,7 @@ def attn_dbwd_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     ROLE: tl.constexpr,
 ):
     """One program of the module's ROLE (formulas in the module docstring):
@@ -233,6 +248,7 @@ def attn_dbwd_kernel(
             gk = load_rows(gK_base, start_n, k_len, stride_gkt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
             gv = load_rows(gV_base, start_n, k_len, stride_gvt, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+            s = cap_scores(s, SOFTCAP)
             p = tl.math.exp2(s - lse2[:, None])
             valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
             if HAS_KPM:
@@ -245,6 +261,9 @@ def attn_dbwd_kernel(
                 tl.dot(gq, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 + tl.dot(q, tl.trans(gk), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             ) * sm_scale
+            if SOFTCAP > 0:  # B in the capped scores' units: every formula below then holds as written
+                slope = cap_slope(s, SOFTCAP)
+                bb = bb * slope
             if HAS_DROPOUT:  # z r; without dropout rescale is 1
                 zr = tl.where(keep_mask(key, offs_m[:, None], offs_n[None, :], k_len, dropout_p), rescale, 0.0)
             if ROLE == 0:
@@ -269,6 +288,9 @@ def attn_dbwd_kernel(
                 dpd = dp - delta[:, None]
                 ds = p * dpd
                 g = p * (dpd * (bb - beta[:, None]) + cc - psi[:, None])
+                if SOFTCAP > 0:  # through the cap: G s' plus the curvature term dS B s''
+                    g = g * slope - ds * bb * (s * (2.0 / (SOFTCAP * SOFTCAP * 1.4426950408889634)))
+                    ds = ds * slope
                 acc += tl.dot(ds.to(gk.dtype), gk, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 acc += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if ROLE == 0:
@@ -321,6 +343,7 @@ def attn_dbwd_kernel(
             beta = tl.load(Beta + stat, mask=m_ok, other=0.0)
             psi = tl.load(Psi + stat, mask=m_ok, other=0.0)
             sT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+            sT = cap_scores(sT, SOFTCAP)
             pT = tl.math.exp2(sT - lse2[None, :])
             valid = score_mask(offs_m[None, :], offs_n[:, None], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
             if HAS_KPM:
@@ -332,6 +355,9 @@ def attn_dbwd_kernel(
                 tl.dot(k, tl.trans(gq), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 + tl.dot(gk, tl.trans(q), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             ) * sm_scale
+            if SOFTCAP > 0:
+                slopeT = cap_slope(sT, SOFTCAP)
+                bbT = bbT * slopeT
             if HAS_DROPOUT:
                 keep = keep_mask(rng_key(seed, b, h, num_heads), offs_m[None, :], offs_n[:, None], k_len, dropout_p)
                 zrT = tl.where(keep, rescale, 0.0)
@@ -341,10 +367,15 @@ def attn_dbwd_kernel(
             else:  # rescale is 1 without dropout
                 pdT = pT
             dpdT = dpT - delta[None, :]
+            if SOFTCAP > 0:  # dS B s'' (B already times s'), taken before B is centred
+                curvT = pT * dpdT * bbT * (sT * (2.0 / (SOFTCAP * SOFTCAP * 1.4426950408889634)))
             bbT = bbT - beta[None, :]
             dsT = pT * dpdT
             gT = pT * (dpdT * bbT + ccT - psi[None, :])
             wT = pdT * bbT
+            if SOFTCAP > 0:
+                gT = gT * slopeT - curvT
+                dsT = dsT * slopeT
             acc_k += tl.dot(dsT.to(gq.dtype), gq, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             acc_k += tl.dot(gT.to(q.dtype), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             acc_v += tl.dot(wT.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)

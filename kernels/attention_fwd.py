@@ -3,6 +3,7 @@
 For one sequence, head ``h`` (KV head ``h // group``) and a block of queries::
 
     s_ij = scale * q_i . k_j                    for visible (i, j), -inf otherwise
+                                                (c tanh(scale q_i . k_j / c) with SOFTCAP = c > 0)
     lse_i = log sum_j exp(s_ij)                 (-inf for a row with no visible key)
     o_i  = sum_j exp(s_ij - lse_i) * z_ij / (1 - p) * v_j      (0 for a row with no visible key)
 
@@ -15,6 +16,7 @@ import triton.language as tl
 
 from .attention_common import (
     aligned_ranges,
+    cap_scores,
     head_base,
     keep_mask,
     key_keep,
@@ -61,12 +63,14 @@ def _fwd_inner(
     HAS_DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # unmasked blocks (MASKED False): every key exists and every pair is visible
         kT = load_rows(K_base, start_n, k_len, stride_kt, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, True)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        s = cap_scores(s, SOFTCAP)  # before the mask, whose -inf it must not see
         if MASKED:
             valid = score_mask(offs_m[:, None], offs_n[None, :], k_len, diag, window, IS_CAUSAL, HAS_WINDOW)
             if HAS_KPM:
@@ -138,6 +142,7 @@ def attn_fwd_kernel(
     PARAMS_FP64: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Out[i] = softmax_j(scale q_i.k_j | visible) (dropout-masked, / (1-p)) @ V, Lse[i] = logsumexp_j.
 
@@ -199,6 +204,7 @@ def attn_fwd_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
     acc, m_i, l_i = _fwd_inner(
         acc,
@@ -230,6 +236,7 @@ def attn_fwd_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
     acc, m_i, l_i = _fwd_inner(
         acc,
@@ -261,6 +268,7 @@ def attn_fwd_kernel(
         HAS_DROPOUT,
         ACC_DTYPE,
         INPUT_PRECISION,
+        SOFTCAP,
     )
 
     has_key = l_i > 0.0

@@ -99,7 +99,8 @@ def packed_attention_without_host_reads(monkeypatch) -> None:
         if cu_seqlens_q is None:
             return per_document(q, k, v, **kw)
         args = (kw["key_padding_mask"], kw["causal"], kw["scale"], kw["dropout_p"], kw["window"])
-        return attention_ops._reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, *args)
+        extra = (kw.get("softcap"), kw.get("sinks"))
+        return attention_ops._reference_packed_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, *extra)
 
     monkeypatch.setattr(attention_ops, "attention_reference", dense)
 

@@ -390,7 +390,7 @@ def test_errors(case, exc, match):
     elif case == "heads":
         k, v = torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3, 16)
     elif case == "headdim":
-        v = torch.randn(2, 5, 2, 8)
+        k = torch.randn(2, 5, 2, 8)
     elif case == "rank":
         q = q[0]
     elif case.startswith("cu"):

@@ -10,6 +10,24 @@ For a sequence with ``Lq`` queries and ``Lk`` keys (``diag = Lk - Lq``), query h
     lse_i = log sum_{j visible} exp(s_ij)           (-inf when no key is visible)
     out_i = sum_{j visible} exp(s_ij - lse_i) * z_ij / (1 - p) * v_j     (0 when no key is visible)
 
+Soft-capping and sink logits (both optional, both with every other option, on both backends, to second
+order)::
+
+    r_ij  = scale * q_i . k_j,   s_ij = c * tanh(r_ij / c)            (softcap = c > 0; s = r when off)
+    lse_i = log(sum_{j visible} exp(s_ij) + exp(sinks[h]))            (with sinks: finite for every row)
+    out_i = sum_{j visible} exp(s_ij - lse_i) * z_ij / (1 - p) * v_j  (a row with no visible key: lse = sink, 0)
+
+The cap comes after the scaling and before any mask (masked pairs are -inf after capping), as Gemma 2's
+eager attention orders them; the sink column has no value and the dropout mask applies to the visible
+probabilities only, as GPT-OSS's eager attention does (it subtracts a row maximum that includes the sink
+first, which changes nothing mathematically). Gradients: ``dL/ds_ij`` reaches ``r_ij`` times
+``1 - tanh^2(r_ij / c) = 1 - (s_ij / c)^2``, and ``d sinks[h] = -sum_i exp(sinks[h] - lse_i) delta_i`` over
+the rows of head h, with ``delta_i = dout_i . out_i - dlse_i``. On the Triton backend the cap is a kernel
+constexpr (``SOFTCAP``; 0 compiles today's code) and the sink is composed on the kernels' sink-free
+outputs in torch (``_add_sinks``), so autograd gets its first and second order from the kernels'
+backward and double backward. The value head dim may differ from the query/key one (MLA) on the torch
+backend only; the Triton backend refuses it with a ValueError.
+
 ``z`` is the dropout keep mask (keep with probability 1 - p), a pure function of the seed's value and the
 indices on the Triton backend, so the backward regenerates it. With more keys than queries the last query
 sees all keys: queries attend to a cached prefix (memory) plus themselves, as in GradMem's READ.
@@ -61,6 +79,8 @@ def _check_args(
     dropout_p: float,
     window: int | None,
     fp32_precision: str | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -141,10 +161,27 @@ def _check_args(
         raise ValueError(f"prefix_attention: k has {k.shape[-2]} heads but v has {v.shape[-2]}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"prefix_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"prefix_attention: q, k, v head dims must match, got {d}, {k.shape[-1]}, {v.shape[-1]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"prefix_attention: q and k head dims must match, got {d} and {k.shape[-1]}")
     if not 1 <= d <= _MAX_HEAD_DIM:
         raise ValueError(f"prefix_attention: head_dim must be in [1, {_MAX_HEAD_DIM}], got {d}")
+    if not 1 <= v.shape[-1] <= _MAX_HEAD_DIM:
+        raise ValueError(f"prefix_attention: v's head_dim must be in [1, {_MAX_HEAD_DIM}], got {v.shape[-1]}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0
+    ):
+        raise ValueError(f"prefix_attention: softcap must be None, 0 (off) or a finite float > 0, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"prefix_attention: sinks must be a tensor [Hq] or None, got {type(sinks).__name__}")
+        if sinks.dim() != 1 or sinks.shape[0] != hq:
+            raise ValueError(
+                f"prefix_attention: sinks must be [Hq] = ({hq},), one logit per query head, got {tuple(sinks.shape)}"
+            )
+        if sinks.dtype not in _DTYPES:
+            raise TypeError(f"prefix_attention: sinks has dtype {sinks.dtype}; expected a floating dtype")
+        if sinks.device != q.device:
+            raise ValueError(f"prefix_attention: sinks is on {sinks.device}, q on {q.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"prefix_attention: causal must be a bool, got {type(causal).__name__}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -285,6 +322,7 @@ def attention_fwd_op(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the module docstring's formula; ``window = 0`` means none, ``max_seqlen < 0`` derive."""
     from gradmem_fast.kernels import attention as kernels
@@ -304,6 +342,7 @@ def attention_fwd_op(
         seed=seed,
         window=window or None,
         fp32_precision=fp32_precision,
+        softcap=softcap,
     )
 
 
@@ -323,6 +362,7 @@ def _attention_fwd_fake(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_acc_dtype(q.dtype))
@@ -349,6 +389,7 @@ def attention_bwd_op(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``<dout, out> + <dlse, lse>``.
 
@@ -380,6 +421,7 @@ def attention_bwd_op(
         seed=seed,
         window=window or None,
         fp32_precision=fp32_precision,
+        softcap=softcap,
         delta=delta,
         deterministic=deterministic_kernels(),
     )
@@ -405,6 +447,7 @@ def _attention_bwd_fake(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -432,6 +475,7 @@ def attention_dbwd_op(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Double backward: the gradients of ``<grad_dq, dq> + <grad_dk, dk> + <grad_dv, dv>``, where
     ``(dq, dk, dv) = attention_bwd(dout, q, k, v, out, lse, dlse)``, with respect to
@@ -480,6 +524,7 @@ def attention_dbwd_op(
         seed=seed,
         window=window or None,
         fp32_precision=fp32_precision,
+        softcap=softcap,
         deterministic=deterministic_kernels(),
     )
 
@@ -507,6 +552,7 @@ def _attention_dbwd_fake(
     seed: Tensor | None,
     window: int,
     fp32_precision: str,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (
         q.new_empty(q.shape),
@@ -536,8 +582,9 @@ _BWD_ARGS = (
     "seed",
     "window",
     "fp32_precision",
+    "softcap",
 )
-_OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "window", "fp32_precision")
+_OPTIONS = ("max_seqlen_q", "max_seqlen_k", "causal", "scale", "dropout_p", "window", "fp32_precision", "softcap")
 
 
 def _bwd_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -602,6 +649,7 @@ def _bwd_backward(
         seed,
         o["window"],
         o["fp32_precision"],
+        o["softcap"],
     )
     return (gdout, gq, gk, gv, None, None, gdlse if ctx.has_dlse else None) + (None,) * (len(_BWD_ARGS) - 7)
 
@@ -624,6 +672,7 @@ _FWD_ARGS = (
     "seed",
     "window",
     "fp32_precision",
+    "softcap",
 )
 
 
@@ -668,8 +717,9 @@ def _fwd_backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[T
         seed,
         ctx.options["window"],
         ctx.options["fp32_precision"],
+        ctx.options["softcap"],
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS) - 3)
 
 
 attention_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -701,27 +751,39 @@ def _reference_padded(
     seed: int,
     window: int | None,
     visible: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, lq, hq, d = q.shape
-    lk, hkv = k.shape[1], k.shape[2]
+    lk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     compute = _acc_dtype(q.dtype)
     qg = q.to(compute).reshape(batch, lq, hkv, group, d)
     s = torch.einsum("bihgd,bjhd->bhgij", qg, k.to(compute)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)  # capped before any mask, as Gemma 2's eager attention does
     vis = _visible(lq, lk, causal, window, q.device)[None, None, None] if visible is None else visible
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.bool()[:, None, None, None, :]
-    row_has = vis.any(-1, keepdim=True)
-    # Rows with no visible key keep their raw scores so logsumexp stays finite (no NaN in the gradient);
-    # their probabilities are then zeroed by the mask.
-    s = s.masked_fill(~(vis | ~row_has), float("-inf"))
-    lse = torch.logsumexp(s, -1, keepdim=True)
+    if sinks is not None:
+        # The sink column is one more finite logit per row: logsumexp is finite for every row, so the
+        # masked scores can be -inf outright (a row with no visible key gets lse = sink, out = 0).
+        s = s.masked_fill(~vis, float("-inf"))
+        sink = sinks.to(compute).reshape(1, hkv, group, 1, 1).expand(*s.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([s, sink], -1), -1, keepdim=True)
+        row_has = torch.ones_like(vis[..., :1])
+    else:
+        row_has = vis.any(-1, keepdim=True)
+        # Rows with no visible key keep their raw scores so logsumexp stays finite (no NaN in the gradient);
+        # their probabilities are then zeroed by the mask.
+        s = s.masked_fill(~(vis | ~row_has), float("-inf"))
+        lse = torch.logsumexp(s, -1, keepdim=True)
     p = torch.exp(s - lse) * vis
     if dropout_p > 0:
         gen = torch.Generator(device=q.device).manual_seed(int(seed))
         keep = torch.rand(p.shape, generator=gen, device=q.device) >= dropout_p
         p = p * keep / (1.0 - dropout_p)
-    out = torch.einsum("bhgij,bjhd->bihgd", p, v.to(compute)).reshape(batch, lq, hq, d)
+    out = torch.einsum("bhgij,bjhd->bihgd", p, v.to(compute)).reshape(batch, lq, hq, dv)
     lse = lse.squeeze(-1).masked_fill(~row_has.squeeze(-1), float("-inf")).reshape(batch, hq, lq)
     return out.to(q.dtype), lse
 
@@ -737,6 +799,8 @@ def _reference_packed_dense(
     scale: float,
     dropout_p: float,
     window: int | None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The packed layout without host reads (for tracing): query i of document b sees key j when j is in
     document b and ``visible(i - cu_q[b], j - cu_k[b])`` holds with ``diag = Lk_b - Lq_b``. O(Tq * Tk)
@@ -761,7 +825,18 @@ def _reference_packed_dense(
     if key_padding_mask is not None:
         vis = vis & key_padding_mask.bool()[None, :]
     out, lse = _reference_padded(
-        q[None], k[None], v[None], None, False, scale, 0.0, 0, None, visible=vis[None, None, None]
+        q[None],
+        k[None],
+        v[None],
+        None,
+        False,
+        scale,
+        0.0,
+        0,
+        None,
+        visible=vis[None, None, None],
+        softcap=softcap,
+        sinks=sinks,
     )
     return out[0], lse[0]
 
@@ -779,8 +854,13 @@ def attention_reference(
     dropout_p: float = 0.0,
     seed: int | Tensor | None = 0,
     window: int | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The torch backend: (out, lse) by the module docstring's formula, computed densely per sequence.
+
+    Plain differentiable torch (any order of derivative, sinks included); the value head dim may differ
+    from the query/key head dim here.
 
     Dropout draws its keep mask from ``torch.rand`` with a generator seeded by the low 32 bits of ``seed``
     (deterministic, but not the Triton kernels' Philox stream). A tensor ``seed`` is read back to the host
@@ -796,13 +876,15 @@ def attention_reference(
         seed = int(seed.reshape(-1)[0]) & 0xFFFFFFFF if dropout_p > 0 else 0
     seed = 0 if seed is None else seed
     if cu_seqlens_q is None:
-        return _reference_padded(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window)
+        return _reference_padded(
+            q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap=softcap, sinks=sinks
+        )
     assert cu_seqlens_k is not None, "attention_reference: cu_seqlens_q and cu_seqlens_k come together"
     if torch.compiler.is_compiling():
         # The per-document loop below reads the offsets on the host (a graph break); traced, the packed
         # layout is one dense [Tq, Tk] problem whose mask keeps each query inside its own document.
         return _reference_packed_dense(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale, dropout_p, window
+            q, k, v, cu_seqlens_q, cu_seqlens_k, key_padding_mask, causal, scale, dropout_p, window, softcap, sinks
         )
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
@@ -818,10 +900,12 @@ def attention_reference(
             dropout_p,
             seed + b,
             window,
+            softcap=softcap,
+            sinks=sinks,
         )
         outs.append(o[0])
         lses.append(lse[0])
-    out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:]))
+    out = torch.cat(outs, 0) if outs else q.new_zeros((0,) + tuple(q.shape[1:-1]) + (v.shape[-1],))
     lse = torch.cat(lses, 1) if lses else q.new_zeros((q.shape[1], 0), dtype=_acc_dtype(q.dtype))
     return out, lse
 
@@ -859,6 +943,8 @@ def prefix_attention(
     return_lse: Literal[False] = ...,
     fp32_precision: str | None = ...,
     backend: str = ...,
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
 ) -> Tensor: ...
 
 
@@ -881,6 +967,8 @@ def prefix_attention(
     return_lse: Literal[True],
     fp32_precision: str | None = ...,
     backend: str = ...,
+    softcap: float | None = ...,
+    sinks: Tensor | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -902,6 +990,8 @@ def prefix_attention(
     return_lse: bool = False,
     fp32_precision: str | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention of packed or padded sequences (formula in the module docstring).
 
@@ -921,9 +1011,16 @@ def prefix_attention(
     (tensor cores, ~1e-3 relative per dot); None follows ``torch.backends.cuda.matmul`` (``fp32_precision``
     / ``allow_tf32``), i.e. IEEE unless TF32 was enabled, as for eager matmuls.
 
-    Returns ``out`` shaped like ``q`` (q's dtype), or ``(out, lse)`` with ``return_lse``: the natural
-    log-sum-exp per query, ``[Hq, Tq]`` packed or ``[B, Hq, Sq]`` padded (fp32; fp64 for fp64 inputs),
-    -inf for a query that sees no key (its output is 0). Differentiable in q, k, v (and through ``lse``).
+    ``softcap`` (None or 0: off; else a finite float > 0): scores become ``softcap * tanh(s / softcap)``
+    before any mask (Gemma 2). ``sinks`` (``[Hq]``, one logit per query head, may require grad; GPT-OSS's
+    ``s_aux``): an extra softmax column per row with that logit and no value. Formulas in the module
+    docstring; both work with every other option, on both backends, to second order.
+
+    Returns ``out`` shaped like ``q`` (q's dtype; with v's head dim, which may differ from q's on the torch
+    backend only), or ``(out, lse)`` with ``return_lse``: the natural log-sum-exp per query (the sink term
+    included), ``[Hq, Tq]`` packed or ``[B, Hq, Sq]`` padded (fp32; fp64 for fp64 inputs), -inf for a
+    query that sees no key and has no sink (its output is 0). Differentiable in q, k, v and sinks (and
+    through ``lse``).
     """
     _check_args(
         q,
@@ -939,7 +1036,10 @@ def prefix_attention(
         dropout_p,
         window,
         fp32_precision,
+        softcap,
+        sinks,
     )
+    softcap = float(softcap) if softcap else 0.0
     dropout_p = float(dropout_p)
     seed = _call_seed(seed, dropout_p, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -959,8 +1059,15 @@ def prefix_attention(
             dropout_p=dropout_p,
             seed=seed,
             window=window,
+            softcap=softcap or None,
+            sinks=sinks,
         )
     else:
+        if v.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"prefix_attention: the Triton backend needs one head dim for q, k and v; got q/k "
+                f"{q.shape[-1]} and v {v.shape[-1]} (MLA-style value head dims run on backend='torch')"
+            )
         if q.dtype == torch.float64 and q.device.type == "cuda":
             raise TypeError(
                 "prefix_attention: float64 runs on the Triton backend only under the interpreter "
@@ -981,5 +1088,27 @@ def prefix_attention(
             seed,
             int(window or 0),
             fp32_precision,
+            softcap,
         )
+        if sinks is not None:
+            out, lse = _add_sinks(out, lse, sinks, cu_seqlens_q is not None)
     return (out, lse) if return_lse else out
+
+
+def _add_sinks(out: Tensor, lse: Tensor, sinks: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+    """The sink column on top of sink-free attention, ``(out * exp(lse - lse'), lse')`` with
+    ``lse' = logaddexp(lse, sink_h)``: the sink adds exp(sink_h) to each row's normaliser and nothing to
+    its numerator, so the sink-free output only shrinks by ``exp(lse - lse')`` (0 for a row with no
+    visible key, whose lse is -inf). Plain torch on the kernels' outputs: autograd derives every order from
+    the kernels' own backward and double backward (the sink's gradients, ``d sink_h = -sum_i exp(sink_h -
+    lse'_i) delta_i``, included), for two elementwise passes over ``out``."""
+    sink = sinks.to(lse.dtype)
+    sink = sink[:, None] if packed else sink[None, :, None]  # lse is [Hq, Tq] or [B, Hq, Sq]
+    sink = sink.expand_as(lse)
+    # logaddexp by hand around a detached shift (the result does not depend on it): torch.logaddexp's own
+    # double backward is NaN where lse = -inf, exp(lse - shift) is 0 there to every order
+    shift = torch.maximum(lse, sink).detach()
+    new_lse = shift + torch.log(torch.exp(lse - shift) + torch.exp(sink - shift))
+    shrink = torch.exp(lse - new_lse)
+    shrink = shrink.transpose(0, 1) if packed else shrink.transpose(1, 2)  # -> token-major, like out
+    return (out.to(lse.dtype) * shrink[..., None]).to(out.dtype), new_lse
