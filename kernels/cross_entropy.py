@@ -12,6 +12,16 @@ Per row i with target t_i, per-token scale g_i (``valid_i = t_i != ignore_index`
     G_iv   = valid_i * g_i * (exp(z_iv - lse_i) - [v == t_i])        (= d(g_i loss_i)/d z_iv)
     dH_i   = sum_v G_iv W_v          dW_v += sum_i G_iv h_i          db_v += sum_i G_iv
 
+Soft-capping (``softcap=c``, the ``SOFTCAP`` constexpr; Gemma 2's ``final_logit_softcapping``): the kernels
+read the chunk's logits y and use ``z = c tanh(y / c)`` in every formula above; G is the gradient with respect
+to y, so it carries the tanh derivative:
+
+    G_iv   = valid_i * g_i * (exp(z_iv - lse_i) - [v == t_i]) * (1 - (z_iv / c)^2)
+
+A logit scale is not the kernels' business: the op folds it into the GEMM that writes the chunk (its alpha)
+and into the per-token g_i of the backward. ``c`` arrives as two fp32 scalars (``softcap`` + ``softcap_lo``,
+the rounding remainder), since a Python float reaches a kernel as fp32 and fp64 math needs c to 1e-15.
+
 Kernels:
   ``ce_forward_kernel``  lse and loss (pass 2 over Z; optionally also G written over Z in place).
   ``ce_grad_kernel``     G written over Z in place from a saved lse (kept for callers that want G itself).
@@ -38,6 +48,8 @@ not check them because checking would need a host synchronisation).
 """
 
 import contextlib
+import math
+import struct
 
 import torch
 import triton
@@ -76,15 +88,36 @@ _MIN_SPLIT_COLS = 4096  # columns per split-K slice of ce_dh_kernel at least (am
 
 
 @triton.jit
-def _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g):
+def _tanh(x):
+    """``tanh(x) = 1 - 2 / (exp(2x) + 1)`` from one exp: an overflow to inf gives exactly 1 and an underflow -1
+    (no NaN at any |x|); near 0 the error is absolute, about one ulp of 1, which is all a logit needs."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _softcap_of(softcap, softcap_lo, acc_ty: tl.constexpr):
+    """(c, 1 / c) in the math dtype from the fp32 pair (value, rounding remainder)."""
+    cap = tl.cast(softcap, acc_ty) + tl.cast(softcap_lo, acc_ty)
+    return cap, 1.0 / cap
+
+
+@triton.jit
+def _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g, cap, inv_cap, SOFTCAP: tl.constexpr):
     """The tile ``G[rows, cols] = g (exp(z - lse) - [col == t])`` from the logits, in lse's dtype; columns at
-    or past ``n_cols`` (the padding up to ``n_load``, and beyond) give 0. ``t`` as ``_row_scale`` returns it."""
+    or past ``n_cols`` (the padding up to ``n_load``, and beyond) give 0. ``t`` as ``_row_scale`` returns it.
+    With SOFTCAP, ``z = cap tanh(y inv_cap)`` of the stored logits y and G carries ``1 - (z / cap)^2``."""
     mask = rows_ok[:, None] & (cols < n_load)[None, :]
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
     # Padding columns are uninitialised memory: replaced before any arithmetic, so even NaN cannot leak.
-    z = tl.where((cols < n_cols)[None, :], z.to(lse.dtype), float("-inf"))
-    p = tl.exp(z - lse[:, None])
+    in_vocab = (cols < n_cols)[None, :]
+    z = tl.where(in_vocab, z.to(lse.dtype), 0.0)
+    if SOFTCAP:
+        th = _tanh(z * inv_cap)
+        z = cap * th
+    p = tl.exp(tl.where(in_vocab, z, float("-inf")) - lse[:, None])
     p = tl.where(cols[None, :] == t[:, None], p - 1.0, p)
+    if SOFTCAP:
+        p = p * (1.0 - th * th)
     return p * g[:, None]
 
 
@@ -103,12 +136,26 @@ def _row_scale(t_ptr, scale_ptr, lse_ptr, rows, rows_ok, n_cols, ignore_index, H
 
 
 @triton.jit
-def _grad_sweep(z_ptr, stride_z, rows, rows_ok, t, lse, g, n_cols, n_load, BLOCK_V: tl.constexpr):
+def _grad_sweep(
+    z_ptr,
+    stride_z,
+    rows,
+    rows_ok,
+    t,
+    lse,
+    g,
+    n_cols,
+    n_load,
+    cap,
+    inv_cap,
+    SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Overwrite the rows of Z with ``G`` in place (the padding columns with 0)."""
     cols0 = tl.arange(0, BLOCK_V)
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + cols0
-        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g)
+        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g, cap, inv_cap, SOFTCAP)
         ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :]
         tl.store(ptrs, p.to(z_ptr.dtype.element_ty), mask=rows_ok[:, None] & (cols < n_load)[None, :])
 
@@ -124,12 +171,16 @@ def ce_forward_kernel(
     n_cols,
     n_load,
     ignore_index,
+    softcap,
+    softcap_lo,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Per row: ``lse_i = logsumexp_v z_iv``, ``loss_i = valid_i (lse_i - z_{i,t_i})``; with WRITE_GRAD
-    also ``z_iv <- valid_i (softmax(z_i)_v - [v == t_i])`` in place (the unit-scale logits gradient).
+    also ``z_iv <- valid_i (softmax(z_i)_v - [v == t_i])`` in place (the unit-scale logits gradient). With
+    SOFTCAP, z is ``c tanh(y / c)`` of the stored logits y (module docstring) and the gradient is G of y.
 
     One program handles BLOCK_M rows; the sweep over V keeps a running max ``m`` and a sum ``s`` rescaled by
     ``exp(m_old - m_new)`` whenever the max grows (online log-sum-exp): one read of the row for the
@@ -146,6 +197,7 @@ def ce_forward_kernel(
     # int64 row offsets: a user-chosen chunk may exceed 2**31 logits.
     row_base = z_ptr + rows.to(tl.int64) * stride_z
     acc_ty = lse_ptr.dtype.element_ty
+    cap, inv_cap = _softcap_of(softcap, softcap_lo, acc_ty)
 
     m = tl.full([BLOCK_M], float("-inf"), acc_ty)
     s = tl.zeros([BLOCK_M], acc_ty)
@@ -155,7 +207,10 @@ def ce_forward_kernel(
         cols = v0 + cols0
         mask = rows_ok[:, None] & (cols < n_load)[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=0.0).to(acc_ty)
-        z = tl.where(mask & (cols < n_cols)[None, :], z, float("-inf"))
+        ok = mask & (cols < n_cols)[None, :]
+        if SOFTCAP:  # padding (possibly NaN) zeroed before the tanh, then dropped
+            z = cap * _tanh(tl.where(ok, z, 0.0) * inv_cap)
+        z = tl.where(ok, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         # Rows past n_rows see only -inf; shifting by 0 instead of -inf keeps them NaN-free.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,7 +223,7 @@ def ce_forward_kernel(
     tl.store(loss_ptr + rows, tl.where(valid, lse - zt, 0.0), mask=rows_ok)
     if WRITE_GRAD:
         g = tl.where(valid, 1.0, 0.0).to(acc_ty)
-        _grad_sweep(z_ptr, stride_z, rows, rows_ok, t, lse, g, n_cols, n_load, BLOCK_V)
+        _grad_sweep(z_ptr, stride_z, rows, rows_ok, t, lse, g, n_cols, n_load, cap, inv_cap, SOFTCAP, BLOCK_V)
 
 
 @triton.jit
@@ -182,16 +237,21 @@ def ce_grad_kernel(
     n_cols,
     n_load,
     ignore_index,
+    softcap,
+    softcap_lo,
+    SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """In place ``z_iv <- valid_i * scale_i * (exp(z_iv - lse_i) - [v == t_i])`` from a saved ``lse``
-    (``scale`` in the dtype of ``lse_ptr``): ``d(sum_i scale_i loss_i)/dz`` for a caller's own matrix products."""
+    (``scale`` in the dtype of ``lse_ptr``): ``d(sum_i scale_i loss_i)/dz`` for a caller's own matrix products
+    (with SOFTCAP, G of the stored logits: module docstring)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_rows
     t, lse, g = _row_scale(t_ptr, scale_ptr, lse_ptr, rows, rows_ok, n_cols, ignore_index, True)
-    _grad_sweep(z_ptr, stride_z, rows, rows_ok, t, lse, g, n_cols, n_load, BLOCK_V)
+    cap, inv_cap = _softcap_of(softcap, softcap_lo, lse_ptr.dtype.element_ty)
+    _grad_sweep(z_ptr, stride_z, rows, rows_ok, t, lse, g, n_cols, n_load, cap, inv_cap, SOFTCAP, BLOCK_V)
 
 
 @triton.jit
@@ -212,7 +272,10 @@ def ce_dh_kernel(
     n_hidden,
     ignore_index,
     cols_per_split,
+    softcap,
+    softcap_lo,
     HAS_SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -237,13 +300,14 @@ def ce_dh_kernel(
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < n_hidden
     acc_ty = lse_ptr.dtype.element_ty
+    cap, inv_cap = _softcap_of(softcap, softcap_lo, acc_ty)
     acc = tl.zeros([BLOCK_M, BLOCK_N], acc_ty)
     k0 = tl.arange(0, BLOCK_K)
     v_lo = pid_s * cols_per_split
     v_hi = tl.minimum(v_lo + cols_per_split, n_cols)
     for v0 in range(v_lo, v_hi, BLOCK_K):
         cols = v0 + k0
-        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g)
+        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g, cap, inv_cap, SOFTCAP)
         w = tl.load(
             w_ptr + cols.to(tl.int64)[:, None] * stride_w + ns[None, :],
             mask=(cols < n_cols)[:, None] & n_ok[None, :],
@@ -271,7 +335,10 @@ def ce_dw_kernel(
     n_load,
     n_hidden,
     ignore_index,
+    softcap,
+    softcap_lo,
     HAS_SCALE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -294,6 +361,7 @@ def ce_dw_kernel(
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = ns < n_hidden
     acc_ty = lse_ptr.dtype.element_ty
+    cap, inv_cap = _softcap_of(softcap, softcap_lo, acc_ty)
     acc = tl.zeros([BLOCK_V, BLOCK_N], acc_ty)
     db = tl.zeros([BLOCK_V], acc_ty)
     r0 = tl.arange(0, BLOCK_C)
@@ -301,7 +369,7 @@ def ce_dw_kernel(
         rows = c0 + r0
         rows_ok = rows < n_rows
         t, lse, g = _row_scale(t_ptr, scale_ptr, lse_ptr, rows, rows_ok, n_cols, ignore_index, HAS_SCALE)
-        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g)
+        p = _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g, cap, inv_cap, SOFTCAP)
         if HAS_DW:
             h = tl.load(
                 h_ptr + rows.to(tl.int64)[:, None] * stride_h + ns[None, :],
@@ -401,12 +469,25 @@ def _check_matrix(name, x, shape, dtypes):
         )
 
 
-def ce_forward(z, targets, lse, loss, ignore_index: int, write_grad: bool, n_load: int | None = None) -> None:
+def _softcap_args(softcap: float | None) -> tuple[float, float, bool]:
+    """(value, fp32 rounding remainder, SOFTCAP) of the kernels' soft-capping arguments; (1, 0, False) when off."""
+    if softcap is None:
+        return 1.0, 0.0, False
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    hi = struct.unpack("f", struct.pack("f", float(softcap)))[0]  # rounded to fp32, as the kernel receives it
+    return hi, float(softcap) - hi, True
+
+
+def ce_forward(
+    z, targets, lse, loss, ignore_index: int, write_grad: bool, n_load: int | None = None, softcap: float | None = None
+) -> None:
     """Launch ``ce_forward_kernel`` on a logits chunk ``z`` [rows, V] (fp16/bf16/fp32/fp64).
 
     Fills ``lse`` and ``loss`` ([rows], fp32 or fp64) and, when ``write_grad``, overwrites ``z`` with the
     unit-scale gradient ``valid * (softmax(z) - onehot)``. ``n_load``: columns of each row that may be read
-    (the padded row length, default V). Every output is a buffer the caller owns.
+    (the padded row length, default V). ``softcap``: c > 0 to use ``c tanh(z / c)`` as the logits (None: off).
+    Every output is a buffer the caller owns.
     """
     n_load = _check_chunk(z, targets, n_load)
     rows, n_cols = z.shape
@@ -426,16 +507,19 @@ def ce_forward(z, targets, lse, loss, ignore_index: int, write_grad: bool, n_loa
         n_cols,
         n_load,
         ignore_index,
+        *_softcap_args(softcap)[:2],
         WRITE_GRAD=write_grad,
+        SOFTCAP=softcap is not None,
         BLOCK_M=block_m,
         BLOCK_V=block_v,
         num_warps=warps,
     )
 
 
-def ce_grad(z, targets, lse, scale, ignore_index: int, n_load: int | None = None) -> None:
+def ce_grad(z, targets, lse, scale, ignore_index: int, n_load: int | None = None, softcap: float | None = None) -> None:
     """Launch ``ce_grad_kernel``: overwrite ``z`` [rows, V] with ``scale_i * valid_i * (softmax - onehot)``
-    using the saved ``lse`` [rows] and the per-token ``scale`` [rows] (both in the math dtype)."""
+    using the saved ``lse`` [rows] and the per-token ``scale`` [rows] (both in the math dtype); ``softcap``
+    as in ``ce_forward`` (G then carries the tanh derivative)."""
     n_load = _check_chunk(z, targets, n_load)
     rows, n_cols = z.shape
     if rows == 0:
@@ -454,6 +538,8 @@ def ce_grad(z, targets, lse, scale, ignore_index: int, n_load: int | None = None
         n_cols,
         n_load,
         ignore_index,
+        *_softcap_args(softcap)[:2],
+        SOFTCAP=softcap is not None,
         BLOCK_M=block_m,
         BLOCK_V=block_v,
         num_warps=warps,
@@ -490,6 +576,7 @@ def ce_dh(
     n_load: int | None = None,
     tf32: bool = False,
     split: int | None = None,
+    softcap: float | None = None,
 ) -> None:
     """``out[i] = sum_v G_iv weight[v]`` (dH of the chunk) without writing ``G``: launch ``ce_dh_kernel``.
 
@@ -498,6 +585,7 @@ def ce_dh(
     [rows, d] row-major (any float dtype; written, never read). ``tf32`` lets fp32 products use TF32 (as
     ``torch.backends.cuda.matmul.allow_tf32`` does for cuBLAS). ``split`` slices of the vocabulary (default
     ``pick_split``); more than one sums fp32 partial products in a workspace (one extra small reduction).
+    ``softcap`` as in ``ce_forward``.
     """
     n_load = _check_chunk(z, targets, n_load)
     rows, n_cols = z.shape
@@ -531,7 +619,9 @@ def ce_dh(
         d,
         ignore_index,
         per,
+        *_softcap_args(softcap)[:2],
         HAS_SCALE=scale is not None,
+        SOFTCAP=softcap is not None,
         PRECISION="tf32" if tf32 and z.dtype == torch.float32 else "ieee",
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -557,11 +647,12 @@ def ce_dw(
     ignore_index: int,
     n_load: int | None = None,
     tf32: bool = False,
+    softcap: float | None = None,
 ) -> None:
     """``dw[v] += sum_i G_iv hidden[i]`` and ``db[v] += sum_i G_iv`` without writing ``G``: ``ce_dw_kernel``.
 
     ``hidden`` [rows, d] (z's dtype), ``dw`` [V, d] and ``db`` [V] accumulators in the math dtype (lse's),
-    either may be None; ``scale`` as in ``ce_dh``.
+    either may be None; ``scale`` and ``softcap`` as in ``ce_dh``.
     """
     n_load = _check_chunk(z, targets, n_load)
     rows, n_cols = z.shape
@@ -594,7 +685,9 @@ def ce_dw(
         n_load,
         d,
         ignore_index,
+        *_softcap_args(softcap)[:2],
         HAS_SCALE=scale is not None,
+        SOFTCAP=softcap is not None,
         HAS_DW=has_dw,
         HAS_DB=db is not None,
         PRECISION="tf32" if tf32 and z.dtype == torch.float32 else "ieee",
@@ -614,6 +707,9 @@ def compile_specs() -> list:
     by 16), ``padded`` (what the op launches for GPT-2's V = 50257: the row stride and ``n_load`` = 50304 are
     divisible, V itself is not; loads still vectorise since their mask uses ``n_load``) and ``unaligned`` (an
     unpadded odd-V chunk from another caller and targets at an odd offset: scalar loads).
+
+    Soft-capping (``SOFTCAP``, Gemma 2's final logits): the statistics kernel's every tile without the in-place
+    gradient (what the op launches), and every matrix-product tile with and without a per-token scale.
 
     Matrix-product kernels: every tile ``pick_dot_blocks`` picks (each BLOCK_N a hidden size can give), per
     operand dtype (fp32 with IEEE and TF32 products), with and without a per-token scale; ``ce_dw_kernel`` also
@@ -640,13 +736,20 @@ def compile_specs() -> list:
             for tdt in ("i64", "i32"):
                 head = dict(row_sig, z_ptr=f"*{zdt}", t_ptr=f"*{tdt}")
                 tail = {"n_rows": "i32", "n_cols": "i32", "n_load": "i32", "ignore_index": "i32"}
-                for write_grad in (False, True):
+                tail |= {"softcap": "fp32", "softcap_lo": "fp32"}
+                for write_grad, softcap in ((False, False), (True, False), (False, True)):
+                    cap = ",softcap" if softcap else ""
                     specs.append(
                         CompileSpec(
-                            name=f"ce_forward[{zdt},{tdt},grad={int(write_grad)},M={block_m},V={block_v}]",
+                            name=f"ce_forward[{zdt},{tdt},grad={int(write_grad)}{cap},M={block_m},V={block_v}]",
                             kernel=ce_forward_kernel,
                             signature={**head, "loss_ptr": "*fp32", **tail},
-                            constexprs={"WRITE_GRAD": write_grad, "BLOCK_M": block_m, "BLOCK_V": block_v},
+                            constexprs={
+                                "WRITE_GRAD": write_grad,
+                                "SOFTCAP": softcap,
+                                "BLOCK_M": block_m,
+                                "BLOCK_V": block_v,
+                            },
                             num_warps=warps,
                             variants=row_variants("loss_ptr"),
                         )
@@ -656,7 +759,7 @@ def compile_specs() -> list:
                         name=f"ce_grad[{zdt},{tdt},M={block_m},V={block_v}]",
                         kernel=ce_grad_kernel,
                         signature={**head, "scale_ptr": "*fp32", **tail},
-                        constexprs={"BLOCK_M": block_m, "BLOCK_V": block_v},
+                        constexprs={"SOFTCAP": False, "BLOCK_M": block_m, "BLOCK_V": block_v},
                         num_warps=warps,
                         variants=row_variants("scale_ptr"),
                     )
@@ -698,29 +801,32 @@ def _dot_specs() -> list:
             widths = sorted({pick_dot_blocks(d, size, interpret=False, kind=kind)[1] for d in hidden_sizes})
             for bn in widths:
                 bm, _, bk, warps, stages = pick_dot_blocks(bn, size, interpret=False, kind=kind)
-                for has_scale in (False, True):
-                    for tdt in ("i64", "i32") if bn == widths[-1] and has_scale else ("i64",):
+                for has_scale, softcap in ((False, False), (True, False), (False, True), (True, True)):
+                    for tdt in ("i64", "i32") if bn == widths[-1] and has_scale and not softcap else ("i64",):
                         head = {"z_ptr": f"*{dt}", "stride_z": "i32", "t_ptr": f"*{tdt}"}
                         head |= {"lse_ptr": f"*{acc}", "scale_ptr": f"*{acc}"}
-                        tiles = f"{dt},{prec},{tdt},scale={int(has_scale)},M={bm},N={bn},K={bk}"
+                        cap = ",softcap" if softcap else ""
+                        tiles = f"{dt},{prec},{tdt},scale={int(has_scale)}{cap},M={bm},N={bn},K={bk}"
+                        caps = {"softcap": "fp32", "softcap_lo": "fp32"}
                         if kind == "dh":
                             # dH is fp32 (forward-time unit gradient, split-K partial sums) or the input dtype.
                             out = f"*{acc}" if bn != widths[-1] or not has_scale else f"*{dt}"
                             signature = head | {"w_ptr": f"*{dt}", "stride_w": "i32", "out_ptr": out}
                             signature |= ints("stride_out", "stride_split", "n_rows", "n_cols", "n_load", "n_hidden")
-                            signature |= ints("ignore_index", "cols_per_split")
-                            flags = {"HAS_SCALE": has_scale, "PRECISION": prec}
+                            signature |= ints("ignore_index", "cols_per_split") | caps
+                            flags = {"HAS_SCALE": has_scale, "SOFTCAP": softcap, "PRECISION": prec}
                             spec_tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                             named = [(f"ce_dh[{tiles}]", flags)]
                         else:
                             signature = head | {"h_ptr": f"*{dt}", "stride_h": "i32", "dw_ptr": f"*{acc}"}
                             signature |= {"stride_dw": "i32", "db_ptr": f"*{acc}"}
-                            signature |= ints("n_rows", "n_cols", "n_load", "n_hidden", "ignore_index")
+                            signature |= ints("n_rows", "n_cols", "n_load", "n_hidden", "ignore_index") | caps
                             spec_tiles = {"BLOCK_V": bm, "BLOCK_N": bn, "BLOCK_C": bk}
                             named = [
                                 (
                                     f"ce_dw[{tiles},dw={int(dw)},db={int(db)}]",
-                                    {"HAS_SCALE": has_scale, "HAS_DW": dw, "HAS_DB": db, "PRECISION": prec},
+                                    {"HAS_SCALE": has_scale, "SOFTCAP": softcap, "HAS_DW": dw, "HAS_DB": db}
+                                    | {"PRECISION": prec},
                                 )
                                 for dw, db in ((True, True), (True, False), (False, True))
                                 if dw or bn == widths[-1]  # db only: one hidden tile, BLOCK_N unused

@@ -7,6 +7,16 @@ t_i != ignore_index``):
     d loss_i / d z_i = valid_i * (softmax(z_i) - onehot(t_i))  =: q_i
     dL/dh_i = g_i * W^T q_i,     dL/dW = sum_i g_i q_i h_i^T,     dL/db = sum_i g_i q_i
 
+Logit post-processing (what some causal LMs do after their head; ``gradmem_fast.hf.logit_postprocessing``):
+with ``logit_scale = s`` and ``softcap = c`` the logits are ``z_i = phi(s (W h_i + b))``, ``phi(x) = c tanh(x / c)``
+(identity without ``softcap``), and q_i above becomes the gradient with respect to the head's output:
+
+    q_i = valid_i * (softmax(z_i) - onehot(t_i)) * s * phi'      phi' = 1 - (z_i / c)^2
+
+The scale costs nothing: the GEMM that writes a chunk's logits applies it (``addmm``'s alpha and beta, one
+rounding, as exact as the model's own two), and the backward folds it into the per-token ``g_i``. The
+soft-capping is a ``SOFTCAP`` constexpr of the kernels (a tanh per logit read, absent when off).
+
 where ``g_i = dL/dloss_i`` is what the reduction sends back to token i:
 
     "none"         loss_i itself (shape of ``targets``), g_i = upstream gradient of that entry
@@ -70,6 +80,7 @@ Design (chunked; cuBLAS writes the logits, Triton reads them; option (a) of issu
     ``create_graph=True``: the forward-time gradients would be computed and then not used.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -158,11 +169,38 @@ def _mm_acc(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b).float()
 
 
-def _logits_into(z: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-    if bias is None:
-        torch.mm(h, weight.t(), out=z)
+def _logits_into(z: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, scale: float = 1.0) -> None:
+    """``z = scale (h W^T + bias)``: the scale rides on the GEMM's alpha/beta (no extra pass over z)."""
+    if scale == 1.0:
+        if bias is None:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h, weight.t(), out=z)
+    elif bias is None:  # beta = 0: z's old contents (uninitialised, maybe NaN) are not read
+        torch.addmm(z, h, weight.t(), beta=0, alpha=scale, out=z)
     else:
-        torch.addmm(bias, h, weight.t(), out=z)
+        torch.addmm(bias, h, weight.t(), beta=scale, alpha=scale, out=z)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """A new ``scale (h W^T + bias)`` (the second-order backward's recomputation)."""
+    if bias is None:
+        return (
+            torch.mm(h, weight.t())
+            if scale == 1.0
+            else torch.addmm(h.new_empty(()), h, weight.t(), beta=0, alpha=scale)
+        )
+    return torch.addmm(bias, h, weight.t(), beta=scale, alpha=scale)
+
+
+def postprocess_logits(logits: Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> Tensor:
+    """``phi(logit_scale * logits)`` with ``phi(x) = softcap * tanh(x / softcap)`` (identity when ``softcap`` is
+    None): the dense torch formula of the op's logits, for callers that form full logits (reference, READ)."""
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,8 +214,17 @@ def _onehot_index(t: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return torch.where(in_range, t, torch.zeros_like(t)).long(), in_range
 
 
-def _torch_stats(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int) -> None:
-    zf = z.to(lse.dtype)
+def _softcapped(z: Tensor, dtype: torch.dtype, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(``c tanh(z / c)`` in ``dtype``, ``tanh(z / c)``), or (z in ``dtype``, None) without soft-capping."""
+    zf = z.to(dtype)
+    if softcap is None:
+        return zf, None
+    th = torch.tanh(zf / softcap)
+    return th * softcap, th
+
+
+def _torch_stats(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: int, softcap: float | None) -> None:
+    zf, _ = _softcapped(z, lse.dtype, softcap)
     chunk_lse = torch.logsumexp(zf, dim=1)
     idx, in_range = _onehot_index(t, z.shape[1])
     zt = zf.gather(1, idx[:, None]).squeeze(1) * in_range
@@ -185,14 +232,20 @@ def _torch_stats(z: Tensor, t: Tensor, lse: Tensor, loss: Tensor, ignore_index: 
     loss.copy_(torch.where(t != ignore_index, chunk_lse - zt, torch.zeros_like(zt)))
 
 
-def _torch_grad(z: Tensor, t: Tensor, lse: Tensor, scale: Tensor | None, ignore_index: int) -> Tensor:
-    """G = valid * scale * (softmax - onehot) of a chunk, a new tensor in the math dtype."""
+def _torch_grad(
+    z: Tensor, t: Tensor, lse: Tensor, scale: Tensor | None, ignore_index: int, softcap: float | None
+) -> Tensor:
+    """G = valid * scale * (softmax - onehot) (* (1 - tanh^2) with soft-capping) of a chunk, a new tensor in the
+    math dtype: the gradient with respect to the stored logits."""
     idx, in_range = _onehot_index(t, z.shape[1])
     g = (t != ignore_index).to(lse.dtype)
     if scale is not None:
         g = g * scale
-    p = torch.exp(z.to(lse.dtype) - lse[:, None])
+    zf, th = _softcapped(z, lse.dtype, softcap)
+    p = torch.exp(zf - lse[:, None])
     p.scatter_add_(1, idx[:, None], -in_range.to(p.dtype)[:, None])
+    if th is not None:
+        p.mul_(1.0 - th * th)
     return p.mul_(g[:, None])
 
 
@@ -200,8 +253,11 @@ class _Chunk:
     """One logits chunk ``z`` [rows, V] (a view of the padded buffer; ``n_load`` columns readable per row) with
     its targets and saved statistics, and the per-chunk steps on the chosen backend."""
 
-    def __init__(self, backend: str, z: Tensor, t: Tensor, lse: Tensor, ignore_index: int, n_load: int):
+    def __init__(
+        self, backend: str, z: Tensor, t: Tensor, lse: Tensor, ignore_index: int, n_load: int, softcap: float | None
+    ):
         self.backend, self.z, self.t, self.lse, self.ignore, self.n_load = backend, z, t, lse, ignore_index, n_load
+        self.softcap = softcap
         # fp32 products follow torch's TF32 switch for cuBLAS, as the GEMMs they replace would.
         self.tf32 = z.dtype == torch.float32 and z.is_cuda and torch.backends.cuda.matmul.allow_tf32
 
@@ -210,18 +266,20 @@ class _Chunk:
         if self.backend == "triton":
             from gradmem_fast.kernels import cross_entropy as kernels
 
-            kernels.ce_forward(self.z, self.t, self.lse, loss, self.ignore, False, n_load=self.n_load)
+            kernels.ce_forward(self.z, self.t, self.lse, loss, self.ignore, False, self.n_load, self.softcap)
         else:
-            _torch_stats(self.z, self.t, self.lse, loss, self.ignore)
+            _torch_stats(self.z, self.t, self.lse, loss, self.ignore, self.softcap)
 
     def dh(self, scale: Tensor | None, weight: Tensor, out: Tensor) -> None:
         """``out = G W`` (a read of Z; G rounded to W's dtype, fp32 accumulation)."""
         if self.backend == "triton":
             from gradmem_fast.kernels import cross_entropy as kernels
 
-            kernels.ce_dh(self.z, self.t, self.lse, scale, weight, out, self.ignore, self.n_load, self.tf32)
+            kernels.ce_dh(
+                self.z, self.t, self.lse, scale, weight, out, self.ignore, self.n_load, self.tf32, softcap=self.softcap
+            )
         else:
-            g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore).to(weight.dtype)
+            g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore, self.softcap).to(weight.dtype)
             out.copy_(_mm_acc(g, weight))
 
     def dw(self, scale: Tensor | None, h_c: Tensor, dw: Tensor | None, db: Tensor | None) -> None:
@@ -231,9 +289,11 @@ class _Chunk:
         if self.backend == "triton":
             from gradmem_fast.kernels import cross_entropy as kernels
 
-            kernels.ce_dw(self.z, self.t, self.lse, scale, h_c, dw, db, self.ignore, self.n_load, self.tf32)
+            kernels.ce_dw(
+                self.z, self.t, self.lse, scale, h_c, dw, db, self.ignore, self.n_load, self.tf32, self.softcap
+            )
             return
-        g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore)
+        g = _torch_grad(self.z, self.t, self.lse, scale, self.ignore, self.softcap)
         if db is not None:
             db += g.sum(0)
         if dw is not None:
@@ -260,10 +320,13 @@ def _forward_sweep(
     backend: str,
     want_h: bool,
     want_wb: bool,
+    transform: tuple[float, float | None],
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """lse, loss ([N], math dtype) and optionally the unit-scale gradients W^T q ([N, d]) and
     sum_i q_i h_i^T, sum_i q_i (fp32/fp64), in one pass over the token chunks: per chunk the GEMM writes Z,
-    the statistics read it, dH reads it (want_h) and dW/db read it (want_wb)."""
+    the statistics read it, dH reads it (want_h) and dW/db read it (want_wb). ``transform`` = (logit scale,
+    softcap); the unit gradients leave the scale out (the backward's g_i carries it)."""
+    scale, softcap = transform
     n, d = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -278,8 +341,8 @@ def _forward_sweep(
         e = min(s + chunk, n)
         h_c = hidden[s:e]
         z = buf[: e - s, :vocab]
-        _logits_into(z, h_c, weight, bias)
-        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1])
+        _logits_into(z, h_c, weight, bias, scale)
+        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1], softcap)
         c.stats(loss[s:e])
         if dh_unit is not None:  # want_h
             c.dh(None, weight, dh_unit[s:e])
@@ -300,9 +363,11 @@ def _grad_sweep(
     need_h: bool,
     need_w: bool,
     need_b: bool,
+    transform: tuple[float, float | None],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dh, dW, db) of sum_i g_i loss_i by recomputing each chunk's logits from the saved lse (the GEMM
-    writes Z, dH reads it, dW/db read it).
+    writes Z, dH reads it, dW/db read it). ``g`` already carries the logit scale (``transform[0]``), which
+    only the logits' recomputation uses here.
 
     ``dh`` is in hidden's dtype; ``dW``/``db`` are accumulated in fp32 (fp64 for fp64) and returned in
     the math dtype; entries not needed are None."""
@@ -310,6 +375,7 @@ def _grad_sweep(
     vocab = weight.shape[0]
     acc = lse.dtype
     dev = hidden.device
+    scale, softcap = transform
     g = g.to(acc).contiguous()
     dh = torch.empty((n, d), dtype=hidden.dtype, device=dev) if need_h else None
     dw = torch.zeros((vocab, d), dtype=acc, device=dev) if need_w else None
@@ -321,8 +387,8 @@ def _grad_sweep(
         e = min(s + chunk, n)
         h_c = hidden[s:e]
         z = buf[: e - s, :vocab]
-        _logits_into(z, h_c, weight, bias)
-        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1])
+        _logits_into(z, h_c, weight, bias, scale)
+        c = _Chunk(backend, z, targets[s:e], lse[s:e], ignore_index, buf.shape[1], softcap)
         if dh is not None:  # need_h
             c.dh(g[s:e], weight, dh[s:e])
         c.dw(g[s:e], h_c, dw, db)
@@ -354,6 +420,7 @@ class _LinearCE(torch.autograd.Function):
         backend: str,
         precompute: bool,
         uniform: bool,
+        transform: tuple[float, float | None],
     ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -361,25 +428,27 @@ class _LinearCE(torch.autograd.Function):
         want_wb = precompute and (need_w or need_b) and uniform
         want_h = precompute and need_h and (uniform or not (need_w or need_b))
         lse, loss, dh_unit, dw_unit, db_unit = _forward_sweep(
-            hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb
+            hidden, weight, bias, targets, ignore_index, chunk, backend, want_h, want_wb, transform
         )
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.unit = (dh_unit, dw_unit, db_unit)
         ctx.want = (want_h, want_wb)
-        ctx.cfg = (ignore_index, chunk, backend)
+        ctx.cfg = (ignore_index, chunk, backend, transform)
         ctx.mark_non_differentiable(lse)
         return loss
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        ignore_index, chunk, backend = ctx.cfg
+        ignore_index, chunk, backend, transform = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        tail = (None,) * 6
+        tail = (None,) * 7
+        if transform[0] != 1.0:  # d z / d(head output) = s: every g_i carries it (on the graph when create_graph)
+            g = g * transform[0]
         if torch.is_grad_enabled():
             dh, dw, db = _LinearCEGrad.apply(
-                hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, (need_h, need_w, need_b)
+                hidden, weight, bias, g, targets, lse, ignore_index, chunk, backend, (need_h, need_w, need_b), transform
             )
             return (dh if need_h else None, dw if need_w else None, db if need_b else None) + tail
         if hidden.shape[0] == 0:
@@ -403,7 +472,7 @@ class _LinearCE(torch.autograd.Function):
         rest_b = need_b and not want_wb
         if rest_h or rest_w or rest_b:
             rh, rw, rb = _grad_sweep(
-                hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, rest_h, rest_w, rest_b
+                hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, rest_h, rest_w, rest_b, transform
             )
             dh = rh if rest_h else dh
             dw = _cast(rw, weight) if rest_w else dw
@@ -415,12 +484,16 @@ class _LinearCEGrad(torch.autograd.Function):
     """``(dh, dW, db)`` of ``sum_i g_i loss_i`` as a differentiable function of (hidden, weight, bias, g).
 
     Forward: the chunked recomputing gradient sweep. Backward (the double backward of the linear CE),
-    for cotangents ``u`` of dh ([N, d]), ``U`` of dW ([V, d]), ``u_b`` of db ([V]); per token, with
-    ``p = softmax(z)``, ``q = valid (p - onehot(t))``, ``gl = g q`` (so dh = W^T gl, dW = gl h^T, db = gl):
+    for cotangents ``u`` of dh ([N, d]), ``U`` of dW ([V, d]), ``u_b`` of db ([V]); per token, with the head
+    output ``y = W h + b``, logits ``z = phi(s y)`` (``phi(x) = c tanh(x / c)``, or the identity),
+    ``phi' = 1 - (z / c)^2``, ``phi'' = -2 (z / c) phi' / c`` (0 and 1 without soft-capping), ``p = softmax(z)``,
+    ``q = valid (p - onehot(t))`` and ``g`` the upstream gradient times s, ``gl = g phi' q`` (so dh = W^T gl,
+    dW = gl h^T, db = gl):
 
         a     = W u + U h + u_b                       (cotangent reaching gl)        [V]
-        dg    = a . q
-        gz    = g valid p * (a - p . a)               (through the softmax Jacobian)
+        b     = a phi'
+        dg    = b . q
+        gz    = g s (valid phi' p (b - p . b) + a phi'' q)   (softmax Jacobian; the tanh's own curvature)
         dh'   = W^T gz + U^T gl
         dW'   = sum_i gz h^T + gl u^T
         db'   = sum_i gz
@@ -441,13 +514,14 @@ class _LinearCEGrad(torch.autograd.Function):
         chunk: int,
         backend: str,
         needs: tuple[bool, bool, bool],
+        transform: tuple[float, float | None],
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # typed by _grad_sweep; never None in fact
         need_h, need_w, need_b = needs
         dh, dw, db = _grad_sweep(
-            hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b
+            hidden, weight, bias, targets, lse, g, ignore_index, chunk, backend, need_h, need_w, need_b, transform
         )
         ctx.save_for_backward(hidden, weight, bias, g, targets, lse)
-        ctx.cfg = (ignore_index, chunk)
+        ctx.cfg = (ignore_index, chunk, transform)
         outs = (
             dh if need_h else hidden.new_empty(0),
             _cast(dw, weight) if need_w else hidden.new_empty(0),
@@ -462,14 +536,14 @@ class _LinearCEGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, u: Tensor | None, uw: Tensor | None, ub: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, g, targets, lse = ctx.saved_tensors
-        ignore_index, chunk = ctx.cfg
+        ignore_index, chunk, (scale, softcap) = ctx.cfg
         need_h, need_w, need_b, need_g = ctx.needs_input_grad[:4]
         need_b = need_b and bias is not None
         # Cotangents of unused outputs arrive as None or as size-0 placeholders.
         u = u if (u is not None and u.numel() > 0) else None
         uw = uw if (uw is not None and uw.numel() > 0) else None
         ub = ub if (ub is not None and ub.numel() > 0) else None
-        tail = (None,) * 6
+        tail = (None,) * 7
         if u is None and uw is None and ub is None:
             return (None, None, None, None) + tail
         n, d = hidden.shape
@@ -486,9 +560,10 @@ class _LinearCEGrad(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             h_c = hidden[s:e]
-            z = torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
-            p = z.to(acc).sub_(lse[s:e, None]).exp_()  # in place on the fresh logits when already fp32
+            z, th = _softcapped(_logits(h_c, weight, bias, scale), acc, softcap)
+            p = z.sub_(lse[s:e, None]).exp_()  # in place on the fresh logits when already in the math dtype
             del z
+            dphi = None if th is None else 1.0 - th * th
             idx, in_range = _onehot_index(targets[s:e], vocab)
             a = torch.zeros_like(p)
             if u is not None:
@@ -498,18 +573,28 @@ class _LinearCEGrad(torch.autograd.Function):
             if ub_acc is not None:
                 a += ub_acc
             g_c = gv[s:e, None]
-            if need_g or uw is not None or u is not None:
-                # gl = g q; only its products with a, U and u are needed.
+            b = a if dphi is None else a * dphi
+            curv = None
+            if need_g or uw is not None or u is not None or dphi is not None:
+                # gl = g phi' q; only its products with a, U and u are needed.
                 q = p.clone()
                 q.scatter_add_(1, idx[:, None], -in_range.to(acc)[:, None])
                 if d_g is not None:  # need_g
-                    d_g[s:e] = (a * q).sum(1) * (targets[s:e] != ignore_index).to(acc)
-                gl = (q * g_c).to(dt)
+                    d_g[s:e] = (b * q).sum(1) * (targets[s:e] != ignore_index).to(acc)
+                gl = (q * g_c if dphi is None else q * dphi * g_c).to(dt)
+                if th is not None and dphi is not None and softcap is not None:
+                    # a phi'' q with phi'' = -2 tanh phi' / c: the tanh's curvature (valid rides on g_c)
+                    curv = a * q * th * dphi * (-2.0 / softcap)
                 del q
-            pa = (p * a).sum(1, keepdim=True)
-            a.sub_(pa).mul_(p).mul_(g_c)
-            gz = a.to(dt)
-            del a, p
+            pb = (p * b).sum(1, keepdim=True)
+            gz_acc = b.sub_(pb).mul_(p)  # b is a itself without soft-capping: a is not needed any more
+            if dphi is not None:
+                gz_acc.mul_(dphi)
+            if curv is not None:
+                gz_acc.add_(curv)
+            gz_acc.mul_(g_c if scale == 1.0 else g_c * scale)
+            gz = gz_acc.to(dt)
+            del a, b, p, gz_acc, curv
             if d_h is not None:  # need_h
                 dh_c = torch.mm(gz, weight)
                 if uw is not None:
@@ -610,6 +695,21 @@ def _validate(
         raise ValueError("reduction='sample_mean' needs hidden of shape [B, S, d], or packed [N, d] with cu_seqlens")
 
 
+def _check_transform(logit_scale: Any, softcap: Any) -> tuple[float, float | None]:
+    """(logit_scale, softcap) as Python floats, or a TypeError/ValueError naming the argument."""
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if name == "softcap" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            what = "None or a float" if name == "softcap" else "a float"
+            raise TypeError(f"{name} must be {what} (a Python number, not a tensor), got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be None (off) or > 0, got {softcap!r}")
+    return float(logit_scale), None if softcap is None else float(softcap)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -622,8 +722,11 @@ def linear_cross_entropy(
     backend: str = "auto",
     chunk_size: int | None = None,
     precompute_grad: bool | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, never building the logits.
+    """Cross-entropy of ``phi(logit_scale * (hidden @ weight.T + bias))`` against ``targets``, never building
+    the logits; ``phi(x) = softcap * tanh(x / softcap)``, or the identity when ``softcap`` is None.
 
     Args:
         hidden: [N, d] or [B, S, d], float16/bfloat16/float32/float64.
@@ -639,11 +742,16 @@ def linear_cross_entropy(
         chunk_size: rows per chunk (default: the rule in the module docstring).
         precompute_grad: form the gradients during the forward (default: when grad mode is on and an
             input requires grad). Pass False if the backward will run with ``create_graph=True``.
+        logit_scale: a finite float multiplying the head's output (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); 1.0 is off and costs nothing.
+        softcap: None (off, free) or a finite float c > 0: logits soft-capped to (-c, c) (Gemma 2's
+            ``final_logit_softcapping``). ``gradmem_fast.hf.logit_postprocessing(model)`` gives both for a model.
 
     Returns the loss in fp32 (fp64 for fp64 inputs): ``sum_i loss_i``-style math as in the module
     docstring. Gradients flow to hidden, weight and bias (and, through a second backward, again).
     """
     _validate(hidden, weight, targets, bias, ignore_index, reduction, cu_seqlens, chunk_size)
+    transform = _check_transform(logit_scale, softcap)
     backend = resolve_backend(backend, hidden.device)
     d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d)
@@ -657,7 +765,9 @@ def linear_cross_entropy(
             x is not None and x.requires_grad for x in (hidden, weight, bias)
         )
     uniform = reduction in ("sum", "mean")
-    loss = _LinearCE.apply(h2, weight, bias, t1, ignore_index, chunk, backend, bool(precompute_grad), uniform)
+    loss = _LinearCE.apply(
+        h2, weight, bias, t1, ignore_index, chunk, backend, bool(precompute_grad), uniform, transform
+    )
     if reduction == "none":
         return loss.reshape(targets.shape)
     if reduction == "sum":
