@@ -75,3 +75,16 @@ def ensure_triton_interpreter() -> None:
             "starting Python, or use backend='torch'"
         )
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def check_interpreter_dtype(tensor: torch.Tensor) -> None:
+    """Refuse bfloat16 on the triton backend for CPU tensors (the interpreter), before any work.
+
+    The interpreter's bf16 dot products are garbage (see ``kernels/runtime.py``, which also refuses them
+    inside any kernel that reaches one); float16, float32 and float64 are exact there.
+    """
+    if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
+        raise TypeError(
+            "model: bfloat16 weights on the triton backend need a GPU (the Triton interpreter's bf16 dot "
+            "products are garbage); use backend='torch' or float32 on a CPU"
+        )

@@ -26,7 +26,7 @@ from typing import Any, Literal, cast
 import torch
 
 from . import cramming, engine, hf, reference
-from .backend import resolve_backend
+from .backend import check_interpreter_dtype, resolve_backend
 from .config import WriteConfig
 from .inputs import initial_memory, prepare_write, resolve_write_head
 from .packing import PackedBatch, bucket_rows, documents_from_batch, pack, plan_batches
@@ -90,6 +90,7 @@ class MemoryWriter:
         self.ops_backend = self.backend
         if self.backend == "triton":
             engine.check_model_supported(model)
+            check_interpreter_dtype(cast(torch.Tensor, hf.input_embeddings(model).weight))
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):

@@ -49,8 +49,39 @@ def enable_interpreter_loop_bounds() -> None:
     interp._patch_lang_tensor = patched
 
 
+BF16_INTERPRETER_MESSAGE = (
+    "bfloat16 on the triton backend needs a GPU: the Triton interpreter (CPU tensors) multiplies bf16 tiles as raw "
+    "bit patterns, so its bf16 dot products are garbage; use backend='torch' (or float32/float16) on a CPU"
+)
+
+
+def refuse_interpreter_bf16_dots() -> None:
+    """Make a bf16 ``tl.dot`` under the interpreter raise instead of returning garbage. Idempotent.
+
+    The interpreter keeps bf16 tiles as uint16 bit patterns and its dot multiplies those integers (relative
+    error ~1e9): a user who runs the triton backend on CPU tensors in bf16 must get an error, never a memory
+    10^11 off. Other dtypes go to the interpreter's own dot. A replacement installed after this one (the tests'
+    exact bf16 emulation, tests/test_bf16_emulation.py) takes precedence for as long as it is installed.
+    """
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+    if getattr(original, "_refuses_bf16", False):
+        return
+
+    def create_dot(self, a, b, *args, **kwargs):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            raise TypeError(BF16_INTERPRETER_MESSAGE)
+        return original(self, a, b, *args, **kwargs)
+
+    create_dot._refuses_bf16 = True
+    interp.InterpreterBuilder.create_dot = create_dot
+
+
 if interpreting():
     enable_interpreter_loop_bounds()
+    refuse_interpreter_bf16_dots()
 
 
 @dataclasses.dataclass(frozen=True)
