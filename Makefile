@@ -39,7 +39,21 @@ typecheck: venv
 # Every GPU table configuration on every tile-edge geometry in the interpreter, and a longer property-based
 # search (make test runs a sample in which each configuration runs once).
 test-kernels-full: venv
-	GRADMEM_KERNELS_FULL=1 $(PY) -m pytest -q tests/test_kernel_tiles.py
+	GRADMEM_KERNELS_FULL=1 $(PY) -m pytest -q tests/test_kernel_tiles.py tests/test_attention_boundaries.py
+
+# Every combination of the WRITE options (update op and whole write, reference and engine) against the
+# independent fp64 loop of tests/test_option_matrix.py (make test runs a pairwise-covering sample).
+.PHONY: test-options
+test-options: venv
+	GRADMEM_OPTIONS_FULL=1 $(PY) -m pytest -q tests/test_option_matrix.py
+
+# Mutation testing by a tool (mutmut 2.x operators, scripts/mutation.py): sampled mutants of the files where a
+# one-line bug is silent, on a scratch copy of HEAD, within MUTATION_ARGS' budget; report under
+# benchmarks/results/mutation/.
+.PHONY: mutation
+MUTATION_ARGS ?= --max 40 --budget 3600
+mutation: venv
+	$(PY) scripts/mutation.py --rev HEAD $(MUTATION_ARGS)
 
 # Kernel microbenchmarks (pytest-benchmark; not part of make test, whose testpaths is tests/): attention fwd,
 # fwd+bwd and double backward, linear CE fwd+bwd, memory update, each against its torch baseline and the peers,

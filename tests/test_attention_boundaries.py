@@ -1,0 +1,246 @@
+"""Block-range boundaries of the attention kernels: every residue, for every tile shape of the GPU tables.
+
+A block range one key (or one query) off matters only when the causal diagonal's offset ``Lk - Lq`` or the
+sliding window's edge falls on a particular residue modulo the tile a kernel streams (``BLOCK_N`` for the
+query-side kernels, ``BLOCK_M`` for the key-side ones). Here every tile shape ``(BLOCK_M, BLOCK_N)`` that any
+GPU table holds (read through ``gpu_configs``, so a re-tuned table is picked up) runs, pinned for every kernel
+kind at once (``interpret_configs``), on one packed (varlen) call whose documents have ``Lk - Lq = 0, 1, ...,
+max(BLOCK_M, BLOCK_N) - 1``: every residue modulo both edges (powers of two) in one launch. Query counts
+rotate over 1, 2, BLOCK_M - 1 and BLOCK_M + 1 (a block boundary inside the document), and a document with keys
+and no query closes the pack. With a window W fixed per call, the window's lower edge ``row + diag - W + 1``
+then also takes every residue; W itself rotates over shapes (and every residue of W modulo the streamed edge
+is drawn by the property test in the full run).
+
+Checked in fp64 (bound 1e-10; the kernels run fp64 in the interpreter, small head dim 16, GQA 2:1) against
+the fp64 reference of tests/test_attention.py: forward and log-sum-exp, backward on the deterministic path and
+on the atomic one (dQ by atomics inside the dK/dV kernel), double backward on the atomic-free path and the
+fused one, with random cotangents and NaN-filled outputs. Default options only (no soft-capping, no sinks).
+
+``make test`` runs every tile shape once, the mode (causal, window, non-causal, padded with key padding)
+rotating with the shape, plus a few derandomised property examples; ``make test-kernels-full``
+(``GRADMEM_KERNELS_FULL=1``) runs every shape in every mode, every residue of the padded layout's offset, and
+200 property examples.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+from test_attention import cu, ref_padded
+
+from gradmem_fast import prefix_attention
+from gradmem_fast.kernels import attention as attn
+from helpers import DEVICE, assert_close
+
+if DEVICE == "cuda":
+    pytest.skip("interpreter tests of the GPU tiles", allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FULL = os.environ.get("GRADMEM_KERNELS_FULL", "0") == "1"
+F64 = torch.float64
+D, HQ, HKV = 16, 2, 1
+MODES = ("causal", "window", "noncausal", "padded")
+
+
+def table_shapes():
+    """Every (BLOCK_M, BLOCK_N) of every kind's GPU lists: head-dim classes, dtypes, dropout, precisions and
+    alignments (short-document tiles included)."""
+    shapes = set()
+    for kind in attn.KINDS:
+        for block_d in (16, 128, 256):
+            for size, precisions in ((2, ("tf32",)), (4, ("tf32", "ieee"))):
+                for precision in precisions:
+                    for dropout in (False, True):
+                        for aligned in (True, False):
+                            for cfg in attn.gpu_configs(kind, block_d, size, dropout, precision, aligned=aligned):
+                                shapes.add(tuple(cfg[:2]))
+    return sorted(shapes)
+
+
+SHAPES = table_shapes()
+
+
+def pins(shape):
+    return {kind: (shape[0], shape[1], 4, 1) for kind in attn.KINDS}
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """torch.empty returns NaN-filled tensors inside (deterministic mode): a skipped store stays NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@contextlib.contextmanager
+def forced(launcher, deterministic):
+    original = getattr(attn, launcher)
+    setattr(attn, launcher, lambda *a, **kw: original(*a, **{**kw, "deterministic": deterministic}))
+    try:
+        yield
+    finally:
+        setattr(attn, launcher, original)
+
+
+def residue_documents(shape):
+    """(query count, key count) of documents whose Lk - Lq is every residue 0 .. max(BM, BN) - 1."""
+    bm, bn = shape
+    lengths = (1, 2, max(1, bm - 1), bm + 1)
+    docs = [(lengths[o % len(lengths)], lengths[o % len(lengths)] + o) for o in range(max(bm, bn))]
+    return docs + [(0, 3)]
+
+
+def varlen_case(docs, causal, window):
+    lens_q, lens_k = [n for n, _ in docs], [n for _, n in docs]
+    cq, ck = cu(lens_q), cu(lens_k)
+
+    def ref(q, k, v):
+        outs, lses = [], []
+        for b in range(len(docs)):
+            sq, sk = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+            o, lse = ref_padded(q[None, sq], k[None, sk], v[None, sk], causal=causal, window=window)
+            outs.append(o[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, 1)
+
+    shapes = [(sum(lens_q), HQ, D), (sum(lens_k), HKV, D), (sum(lens_k), HKV, D)]
+    return shapes, dict(cu_seqlens_q=cq, cu_seqlens_k=ck, causal=causal, window=window), ref
+
+
+def padded_case(lq, lk, batch, window=None, seed=0):
+    """Padded batch with a key padding mask: sequence b's first b keys are padding (left padding whose edge
+    takes ``batch`` residues), random holes after that, and the last sequence has no key at all."""
+    gen = torch.Generator().manual_seed(seed)
+    kpm = torch.rand(batch, lk, generator=gen) > 0.2
+    for b in range(batch):
+        kpm[b, :b] = False
+    kpm[-1] = False
+    shapes = [(batch, lq, HQ, D), (batch, lk, HKV, D), (batch, lk, HKV, D)]
+    kw = dict(key_padding_mask=kpm, window=window)
+    return shapes, kw, lambda q, k, v: ref_padded(q, k, v, kpm=kpm, window=window)
+
+
+def orders(q, k, v, dout, dlse, cots, fwd):
+    out, lse = fwd(q, k, v)
+    fin = torch.isfinite(lse.detach())
+    loss = (out * dout).sum() + (lse.masked_fill(~fin, 0.0) * dlse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v), create_graph=True)
+    inner = sum((g * c).sum() for g, c in zip(grads, cots))
+    return out, lse, grads, inner
+
+
+def check(shape, shapes, op_kw, ref_fn):
+    """Forward, both backward paths and both double-backward paths with every kind pinned to ``shape``."""
+    q, k, v = (torch.randn(*s, dtype=F64).requires_grad_() for s in shapes)
+    lse_shape = (HQ, shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], HQ, shapes[0][1])
+    dout = torch.randn(*shapes[0], dtype=F64).requires_grad_()
+    dlse = torch.randn(*lse_shape, dtype=F64).requires_grad_()
+    cots = [torch.randn(*s, dtype=F64) for s in shapes]
+    leaves = (q, k, v, dout, dlse)
+
+    rleaves = [t.detach().clone().requires_grad_() for t in leaves]
+    rout, rlse, rgrads, rinner = orders(*rleaves, cots, ref_fn)
+    rsecond = torch.autograd.grad(rinner, rleaves)
+
+    def fwd(q, k, v):
+        return prefix_attention(q, k, v, return_lse=True, backend="triton", **op_kw)
+
+    with attn.interpret_configs(**pins(shape)), nan_filled_empty():
+        for bwd_deterministic in (True, False):
+            with forced("attention_bwd", bwd_deterministic):
+                out, lse, grads, inner = orders(q, k, v, dout, dlse, cots, fwd)
+            path = "deterministic" if bwd_deterministic else "atomic dQ"
+            for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
+                assert_close(g, r, F64, name=f"{name} ({path} backward)")
+        assert_close(out, rout, F64, name="out")
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse)), "lse: rows without keys differ"
+        fin = torch.isfinite(rlse)
+        assert_close(lse[fin], rlse[fin], F64, name="lse")
+        for dbwd_deterministic in (True, False):
+            with forced("attention_dbwd", dbwd_deterministic):
+                second = torch.autograd.grad(inner, leaves, retain_graph=True)
+            path = "atomic-free" if dbwd_deterministic else "fused"
+            for name, g, r in zip(("q", "k", "v", "dout", "dlse"), second, rsecond):
+                assert_close(g, r, F64, name=f"second-order grad {name} ({path} double backward)")
+
+
+def run_mode(shape, mode, variant=0):
+    bm, bn = shape
+    edge = max(bm, bn)
+    if mode == "padded":
+        # The offset Lk - Lq of a padded call is one residue: rotate it with the variant (every residue in full).
+        lq = bm + 1
+        check(shape, *padded_case(lq, lq + variant % edge, batch=min(edge, 5) if not FULL else min(edge, 9)))
+        return
+    window = None
+    if mode == "window":
+        # Windows below, at and above the edges; the lower edge takes every residue through the offsets.
+        window = (bn - 1, bn + 1, bm + 3, 2 * edge + 1, 1)[variant % 5] or 1
+    check(shape, *varlen_case(residue_documents(shape), causal=mode != "noncausal", window=window))
+
+
+def _params():
+    if FULL:
+        return [pytest.param(s, m, i, id=f"{s[0]}x{s[1]}-{m}") for i, s in enumerate(SHAPES) for m in MODES]
+    return [
+        pytest.param(s, MODES[i % len(MODES)], i, id=f"{s[0]}x{s[1]}-{MODES[i % len(MODES)]}")
+        for i, s in enumerate(SHAPES)
+    ]
+
+
+@pytest.mark.parametrize("shape, mode, variant", _params())
+def test_sample_every_residue(shape, mode, variant):
+    run_mode(shape, mode, variant)
+
+
+def test_sample_covers_every_table_shape_and_mode():
+    """The make-test sample runs every tile shape, and every mode on some shape."""
+    params = _params()
+    assert {p.values[0] for p in params} == set(SHAPES)
+    assert {p.values[1] for p in params} == set(MODES)
+    assert len(SHAPES) >= 5, "the GPU tables hold several tile shapes"
+
+
+@pytest.mark.skipif(not FULL, reason="every residue of the padded offset: make test-kernels-full")
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{s[0]}x{s[1]}" for s in SHAPES])
+def test_padded_offsets_every_residue(shape):
+    for offset in range(max(shape)):
+        run_mode(shape, "padded", offset)
+
+
+@settings(
+    max_examples=200 if FULL else 6,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_sample_property_random_geometry(data):
+    """Random tile shape, document lengths, offset and window (every residue of W modulo the streamed edge
+    possible), varlen or padded with key padding, causal or not."""
+    shape = data.draw(st.sampled_from(SHAPES), label="shape")
+    edge = max(shape)
+    causal = data.draw(st.booleans(), label="causal")
+    window = data.draw(st.one_of(st.none(), st.integers(1, 2 * edge + 2)), label="window") if causal else None
+    if data.draw(st.booleans(), label="varlen"):
+        n = data.draw(st.integers(1, 4), label="documents")
+        docs = [(data.draw(st.integers(0, shape[0] + 2)), 0) for _ in range(n)]
+        docs = [(nq, nq + data.draw(st.integers(0 if nq else 1, edge + 2))) for nq, _ in docs]
+        check(shape, *varlen_case(docs, causal, window))
+    else:
+        lq = data.draw(st.integers(1, shape[0] + 2), label="lq")
+        lk = lq + data.draw(st.integers(0, edge + 2), label="offset")
+        shapes, kw, ref = padded_case(lq, lk, batch=2, window=window, seed=lk)
+        kw["causal"] = causal
+        check(
+            shape,
+            shapes,
+            kw,
+            lambda q, k, v: ref_padded(q, k, v, kpm=kw["key_padding_mask"], window=window, causal=causal),
+        )
