@@ -253,3 +253,32 @@ def check_packed_engine(model, text_model=None) -> None:
                     f"model: {model_name(model)} sets {field}={value!r} (chunked attention), which the kernels "
                     "do not implement; use backend='torch'"
                 )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output head
+
+
+def check_head_on_base(model, base, head) -> None:
+    """Raise ``ValueError`` unless ``model``'s logits are ``head`` applied to ``base``'s final hidden states.
+
+    A write forms logits as ``head(hidden)`` (plus the logit post-processing of ``hf.logit_postprocessing``).
+    Models whose causal-LM class puts trained layers between the backbone and the head (BERT-style
+    prediction transforms ``dense -> activation -> LayerNorm``, Electra's generator projection) would be
+    written against different logits: every parameter of ``model`` must belong to ``base`` or to ``head``.
+    """
+    owned = {id(p) for p in base.parameters()} | {id(p) for p in head.parameters()}
+    extra = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if id(p) not in owned})
+    if extra:
+        raise ValueError(
+            f"model: {model_name(model)} computes its logits with layers between the backbone and the output "
+            f"head ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}), which gradmem-fast does not "
+            "apply; such a model (a masked-LM style prediction head) is not supported"
+        )
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    weight = getattr(head, "weight", None)
+    if isinstance(hidden, int) and weight is not None and weight.dim() == 2 and weight.shape[1] != hidden:
+        raise ValueError(
+            f"model: {model_name(model)} has an output head of shape {tuple(weight.shape)}, which does not take "
+            f"the backbone's hidden size {hidden}"
+        )

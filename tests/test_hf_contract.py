@@ -1,0 +1,338 @@
+"""The Hugging Face contract (gradmem_fast/hf_contract.py): every attention argument honoured or refused, every
+mask pattern expressible or refused, every non-attention sequence mixer kept off the packed engine, wrapped
+vision-language models written through their language model, bf16 refused where the interpreter cannot do it.
+
+Each refusal is proven on a real transformers function or model, and each acceptance next to it (a refusal
+test alone would pass for a contract that refuses everything).
+"""
+
+import pytest
+import torch
+import transformers
+from transformers import masking_utils as mu
+
+from gradmem_fast import MemoryWriter, WriteConfig, hf, hf_contract, prefix_attention
+from gradmem_fast.engine import check_model_supported
+from helpers import DEVICE, assert_close
+from tiny_models import EAGER64, register_eager64, tiny_model
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention keyword arguments
+
+
+def _llama_attention():
+    model = tiny_model("llama", dtype=torch.float32)
+    return model, model.model.layers[0].self_attn
+
+
+def test_attention_options_honours_ignores_and_refuses():
+    _, attn = _llama_attention()
+    got = hf_contract.attention_options(
+        attn,
+        dict(scaling=0.5, dropout=0.0, sliding_window=None, softcap=None, position_ids=torch.arange(3), use_cache=0),
+    )
+    assert got == dict(scaling=0.5, dropout=0.0, sliding_window=None, softcap=None)
+    # An unknown argument that is absent (None) changes nothing; with a value it is refused, named with the model.
+    assert hf_contract.attention_options(attn, dict(position_bias=None)) == {}
+    with pytest.raises(ValueError, match=r"position_bias \(LlamaAttention.*'eager'"):
+        hf_contract.attention_options(attn, dict(position_bias=torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"indices \(LlamaAttention"):
+        hf_contract.attention_options(attn, dict(indices=torch.zeros(1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        hf_contract.attention_options(attn, dict(output_attentions=True))
+    assert hf_contract.attention_options(attn, dict(output_attentions=False)) == {}
+    with pytest.raises(ValueError, match="seq_idx"):
+        hf_contract.attention_options(attn, dict(seq_idx=torch.zeros(3, dtype=torch.int32)))
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    assert "cu_seq_lens_q" in hf_contract.attention_options(attn, dict(seq_idx=cu, cu_seq_lens_q=cu))
+
+
+def test_registered_attention_refuses_an_unknown_argument_before_computing():
+    """The registered function itself (not only the helper) refuses: a relative position bias must not be
+    dropped on the way to the kernels."""
+    _, attn = _llama_attention()
+    q = torch.randn(1, 4, 5, 8)
+    k = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="position_bias"):
+        hf.gradmem_fast_attention(attn, q, k, k, None, scaling=0.3, position_bias=torch.randn(1, 4, 5, 5))
+    out, weights = hf.gradmem_fast_attention(attn, q, k, k, None, scaling=0.3, position_ids=torch.arange(5)[None])
+    ref = prefix_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), scale=0.3, backend="torch")
+    assert weights is None
+    assert_close(out, ref, torch.float32)
+
+
+def test_output_attentions_through_the_model_is_refused():
+    hf.register_attention("torch")
+    model = tiny_model("llama", dtype=torch.float32, attn_implementation=hf.ATTENTION_NAME)
+    ids = torch.randint(0, 61, (1, 6))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mask functions
+
+
+def test_mask_patterns_the_kernels_express():
+    assert hf_contract.mask_pattern(mu.causal_mask_function) == ("causal", None)
+    assert hf_contract.mask_pattern(None) == ("causal", None)
+    assert hf_contract.mask_pattern(mu.bidirectional_mask_function) == ("bidirectional", None)
+    assert hf_contract.mask_pattern(mu.sliding_window_causal_mask_function(4)) == ("sliding", None)
+    chunked = mu.chunked_causal_mask_function(7, torch.zeros(2, dtype=torch.long))
+    assert hf_contract.mask_pattern(chunked) == ("chunked", 7)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function),
+        lambda: mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.zeros(1, 4))),
+        lambda: mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(torch.zeros(1, 4))),
+        lambda: mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 2),
+        lambda: mu.sliding_window_bidirectional_mask_function(3),
+    ],
+    ids=["or_masks", "packed_sequences", "blockwise", "custom_and", "bidirectional_window"],
+)
+def test_mask_patterns_refused(make):
+    with pytest.raises(ValueError, match="supports causal, sliding-window and bidirectional"):
+        hf_contract.mask_pattern(make())
+
+
+def test_packed_position_ids_through_the_model_are_refused():
+    """transformers finds packed sequences from position_ids that restart, and builds a packed-sequence mask:
+    the drop-in attention must refuse it (it would let the sequences see each other)."""
+    hf.register_attention("torch")
+    model = tiny_model("llama", dtype=torch.float32, attn_implementation=hf.ATTENTION_NAME)
+    ids = torch.randint(0, 61, (1, 8))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="packed_sequence_mask_function"):
+        model(input_ids=ids, position_ids=position_ids, use_cache=False)
+
+
+def _tiny_llama4(chunk: int):
+    cfg = transformers.Llama4TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        intermediate_size_mlp=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=61,
+        num_local_experts=2,
+        attention_chunk_size=chunk,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def test_chunked_attention_within_one_chunk_matches_eager_and_across_chunks_is_refused():
+    model = _tiny_llama4(chunk=8)
+    ids = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        hf.register_attention("torch")
+        model.set_attn_implementation(hf.ATTENTION_NAME)
+        assert_close(model(input_ids=ids).logits, ref, torch.float32)
+        with pytest.raises(ValueError, match="chunked attention with chunks of 8"):
+            model(input_ids=torch.randint(0, 61, (1, 11)))
+    with pytest.raises(ValueError, match="attention_chunk_size=8"):
+        check_model_supported(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence mixers other than attention on the packed engine
+
+
+def _tiny_recurrent_gemma():
+    cfg = transformers.RecurrentGemmaConfig(
+        hidden_size=32,
+        lru_width=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=61,
+        block_types=["recurrent", "attention"],
+        attention_window_size=16,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+
+
+def test_recurrent_layers_are_refused_on_the_packed_engine_before_any_work():
+    model = _tiny_recurrent_gemma()
+    with pytest.raises(ValueError, match=r"recurrent.*backend='torch'"):
+        check_model_supported(model)
+    with pytest.raises(ValueError, match="layers other than attention"):
+        MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="triton")
+    # The torch backend (one document per batch row) accepts it.
+    MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="torch")
+
+
+def test_sequence_mixers_found_by_module_and_by_config():
+    model = tiny_model("llama", dtype=torch.float32)
+    assert hf_contract.sequence_mixers(model) == []
+    check_model_supported(model)
+    model.model.layers[0].mixer = torch.nn.Conv1d(4, 4, 3)  # a causal convolution added to a layer
+    assert hf_contract.sequence_mixers(model) == ["modules Conv1d"]
+    with pytest.raises(ValueError, match="Conv1d"):
+        check_model_supported(model)
+    del model.model.layers[0].mixer
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert hf_contract.sequence_mixers(model) == ["config.layer_types lists linear_attention layers"]
+
+
+def test_gpt2_conv1d_is_a_linear_layer_not_a_mixer():
+    model = tiny_model("gpt2", dtype=torch.float32)
+    assert hf_contract.sequence_mixers(model) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wrapped vision-language models
+
+
+def _tiny_gemma3_wrapper():
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=300,
+        head_dim=16,
+        sliding_window=4,
+    )
+    vision = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp64 write through the interpreter")
+def test_wrapped_gemma3_writes_through_its_language_model():
+    """Gemma3ForConditionalGeneration: the write runs the text model only (the vision tower's convolution is
+    not a sequence mixer of the write), the engine matches the torch backend and an independent loop on the
+    wrapper's own logits."""
+    model = _tiny_gemma3_wrapper()
+    assert type(hf.backbone(model)).__name__ == "Gemma3TextModel"
+    check_model_supported(model)
+    ids = torch.randint(0, 290, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    memory = torch.randn(2, 32, dtype=F64) * 0.1
+    config = WriteConfig(num_memory_tokens=2, steps=2, lr=0.1)
+    engine = MemoryWriter(model, config, backend="triton").write(ids, mask, memory=memory).memory
+    reference = MemoryWriter(model, config, backend="torch").write(ids, mask, memory=memory).memory
+    # Independent loop: the wrapper's own forward on [M; E(tokens)] per document, the loss of DESIGN.md.
+    emb = model.get_input_embeddings()
+    for b in range(2):
+        tokens = ids[b, : int(mask[b].sum())]
+        M = memory.clone()
+        for _ in range(2):
+            M.requires_grad_(True)
+            logits = model(inputs_embeds=torch.cat([M, emb(tokens[None])[0]])[None]).logits[0]
+            loss = torch.nn.functional.cross_entropy(logits[1 : 1 + len(tokens)], tokens)
+            (grad,) = torch.autograd.grad(loss, M)
+            M = (M - 0.1 * grad).detach()
+        assert_close(engine[b], M, F64, name=f"engine document {b}")
+        assert_close(reference[b], M, F64, name=f"reference document {b}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 under the interpreter
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 dot")
+def test_bf16_on_the_triton_backend_on_cpu_is_refused():
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(Exception, match="bfloat16 on the triton backend needs a GPU"):
+        prefix_attention(q, q, q, backend="triton")
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 weights on the triton backend need a GPU"):
+        MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="triton")
+    # float16 is exact in the interpreter and stays available.
+    h = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    ref = prefix_attention(h.double(), h.double(), h.double(), backend="torch")
+    assert_close(prefix_attention(h, h, h, backend="triton"), ref, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads and padding
+
+
+def test_layers_between_backbone_and_head_are_refused():
+    """BERT-style causal LMs compute logits = decoder(LayerNorm(act(dense(h)))): writing against decoder(h)
+    would be silently wrong (found by the family matrix: 120-150% off), so the head is refused."""
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=61, is_decoder=True
+    )
+    model = transformers.BertLMHeadModel(cfg).eval()
+    with pytest.raises(ValueError, match=r"layers between the backbone and the output head \(cls\.predictions"):
+        hf.output_head(model)
+    with pytest.raises(ValueError, match="layers between the backbone"):
+        MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="torch").write(
+            torch.randint(0, 61, (1, 5))
+        )
+    hf.output_head(tiny_model("llama", dtype=torch.float32))  # a plain head on the backbone passes
+
+
+def _tiny_gemma3_text(window: int, attn_implementation: str):
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=61,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    register_eager64()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    model = model.to(F64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp64 write through the interpreter")
+@pytest.mark.parametrize(
+    "attn_implementation, backends",
+    [("eager", ("torch",)), (EAGER64, ("torch", "triton"))],
+    ids=["hf_eager", "eager64"],
+)
+def test_padding_longer_than_the_sliding_window_stays_finite_and_exact(attn_implementation, backends):
+    """A padded row whose padding outruns the sliding window used to give the torch backend NaN: with Hugging
+    Face's eager attention (fp32 softmax) its padding rows had no visible key, then 0 * NaN in P @ V reached
+    the real rows. Every backend now matches the document written alone. (EAGER64, an fp64 softmax, makes the
+    fp64 comparison with the kernels meaningful; it never produced the NaN.)"""
+    model = _tiny_gemma3_text(2, attn_implementation)
+    ids = torch.randint(0, 61, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # 7 padding tokens > window 2
+    memory = torch.randn(2, 32, dtype=F64) * 0.1
+    config = WriteConfig(num_memory_tokens=2, steps=2, lr=0.1)
+    alone = MemoryWriter(model, config, backend="torch").write(ids[1:, :3], memory=memory).memory[0]
+    for backend in backends:
+        got = MemoryWriter(model, config, backend=backend).write(ids, mask, memory=memory)
+        assert torch.isfinite(got.losses).all(), backend
+        assert_close(got.memory[1], alone, F64, name=backend)
