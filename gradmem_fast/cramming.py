@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from . import engine, hf
 from .backend import use_backend
+from .inputs import head_logit_transform
+from .ops.cross_entropy import postprocess_logits
 from .ops.update import AdamState, memory_update
 from .packing import IGNORE_INDEX
 from .result import DocumentStats
@@ -101,6 +103,7 @@ class _Batch:
         self.writer, self.config = writer, writer.config
         self.model = writer.model
         self.head_weight, self.head_bias = head
+        self.transform = head_logit_transform(self.model, self.head_weight)  # the model's logit post-processing
         self.docs = docs
         self.real = len(docs)
         self._build(docs)
@@ -253,6 +256,7 @@ class _PaddedBatch(_Batch):
         positions = torch.arange(m + S, device=x.device).unsqueeze(0).expand(B, -1)
         hidden = hf.backbone_hidden(self.model, x, full, positions)[self.doc, m - 1 + self.position]
         logits = F.linear(hidden, self.head_weight.detach(), _detached(self.head_bias))
+        logits = postprocess_logits(logits, *self.transform)
         math_logits = logits.to(self._math_dtype(logits.dtype))
         ce = F.cross_entropy(math_logits, self.targets, reduction="none")
         loss = ce.new_zeros(B).index_add(0, self.doc, ce) / self.counts.clamp_min(1).to(ce.dtype)
@@ -305,7 +309,14 @@ class _PackedBatch(_Batch):
             # The fused cross-entropy keeps no logits: one more head product on the step's own hidden rows.
             with torch.no_grad():
                 scores = score_rows(
-                    hidden.detach(), self.head_weight, self.head_bias, self.targets, self.doc, self.position, self.rows
+                    hidden.detach(),
+                    self.head_weight,
+                    self.head_bias,
+                    self.targets,
+                    self.doc,
+                    self.position,
+                    self.rows,
+                    transform=self.transform,
                 )
         return loss, scores
 

@@ -37,6 +37,7 @@ import torch
 from . import hf
 from .backend import use_backend
 from .config import WriteConfig
+from .inputs import head_logit_transform
 from .ops.attention import dropout_generator
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.update import memory_update
@@ -187,6 +188,8 @@ def _step_loss(
     else:
         hidden = backbone(x, packed, ones_mask, weights)
     h = hidden.index_select(0, packed.loss_rows)
+    # The model's own logit scale / soft-capping (Cohere, Granite, Gemma 2, ...), none for a separate write head.
+    logit_scale, softcap = head_logit_transform(model, head_weight)
     if not second_order:
         # Only a second-order step differentiates through the head. A custom autograd op cannot tell which
         # of its inputs the current autograd.grad call needs, so hand it a frozen head: no dW/db work.
@@ -202,6 +205,8 @@ def _step_loss(
         cu_seqlens=packed.cu_tokens,
         ignore_index=IGNORE_INDEX,
         precompute_grad=None if not second_order else False,
+        logit_scale=logit_scale,
+        softcap=softcap,
     )
     return (loss, h) if return_hidden else loss
 

@@ -4,12 +4,149 @@ Models are reached only through public APIs: ``get_input_embeddings``, ``get_out
 ``base_model``; no model class is patched.
 """
 
+import math
+
 import torch
 from torch import nn
 
-# Config attributes that post-process logits after the output head; a write loss computed from
-# ``hidden @ head.T`` would silently differ from the model's logits for such models, so they are rejected.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# Logit post-processing of Hugging Face causal LMs: what each class's own forward does to its head's output y
+# after the head (read from transformers 5.x modeling_*.py). ``logit_postprocessing`` returns it as (s, c):
+# logits = c tanh(s y / c), or s y when c is None; the write loss, the reference and READ scores apply the same.
+#
+#   classes                                       forward reads                        computes          (s, c)
+#   Gemma2, Gemma3, Gemma3n, Gemma4, Gemma4Unified, config.final_logit_softcapping       c tanh(y / c)     (1, c)
+#     VaultGemma, NanoChat (ForCausalLM)            (None: nothing)
+#   Gemma3n, Gemma4, Gemma4Unified                text config .final_logit_softcapping c tanh(y / c)     (1, c)
+#     (ForConditionalGeneration)
+#   RecurrentGemmaForCausalLM                     config.logits_soft_cap               c tanh(y / c)     (1, c)
+#   xLSTMForCausalLM                              config.output_logit_soft_cap         c tanh(y / c)     (1, c)
+#   MuseGlimmerForConditionalGeneration           text config .output_multiplier and   c tanh(m y / c)   (m, c)
+#                                                   .final_logit_softcapping
+#   Cohere, Cohere2, Cohere2Moe, CohereCompass    model.logit_scale (= config's;       s y               (s, None)
+#     (ForCausalLM), CohereCompassFor-              None: nothing)
+#     ConditionalGeneration
+#   Granite, GraniteSWA, GraniteMoe,              config.logits_scaling (text config   y / L             (1/L, None)
+#     GraniteMoeSWA, GraniteMoeHybrid,              for Granite4Vision)
+#     GraniteMoeShared (ForCausalLM),
+#     Granite4VisionForConditionalGeneration
+#   HyperCLOVAXForCausalLM                        config.logits_scaling                L y               (L, None)
+#   FalconH1ForCausalLM                           model.model.lm_head_multiplier       m y               (m, None)
+#   MiniCPM3ForCausalLM                           config.logits_scaling                head(h / L)       (1/L, None)
+#                                                   (bias-free head: = y / L)
+#   MptForCausalLM                                (config.logit_scale is never read)   y                 (1, None)
+#
+# Any other class whose config (or text config) sets one of ``_LOGIT_POSTPROCESSING`` to something other than
+# None (or 1 for a scale) is refused: we do not know what its forward does with it.
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logits_soft_cap",
+    "output_logit_soft_cap",
+    "logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+    "output_multiplier_scale",
+)
+_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _number(model, attr: str, value, *, positive: bool = False) -> float:
+    """``value`` as a float, or a ValueError naming the attribute and the model class."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0) or value == 0:
+        need = "a finite number > 0" if positive else "a finite nonzero number"
+        raise ValueError(f"model: {type(model).__name__} has {attr}={value!r}; expected {need}")
+    return float(value)
+
+
+def _cap(model, config, attr: str) -> tuple[float, float | None]:
+    value = getattr(config, attr, None)
+    return 1.0, None if value is None else _number(model, attr, value, positive=True)
+
+
+def _scale(model, owner, attr: str, invert: bool = False) -> tuple[float, float | None]:
+    value = getattr(owner, attr, None)
+    if value is None:
+        return 1.0, None
+    s = _number(model, attr, value)
+    return (1.0 / s if invert else s), None
+
+
+def _minicpm3(model) -> tuple[float, float | None]:
+    if getattr(get_output_embeddings(model), "bias", None) is not None:  # h / L through a biased head is not y / L
+        raise ValueError(
+            f"model: {type(model).__name__} scales hidden states by 1/logits_scaling before a head with a bias"
+        )
+    return _scale(model, model.config, "logits_scaling", invert=True)
+
+
+def _muse_glimmer(model) -> tuple[float, float | None]:
+    text = _text_config(model)
+    scale, _ = _scale(model, text, "output_multiplier")
+    return scale, _number(
+        model, "final_logit_softcapping", getattr(text, "final_logit_softcapping", None), positive=True
+    )
+
+
+_GEMMA = ("Gemma2", "Gemma3", "Gemma3n", "Gemma4", "Gemma4Unified", "VaultGemma", "NanoChat")
+_GRANITE = ("Granite", "GraniteSWA", "GraniteMoe", "GraniteMoeSWA", "GraniteMoeHybrid", "GraniteMoeShared")
+_COHERE = ("Cohere", "Cohere2", "Cohere2Moe", "CohereCompass")
+_RECIPES = {
+    **{f"{f}ForCausalLM": lambda m: _cap(m, m.config, "final_logit_softcapping") for f in _GEMMA},
+    **{
+        f"{f}ForConditionalGeneration": lambda m: _cap(m, _text_config(m), "final_logit_softcapping")
+        for f in ("Gemma3n", "Gemma4", "Gemma4Unified")
+    },
+    "RecurrentGemmaForCausalLM": lambda m: _cap(m, m.config, "logits_soft_cap"),
+    "xLSTMForCausalLM": lambda m: _cap(m, m.config, "output_logit_soft_cap"),
+    "MuseGlimmerForConditionalGeneration": _muse_glimmer,
+    **{
+        f"{f}ForCausalLM": lambda m: _scale(m, m if hasattr(m, "logit_scale") else m.config, "logit_scale")
+        for f in _COHERE
+    },
+    "CohereCompassForConditionalGeneration": lambda m: _scale(m, m, "logit_scale"),
+    **{f"{f}ForCausalLM": lambda m: _scale(m, m.config, "logits_scaling", invert=True) for f in _GRANITE},
+    "Granite4VisionForConditionalGeneration": lambda m: _scale(m, _text_config(m), "logits_scaling", invert=True),
+    "HyperCLOVAXForCausalLM": lambda m: _scale(m, m.config, "logits_scaling"),
+    "FalconH1ForCausalLM": lambda m: _scale(m, getattr(m, "model", m.config), "lm_head_multiplier"),
+    "MiniCPM3ForCausalLM": _minicpm3,
+    "MptForCausalLM": lambda m: (1.0, None),
+}
+
+
+def logit_postprocessing(model) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)``: what ``model``'s own forward does to its output head's result y, as
+    ``softcap * tanh(logit_scale * y / softcap)`` (or ``logit_scale * y`` when softcap is None); ``(1.0, None)``
+    when it does nothing. The table above lists every family; the class is matched along its MRO (a subclass
+    inherits its family's forward). A config that sets a post-processing attribute this table does not explain
+    for the class is refused with a ValueError naming the attribute and the class."""
+    for cls in type(model).__mro__:
+        recipe = _RECIPES.get(cls.__name__)
+        if recipe is not None:
+            return recipe(model)
+    for config in {id(c): c for c in (getattr(model, "config", None), _text_config(model)) if c is not None}.values():
+        for attr in _LOGIT_POSTPROCESSING:
+            value = getattr(config, attr, None)
+            neutral = value is None or value is False or (attr not in _CAPS and value == 1)
+            if not neutral:
+                raise ValueError(
+                    f"model: {type(model).__name__} sets {attr}={value!r} in its config, which may post-process "
+                    "logits after the output head in a way gradmem-fast does not know for this class; refused "
+                    "rather than computing other logits than the model's"
+                )
+    return 1.0, None
+
+
+def get_output_embeddings(model):
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
 
 
 def input_embeddings(model) -> nn.Module:
@@ -25,22 +162,16 @@ def input_embeddings(model) -> nn.Module:
 
 
 def output_head(model) -> nn.Module:
-    """The output projection ``[V, d]`` of ``model`` (a ``nn.Linear``-like module with ``weight``)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    """The output projection ``[V, d]`` of ``model`` (a ``nn.Linear``-like module with ``weight``). Raises a
+    ValueError for a model whose logit post-processing is unknown (``logit_postprocessing``): every caller
+    forms logits from this head and must apply what ``logit_postprocessing`` returns."""
+    head = get_output_embeddings(model)
     if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2:
         raise ValueError(
             "model: expected a causal LM with an output head (get_output_embeddings() returning a "
             f"Linear of shape [vocab, hidden]); {type(model).__name__} has none — pass a write_head"
         )
-    config = getattr(model, "config", None)
-    for attr in _LOGIT_POSTPROCESSING:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0, 0, 0.0, False):
-            raise ValueError(
-                f"model: its config sets {attr}={value!r}, which post-processes logits after the output "
-                "head; this is not supported by gradmem-fast yet"
-            )
+    logit_postprocessing(model)
     return head
 
 

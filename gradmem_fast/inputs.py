@@ -111,6 +111,17 @@ def resolve_write_head(write_head, model):
     return weight, bias
 
 
+def head_logit_transform(model, head_weight) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a loss formed through ``head_weight``: the model's own logit post-processing
+    (``hf.logit_postprocessing``) when ``head_weight`` is its output head's weight (``write_head`` None, or the
+    model's head itself passed as the write head), and none, ``(1.0, None)``, for a separate write head: that is
+    the caller's own ``[V, d]`` linear (GradMemModel's trainable write head included), not the model's logits."""
+    head = hf.get_output_embeddings(model)
+    if head is not None and getattr(head, "weight", None) is head_weight:
+        return hf.logit_postprocessing(model)
+    return 1.0, None
+
+
 def prepare_write(model, input_ids, attention_mask, memory, config, write_head):
     """Everything a WRITE needs from the user's arguments, validated once:
     (right-aligned ids, mask, initial memory [B, m, d], head weight, head bias)."""

@@ -40,6 +40,11 @@ Parameter names follow the published GradMem implementation (``grad_memgpt.py``,
     write_st, write_end, read_st, read_end   [n_ctrl_tokens, d] control vectors (n_ctrl_tokens > 0)
     write_head.weight                [V, d], no bias (use_write_head; initialised from the output head)
 
+Logit post-processing (Gemma 2's soft-capping, Cohere's / Granite's scale: ``hf.logit_postprocessing``) is
+part of the output head: the WRITE loss through the model's own head and the READ logits apply it, as the
+model's forward does; a separate write head is a plain linear (its logits are ``write_head(h)``, no
+post-processing), trained as such.
+
 The configuration keeps the published field names as well (``n_mem_tokens``, ``K``, ``lr``, ``use_adam``,
 ``grad_mode``, ``last_K_second_order``, ``n_ctrl_tokens``, ``inner_clip_value``, ``inner_clip_norm``,
 ``use_mem_proj``/``mem_proj_mode``, ``use_write_head``, ``add_inner_loss_to_outer``, ``inner_loss_weight``,
@@ -68,6 +73,7 @@ from . import engine, hf, reference
 from .backend import resolve_backend
 from .config import WriteConfig
 from .inputs import prepare_write
+from .ops.cross_entropy import postprocess_logits
 from .packing import documents_from_batch, pack
 
 MEM_PROJ_MODES = ("none", "proj")
@@ -386,7 +392,8 @@ class GradMemModel(PreTrainedModel):
         positions = torch.arange(r + Q, device=x.device).unsqueeze(0).expand(B, -1)
         hidden = hf.backbone_hidden(self.model, x, mask, positions)
         head = hf.output_head(self.model)
-        return F.linear(hidden[:, r - 1 :], head.weight, getattr(head, "bias", None))
+        logits = F.linear(hidden[:, r - 1 :], head.weight, getattr(head, "bias", None))
+        return postprocess_logits(logits, *hf.logit_postprocessing(self.model))
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import hf
 from .inputs import check_token_batch
+from .ops.cross_entropy import postprocess_logits
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ def teacher_forced(
     """
     emb = hf.input_embeddings(model)
     head = hf.output_head(model)
+    transform = hf.logit_postprocessing(model)  # the model's own logit scale / soft-capping
     device = _weight(emb).device
     lengths = [len(d) for d in documents]
     if not isinstance(memory, torch.Tensor) or memory.dim() != 3 or memory.shape[0] != len(documents):
@@ -108,7 +110,7 @@ def teacher_forced(
     for b, n in enumerate(lengths):
         for lo in range(given_tokens, n, chunk_rows):
             hi = min(n, lo + chunk_rows)
-            logits = F.linear(hidden[b, m - 1 + lo : m - 1 + hi], _weight(head), bias)
+            logits = postprocess_logits(F.linear(hidden[b, m - 1 + lo : m - 1 + hi], _weight(head), bias), *transform)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             target = ids[b, lo:hi]
             loss[b] += float(F.cross_entropy(logits, target, reduction="sum"))
@@ -148,13 +150,14 @@ class MemoryReader:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
-        """Check the model's parts once (embeddings, an output head without logit post-processing)."""
+        """Check the model's parts once (embeddings, an output head whose logit post-processing is known: the
+        reader's logits are the model's own forward's, post-processing included)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a Hugging Face causal LM, got {type(model).__name__}")
         self.model = model
         self.tokenizer = tokenizer
         self._emb = hf.input_embeddings(model)
-        hf.output_head(model)  # rejects models whose logits are post-processed after the head
+        hf.output_head(model)  # rejects models whose logit post-processing is unknown
         self.device = _weight(self._emb).device
         self.hidden_size = hf.hidden_size(model)
 

@@ -7,7 +7,10 @@ For a batch of B documents c_b with n_b real tokens and memories M_b [m, d]:
 
     x_b      = [M_b ; E(c_b)]                       positions 0 .. m + n_b - 1, causal
     h_b      = backbone(x_b)                        final hidden states
-    logit_bj = W h_b[m - 1 + j] (+ bias)            position m-1+j predicts token j
+    logit_bj = phi(s (W h_b[m - 1 + j] (+ bias)))   position m-1+j predicts token j; s, phi: the model's own
+                                                    logit post-processing (inputs.head_logit_transform:
+                                                    phi(x) = c tanh(x / c) or x) for its own head, none
+                                                    for a separate write head
     L_b      = sum_j CE(logit_bj, c_bj) / max(1, n_b)
                (with ``config.given_tokens = g``: sums over j >= g, divided by max(1, n_b - g))
     g_b      = d(sum_b L_b) / d M_b                 each memory gets its own document's gradient
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 
 from . import hf
 from .config import WriteConfig
-from .inputs import check_token_batch, prepare_write
+from .inputs import check_token_batch, head_logit_transform, prepare_write
 from .ops import update as update_ops
+from .ops.cross_entropy import postprocess_logits
 from .result import WriteResult
 
 
@@ -48,9 +52,15 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
         embeds = hf.input_embeddings(model)(ids)
     x = torch.cat([memory.to(embeds.dtype), embeds], dim=1)
     full_mask = torch.cat([torch.ones(B, m, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    if hf.is_causal(model):
+        # Real tokens come first in every row, so under causal attention no real position sees padding and
+        # the padding mask changes nothing they compute. Passing it anyway gives padding rows beyond a
+        # sliding window no visible key at all: NaN there, which then reaches real rows as 0 * NaN in P @ V.
+        full_mask = torch.ones_like(full_mask)
     positions = torch.arange(m + S, device=ids.device).unsqueeze(0).expand(B, -1)
     hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
     logits = F.linear(hidden[:, m - 1 : m + S - 1], head_weight, head_bias)
+    logits = postprocess_logits(logits, *head_logit_transform(model, head_weight))
     ce = F.cross_entropy(logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none").view(B, S)
     scored = mask.bool() & (torch.arange(S, device=ids.device) >= given_tokens)
     ce = torch.where(scored, ce, torch.zeros_like(ce))
@@ -162,4 +172,5 @@ def read_logits(model, memory, query_ids, query_mask=None):
     full_mask = torch.cat([torch.ones(B, m, dtype=torch.long, device=device), mask.long()], dim=1)
     positions = torch.arange(m + Q, device=device).unsqueeze(0).expand(B, -1)
     hidden = hf.backbone_hidden(model, x, full_mask, positions)
-    return F.linear(hidden[:, m - 1 :], head.weight, getattr(head, "bias", None))
+    logits = F.linear(hidden[:, m - 1 :], head.weight, getattr(head, "bias", None))
+    return postprocess_logits(logits, *hf.logit_postprocessing(model))

@@ -1,7 +1,8 @@
 """Per-document scores of a memory, computed on the device: what the stopping rules and the reports read.
 
 For document b with tokens c_0..c_{n-1}, the hidden state that predicts c_j (row m-1+j after the memory, or
-row j-1 without a memory) gives ``logit_j = W h_j (+ bias)`` and::
+row j-1 without a memory) gives ``logit_j = W h_j (+ bias)`` (then the model's own logit scale / soft-capping,
+``inputs.head_logit_transform``, when W is its output head) and::
 
     ce_j        = logsumexp(logit_j) - logit_j[c_j]              nats
     ok_j        = argmax(logit_j) == c_j                         first maximum, as greedy decoding picks it
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import hf
+from .inputs import head_logit_transform
+from .ops.cross_entropy import postprocess_logits
 
 LN2 = math.log(2.0)
 
@@ -117,16 +120,19 @@ def score_rows(
     position: torch.Tensor,
     batch: int,
     chunk_rows: int = 2048,
+    transform: tuple[float, float | None] = (1.0, None),
 ) -> DocumentScores:
     """Scores of ``batch`` documents from the hidden states that predict their tokens.
 
     ``hidden`` [N, d]: row i predicts ``targets[i]``, token ``position[i]`` (0-based) of document ``doc[i]``
-    (rows with a negative target are ignored, e.g. filler). Formulas in the module docstring.
+    (rows with a negative target are ignored, e.g. filler). Formulas in the module docstring. ``transform``:
+    the (logit scale, softcap) applied after the head (``inputs.head_logit_transform``).
     """
     acc = _Accumulator(batch, hidden.device)
     for lo in range(0, hidden.shape[0], chunk_rows):
         hi = min(hidden.shape[0], lo + chunk_rows)
-        acc.add(F.linear(hidden[lo:hi], head_weight, head_bias), targets[lo:hi], doc[lo:hi], position[lo:hi])
+        logits = postprocess_logits(F.linear(hidden[lo:hi], head_weight, head_bias), *transform)
+        acc.add(logits, targets[lo:hi], doc[lo:hi], position[lo:hi])
     return acc.scores()
 
 
@@ -172,6 +178,7 @@ def no_memory_tail(
                 r[:, 0],
                 r[:, 1] + 1,
                 len(group),
+                transform=head_logit_transform(model, head_weight),
             )
             out[group] = scores.tail.cpu()
         start = stop
@@ -203,4 +210,7 @@ def score_memories(
     doc = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(lengths)]).to(device)
     pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
     targets = torch.where(pos >= given_tokens, ids[doc, pos], torch.full_like(pos, -1))
-    return score_rows(hidden[doc, m - 1 + pos], head_weight, head_bias, targets, doc, pos, B).to_host()
+    transform = head_logit_transform(model, head_weight)
+    return score_rows(
+        hidden[doc, m - 1 + pos], head_weight, head_bias, targets, doc, pos, B, transform=transform
+    ).to_host()

@@ -1,0 +1,218 @@
+"""Families whose causal-LM head post-processes logits (Gemma 2 soft-capping, Cohere scale, Granite division):
+a WRITE and a READ equal what the model's own full forward gives.
+
+The oracle is an independent loop over documents: ``model(inputs_embeds=[M ; E(c)]).logits`` (the model's own
+forward, post-processing included), mean cross-entropy, ``torch.autograd`` for the gradient (with
+``create_graph`` for the second order), SGD. Against it: the torch reference, the packed engine with torch ops
+and with the Triton kernels (interpreter), all fp64. Head weights are scaled up so that logits lie beyond
+Gemma 2's cap (tanh far from linear) and scales are not powers of two.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from test_engine import engine_write, ragged
+
+from gradmem_fast import MemoryReader, WriteConfig, hf, reference
+from gradmem_fast.inputs import head_logit_transform
+from gradmem_fast.reader import teacher_forced
+from gradmem_fast.scoring import score_memories
+from helpers import assert_close
+from tiny_models import EAGER64, VOCAB, _rotary_in_fp64, register_eager64
+
+F64 = torch.float64
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+# family: (config, expected (logit_scale, softcap), factor on the head weight)
+FAMILIES = {
+    "gemma2": (
+        lambda: transformers.Gemma2Config(
+            **SMALL, head_dim=8, final_logit_softcapping=0.9, attn_logit_softcapping=None, sliding_window=64
+        ),
+        (1.0, 0.9),
+        60.0,
+    ),
+    "cohere": (lambda: transformers.CohereConfig(**SMALL, logit_scale=0.37), (0.37, None), 8.0),
+    "granite": (lambda: transformers.GraniteConfig(**SMALL, logits_scaling=0.3), (1 / 0.3, None), 2.0),
+}
+
+
+def _norm_in_fp64(module):
+    """The family's norm computed in the model's dtype (Gemma 2's RMSNorm and Cohere's LayerNorm upcast to
+    fp32, which would put fp32 noise into fp64 comparisons of differently shaped batches)."""
+    name = type(module).__name__
+    if name == "Gemma2RMSNorm":
+
+        def forward(x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps) * (1.0 + module.weight)
+
+    elif name == "CohereLayerNorm":
+
+        def forward(x):
+            x = x - x.mean(-1, keepdim=True)
+            return module.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+
+    elif name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+
+        def forward(x):
+            return module.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
+
+    else:
+        return
+    module.forward = forward
+
+
+def family_model(family, seed=0):
+    make, _, factor = FAMILIES[family]
+    register_eager64()
+    cfg = make()
+    cfg._attn_implementation = EAGER64
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=EAGER64)
+    model = model.to(F64).eval()
+    for sub in model.modules():
+        if hasattr(sub, "inv_freq") and "Rotary" in type(sub).__name__:
+            _rotary_in_fp64(sub)
+        _norm_in_fp64(sub)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
+
+
+def own_forward_write(model, ids, mask, M0, cfg, create_graph=False):
+    """The oracle: per document, K SGD steps on the mean CE of the model's own logits (no clipping)."""
+    emb = model.get_input_embeddings()
+    m = M0.shape[0]
+    memories, losses = [], []
+    for b in range(ids.shape[0]):
+        doc = ids[b][mask[b].bool()]
+        M, doc_losses = M0, []
+        for _ in range(cfg.steps):
+            if not M.requires_grad:
+                M = M.detach().requires_grad_(True)
+            x = torch.cat([M, emb(doc)], 0)[None]
+            logits = model(inputs_embeds=x, use_cache=False).logits[0, m - 1 : m - 1 + len(doc)]
+            loss = F.cross_entropy(logits, doc)
+            (g,) = torch.autograd.grad(loss, M, create_graph=create_graph)
+            doc_losses.append(loss.detach())
+            M = M - cfg.lr * g
+        memories.append(M)
+        losses.append(torch.stack(doc_losses))
+    return torch.stack(memories), torch.stack(losses, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_postprocessing_reads_the_config(family):
+    model = family_model(family)
+    scale, softcap = hf.logit_postprocessing(model)
+    assert scale == pytest.approx(FAMILIES[family][1][0], rel=1e-15) and softcap == FAMILIES[family][1][1]
+    head = model.get_output_embeddings()
+    assert head_logit_transform(model, head.weight) == hf.logit_postprocessing(model)
+    other = torch.nn.Linear(32, VOCAB, bias=False, dtype=F64)
+    assert head_logit_transform(model, other.weight) == (1.0, None)  # a separate write head is a plain linear
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_order_write_matches_own_forward(family):
+    """grad_mode "none": memories and per-step losses of the reference, the engine with torch ops and the engine
+    with the Triton kernels equal the model's own forward loop (fp64, ragged documents incl. length 1)."""
+    model = family_model(family)
+    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.3)
+    ids, mask = ragged([5, 1, 7])
+    M0 = torch.randn(2, 32, dtype=F64) * 0.5
+    want_M, want_L = own_forward_write(model, ids, mask, M0, cfg)
+    got = {
+        "reference": reference.write(model, ids, mask, M0, cfg),
+        "engine-torch": engine_write(model, ids, mask, M0, cfg, "torch"),
+        "engine-triton": engine_write(model, ids, mask, M0, cfg, "triton"),
+    }
+    for name, res in got.items():
+        assert_close(res.memory, want_M, F64, name=f"{name} memory")
+        assert_close(res.losses, want_L, torch.float32, name=f"{name} losses")  # stats are reported in fp32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_order_write_matches_own_forward(family):
+    """grad_mode "second": gradients of a random projection of the written memories with respect to the
+    initial memory and the output head (the head is differentiated through the post-processing) equal the
+    oracle's double backward, for the reference and the Triton engine."""
+    model = family_model(family)
+    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.3, grad_mode="second")
+    ids, mask = ragged([4, 1, 6])
+    M0 = torch.randn(2, 32, dtype=F64) * 0.5
+    head = model.get_output_embeddings().weight
+    cot = torch.randn(3, 2, 32, dtype=F64)
+
+    def grads(memory, leaf):
+        return torch.autograd.grad((memory * cot).sum(), (leaf, head))
+
+    leaf = M0.clone().requires_grad_(True)
+    want = grads(own_forward_write(model, ids, mask, leaf, cfg, create_graph=True)[0], leaf)
+    for name, write in (
+        ("reference", lambda leaf: reference.write(model, ids, mask, leaf, cfg)),
+        ("engine-triton", lambda leaf: engine_write(model, ids, mask, leaf, cfg, "triton")),
+    ):
+        leaf = M0.clone().requires_grad_(True)
+        got = grads(write(leaf).memory, leaf)
+        for g, w, what in zip(got, want, ("M0", "head")):
+            assert_close(g, w, F64, name=f"{name} d/d{what}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_read_logits_and_scores_equal_own_forward(family):
+    """READ logits (reference oracle and MemoryReader) are the model's own logits; teacher-forced losses and
+    the scores of a memory are its own cross-entropies."""
+    model = family_model(family)
+    memory = torch.randn(2, 3, 32, dtype=F64)
+    queries = torch.randint(0, VOCAB, (2, 4))
+    emb = model.get_input_embeddings()
+    own = model(inputs_embeds=torch.cat([memory, emb(queries)], 1), use_cache=False).logits[:, 2:]
+    assert_close(reference.read_logits(model, memory, queries), own, F64, name="reference.read_logits")
+    assert_close(MemoryReader(model).logits(memory, queries), own, F64, name="MemoryReader.logits")
+    docs = [queries[0], queries[1, :3]]
+    want = torch.stack([F.cross_entropy(own[b, : len(d)], d) for b, d in enumerate(docs)])
+    loss, _ = teacher_forced(model, memory, docs)
+    assert_close(loss, want, F64, name="teacher_forced loss")
+    scores = score_memories(model, memory, docs, model.get_output_embeddings().weight, None)
+    assert_close(scores.loss, want, F64, name="score_memories loss")
+
+
+def test_unknown_postprocessing_is_refused():
+    """A class outside the table whose config sets a post-processing attribute is refused, naming both."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="LlamaForCausalLM sets final_logit_softcapping=30.0"):
+        hf.output_head(model)
+    model.config.final_logit_softcapping = None
+    model.config.logits_scaling = 1.0  # neutral
+    assert hf.logit_postprocessing(model) == (1.0, None)
+    model.config.logits_scaling = 2.0
+    with pytest.raises(ValueError, match="logits_scaling=2.0"):
+        MemoryReader(model)
+
+
+@pytest.mark.parametrize(
+    "family,attr,value,words",
+    [
+        ("gemma2", "final_logit_softcapping", 0.0, "final_logit_softcapping=0.0; expected a finite number > 0"),
+        ("gemma2", "final_logit_softcapping", float("nan"), "final_logit_softcapping=nan"),
+        ("granite", "logits_scaling", 0.0, "logits_scaling=0.0; expected a finite nonzero number"),
+    ],
+)
+def test_bad_known_values_are_refused(family, attr, value, words):
+    model = family_model(family)
+    setattr(model.config, attr, value)
+    with pytest.raises(ValueError, match=words):
+        hf.logit_postprocessing(model)
