@@ -67,6 +67,28 @@ def model_name(module) -> str:
     return f"{type(module).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
 
 
+# Attention modules whose result the kernels cannot reproduce from what the call gives them, found by the family
+# matrix (tests/families.py): class name -> why.
+UNSUPPORTED_ATTENTION = {
+    # Its decoder self-attention is built with is_causal=False and takes its causality from the 4-D mask alone
+    # (BART's decoder passes is_causal=True); the same class serves as cross-attention, so neither choice of
+    # causality is right for every call.
+    "BigBirdPegasusDecoderAttention": "declares is_causal=False and takes its causality from a 4-D mask only",
+    # Dynamic mask attention: an additive bias computed from the hidden states, passed as a 4-D float mask.
+    "DogeAttention": "adds a bias computed from the hidden states (dynamic mask attention) to the scores",
+}
+
+
+def check_attention_module(module) -> None:
+    """Raise ``ValueError`` for an attention module listed in ``UNSUPPORTED_ATTENTION``."""
+    why = UNSUPPORTED_ATTENTION.get(type(module).__name__)
+    if why is not None:
+        raise ValueError(
+            f"{model_name(module)}: this attention {why}, which attn_implementation='gradmem_fast' and the write "
+            "engine do not implement; use attn_implementation='eager' and backend='torch'"
+        )
+
+
 def attention_options(module, kwargs: dict) -> dict:
     """The attention call's keyword arguments, checked: returns the honoured ones (absent ones omitted).
 
@@ -238,6 +260,8 @@ def check_packed_engine(model, text_model=None) -> None:
             "AttentionInterface, so the triton write engine cannot run it; use backend='torch'"
         )
     text_model = model if text_model is None else text_model
+    for module in text_model.modules():
+        check_attention_module(module)
     mixers = sequence_mixers(text_model)
     if mixers:
         raise ValueError(

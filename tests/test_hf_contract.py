@@ -336,3 +336,26 @@ def test_padding_longer_than_the_sliding_window_stays_finite_and_exact(attn_impl
         got = MemoryWriter(model, config, backend=backend).write(ids, mask, memory=memory)
         assert torch.isfinite(got.losses).all(), backend
         assert_close(got.memory[1], alone, F64, name=backend)
+
+
+def test_attention_modules_the_kernels_cannot_reproduce_are_refused():
+    """BigBird-Pegasus's decoder self-attention says is_causal=False and is causal only through its 4-D mask:
+    the drop-in attention gave logits 8e-3 off eager (family matrix) before it was refused."""
+    cfg = transformers.BigBirdPegasusConfig(
+        d_model=32,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        vocab_size=61,
+        attention_type="original_full",
+    )
+    model = transformers.BigBirdPegasusForCausalLM(cfg).eval()
+    hf.register_attention("torch")
+    model.set_attn_implementation(hf.ATTENTION_NAME)
+    with pytest.raises(ValueError, match=r"BigBirdPegasusDecoderAttention.*is_causal=False"):
+        model(input_ids=torch.randint(0, 61, (1, 6)))
+    with pytest.raises(ValueError, match="backend='torch'"):
+        check_model_supported(model)
