@@ -112,13 +112,12 @@ def _order(mid) -> str:
     return hashlib.sha1(_key(mid).encode()).hexdigest()
 
 
-def _is_message(mid, source_lines) -> bool:
-    """A mutant of a string literal on a raise/message line: the text of an error, not a computed value."""
-    text = mid.line.strip()
-    if not re.search(r"[\"']", text):
+def _is_message(mid, source_lines, diff) -> bool:
+    """A string mutant (mutmut wraps the text in "XX") of an error or warning message: not a computed value."""
+    if len(diff) != 2 or diff[1][1:].replace("XX", "") != diff[0][1:].replace("XX", ""):
         return False
     window = "".join(source_lines[max(0, mid.line_number - 3) : mid.line_number + 1])
-    return bool(re.search(r"raise |Error\(|warn\(|f\"|f'", window)) and not re.search(r"[=<>]=|\[", text)
+    return bool(re.search(r"raise |Error\(|warn\(|SystemExit\(", window))
 
 
 def _function_lines(source: str, names) -> set:
@@ -146,8 +145,6 @@ def enumerate_mutants(root: str, path: str, line_filter=None) -> list:
             continue
         if line_filter is not None and (not line_filter[0].search(mid.line) or mid.line_number + 1 not in inside):
             continue
-        if _is_message(mid, lines):
-            continue
         mutated, n = mutate(Context(source=source, filename=path, mutation_id=mid))
         if n != 1 or mutated == source:
             continue
@@ -156,6 +153,8 @@ def enumerate_mutants(root: str, path: str, line_filter=None) -> list:
             for ln in difflib.unified_diff(lines, mutated.splitlines(True), n=0)
             if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
         ]
+        if _is_message(mid, lines, diff):
+            continue
         kept.append((mid, mutated, diff))
     kept.sort(key=lambda t: _order(t[0]))
     return kept
