@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from . import hf
+from . import hf, hf_contract
 from .backend import use_backend
 from .config import WriteConfig
 from .inputs import head_logit_transform
@@ -51,13 +51,9 @@ _ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs
 
 
 def check_model_supported(model) -> None:
-    """Raise a ValueError unless ``model`` routes attention through transformers' AttentionInterface."""
-    supports = getattr(model, "_supports_attention_backend", False)
-    if not supports or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(
-            f"model: {type(model).__name__} does not route its attention through transformers' "
-            "AttentionInterface, so the triton write engine cannot run it; use backend='torch'"
-        )
+    """Raise a ValueError unless the packed engine computes ``model`` exactly (``hf_contract.check_packed_engine``:
+    attention through transformers' AttentionInterface and no other sequence-mixing layer)."""
+    hf_contract.check_packed_engine(model, hf.backbone(model))
 
 
 def attention_dropout_active(model) -> bool:

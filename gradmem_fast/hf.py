@@ -9,6 +9,8 @@ import math
 import torch
 from torch import nn
 
+from . import hf_contract
+
 # Logit post-processing of Hugging Face causal LMs: what each class's own forward does to its head's output y
 # after the head (read from transformers 5.x modeling_*.py). ``logit_postprocessing`` returns it as (s, c):
 # logits = c tanh(s y / c), or s y when c is None; the write loss, the reference and READ scores apply the same.
@@ -172,15 +174,42 @@ def output_head(model) -> nn.Module:
             f"Linear of shape [vocab, hidden]); {type(model).__name__} has none — pass a write_head"
         )
     logit_postprocessing(model)
+    hf_contract.check_head_on_base(model, base_model(model), head)
     return head
 
 
-def backbone(model) -> nn.Module:
-    """The base transformer returning final (normalised) hidden states, e.g. ``GPT2Model``."""
+def base_model(model) -> nn.Module:
+    """The model's base (``base_model``; for Llama 4's text-only causal LM, whose base prefix names an
+    attribute it does not have, its ``.model``), with any vision or audio towers a wrapper holds."""
     base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        base = getattr(model, "model", None)
     if not isinstance(base, nn.Module) or base is model:
         raise ValueError(f"model: expected a Hugging Face causal LM wrapping a base model, got {type(model).__name__}")
     return base
+
+
+def backbone(model) -> nn.Module:
+    """The base transformer returning final (normalised) hidden states, e.g. ``GPT2Model``.
+
+    A wrapper whose base model holds a language model (Gemma 3 and Llama 4 ``...ForConditionalGeneration``,
+    and other vision-language checkpoints whose text part is a causal LM) gives that language model: a
+    WRITE and a READ see text (memory vectors and token embeddings) only, so the vision or audio towers
+    never run, and the wrapper's own head (``get_output_embeddings``) still produces the logits.
+    """
+    base = base_model(model)
+    language_model = getattr(base, "language_model", None)
+    if isinstance(language_model, nn.Module) and language_model is not base:
+        return language_model
+    return base
+
+
+def is_causal(model) -> bool:
+    """Whether every attention layer of ``model``'s backbone is causal (``is_causal`` of its modules and of a
+    decoder config; BERT-style models built with ``is_decoder=False`` are bidirectional)."""
+    if getattr(getattr(model, "config", None), "is_decoder", True) is False:
+        return False
+    return all(getattr(m, "is_causal", True) is not False for m in backbone(model).modules())
 
 
 def hidden_size(model) -> int:
@@ -215,20 +244,19 @@ def gradmem_fast_mask(
     """Mask function for ``AttentionMaskInterface``: the 2-D key padding mask ``[B, kv_length]`` or None.
 
     The causal structure (bottom-right aligned, and the sliding window, which arrives as an argument of the
-    attention call) is applied inside the kernels, so no [q_length, kv_length] mask is ever built. Mask
-    patterns that cannot be expressed that way (packed sequences detected from ``position_ids``, or custom
-    or/and mask functions) are rejected instead of silently ignored.
+    attention call) is applied inside the kernels, so no [q_length, kv_length] mask is ever built. The mask
+    pattern is read from transformers' ``mask_function`` (``hf_contract.mask_pattern``); patterns the kernels
+    cannot express (packed sequences detected from ``position_ids``, image-token blocks, custom or/and mask
+    functions, chunked attention across a chunk boundary) are refused instead of silently ignored.
     """
-    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask
+    from transformers.masking_utils import prepare_padding_mask
 
-    if (not allow_is_causal_skip and q_length > 1 and mask_function is not bidirectional_mask_function) or (
-        kwargs.get("use_vmap", False)
-    ):
+    pattern, chunk = hf_contract.mask_pattern(mask_function)
+    if pattern == "chunked" and kv_offset + kv_length > chunk:
         raise ValueError(
-            f"attn_implementation={ATTENTION_NAME!r} supports causal/bidirectional masks with padding and sliding "
-            "windows; this model call needs another mask pattern (packed sequences given by position_ids, or "
-            "custom mask functions). Pass an attention_mask instead, or call gradmem_fast.prefix_attention "
-            "with cu_seqlens for packed documents"
+            f"attn_implementation={ATTENTION_NAME!r}: this model uses chunked attention with chunks of {chunk} "
+            f"tokens and the sequence ({kv_offset + kv_length} keys) crosses a chunk boundary, which the kernels "
+            "do not implement; use attn_implementation='eager' or 'sdpa'"
         )
     if attention_mask is None:
         return None
@@ -241,49 +269,58 @@ def gradmem_fast_mask(
 _DEFAULT_BACKEND = {"backend": "auto"}
 
 
-def gradmem_fast_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, is_causal=None, **kwargs
-):
+def gradmem_fast_attention(module, query, key, value, attention_mask, **kwargs):
     """``AttentionInterface`` entry: ``query [B, Hq, Sq, D]``, ``key/value [B, Hkv, Sk, D]`` -> ``([B, Sq, Hq,
     D], None)``, computed by ``gradmem_fast.prefix_attention`` on the padded layout with the key padding mask
     from ``gradmem_fast_mask`` (no copies: the kernels read the transposed views through their strides).
 
-    Causality follows ``is_causal`` or ``module.is_causal`` (bottom-right aligned, which is what a KV cache
-    needs); ``sliding_window`` is honoured. ``dropout`` (nonzero when the model is in training mode) takes its
-    seed from the device's dropout generator (``ops.attention.dropout_generator``), which each call advances
-    on the device: compiled and graph-replayed steps draw a new mask per call. Attention weights are never
-    returned.
+    Every keyword argument is checked by ``hf_contract.attention_options``: honoured are ``scaling``,
+    ``dropout``, ``sliding_window``, ``is_causal`` (else ``module.is_causal``; bottom-right aligned, which is
+    what a KV cache needs), ``softcap`` (Gemma 2: scores ``c * tanh(s / c)``), ``s_aux`` (GPT-OSS: one sink
+    logit per head) and the packed offsets ``cu_seq_lens_q/k``, ``max_length_q/k``; anything else that would
+    change the result raises a ValueError naming it. ``dropout`` (nonzero when the model is in training mode)
+    takes its seed from the device's dropout generator (``ops.attention.dropout_generator``), which each call
+    advances on the device: compiled and graph-replayed steps draw a new mask per call. Attention weights are
+    never returned.
     """
     from gradmem_fast.ops.attention import prefix_attention
 
+    hf_contract.check_attention_module(module)
+    opts = hf_contract.attention_options(module, kwargs)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"attn_implementation={ATTENTION_NAME!r} takes the 2-D padding mask made by its own mask function; "
             f"got a {attention_mask.dim()}-D attention mask of shape {tuple(attention_mask.shape)} (a custom "
             "prepared mask). Pass a 2-D attention_mask [batch, seq] (1 = keep) instead"
         )
+    is_causal = opts.get("is_causal")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    sliding_window = opts.get("sliding_window")
     window = int(sliding_window) if sliding_window is not None and causal else None
-    if kwargs.get("cu_seq_lens_q") is not None:
-        return _packed_attention(query, key, value, scaling, dropout, causal, window, kwargs), None
+    common = dict(
+        causal=bool(causal),
+        scale=opts.get("scaling"),
+        dropout_p=float(opts.get("dropout") or 0.0),
+        window=window,
+        backend=_DEFAULT_BACKEND["backend"],
+    )
+    # Only set options travel, so a model without them calls exactly the default kernels.
+    if opts.get("softcap"):
+        common["softcap"] = float(opts["softcap"])
+    if opts.get("s_aux") is not None:
+        common["sinks"] = opts["s_aux"]
+    if opts.get("cu_seq_lens_q") is not None:
+        return _packed_attention(query, key, value, opts, common), None
     k_len = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != k_len:
         attention_mask = attention_mask[:, -k_len:]
     out = prefix_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        key_padding_mask=attention_mask,
-        causal=bool(causal),
-        scale=scaling,
-        dropout_p=float(dropout or 0.0),
-        window=window,
-        backend=_DEFAULT_BACKEND["backend"],
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask=attention_mask, **common
     )
     return out, None
 
 
-def _packed_attention(query, key, value, scaling, dropout, causal, window, kwargs):
+def _packed_attention(query, key, value, opts, common):
     """Packed documents (FlashAttention-style ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments,
     as the write engine passes them): ``query [1, Hq, T, D]`` is one sequence of documents back to back.
 
@@ -295,10 +332,10 @@ def _packed_attention(query, key, value, scaling, dropout, causal, window, kwarg
 
     if query.shape[0] != 1:
         raise ValueError(f"packed attention (cu_seq_lens_q given) needs batch size 1, got {query.shape[0]}")
-    cu_q = kwargs["cu_seq_lens_q"].to(torch.int32)
-    cu_k = kwargs.get("cu_seq_lens_k")
+    cu_q = opts["cu_seq_lens_q"].to(torch.int32)
+    cu_k = opts.get("cu_seq_lens_k")
     cu_k = cu_q if cu_k is None else cu_k.to(torch.int32)
-    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    max_q, max_k = opts.get("max_length_q"), opts.get("max_length_k")
     out = prefix_attention(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
@@ -307,11 +344,7 @@ def _packed_attention(query, key, value, scaling, dropout, causal, window, kwarg
         cu_seqlens_k=cu_k,
         max_seqlen_q=max_q if isinstance(max_q, int) else None,
         max_seqlen_k=max_k if isinstance(max_k, int) else None,
-        causal=bool(causal),
-        scale=scaling,
-        dropout_p=float(dropout or 0.0),
-        window=window,
-        backend=_DEFAULT_BACKEND["backend"],
+        **common,
     )
     return out.unsqueeze(0)
 
