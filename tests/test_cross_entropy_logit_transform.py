@@ -23,6 +23,11 @@ REDUCTIONS = ("none", "sum", "mean", "sample_mean")
 # (logit_scale, softcap): scale only (Cohere), 1 / logits_scaling (Granite), soft-capping only (Gemma 2), both
 # with a negative scale and a cap that is not an fp32 number (0.7: the kernels' hi/lo pair must carry it).
 TRANSFORMS = [(0.37, None), (1 / 3, None), (1.0, 2.5), (-1.3, 0.7)]
+NAMES = {(0.37, None): "scale", (1 / 3, None): "third", (1.0, 2.5): "softcap", (-1.3, 0.7): "both"}
+
+
+def ids(transforms):
+    return [NAMES[t] for t in transforms]
 
 
 @pytest.fixture
@@ -81,8 +86,8 @@ def run(h, w, b, t, cu, reduction, backend, transform, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=ids(TRANSFORMS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_first_order(backend, reduction, transform, dtype, device, small_tiles):
     """Loss and d/d(hidden, weight, bias) with a random cotangent; trainable head and bias, so "sum"/"mean"
     take the forward-time products and "none"/"sample_mean" the recomputing backward; 19 rows in chunks of 8,
@@ -103,7 +108,7 @@ def test_first_order(backend, reduction, transform, dtype, device, small_tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("transform", [(1 / 3, None), (1.0, 2.5), (-1.3, 0.7)])
+@pytest.mark.parametrize("transform", TRANSFORMS[1:], ids=ids(TRANSFORMS[1:]))
 def test_frozen_head_forward_time_gradient(backend, transform, device, small_tiles):
     """The WRITE loop's case: only hidden needs a gradient, formed in the forward (unit gradient without the
     scale, which the backward's g_i brings); per-document means with a random cotangent."""
@@ -121,7 +126,7 @@ def test_frozen_head_forward_time_gradient(backend, transform, device, small_til
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("transform", [(0.37, None), (1.0, 2.5), (-1.3, 0.7)])
+@pytest.mark.parametrize("transform", [TRANSFORMS[0], *TRANSFORMS[2:]], ids=ids([TRANSFORMS[0], *TRANSFORMS[2:]]))
 def test_second_order(backend, reduction, transform, device, small_tiles):
     """create_graph: a random projection of (dh, dW, db) differentiated with respect to hidden, weight, bias
     and the upstream cotangent, in fp64 (fp32 on a GPU), chunks of 8."""
