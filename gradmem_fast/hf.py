@@ -309,15 +309,36 @@ def gradmem_fast_attention(module, query, key, value, attention_mask, **kwargs):
         common["softcap"] = float(opts["softcap"])
     if opts.get("s_aux") is not None:
         common["sinks"] = opts["s_aux"]
+    dv = value.shape[-1]
+    if dv != query.shape[-1]:
+        query, key, value, common["scale"] = _equal_head_dims(query, key, value, common["scale"])
     if opts.get("cu_seq_lens_q") is not None:
-        return _packed_attention(query, key, value, opts, common), None
+        return _packed_attention(query, key, value, opts, common)[..., :dv], None
     k_len = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != k_len:
         attention_mask = attention_mask[:, -k_len:]
     out = prefix_attention(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask=attention_mask, **common
     )
-    return out, None
+    return out[..., :dv], None
+
+
+def _equal_head_dims(query, key, value, scale):
+    """Zero-pad the smaller head dim so q, k and v share one (MLA: DeepSeek-V3's q/k 192, v 128).
+
+    Exact in every order: zero columns of v give zero output columns (sliced off by the caller, so their
+    gradient is zero), and zero columns of q and k add nothing to q . k. The scale is fixed first from the
+    real q/k head dim, since the kernels' default would use the padded one.
+    """
+    import torch.nn.functional as F
+
+    dqk, dv = query.shape[-1], value.shape[-1]
+    scale = dqk**-0.5 if scale is None else scale
+    if dv < dqk:
+        value = F.pad(value, (0, dqk - dv))
+    else:
+        query, key = F.pad(query, (0, dv - dqk)), F.pad(key, (0, dv - dqk))
+    return query, key, value, scale
 
 
 def _packed_attention(query, key, value, opts, common):

@@ -359,3 +359,70 @@ def test_attention_modules_the_kernels_cannot_reproduce_are_refused():
         model(input_ids=torch.randint(0, 61, (1, 6)))
     with pytest.raises(ValueError, match="backend='torch'"):
         check_model_supported(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value head dim != query/key head dim (MLA)
+
+
+def _tiny_deepseek_v3():
+    """DeepSeek-V3's multi-head latent attention at a tiny size: q/k head dim 12 (8 + 4 rotary), v head dim 6.
+    Dense layers only (the routed experts' grouped matmul has no fp64)."""
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=61,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=2,
+        n_group=1,
+        topk_group=1,
+    )
+    register_eager64()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=EAGER64).to(F64).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp64 write through the interpreter")
+def test_mla_value_head_dim_writes_on_the_engine_first_and_second_order():
+    """The kernels take one head dim; the adapter zero-pads v (exact in every order). Engine = torch backend in
+    fp64, and the drop-in attention = fp64 eager logits and input gradients."""
+    model = _tiny_deepseek_v3()
+    ids = torch.randint(0, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    for grad_mode in ("none", "second"):
+        memory = (torch.randn(2, 32, dtype=F64) * 0.1).requires_grad_(grad_mode == "second")
+        config = WriteConfig(num_memory_tokens=2, steps=2, lr=0.1, grad_mode=grad_mode)
+        cotangent = torch.randn(2, 2, 32, dtype=F64)
+        results = {}
+        for backend in ("torch", "triton"):
+            out = MemoryWriter(model, config, backend=backend).write(ids, mask, memory=memory).memory
+            grad = torch.autograd.grad((out * cotangent).sum(), memory)[0] if grad_mode == "second" else None
+            results[backend] = (out.detach(), grad)
+        assert_close(results["triton"][0], results["torch"][0], F64, name=f"memory ({grad_mode})")
+        if grad_mode == "second":
+            assert_close(results["triton"][1], results["torch"][1], F64, name="d memory / d M0 (second order)")
+    x = torch.randn(2, 7, 32, dtype=F64, requires_grad=True)
+    keep = mask.bool()
+    ref = model(inputs_embeds=x, attention_mask=mask).logits[keep]
+    cotangent = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad((ref * cotangent).sum(), x)
+    hf.register_attention("triton")
+    model.set_attn_implementation(hf.ATTENTION_NAME)
+    out = model(inputs_embeds=x, attention_mask=mask).logits[keep]
+    (out_grad,) = torch.autograd.grad((out * cotangent).sum(), x)
+    assert_close(out, ref, F64, name="drop-in logits")
+    assert_close(out_grad[keep], ref_grad[keep], F64, name="drop-in input gradient")
