@@ -95,6 +95,7 @@ class Capacity:
         steps: Adam steps over all stages.
         stages: every stage, in order.
         memory: [N, d] the memory that decodes the capacity prefix (the initial memory when capacity is 0).
+        stage_memories: with ``keep_stage_memories=True``, every stage's final memory [N, d], in order.
     """
 
     tokens: int
@@ -105,6 +106,7 @@ class Capacity:
     steps: int
     stages: list[Stage]
     memory: torch.Tensor
+    stage_memories: list[torch.Tensor] | None = None
 
 
 def next_target(target: int, grow: float) -> int:
@@ -137,11 +139,13 @@ def progressive_capacity(
     first: int = DEFAULT_FIRST,
     grow: float = DEFAULT_GROW,
     on_stage: StageCallback | None = None,
+    keep_stage_memories: bool = False,
 ) -> list[Capacity]:
     """The capacity of ``writer.config.num_memory_tokens`` vectors for every document (module docstring).
 
     ``writer``: a ``MemoryWriter`` whose config has ``stop=StopRule(exact=True)`` (no other criterion);
     ``config.steps`` is each stage's budget. ``documents``: non-empty 1-D token-id sequences.
+    ``keep_stage_memories``: also return every stage's final memory (``Capacity.stage_memories``).
     """
     _check_writer(writer)
     if isinstance(first, bool) or not isinstance(first, int) or first < 1:
@@ -167,6 +171,7 @@ def progressive_capacity(
     stages: list[list[Stage]] = [[] for _ in range(n)]
     best: list[torch.Tensor | None] = [None] * n  # the memory that decodes capacity / last_exact tokens
     warm: list[torch.Tensor | None] = [None] * n  # the memory the next stage starts from
+    kept: list[list[torch.Tensor]] = [[] for _ in range(n)]
     active = list(range(n))
     target, stage = first, 0
     while active:
@@ -185,6 +190,8 @@ def progressive_capacity(
             steps[i] += int(st.steps[row])
             stages[i].append(Stage(t, int(st.steps[row]), exact, prefix))
             M = result.memory[row].detach()
+            if keep_stage_memories:
+                kept[i].append(M.cpu())
             if exact:
                 last_exact[i], best[i], warm[i] = t, M, M
                 if lengths[row] == len(docs[i]):
@@ -217,6 +224,7 @@ def progressive_capacity(
             steps=steps[i],
             stages=stages[i],
             memory=best[i],  # type: ignore[arg-type]
+            stage_memories=kept[i] if keep_stage_memories else None,
         )
         for i in range(n)
     ]
@@ -290,7 +298,18 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--memory-tokens", type=int, required=True, help="memory vectors per text (N)")
     datasets_io.add_source_arguments(p, "text")
-    p.add_argument("--output", default=None, help="results file (JSON, written when complete); default: none")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="results file (JSON, written when complete), or a folder with --output-format dataset; default: none",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=["json", "dataset"],
+        default="json",
+        help="json (default): the report; dataset: a Hugging Face Dataset folder (save_to_disk) with one row per "
+        "stage of every text (id, stage, target, steps, converged, prefix, memory), the report beside it",
+    )
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a text (default: text)")
     p.add_argument("--id-field", default="id", help="field holding a text's id (default: id, else the line number)")
@@ -382,8 +401,15 @@ def run(args) -> int:
 
     # 1. Everything that needs no model: options, paths, the input file, the device.
     config = _config(args)
-    if args.output is not None:
+    if args.output is not None and args.output_format == "dataset":
+        from .dataset_files import check_folder_output
+
+        datasets_io._import_datasets()  # missing library: an error now, not after the search
+        check_folder_output(args.output, [("--input", args.input)], args.force)
+    elif args.output is not None:
         fileio.check_output(args.output, [("--input", args.input)], args.force)
+    elif args.output_format == "dataset":
+        raise UserError("--output-format dataset needs --output FOLDER")
     records = datasets_io.read_records(args)
     device = cli_common.device_and_dtype(args)
 
@@ -429,7 +455,10 @@ def run(args) -> int:
             )
 
     start = time.perf_counter()
-    results = progressive_capacity(writer, docs, first=args.first, grow=args.grow, on_stage=on_stage)
+    dataset_out = args.output is not None and args.output_format == "dataset"
+    results = progressive_capacity(
+        writer, docs, first=args.first, grow=args.grow, on_stage=on_stage, keep_stage_memories=dataset_out
+    )
     wall = time.perf_counter() - start
     report = {
         "format": "gradmem-fast.capacity",
@@ -468,7 +497,11 @@ def run(args) -> int:
             for record, r in zip(records, results)
         ],
     }
-    if args.output is not None:
+    if dataset_out:
+        from .dataset_files import write_capacity_dataset
+
+        write_capacity_dataset(args.output, report, [r.id for r in records], results)
+    elif args.output is not None:
         with fileio.atomic_output(args.output) as tmp:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(report, fh, indent=1)

@@ -204,7 +204,19 @@ def add_write_arguments(p):
         help="Hugging Face model name, a local directory, or smollm2-135m-instruct (the embedded GGUF model)",
     )
     datasets_io.add_source_arguments(p, "document")
-    p.add_argument("--output", required=True, help="memory file to write (safetensors)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="memory file to write (safetensors), or a folder with --output-format dataset",
+    )
+    p.add_argument(
+        "--output-format",
+        choices=["safetensors", "dataset"],
+        default="safetensors",
+        help="safetensors (default): one memory file; dataset: a Hugging Face Dataset folder (save_to_disk) "
+        "with one row per document (id, text, token_ids, memory and every per-document statistic); "
+        "read accepts both",
+    )
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
     p.add_argument("--text-field", default="text", help="field holding a document's text (default: text)")
     p.add_argument(
@@ -463,7 +475,14 @@ def cmd_write(args) -> int:
     _positive_int("--shard-size", args.shard_size)
     if args.max_length is not None:
         _positive_int("--max-length", args.max_length)
-    fileio.check_output(args.output, [("--input", args.input)], args.force)
+    if args.output_format == "dataset":
+        from .dataset_files import check_folder_output
+        from .datasets_io import _import_datasets
+
+        _import_datasets()  # missing library: an error now, not after the writing
+        check_folder_output(args.output, [("--input", args.input)], args.force)
+    else:
+        fileio.check_output(args.output, [("--input", args.input)], args.force)
     ckpt = fileio.checkpoint_dir(args.output)
     if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
         raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
@@ -551,7 +570,9 @@ def cmd_write(args) -> int:
             )
         distributed.barrier(ctx)
         if ctx.is_main:
-            stats = _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos)
+            stats = _merge(
+                args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos, records
+            )
             fileio.remove_checkpoint(ckpt)
     finally:
         distributed.stop(ctx)
@@ -726,8 +747,9 @@ def _fixed_shard(args, writer, shard_docs, plan, bar, meter):
     return memories, stats
 
 
-def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos):
-    """Rank 0: stream every shard, in input order, into the output memory file; returns the doc stats."""
+def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fingerprint, signature, eos, records):
+    """Rank 0: stream every shard, in input order, into the output memory file (or dataset folder);
+    returns the doc stats."""
     import torch
 
     from . import fileio
@@ -786,7 +808,13 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
         "mean_accuracy": f"{float(acc.double().mean()):.6f}",
         "documents_below_100": int((acc < 1).sum()),
     }
-    fileio.write_memory_file(args.output, chunks(), shape, first.dtype, ids, metadata, extra=stats)
+    if getattr(args, "output_format", "safetensors") == "dataset":
+        from .dataset_files import write_memory_dataset
+
+        texts = [r.text for r in records]
+        write_memory_dataset(args.output, chunks(), shape, first.dtype, ids, texts, docs, stats, metadata)
+    else:
+        fileio.write_memory_file(args.output, chunks(), shape, first.dtype, ids, metadata, extra=stats)
     return stats
 
 
@@ -796,7 +824,11 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
 def add_read_arguments(p):
     """Options of ``gradmem-fast read``."""
     p.add_argument("--model", required=True, help="the model the memories were written with")
-    p.add_argument("--memories", required=True, help="memory file written by `gradmem-fast write`")
+    p.add_argument(
+        "--memories",
+        required=True,
+        help="memory file written by `gradmem-fast write` (or its dataset folder, --output-format dataset)",
+    )
     p.add_argument("--queries", required=True, help='JSON lines: {"id": document id, "text": query}')
     p.add_argument("--output", required=True, help="JSON lines: one {id, query, answer} per query")
     p.add_argument("--force", action="store_true", help="replace --output if it exists (never an input file)")
@@ -940,7 +972,7 @@ def cmd_read(args) -> int:
         raise UserError("--verify decodes greedily (is the document reproduced?): leave out --do-sample")
     inputs = [("--memories", args.memories), ("--queries", args.queries), ("--verify", args.verify)]
     fileio.check_output(args.output, inputs, args.force)
-    memfile = fileio.MemoryFile(args.memories)
+    memfile = fileio.open_memories(args.memories)
     queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False, what="queries")
     rows = _match_ids(queries, memfile.ids, args.memories)
     verify_texts = _verify_documents(args, memfile, queries, rows) if args.verify else [None] * len(queries)
