@@ -279,6 +279,15 @@ _SHORT = {
     # 668 B, 64x64/8 with one stage 36 B)
     "dkdv_atomic": {(64, 2): {"plain": [(64, 64, 8, 2)], "dropout": [(32, 64, 8, 2)]}},
 }
+# Soft-capped calls (SOFTCAP > 0) keep a tanh and a slope tile live beside the others: the entries below spill
+# with the cap on sm_90 (compile check, every entry compiled with SOFTCAP=50) and are left out of the lists
+# for capped calls, keyed by (kind, head-dim class, element size, fp32 precision, dropout, aligned). A
+# double-backward class left without a fused entry runs the atomic-free path (``dbwd_supported``).
+_SOFTCAP_SPILLS = {
+    ("dkdv_atomic", 64, 2, "tf32", False, False): [(64, 64, 8, 2)],
+    ("dbwd_fused", 64, 2, "tf32", True, True): [(32, 64, 4, 2)],
+    ("dbwd_fused", 128, 2, "tf32", True, False): [(32, 32, 8, 1)],
+}
 # Length buckets of the autotuner (``length_bucket``): one tuning per kernel class and power of two between
 # these bounds. Triton's own key would re-tune at every new length if it held the length itself.
 _MIN_BUCKET, _MAX_BUCKET, _SHORT_MAX = 128, 4096, 1024
@@ -359,6 +368,7 @@ def configs(
     precision: str = "tf32",
     aligned: bool = True,
     bucket: int | None = None,
+    softcap: bool = False,
 ) -> list:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list the launcher may use for this kernel/class.
 
@@ -369,7 +379,7 @@ def configs(
     """
     if _interpreting():
         return [_INTERPRET_CONFIG]
-    return gpu_configs(kind, block_d, element_size, dropout, precision, aligned, bucket)
+    return gpu_configs(kind, block_d, element_size, dropout, precision, aligned, bucket, softcap)
 
 
 def gpu_configs(
@@ -380,9 +390,19 @@ def gpu_configs(
     precision: str = "tf32",
     aligned: bool = True,
     bucket: int | None = None,
+    softcap: bool = False,
 ) -> list:
     """The GPU table entry for this kernel/class (what ``configs`` returns on a GPU), also under the interpreter;
-    with the short-document tiles (``_SHORT``) unless ``bucket`` is a length bucket above ``_SHORT_MAX``."""
+    with the short-document tiles (``_SHORT``) unless ``bucket`` is a length bucket above ``_SHORT_MAX``;
+    ``softcap``: for soft-capped calls, without the entries of ``_SOFTCAP_SPILLS``."""
+    listed = _gpu_list(kind, block_d, element_size, dropout, precision, aligned, bucket)
+    if not softcap:
+        return listed
+    drop = _SOFTCAP_SPILLS.get((kind, head_dim_class(block_d), element_size, precision, bool(dropout), aligned), ())
+    return [c for c in listed if c not in drop]
+
+
+def _gpu_list(kind, block_d, element_size, dropout, precision, aligned, bucket):
     if element_size not in (2, 4):
         raise TypeError("prefix attention kernels: float64 runs only under the Triton interpreter")
     cls = head_dim_class(block_d)
@@ -400,7 +420,13 @@ def gpu_configs(
 
 
 def dbwd_supported(
-    block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool = False, deterministic: bool = True
+    block_d: int,
+    element_size: int,
+    dropout: bool,
+    precision: str,
+    aligned: bool = False,
+    deterministic: bool = True,
+    softcap: bool = False,
 ) -> bool:
     """Whether every launch of the double backward's ``deterministic`` (atomic-free) or fused path has a
     spill-free configuration for this class on a GPU.
@@ -413,11 +439,20 @@ def dbwd_supported(
     if _interpreting():
         return True
     kinds = _DBWD_PATHS[bool(deterministic)]
-    return all(configs(kind, block_d, element_size, dropout, precision, aligned) for kind in kinds)
+    return all(configs(kind, block_d, element_size, dropout, precision, aligned, None, softcap) for kind in kinds)
 
 
 @functools.cache
-def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision: str, aligned: bool, bucket: int):
+def _tuned(
+    kind: str,
+    block_d: int,
+    element_size: int,
+    dropout: bool,
+    precision: str,
+    aligned: bool,
+    bucket: int,
+    softcap: bool = False,
+):
     """One autotuner per kernel class, alignment and length bucket: the bucket is part of the tuning key this
     way (a kernel argument would change every kernel's signature), and each autotuner keys on the flags in
     ``_AUTOTUNE_KEY``. The compiled binaries are shared: they are cached by the kernel, not by the tuner.
@@ -427,7 +462,7 @@ def _tuned(kind: str, block_d: int, element_size: int, dropout: bool, precision:
     that tunes would return the sum of every run."""
     cfgs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned, bucket)
+        for bm, bn, w, s in configs(kind, block_d, element_size, dropout, precision, aligned, bucket, softcap)
     ]
     return triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY, reset_to_zero=_ATOMIC_OUTPUTS.get(kind))(_KERNELS[kind])
 
@@ -456,7 +491,9 @@ def _launch(kind, grid_of, args, consts, block_d, element_size):
         aligned = _aligned_call(tensors, strides)
         lengths = dict((n, a) for n, a in zip(names, args) if n in ("seqlen_q", "seqlen_k"))
         bucket = length_bucket(lengths.get("seqlen_q", 1), lengths.get("seqlen_k", 1))
-        tuned = _tuned(kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"], aligned, bucket)
+        key = (kind, block_d, element_size, consts["HAS_DROPOUT"], consts["INPUT_PRECISION"], aligned, bucket)
+        # uncapped calls keep today's key (no eighth element) and tables
+        tuned = _tuned(*key, True) if consts["SOFTCAP"] > 0 else _tuned(*key)
         tuned[grid_of](*args, **consts)
 
 
@@ -872,12 +909,14 @@ def attention_dbwd(
     )
     if q.dtype != torch.float64:
         class_args = (geo.block_d, q.element_size(), dropout_p > 0, precision, aligned)
-        deterministic = deterministic or not dbwd_supported(*class_args, deterministic=False)
-        if not dbwd_supported(*class_args, deterministic=True):
+        capped = bool(softcap)
+        deterministic = deterministic or not dbwd_supported(*class_args, deterministic=False, softcap=capped)
+        if not dbwd_supported(*class_args, deterministic=True, softcap=capped):
             raise NotImplementedError(
                 f"prefix attention double backward: no spill-free sm_90 kernel configuration for "
                 f"head_dim={geo.d} (padded to {geo.block_d}), dtype {q.dtype}, fp32_precision={fp32_precision!r}, "
-                f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'} yet; use "
+                f"dropout={'yes' if dropout_p > 0 else 'no'}{'' if aligned else ', unaligned tensors'}"
+                f"{', softcap' if capped else ''} yet; use "
                 "backend='torch' for this second-order call"
                 + (", or fp32_precision='tf32' / 16-bit inputs" if q.dtype == torch.float32 else "")
             )
@@ -1138,6 +1177,7 @@ def _specs_for(kind, dtype, block_d, cfg, flags, precision="tf32"):
     )
 
 
+SOFTCAP_CHECKED = 50.0
 KINDS = ("fwd", "dkdv", "dkdv_atomic", "dq", "dbwd_row", "dbwd_dq", "dbwd_dkdv", "dbwd_fused")
 
 
@@ -1149,12 +1189,16 @@ def compile_specs(kinds=KINDS):
     A class is checked at its largest head dim (64 stands for 16/32/48/64). "plain" configs are compiled
     with the flags that cost the most registers without dropout (padded layout, key padding mask, sliding
     window), "dropout" configs with dropout added; plain varlen-causal calls use a subset of that code.
-    IEEE fp32 shares one list between plain and dropout calls, checked with dropout.
+    IEEE fp32 shares one list between plain and dropout calls, checked with dropout. Every configuration is
+    compiled once more with soft-capping on (``SOFTCAP``, Gemma 2's 50.0; the value is a constant of the
+    binary, any positive one compiles to the same code shape): the cap's tanh and slope tiles must fit the
+    same tables. Sink logits need no specialisation (they are composed on the kernels' outputs).
     """
     flags = {
         "plain": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=False),
         "dropout": dict(IS_VARLEN=False, IS_CAUSAL=True, HAS_WINDOW=True, HAS_KPM=True, HAS_DROPOUT=True),
     }
+    capped = {name: dict(f, SOFTCAP=SOFTCAP_CHECKED) for name, f in flags.items()}
     specs = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         size = torch.tensor([], dtype=dtype).element_size()
@@ -1162,14 +1206,23 @@ def compile_specs(kinds=KINDS):
             for kind in kinds:
                 cases = [("plain", "tf32"), ("dropout", "tf32")] + ([("dropout", "ieee")] if size == 4 else [])
                 for flag, precision in cases:
-                    lists = {
-                        label: gpu_configs(kind, block_d, size, flag == "dropout", precision, label == "aligned")
-                        for label in ("aligned", "unaligned")
-                    }
-                    for cfg in dict.fromkeys(lists["aligned"] + lists["unaligned"]):
-                        spec = _specs_for(kind, dtype, block_d, cfg, flags[flag], precision)
-                        spec.variants = tuple(v for v in spec.variants if cfg in lists[v.label])
-                        specs.append(spec)
+                    for flag_set in (flags, capped):
+                        lists = {
+                            label: gpu_configs(
+                                kind,
+                                block_d,
+                                size,
+                                flag == "dropout",
+                                precision,
+                                label == "aligned",
+                                softcap=flag_set is capped,
+                            )
+                            for label in ("aligned", "unaligned")
+                        }
+                        for cfg in dict.fromkeys(lists["aligned"] + lists["unaligned"]):
+                            spec = _specs_for(kind, dtype, block_d, cfg, flag_set[flag], precision)
+                            spec.variants = tuple(v for v in spec.variants if cfg in lists[v.label])
+                            specs.append(spec)
             t = "*" + _DTYPE_SIG[dtype]
             specs.append(
                 CompileSpec(

@@ -26,8 +26,11 @@ ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.float16
 # fp64 reference: the softmax with an explicit sink column, as GPT-OSS's eager attention writes it
 
 
-def ref_padded(q, k, v, *, causal=True, kpm=None, window=None, softcap=None, sinks=None, scale=None):
-    """out [B, Sq, Hq, Dv], lse [B, Hq, Sq] in fp64; a row with no visible key and no sink: 0 and -inf."""
+def ref_padded(
+    q, k, v, *, causal=True, kpm=None, window=None, softcap=None, sinks=None, scale=None, keep=None, dropout_p=0.0
+):
+    """out [B, Sq, Hq, Dv], lse [B, Hq, Sq] in fp64; a row with no visible key and no sink: 0 and -inf.
+    ``keep`` (bool [B, Hq, Sq, Sk]): the dropout keep mask, applied to the visible probabilities."""
     q, k, v = q.double(), k.double(), v.double()
     batch, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -57,14 +60,19 @@ def ref_padded(q, k, v, *, causal=True, kpm=None, window=None, softcap=None, sin
         lse = torch.logsumexp(s, -1, keepdim=True)
         p = torch.exp(s - lse) * vis
         lse = lse.squeeze(-1).masked_fill(~has.squeeze(-1), float("-inf"))
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
     return torch.einsum("bhij,bjhd->bihd", p, v), lse
 
 
-def ref_varlen(q, k, v, cu_q, cu_k, **kw):
+def ref_varlen(q, k, v, cu_q, cu_k, keep=None, **kw):
+    """Packed layout; ``keep`` as ``dropout_keep_mask`` gives it for the packed call ([B, Hq, max Lq, max Lk])."""
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
-        o, lse = ref_padded(q[None, cq[b] : cq[b + 1]], k[None, ck[b] : ck[b + 1]], v[None, ck[b] : ck[b + 1]], **kw)
+        kb = None if keep is None else keep[b : b + 1, :, : cq[b + 1] - cq[b], : ck[b + 1] - ck[b]]
+        sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        o, lse = ref_padded(q[None, sq], k[None, sk], v[None, sk], keep=kb, **kw)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
@@ -290,3 +298,84 @@ def test_softcap_zero_is_off():
         a = prefix_attention(q, k, v, backend=backend)
         assert torch.equal(prefix_attention(q, k, v, softcap=0, backend=backend), a)
         assert torch.equal(prefix_attention(q, k, v, softcap=None, backend=backend), a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Through transformers: Gemma 2 (attn_logit_softcapping) and GPT-OSS (sinks as s_aux) against eager
+
+
+def _hf_model(family, attn_implementation):
+    import transformers
+
+    common = dict(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        max_position_embeddings=64,
+    )
+    if family == "gemma2":
+        # a cap of 0.5 bites on random weights; the final logit cap is refused by the writer, off here
+        cfg = transformers.Gemma2Config(
+            **common, attn_logit_softcapping=0.5, final_logit_softcapping=None, query_pre_attn_scalar=16
+        )
+    else:
+        cfg = transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.data = 1.0 + torch.randn_like(p)  # a real share of every row's mass
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.data = p.data * 12  # scores of several units, where the cap of 0.5 saturates
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gptoss"])
+def test_transformers_parity(family, monkeypatch):
+    import gradmem_fast
+
+    monkeypatch.setenv("GRADMEM_FAST_BACKEND", "triton")
+    name = gradmem_fast.register_attention()
+    eager, fast = _hf_model(family, "eager"), _hf_model(family, name)
+    ids = torch.randint(1, 48, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding: only real tokens are compared
+    real = mask.bool()
+    cot = torch.randn(int(real.sum()), 48)
+    results = []
+    for model in (eager, fast):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits[real]
+        (logits * cot).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert_close(logits, ref_logits, dtype=torch.float32, name="logits")
+    assert ref_grads.keys() == grads.keys()
+    if family == "gptoss":
+        assert any(n.endswith("sinks") for n in grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n], dtype=torch.float32, name=f"grad {n}")
+
+
+def test_capped_tables_keep_every_class():
+    """Leaving the entries that spill with the cap out (``_SOFTCAP_SPILLS``) empties no first-order list and
+    takes no double-backward class off the GPU: the atomic-free path stays wherever it was supported."""
+    from gradmem_fast.kernels import attention as attn
+
+    for size, precisions in ((2, ("tf32",)), (4, ("tf32", "ieee"))):
+        for cls in (64, 128, 256):
+            for precision in precisions:
+                for dropout in (False, True):
+                    for aligned in (False, True):
+                        args = (cls, size, dropout, precision, aligned)
+                        for kind in ("fwd", "dkdv", "dkdv_atomic", "dq"):
+                            assert attn.gpu_configs(kind, *args, softcap=True), (kind, args)
+                        if attn.dbwd_supported(*args, deterministic=True):
+                            assert attn.dbwd_supported(*args, deterministic=True, softcap=True), args

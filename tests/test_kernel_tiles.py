@@ -391,6 +391,40 @@ def test_sample_runs_every_table_entry():
     assert all((c["id"], GEOMETRIES[0]) in sampled for c in CASES)
 
 
+# Soft-capping (SOFTCAP constexpr) and sink logits on the GPU tables' tiles: column 0 of two cases (CI) or
+# of every case that runs the double backward (GRADMEM_KERNELS_FULL=1), in a varlen geometry against the
+# pinned tiles' edges, three orders against the fp64 reference of test_attention_softcap_sinks.py. The cap's
+# tanh and slope tiles add register pressure on a GPU (the compile check compiles every entry with it); here
+# the interpreter runs the code on the tables' tile shapes.
+SOFTCAP_CI = ("fp16-d64-plain-0", "fp32-ieee-d64-dropout-0")
+SOFTCAP_CASES = [c for c in CASES if c["second"] and (FULL or c["id"] in SOFTCAP_CI) and c["id"].endswith("-0")]
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES, ids=[c["id"] for c in SOFTCAP_CASES])
+def test_softcap_sinks_gpu_tiles(case):
+    from test_attention_softcap_sinks import CAP
+    from test_attention_softcap_sinks import ref_varlen as capped_ref
+
+    pins, hq, hkv = case["pins"], 2, 1
+    d = HEAD_DIMS[case["cls"]][0]
+    p, seed = (0.2, 77) if case["dropout"] else (0.0, 0)
+    # per pinned kind: a document of two queries across its streamed edge, one of own edge + 1 queries; then
+    # a length-1 document and one with keys but no query
+    docs = [(2, b - 2) for b in sorted({tile_edges(kk, c)[1] for kk, c in pins.items()})]
+    docs += [(tile_edges("fwd", pins["fwd"])[0] + 1, 1), (1, 0), (0, 3)]
+    lens_q, lens_k = [n for n, _ in docs], [n + o for n, o in docs]
+    cq, ck = cu(lens_q), cu(lens_k)
+    keep = _keep(len(docs), hq, max(lens_q), max(lens_k), p, seed, cq, ck) if p else None
+    sinks = 1.0 + torch.randn(hq, dtype=torch.float64, device=DEVICE)
+    op_kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_p=p, seed=seed, softcap=CAP, sinks=sinks.to(case["dtype"]))
+
+    def ref(q, k, v):
+        return capped_ref(q, k, v, cq, ck, keep=keep, dropout_p=p, softcap=CAP, sinks=sinks)
+
+    shapes = [(sum(lens_q), hq, d), (sum(lens_k), hkv, d), (sum(lens_k), hkv, d)]
+    check_attention(shapes, op_kw, ref, case["dtype"], case["precision"], pins, True, atomic=True)
+
+
 def test_interpret_configs_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="unknown kernel kinds"):
         with attn.interpret_configs(forward=(16, 16, 4, 1)):
