@@ -335,6 +335,9 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
+    from .cli import add_init_arguments
+
+    add_init_arguments(p, warm=False)
     p.add_argument(
         "--given-tokens",
         type=int,
@@ -381,6 +384,9 @@ def _config(args):
         raise UserError(f"--grow must be a finite number > 1, got {args.grow}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
+    from .cli import check_init_arguments
+
+    check_init_arguments(args)
     return WriteConfig(
         num_memory_tokens=args.memory_tokens,
         steps=args.max_steps,
@@ -388,6 +394,8 @@ def _config(args):
         optimizer="adam",
         init_std=args.init_std,
         seed=args.seed,
+        init=args.init,
+        init_rank=args.init_rank,
         stop=StopRule(exact=True, check_every=args.check_every),
         given_tokens=args.given_tokens,
     )
@@ -477,6 +485,8 @@ def run(args) -> int:
             "optimizer": config.optimizer,
             "check_every": args.check_every,
             "init_std": config.init_std,
+            "init": config.init,
+            "init_rank": config.init_rank,
             "seed": config.seed,
             "given_tokens": config.given_tokens,
         },

@@ -281,6 +281,7 @@ def add_write_arguments(p):
     p.add_argument("--clip-norm", type=float, default=None, help="per-document gradient norm clip")
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
+    add_init_arguments(p, warm=True)
     p.add_argument(
         "--given-tokens",
         type=int,
@@ -339,6 +340,62 @@ def add_write_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
+def add_init_arguments(p, warm: bool) -> None:
+    """``--init`` and ``--init-rank`` (and, for ``write``, ``--init-from``)."""
+    from .config import INITS
+
+    choices = [*INITS, "warm"] if warm else list(INITS)
+    p.add_argument(
+        "--init",
+        choices=choices,
+        default="normal",
+        help="initial memory: normal (N(0, --init-std^2), default), uniform (same variance), embedding-diag / "
+        "embedding-full (a normal fitted to the input embeddings per coordinate / with full covariance), pca "
+        "(their top --init-rank principal directions)"
+        + (", warm (each document from its memory in --init-from)" if warm else ""),
+    )
+    p.add_argument("--init-rank", type=int, default=None, help="--init pca: principal directions (default 16)")
+    if warm:
+        p.add_argument(
+            "--init-from",
+            default=None,
+            help="--init warm: a previous write output (memory file or dataset folder) holding a memory for "
+            "every document id",
+        )
+
+
+def check_init_arguments(args) -> None:
+    """``--init-rank`` only with ``--init pca``, and >= 1."""
+    if args.init_rank is not None:
+        if args.init != "pca":
+            raise UserError(f"--init-rank is for --init pca, not --init {args.init}")
+        _positive_int("--init-rank", args.init_rank)
+
+
+def _warm_memories(args, ids, m):
+    """--init warm: [N, m, d] float64 memories of the documents ``ids`` from ``--init-from`` (matched by id,
+    then by the id as a string); any id it lacks is an error naming it."""
+    from . import fileio
+
+    if args.init_from is None:
+        raise UserError("--init warm needs --init-from OUTPUT (a previous write's memory file or dataset folder)")
+    previous = fileio.open_memories(args.init_from)
+    if previous.shape[1] != m:
+        raise UserError(
+            f"--init-from {args.init_from!r} holds {previous.shape[1]} memory vectors per document, not {m}"
+        )
+    exact = {doc_id: row for row, doc_id in enumerate(previous.ids)}
+    loose: dict = {}
+    for row, doc_id in enumerate(previous.ids):
+        loose.setdefault(str(doc_id), row)
+    rows = [exact.get(i, loose.get(str(i))) for i in ids]
+    missing = [i for i, row in zip(ids, rows) if row is None]
+    if missing:
+        shown = ", ".join(json.dumps(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UserError(f"--init-from {args.init_from!r} has no memory for document id(s) {shown}")
+    return previous.rows(rows).double(), previous.shape[2]
+
+
 def _write_config(args):
     """The WriteConfig of the write options; bad values become messages naming the flag."""
     from .config import Schedule, WriteConfig
@@ -352,6 +409,7 @@ def _write_config(args):
             raise UserError(f"{flag} must be a finite number > 0, got {value}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
+    check_init_arguments(args)
     _positive_int("--given-tokens", args.given_tokens, minimum=0)
     stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
@@ -374,6 +432,8 @@ def _write_config(args):
             clip_norm=args.clip_norm,
             init_std=args.init_std,
             seed=args.seed,
+            init="normal" if args.init == "warm" else args.init,
+            init_rank=args.init_rank,
             schedule=schedule,
             stop=stop,
             given_tokens=args.given_tokens,
@@ -506,6 +566,14 @@ def cmd_write(args) -> int:
             f"{config.num_memory_tokens} memory vectors ({limit - (eos is not None)})"
         )
     records, docs = _tokenize_documents(args, records, tokenizer, limit, eos)
+    warm = None
+    if args.init == "warm":
+        warm, width = _warm_memories(args, [r.id for r in records], config.num_memory_tokens)
+        hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+        if hidden is not None and width != hidden:
+            raise UserError(f"--init-from {args.init_from!r} holds memories of width {width}; the model's is {hidden}")
+    elif args.init_from is not None:
+        raise UserError("--init-from is read with --init warm only")
 
     # 3. The weights.
     import torch
@@ -536,6 +604,11 @@ def cmd_write(args) -> int:
         "shard_size": args.shard_size,
         "weights": signature_digest(signature),
     }
+    if warm is not None:
+        # the memory dtype a write uses: the embeddings', fp32 for 16-bit models
+        emb_dtype = model.get_input_embeddings().weight.dtype
+        warm = warm.to(torch.float32 if emb_dtype in (torch.float16, torch.bfloat16) else emb_dtype)
+        settings["init_from"] = hashlib.sha256(warm.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
     fingerprint = _fingerprint(settings, ids, docs)
     num_shards = (len(docs) + args.shard_size - 1) // args.shard_size
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]
@@ -560,7 +633,7 @@ def cmd_write(args) -> int:
         resumed = len(mine) - len(todo)
         if resumed and ctx.is_main:
             _warn("write", f"resuming: {resumed} of {len(mine)} shard(s) already written in {ckpt}")
-        _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint)
+        _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm)
         if ctx.world_size > 1 and not args.quiet:
             print(
                 f"rank {ctx.rank}/{ctx.world_size}: wrote {len(todo)} shard(s), "
@@ -636,7 +709,7 @@ class _StepProgress:
         self.bar.update(1)
 
 
-def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint):
+def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm=None):
     """Write this rank's unfinished shards, each atomically with its per-document stats; rank 0 shows a
     progress bar (one per write advancing per optimisation step; with a stop rule, one per shard advancing
     per document done)."""
@@ -663,10 +736,11 @@ def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint
         for s in todo:
             lo, hi = bounds[s]
             shard_docs = [torch_long(d) for d in docs[lo:hi]]
+            init = None if warm is None else warm[lo:hi]
             if bar is None:
-                memories, stats = _cram_shard(args, ctx, writer, shard_docs)
+                memories, stats = _cram_shard(args, ctx, writer, shard_docs, init)
             else:
-                memories, stats = _fixed_shard(args, writer, shard_docs, plans[s], bar, meter)
+                memories, stats = _fixed_shard(args, writer, shard_docs, plans[s], bar, meter, init)
             fileio.save_shard(ckpt, s, memories, fingerprint, stats)
     finally:
         if bar is not None:
@@ -679,7 +753,7 @@ def torch_long(doc):
     return torch.as_tensor(doc, dtype=torch.long)
 
 
-def _cram_shard(args, ctx, writer, shard_docs):
+def _cram_shard(args, ctx, writer, shard_docs, init=None):
     """One shard with a stop rule: continuous batching (``write_many(slots=...)``), stats from the writer."""
     import torch
 
@@ -689,6 +763,7 @@ def _cram_shard(args, ctx, writer, shard_docs):
             shard_docs,
             batch_tokens=args.batch_tokens,
             window=len(shard_docs),
+            memory=init,
             slots=args.slots,
             stats=True,
             progress=bar,
@@ -709,7 +784,7 @@ def _cram_shard(args, ctx, writer, shard_docs):
     return memories, stats
 
 
-def _fixed_shard(args, writer, shard_docs, plan, bar, meter):
+def _fixed_shard(args, writer, shard_docs, plan, bar, meter, init=None):
     """One shard with a fixed step count (``--stop none``): the bar advances per step; stats scored after."""
     import torch
 
@@ -721,7 +796,11 @@ def _fixed_shard(args, writer, shard_docs, plan, bar, meter):
     # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
     # run computes exactly the batches of an uninterrupted single-process run.
     memories = torch.stack(
-        list(writer.write_many(shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), on_step=progress))
+        list(
+            writer.write_many(
+                shard_docs, batch_tokens=args.batch_tokens, window=len(shard_docs), memory=init, on_step=progress
+            )
+        )
     )
     head_weight, head_bias = resolve_write_head(writer.write_head, writer.model)
     n, given = len(shard_docs), writer.config.given_tokens
@@ -798,6 +877,7 @@ def _merge(args, model, tokenizer, config, writer, ids, docs, bounds, ckpt, fing
         "id_field": args.id_field,
         "max_length": "" if args.max_length is None else args.max_length,
         "model_dtype": str(model.dtype),
+        "init_from": getattr(args, "init_from", None) or "",
         "backend": writer.backend,
         "tokens": sum(len(d) for d in docs),
         "append_eos": "1" if eos is not None else "0",

@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 OPTIMIZERS = ("sgd", "adam")
+INITS = ("normal", "uniform", "embedding-diag", "embedding-full", "pca")  # gradmem_fast.init draws them
 GRAD_MODES = ("none", "first", "second")
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -131,8 +132,14 @@ class WriteConfig:
         last_k_second_order: with grad_mode="second", how many of the last steps build the graph of the
             gradient (None: all K).
         adam_betas: Adam's (beta1, beta2).
-        init_std: standard deviation of the N(0, init_std^2) initial memory drawn when none is given.
+        init_std: standard deviation of the N(0, init_std^2) initial memory drawn when none is given (and of
+            the uniform one).
         seed: seed of the generator for that initial memory (drawn on the CPU, so it is device-independent).
+        init: how that initial memory is drawn: "normal" (N(0, init_std^2)), "uniform" (same variance),
+            "embedding-diag" / "embedding-full" (a normal fitted to the input embedding matrix per coordinate
+            / with full covariance), "pca" (its top ``init_rank`` principal directions); formulas in
+            ``gradmem_fast.init``.
+        init_rank: with init="pca", the number of principal directions (None: min(hidden size, 16)).
         schedule: the step size over each document's steps (``Schedule``; None: constant lr).
         stop: ``StopRule`` for many-step writing: a document stops when it is learned (then ``steps`` is the
             most steps any document gets). Needs grad_mode "none" (stopping is a decision, not a function
@@ -156,6 +163,8 @@ class WriteConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     init_std: float = 0.02
     seed: int = 0
+    init: str = "normal"
+    init_rank: int | None = None
     schedule: Schedule | None = None
     stop: StopRule | None = None
     given_tokens: int = 0
@@ -186,6 +195,12 @@ class WriteConfig:
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         _check_number("init_std", self.init_std, minimum=0.0)
         _check_int("seed", self.seed, minimum=None)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init_rank is not None:
+            _check_int("init_rank", self.init_rank, minimum=1)
+            if self.init != "pca":
+                raise ValueError("init_rank is only meaningful with init='pca'")
         _check_int("given_tokens", self.given_tokens, minimum=0)
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule or None, got {type(self.schedule).__name__}")

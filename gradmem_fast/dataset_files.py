@@ -255,7 +255,12 @@ class MemoryDataset:
 
         if not len(indices):
             return None
-        picked = self._ds.select_columns(["memory"]).with_format("numpy")[[int(i) for i in indices]]["memory"]
+        import numpy as np
+
+        # the numpy format narrows floats to float32 unless told the stored type
+        stored = np.dtype(self._ds.features["memory"].dtype)
+        memories = self._ds.select_columns(["memory"]).with_format("numpy", dtype=stored)
+        picked = memories[[int(i) for i in indices]]["memory"]
         return torch.from_numpy(picked.copy())
 
     def stats(self) -> dict:

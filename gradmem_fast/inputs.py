@@ -61,17 +61,18 @@ def check_token_batch(input_ids, attention_mask, vocab_size: int, name: str = "i
 def initial_memory(memory, batch: int, config, model, device):
     """[B, m, d] starting memory from the user's ``memory`` (None, [m, d] or [B, m, d]).
 
-    ``None`` draws N(0, init_std^2) of shape [m, d] from a CPU generator seeded with ``config.seed``
-    (the same numbers on every device), shared by the batch. Its dtype is the embedding dtype, except
-    that 16-bit models get fp32 memories (small updates would be rounded away in 16 bits); the memory is
-    cast to the model's dtype when it enters the model.
+    ``None`` draws ``config.init`` (default N(0, init_std^2); ``gradmem_fast.init``) of shape [m, d] on the
+    CPU from a generator seeded with ``config.seed`` (the same numbers on every device), shared by the batch.
+    Its dtype is the embedding dtype, except that 16-bit models get fp32 memories (small updates would be
+    rounded away in 16 bits); the memory is cast to the model's dtype when it enters the model.
     """
     m, d = config.num_memory_tokens, hf.hidden_size(model)
     emb_dtype = hf.input_embeddings(model).weight.dtype
     if memory is None:
         dtype = torch.float32 if emb_dtype in (torch.float16, torch.bfloat16) else emb_dtype
-        gen = torch.Generator(device="cpu").manual_seed(config.seed)
-        init = torch.randn(m, d, generator=gen, dtype=torch.float64) * config.init_std
+        from .init import initial_memory as draw_initial
+
+        init = draw_initial(config, model)
         return init.to(device=device, dtype=dtype).expand(batch, m, d)
     if not isinstance(memory, torch.Tensor):
         raise TypeError(f"memory must be a torch.Tensor or None, got {type(memory).__name__}")

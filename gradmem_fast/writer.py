@@ -260,8 +260,9 @@ class MemoryWriter:
 
         Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
         ``batch_tokens`` packed rows (memory rows included; a longer document gets a batch of its own).
-        ``memory``: None or a shared initial memory [m, d]. Memories are detached (grad_mode must be
-        "none"). Results equal writing each batch with ``write``. ``on_step`` is passed to every batch's
+        ``memory``: None, a shared initial memory [m, d], or one per document [N, m, d] when ``documents``
+        is a sequence of N documents (a warm start from earlier memories). Memories are detached (grad_mode
+        must be "none"). Results equal writing each batch with ``write``. ``on_step`` is passed to every batch's
         ``write`` (k restarts at 0 with each batch; batches follow ``plan_batches``).
         """
         if self.config.grad_mode != "none":
@@ -270,12 +271,23 @@ class MemoryWriter:
             raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
-        if memory is not None and (not isinstance(memory, torch.Tensor) or memory.dim() != 2):
-            raise ValueError("memory must be None or a shared [m, d] initial memory for write_many")
+        if memory is not None and (not isinstance(memory, torch.Tensor) or memory.dim() not in (2, 3)):
+            raise ValueError("memory must be None, a shared [m, d] or a per-document [N, m, d] initial memory")
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ValueError(f"slots must be None or a positive int, got {slots!r}")
         if self.config.stop is None and (slots is not None or stats):
             raise ValueError("slots and stats need a StopRule in the config (WriteConfig(stop=StopRule(...)))")
+        if memory is not None and memory.dim() == 3:
+            count = len(documents) if isinstance(documents, Sized) else None
+            if count is None or memory.shape[0] != count:
+                raise ValueError(
+                    "memory: a per-document initial memory [N, m, d] needs a sequence of N documents, got "
+                    f"{memory.shape[0]} memories for {'an iterable of' if count is None else count} documents"
+                )
+            if self.config.stop is not None and on_step is not None:
+                raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
+            yield from self._write_many_each(documents, batch_tokens, window, memory, on_step, slots, stats, progress)
+            return
         if self.config.stop is not None:
             if on_step is not None:
                 raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
@@ -305,6 +317,56 @@ class MemoryWriter:
                 for row, i in enumerate(batch):
                     out[i] = result.memory[row].detach()
             yield from cast(list[torch.Tensor], out)  # every slot is filled by its batch
+
+    def _write_many_each(
+        self,
+        documents: Iterable[torch.Tensor | Sequence[int]],
+        batch_tokens: int,
+        window: int,
+        memory: torch.Tensor,
+        on_step: StepCallback | None,
+        slots: int | None,
+        stats: bool,
+        progress: bool,
+    ) -> Iterator[Any]:
+        """write_many with one initial memory per document: each window is written from its rows of
+        ``memory`` (continuous batching with a StopRule; ``write`` of each planned batch otherwise)."""
+        head_weight, head_bias = resolve_write_head(self.write_head, self.model)
+        emb_weight = cast(torch.Tensor, hf.input_embeddings(self.model).weight)
+        vocab = min(emb_weight.shape[0], head_weight.shape[0])
+        start = 0
+        for docs in self._windows(documents, window, vocab):
+            rows = memory[start : start + len(docs)].detach().to(emb_weight.device)
+            start += len(docs)
+            if self.config.stop is None:
+                yield from self._write_window_rows(docs, rows, batch_tokens, on_step)
+                continue
+            with torch.no_grad(), cramming.ProgressBar(len(docs), disable=not progress) as bar:
+                found = dict(
+                    cramming.cram(
+                        self, docs, rows, (head_weight, head_bias), slots=slots, batch_tokens=batch_tokens, on_check=bar
+                    )
+                )
+            for i in range(len(docs)):
+                yield found[i] if stats else found[i].memory
+
+    def _write_window_rows(
+        self, docs: list[torch.Tensor], rows: torch.Tensor, batch_tokens: int, on_step: StepCallback | None
+    ) -> Iterator[torch.Tensor]:
+        """One window without a stop rule, each document from its own row of ``rows``."""
+        out: list[torch.Tensor | None] = [None] * len(docs)
+        for batch in self.plan_batches(docs, batch_tokens):
+            width = max(len(docs[i]) for i in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(docs[i])] = docs[i]
+                mask[row, : len(docs[i])] = 1
+            with torch.no_grad():
+                result = self.write(ids, mask, rows[batch], on_step=on_step)
+            for row, i in enumerate(batch):
+                out[i] = result.memory[row].detach()
+        yield from cast(list[torch.Tensor], out)
 
     def _write_many_stopping(
         self,
