@@ -84,6 +84,9 @@ _DOT_TILES_GPU = {
 # The interpreter pays per program and per operation: few programs with wide tiles (ce_dw_kernel's tile is
 # (BLOCK_V, BLOCK_N, BLOCK_C)).
 _DOT_TILES_INTERPRET = {"dh": (256, 64, 1024, 4, 1), "dw": (1024, 64, 256, 4, 1)}
+# Soft-capping keeps tanh(z / c) live beside the gradient tile: the fp32 ce_dw tile at 3 stages spilled 8 B at 128
+# registers (unaligned specialisation, sm_90); at 2 stages it does not (compile check). (kind, operand bytes): stages.
+_SOFTCAP_STAGES = {("dw", 4): 2}
 _MIN_SPLIT_COLS = 4096  # columns per split-K slice of ce_dh_kernel at least (amortises the partial sums)
 
 
@@ -110,9 +113,9 @@ def _grad_tile(z_ptr, stride_z, rows, rows_ok, cols, n_cols, n_load, t, lse, g, 
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
     # Padding columns are uninitialised memory: replaced before any arithmetic, so even NaN cannot leak.
     in_vocab = (cols < n_cols)[None, :]
-    z = tl.where(in_vocab, z.to(lse.dtype), 0.0)
+    z = z.to(lse.dtype)
     if SOFTCAP:
-        th = _tanh(z * inv_cap)
+        th = _tanh(tl.where(in_vocab, z, 0.0) * inv_cap)
         z = cap * th
     p = tl.exp(tl.where(in_vocab, z, float("-inf")) - lse[:, None])
     p = tl.where(cols[None, :] == t[:, None], p - 1.0, p)
@@ -406,14 +409,19 @@ def pick_blocks(n_cols: int, interpret: bool | None = None) -> tuple:
     return block_m, block_v, num_warps
 
 
-def pick_dot_blocks(n_hidden: int, elem_size: int, interpret: bool | None = None, kind: str = "dh") -> tuple:
+def pick_dot_blocks(
+    n_hidden: int, elem_size: int, interpret: bool | None = None, kind: str = "dh", softcap: bool = False
+) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of ``ce_dh_kernel`` / ``ce_dw_kernel`` for hidden
     size ``n_hidden`` and operands of ``elem_size`` bytes: the table's tile, BLOCK_N narrowed to the next
-    power of two >= max(16, n_hidden) for small hidden sizes."""
+    power of two >= max(16, n_hidden) for small hidden sizes; ``softcap``: the SOFTCAP specialisation's
+    stages (``_SOFTCAP_STAGES``)."""
     if interpret is None:
         interpret = interpreting() and not _GPU_TILES_IN_INTERPRETER[0]
     bm, bn, bk, warps, stages = _DOT_TILES_INTERPRET[kind] if interpret else _DOT_TILES_GPU[kind][elem_size]
     bn = max(16, min(bn, triton.next_power_of_2(n_hidden)))
+    if softcap and not interpret:
+        stages = _SOFTCAP_STAGES.get((kind, elem_size), stages)
     return bm, bn, bk, warps, stages
 
 
@@ -594,7 +602,7 @@ def ce_dh(
     _check_matrix("out", out, (rows, d), (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if rows == 0 or d == 0:
         return
-    bm, bn, bk, warps, stages = pick_dot_blocks(d, z.element_size(), _interpret(z))
+    bm, bn, bk, warps, stages = pick_dot_blocks(d, z.element_size(), _interpret(z), softcap=softcap is not None)
     if _interpret(z):  # no wider than the chunk: the interpreter's cost grows with the tile, masked or not
         bm, bk = min(bm, _fit(rows)), min(bk, _fit(n_cols))
     split = pick_split(rows, n_cols, d, z.element_size(), z.device) if split is None else max(1, int(split))
@@ -665,7 +673,9 @@ def ce_dw(
     has_dw = dw is not None and d > 0
     if rows == 0 or not (has_dw or db is not None):
         return
-    bv, bn, bc, warps, stages = pick_dot_blocks(max(d, 1), z.element_size(), _interpret(z), kind="dw")
+    bv, bn, bc, warps, stages = pick_dot_blocks(
+        max(d, 1), z.element_size(), _interpret(z), kind="dw", softcap=softcap is not None
+    )
     if _interpret(z):
         bv, bc = min(bv, _fit(n_cols)), min(bc, _fit(rows))
     grid = (triton.cdiv(d, bn) if has_dw else 1, triton.cdiv(n_cols, bv))
@@ -800,8 +810,8 @@ def _dot_specs() -> list:
             hidden_sizes = (4096,) if dt == "fp64" else (16, 32, 64, 128, 256, 4096)
             widths = sorted({pick_dot_blocks(d, size, interpret=False, kind=kind)[1] for d in hidden_sizes})
             for bn in widths:
-                bm, _, bk, warps, stages = pick_dot_blocks(bn, size, interpret=False, kind=kind)
                 for has_scale, softcap in ((False, False), (True, False), (False, True), (True, True)):
+                    bm, _, bk, warps, stages = pick_dot_blocks(bn, size, interpret=False, kind=kind, softcap=softcap)
                     for tdt in ("i64", "i32") if bn == widths[-1] and has_scale and not softcap else ("i64",):
                         head = {"z_ptr": f"*{dt}", "stride_z": "i32", "t_ptr": f"*{tdt}"}
                         head |= {"lse_ptr": f"*{acc}", "scale_ptr": f"*{acc}"}

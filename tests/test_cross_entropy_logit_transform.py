@@ -279,3 +279,24 @@ def test_kernel_launcher_rejects_bad_softcap():
     t = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="softcap must be None or a finite float > 0"):
         kernels.ce_forward(z, t, torch.empty(2), torch.empty(2), IGNORE, False, softcap=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("reduction", ["mean", "sample_mean"])
+def test_gpu_tiles(dtype, reduction, device):
+    """The GPU tables' tiles (``interpret_gpu_tiles``) with scale and cap: a row kernel tile of 4 x 1024 and the
+    dot tiles of the operand size (fp32 ce_dw at the soft-capping stage count), V = 601, d = 40 (a masked hidden
+    tile), 37 rows; "mean" forms dH/dW/db in the forward, "sample_mean" recomputes them in the backward."""
+    from gradmem_fast.kernels import cross_entropy as kernels
+
+    h, w, b, t, cu = inputs(37, 40, 601, dtype, device, seed=13, spread=2.0)
+    with kernels.interpret_gpu_tiles():
+        out = run(h, w, b, t, cu, reduction, "triton", (0.6, 1.5))
+        hr, wr, br = fp64(h, w, b)
+        ref = dense(hr, wr, br, t.cpu(), reduction, 0.6, 1.5, cu.cpu())
+        cot = torch.randn(ref.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, (h, w, b), cot.to(device, out.dtype))
+    want = torch.autograd.grad(ref, (hr, wr, br), cot)
+    assert_close(out, ref, dtype, name="loss")
+    for g, r, nm in zip(got, want, ("hidden", "weight", "bias")):
+        assert_close(g, r, dtype, name=f"d{nm}")
