@@ -576,6 +576,9 @@ def attention_pass_flops(launches, tiles: int | None = None) -> dict:
 # ce_dh_kernel / ce_dw_kernel also multiply the gradient formed from the chunk by W / H: 2 d FLOPs per logit.
 CE_ELEMENTWISE = {"ce_forward_kernel": 5, "ce_grad_kernel": 4, "ce_dh_kernel": 4, "ce_dw_kernel": 4}
 CE_PRODUCTS = ("ce_dh_kernel", "ce_dw_kernel")
+# Soft-capped logits (SOFTCAP, Gemma 2): c tanh(y / c) per element read (scale, exp, add, divide, subtract,
+# scale: 6), and in the gradient kernels its derivative 1 - t^2 times G (3 more).
+CE_SOFTCAP = {"ce_forward_kernel": 6, "ce_grad_kernel": 9, "ce_dh_kernel": 9, "ce_dw_kernel": 9}
 
 
 def _attention_docs(census, tensors, kwargs):
@@ -722,7 +725,7 @@ def triton_kernel_cost(census, name, args, kwargs, arg_names=None):
         flops = 2 * tensors[0].numel()
     elif name in CE_ELEMENTWISE:
         z = tensors[0]
-        flops = CE_ELEMENTWISE[name] * z.numel()
+        flops = (CE_ELEMENTWISE[name] + (CE_SOFTCAP[name] if kwargs.get("SOFTCAP") else 0)) * z.numel()
         if _ce_writes_logits(name, kwargs):
             nbytes += tensor_bytes(z)  # read, then overwritten in place with the gradient
         if name in CE_PRODUCTS:

@@ -300,3 +300,35 @@ def test_gpu_tiles(dtype, reduction, device):
     assert_close(out, ref, dtype, name="loss")
     for g, r, nm in zip(got, want, ("hidden", "weight", "bias")):
         assert_close(g, r, dtype, name=f"d{nm}")
+
+
+def test_census_passes_and_flops():
+    """On the meta device (as the step census runs it), the WRITE loop's frozen head with scale and cap still
+    makes 3 HBM passes per chunk over the logits (the scale rides on the GEMM: no extra pass), and the census
+    counts the soft-capping's elementwise FLOPs (census_count.CE_SOFTCAP) on top of the plain op's."""
+    from benchmarks.census import gpu_branches
+    from benchmarks.census_count import CE_SOFTCAP, Census, ce_logits_passes, record_triton
+
+    n, d, vocab = 3000, 64, 50257
+
+    def count(**kw):
+        census = Census()
+        with gpu_branches(), record_triton(census), census:
+            h = torch.randn(n, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(vocab, d, device="meta", dtype=torch.bfloat16)
+            t = torch.randint(0, vocab, (n,), device="meta")
+            out = linear_cross_entropy(h, w, t, reduction="mean", backend="triton", **kw)
+            torch.autograd.grad(out, h)
+        flops: dict = {}
+        for x in census.launches:
+            if x.kind == "triton":
+                flops[x.name] = flops.get(x.name, 0) + x.flops
+        return ce_logits_passes(census.launches)["passes"], flops, census.launches
+
+    passes, plain, _ = count()
+    for kw in (dict(logit_scale=0.5), dict(logit_scale=0.5, softcap=30.0)):
+        got_passes, flops, launches = count(**kw)
+        assert got_passes == passes == 3, kw
+        for name in ("ce_forward_kernel", "ce_dh_kernel"):
+            extra = CE_SOFTCAP[name] * n * vocab if "softcap" in kw else 0
+            assert flops[name] == plain[name] + extra, (kw, name)
