@@ -321,6 +321,13 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam step size (default {DEFAULT_LR})")
     p.add_argument(
+        "--optimizer",
+        choices=["adam", "adamw"],
+        default="adam",
+        help="adam (default) or adamw (decoupled --weight-decay, as torch.optim.AdamW)",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="--optimizer adamw: decoupled weight decay")
+    p.add_argument(
         "--check-every",
         type=int,
         default=None,
@@ -384,14 +391,16 @@ def _config(args):
         raise UserError(f"--grow must be a finite number > 1, got {args.grow}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
-    from .cli import check_init_arguments
+    from .cli import check_init_arguments, check_weight_decay
 
     check_init_arguments(args)
+    check_weight_decay(args)
     return WriteConfig(
         num_memory_tokens=args.memory_tokens,
         steps=args.max_steps,
         lr=args.lr,
-        optimizer="adam",
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
         init_std=args.init_std,
         seed=args.seed,
         init=args.init,
@@ -483,6 +492,7 @@ def run(args) -> int:
             "max_steps_per_stage": config.steps,
             "lr": config.lr,
             "optimizer": config.optimizer,
+            "weight_decay": config.weight_decay,
             "check_every": args.check_every,
             "init_std": config.init_std,
             "init": config.init,

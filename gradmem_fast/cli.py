@@ -271,7 +271,19 @@ def add_write_arguments(p):
         help="cosine/linear: the fraction of --lr the decay approaches (default 0)",
     )
     p.add_argument("--lr", type=float, default=demo.DEFAULT_LR, help=f"step size (default {demo.DEFAULT_LR})")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam", help="default adam")
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam", "adamw"],
+        default="adam",
+        help="default adam; adamw: Adam with decoupled --weight-decay, as torch.optim.AdamW",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="--optimizer adamw: decoupled weight decay wd; each step scales the memory by 1 - lr * wd "
+        "before the Adam step (default 0)",
+    )
     p.add_argument(
         "--clip-value",
         type=float,
@@ -364,6 +376,14 @@ def add_init_arguments(p, warm: bool) -> None:
         )
 
 
+def check_weight_decay(args) -> None:
+    """``--weight-decay``: a finite number >= 0, with ``--optimizer adamw`` only."""
+    if not 0 <= args.weight_decay < float("inf"):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.weight_decay and args.optimizer != "adamw":
+        raise UserError(f"--weight-decay is decoupled decay for --optimizer adamw, not --optimizer {args.optimizer}")
+
+
 def check_init_arguments(args) -> None:
     """``--init-rank`` only with ``--init pca``, and >= 1."""
     if args.init_rank is not None:
@@ -410,6 +430,7 @@ def _write_config(args):
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
     check_init_arguments(args)
+    check_weight_decay(args)
     _positive_int("--given-tokens", args.given_tokens, minimum=0)
     stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
@@ -428,6 +449,7 @@ def _write_config(args):
             steps=args.steps,
             lr=args.lr,
             optimizer=args.optimizer,
+            weight_decay=args.weight_decay,
             clip_value=args.clip_value,
             clip_norm=args.clip_norm,
             init_std=args.init_std,

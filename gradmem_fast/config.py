@@ -8,7 +8,8 @@ document takes its slot; see ``gradmem_fast.cramming``).
 import dataclasses
 import math
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAM_OPTIMIZERS = ("adam", "adamw")  # moments, bias correction, first-order only
 INITS = ("normal", "uniform", "embedding-diag", "embedding-full", "pca")  # gradmem_fast.init draws them
 GRAD_MODES = ("none", "first", "second")
 
@@ -122,7 +123,7 @@ class WriteConfig:
         num_memory_tokens: m, memory vectors per document (each of the model's hidden size).
         steps: K, gradient steps on the memory (>= 1).
         lr: step size of the inner optimizer (>= 0).
-        optimizer: "sgd" or "adam" (Adam is first-order only).
+        optimizer: "sgd", "adam" or "adamw" (Adam with decoupled weight decay; both first-order only).
         clip_value: clamp every gradient entry to +-clip_value (None: off for SGD, 10 for Adam).
         clip_norm: per-document L2 norm clip, ``g_b * clip_norm / (||g_b|| + 1e-6)`` where
             ``||g_b|| > clip_norm`` (None: off). Applied after ``clip_value``; with Adam, to the gradient
@@ -132,6 +133,9 @@ class WriteConfig:
         last_k_second_order: with grad_mode="second", how many of the last steps build the graph of the
             gradient (None: all K).
         adam_betas: Adam's (beta1, beta2).
+        weight_decay: AdamW's decoupled weight decay wd (>= 0; needs optimizer="adamw"): each step first
+            scales a document's memory by (1 - lr_k wd), then takes the Adam step, as torch.optim.AdamW
+            does. 0 (default) makes AdamW plain Adam.
         init_std: standard deviation of the N(0, init_std^2) initial memory drawn when none is given (and of
             the uniform one).
         seed: seed of the generator for that initial memory (drawn on the CPU, so it is device-independent).
@@ -161,6 +165,7 @@ class WriteConfig:
     grad_mode: str = "none"
     last_k_second_order: int | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
     init_std: float = 0.02
     seed: int = 0
     init: str = "normal"
@@ -185,9 +190,12 @@ class WriteConfig:
             _check_int("last_k_second_order", self.last_k_second_order, minimum=0)
             if self.grad_mode != "second":
                 raise ValueError("last_k_second_order is only meaningful with grad_mode='second'")
-        if self.optimizer == "adam" and self.grad_mode == "second":
+        _check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay needs optimizer='adamw' (decoupled decay), got {self.optimizer!r}")
+        if self.optimizer in ADAM_OPTIMIZERS and self.grad_mode == "second":
             raise ValueError(
-                "grad_mode='second' is not supported with optimizer='adam' (Adam is first-order only); "
+                f"grad_mode='second' is not supported with optimizer={self.optimizer!r} (Adam is first-order only); "
                 "use optimizer='sgd' or grad_mode='first'"
             )
         betas = tuple(self.adam_betas)
@@ -222,7 +230,7 @@ class WriteConfig:
     @property
     def effective_clip_value(self) -> float | None:
         """The clamp actually applied: ``clip_value``, or 10 for Adam when unset."""
-        if self.clip_value is None and self.optimizer == "adam":
+        if self.clip_value is None and self.optimizer in ADAM_OPTIMIZERS:
             return ADAM_DEFAULT_CLIP_VALUE
         return self.clip_value
 

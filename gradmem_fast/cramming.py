@@ -110,7 +110,7 @@ class _Batch:
         rows = self.rows
         filler = rows - self.real
         self.memory = torch.cat([memory, memory.new_zeros(filler, *memory.shape[1:])]) if filler else memory
-        if self.config.optimizer == "adam":
+        if self.config.optimizer in ("adam", "adamw"):
             assert state is not None
             self.state: AdamState | None = AdamState(
                 *(torch.cat([s, s.new_zeros(filler, *s.shape[1:])]) if filler else s for s in state)
@@ -182,6 +182,7 @@ class _Batch:
                         state=state,
                         step=index + 1,
                         betas=self.config.adam_betas,
+                        weight_decay=self.config.weight_decay,
                     )
                 logged_ages.append(logged)
                 losses.append(loss.detach().float())
@@ -535,7 +536,7 @@ def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_
     unknown = torch.full((fresh.shape[0],), math.nan, dtype=initial_dtype, device=device)
     if batch is None:
         M, initial = fresh, unknown
-        state = AdamState(moments, moments.clone()) if writer.config.optimizer == "adam" else None
+        state = AdamState(moments, moments.clone()) if writer.config.optimizer in ("adam", "adamw") else None
     else:
         kept = torch.tensor(keep, dtype=torch.long, device=device)
         M = torch.cat([batch.memory.index_select(0, kept), fresh])

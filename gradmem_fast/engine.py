@@ -269,6 +269,7 @@ def _write_loop(
                 state=state,
                 step=k + 1,
                 betas=config.adam_betas,
+                weight_decay=config.weight_decay,
             )
         norms[k].copy_(result.grad_norm)
         M, state = result.memory, result.state

@@ -132,7 +132,15 @@ def write(
                     M, _ = update_ops.sgd_torch(Mk, grad, config.lr_at(k), clip_value, config.clip_norm)
                 else:
                     M, _, state = update_ops.adam_torch(
-                        Mk, grad, config.lr_at(k), clip_value, config.clip_norm, state, k + 1, config.adam_betas
+                        Mk,
+                        grad,
+                        config.lr_at(k),
+                        clip_value,
+                        config.clip_norm,
+                        state,
+                        k + 1,
+                        config.adam_betas,
+                        config.weight_decay,
                     )
             if config.grad_mode == "none":
                 M = M.detach()

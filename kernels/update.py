@@ -9,7 +9,9 @@ For every sample ``b`` of a batch of memories ``M`` of shape ``[B, m, d]`` with 
     SGD:  M_b = M_b - lr_b * g_b
     Adam: m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2            (betas default (0.9, 0.999))
           m_hat = m / (1 - b1^step_b);  v_hat = max(v / (1 - b2^step_b), 1e-8)
-          M_b = M_b - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+          M_b = M_b (1 - lr_b wd) - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+          (wd: AdamW's decoupled weight decay, applied to the memory before the step as torch.optim.AdamW
+          does; 0 for Adam, where the factor is exactly 1)
 
 ``lr_b = lr`` and ``step_b = step`` when one value is shared by the batch; with per-sample values
 (``[B]`` tensors, ``PER_SAMPLE``) each sample reads its own.
@@ -111,6 +113,7 @@ def _memory_update_kernel(
     step,
     clip_value,
     clip_norm,
+    weight_decay,
     beta1,
     beta2,
     one_minus_beta1,
@@ -193,6 +196,7 @@ def _memory_update_kernel(
             g = g * scale
         mem = tl.load(mem_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         if ADAM:
+            mem = mem * (1.0 - lr_v * weight_decay)
             m1 = tl.load(exp_avg_ptr + base + offs, mask=mask, other=0.0)
             m2 = tl.load(exp_avg_sq_ptr + base + offs, mask=mask, other=0.0)
             m1 = beta1 * m1 + one_minus_beta1 * g
@@ -284,6 +288,7 @@ def launch_update(
     step=1,
     clip_value=None,
     clip_norm=None,
+    weight_decay=0.0,
     betas=BETAS,
     exp_avg=None,
     exp_avg_sq=None,
@@ -300,6 +305,7 @@ def launch_update(
     ``[B]`` integer tensor, each >= 1 (not checked: that would need a host synchronisation).
     ``clip_value``: None means no clamp (callers apply Adam's default of 10 themselves).
     ``betas``: Adam's (beta1, beta2), Python floats in [0, 1) (runtime values, no recompile).
+    ``weight_decay``: Adam only, AdamW's decoupled decay wd >= 0 (a runtime float; 0: plain Adam).
     ``exp_avg``/``exp_avg_sq``: fp32 ``[B, m, d]`` moments for Adam (None: zeros).
     ``out``/``norm_out``/``exp_avg_out``/``exp_avg_sq_out``: optional preallocated contiguous outputs;
     the update is element-local, so ``out`` may be ``memory`` and ``exp_avg_out`` may be ``exp_avg``
@@ -395,6 +401,7 @@ def launch_update(
         step_arg,
         cv,
         cn,
+        float(weight_decay) if adam else 0.0,
         *beta_args,
         N,
         iters,
@@ -461,6 +468,7 @@ def compile_specs():
                             "step": step_t,
                             "clip_value": "fp32",
                             "clip_norm": "fp32",
+                            "weight_decay": "fp32",
                             "beta1": "fp32",
                             "beta2": "fp32",
                             "one_minus_beta1": "fp32",

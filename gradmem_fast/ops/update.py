@@ -1,4 +1,4 @@
-"""Per-sample memory update op: ``memory_update`` (SGD or Adam, value and per-sample norm clipping).
+"""Per-sample memory update op: ``memory_update`` (SGD, Adam or AdamW, value and per-sample norm clipping).
 
 For memories ``M`` and their gradient ``g``, both ``[B, m, d]`` (DESIGN.md, semantics contract item 4)::
 
@@ -9,6 +9,10 @@ For memories ``M`` and their gradient ``g``, both ``[B, m, d]`` (DESIGN.md, sema
     Adam:  m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2                (betas = (0.9, 0.999))
            m_hat = m / (1 - b1^step_b);   v_hat = max(v / (1 - b2^step_b), 1e-8)
            M_b = M_b - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+    AdamW: Adam with decoupled weight decay wd, applied to the memory before the Adam step, as
+           torch.optim.AdamW does (``param.mul_(1 - lr * weight_decay)`` then the Adam step):
+           M_b = M_b (1 - lr_b wd) - lr_b * m_hat / (sqrt(v_hat) + 1e-8)
+           The decay is decoupled: it never enters g, the clips or the moments. With wd = 0 it is Adam.
 
 ``lr`` and ``step`` are shared (a number or a 1-element tensor: ``lr_b = lr``, ``step_b = step``) or per sample
 (a 1-D ``[B]`` tensor: continuous batching keeps documents of different ages in one batch, each with its own
@@ -29,9 +33,9 @@ Autograd:
   second-order meta-gradient through the update (the ``torch.where`` norm clip included) equals torch
   autograd of the formula.
 * Adam is first-order only: the update direction ``m_hat / (sqrt(v_hat) + 1e-8)`` is a constant of the
-  graph, so the new memory is differentiable in ``memory`` (identity) and in a tensor ``lr``, never in
-  ``grad``. Rather than silently detaching it, a ``grad`` that requires grad (with autograd enabled)
-  raises a ValueError: pass ``grad.detach()`` (grad_mode ``first``).
+  graph, so the new memory is differentiable in ``memory`` (identity; ``(1 - lr_b wd) I`` for AdamW) and in
+  a tensor ``lr``, never in ``grad``. Rather than silently detaching it, a ``grad`` that requires grad (with
+  autograd enabled) raises a ValueError: pass ``grad.detach()`` (grad_mode ``first``).
 * The reported norms and the Adam state are statistics and carry no gradient.
 
 NaN: a NaN in ``g_b`` gives NaN in ``r_b`` and in ``M_b`` at that element (and in the Adam moments);
@@ -48,7 +52,8 @@ import torch
 
 from gradmem_fast.backend import resolve_backend
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ADAM_OPTIMIZERS = ("adam", "adamw")  # the ones with moments and a step index
 ADAM_DEFAULT_CLIP_VALUE = 10.0
 ADAM_BETAS = (0.9, 0.999)
 NORM_EPS = 1e-6
@@ -96,6 +101,7 @@ def memory_update(
     state: AdamState | tuple[torch.Tensor, torch.Tensor] | None = None,
     step: Step = 1,
     betas: tuple[float, float] = ADAM_BETAS,
+    weight_decay: float = 0.0,
     backend: str = "auto",
 ) -> UpdateResult:
     """Update every memory ``M_b`` with its own gradient ``g_b`` (formula in the module docstring).
@@ -106,7 +112,7 @@ def memory_update(
         lr: learning rate >= 0, a Python number, a 1-element tensor (shared by the batch) or a 1-D ``[B]``
             floating tensor on the memory's device (``lr[b]`` for sample ``b``). A tensor is read on the
             device, so a captured CUDA graph replays with new values; its sign cannot be checked without a sync.
-        optimizer: ``"sgd"`` or ``"adam"``.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
         clip_value: element-wise clamp to ``±clip_value`` (>= 0); ``None``: off for SGD, 10 for Adam
             (pass ``float("inf")`` for an Adam without clamp).
         clip_norm: per-sample L2 norm clip (>= 0) applied after the clamp; ``None``: off.
@@ -115,6 +121,8 @@ def memory_update(
         step: Adam only: the 1-based step index ``k`` of the bias correction, an int, a 1-element tensor, or a
             1-D ``[B]`` integer tensor on the memory's device (``step[b]`` >= 1 for sample ``b``, unchecked).
         betas: Adam only: ``(beta1, beta2)`` in [0, 1).
+        weight_decay: AdamW only: the decoupled decay wd >= 0 (a number); must be 0 for SGD and Adam
+            (torch.optim.Adam's coupled decay is not offered: it would silently differ from AdamW's).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -123,7 +131,8 @@ def memory_update(
     _check_inputs(memory, grad)
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    adam = optimizer == "adam"
+    adam = optimizer in ADAM_OPTIMIZERS
+    weight_decay = _check_weight_decay(weight_decay, optimizer)
     _check_lr(lr, memory)
     _check_per_sample("lr", lr, memory)
     clip_value = _check_clip("clip_value", clip_value)
@@ -160,12 +169,12 @@ def memory_update(
 
     if kernel and not lr_needs_grad:
         exp_avg, exp_avg_sq = (None, None) if state is None else state
-        args = (memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas)
+        args = (memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas, weight_decay)
         new, norm, m1, m2 = _AdamUpdate.apply(*args) if needs_graph else _adam_kernel(*args)
         return UpdateResult(new, norm, AdamState(m1, m2))
     # The kernel does not expose the update direction that d(new)/d(lr) needs: a tensor lr that
     # requires grad takes the torch formula.
-    new, norm, new_state = adam_torch(memory, grad, lr, clip_value, clip_norm, state, step, betas)
+    new, norm, new_state = adam_torch(memory, grad, lr, clip_value, clip_norm, state, step, betas, weight_decay)
     return UpdateResult(new, norm, new_state)
 
 
@@ -239,6 +248,16 @@ def _check_step(step: object) -> None:
         raise TypeError(f"step: expected an int >= 1 or a tensor, got {type(step).__name__}")
     if not 1 <= step <= _MAX_STEP:
         raise ValueError(f"step: expected 1 <= step <= {_MAX_STEP} (Adam's 1-based step index), got {step}")
+
+
+def _check_weight_decay(weight_decay: Any, optimizer: str) -> float:
+    if not _is_number(weight_decay):
+        raise TypeError(f"weight_decay: expected a number >= 0, got {type(weight_decay).__name__}")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
+    if weight_decay and optimizer != "adamw":
+        raise ValueError(f"weight_decay: only optimizer='adamw' decays the memory; got optimizer={optimizer!r}")
+    return float(weight_decay)
 
 
 def _check_betas(betas: Any) -> tuple[float, float]:
@@ -343,8 +362,10 @@ def adam_torch(
     state: AdamState | tuple[torch.Tensor, torch.Tensor] | None,
     step: Step,
     betas: tuple[float, float] = ADAM_BETAS,
+    weight_decay: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, AdamState]:
-    """Torch backend of Adam: ``(new memory, ||g_b||, AdamState)``; first-order (``grad`` detached)."""
+    """Torch backend of Adam (AdamW with ``weight_decay`` > 0): ``(new memory, ||g_b||, AdamState)``;
+    first-order (``grad`` detached)."""
     dt = _math_dtype(memory.dtype)
     g = clip_torch(grad.detach().to(dt), clip_value, clip_norm)
     if state is None:
@@ -357,7 +378,11 @@ def adam_torch(
     m_hat = exp_avg / _bias_correction(b1, step, dt, memory.device)
     # clamp_min keeps NaN (torch.clamp propagates it), so a NaN moment is not floored to 1e-8.
     v_hat = (exp_avg_sq / _bias_correction(b2, step, dt, memory.device)).clamp_min(ADAM_V_FLOOR)
-    new = memory.to(dt) - _lr_value(lr, dt, memory.device) * (m_hat / (v_hat.sqrt() + ADAM_EPS))
+    lr_v = _lr_value(lr, dt, memory.device)
+    start = memory.to(dt)
+    if weight_decay:
+        start = start * (1.0 - lr_v * weight_decay)  # decoupled: before the step, outside g and the moments
+    new = start - lr_v * (m_hat / (v_hat.sqrt() + ADAM_EPS))
     return new.to(memory.dtype), _raw_norm(grad, dt), AdamState(exp_avg, exp_avg_sq)
 
 
@@ -402,6 +427,7 @@ def _adam_kernel(
     clip_value: float | None,
     clip_norm: float | None,
     betas: tuple[float, float],
+    weight_decay: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels().launch_update(
         memory.detach(),
@@ -411,6 +437,7 @@ def _adam_kernel(
         step=step,
         clip_value=clip_value,
         clip_norm=clip_norm,
+        weight_decay=weight_decay,
         betas=betas,
         exp_avg=exp_avg,
         exp_avg_sq=exp_avg_sq,
@@ -493,7 +520,8 @@ class _SGDUpdate(torch.autograd.Function):
 
 
 class _AdamUpdate(torch.autograd.Function):
-    """Adam step with the kernel; first-order: ``d new / d memory = I``, nothing flows to ``grad``."""
+    """Adam step with the kernel; first-order: ``d new / d memory = I`` (AdamW: ``(1 - lr_b wd) I``),
+    nothing flows to ``grad``."""
 
     @staticmethod
     def forward(
@@ -507,13 +535,24 @@ class _AdamUpdate(torch.autograd.Function):
         clip_value: float | None,
         clip_norm: float | None,
         betas: tuple[float, float],
+        weight_decay: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        new, norm, m1, m2 = _adam_kernel(memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas)
+        new, norm, m1, m2 = _adam_kernel(
+            memory, grad, exp_avg, exp_avg_sq, lr, step, clip_value, clip_norm, betas, weight_decay
+        )
         ctx.mark_non_differentiable(norm, m1, m2)
+        ctx.weight_decay = weight_decay
+        ctx.lr = lr.detach() if isinstance(lr, torch.Tensor) else lr
         return new, norm, m1, m2
 
     @staticmethod
     def backward(
         ctx: Any, d_new: torch.Tensor, d_norm: torch.Tensor, d_m1: torch.Tensor, d_m2: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        return d_new, None, None, None, None, None, None, None, None
+        d_mem = d_new
+        if ctx.weight_decay:
+            lr = ctx.lr
+            if isinstance(lr, torch.Tensor):
+                lr = _per_sample_view(lr).to(device=d_new.device, dtype=_math_dtype(d_new.dtype))
+            d_mem = (d_new.to(_math_dtype(d_new.dtype)) * (1.0 - lr * ctx.weight_decay)).to(d_new.dtype)
+        return d_mem, None, None, None, None, None, None, None, None, None
