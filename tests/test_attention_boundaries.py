@@ -5,11 +5,12 @@ sliding window's edge falls on a particular residue modulo the tile a kernel str
 query-side kernels, ``BLOCK_M`` for the key-side ones). Here every tile shape ``(BLOCK_M, BLOCK_N)`` that any
 GPU table holds (read through ``gpu_configs``, so a re-tuned table is picked up) runs, pinned for every kernel
 kind at once (``interpret_configs``), on one packed (varlen) call whose documents have ``Lk - Lq = 0, 1, ...,
-max(BLOCK_M, BLOCK_N) - 1``: every residue modulo both edges (powers of two) in one launch. Query counts
-rotate over 1, 2, BLOCK_M - 1 and BLOCK_M + 1 (a block boundary inside the document), and a document with keys
-and no query closes the pack. With a window W fixed per call, the window's lower edge ``row + diag - W + 1``
-then also takes every residue; W itself rotates over shapes (and every residue of W modulo the streamed edge
-is drawn by the property test in the full run).
+max(BLOCK_M, BLOCK_N) - 1``: every residue modulo both edges (powers of two) in one launch. The documents of
+the first BLOCK_M offsets have BLOCK_M + 1 queries (a key block's first visible row is then, for one offset
+of each residue, the last row of a query block), the others one or two, and a document with keys and no
+query closes the pack. With a window W, the offsets are shifted by W - 1, so the window's lower edge
+``row + diag - W + 1`` also takes every residue inside each document; W itself rotates over shapes (and every
+residue of W modulo the streamed edge is drawn by the property test in the full run).
 
 Checked in fp64 (bound 1e-10; the kernels run fp64 in the interpreter, small head dim 16, GQA 2:1) against
 the fp64 reference of tests/test_attention.py: forward and log-sum-exp, backward on the deterministic path and
@@ -88,11 +89,20 @@ def forced(launcher, deterministic):
         setattr(attn, launcher, original)
 
 
-def residue_documents(shape):
-    """(query count, key count) of documents whose Lk - Lq is every residue 0 .. max(BM, BN) - 1."""
+def residue_documents(shape, shift=0):
+    """(query count, key count) of documents whose Lk - Lq is ``shift + r`` for every residue r of
+    max(BM, BN).
+
+    The first BM offsets get BM + 1 queries: a full query block and a one-row block after it, so that for
+    every residue of the offset modulo BM some key block's first visible row is the last row of a query block
+    (where a key-side range one block off shows: a row below BM cannot be that row). The offsets beyond BM
+    (when BN > BM: the rest of the residues modulo BN) get one or two queries. ``shift = W - 1`` places the
+    window's lower edge of the first row at key r, so it also takes every residue inside the document."""
     bm, bn = shape
-    lengths = (1, 2, max(1, bm - 1), bm + 1)
-    docs = [(lengths[o % len(lengths)], lengths[o % len(lengths)] + o) for o in range(max(bm, bn))]
+    docs = []
+    for r in range(max(bm, bn)):
+        lq = bm + 1 if r < bm else 1 + r % 2
+        docs.append((lq, lq + shift + r))
     return docs + [(0, 3)]
 
 
@@ -135,8 +145,9 @@ def orders(q, k, v, dout, dlse, cots, fwd):
     return out, lse, grads, inner
 
 
-def check(shape, shapes, op_kw, ref_fn):
-    """Forward, both backward paths and both double-backward paths with every kind pinned to ``shape``."""
+def check(shape, shapes, op_kw, ref_fn, paths=(True, False)):
+    """Forward, the backward and double-backward paths ``paths`` (True: deterministic / atomic-free, False:
+    atomic dQ / fused) with every kind pinned to ``shape``."""
     q, k, v = (torch.randn(*s, dtype=F64).requires_grad_() for s in shapes)
     lse_shape = (HQ, shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], HQ, shapes[0][1])
     dout = torch.randn(*shapes[0], dtype=F64).requires_grad_()
@@ -152,7 +163,7 @@ def check(shape, shapes, op_kw, ref_fn):
         return prefix_attention(q, k, v, return_lse=True, backend="triton", **op_kw)
 
     with attn.interpret_configs(**pins(shape)), nan_filled_empty():
-        for bwd_deterministic in (True, False):
+        for bwd_deterministic in paths:
             with forced("attention_bwd", bwd_deterministic):
                 out, lse, grads, inner = orders(q, k, v, dout, dlse, cots, fwd)
             path = "deterministic" if bwd_deterministic else "atomic dQ"
@@ -162,7 +173,7 @@ def check(shape, shapes, op_kw, ref_fn):
         assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse)), "lse: rows without keys differ"
         fin = torch.isfinite(rlse)
         assert_close(lse[fin], rlse[fin], F64, name="lse")
-        for dbwd_deterministic in (True, False):
+        for dbwd_deterministic in paths:
             with forced("attention_dbwd", dbwd_deterministic):
                 second = torch.autograd.grad(inner, leaves, retain_graph=True)
             path = "atomic-free" if dbwd_deterministic else "fused"
@@ -173,16 +184,20 @@ def check(shape, shapes, op_kw, ref_fn):
 def run_mode(shape, mode, variant=0):
     bm, bn = shape
     edge = max(bm, bn)
+    # make test (CPU time): one backward and one double-backward path per case, alternating over the shapes so
+    # each path meets every mode; the full run takes both everywhere.
+    paths = (True, False) if FULL else ((variant + variant // 4) % 2 == 0,)
     if mode == "padded":
         # The offset Lk - Lq of a padded call is one residue: rotate it with the variant (every residue in full).
         lq = bm + 1
-        check(shape, *padded_case(lq, lq + variant % edge, batch=min(edge, 5) if not FULL else min(edge, 9)))
+        check(shape, *padded_case(lq, lq + variant % edge, batch=min(edge, 5) if not FULL else min(edge, 9)), paths)
         return
     window = None
     if mode == "window":
         # Windows below, at and above the edges; the lower edge takes every residue through the offsets.
-        window = (bn - 1, bn + 1, bm + 3, 2 * edge + 1, 1)[variant % 5] or 1
-    check(shape, *varlen_case(residue_documents(shape), causal=mode != "noncausal", window=window))
+        window = max(1, (bn - 1, bn + 1, bm + 3, 1)[variant % 4])
+    shift = 0 if window is None else window - 1
+    check(shape, *varlen_case(residue_documents(shape, shift), causal=mode != "noncausal", window=window), paths)
 
 
 def _params():
@@ -215,7 +230,7 @@ def test_padded_offsets_every_residue(shape):
 
 
 @settings(
-    max_examples=200 if FULL else 6,
+    max_examples=200 if FULL else 3,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -244,3 +259,17 @@ def test_sample_property_random_geometry(data):
             kw,
             lambda q, k, v: ref_padded(q, k, v, kpm=kw["key_padding_mask"], window=window, causal=causal),
         )
+
+
+def test_sample_fp64_dropout_reads_its_rescale():
+    """fp64 calls read their scalars from an fp64 tensor (``load_scalars``): with dropout the kept
+    probabilities are scaled by 1/(1-p) from it (a mutation tool's survivor read the neighbouring log2 e)."""
+    p, seed, lq, lk, batch = 0.3, 77, 17, 20, 2
+    keep = attn.dropout_keep_mask(batch, HQ, lq, lk, p, seed, DEVICE)
+    shapes = [(batch, lq, HQ, D), (batch, lk, HKV, D), (batch, lk, HKV, D)]
+    check(
+        (16, 16),
+        shapes,
+        dict(dropout_p=p, seed=seed),
+        lambda q, k, v: ref_padded(q, k, v, keep=keep, dropout_p=p),
+    )
