@@ -284,9 +284,31 @@ _SHORT = {
 # for capped calls, keyed by (kind, head-dim class, element size, fp32 precision, dropout, aligned). A
 # double-backward class left without a fused entry runs the atomic-free path (``dbwd_supported``).
 _SOFTCAP_SPILLS = {
+    # 16-bit (fp16 figures; bf16 shares the tables): spills of 4-56 B at 255 regs
+    ("dkdv", 64, 2, "tf32", True, True): [(64, 64, 8, 2)],
     ("dkdv_atomic", 64, 2, "tf32", False, False): [(64, 64, 8, 2)],
+    ("dq", 64, 2, "tf32", True, False): [(64, 64, 8, 3), (128, 32, 8, 3)],
+    ("dq", 128, 2, "tf32", False, False): [(64, 32, 8, 2)],
+    ("dbwd_dq", 64, 2, "tf32", False, True): [(64, 64, 4, 2)],
     ("dbwd_fused", 64, 2, "tf32", True, True): [(32, 64, 4, 2)],
-    ("dbwd_fused", 128, 2, "tf32", True, False): [(32, 32, 8, 1)],
+    ("dbwd_fused", 128, 2, "tf32", True, False): [(32, 32, 8, 1)],  # fused path off: atomic-free path runs
+    # fp32 with TF32 dots: d64 dQ with dropout (64x32/4 spills in both specialisations)
+    ("dq", 64, 4, "tf32", True, False): [(64, 32, 4, 3)],
+    ("dq", 64, 4, "tf32", True, True): [(64, 32, 4, 3)],
+    # IEEE fp32 (one list for plain and dropout calls, checked with dropout): d128 grad-q pass 16x16/4
+    ("dbwd_dq", 128, 4, "ieee", False, True): [(16, 16, 4, 1)],
+    ("dbwd_dq", 128, 4, "ieee", True, True): [(16, 16, 4, 1)],
+}
+# Entries capped calls use in place of dropped ones where a list would be left empty (same key; compiled with
+# the cap by the compile check, which lists them through ``gpu_configs(..., softcap=True)``). Registers with
+# the cap: fp16 d64 dQ with dropout 64x32/8 232 unaligned; fp32 d64 dQ with dropout 32x32/4 252 unaligned,
+# 64x32/8 255 aligned; IEEE fp32 d128 grad-q pass 16x16/8 240 aligned.
+_SOFTCAP_EXTRA = {
+    ("dq", 64, 2, "tf32", True, False): [(64, 32, 8, 3)],
+    ("dq", 64, 4, "tf32", True, False): [(32, 32, 4, 3)],
+    ("dq", 64, 4, "tf32", True, True): [(64, 32, 8, 3)],
+    ("dbwd_dq", 128, 4, "ieee", False, True): [(16, 16, 8, 1)],
+    ("dbwd_dq", 128, 4, "ieee", True, True): [(16, 16, 8, 1)],
 }
 # Length buckets of the autotuner (``length_bucket``): one tuning per kernel class and power of two between
 # these bounds. Triton's own key would re-tune at every new length if it held the length itself.
@@ -398,8 +420,10 @@ def gpu_configs(
     listed = _gpu_list(kind, block_d, element_size, dropout, precision, aligned, bucket)
     if not softcap:
         return listed
-    drop = _SOFTCAP_SPILLS.get((kind, head_dim_class(block_d), element_size, precision, bool(dropout), aligned), ())
-    return [c for c in listed if c not in drop]
+    key = (kind, head_dim_class(block_d), element_size, precision, bool(dropout), aligned)
+    drop = _SOFTCAP_SPILLS.get(key, ())
+    kept = [c for c in listed if c not in drop]
+    return kept + [c for c in _SOFTCAP_EXTRA.get(key, ()) if c not in kept]
 
 
 def _gpu_list(kind, block_d, element_size, dropout, precision, aligned, bucket):

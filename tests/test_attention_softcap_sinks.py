@@ -139,9 +139,24 @@ def nan_filled_empty(on=True):
         torch.use_deterministic_algorithms(was)
 
 
-def check(name, dtype, option, second, backend="triton", deterministic=True):
+def with_dropout(shapes, kw, ref, p=0.25, seed=91):
+    """The geometry with attention dropout: the reference gets the kernels' own keep mask."""
+    from gradmem_fast.kernels.attention import dropout_keep_mask
+
+    cq, ck = kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k")
+    if cq is not None:
+        dims = (cq.numel() - 1, int((cq[1:] - cq[:-1]).max()), int((ck[1:] - ck[:-1]).max()))
+    else:
+        dims = (shapes[0][0], shapes[0][1], shapes[1][1])
+    keep = dropout_keep_mask(dims[0], shapes[0][-2], dims[1], dims[2], p, seed, DEVICE, cq, ck)
+    return dict(kw, dropout_p=p, seed=seed), lambda q, k, v, **o: ref(q, k, v, keep=keep, dropout_p=p, **o)
+
+
+def check(name, dtype, option, second, backend="triton", deterministic=True, dropout=False):
     torch.manual_seed(hash((name, str(dtype), option)) % 2**31)
     shapes, kw, ref = geometry(name)
+    if dropout:
+        kw, ref = with_dropout(shapes, kw, ref)
     softcap = CAP if option in ("softcap", "both") else None
     q, k, v, sinks = make_inputs(shapes, dtype, option in ("sinks", "both"))
     acc = ACC[dtype]
@@ -203,6 +218,12 @@ OPTIONS = ("softcap", "sinks", "both")
 @pytest.mark.parametrize("name", GEOMETRIES)
 def test_fp64_three_orders(name, option):
     check(name, torch.float64, option, second=True)
+
+
+@pytest.mark.parametrize("name", ["padded", "varlen"])
+def test_fp64_dropout(name):
+    """Dropout on the visible probabilities only (the sink column has no value to drop), three orders."""
+    check(name, torch.float64, "both", second=True, dropout=True)
 
 
 @pytest.mark.parametrize("name, option", [("padded", "both"), ("varlen", "softcap")])
@@ -376,6 +397,19 @@ def test_capped_tables_keep_every_class():
                     for aligned in (False, True):
                         args = (cls, size, dropout, precision, aligned)
                         for kind in ("fwd", "dkdv", "dkdv_atomic", "dq"):
-                            assert attn.gpu_configs(kind, *args, softcap=True), (kind, args)
+                            for bucket in (None, 4096):  # with and without the short-document tiles
+                                assert attn.gpu_configs(kind, *args, bucket, softcap=True), (kind, args, bucket)
                         if attn.dbwd_supported(*args, deterministic=True):
                             assert attn.dbwd_supported(*args, deterministic=True, softcap=True), args
+
+
+def test_opcheck_with_softcap():
+    from gradmem_fast.ops.attention import attention_bwd_op, attention_dbwd_op, attention_fwd_op
+
+    q, k, v, dout, out, gq, gk, gv = (torch.randn(1, 5, 2, 16) for _ in range(8))
+    lse, dlse = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    tail = (None, None, -1, -1, None, True, 0.25, 0.0, None, 0, "ieee", CAP)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(attention_fwd_op, (q, k, v) + tail, test_utils=checks)
+    torch.library.opcheck(attention_bwd_op, (dout, q, k, v, out, lse, dlse) + tail, test_utils=checks)
+    torch.library.opcheck(attention_dbwd_op, (dout, q, k, v, out, lse, dlse, gq, gk, gv) + tail, test_utils=checks)
