@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformers
 from test_engine import engine_write, ragged
 
-from gradmem_fast import MemoryReader, WriteConfig, hf, reference
+from gradmem_fast import MemoryReader, WriteConfig, engine, hf, reference
 from gradmem_fast.inputs import head_logit_transform
 from gradmem_fast.reader import teacher_forced
 from gradmem_fast.scoring import score_memories
@@ -216,3 +216,47 @@ def test_bad_known_values_are_refused(family, attr, value, words):
     setattr(model.config, attr, value)
     with pytest.raises(ValueError, match=words):
         hf.logit_postprocessing(model)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_gradmem_model_read_head_is_the_models(family):
+    """GradMemModel's READ head (no control tokens, no projection: the prefix is the memory) gives the wrapped
+    model's own logits, post-processing included."""
+    from gradmem_fast.model import GradMemConfig, GradMemModel
+
+    lm = family_model(family)
+    gm = GradMemModel(GradMemConfig(n_mem_tokens=3, K=1, lr=0.3, backend="torch"), model=lm)
+    memory = torch.randn(2, 3, 32, dtype=F64)
+    queries = torch.randint(0, VOCAB, (2, 4))
+    own = lm(inputs_embeds=torch.cat([memory, lm.get_input_embeddings()(queries)], 1), use_cache=False).logits
+    assert_close(gm.read_logits(memory, queries), own[:, 2:], F64, name="GradMemModel.read_logits")
+
+
+def test_separate_write_head_is_a_plain_linear():
+    """A write head other than the model's own is the caller's [V, d] linear: no soft-capping of its logits, on
+    the reference and on the engine alike (Gemma 2, whose own head is capped at 0.9)."""
+    from gradmem_fast.packing import documents_from_batch, pack
+
+    model = family_model("gemma2")
+    head = torch.nn.Linear(32, VOCAB, bias=False, dtype=F64)
+    with torch.no_grad():
+        head.weight.copy_(model.get_output_embeddings().weight)
+    cfg = WriteConfig(num_memory_tokens=2, steps=2, lr=0.3)
+    ids, mask = ragged([5, 3])
+    M0 = torch.randn(2, 32, dtype=F64) * 0.5
+    m, memories = 2, []
+    for b in range(2):  # oracle: the backbone's hidden states through the plain head
+        doc, M = ids[b][mask[b].bool()], M0
+        for _ in range(cfg.steps):
+            M = M.detach().requires_grad_(True)
+            x = torch.cat([M, model.get_input_embeddings()(doc)], 0)[None]
+            hidden = model.model(inputs_embeds=x, use_cache=False).last_hidden_state[0, m - 1 : m - 1 + len(doc)]
+            (g,) = torch.autograd.grad(F.cross_entropy(head(hidden), doc), M)
+            M = M - cfg.lr * g
+        memories.append(M)
+    want = torch.stack(memories)
+    ref = reference.write(model, ids, mask, M0, cfg, write_head=head)
+    packed = pack(documents_from_batch(ids, mask), 2, "cpu")
+    eng = engine.write_packed(model, packed, M0.expand(2, -1, -1), cfg, head.weight, None, "triton")
+    assert_close(ref.memory, want, F64, name="reference memory")
+    assert_close(eng.memory, want, F64, name="engine memory")
