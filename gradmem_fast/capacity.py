@@ -140,12 +140,14 @@ def progressive_capacity(
     grow: float = DEFAULT_GROW,
     on_stage: StageCallback | None = None,
     keep_stage_memories: bool = False,
+    on_text_stage: Callable[[int, int, Stage, float], object] | None = None,
 ) -> list[Capacity]:
     """The capacity of ``writer.config.num_memory_tokens`` vectors for every document (module docstring).
 
     ``writer``: a ``MemoryWriter`` whose config has ``stop=StopRule(exact=True)`` (no other criterion);
     ``config.steps`` is each stage's budget. ``documents``: non-empty 1-D token-id sequences.
     ``keep_stage_memories``: also return every stage's final memory (``Capacity.stage_memories``).
+    ``on_text_stage(index, stage, Stage, seconds)``: after every stage, for each text it wrote.
     """
     _check_writer(writer)
     if isinstance(first, bool) or not isinstance(first, int) or first < 1:
@@ -202,6 +204,10 @@ def progressive_capacity(
                 capacity[i] = max(last_exact[i], prefix)
                 if prefix > last_exact[i] or best[i] is None:
                     best[i] = M
+        if on_text_stage is not None:
+            seconds = time.perf_counter() - start
+            for i in active:
+                on_text_stage(i, stage, stages[i][-1], seconds)
         if on_stage is not None:
             on_stage(
                 stage,
@@ -365,6 +371,9 @@ def add_arguments(p) -> None:
         help="auto: triton kernels on CUDA, the torch reference on CPU",
     )
     p.add_argument("--quiet", action="store_true", help="no per-stage lines")
+    from .runlog import add_argument as add_logdir
+
+    add_logdir(p)
 
 
 def _config(args):
@@ -412,7 +421,7 @@ def _config(args):
 
 def run(args) -> int:
     """``gradmem-fast capacity`` with parsed arguments; returns the exit status (errors raise UserError)."""
-    from . import cli_common, datasets_io, fileio
+    from . import cli_common, datasets_io, fileio, runlog
     from .errors import UserError
     from .models import load_model, load_tokenizer, max_positions, quiet_transformers
 
@@ -428,6 +437,7 @@ def run(args) -> int:
     elif args.output_format == "dataset":
         raise UserError("--output-format dataset needs --output FOLDER")
     records = datasets_io.read_records(args)
+    runlog.check_logdir(args.logdir)
     device = cli_common.device_and_dtype(args)
 
     # 2. The tokenizer: every text is checked before the weights load.
@@ -473,9 +483,21 @@ def run(args) -> int:
 
     start = time.perf_counter()
     dataset_out = args.output is not None and args.output_format == "dataset"
-    results = progressive_capacity(
-        writer, docs, first=args.first, grow=args.grow, on_stage=on_stage, keep_stage_memories=dataset_out
-    )
+
+    def on_text_stage(i, stage, st, seconds):
+        log.record("stage", id=records[i].id, stage=stage, target=st.target, steps=st.steps, exact=st.exact,
+                   prefix=st.prefix, seconds=round(seconds, 3))  # fmt: skip
+
+    with runlog.open_log(args.logdir, "capacity", vars(args)) as log:
+        results = progressive_capacity(
+            writer,
+            docs,
+            first=args.first,
+            grow=args.grow,
+            on_stage=on_stage,
+            keep_stage_memories=dataset_out,
+            on_text_stage=on_text_stage if args.logdir is not None else None,
+        )
     wall = time.perf_counter() - start
     report = {
         "format": "gradmem-fast.capacity",

@@ -350,6 +350,9 @@ def add_write_arguments(p):
         help="documents per checkpoint shard: the unit of resuming and of multi-process sharding (default 256)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    from .runlog import add_argument as add_logdir
+
+    add_logdir(p)
 
 
 def add_init_arguments(p, warm: bool) -> None:
@@ -566,6 +569,9 @@ def cmd_write(args) -> int:
     else:
         fileio.check_output(args.output, [("--input", args.input)], args.force)
     ckpt = fileio.checkpoint_dir(args.output)
+    from .runlog import check_logdir, open_log
+
+    check_logdir(args.logdir)
     if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
         raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
     records = datasets_io.read_records(args)
@@ -636,6 +642,7 @@ def cmd_write(args) -> int:
     bounds = [(s * args.shard_size, min(len(docs), (s + 1) * args.shard_size)) for s in range(num_shards)]
 
     ctx = distributed.start(ctx, device)
+    log = open_log(args.logdir, "write", vars(args), ctx.rank)
     try:
         os.makedirs(ckpt, exist_ok=True)
         if ctx.is_main:
@@ -655,7 +662,7 @@ def cmd_write(args) -> int:
         resumed = len(mine) - len(todo)
         if resumed and ctx.is_main:
             _warn("write", f"resuming: {resumed} of {len(mine)} shard(s) already written in {ckpt}")
-        _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm)
+        _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm, log, ids)
         if ctx.world_size > 1 and not args.quiet:
             print(
                 f"rank {ctx.rank}/{ctx.world_size}: wrote {len(todo)} shard(s), "
@@ -670,6 +677,7 @@ def cmd_write(args) -> int:
             )
             fileio.remove_checkpoint(ckpt)
     finally:
+        log.close()
         distributed.stop(ctx)
     if ctx.is_main and not args.quiet:
         print(
@@ -709,16 +717,21 @@ class _StepProgress:
     (tokens through a forward and backward pass per second), so neither waits for a whole batch.
     """
 
-    def __init__(self, plan, lengths, steps, bar, meter):
+    def __init__(self, plan, lengths, steps, bar, meter, shard_log=None):
         self.plan, self.lengths, self.steps, self.bar, self.meter = plan, lengths, steps, bar, meter
         self.batch = -1
         self.loss_before = [float("nan")] * len(lengths)
+        self.log = shard_log  # (RunLog, the shard's ids) with --logdir
 
     def __call__(self, k, losses):
         if k == 0:
             self.batch += 1
             for i, value in zip(self.plan[self.batch], losses.tolist()):
                 self.loss_before[i] = value
+        if self.log is not None:
+            log, ids = self.log
+            for i, value in zip(self.plan[self.batch], losses.tolist()):
+                log.record("step", id=ids[i], step=k, loss=value)
         if self.bar.disable:
             return
         self.meter["tokens"] += sum(self.lengths[i] for i in self.plan[self.batch])
@@ -731,7 +744,7 @@ class _StepProgress:
         self.bar.update(1)
 
 
-def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm=None):
+def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint, warm=None, log=None, ids=None):
     """Write this rank's unfinished shards, each atomically with its per-document stats; rank 0 shows a
     progress bar (one per write advancing per optimisation step; with a stop rule, one per shard advancing
     per document done)."""
@@ -759,10 +772,11 @@ def _write_shards(args, ctx, writer, docs, bounds, todo, mine, ckpt, fingerprint
             lo, hi = bounds[s]
             shard_docs = [torch_long(d) for d in docs[lo:hi]]
             init = None if warm is None else warm[lo:hi]
+            shard_log = None if log is None or log.path is None else (log, ids[lo:hi])
             if bar is None:
-                memories, stats = _cram_shard(args, ctx, writer, shard_docs, init)
+                memories, stats = _cram_shard(args, ctx, writer, shard_docs, init, shard_log)
             else:
-                memories, stats = _fixed_shard(args, writer, shard_docs, plans[s], bar, meter, init)
+                memories, stats = _fixed_shard(args, writer, shard_docs, plans[s], bar, meter, init, shard_log)
             fileio.save_shard(ckpt, s, memories, fingerprint, stats)
     finally:
         if bar is not None:
@@ -775,7 +789,7 @@ def torch_long(doc):
     return torch.as_tensor(doc, dtype=torch.long)
 
 
-def _cram_shard(args, ctx, writer, shard_docs, init=None):
+def _cram_shard(args, ctx, writer, shard_docs, init=None, shard_log=None):
     """One shard with a stop rule: continuous batching (``write_many(slots=...)``), stats from the writer."""
     import torch
 
@@ -786,6 +800,7 @@ def _cram_shard(args, ctx, writer, shard_docs, init=None):
             batch_tokens=args.batch_tokens,
             window=len(shard_docs),
             memory=init,
+            on_document_check=None if shard_log is None else _check_logger(*shard_log),
             slots=args.slots,
             stats=True,
             progress=bar,
@@ -806,7 +821,16 @@ def _cram_shard(args, ctx, writer, shard_docs, init=None):
     return memories, stats
 
 
-def _fixed_shard(args, writer, shard_docs, plan, bar, meter, init=None):
+def _check_logger(log, ids):
+    """``--logdir``: a ``check`` record per document per check (``ids``: the shard's document ids)."""
+
+    def record(index, step, loss, accuracy, exact, prefix):
+        log.record("check", id=ids[index], step=step, loss=loss, accuracy=accuracy, exact=exact, prefix=prefix)
+
+    return record
+
+
+def _fixed_shard(args, writer, shard_docs, plan, bar, meter, init=None, shard_log=None):
     """One shard with a fixed step count (``--stop none``): the bar advances per step; stats scored after."""
     import torch
 
@@ -814,7 +838,7 @@ def _fixed_shard(args, writer, shard_docs, plan, bar, meter, init=None):
     from .scoring import LN2, no_memory_tail, score_memories
 
     steps = writer.config.steps
-    progress = _StepProgress(plan, [len(d) for d in shard_docs], steps, bar, meter)
+    progress = _StepProgress(plan, [len(d) for d in shard_docs], steps, bar, meter, shard_log)
     # window = the whole shard: the batching depends on the shard only, so a resumed or sharded
     # run computes exactly the batches of an uninterrupted single-process run.
     memories = torch.stack(

@@ -52,6 +52,9 @@ from .scoring import LN2, DocumentScores, no_memory_tail, score_logits, score_ro
 # on_check(done, in_flight, waiting, steps): after every check, with the counts of documents and the number
 # of document-steps taken so far (the progress bar's input).
 CheckCallback = Callable[[int, int, int, int], object]
+# on_document_check(index, step, loss, accuracy, exact, prefix): every document at every check, from the
+# check's own host read (``--logdir``).
+DocumentCheckCallback = Callable[[int, int, float, float, bool, int], object]
 
 
 @dataclasses.dataclass
@@ -408,6 +411,7 @@ def cram(
     batch_tokens: int | None = None,
     on_check: CheckCallback | None = None,
     step_log: dict | None = None,
+    on_document_check: DocumentCheckCallback | None = None,
 ) -> Iterator[tuple[int, CrammedDocument]]:
     """Write ``documents`` (validated 1-D CPU token tensors) with ``writer.config.stop``; yield ``(index,
     result)`` as each document finishes (not in input order).
@@ -416,7 +420,7 @@ def cram(
     ``head``: (weight, bias) of the write head. ``slots``/``batch_tokens``: the most documents / packed rows in
     flight (None: no limit; a document longer than ``batch_tokens`` gets the batch alone). ``step_log``: optional
     dict that receives ``losses``/``grad_norms`` [steps, len(documents)] (NaN where a document took no such
-    step; device tensors, filled without host reads).
+    step; device tensors, filled without host reads). ``on_document_check``: see ``DocumentCheckCallback``.
     """
     config = writer.config
     rule = config.stop
@@ -455,6 +459,16 @@ def cram(
             host = _to_host(scores, stop, batch.initial[: batch.real])
             for row, index in enumerate(active):
                 checked_at = ages[row] + interval - 1  # updates taken when the check's forward ran
+                if on_document_check is not None:
+                    n_row, prefix_row = int(host["tokens"][row]), int(host["prefix"][row])
+                    on_document_check(
+                        index,
+                        min(checked_at, K),
+                        float(host["loss"][row]),
+                        float(host["correct"][row]) / max(1, n_row),
+                        prefix_row == n_row,
+                        prefix_row,
+                    )
                 stopped = bool(host["stop"][row])
                 if not stopped and checked_at < K:
                     keep.append(row)

@@ -249,6 +249,7 @@ class MemoryWriter:
         slots: int | None = None,
         stats: bool = False,
         progress: bool = False,
+        on_document_check: cramming.DocumentCheckCallback | None = None,
     ) -> Iterator[Any]:
         """Write an iterable of documents (1-D token-id sequences); yield each memory [m, d] in input order.
 
@@ -257,6 +258,8 @@ class MemoryWriter:
         or its steps run out, and the next waiting document of the window takes its place. ``stats=True``
         yields ``cramming.CrammedDocument`` (memory and per-document statistics) instead of the memory.
         ``progress=True`` shows a tqdm bar (documents done, in flight, waiting, steps per second).
+        ``on_document_check(index, step, loss, accuracy, exact, prefix)``: with a StopRule, called for every
+        document (``index`` into ``documents``) at every check, from the check's own host read.
 
         Documents are read ``window`` at a time, sorted by length and grouped into batches of at most
         ``batch_tokens`` packed rows (memory rows included; a longer document gets a batch of its own).
@@ -275,8 +278,10 @@ class MemoryWriter:
             raise ValueError("memory must be None, a shared [m, d] or a per-document [N, m, d] initial memory")
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ValueError(f"slots must be None or a positive int, got {slots!r}")
-        if self.config.stop is None and (slots is not None or stats):
-            raise ValueError("slots and stats need a StopRule in the config (WriteConfig(stop=StopRule(...)))")
+        if self.config.stop is None and (slots is not None or stats or on_document_check is not None):
+            raise ValueError(
+                "slots, stats and on_document_check need a StopRule in the config (WriteConfig(stop=StopRule(...)))"
+            )
         if memory is not None and memory.dim() == 3:
             count = len(documents) if isinstance(documents, Sized) else None
             if count is None or memory.shape[0] != count:
@@ -286,12 +291,16 @@ class MemoryWriter:
                 )
             if self.config.stop is not None and on_step is not None:
                 raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
-            yield from self._write_many_each(documents, batch_tokens, window, memory, on_step, slots, stats, progress)
+            yield from self._write_many_each(
+                documents, batch_tokens, window, memory, on_step, slots, stats, progress, on_document_check
+            )
             return
         if self.config.stop is not None:
             if on_step is not None:
                 raise ValueError("on_step: a write with a StopRule has no common step (use progress=True)")
-            yield from self._write_many_stopping(documents, batch_tokens, window, memory, slots, stats, progress)
+            yield from self._write_many_stopping(
+                documents, batch_tokens, window, memory, slots, stats, progress, on_document_check
+            )
             return
         if progress:
             bar = _StepBar(None, on_step)
@@ -328,6 +337,7 @@ class MemoryWriter:
         slots: int | None,
         stats: bool,
         progress: bool,
+        on_document_check: cramming.DocumentCheckCallback | None = None,
     ) -> Iterator[Any]:
         """write_many with one initial memory per document: each window is written from its rows of
         ``memory`` (continuous batching with a StopRule; ``write`` of each planned batch otherwise)."""
@@ -341,10 +351,18 @@ class MemoryWriter:
             if self.config.stop is None:
                 yield from self._write_window_rows(docs, rows, batch_tokens, on_step)
                 continue
+            checked = _offset(on_document_check, start - len(docs))
             with torch.no_grad(), cramming.ProgressBar(len(docs), disable=not progress) as bar:
                 found = dict(
                     cramming.cram(
-                        self, docs, rows, (head_weight, head_bias), slots=slots, batch_tokens=batch_tokens, on_check=bar
+                        self,
+                        docs,
+                        rows,
+                        (head_weight, head_bias),
+                        slots=slots,
+                        batch_tokens=batch_tokens,
+                        on_check=bar,
+                        on_document_check=checked,
                     )
                 )
             for i in range(len(docs)):
@@ -377,6 +395,7 @@ class MemoryWriter:
         slots: int | None,
         stats: bool,
         progress: bool,
+        on_document_check: cramming.DocumentCheckCallback | None = None,
     ) -> Iterator[Any]:
         """write_many with a StopRule: continuous batching over each window, results in input order."""
         head_weight, head_bias = resolve_write_head(self.write_head, self.model)
@@ -385,12 +404,22 @@ class MemoryWriter:
         M0 = initial_memory(memory, 1, self.config, self.model, emb_weight.device)[0].detach()
         total = len(documents) if isinstance(documents, Sized) else None
         with cramming.ProgressBar(total, disable=not progress) as bar:
+            start = 0
             for docs in self._windows(documents, window, vocab):
                 ready: dict[int, cramming.CrammedDocument] = {}
                 position = 0
+                checked = _offset(on_document_check, start)
+                start += len(docs)
                 with torch.no_grad():
                     for index, result in cramming.cram(
-                        self, docs, M0, (head_weight, head_bias), slots=slots, batch_tokens=batch_tokens, on_check=bar
+                        self,
+                        docs,
+                        M0,
+                        (head_weight, head_bias),
+                        slots=slots,
+                        batch_tokens=batch_tokens,
+                        on_check=bar,
+                        on_document_check=checked,
                     ):
                         ready[index] = result
                         while position in ready:
@@ -466,6 +495,14 @@ class MemoryWriter:
         return plan_batches(
             [len(doc) for doc in docs], self.config.num_memory_tokens, batch_tokens, padded=self._padded()
         )
+
+
+def _offset(callback: cramming.DocumentCheckCallback | None, start: int) -> cramming.DocumentCheckCallback | None:
+    """``callback`` with window-local document indices turned into indices of the whole stream."""
+    if callback is None:
+        return None
+    inner = callback
+    return lambda index, *rest: inner(start + index, *rest)
 
 
 class _StepBar:
