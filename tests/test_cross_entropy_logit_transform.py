@@ -86,8 +86,11 @@ def run(h, w, b, t, cu, reduction, backend, transform, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("transform", TRANSFORMS, ids=ids(TRANSFORMS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype,transform",
+    [pytest.param(torch.float64, t, id=f"float64-{NAMES[t]}") for t in TRANSFORMS]
+    + [pytest.param(torch.float32, TRANSFORMS[-1], id="float32-both")],
+)
 def test_first_order(backend, reduction, transform, dtype, device, small_tiles):
     """Loss and d/d(hidden, weight, bias) with a random cotangent; trainable head and bias, so "sum"/"mean"
     take the forward-time products and "none"/"sample_mean" the recomputing backward; 19 rows in chunks of 8,
@@ -150,7 +153,9 @@ def test_second_order(backend, reduction, transform, device, small_tiles):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck_fp64(backend):
-    """Finite differences of the first and second derivatives with both scale and cap, two chunks."""
+    """Finite differences of the first derivatives with both scale and cap, two chunks, and of the second
+    derivatives on the torch backend (the double backward is plain torch on both backends; the Triton
+    backend's second order is test_second_order's, at 1e-10)."""
     h = (torch.randn(5, 3, dtype=torch.float64) * 3).requires_grad_()
     w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
@@ -164,7 +169,8 @@ def test_gradgradcheck_fp64(backend):
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (h, w, b))
-    assert torch.autograd.gradgradcheck(fn, (h, w, b))
+    if backend == "torch":
+        assert torch.autograd.gradgradcheck(fn, (h, w, b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
