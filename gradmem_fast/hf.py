@@ -24,9 +24,9 @@ from . import hf_contract
 #   xLSTMForCausalLM                              config.output_logit_soft_cap         c tanh(y / c)     (1, c)
 #   MuseGlimmerForConditionalGeneration           text config .output_multiplier and   c tanh(m y / c)   (m, c)
 #                                                   .final_logit_softcapping
-#   Cohere, Cohere2, Cohere2Moe, CohereCompass    model.logit_scale (= config's;       s y               (s, None)
-#     (ForCausalLM), CohereCompassFor-              None: nothing)
-#     ConditionalGeneration
+#   Cohere, Cohere2, Cohere2Moe, CohereCompass    model.logit_scale (= config's; the   s y               (s, None)
+#     (ForCausalLM), CohereCompassFor-              ForCausalLM forwards fail on None,
+#     ConditionalGeneration                         so it is refused; the other skips it)
 #   Granite, GraniteSWA, GraniteMoe,              config.logits_scaling (text config   y / L             (1/L, None)
 #     GraniteMoeSWA, GraniteMoeHybrid,              for Granite4Vision)
 #     GraniteMoeShared (ForCausalLM),
@@ -73,9 +73,9 @@ def _cap(model, config, attr: str) -> tuple[float, float | None]:
     return 1.0, None if value is None else _number(model, attr, value, positive=True)
 
 
-def _scale(model, owner, attr: str, invert: bool = False) -> tuple[float, float | None]:
+def _scale(model, owner, attr: str, invert: bool = False, required: bool = False) -> tuple[float, float | None]:
     value = getattr(owner, attr, None)
-    if value is None:
+    if value is None and not required:
         return 1.0, None
     s = _number(model, attr, value)
     return (1.0 / s if invert else s), None
@@ -110,7 +110,9 @@ _RECIPES = {
     "xLSTMForCausalLM": lambda m: _cap(m, m.config, "output_logit_soft_cap"),
     "MuseGlimmerForConditionalGeneration": _muse_glimmer,
     **{
-        f"{f}ForCausalLM": lambda m: _scale(m, m if hasattr(m, "logit_scale") else m.config, "logit_scale")
+        f"{f}ForCausalLM": lambda m: _scale(
+            m, m if hasattr(m, "logit_scale") else m.config, "logit_scale", required=True
+        )
         for f in _COHERE
     },
     "CohereCompassForConditionalGeneration": lambda m: _scale(m, m, "logit_scale"),

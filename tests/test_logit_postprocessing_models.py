@@ -260,3 +260,11 @@ def test_separate_write_head_is_a_plain_linear():
     eng = engine.write_packed(model, packed, M0.expand(2, -1, -1), cfg, head.weight, None, "triton")
     assert_close(ref.memory, want, F64, name="reference memory")
     assert_close(eng.memory, want, F64, name="engine memory")
+
+
+def test_cohere_without_a_scale_is_refused():
+    """CohereForCausalLM multiplies by its logit_scale unconditionally (its own forward fails on None): refused."""
+    model = family_model("cohere")
+    model.logit_scale = None
+    with pytest.raises(ValueError, match="CohereForCausalLM has logit_scale=None"):
+        hf.output_head(model)
