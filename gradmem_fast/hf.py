@@ -253,7 +253,12 @@ def gradmem_fast_mask(
     """
     from transformers.masking_utils import prepare_padding_mask
 
-    pattern, chunk = hf_contract.mask_pattern(mask_function)
+    if torch.compiler.is_compiling():
+        # dynamo cannot read a closure's name and cells (and caches a constant-folded answer per code object,
+        # which closures of one factory share): inside a compiled graph the pattern comes from the arguments.
+        pattern, chunk = hf_contract.mask_pattern_from_arguments(mask_function, q_length, allow_is_causal_skip, kwargs)
+    else:
+        pattern, chunk = hf_contract.mask_pattern(mask_function)
     if pattern == "chunked" and kv_offset + kv_length > chunk:
         raise ValueError(
             f"attn_implementation={ATTENTION_NAME!r}: this model uses chunked attention with chunks of {chunk} "

@@ -191,6 +191,35 @@ def mask_pattern(mask_function) -> tuple[str, int | None]:
     return pattern, chunk
 
 
+def mask_pattern_from_arguments(mask_function, q_length, allow_is_causal_skip, kwargs) -> tuple[str, int | None]:
+    """``mask_pattern`` for a compiled graph, from what transformers' mask builders pass to the mask interface.
+
+    Custom or/and mask functions come with ``use_vmap=True``; packed sequences and image-token blocks turn
+    ``allow_is_causal_skip`` off (as does a static cache while decoding, which has one query); sliding
+    windows and chunks pass their size as ``local_size``, told apart by the config's ``attention_chunk_size``
+    (a size equal to it is taken as a chunk: the stricter reading).
+    """
+    from transformers.masking_utils import bidirectional_mask_function
+
+    if kwargs.get("use_vmap", False) or (
+        not allow_is_causal_skip and q_length > 1 and mask_function is not bidirectional_mask_function
+    ):
+        raise ValueError(
+            "attn_implementation='gradmem_fast' supports causal, sliding-window and bidirectional masks with "
+            "key padding; this compiled model call builds another mask (packed sequences found from "
+            "position_ids, image-token blocks or a custom mask function). Use attn_implementation='eager', or "
+            "call gradmem_fast.prefix_attention with cu_seqlens for packed documents"
+        )
+    if mask_function is bidirectional_mask_function:
+        return "bidirectional", None
+    config = kwargs.get("config")
+    chunk = getattr(getattr(config, "text_config", config), "attention_chunk_size", None)
+    local_size = kwargs.get("local_size")
+    if chunk and local_size == chunk:
+        return "chunked", int(chunk)
+    return ("sliding" if local_size else "causal"), None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sequence mixers other than attention
 

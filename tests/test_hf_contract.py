@@ -426,3 +426,40 @@ def test_mla_value_head_dim_writes_on_the_engine_first_and_second_order():
     (out_grad,) = torch.autograd.grad((out * cotangent).sum(), x)
     assert_close(out, ref, F64, name="drop-in logits")
     assert_close(out_grad[keep], ref_grad[keep], F64, name="drop-in input gradient")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inside a compiled graph
+
+
+def test_mask_pattern_from_arguments_in_compiled_graphs():
+    """dynamo cannot read closures, so a compiled call reads the pattern from the mask builders' arguments."""
+    read = hf_contract.mask_pattern_from_arguments
+    llama4 = transformers.Llama4TextConfig(attention_chunk_size=8)
+    assert read(mu.causal_mask_function, 5, True, {}) == ("causal", None)
+    assert read(mu.bidirectional_mask_function, 5, False, {}) == ("bidirectional", None)
+    assert read(mu.causal_mask_function, 5, True, {"local_size": 4}) == ("sliding", None)
+    assert read(mu.causal_mask_function, 5, True, {"local_size": 8, "config": llama4}) == ("chunked", 8)
+    assert read(mu.causal_mask_function, 1, False, {}) == ("causal", None)  # static-cache decoding
+    for args in ((5, True, {"use_vmap": True}), (5, False, {})):
+        with pytest.raises(ValueError, match="compiled model call builds another mask"):
+            read(mu.causal_mask_function, *args)
+
+
+def test_compiled_drop_in_attention_matches_eager_and_refuses_packed_position_ids():
+    hf.register_attention("torch")
+    model = tiny_model("llama", dtype=torch.float32, attn_implementation=hf.ATTENTION_NAME)
+    reference = tiny_model("llama", dtype=torch.float32)
+    ids = torch.randint(0, 61, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ref = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        keep = mask.bool()
+        assert_close(out[keep], ref[keep], torch.float32)
+        packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
+        with pytest.raises(Exception, match="compiled model call builds another mask"):
+            compiled(input_ids=ids[:1], position_ids=packed, use_cache=False)
