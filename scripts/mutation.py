@@ -160,10 +160,10 @@ def enumerate_mutants(root: str, path: str, line_filter=None) -> list:
     return kept
 
 
-def _run_file(scratch: str, path: str, max_n: int, deadline: float, timeout: float) -> dict:
+def _run_file(scratch: str, path: str, max_n: int, deadline: float, timeout: float, keys=()) -> dict:
     tests, line_filter = TARGETS[path]
     everything = enumerate_mutants(scratch, path, line_filter)
-    sample = everything[:max_n]
+    sample = [m for m in everything if _key(m[0]) in keys] if keys else everything[:max_n]
     record = {"file": path, "tests": list(tests), "generated": len(everything), "sampled": len(sample), "rows": []}
     rc, out, secs = _mutants._pytest(scratch, tests, timeout)
     record["baseline_s"] = round(secs, 1)
@@ -274,6 +274,13 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="count each file's mutants and print its selection")
     p.add_argument("--report", action="store_true", help="only rebuild the summary from stored results")
     p.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="re-run only this mutant (its report key, repeatable): a triage check that a new test kills it; "
+        "use with --out elsewhere so the sampled results are kept",
+    )
+    p.add_argument(
         "--rev",
         default=None,
         help="mutate this commit's tree (e.g. HEAD) instead of the working tree, which other "
@@ -305,7 +312,10 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         survived = 0
         for f in files:
-            record = _run_file(scratch, f, args.max, deadline, args.timeout)
+            keys = [k for k in args.key if k.startswith(f + ":")]
+            if args.key and not keys:
+                continue
+            record = _run_file(scratch, f, args.max, deadline, args.timeout, keys)
             record["date"] = time.strftime("%Y-%m-%d", time.gmtime())
             name = f.replace("/", "__").removesuffix(".py") + ".json"
             with open(os.path.join(args.out, name), "w") as fh:

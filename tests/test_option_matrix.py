@@ -1,7 +1,8 @@
 """Option matrix: every combination of the WRITE options against an independent fp64 loop written here.
 
-Two levels, each with a sample in ``make test`` (pairwise covering: every pair of values of any two options
-occurs at least once; deterministic) and everything with ``GRADMEM_OPTIONS_FULL=1`` (``make test-options``):
+Two levels: the update op runs every combination in ``make test``; the whole WRITE runs a pairwise-covering
+sample there (every pair of values of any two options at least once; deterministic) and every combination
+with ``GRADMEM_OPTIONS_FULL=1`` (``make test-options``):
 
 * the update op ``memory_update``: optimiser x clip value x clip norm x grad mode x per-document lr/step x
   backend (torch fp64, triton fp32 kernel), two consecutive steps (Adam's moments carry a norm clip that a
@@ -22,6 +23,7 @@ refusal instead (``REFUSED``): Adam with grad_mode="second" (Adam is first-order
 and the op refuses a gradient that requires grad), last-K without grad_mode="second".
 """
 
+import itertools
 import math
 import os
 
@@ -40,8 +42,6 @@ EPS = 1e-6  # DESIGN.md item 4, written here on purpose: the test must not impor
 
 
 def _cases(axes, allowed):
-    import itertools
-
     if FULL:
         return [c for c in (dict(zip(axes, v)) for v in itertools.product(*axes.values())) if allowed(c)]
     return pairwise(axes, allowed)
@@ -112,7 +112,9 @@ def _op_refused(c):
     return c["optimizer"] == "adam" and c["grad_mode"] == "second"
 
 
-OP_CASES = _cases(OP_AXES, lambda c: not _op_refused(c))
+# Every accepted combination even in make test (80 cases, each a few milliseconds of torch or one small kernel):
+# pairs alone missed a triple (triton backend x second order x clamp) that a mutation tool's mutant needed.
+OP_CASES = [c for c in (dict(zip(OP_AXES, v)) for v in itertools.product(*OP_AXES.values())) if not _op_refused(c)]
 
 
 def _oracle_op(c, M, Gs, lrs, steps):
@@ -138,7 +140,8 @@ def test_update_op_matrix(c):
     dtype = F64 if c["backend"] == "torch64" else torch.float32
     backend = "torch" if c["backend"] == "torch64" else "triton"
     per_doc = c["lr_step"] == "per_doc"
-    M64 = (0.1 * torch.randn(B, M_ROWS, D, dtype=F64)).to(dtype).to(F64)
+    # Memories small beside the updates: an fp32 memory's own rounding must not swamp the change M - M0.
+    M64 = (1e-3 * torch.randn(B, M_ROWS, D, dtype=F64)).to(dtype).to(F64)
     G64s = [op_gradient(1).to(dtype).to(F64), (op_gradient(2) * 1.3).to(dtype).to(F64)]
     lr_values = [torch.tensor([0.7, 0.2, 1.1], dtype=F64), torch.tensor([0.4, 0.9, 0.3], dtype=F64)]
     step_values = [torch.tensor([1, 4, 2]), torch.tensor([2, 5, 3])]
@@ -403,8 +406,6 @@ def test_write_matrix_refusals(kwargs, match):
 
 def test_matrix_sample_covers_every_pair():
     """The make-test sample holds every pair of option values that the API accepts."""
-    import itertools
-
     for axes, cases, ok in (
         (OP_AXES, OP_CASES, lambda c: not _op_refused(c)),
         (WRITE_AXES, WRITE_CASES, _write_allowed),
@@ -415,3 +416,11 @@ def test_matrix_sample_covers_every_pair():
         assert need <= have
         assert not any(_op_refused(c) for c in cases if axes is OP_AXES)
         assert not any(_write_refused(c) for c in cases if axes is WRITE_AXES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("step", [torch.tensor([True]), torch.tensor([1 + 1j])], ids=["bool", "complex"])
+def test_update_op_refuses_bool_and_complex_steps(backend, step):
+    M = torch.zeros(1, M_ROWS, D)
+    with pytest.raises(TypeError, match="step: expected an integer or floating tensor"):
+        memory_update(M, torch.ones_like(M), lr=0.1, optimizer="adam", step=step, backend=backend)
