@@ -1111,4 +1111,6 @@ def _add_sinks(out: Tensor, lse: Tensor, sinks: Tensor, packed: bool) -> tuple[T
     new_lse = shift + torch.log(torch.exp(lse - shift) + torch.exp(sink - shift))
     shrink = torch.exp(lse - new_lse)
     shrink = shrink.transpose(0, 1) if packed else shrink.transpose(1, 2)  # -> token-major, like out
-    return (out.to(lse.dtype) * shrink[..., None]).to(out.dtype), new_lse
+    # in out's dtype: the product then saves the kernels' own output (already held for their backward) and the
+    # [tokens, heads] factor, no upcast copy of out
+    return out * shrink.to(out.dtype)[..., None], new_lse
