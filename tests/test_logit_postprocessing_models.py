@@ -268,3 +268,88 @@ def test_cohere_without_a_scale_is_refused():
     model.logit_scale = None
     with pytest.raises(ValueError, match="CohereForCausalLM has logit_scale=None"):
         hf.output_head(model)
+
+
+# Every other ForCausalLM row of hf.logit_postprocessing's table: a tiny random model built from its own config
+# class (sizes overridden, post-processing attributes set away from neutral), fp32 (the MoE families' grouped
+# products take no fp64).
+TABLE_SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    # MLA (MiniCPM3), xLSTM, MoE sizes
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    embedding_dim=32,
+    num_heads=4,
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    shared_intermediate_size=32,
+    moe_intermediate_size=32,
+    # the post-processing itself
+    logits_scaling=0.3,
+    lm_head_multiplier=0.7,
+    final_logit_softcapping=0.9,
+    logits_soft_cap=0.9,
+    output_logit_soft_cap=0.9,
+    logit_scale=0.37,
+    dim_model_base=8,
+)
+MAMBA_SIZES = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_d_ssm=64)
+TABLE_CLASSES = [
+    "HyperCLOVAXForCausalLM",
+    "FalconH1ForCausalLM",
+    "MiniCPM3ForCausalLM",
+    "RecurrentGemmaForCausalLM",
+    "VaultGemmaForCausalLM",
+    "NanoChatForCausalLM",
+    "Gemma3ForCausalLM",
+    "Cohere2ForCausalLM",
+    "Cohere2MoeForCausalLM",
+    "GraniteMoeForCausalLM",
+    "GraniteMoeSharedForCausalLM",
+    "GraniteMoeHybridForCausalLM",
+    "xLSTMForCausalLM",
+    "MptForCausalLM",
+]
+
+
+@pytest.mark.parametrize("name", TABLE_CLASSES)
+def test_table_matches_each_familys_forward(name):
+    """``postprocess_logits(head(backbone hidden), *logit_postprocessing(model))`` is the model's own
+    ``model(inputs_embeds=x).logits`` (logits scaled up by 40 so a cap bends them), fp32."""
+    from gradmem_fast.ops.cross_entropy import postprocess_logits
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers has no {name}")
+    cfg = cls.config_class()
+    sizes = {**TABLE_SIZES, **MAMBA_SIZES}
+    for key, value in sizes.items():
+        if hasattr(cfg, key) or key in SMALL:
+            try:
+                setattr(cfg, key, value)
+            except AttributeError:  # a derived property (MiniCPM3's logits_scaling = hidden / dim_model_base)
+                pass
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = cls(cfg).float().eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(40)
+        x = torch.randn(1, 5, hf.hidden_size(model))
+        own = model(inputs_embeds=x, use_cache=False).logits
+        hidden = hf.backbone_hidden(model, x, torch.ones(1, 5, dtype=torch.long), torch.arange(5)[None])
+        ours = postprocess_logits(F.linear(hidden, head.weight, head.bias), *hf.logit_postprocessing(model))
+    assert hf.logit_postprocessing(model) != (1.0, None) or name == "MptForCausalLM"
+    assert_close(ours, own, torch.float32, name=name)
