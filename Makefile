@@ -47,6 +47,12 @@ test-kernels-full: venv
 test-options: venv
 	GRADMEM_OPTIONS_FULL=1 $(PY) -m pytest -q tests/test_option_matrix.py
 
+# Every causal-LM family transformers ships, built tiny, against its own eager forward (tests/families.py;
+# make test runs a sample of 14). FAMILIES.md and benchmarks/results/families.json: scripts/family_table.py.
+.PHONY: test-families
+test-families: venv
+	GRADMEM_FAMILIES_FULL=1 $(PY) -m pytest -q tests/test_families.py
+
 # Mutation testing by a tool (mutmut 2.x operators, scripts/mutation.py): sampled mutants of the files where a
 # one-line bug is silent, on a scratch copy of HEAD, within MUTATION_ARGS' budget; report under
 # benchmarks/results/mutation/.
