@@ -52,6 +52,57 @@ MUTANTS = [
         _k("tests/test_kernel_tiles.py", "varlen-edges-fwd or varlen-edges-dq"),
         "the last key of a causal block is treated as visible to every row of the block",
     ),
+    # Classes that survived a mutation tool (issue 28, benchmarks/results/mutation/): block ranges one key or
+    # one query block off, which only a residue of Lk - Lq or of the window modulo the tile shows.
+    Mutant(
+        "attn_window_lo_one_key_late",
+        "kernels/attention_common.py",
+        "lo = tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N * BLOCK_N",
+        "lo = tl.maximum(m0 + diag - window + 2, 0) // BLOCK_N * BLOCK_N",
+        _k("tests/test_attention_boundaries.py", "16x32-window"),
+        "a query block's first key block skipped when its window edge is the block's last key",
+    ),
+    Mutant(
+        "attn_query_range_lo_one_late",
+        "kernels/attention_common.py",
+        "lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M",
+        "lo = tl.maximum(n0 - diag + 1, 0) // BLOCK_M * BLOCK_M",
+        _k("tests/test_attention_boundaries.py", "16x16-causal"),
+        "key-side kernels skip the query block whose last row is the first to see the key block",
+    ),
+    Mutant(
+        "attn_query_range_window_hi_short",
+        "kernels/attention_common.py",
+        "hi = tl.minimum(q_len, tl.minimum(n0 + BLOCK_N, k_len) - 1 - diag + window)",
+        "hi = tl.minimum(q_len, tl.minimum(n0 + BLOCK_N, k_len) - 2 - diag + window)",
+        _k("tests/test_attention_boundaries.py", "16x32-window"),
+        "key-side kernels stop one query early at the window's far edge",
+    ),
+    Mutant(
+        "attn_unmasked_blocks_rounded_up",
+        "kernels/attention_common.py",
+        "c = lo + tl.maximum(full_hi - lo, 0) // BLOCK * BLOCK",
+        "c = lo + tl.cdiv(tl.maximum(full_hi - lo, 0), BLOCK) * BLOCK",
+        _k("tests/test_attention_boundaries.py", "16x16-causal"),
+        "a partly visible block at the diagonal runs without the causal mask",
+    ),
+    Mutant(
+        "attn_fp64_rescale_wrong_slot",
+        "kernels/attention_common.py",
+        "rescale = tl.load(Params + 2)",
+        "rescale = tl.load(Params + 3)",
+        _k("tests/test_attention_boundaries.py", "fp64_dropout"),
+        "fp64 calls read the dropout rescale from the neighbouring scalar (log2 e)",
+    ),
+    Mutant(
+        "update_sgd_backward_clamp_passes_gradient",
+        "gradmem_fast/ops/update.py",
+        "dh = torch.where(inside, dh, torch.zeros_like(dh))",
+        "dh = torch.where(inside | True, dh, torch.zeros_like(dh))",
+        _k("tests/test_option_matrix.py", "update_op_matrix and sgd-0.005 and second and triton32"),
+        "the Triton SGD update's analytic backward lets the gradient through clamped entries (only with the "
+        "triton backend x second order x clip_value together)",
+    ),
     Mutant(
         "attn_causal_diagonal",
         "kernels/attention*.py",
