@@ -29,6 +29,12 @@ token contexts fall, also try the short-document tiles of ``_SHORT`` (64-row que
 where a class's list has none. The bucket is part of the tuner's cache key rather than a kernel argument,
 so no kernel signature changes and the binaries are shared between buckets.
 
+Soft-capping (``softcap=c`` of every launcher): the ``SOFTCAP`` constexpr of every kernel (0.0 = off compiles
+exactly the uncapped code; a capped model compiles one more binary per kernel for its c). Capped calls pick
+from the same tables less the entries that spill with the cap's extra tiles (``_SOFTCAP_SPILLS``, with
+``_SOFTCAP_EXTRA`` where a list would empty); the compile check compiles every capped entry. Sink logits
+are no kernel matter: ``gradmem_fast.ops.attention`` composes them on the kernels' outputs.
+
 Backward (``attention_bwd``): by default of the op layer the dK/dV kernel also accumulates dQ with atomics
 (kind ``dkdv_atomic``, 5 GEMM units); ``deterministic=True`` (torch's deterministic mode) runs the split
 ``dkdv`` and ``dq`` kernels (7 units). Formulas in attention_bwd.py.

@@ -394,7 +394,8 @@ def attention_bwd_op(
     """(dq, dk, dv) of ``<dout, out> + <dlse, lse>``.
 
     With ``delta_i = dout_i . out_i - dlse_i`` the formulas of kernels/attention_bwd.py apply unchanged,
-    because d lse_i / d s_ij = P_ij. dq comes from fp32 atomics inside the dK/dV kernel (5 GEMM units)
+    because d lse_i / d s_ij = P_ij (with ``softcap`` dS is taken times ``1 - (s/c)^2`` before dq and dk).
+    dq comes from fp32 atomics inside the dK/dV kernel (5 GEMM units)
     unless ``torch.use_deterministic_algorithms(True)`` asks for the split kernels (7 units, reproducible
     bit for bit): ``deterministic_kernels``.
     """
@@ -494,7 +495,9 @@ def attention_dbwd_op(
         grad dout_i = sum_j (W_ij v_j + z_ij r P_ij grad_dv_j)
         grad dlse_i = beta_i
 
-    (derivation in kernels/attention_dbwd.py). Triton kernels, recomputing every score tile from q, k and
+    (derivation in kernels/attention_dbwd.py; with ``softcap`` B is taken times the cap's slope and the q/k
+    gradients carry the cap's chain rule and curvature term, as its soft-capping paragraph derives). Triton
+    kernels, recomputing every score tile from q, k and
     ``lse``; memory O(S). Returns ``(grad_q, grad_k, grad_v, grad_dout, grad_dlse)``. Not differentiable
     itself (third order is not supported). grad q is accumulated with fp32 atomics inside the key pass
     (15 GEMM units) unless ``torch.use_deterministic_algorithms(True)`` asks for the atomic-free path (a
