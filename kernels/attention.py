@@ -426,7 +426,15 @@ def gpu_configs(
     listed = _gpu_list(kind, block_d, element_size, dropout, precision, aligned, bucket)
     if not softcap:
         return listed
-    key = (kind, head_dim_class(block_d), element_size, precision, bool(dropout), aligned)
+    # 16-bit calls share one table whatever fp32 precision the caller names (the launchers may pass "ieee")
+    key = (
+        kind,
+        head_dim_class(block_d),
+        element_size,
+        precision if element_size == 4 else "tf32",
+        bool(dropout),
+        aligned,
+    )
     drop = _SOFTCAP_SPILLS.get(key, ())
     kept = [c for c in listed if c not in drop]
     return kept + [c for c in _SOFTCAP_EXTRA.get(key, ()) if c not in kept]

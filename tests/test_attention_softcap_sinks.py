@@ -415,3 +415,20 @@ def test_opcheck_with_softcap():
     torch.library.opcheck(attention_fwd_op, (q, k, v) + tail, test_utils=checks)
     torch.library.opcheck(attention_bwd_op, (dout, q, k, v, out, lse, dlse) + tail, test_utils=checks)
     torch.library.opcheck(attention_dbwd_op, (dout, q, k, v, out, lse, dlse, gq, gk, gv) + tail, test_utils=checks)
+
+
+def test_capped_launcher_falls_back_to_the_atomic_free_path(monkeypatch):
+    """On a GPU, 16-bit d128 with dropout on unaligned tensors has no spill-free capped fused key pass: a capped
+    call that allows atomics runs the atomic-free passes, the same call without the cap the fused pair."""
+    from gradmem_fast.kernels import attention as attn
+
+    monkeypatch.setattr(attn, "_interpreting", lambda: False)
+    launched = []
+    monkeypatch.setattr(attn, "_launch", lambda kind, *args: launched.append(kind))
+    q = torch.randn(1, 5, 1, 129, dtype=torch.float16)[..., 1:]  # a view at an odd offset: unaligned tables
+    lse = torch.zeros(1, 1, 5)
+    seed = torch.tensor([3], dtype=torch.int64)
+    for softcap, want in ((CAP, ["dbwd_row", "dbwd_dq", "dbwd_dkdv"]), (0.0, ["dbwd_row", "dbwd_fused"])):
+        launched.clear()
+        attn.attention_dbwd(q, q, q, q, q, lse, q, q, q, dropout_p=0.1, seed=seed, softcap=softcap, deterministic=False)
+        assert launched == want, softcap
