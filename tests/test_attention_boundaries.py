@@ -3,14 +3,15 @@
 A block range one key (or one query) off matters only when the causal diagonal's offset ``Lk - Lq`` or the
 sliding window's edge falls on a particular residue modulo the tile a kernel streams (``BLOCK_N`` for the
 query-side kernels, ``BLOCK_M`` for the key-side ones). Here every tile shape ``(BLOCK_M, BLOCK_N)`` that any
-GPU table holds (read through ``gpu_configs``, so a re-tuned table is picked up) runs, pinned for every kernel
-kind at once (``interpret_configs``), on one packed (varlen) call whose documents have ``Lk - Lq = 0, 1, ...,
-max(BLOCK_M, BLOCK_N) - 1``: every residue modulo both edges (powers of two) in one launch. The documents of
-the first BLOCK_M offsets have BLOCK_M + 1 queries (a key block's first visible row is then, for one offset
-of each residue, the last row of a query block), the others one or two, and a document with keys and no
-query closes the pack. With a window W, the offsets are shifted by W - 1, so the window's lower edge
-``row + diag - W + 1`` also takes every residue inside each document; W itself rotates over shapes (and every
-residue of W modulo the streamed edge is drawn by the property test in the full run).
+GPU table holds (read through ``gpu_configs``, so a re-tuned table is picked up) runs, pinned for the kernel
+kinds whose tables hold it (every kind in the full run; ``interpret_configs``), on one packed (varlen) call
+whose documents have ``Lk - Lq = 0, 1, ..., B - 1`` for the edge B each pinned kind streams (BLOCK_M for the
+key-side kernels, with BLOCK_M + 1 queries per document: a key block's first visible row is then, for one
+offset of each residue, the last row of a query block; BLOCK_N for the query-side ones, with one or two
+queries): every residue in one launch, and a document with keys and no query closes the pack. With a window
+W, the offsets are shifted by W - 1, so the window's lower edge ``row + diag - W + 1`` also takes every residue
+inside each document; W itself rotates over shapes (and every residue of W modulo the streamed edge is drawn by
+the property test in the full run).
 
 Checked in fp64 (bound 1e-10; the kernels run fp64 in the interpreter, small head dim 16, GQA 2:1) against
 the fp64 reference of tests/test_attention.py: forward and log-sum-exp, backward on the deterministic path and
@@ -18,7 +19,8 @@ on the atomic one (dQ by atomics inside the dK/dV kernel), double backward on th
 fused one, with random cotangents and NaN-filled outputs. Default options only (no soft-capping, no sinks).
 
 ``make test`` runs every tile shape once, the mode (causal, window, non-causal, padded with key padding)
-rotating with the shape, plus a few derandomised property examples; ``make test-kernels-full``
+rotating with the shape, one backward and one double-backward path per case (alternating), plus three
+derandomised property examples and an fp64 dropout case; ``make test-kernels-full``
 (``GRADMEM_KERNELS_FULL=1``) runs every shape in every mode, every residue of the padded layout's offset, and
 200 property examples.
 """
@@ -47,9 +49,9 @@ MODES = ("causal", "window", "noncausal", "padded")
 
 
 def table_shapes():
-    """Every (BLOCK_M, BLOCK_N) of every kind's GPU lists: head-dim classes, dtypes, dropout, precisions and
-    alignments (short-document tiles included)."""
-    shapes = set()
+    """{(BLOCK_M, BLOCK_N): kinds whose GPU lists hold it} over head-dim classes, dtypes, dropout, precisions
+    and alignments (short-document tiles included)."""
+    shapes: dict = {}
     for kind in attn.KINDS:
         for block_d in (16, 128, 256):
             for size, precisions in ((2, ("tf32",)), (4, ("tf32", "ieee"))):
@@ -57,15 +59,25 @@ def table_shapes():
                     for dropout in (False, True):
                         for aligned in (True, False):
                             for cfg in attn.gpu_configs(kind, block_d, size, dropout, precision, aligned=aligned):
-                                shapes.add(tuple(cfg[:2]))
-    return sorted(shapes)
+                                shapes.setdefault(tuple(cfg[:2]), set()).add(kind)
+    return shapes
 
 
-SHAPES = table_shapes()
+TABLE = table_shapes()
+SHAPES = sorted(TABLE)
+# Kernels that own a key block and stream query blocks (BLOCK_M is their streamed edge); the others own a
+# query block and stream key blocks (BLOCK_N).
+KEY_SIDE = {"dkdv", "dkdv_atomic", "dbwd_dkdv", "dbwd_fused"}
+
+
+def pinned_kinds(shape):
+    """make test: the kinds whose tables hold ``shape`` (the others keep the small interpreter tile, CPU time);
+    the full run pins every kind to every shape."""
+    return set(attn.KINDS) if FULL else TABLE[shape]
 
 
 def pins(shape):
-    return {kind: (shape[0], shape[1], 4, 1) for kind in attn.KINDS}
+    return {kind: (shape[0], shape[1], 4, 1) for kind in pinned_kinds(shape)}
 
 
 @contextlib.contextmanager
@@ -90,19 +102,22 @@ def forced(launcher, deterministic):
 
 
 def residue_documents(shape, shift=0):
-    """(query count, key count) of documents whose Lk - Lq is ``shift + r`` for every residue r of
-    max(BM, BN).
+    """(query count, key count) of documents whose Lk - Lq is ``shift + r`` for every residue r of the edges
+    the pinned kinds stream.
 
-    The first BM offsets get BM + 1 queries: a full query block and a one-row block after it, so that for
-    every residue of the offset modulo BM some key block's first visible row is the last row of a query block
-    (where a key-side range one block off shows: a row below BM cannot be that row). The offsets beyond BM
-    (when BN > BM: the rest of the residues modulo BN) get one or two queries. ``shift = W - 1`` places the
-    window's lower edge of the first row at key r, so it also takes every residue inside the document."""
+    Key-side kinds pinned: r = 0 .. BM - 1 with BM + 1 queries (a full query block and a one-row block after
+    it), so that for every residue of the offset modulo BM some key block's first visible row is the last row
+    of a query block (where a key-side range one block off shows: a row below BM cannot be that row).
+    Query-side kinds pinned: r = 0 .. BN - 1 with one or two queries (the key range of a query block moves
+    with the offset; its own rows do not need to fill a block). ``shift = W - 1`` places the window's lower
+    edge of the first row at key r, so it also takes every residue inside the document."""
     bm, bn = shape
+    kinds = pinned_kinds(shape)
     docs = []
-    for r in range(max(bm, bn)):
-        lq = bm + 1 if r < bm else 1 + r % 2
-        docs.append((lq, lq + shift + r))
+    if kinds & KEY_SIDE:
+        docs += [(bm + 1, bm + 1 + shift + r) for r in range(bm)]
+    if kinds - KEY_SIDE:
+        docs += [(1 + r % 2, 1 + r % 2 + shift + r) for r in range(bn)]
     return docs + [(0, 3)]
 
 
