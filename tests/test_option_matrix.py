@@ -424,3 +424,30 @@ def test_update_op_refuses_bool_and_complex_steps(backend, step):
     M = torch.zeros(1, M_ROWS, D)
     with pytest.raises(TypeError, match="step: expected an integer or floating tensor"):
         memory_update(M, torch.ones_like(M), lr=0.1, optimizer="adam", step=step, backend=backend)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("lr_step", ["shared", "per_doc"])
+def test_update_kernel_compile_specs_hold_every_lr_step_kind(optimizer, lr_step):
+    """The compile check (make test) compiles what the lr/step option launches: per-document lr/step is the
+    PER_SAMPLE specialisation with [B] pointer arguments (a mutation tool's survivor compiled the 1-element
+    specialisation twice and never the per-document one)."""
+    from gradmem_fast.kernels import update as ku
+
+    adam, per_doc = optimizer == "adam", lr_step == "per_doc"
+    for clip_norm in (False, True):
+        for split in (False, True):
+            found = [
+                s
+                for s in ku.compile_specs()
+                if s.name.startswith("update.memory_update[fp32,")
+                and s.constexprs.get("ADAM") == adam
+                and s.constexprs.get("HAS_CLIP_NORM") == clip_norm
+                and s.constexprs.get("SPLIT") == split
+                and s.constexprs.get("PER_SAMPLE") == per_doc
+                and s.constexprs.get("SCALAR_PTRS") == per_doc
+            ]
+            assert len(found) == 1, f"clip_norm={clip_norm} split={split}: {len(found)} specs"
+            assert found[0].signature["lr"] == ("*fp32" if per_doc else "fp32")
+            if adam:
+                assert found[0].signature["step"] == ("*i64" if per_doc else "i32")
