@@ -71,7 +71,13 @@ TARGETS = {
         None,
     ),
     "gradmem_fast/packing.py": (
-        ("tests/test_packing.py", "tests/test_given_tokens.py", "-k", "pack or engine_write"),
+        (
+            "tests/test_packing.py",
+            "tests/test_packing_plan.py",
+            "tests/test_given_tokens.py",
+            "-k",
+            "pack or engine_write",
+        ),
         None,
     ),
     "gradmem_fast/reference.py": (
@@ -89,11 +95,11 @@ TARGETS = {
     ),
     "gradmem_fast/scoring.py": (
         (
+            "tests/test_scoring.py",
             "tests/test_cramming.py",
             "tests/test_given_tokens.py",
-            "tests/test_scoring.py",
             "-k",
-            "score or ignored or no_memory or rules",
+            "scor or ignored or no_memory or rules",
         ),
         None,
     ),
