@@ -59,6 +59,10 @@ def run(names: list[str], limit_s: int) -> list[dict]:
     return records
 
 
+def header_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _code_version() -> str:
     """The commit the run measured (GRADMEM_FAMILIES_COMMIT for a copy without .git, e.g. a git archive)."""
     if os.environ.get("GRADMEM_FAMILIES_COMMIT"):
@@ -105,15 +109,16 @@ def table(records: list[dict], header: dict) -> str:
         f"documents of {families.LENGTHS[0]} and {families.LENGTHS[1]} tokens, K={families.STEPS} SGD steps, "
         f"lr {families.LR}.",
         "",
-        "- oracle: each document alone through the model's own eager forward (`model(inputs_embeds=...).logits`),"
-        " gradients by torch.autograd.",
+        "- oracle: each document alone through the model's own eager forward (`model(inputs_embeds=..., "
+        "attention_mask=ones).logits`), gradients by torch.autograd (second order: create_graph).",
         "- torch: `MemoryWriter(backend='torch')` (the reference) against the oracle; triton: the packed engine "
         "against the oracle; dropin: `attn_implementation='gradmem_fast'` against eager (logits and "
         "d/d inputs_embeds, right-padded batch); second: grad_mode='second', d<R, M_K>/dM0, engine against the "
-        "reference.",
+        "reference and the reference against the oracle.",
         f"- match: relative error within {families.TOL:g}; refused: gradmem_fast raised a ValueError/TypeError/"
         "NotImplementedError; **WRONG**: numbers differ (a silently wrong result); **crash**: any other exception.",
         "",
+        *([f"Rerun: {header['rerun']}.", ""] if header.get("rerun") else []),
         f"Silently wrong families ({len(wrong)}): {', '.join(wrong) if wrong else 'none'}.",
         f"Counts: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}.",
         "",
@@ -142,6 +147,11 @@ def main(argv=None) -> int:
     parser.add_argument("families", nargs="*", help="model types (default: every causal-LM family)")
     parser.add_argument("--limit", type=int, default=240, help="seconds per family before it counts as a crash")
     parser.add_argument("--write", action="store_true", help="write the files even for a subset of families")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun the named families and replace their records in the existing JSON (header notes the rerun)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
     transformers.logging.set_verbosity_error()
     names = args.families or list(families.causal_lm_families())
     records = run(names, args.limit)
-    if args.families and not args.write:
+    if args.families and not (args.write or args.update):
         return 0
     header = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -159,6 +169,13 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
+    if args.update:
+        with open(JSON_PATH) as f:
+            previous = json.load(f)
+        rerun = {r["model_type"]: r for r in records}
+        records = [rerun.get(r["model_type"], r) for r in previous["families"]]
+        header = dict(previous["header"])
+        header["rerun"] = f"{', '.join(sorted(rerun))} on {header_now()} at {_code_version()}"
     os.makedirs(os.path.dirname(JSON_PATH), exist_ok=True)
     with open(JSON_PATH, "w") as f:
         json.dump({"header": header, "families": records}, f, indent=1)

@@ -308,7 +308,10 @@ def oracle_write(model, docs, M0, second: bool = False):
             Mk = M if second else M.detach().requires_grad_(True)
             with torch.enable_grad():
                 x = torch.cat([Mk, emb(doc[None])[0].detach()], dim=0)[None]
-                logits = model(inputs_embeds=x, use_cache=False).logits[0, M_TOKENS - 1 : M_TOKENS + n - 1]
+                # An all-ones mask, as a caller passes one: some families (Moshi) build no causal mask without it.
+                ones = torch.ones(1, x.shape[1], dtype=torch.long)
+                own = model(inputs_embeds=x, attention_mask=ones, use_cache=False)
+                logits = own.logits[0, M_TOKENS - 1 : M_TOKENS + n - 1]
                 loss = torch.nn.functional.cross_entropy(logits.double(), doc)
                 (g,) = torch.autograd.grad(loss, Mk, create_graph=second)
             M = Mk - LR * g.to(Mk.dtype) if second else (Mk - LR * g).detach()
