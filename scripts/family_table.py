@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         rerun = {r["model_type"]: r for r in records}
         records = [rerun.get(r["model_type"], r) for r in previous["families"]]
         header = dict(previous["header"])
-        header["rerun"] = f"{', '.join(sorted(rerun))} on {header_now()} at {_code_version()}"
+        note = f"{', '.join(sorted(rerun))} on {header_now()} at {_code_version()}"
+        header["rerun"] = f"{header['rerun']}; {note}" if header.get("rerun") else note
     os.makedirs(os.path.dirname(JSON_PATH), exist_ok=True)
     with open(JSON_PATH, "w") as f:
         json.dump({"header": header, "families": records}, f, indent=1)

@@ -453,10 +453,12 @@ def check_family(model_type: str, paths: tuple[str, ...] = PATHS) -> FamilyResul
             result.build = reason
             return result
         # fp64 only if the model's own forward runs in fp64 (some layers hard-code fp32 buffers).
-        d = model.get_input_embeddings().weight.shape[1] if model.get_input_embeddings() is not None else None
-        if d is None:
-            result.build = "no input embeddings"
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            emb = type(model.get_input_embeddings()).__name__
+            result.build = f"no single [vocab, d] input embedding (get_input_embeddings() is a {emb})"
             return result
+        d = weight.shape[1]
         docs, ids, mask, M0 = _inputs(VOCAB, d, dt)
         try:
             oracle = oracle_write(model, docs, M0)
