@@ -5,13 +5,15 @@ refused with a clear error before any work. ``check_family(model_type)`` measure
 ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``:
 
     oracle  per document, K SGD steps on M with the model's own eager forward:
-            x = [M ; E(c)], logits = model(inputs_embeds=x).logits (logit scale/soft-capping included),
+            x = [M ; E(c)], logits = model(inputs_embeds=x, attention_mask=ones).logits (its own logit
+            post-processing included),
             L = mean_j CE(logits[m-1+j], c_j), M <- M - lr dL/dM        (torch.autograd, one document at a time)
     torch   MemoryWriter(backend="torch"), the padded reference, on the batch of both documents
     triton  MemoryWriter(backend="triton"), the packed engine (kernels in the interpreter on a CPU)
     dropin  attn_implementation="gradmem_fast" against "eager": logits and d/d inputs_embeds on a
             right-padded batch (real positions only)
-    second  grad_mode="second": d<R, M_K>/dM0 of the engine against the reference (R random)
+    second  grad_mode="second": d<R, M_K>/dM0 of the engine against the reference, and of the reference
+            against the oracle differentiated through its K steps (R random)
 
 Each path ends "match" (relative error of the memory's update M_K - M0, or of the compared tensors, within
 the fp32 bound 1e-5), "refused" (a ValueError/TypeError/NotImplementedError raised inside gradmem_fast),
