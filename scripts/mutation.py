@@ -105,9 +105,80 @@ TARGETS = {
     ),
 }
 
+_SUMSQ_SPEC = (
+    'kernels/update.py:{"grad_ptr": ptr, "part_ptr": "*fp64", "clip_value": "fp32", "N": "i32", "ITERS": "i32"},'
+)
+
 # Survivors triaged by hand: key "file:line text|index" -> why the mutant is equivalent, or the test that kills
 # it now. Keys come from the report (`key` of each survivor).
-TRIAGE: dict = {}
+TRIAGE: dict = {
+    # kernels/attention_common.py
+    "kernels/attention_common.py:rescale = tl.load(Params + 2)|1": "killed by tests/test_attention_boundaries.py::"
+    "test_sample_fp64_dropout_reads_its_rescale (added; no fp64 dropout call ran before; re-run: killed; hand "
+    "mutant attn_fp64_rescale_wrong_slot)",
+    "kernels/attention_common.py:c = lo + tl.maximum(full_hi - lo, 0) // BLOCK * BLOCK|0": "equivalent: c falls "
+    "below a and is clamped to it, so the unmasked middle range is empty and every block takes the masked path "
+    "(same values, slower); the opposite direction (a partly visible block unmasked) is hand mutant "
+    "attn_unmasked_blocks_rounded_up, killed",
+    "kernels/attention_common.py:c = lo + tl.maximum(full_hi - lo, 0) // BLOCK * BLOCK|4": "equivalent in "
+    "every value the interpreter shows: c becomes lo + k / BLOCK (fp32; k the fully visible blocks), less than "
+    "a block past lo, so the unmasked range shrinks to at most the first, fully visible block and the masked "
+    "loops cover the rest (re-run on every causal shape, fp64 dropout and soft-capping: survived); how a GPU "
+    "compile treats the fp32 loop bound only the compile check or a GPU run can show",
+    "kernels/attention_common.py:return (b * num_heads + h).to(tl.int64) * 4294967296 + seed|3": "equivalent: "
+    "another dropout stream per (batch, head), still distinct for seeds below 2^32; the forward, the backward "
+    "and dropout_keep_mask all draw from rng_key, so nothing can tell one valid stream from another",
+    "kernels/attention_common.py:s2 = (SOFTCAP * 1.4426950408889634) * (1.0 - 2.0 / (e + 1.0))|4": "killed by "
+    "tests/test_attention_softcap_sinks.py (re-run: killed); soft-capping is outside the default options this "
+    "file's selection runs (it was added by another change while the tool ran)",
+    # kernels/update.py (launcher and compile specifications; the kernel's formulas were all killed)
+    'kernels/update.py:scalar_ptrs, per_sample = ptrs != "0", ptrs == "B"|3': "killed by tests/test_option_matrix.py"
+    "::test_update_kernel_compile_specs_hold_every_lr_step_kind (added: the per-document specialisation was "
+    "never compiled; re-run: killed)",
+    'kernels/update.py:if device.type != "cuda" or numel < _MIN_SPLIT_NUMEL:|3': "killed by tests/test_update.py "
+    "(split heuristic test; outside the as-run selection; re-run: killed)",
+    'kernels/update.py:_check_per_sample("lr", lr, B)|0': "killed by tests/test_update_per_sample.py (error message "
+    "matched; outside the as-run selection; re-run: killed)",
+    "kernels/update.py:_MIN_CHUNK = 4 * BLOCK  # smallest split chunk|0": "killed by tests/test_update.py (split "
+    "heuristic; outside the as-run selection; re-run: killed)",
+    "kernels/update.py:if batch >= sms:|0": "equivalent: at batch == SM count the launcher splits each sample in 2 "
+    "instead of 1; every split count gives the same values (test_update.py runs 1 and 4 splits), only speed "
+    "changes",
+    "kernels/update.py:step_arg = _scalar_tensor(step, torch.int64, device) if adam else 1|1": "killed by "
+    "tests/test_update.py (outside the as-run selection; re-run: killed)",
+    _SUMSQ_SPEC + "|0": "killed by the compile check that make test runs beside pytest (a compile "
+    "specification naming an argument the kernel lacks fails: checked, compile_check --match grad_sumsq exit 1); "
+    "not a pytest test",
+    _SUMSQ_SPEC + "|1": "killed by the compile check that make test runs beside pytest (the same check as the "
+    "mutant above; not a pytest test)",
+    "kernels/update.py:f\"update.memory_update[{tname},{'adam' if adam else 'sgd'},\"|2": "killed by "
+    "tests/test_update.py::test_compile_specs_cover_every_launch_configuration (names; re-run: killed)",
+    # gradmem_fast/ops/update.py
+    "gradmem_fast/ops/update.py:if step.dtype == torch.bool or step.is_complex():|1": "killed by "
+    "tests/test_option_matrix.py::test_update_op_refuses_bool_and_complex_steps (added; re-run: killed)",
+    "gradmem_fast/ops/update.py:inside = (g >= -clip_value) & (g <= clip_value)|4": "killed by the option matrix "
+    "now that make test runs every update-op combination (triton x second order x clamp: pairs alone missed it; "
+    "re-run: killed; hand mutant update_sgd_backward_clamp_passes_gradient)",
+    "gradmem_fast/ops/update.py:@staticmethod|0": "equivalent: torch.autograd.Function calls forward/backward "
+    "through the class, where a plain function behaves exactly as a staticmethod",
+    # gradmem_fast/reference.py
+    'gradmem_fast/reference.py:mask_name="query_mask",|0': "equivalent: the argument's name in error messages only",
+    # gradmem_fast/scoring.py
+    "gradmem_fast/scoring.py:LN2 = math.log(2.0)|0": "killed by tests/test_scoring.py::test_nats_to_bits (added; "
+    "the selection now runs all of test_scoring.py; re-run: killed)",
+    "gradmem_fast/scoring.py:while stop < len(order) and (stop + 1 - start) * len(documents[order[stop]]) <= "
+    "batch_tokens:|3": "equivalent: groups of the no-memory baseline come out smaller than the token budget; each "
+    "document's tail does not depend on its group (test_scoring.py checks budgets of 1, 12 and 10^6)",
+    # gradmem_fast/packing.py
+    "gradmem_fast/packing.py:MIN_BUCKET_ROWS = 64|0": "equivalent: a bucket of 65 filler-padded rows instead of 64 "
+    "(filler rows are ignored targets; only graph reuse and alignment change)",
+    "gradmem_fast/packing.py:used += need|1": "killed by tests/test_packing_plan.py (added: plan_batches against "
+    "its token budget; re-run: killed)",
+    # kernels/cross_entropy.py (masking lines)
+    "kernels/cross_entropy.py:g = tl.where(valid, tl.load(scale_ptr + rows, mask=rows_ok, other=0.0).to(lse.dtype), "
+    "0.0)|1": "equivalent: the load's fill value is read only on rows past the end, which valid (rows_ok & target "
+    "!= ignore_index) already sends to 0.0",
+}
 
 
 def _key(mid) -> str:
@@ -256,7 +327,16 @@ def write_report(out_dir: str = OUT) -> str:
         f"| **all** | | {tot['run']} | {tot['killed']} | {tot['survived']} | {tot['equivalent']} | {tot['errors']} | "
         f"**{rate}** | |"
     )
-    lines += ["", "## Survivors and their triage", ""]
+    lines += [
+        "",
+        "Runs of 2026-12-07 on the shared 2-core machine: `scripts/mutation.py --rev HEAD --max 12` (8 for",
+        "reference, scoring and the cross-entropy masking, 10 for packing; each file against the HEAD of its run),",
+        "triage re-runs with `--key KEY --tests '...'`. A first scoring run (same sample) found `score_memories` and",
+        "`no_memory_tail`'s grouping reached only through the command line: tests/test_scoring.py since.",
+        "",
+        "## Survivors and their triage",
+        "",
+    ]
     if not survivors:
         lines.append("None.")
     for path, x in survivors:
