@@ -19,8 +19,8 @@ on the atomic one (dQ by atomics inside the dK/dV kernel), double backward on th
 fused one, with random cotangents and NaN-filled outputs. Default options only (no soft-capping, no sinks).
 
 ``make test`` runs every tile shape once, the mode (causal, window, non-causal, padded with key padding)
-rotating with the shape, one backward and one double-backward path per case (alternating), plus three
-derandomised property examples and an fp64 dropout case; ``make test-kernels-full``
+rotating with the shape, one backward and one double-backward path per case (alternating), GQA on every
+other shape, plus two derandomised property examples and an fp64 dropout case; ``make test-kernels-full``
 (``GRADMEM_KERNELS_FULL=1``) runs every shape in every mode, every residue of the padded layout's offset, and
 200 property examples.
 """
@@ -101,13 +101,14 @@ def forced(launcher, deterministic):
         setattr(attn, launcher, original)
 
 
-def residue_documents(shape, shift=0):
+def residue_documents(shape, shift=0, causal=True):
     """(query count, key count) of documents whose Lk - Lq is ``shift + r`` for every residue r of the edges
     the pinned kinds stream.
 
     Key-side kinds pinned: r = 0 .. BM - 1 with BM + 1 queries (a full query block and a one-row block after
     it), so that for every residue of the offset modulo BM some key block's first visible row is the last row
-    of a query block (where a key-side range one block off shows: a row below BM cannot be that row).
+    of a query block (where a key-side range one block off shows: a row below BM cannot be that row); without
+    a diagonal (non-causal) no row is special: two queries each, plus one document of BM + 1.
     Query-side kinds pinned: r = 0 .. BN - 1 with one or two queries (the key range of a query block moves
     with the offset; its own rows do not need to fill a block). ``shift = W - 1`` places the window's lower
     edge of the first row at key r, so it also takes every residue inside the document."""
@@ -115,13 +116,16 @@ def residue_documents(shape, shift=0):
     kinds = pinned_kinds(shape)
     docs = []
     if kinds & KEY_SIDE:
-        docs += [(bm + 1, bm + 1 + shift + r) for r in range(bm)]
+        # Without a diagonal no row is special: two queries each, and one document with a partial query block
+        # (CPU time).
+        lq = bm + 1 if causal else 2
+        docs += [(lq, lq + shift + r) for r in range(bm)] + ([] if causal else [(bm + 1, bm + 1)])
     if kinds - KEY_SIDE:
         docs += [(1 + r % 2, 1 + r % 2 + shift + r) for r in range(bn)]
     return docs + [(0, 3)]
 
 
-def varlen_case(docs, causal, window):
+def varlen_case(docs, causal, window, hq=HQ, hkv=HKV):
     lens_q, lens_k = [n for n, _ in docs], [n for _, n in docs]
     cq, ck = cu(lens_q), cu(lens_k)
 
@@ -134,7 +138,7 @@ def varlen_case(docs, causal, window):
             lses.append(lse[0])
         return torch.cat(outs), torch.cat(lses, 1)
 
-    shapes = [(sum(lens_q), HQ, D), (sum(lens_k), HKV, D), (sum(lens_k), HKV, D)]
+    shapes = [(sum(lens_q), hq, D), (sum(lens_k), hkv, D), (sum(lens_k), hkv, D)]
     return shapes, dict(cu_seqlens_q=cq, cu_seqlens_k=ck, causal=causal, window=window), ref
 
 
@@ -164,7 +168,8 @@ def check(shape, shapes, op_kw, ref_fn, paths=(True, False)):
     """Forward, the backward and double-backward paths ``paths`` (True: deterministic / atomic-free, False:
     atomic dQ / fused) with every kind pinned to ``shape``."""
     q, k, v = (torch.randn(*s, dtype=F64).requires_grad_() for s in shapes)
-    lse_shape = (HQ, shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], HQ, shapes[0][1])
+    hq = shapes[0][-2]
+    lse_shape = (hq, shapes[0][0]) if len(shapes[0]) == 3 else (shapes[0][0], hq, shapes[0][1])
     dout = torch.randn(*shapes[0], dtype=F64).requires_grad_()
     dlse = torch.randn(*lse_shape, dtype=F64).requires_grad_()
     cots = [torch.randn(*s, dtype=F64) for s in shapes]
@@ -212,7 +217,10 @@ def run_mode(shape, mode, variant=0):
         # Windows below, at and above the edges; the lower edge takes every residue through the offsets.
         window = max(1, (bn - 1, bn + 1, bm + 3, 1)[variant % 4])
     shift = 0 if window is None else window - 1
-    check(shape, *varlen_case(residue_documents(shape, shift), causal=mode != "noncausal", window=window), paths)
+    # make test (CPU time): GQA 2:1 on every other shape, one head elsewhere (the residues do not depend on it).
+    hq = HQ if FULL or variant % 2 == 0 else HKV
+    docs = residue_documents(shape, shift, causal=mode != "noncausal")
+    check(shape, *varlen_case(docs, causal=mode != "noncausal", window=window, hq=hq), paths)
 
 
 def _params():
@@ -245,7 +253,7 @@ def test_padded_offsets_every_residue(shape):
 
 
 @settings(
-    max_examples=200 if FULL else 3,
+    max_examples=200 if FULL else 2,
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -258,11 +266,12 @@ def test_sample_property_random_geometry(data):
     edge = max(shape)
     causal = data.draw(st.booleans(), label="causal")
     window = data.draw(st.one_of(st.none(), st.integers(1, 2 * edge + 2)), label="window") if causal else None
+    paths = (True, False) if FULL else (data.draw(st.booleans(), label="deterministic paths"),)
     if data.draw(st.booleans(), label="varlen"):
         n = data.draw(st.integers(1, 4), label="documents")
         docs = [(data.draw(st.integers(0, shape[0] + 2)), 0) for _ in range(n)]
         docs = [(nq, nq + data.draw(st.integers(0 if nq else 1, edge + 2))) for nq, _ in docs]
-        check(shape, *varlen_case(docs, causal, window))
+        check(shape, *varlen_case(docs, causal, window), paths)
     else:
         lq = data.draw(st.integers(1, shape[0] + 2), label="lq")
         lk = lq + data.draw(st.integers(0, edge + 2), label="offset")
@@ -273,6 +282,7 @@ def test_sample_property_random_geometry(data):
             shapes,
             kw,
             lambda q, k, v: ref_padded(q, k, v, kpm=kw["key_padding_mask"], window=window, causal=causal),
+            paths,
         )
 
 
