@@ -77,14 +77,19 @@ def gradmem_attention(model, backend: str = "auto"):
     left to ``use_backend``'s context variable, which torch.compile cannot read; both are restored after.
     """
     previous_backend = hf._DEFAULT_BACKEND["backend"]
+    previous_packed = hf._DEFAULT_BACKEND["packed"]
     hf.register_attention(backend)
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
+    # Every attention call inside must carry the packed offsets: a model that drops them on the way (a layer
+    # without **kwargs) would attend across documents; the attention function refuses such a call.
+    hf._DEFAULT_BACKEND["packed"] = True
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
         hf._DEFAULT_BACKEND["backend"] = previous_backend
+        hf._DEFAULT_BACKEND["packed"] = previous_packed
 
 
 def _backbone_hidden(base, weights, x, position_ids, cu, ones_mask, max_seqlen):

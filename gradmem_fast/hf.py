@@ -5,8 +5,10 @@ Models are reached only through public APIs: ``get_input_embeddings``, ``get_out
 """
 
 import math
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import hf_contract
@@ -35,6 +37,8 @@ from . import hf_contract
 #   FalconH1ForCausalLM                           model.model.lm_head_multiplier       m y               (m, None)
 #   MiniCPM3ForCausalLM                           config.logits_scaling                head(h / L)       (1/L, None)
 #                                                   (bias-free head: = y / L)
+#   Inkling (ForCausalLM; ForConditionalGen-      (text) config.logits_mup_width_      head(h / L)       (1/L, None)
+#     eration reads the text config)                multiplier (bias-free head)
 #   MptForCausalLM                                (config.logit_scale is never read)   y                 (1, None)
 #
 # Any other class whose config (or text config) sets one of ``_LOGIT_POSTPROCESSING`` to something other than
@@ -49,6 +53,7 @@ _LOGIT_POSTPROCESSING = (
     "lm_head_multiplier",
     "output_multiplier",
     "output_multiplier_scale",
+    "logits_mup_width_multiplier",
 )
 _CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap", "logit_softcapping")
 
@@ -81,12 +86,11 @@ def _scale(model, owner, attr: str, invert: bool = False, required: bool = False
     return (1.0 / s if invert else s), None
 
 
-def _minicpm3(model) -> tuple[float, float | None]:
+def _hidden_divisor(model, config, attr: str) -> tuple[float, float | None]:
+    """``head(h / L)``: equal to ``y / L`` for a head without bias (MiniCPM3, Inkling)."""
     if getattr(get_output_embeddings(model), "bias", None) is not None:  # h / L through a biased head is not y / L
-        raise ValueError(
-            f"model: {type(model).__name__} scales hidden states by 1/logits_scaling before a head with a bias"
-        )
-    return _scale(model, model.config, "logits_scaling", invert=True)
+        raise ValueError(f"model: {type(model).__name__} scales hidden states by 1/{attr} before a head with a bias")
+    return _scale(model, config, attr, invert=True)
 
 
 def _muse_glimmer(model) -> tuple[float, float | None]:
@@ -120,7 +124,9 @@ _RECIPES = {
     "Granite4VisionForConditionalGeneration": lambda m: _scale(m, _text_config(m), "logits_scaling", invert=True),
     "HyperCLOVAXForCausalLM": lambda m: _scale(m, m.config, "logits_scaling"),
     "FalconH1ForCausalLM": lambda m: _scale(m, getattr(m, "model", m.config), "lm_head_multiplier"),
-    "MiniCPM3ForCausalLM": _minicpm3,
+    "MiniCPM3ForCausalLM": lambda m: _hidden_divisor(m, m.config, "logits_scaling"),
+    "InklingForCausalLM": lambda m: _hidden_divisor(m, m.config, "logits_mup_width_multiplier"),
+    "InklingForConditionalGeneration": lambda m: _hidden_divisor(m, _text_config(m), "logits_mup_width_multiplier"),
     "MptForCausalLM": lambda m: (1.0, None),
 }
 
@@ -207,11 +213,56 @@ def backbone(model) -> nn.Module:
 
 
 def is_causal(model) -> bool:
-    """Whether every attention layer of ``model``'s backbone is causal (``is_causal`` of its modules and of a
-    decoder config; BERT-style models built with ``is_decoder=False`` are bidirectional)."""
+    """Whether ``model``'s backbone is known to be causal: its attention modules say ``is_causal = True`` and none
+    says False (BERT-style models built with ``is_decoder=False`` are bidirectional; XLM's attention has no such
+    flag and is bidirectional unless its config says ``causal``: unknown counts as not causal)."""
     if getattr(getattr(model, "config", None), "is_decoder", True) is False:
         return False
-    return all(getattr(m, "is_causal", True) is not False for m in backbone(model).modules())
+    flags = [m.is_causal for m in backbone(model).modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and all(flags)
+
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Relative error above which the probe calls the two logits different: far above the rounding of one dtype,
+# far below what a skipped layer or scale gives (BERT-style transforms 1.2, Inkling 23, ProphetNet 33).
+_PROBE_BOUND = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def check_logits_are_head_on_backbone(model) -> None:
+    """Refuse ``model`` unless its own logits are what a write forms: ``phi(head(backbone(x)))`` with ``phi`` from
+    ``logit_postprocessing`` (a probe on four token embeddings, once per model object, in eval mode, no grad).
+
+    The table of ``logit_postprocessing`` and ``hf_contract.check_head_on_base`` name what is known; the probe
+    catches what no table lists (a division of the hidden states in a class's forward, a head applied to
+    another stream of the backbone): the family matrix found such models (Inkling, ProphetNet).
+    """
+    if model in _PROBED:
+        return
+    from gradmem_fast.ops.cross_entropy import postprocess_logits
+
+    head = output_head(model)
+    emb = input_embeddings(model)
+    ids = torch.arange(4, device=emb.weight.device) % emb.weight.shape[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = emb(ids)[None]
+            ones = torch.ones(1, 4, dtype=torch.long, device=ids.device)
+            own = model(inputs_embeds=x, attention_mask=ones, use_cache=False).logits.double()
+            hidden = backbone_hidden(model, x, ones, torch.arange(4, device=ids.device)[None])
+            y = F.linear(hidden, head.weight, getattr(head, "bias", None)).double()
+            ours = postprocess_logits(y, *logit_postprocessing(model))
+    finally:
+        model.train(was_training)
+    err = float((own - ours).norm() / own.norm().clamp_min(1e-30)) if own.shape == ours.shape else float("inf")
+    if not err <= _PROBE_BOUND.get(emb.weight.dtype, 1e-4):
+        raise ValueError(
+            f"model: {type(model).__name__}'s own logits are not its output head applied to its backbone's final "
+            f"hidden states (relative difference {err:.2g} on a probe): its forward does something between them "
+            "that gradmem-fast does not know, so a write would learn against other logits than the model's"
+        )
+    _PROBED[model] = True
 
 
 def hidden_size(model) -> int:
@@ -273,7 +324,9 @@ def gradmem_fast_mask(
     return mask[:, kv_offset : kv_offset + kv_length].bool()
 
 
-_DEFAULT_BACKEND = {"backend": "auto"}
+# The registry entry's settings: the backend its calls use, and whether the packed write engine is running
+# (``engine.gradmem_attention``), in which case every call must carry the packed offsets.
+_DEFAULT_BACKEND: dict = {"backend": "auto", "packed": False}
 
 
 def gradmem_fast_attention(module, query, key, value, attention_mask, **kwargs):
@@ -321,6 +374,12 @@ def gradmem_fast_attention(module, query, key, value, attention_mask, **kwargs):
         query, key, value, common["scale"] = _equal_head_dims(query, key, value, common["scale"])
     if opts.get("cu_seq_lens_q") is not None:
         return _packed_attention(query, key, value, opts, common)[..., :dv], None
+    if _DEFAULT_BACKEND["packed"]:
+        raise ValueError(
+            f"model: {hf_contract.model_name(module)} does not pass the packed documents' offsets (cu_seq_lens_q/k) "
+            "from its forward to its attention, so the packed write engine would let documents attend to each "
+            "other; use backend='torch'"
+        )
     k_len = key.shape[2]
     if attention_mask is not None and attention_mask.shape[-1] != k_len:
         attention_mask = attention_mask[:, -k_len:]

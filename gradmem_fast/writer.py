@@ -91,6 +91,8 @@ class MemoryWriter:
         if self.backend == "triton":
             engine.check_model_supported(model)
             check_interpreter_dtype(cast(torch.Tensor, hf.input_embeddings(model).weight))
+        if write_head is None:
+            hf.check_logits_are_head_on_backbone(model)
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):

@@ -463,3 +463,37 @@ def test_compiled_drop_in_attention_matches_eager_and_refuses_packed_position_id
         packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
         with pytest.raises(Exception, match="compiled model call builds another mask"):
             compiled(input_ids=ids[:1], position_ids=packed, use_cache=False)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="fp64 write through the interpreter")
+def test_engine_refuses_a_model_whose_layers_drop_the_packed_offsets():
+    """A decoder layer that does not forward **kwargs leaves its attention without cu_seq_lens: on the packed
+    engine its documents would attend to each other (Moshi: 35% off, found by the family matrix)."""
+    model = tiny_model("llama")
+    layer = model.model.layers[1]
+    original = layer.forward
+
+    def forward(*args, **kwargs):
+        kept = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+        return original(*args, **kept)
+
+    layer.forward = forward
+    ids = torch.randint(0, 61, (2, 5))
+    config = WriteConfig(num_memory_tokens=2, steps=1)
+    with pytest.raises(ValueError, match="does not pass the packed documents' offsets"):
+        MemoryWriter(model, config, backend="triton").write(ids)
+    MemoryWriter(model, config, backend="torch").write(ids)  # one document per row: nothing to keep apart
+
+
+def test_logits_probe_refuses_an_unknown_step_between_backbone_and_head():
+    """What no table lists (Inkling divided its hidden states before the head; ProphetNet's head reads another
+    stream): the probe compares the model's own logits with head(backbone(x)) and refuses a difference."""
+    model = tiny_model("llama", dtype=torch.float32)
+    hf.check_logits_are_head_on_backbone(model)  # a plain model passes
+    model = tiny_model("llama", dtype=torch.float32, seed=1)
+    weight = model.lm_head.weight
+    model.lm_head.forward = lambda h: torch.nn.functional.linear(h / 3.0, weight)
+    assert model.training is False
+    with pytest.raises(ValueError, match="own logits are not its output head applied"):
+        MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="torch")
+    assert model.training is False  # the probe restores the mode it found
