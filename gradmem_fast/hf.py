@@ -304,6 +304,7 @@ def gradmem_fast_mask(
     """
     from transformers.masking_utils import prepare_padding_mask
 
+    hf_contract.check_mask_consumer(kwargs.get("config"))
     if torch.compiler.is_compiling():
         # dynamo cannot read a closure's name and cells (and caches a constant-folded answer per code object,
         # which closures of one factory share): inside a compiled graph the pattern comes from the arguments.

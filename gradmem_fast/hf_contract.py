@@ -79,6 +79,28 @@ UNSUPPORTED_ATTENTION = {
 }
 
 
+# Models whose attention reads a 4-D additive mask itself (a sparse indexer's top-k over the scores, a dynamic
+# mask computed from the hidden states): the drop-in's 2-D padding mask cannot serve them, so the mask function
+# refuses them by name instead of letting them fail inside their own code. Found by the family matrix.
+MASK_READING_MODEL_TYPES = {"doge": "dynamic mask attention"}
+MASK_READING_LAYER_TYPES = {"deepseek_sparse_attention": "the sparse attention indexer"}
+
+
+def check_mask_consumer(config) -> None:
+    """Raise ``ValueError`` when ``config``'s model reads the attention mask as a 4-D tensor itself."""
+    if config is None:
+        return
+    why = MASK_READING_MODEL_TYPES.get(getattr(config, "model_type", None))
+    for kind in getattr(config, "layer_types", None) or ():
+        why = why or MASK_READING_LAYER_TYPES.get(kind)
+    if why:
+        raise ValueError(
+            f"model_type {getattr(config, 'model_type', None)!r}: {why} reads the 4-D attention mask itself, which "
+            "attn_implementation='gradmem_fast' does not build (it passes a 2-D padding mask to its kernels); use "
+            "attn_implementation='eager' and backend='torch'"
+        )
+
+
 def check_attention_module(module) -> None:
     """Raise ``ValueError`` for an attention module listed in ``UNSUPPORTED_ATTENTION``."""
     why = UNSUPPORTED_ATTENTION.get(type(module).__name__)

@@ -497,3 +497,17 @@ def test_logits_probe_refuses_an_unknown_step_between_backbone_and_head():
     with pytest.raises(ValueError, match="own logits are not its output head applied"):
         MemoryWriter(model, WriteConfig(num_memory_tokens=2, steps=1), backend="torch")
     assert model.training is False  # the probe restores the mode it found
+
+
+def test_models_that_read_the_4d_mask_themselves_are_refused_by_the_mask_function():
+    """Doge and the DeepSeek sparse indexer index a 4-D mask inside their attention: without this refusal the
+    drop-in crashed inside their code with an IndexError (family matrix)."""
+    with pytest.raises(ValueError, match="model_type 'doge': dynamic mask attention"):
+        hf.gradmem_fast_mask(1, 4, 4, mask_function=mu.causal_mask_function, config=transformers.DogeConfig())
+    sparse = transformers.LlamaConfig(num_hidden_layers=2)
+    sparse.layer_types = ["deepseek_sparse_attention", "full_attention"]
+    with pytest.raises(ValueError, match="sparse attention indexer"):
+        hf.gradmem_fast_mask(1, 4, 4, mask_function=mu.causal_mask_function, config=sparse)
+    assert (
+        hf.gradmem_fast_mask(1, 4, 4, mask_function=mu.causal_mask_function, config=transformers.LlamaConfig()) is None
+    )
