@@ -317,12 +317,7 @@ class MemoryWriter:
         for docs in self._windows(documents, window):
             out: list[torch.Tensor | None] = [None] * len(docs)
             for batch in self.plan_batches(docs, batch_tokens):
-                width = max(len(docs[i]) for i in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : len(docs[i])] = docs[i]
-                    mask[row, : len(docs[i])] = 1
+                ids, mask = _right_padded(docs, batch)
                 with torch.no_grad():
                     result = self.write(ids, mask, memory, on_step=on_step)
                 for row, i in enumerate(batch):
@@ -376,12 +371,7 @@ class MemoryWriter:
         """One window without a stop rule, each document from its own row of ``rows``."""
         out: list[torch.Tensor | None] = [None] * len(docs)
         for batch in self.plan_batches(docs, batch_tokens):
-            width = max(len(docs[i]) for i in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(docs[i])] = docs[i]
-                mask[row, : len(docs[i])] = 1
+            ids, mask = _right_padded(docs, batch)
             with torch.no_grad():
                 result = self.write(ids, mask, rows[batch], on_step=on_step)
             for row, i in enumerate(batch):
@@ -523,3 +513,14 @@ class _StepBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _right_padded(docs: list[torch.Tensor], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` [len(batch), longest]: the batch's documents right-padded with zeros (mask 1 = token)."""
+    width = max(len(docs[i]) for i in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, i in enumerate(batch):
+        ids[row, : len(docs[i])] = docs[i]
+        mask[row, : len(docs[i])] = 1
+    return ids, mask
