@@ -348,7 +348,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
-    from .cli import add_init_arguments
+    from .cli_common import add_init_arguments
 
     add_init_arguments(p, warm=False)
     p.add_argument(
@@ -400,7 +400,7 @@ def _config(args):
         raise UserError(f"--grow must be a finite number > 1, got {args.grow}")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
-    from .cli import check_init_arguments, check_weight_decay
+    from .cli_common import check_init_arguments, check_weight_decay
 
     check_init_arguments(args)
     check_weight_decay(args)

@@ -42,7 +42,17 @@ import os
 import sys
 import time
 
-from .cli_common import PROG, device_and_dtype, note, positive_int, versions, warn
+from .cli_common import (
+    PROG,
+    add_init_arguments,
+    check_init_arguments,
+    check_weight_decay,
+    device_and_dtype,
+    note,
+    positive_int,
+    versions,
+    warn,
+)
 from .errors import UserError
 from .models import quiet_transformers
 
@@ -355,54 +365,14 @@ def add_write_arguments(p):
     add_logdir(p)
 
 
-def add_init_arguments(p, warm: bool) -> None:
-    """``--init`` and ``--init-rank`` (and, for ``write``, ``--init-from``)."""
-    from .config import INITS
-
-    choices = [*INITS, "warm"] if warm else list(INITS)
-    p.add_argument(
-        "--init",
-        choices=choices,
-        default="normal",
-        help="initial memory: normal (N(0, --init-std^2), default), uniform (same variance), embedding-diag / "
-        "embedding-full (a normal fitted to the input embeddings per coordinate / with full covariance), pca "
-        "(their top --init-rank principal directions)"
-        + (", warm (each document from its memory in --init-from)" if warm else ""),
-    )
-    p.add_argument("--init-rank", type=int, default=None, help="--init pca: principal directions (default 16)")
-    if warm:
-        p.add_argument(
-            "--init-from",
-            default=None,
-            help="--init warm: a previous write output (memory file or dataset folder) holding a memory for "
-            "every document id",
-        )
-
-
-def check_weight_decay(args) -> None:
-    """``--weight-decay``: a finite number >= 0, with ``--optimizer adamw`` only."""
-    if not 0 <= args.weight_decay < float("inf"):
-        raise UserError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
-    if args.weight_decay and args.optimizer != "adamw":
-        raise UserError(f"--weight-decay is decoupled decay for --optimizer adamw, not --optimizer {args.optimizer}")
-
-
-def check_init_arguments(args) -> None:
-    """``--init-rank`` only with ``--init pca``, and >= 1."""
-    if args.init_rank is not None:
-        if args.init != "pca":
-            raise UserError(f"--init-rank is for --init pca, not --init {args.init}")
-        _positive_int("--init-rank", args.init_rank)
-
-
 def _warm_memories(args, ids, m):
     """--init warm: [N, m, d] float64 memories of the documents ``ids`` from ``--init-from`` (matched by id,
     then by the id as a string); any id it lacks is an error naming it."""
-    from . import fileio
-
     if args.init_from is None:
         raise UserError("--init warm needs --init-from OUTPUT (a previous write's memory file or dataset folder)")
-    previous = fileio.open_memories(args.init_from)
+    from .dataset_files import open_memories
+
+    previous = open_memories(args.init_from)
     if previous.shape[1] != m:
         raise UserError(
             f"--init-from {args.init_from!r} holds {previous.shape[1]} memory vectors per document, not {m}"
@@ -1098,7 +1068,9 @@ def cmd_read(args) -> int:
         raise UserError("--verify decodes greedily (is the document reproduced?): leave out --do-sample")
     inputs = [("--memories", args.memories), ("--queries", args.queries), ("--verify", args.verify)]
     fileio.check_output(args.output, inputs, args.force)
-    memfile = fileio.open_memories(args.memories)
+    from .dataset_files import open_memories
+
+    memfile = open_memories(args.memories)
     queries = fileio.read_jsonl(args.queries, args.text_field, "id", require_id=True, unique_ids=False, what="queries")
     rows = _match_ids(queries, memfile.ids, args.memories)
     verify_texts = _verify_documents(args, memfile, queries, rows) if args.verify else [None] * len(queries)

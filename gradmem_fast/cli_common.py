@@ -52,3 +52,43 @@ def device_and_dtype(args, local_rank=0):
     device = resolve_device(args.device, local_rank)
     resolve_dtype(args.dtype, device)
     return device
+
+
+def add_init_arguments(p, warm: bool) -> None:
+    """``--init`` and ``--init-rank`` (and, for ``write``, ``--init-from``)."""
+    from .config import INITS
+
+    choices = [*INITS, "warm"] if warm else list(INITS)
+    p.add_argument(
+        "--init",
+        choices=choices,
+        default="normal",
+        help="initial memory: normal (N(0, --init-std^2), default), uniform (same variance), embedding-diag / "
+        "embedding-full (a normal fitted to the input embeddings per coordinate / with full covariance), pca "
+        "(their top --init-rank principal directions)"
+        + (", warm (each document from its memory in --init-from)" if warm else ""),
+    )
+    p.add_argument("--init-rank", type=int, default=None, help="--init pca: principal directions (default 16)")
+    if warm:
+        p.add_argument(
+            "--init-from",
+            default=None,
+            help="--init warm: a previous write output (memory file or dataset folder) holding a memory for "
+            "every document id",
+        )
+
+
+def check_weight_decay(args) -> None:
+    """``--weight-decay``: a finite number >= 0, with ``--optimizer adamw`` only."""
+    if not 0 <= args.weight_decay < float("inf"):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if args.weight_decay and args.optimizer != "adamw":
+        raise UserError(f"--weight-decay is decoupled decay for --optimizer adamw, not --optimizer {args.optimizer}")
+
+
+def check_init_arguments(args) -> None:
+    """``--init-rank`` only with ``--init pca``, and >= 1."""
+    if args.init_rank is not None:
+        if args.init != "pca":
+            raise UserError(f"--init-rank is for --init pca, not --init {args.init}")
+        positive_int("--init-rank", args.init_rank)

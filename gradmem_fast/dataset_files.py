@@ -282,3 +282,13 @@ class MemoryDataset:
             return json.loads(self.metadata.get("config", "{}"))
         except json.JSONDecodeError:
             return {}
+
+
+def open_memories(path: str):
+    """``fileio.MemoryFile`` of a safetensors memory file, or ``MemoryDataset`` of a dataset folder written with
+    ``--output-format dataset`` (the same interface)."""
+    from .fileio import MemoryFile
+
+    if is_dataset_folder(path):
+        return MemoryDataset(path)
+    return MemoryFile(path)

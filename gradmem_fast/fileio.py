@@ -312,16 +312,6 @@ class MemoryFile:
             return {}
 
 
-def open_memories(path: str):
-    """``MemoryFile`` of a safetensors memory file, or ``dataset_files.MemoryDataset`` of a dataset folder
-    written with ``--output-format dataset`` (the same interface)."""
-    from .dataset_files import MemoryDataset, is_dataset_folder
-
-    if is_dataset_folder(path):
-        return MemoryDataset(path)
-    return MemoryFile(path)
-
-
 # --- resumable shards --------------------------------------------------------------------------------------
 
 

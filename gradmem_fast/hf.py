@@ -242,6 +242,8 @@ def check_logits_are_head_on_backbone(model) -> None:
 
     head = output_head(model)
     emb = input_embeddings(model)
+    if emb.weight.is_meta:  # shapes only (the step census): there are no values to compare
+        return
     ids = torch.arange(4, device=emb.weight.device) % emb.weight.shape[0]
     was_training = model.training
     model.eval()

@@ -39,7 +39,7 @@ def test_dataset_rows_equal_the_memory_file(model_dir, tmp_path, stop):
     assert _write(model_dir, inp, st, "--stop", stop) == 0
     assert _write(model_dir, inp, folder, "--stop", stop, "--output-format", "dataset") == 0
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "m.safetensors", "m_ds"]  # no temporary left
-    a, b = fileio.MemoryFile(st), fileio.open_memories(folder)
+    a, b = fileio.MemoryFile(st), dataset_files.open_memories(folder)
     assert isinstance(b, dataset_files.MemoryDataset)
     assert a.ids == b.ids == [0, "doc-1", 2, "doc-3"] and a.shape == b.shape
     assert torch.equal(a.rows(range(4)), b.rows(range(4)))
@@ -97,7 +97,7 @@ def test_only_our_folders_are_replaced(model_dir, tmp_path, capsys):
     assert _write(model_dir, inp, ours, "--output-format", "dataset") == 2
     assert "--force" in capsys.readouterr().err
     assert _write(model_dir, inp, ours, "--output-format", "dataset", "--force", "--steps", "1") == 0
-    assert fileio.open_memories(ours).stats()["steps"].tolist() == [1]
+    assert dataset_files.open_memories(ours).stats()["steps"].tolist() == [1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradmem_fast import cli, fileio, init
+from gradmem_fast import cli, dataset_files, fileio, init
 from gradmem_fast.config import WriteConfig
 from gradmem_fast.inputs import initial_memory
 from gradmem_fast.writer import MemoryWriter
@@ -171,7 +171,7 @@ def test_warm_start_continues_a_previous_run(model_dir, tmp_path, fmt):
     ref, got = a.rows(range(4)), b.rows(range(4)).flip(0)
     assert ((got - ref).norm() / ref.norm()) < 1e-10
     # ... and differs from a cold 3-step run
-    assert not torch.allclose(fileio.open_memories(three).rows(range(4)), ref)
+    assert not torch.allclose(dataset_files.open_memories(three).rows(range(4)), ref)
 
 
 def test_warm_start_errors_name_the_flag_and_the_id(model_dir, tmp_path, capsys):
