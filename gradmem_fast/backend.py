@@ -83,7 +83,7 @@ def check_interpreter_dtype(tensor: torch.Tensor) -> None:
     The interpreter's bf16 dot products are garbage (see ``kernels/runtime.py``, which also refuses them
     inside any kernel that reaches one); float16, float32 and float64 are exact there.
     """
-    if tensor.dtype == torch.bfloat16 and tensor.device.type != "cuda":
+    if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu":  # meta tensors (the census) compute nothing
         raise TypeError(
             "model: bfloat16 weights on the triton backend need a GPU (the Triton interpreter's bf16 dot "
             "products are garbage); use backend='torch' or float32 on a CPU"

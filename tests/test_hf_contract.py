@@ -511,3 +511,12 @@ def test_models_that_read_the_4d_mask_themselves_are_refused_by_the_mask_functio
     assert (
         hf.gradmem_fast_mask(1, 4, 4, mask_function=mu.causal_mask_function, config=transformers.LlamaConfig()) is None
     )
+
+
+def test_bf16_refusal_leaves_meta_tensors_to_the_step_census():
+    """The census counts a bf16 GPT-2 step on the meta device: nothing is computed there, nothing to refuse."""
+    from gradmem_fast.backend import check_interpreter_dtype
+
+    check_interpreter_dtype(torch.empty(2, 2, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(TypeError, match="bfloat16 weights"):
+        check_interpreter_dtype(torch.empty(2, 2, dtype=torch.bfloat16))
