@@ -12,6 +12,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 ADAM_OPTIMIZERS = ("adam", "adamw")  # moments, bias correction, first-order only
 INITS = ("normal", "uniform", "embedding-diag", "embedding-full", "pca")  # gradmem_fast.init draws them
 GRAD_MODES = ("none", "first", "second")
+MEMORY_BASES = ("pca", "learned")  # low-rank memories (gradmem_fast.lowrank)
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -154,6 +155,13 @@ class WriteConfig:
             convention of the cramming papers (their text starts with BOS, which the memory precedes). A
             document with n <= g has no scored token (loss 0, zero gradient). 0: the GradMem contract, where
             the memory predicts token 0.
+        memory_rank: k, write every memory in a rank-k affine subspace, M_b = mu + z_b U^T with z_b [m, k] per
+            document and U [d, k] (``gradmem_fast.lowrank``); the update acts on z (None: full memories).
+            Needs grad_mode="none"; k <= the model's hidden size (checked when the write starts).
+        memory_basis: with memory_rank, "pca" (U, mu: the top-k principal directions and the mean of the input
+            embeddings, fixed) or "learned" (starts there; U and mu shared by the documents in flight, trained
+            by Adam on the batch's summed gradient).
+        basis_lr: step size of the learned basis's Adam (None: lr); needs memory_basis="learned".
     """
 
     num_memory_tokens: int = 8
@@ -173,6 +181,9 @@ class WriteConfig:
     schedule: Schedule | None = None
     stop: StopRule | None = None
     given_tokens: int = 0
+    memory_rank: int | None = None
+    memory_basis: str = "pca"
+    basis_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_memory_tokens", self.num_memory_tokens, minimum=1)
@@ -217,6 +228,22 @@ class WriteConfig:
                 raise TypeError(f"stop must be a StopRule or None, got {type(self.stop).__name__}")
             if self.grad_mode != "none":
                 raise ValueError("stop: a StopRule needs grad_mode='none' (a stopped write is not differentiable)")
+        self._check_low_rank()
+
+    def _check_low_rank(self) -> None:
+        if self.memory_basis not in MEMORY_BASES:
+            raise ValueError(f"memory_basis must be one of {MEMORY_BASES}, got {self.memory_basis!r}")
+        if self.basis_lr is not None:
+            _check_number("basis_lr", self.basis_lr, minimum=0.0)
+            if self.memory_basis != "learned":
+                raise ValueError("basis_lr is only meaningful with memory_basis='learned'")
+        if self.memory_rank is None:
+            if self.memory_basis != "pca":
+                raise ValueError("memory_basis needs memory_rank (the rank k of the low-rank memory)")
+            return
+        _check_int("memory_rank", self.memory_rank, minimum=1)
+        if self.grad_mode != "none":
+            raise ValueError("memory_rank: low-rank memories are written with grad_mode='none' (no meta-gradient)")
 
     def lr_at(self, k: int) -> float:
         """The step size of step ``k`` (0-based): ``lr * schedule.factor(k, steps)``."""
