@@ -162,6 +162,12 @@ class WriteConfig:
             embeddings, fixed) or "learned" (starts there; U and mu shared by the documents in flight, trained
             by Adam on the batch's summed gradient).
         basis_lr: step size of the learned basis's Adam (None: lr); needs memory_basis="learned".
+        alignment_weight: alpha of the activation-alignment term (the "hybrid" loss of progressive_cramming,
+            ``gradmem_fast.alignment``): each step differentiates L_b + alpha A_b, A_b the mean cosine
+            distance between the memory run's and the memory-free text run's hidden states at the last
+            ``alignment_layers`` layers over the scored tokens. The reported loss, stop rules and scores stay
+            the cross-entropy L_b. 0 (default): off. Needs backend="torch".
+        alignment_layers: N, the last layers aligned (None: all of them); needs alignment_weight > 0.
     """
 
     num_memory_tokens: int = 8
@@ -184,6 +190,8 @@ class WriteConfig:
     memory_rank: int | None = None
     memory_basis: str = "pca"
     basis_lr: float | None = None
+    alignment_weight: float = 0.0
+    alignment_layers: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_memory_tokens", self.num_memory_tokens, minimum=1)
@@ -229,6 +237,11 @@ class WriteConfig:
             if self.grad_mode != "none":
                 raise ValueError("stop: a StopRule needs grad_mode='none' (a stopped write is not differentiable)")
         self._check_low_rank()
+        _check_number("alignment_weight", self.alignment_weight, minimum=0.0)
+        if self.alignment_layers is not None:
+            _check_int("alignment_layers", self.alignment_layers, minimum=1)
+            if not self.alignment_weight:
+                raise ValueError("alignment_layers is only meaningful with alignment_weight > 0")
 
     def _check_low_rank(self) -> None:
         if self.memory_basis not in MEMORY_BASES:
