@@ -27,7 +27,7 @@ implementation in tests/eager_gradmem.py.
 import torch
 import torch.nn.functional as F
 
-from . import hf
+from . import hf, lowrank
 from .config import WriteConfig
 from .inputs import check_token_batch, head_logit_transform, prepare_write
 from .ops import update as update_ops
@@ -95,6 +95,9 @@ def write(
     emb = hf.input_embeddings(model)
     ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config, write_head)
     clip_value = config.effective_clip_value
+    low = None
+    if config.memory_rank is not None:  # low-rank memories: the update acts on z (gradmem_fast.lowrank)
+        low, z, M = lowrank.start(config, model, M, memory_input)
 
     losses, norms, state, kept = [], [], None, None
     with torch.enable_grad():
@@ -123,6 +126,12 @@ def write(
             losses.append(loss.detach().float())
             if on_step is not None:
                 on_step(k, losses[-1])
+            if low is not None:
+                z, M, norm, state = low.step(
+                    z, Mk.detach(), grad.detach(), lr=config.lr_at(k), state=state, step=k + 1, config=config
+                )
+                norms.append(norm.float())
+                continue
             norms.append(grad.detach().flatten(1).norm(dim=1).float())
             if not second:
                 grad = grad.detach()
