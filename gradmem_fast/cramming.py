@@ -40,7 +40,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from . import engine, hf
+from . import engine, hf, lowrank
 from .backend import use_backend
 from .inputs import head_logit_transform
 from .ops.cross_entropy import postprocess_logits
@@ -102,7 +102,9 @@ class _Batch:
     Rows past ``real`` are filler (the engine's bucket padding): lr 0, never reported.
     """
 
-    def __init__(self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, initial, head):
+    def __init__(
+        self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, initial, head, low=None, z=None
+    ):
         self.writer, self.config = writer, writer.config
         self.model = writer.model
         self.head_weight, self.head_bias = head
@@ -113,6 +115,10 @@ class _Batch:
         rows = self.rows
         filler = rows - self.real
         self.memory = torch.cat([memory, memory.new_zeros(filler, *memory.shape[1:])]) if filler else memory
+        # Low-rank memories (gradmem_fast.lowrank): the basis shared by the stream and each row's coefficients
+        # z (the Adam state is then z's); ``memory`` stays the rows' full memories, what the forward reads.
+        self.low: lowrank.LowRankBasis | None = low
+        self.z = None if z is None else (torch.cat([z, z.new_zeros(filler, *z.shape[1:])]) if filler else z)
         if self.config.optimizer in ("adam", "adamw"):
             assert state is not None
             self.state: AdamState | None = AdamState(
@@ -149,11 +155,12 @@ class _Batch:
         also holds the scores of the memories the check step started from, the flags of the documents whose
         ``rule`` held there (their update was skipped: their memory is still the scored one) and the per-step
         record (ages, losses, grad norms)."""
-        out = self.steps(self.memory, self.state, self.ages, self.initial, steps, rule)
+        out = self.steps(self.memory, self.state, self.ages, self.initial, steps, rule, self.z)
         self.memory, self.state, self.ages, self.initial = out.memory, out.state, out.ages, out.initial
+        self.z = out.z
         return out
 
-    def steps(self, memory, state, ages, initial, steps: int, rule) -> "RunOutput":
+    def steps(self, memory, state, ages, initial, steps: int, rule, z=None) -> "RunOutput":
         """``run`` as a function of the batch's changing state (no attribute changes): what a CUDA graph
         captures, with the packing, embeddings and weights as its fixed inputs."""
         K = self.config.steps
@@ -175,22 +182,36 @@ class _Batch:
                         lr = torch.where(stop, torch.zeros_like(lr), lr)
                         # A stopped document's check step took no update: its record goes to the row K.
                         logged = torch.where(stop, K, ages)
-                    result = memory_update(
-                        Mk.detach(),
-                        grad.detach(),
-                        lr=lr,
-                        optimizer=self.config.optimizer,
-                        clip_value=self.config.effective_clip_value,
-                        clip_norm=self.config.clip_norm,
-                        state=state,
-                        step=index + 1,
-                        betas=self.config.adam_betas,
-                        weight_decay=self.config.weight_decay,
-                    )
+                    if self.low is not None:
+                        # A stopped or frozen document (lr 0) keeps its memory and does not train the basis.
+                        z, new_memory, norm, state = self.low.step(
+                            z,
+                            Mk.detach(),
+                            grad.detach(),
+                            lr=lr,
+                            state=state,
+                            step=index + 1,
+                            config=self.config,
+                            active=lr > 0,
+                        )
+                    else:
+                        result = memory_update(
+                            Mk.detach(),
+                            grad.detach(),
+                            lr=lr,
+                            optimizer=self.config.optimizer,
+                            clip_value=self.config.effective_clip_value,
+                            clip_norm=self.config.clip_norm,
+                            state=state,
+                            step=index + 1,
+                            betas=self.config.adam_betas,
+                            weight_decay=self.config.weight_decay,
+                        )
+                        new_memory, norm, state = result.memory, result.grad_norm, result.state
                 logged_ages.append(logged)
                 losses.append(loss.detach().float())
-                norms.append(result.grad_norm.float())
-                memory, state = result.memory.detach(), result.state
+                norms.append(norm.float())
+                memory = new_memory.detach()
                 ages = ages + 1
         assert scores is not None
         record = torch.stack(logged_ages), torch.stack(losses), torch.stack(norms)
@@ -211,6 +232,7 @@ class RunOutput:
     logged_ages: torch.Tensor
     losses: torch.Tensor
     norms: torch.Tensor
+    z: torch.Tensor | None = None  # low-rank coefficients [rows, m, k] (gradmem_fast.lowrank), else None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor, in a fixed order (what a graph replay overwrites in place)."""
@@ -448,6 +470,8 @@ def cram(
         norms = torch.full_like(losses, math.nan)
         step_log["losses"], step_log["grad_norms"] = losses[:K], norms[:K]
     graphs = writer._slot_graphs() if batch_class is _PackedBatch else None
+    # Low-rank memories: one basis for the whole stream; a learned one keeps training as documents come and go.
+    low = None if config.memory_rank is None else lowrank.LowRankBasis.start(config, writer.model, memory)
 
     scores: DocumentScores | None = None
     stop: torch.Tensor | None = None
@@ -513,7 +537,7 @@ def cram(
                 else memory.expand(len(new), m, -1)
             )
             docs = [documents[i] for i in active]
-            batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype)
+            batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low)
             doc_ids = torch.tensor(active, dtype=torch.long, device=device)
         out = batch.run(interval, rule) if graphs is None else graphs.run(batch, interval, rule)
         real = batch.real
@@ -540,13 +564,18 @@ def _moment_dtype(memory: torch.Tensor) -> torch.dtype:
     return torch.float64 if memory.dtype == torch.float64 else torch.float32
 
 
-def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype):
+def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low=None):
     """The next batch: rows ``keep`` of the current one (memories, moments, initial losses), then the new
     documents starting from ``fresh`` [new, m, d] with zero moments. ``docs``/``ages``: every document of the
-    batch, in row order."""
+    batch, in row order. ``low``: the stream's low-rank basis (new documents start from their projection onto
+    it, with moments of their coefficients), or None."""
     device = fresh.device
     fresh = fresh.clone()
-    moments = torch.zeros(fresh.shape, dtype=_moment_dtype(fresh), device=device)
+    z = None
+    if low is not None:
+        z = low.project(fresh)
+        fresh = low.memory(z)
+    moments = torch.zeros((fresh if z is None else z).shape, dtype=_moment_dtype(fresh), device=device)
     unknown = torch.full((fresh.shape[0],), math.nan, dtype=initial_dtype, device=device)
     if batch is None:
         M, initial = fresh, unknown
@@ -554,11 +583,13 @@ def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_
     else:
         kept = torch.tensor(keep, dtype=torch.long, device=device)
         M = torch.cat([batch.memory.index_select(0, kept), fresh])
+        if z is not None:
+            z = torch.cat([batch.z.index_select(0, kept), z])
         initial = torch.cat([batch.initial.index_select(0, kept), unknown])
         state = None
         if batch.state is not None:
             state = AdamState(*(torch.cat([s.index_select(0, kept), moments]) for s in batch.state))
-    return batch_class(writer, docs, M, state, ages, initial, head)
+    return batch_class(writer, docs, M, state, ages, initial, head, low, z)
 
 
 class ProgressBar:

@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from . import hf, hf_contract
+from . import alignment, hf, hf_contract, lowrank
 from .backend import use_backend
 from .config import WriteConfig
 from .inputs import head_logit_transform
@@ -249,6 +249,11 @@ def _write_loop(
     if ones_mask is None:
         ones_mask = torch.ones(1, packed.total_rows, dtype=torch.long, device=token_embeds.device)
     weights = None if backbone is None else backbone.frozen_weights()
+    low, active = None, None
+    if config.memory_rank is not None:  # low-rank memories: the update acts on z (gradmem_fast.lowrank)
+        low, z, M = lowrank.start(config, model, memory, memory_input)
+        if packed.batch > packed.real_batch:  # bucket filler documents take no part in a learned basis
+            active = torch.arange(packed.batch, device=M.device) < packed.real_batch
     for k in range(config.steps):
         second = config.second_order_step(k)
         Mk = M.detach().requires_grad_(True) if config.grad_mode == "none" or not M.requires_grad else M
@@ -263,6 +268,13 @@ def _write_loop(
         losses[k].copy_(loss.detach())
         if on_step is not None:
             on_step(k, losses[k])
+        if low is not None:
+            lr_k = lrs[k] if isinstance(lrs, list) else lrs[k : k + 1]
+            z, M, norm, state = low.step(
+                z, Mk.detach(), grad.detach(), lr=lr_k, state=state, step=k + 1, config=config, active=active
+            )
+            norms[k].copy_(norm)
+            continue
         with torch.set_grad_enabled(config.grad_mode != "none"):
             result = memory_update(
                 Mk,
@@ -304,6 +316,7 @@ def write_packed(
     ``packed.num_memory_tokens`` rows placed before each document (the gradient is still w.r.t. M);
     ``keep_last_loss`` returns the last step's losses [B] on the graph as ``WriteResult.last_loss``.
     """
+    alignment.check_backend(config, "triton")  # never run a write without the term it asks for
     kept: list | None = [] if keep_last_loss else None
     if backbone is not None and attention_dropout_active(model):
         # The compiled step reads and advances the device's dropout generator; created here, before tracing,
