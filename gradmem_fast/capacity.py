@@ -121,6 +121,11 @@ def _check_writer(writer) -> None:
             "capacity needs a writer whose config stops on exact decoding only: "
             "WriteConfig(stop=StopRule(exact=True)) without loss or accuracy criteria"
         )
+    if writer.config.memory_basis == "learned":
+        raise ValueError(
+            "capacity: memory_basis='learned' is refused: every stage warm-starts from the earlier memories, which "
+            "a basis restarted per write cannot hold (memory_basis='pca' holds them exactly)"
+        )
 
 
 def _batch(docs: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +409,9 @@ def _config(args):
 
     check_init_arguments(args)
     check_weight_decay(args)
+    from .cli_common import lowrank_options
+
+    lowrank = lowrank_options(args, learned=False)
     return WriteConfig(
         num_memory_tokens=args.memory_tokens,
         steps=args.max_steps,
@@ -414,6 +422,7 @@ def _config(args):
         seed=args.seed,
         init=args.init,
         init_rank=args.init_rank,
+        **lowrank,
         stop=StopRule(exact=True, check_every=args.check_every),
         given_tokens=args.given_tokens,
     )

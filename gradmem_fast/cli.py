@@ -391,6 +391,7 @@ def _warm_memories(args, ids, m):
 
 def _write_config(args):
     """The WriteConfig of the write options; bad values become messages naming the flag."""
+    from .cli_common import lowrank_options
     from .config import Schedule, WriteConfig
 
     _positive_int("--memory-tokens", args.memory_tokens)
@@ -405,6 +406,7 @@ def _write_config(args):
     check_init_arguments(args)
     check_weight_decay(args)
     _positive_int("--given-tokens", args.given_tokens, minimum=0)
+    lowrank = lowrank_options(args)
     stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
         _positive_int("--slots", args.slots)
@@ -429,6 +431,7 @@ def _write_config(args):
             seed=args.seed,
             init="normal" if args.init == "warm" else args.init,
             init_rank=args.init_rank,
+            **lowrank,
             schedule=schedule,
             stop=stop,
             given_tokens=args.given_tokens,

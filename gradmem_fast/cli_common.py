@@ -69,6 +69,7 @@ def add_init_arguments(p, warm: bool) -> None:
         + (", warm (each document from its memory in --init-from)" if warm else ""),
     )
     p.add_argument("--init-rank", type=int, default=None, help="--init pca: principal directions (default 16)")
+    add_lowrank_arguments(p)
     if warm:
         p.add_argument(
             "--init-from",
@@ -76,6 +77,51 @@ def add_init_arguments(p, warm: bool) -> None:
             help="--init warm: a previous write output (memory file or dataset folder) holding a memory for "
             "every document id",
         )
+
+
+def add_lowrank_arguments(p) -> None:
+    """``--memory-rank``, ``--memory-basis``, ``--basis-lr``: low-rank memories (``gradmem_fast.lowrank``)."""
+    p.add_argument(
+        "--memory-rank",
+        type=int,
+        default=None,
+        help="write each memory as mu + z U^T with coefficients z of rank K per document (default: full memories)",
+    )
+    p.add_argument(
+        "--memory-basis",
+        choices=["pca", "learned"],
+        default=None,
+        help="--memory-rank: U, mu the top-K principal directions and the mean of the input embeddings (pca, "
+        "default), or starting there and trained by Adam on the batch's summed gradient (learned)",
+    )
+    p.add_argument(
+        "--basis-lr", type=float, default=None, help="--memory-basis learned: its Adam step size (default --lr)"
+    )
+
+
+def lowrank_options(args, learned: bool = True) -> dict:
+    """The WriteConfig fields of the low-rank flags, bad values named by their flag (``learned=False``: a
+    command that refuses a learned basis)."""
+    rank = getattr(args, "memory_rank", None)
+    basis = getattr(args, "memory_basis", None)
+    basis_lr = getattr(args, "basis_lr", None)
+    if rank is None:
+        if basis is not None or basis_lr is not None:
+            raise UserError("--memory-basis and --basis-lr need --memory-rank K")
+        return {}
+    positive_int("--memory-rank", rank)
+    basis = basis or "pca"
+    if basis_lr is not None:
+        if basis != "learned":
+            raise UserError("--basis-lr is for --memory-basis learned")
+        if not 0 <= basis_lr < float("inf"):
+            raise UserError(f"--basis-lr must be a finite number >= 0, got {basis_lr}")
+    if basis == "learned" and not learned:
+        raise UserError(
+            "--memory-basis learned is not available here: the stages warm-start from earlier memories, which a "
+            "restarted basis cannot hold (use --memory-basis pca)"
+        )
+    return {"memory_rank": rank, "memory_basis": basis, "basis_lr": basis_lr}
 
 
 def check_weight_decay(args) -> None:
