@@ -356,6 +356,9 @@ def add_arguments(p) -> None:
     from .cli_common import add_init_arguments
 
     add_init_arguments(p, warm=False)
+    from .cli_common import add_alignment_arguments
+
+    add_alignment_arguments(p)
     p.add_argument(
         "--given-tokens",
         type=int,
@@ -412,6 +415,9 @@ def _config(args):
     from .cli_common import lowrank_options
 
     lowrank = lowrank_options(args, learned=False)
+    from .cli_common import alignment_options
+
+    alignment = alignment_options(args)
     return WriteConfig(
         num_memory_tokens=args.memory_tokens,
         steps=args.max_steps,
@@ -425,6 +431,7 @@ def _config(args):
         **lowrank,
         stop=StopRule(exact=True, check_every=args.check_every),
         given_tokens=args.given_tokens,
+        **alignment,
     )
 
 
@@ -530,6 +537,8 @@ def run(args) -> int:
             "init_rank": config.init_rank,
             "seed": config.seed,
             "given_tokens": config.given_tokens,
+            "alignment_weight": config.alignment_weight,
+            "alignment_layers": config.alignment_layers,
         },
         "versions": cli_common.versions(),
         "wall_seconds": wall,

@@ -44,7 +44,9 @@ import time
 
 from .cli_common import (
     PROG,
+    add_alignment_arguments,
     add_init_arguments,
+    alignment_options,
     check_init_arguments,
     check_weight_decay,
     device_and_dtype,
@@ -311,6 +313,7 @@ def add_write_arguments(p):
         help="leading tokens of each document that are read but not predicted (1: the cramming papers' "
         "convention, the memory precedes a given first token; default 0: the memory predicts token 0)",
     )
+    add_alignment_arguments(p)
     p.add_argument(
         "--append-eos",
         action=argparse.BooleanOptionalAction,
@@ -407,6 +410,7 @@ def _write_config(args):
     check_weight_decay(args)
     _positive_int("--given-tokens", args.given_tokens, minimum=0)
     lowrank = lowrank_options(args)
+    alignment = alignment_options(args)
     stop = _stop_rule(args.stop, args.check_every, args.device)
     if args.slots is not None:
         _positive_int("--slots", args.slots)
@@ -435,6 +439,7 @@ def _write_config(args):
             schedule=schedule,
             stop=stop,
             given_tokens=args.given_tokens,
+            **alignment,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid write options: {exc}") from None

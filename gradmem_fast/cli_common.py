@@ -138,3 +138,35 @@ def check_init_arguments(args) -> None:
         if args.init != "pca":
             raise UserError(f"--init-rank is for --init pca, not --init {args.init}")
         positive_int("--init-rank", args.init_rank)
+
+
+def add_alignment_arguments(p) -> None:
+    """``--alignment-weight`` and ``--alignment-layers`` (the activation-alignment term, torch backend)."""
+    p.add_argument(
+        "--alignment-weight",
+        type=float,
+        default=0.0,
+        help="alpha of the activation-alignment term (progressive_cramming's hybrid loss): each step also "
+        "minimises alpha times the mean cosine distance between the hidden states with the memory and those of "
+        "the text alone at the last --alignment-layers layers; losses, stop rules and scores stay the "
+        "cross-entropy (default 0: off; needs --backend torch)",
+    )
+    p.add_argument(
+        "--alignment-layers",
+        type=int,
+        default=None,
+        help="--alignment-weight: the last N layers aligned (default: all)",
+    )
+
+
+def alignment_options(args) -> dict:
+    """The WriteConfig fields of ``--alignment-weight``/``--alignment-layers``, bad values named by their flag."""
+    if not 0 <= args.alignment_weight < float("inf"):
+        raise UserError(f"--alignment-weight must be a finite number >= 0, got {args.alignment_weight}")
+    if args.alignment_layers is not None:
+        if not args.alignment_weight:
+            raise UserError("--alignment-layers needs --alignment-weight > 0")
+        positive_int("--alignment-layers", args.alignment_layers)
+    if args.alignment_weight and getattr(args, "backend", "torch") == "triton":
+        raise UserError("--alignment-weight needs --backend torch (the triton engine has no per-layer hidden states)")
+    return {"alignment_weight": args.alignment_weight, "alignment_layers": args.alignment_layers}

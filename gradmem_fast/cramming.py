@@ -40,6 +40,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from . import alignment as align
 from . import engine, hf, lowrank
 from .backend import use_backend
 from .inputs import head_logit_transform
@@ -141,9 +142,10 @@ class _Batch:
     def _build(self, docs: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def _loss(self, M: torch.Tensor, score: bool) -> tuple[torch.Tensor, DocumentScores | None]:
-        """Losses [rows] of memories ``M`` and, if ``score``, the scores of ``M`` (detached) from the same
-        forward."""
+    def _loss(self, M: torch.Tensor, score: bool) -> tuple[torch.Tensor, torch.Tensor, DocumentScores | None]:
+        """The objective [rows] the step differentiates, the losses [rows] of memories ``M`` (the reported
+        cross-entropy; the objective adds alpha times the alignment term on the torch backend, else it is the
+        loss) and, if ``score``, the scores of ``M`` (detached) from the same forward."""
         raise NotImplementedError
 
     def _contexts(self):
@@ -169,8 +171,8 @@ class _Batch:
             for t in range(steps):
                 check = t == steps - 1
                 Mk = memory.detach().requires_grad_(True)
-                loss, scores = self._loss(Mk, check)
-                (grad,) = torch.autograd.grad(loss.sum(), Mk)
+                objective, loss, scores = self._loss(Mk, check)
+                (grad,) = torch.autograd.grad(objective.sum(), Mk)
                 index = ages.clamp(max=K)
                 lr = self.lr_table[index]
                 logged = ages
@@ -269,6 +271,27 @@ class _PaddedBatch(_Batch):
         ids = self.ids[self.doc, self.position]
         self.targets = torch.where(self.position >= given, ids, torch.full_like(ids, IGNORE_INDEX))
         self.counts = torch.tensor([max(0, n - given) for n in lengths], device=device)
+        self.alignment = self._alignment_targets(docs, lengths) if self.config.alignment_weight else None
+
+    def _alignment_targets(self, docs, lengths) -> align.AlignmentTargets:
+        """The text run's hidden states of the batch (``gradmem_fast.alignment``), once per document: a document
+        kept from the previous batch reuses its rows. The writer holds those of the current batch only (the
+        documents that left are done), keyed by the document tensor itself (``cram`` passes the same objects
+        from one batch to the next; the identity check makes a reused ``id`` harmless)."""
+        cache = getattr(self.writer, "_alignment_text", {})
+        new = [b for b, d in enumerate(docs) if cache.get(id(d), (None,))[0] is not d]
+        if new:
+            rows = torch.tensor(new, device=self.ids.device)
+            states = align.text_states(self.model, self.embeds[rows], self.mask[rows], self.config.alignment_layers)
+            for i, b in enumerate(new):
+                cache[id(docs[b])] = (docs[b], states[:, i, : lengths[b]])
+        self.writer._alignment_text = {id(d): cache[id(d)] for d in docs}
+        first = cache[id(docs[0])][1]
+        full = first.new_zeros(first.shape[0], len(docs), self.ids.shape[1], first.shape[-1])
+        for b, d in enumerate(docs):
+            full[:, b, : lengths[b]] = cache[id(d)][1]
+        scored = self.mask & (torch.arange(self.ids.shape[1], device=self.ids.device) >= self.config.given_tokens)
+        return align.AlignmentTargets(full, scored, self.config.alignment_weight)
 
     def _contexts(self):
         return use_backend("torch")
@@ -280,7 +303,13 @@ class _PaddedBatch(_Batch):
         x = torch.cat([M.to(self.embeds.dtype), self.embeds], dim=1)
         full = torch.cat([torch.ones(B, m, dtype=torch.long, device=x.device), self.mask.long()], dim=1)
         positions = torch.arange(m + S, device=x.device).unsqueeze(0).expand(B, -1)
-        hidden = hf.backbone_hidden(self.model, x, full, positions)[self.doc, m - 1 + self.position]
+        if self.alignment is None:
+            hidden = hf.backbone_hidden(self.model, x, full, positions)[self.doc, m - 1 + self.position]
+        else:
+            last, states = align.backbone_states(self.model, x, full, positions, self.config.alignment_layers)
+            hidden = last[self.doc, m - 1 + self.position]
+            # Token j: row m + j of the memory run, row j of the text run.
+            aligned = align.alignment_losses([h[:, m:] for h in states], self.alignment, self._math_dtype(last.dtype))
         logits = F.linear(hidden, self.head_weight.detach(), _detached(self.head_bias))
         logits = postprocess_logits(logits, *self.transform)
         math_logits = logits.to(self._math_dtype(logits.dtype))
@@ -289,7 +318,8 @@ class _PaddedBatch(_Batch):
         scores = None
         if score:
             scores = score_logits(math_logits.detach(), self.targets, self.doc, self.position, B)
-        return loss, scores
+        objective = loss if self.alignment is None else loss + self.config.alignment_weight * aligned
+        return objective, loss, scores
 
 
 class _PackedBatch(_Batch):
@@ -344,7 +374,7 @@ class _PackedBatch(_Batch):
                     self.rows,
                     transform=self.transform,
                 )
-        return loss, scores
+        return loss, loss, scores
 
 
 class GraphedSlots:

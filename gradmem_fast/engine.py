@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from . import hf, hf_contract, lowrank
+from . import alignment, hf, hf_contract, lowrank
 from .backend import use_backend
 from .config import WriteConfig
 from .inputs import head_logit_transform
@@ -316,6 +316,7 @@ def write_packed(
     ``packed.num_memory_tokens`` rows placed before each document (the gradient is still w.r.t. M);
     ``keep_last_loss`` returns the last step's losses [B] on the graph as ``WriteResult.last_loss``.
     """
+    alignment.check_backend(config, "triton")  # never run a write without the term it asks for
     kept: list | None = [] if keep_last_loss else None
     if backbone is not None and attention_dropout_active(model):
         # The compiled step reads and advances the device's dropout generator; created here, before tracing,

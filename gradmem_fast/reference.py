@@ -14,6 +14,8 @@ For a batch of B documents c_b with n_b real tokens and memories M_b [m, d]:
     L_b      = sum_j CE(logit_bj, c_bj) / max(1, n_b)
                (with ``config.given_tokens = g``: sums over j >= g, divided by max(1, n_b - g))
     g_b      = d(sum_b L_b) / d M_b                 each memory gets its own document's gradient
+               (with ``config.alignment_weight = alpha``: d(sum_b L_b + alpha A_b) / d M_b, A_b the
+               activation-alignment term of ``gradmem_fast.alignment``; L_b stays the reported loss)
     SGD:  g <- clamp(g, +-clip_value); g_b <- g_b * clip_norm / (||g_b|| + 1e-6) if ||g_b|| > clip_norm;
           M_b <- M_b - lr g_b
     Adam: g <- clamp(g, +-clip_value or 10); [norm clip]; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
@@ -27,6 +29,7 @@ implementation in tests/eager_gradmem.py.
 import torch
 import torch.nn.functional as F
 
+from . import alignment as align
 from . import hf, lowrank
 from .config import WriteConfig
 from .inputs import check_token_batch, head_logit_transform, prepare_write
@@ -46,6 +49,14 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
     ``ids``/``mask`` [B, S] are right-aligned (see ``inputs.check_token_batch``); ``memory`` [B, m, d].
     ``given_tokens=g``: tokens j < g are inputs only, left out of the sum and of the count.
     """
+    return write_terms(model, memory, ids, mask, head_weight, head_bias, embeds, given_tokens)[0]
+
+
+def write_terms(
+    model, memory, ids, mask, head_weight, head_bias=None, embeds=None, given_tokens=0, alignment=None, layers=None
+):
+    """``write_losses`` [B] and, with ``alignment`` (``alignment.AlignmentTargets`` of the same batch), the
+    activation-alignment term A [B] at the last ``layers`` layers from the same forward (else None)."""
     B, S = ids.shape
     m = memory.shape[1]
     if embeds is None:
@@ -58,13 +69,19 @@ def write_losses(model, memory, ids, mask, head_weight, head_bias=None, embeds=N
         # sliding window no visible key at all: NaN there, which then reaches real rows as 0 * NaN in P @ V.
         full_mask = torch.ones_like(full_mask)
     positions = torch.arange(m + S, device=ids.device).unsqueeze(0).expand(B, -1)
-    hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
+    aligned = None
+    if alignment is None:
+        hidden = hf.backbone_hidden(model, x, full_mask.long(), positions)
+    else:
+        hidden, states = align.backbone_states(model, x, full_mask.long(), positions, layers)
+        # Token j sits at row m + j of the memory run and at row j of the text run.
+        aligned = align.alignment_losses([h[:, m:] for h in states], alignment, _math_dtype(hidden.dtype))
     logits = F.linear(hidden[:, m - 1 : m + S - 1], head_weight, head_bias)
     logits = postprocess_logits(logits, *head_logit_transform(model, head_weight))
     ce = F.cross_entropy(logits.to(_math_dtype(logits.dtype)).flatten(0, 1), ids.flatten(), reduction="none").view(B, S)
     scored = mask.bool() & (torch.arange(S, device=ids.device) >= given_tokens)
     ce = torch.where(scored, ce, torch.zeros_like(ce))
-    return ce.sum(dim=1) / scored.sum(dim=1).clamp_min(1).to(ce.dtype)
+    return ce.sum(dim=1) / scored.sum(dim=1).clamp_min(1).to(ce.dtype), aligned
 
 
 def write(
@@ -100,8 +117,15 @@ def write(
         low, z, M = lowrank.start(config, model, M, memory_input)
 
     losses, norms, state, kept = [], [], None, None
+    aligned_log: list[torch.Tensor] = []
     with torch.enable_grad():
         embeds = emb(ids)
+        targets = None
+        if config.alignment_weight:
+            # The text run does not depend on the memory: once per write, without gradient.
+            targets = align.targets(
+                model, embeds, mask, config.alignment_layers, config.given_tokens, config.alignment_weight
+            )
         for k in range(config.steps):
             second = config.second_order_step(k)
             keep = keep_last_loss and k == config.steps - 1
@@ -110,7 +134,7 @@ def write(
                 Mk = M.detach().requires_grad_(True)
             else:
                 Mk = M
-            loss = write_losses(
+            loss, aligned = write_terms(
                 model,
                 Mk if memory_input is None else memory_input(Mk),
                 ids,
@@ -119,8 +143,14 @@ def write(
                 head_bias,
                 embeds=embeds if config.grad_mode != "none" or keep_last_loss else embeds.detach(),
                 given_tokens=config.given_tokens,
+                alignment=targets,
+                layers=config.alignment_layers,
             )
-            (grad,) = torch.autograd.grad(loss.sum(), Mk, create_graph=second, retain_graph=second or keep)
+            # The step differentiates L_b + alpha A_b; the cross-entropy L_b stays the reported loss.
+            objective = loss if aligned is None else loss + config.alignment_weight * aligned
+            if aligned is not None:
+                aligned_log.append(aligned.detach().float())
+            (grad,) = torch.autograd.grad(objective.sum(), Mk, create_graph=second, retain_graph=second or keep)
             if keep:
                 kept = loss
             losses.append(loss.detach().float())
@@ -153,7 +183,13 @@ def write(
                     )
             if config.grad_mode == "none":
                 M = M.detach()
-    return WriteResult(memory=M, losses=torch.stack(losses), grad_norms=torch.stack(norms), last_loss=kept)
+    return WriteResult(
+        memory=M,
+        losses=torch.stack(losses),
+        grad_norms=torch.stack(norms),
+        last_loss=kept,
+        alignment_losses=torch.stack(aligned_log) if aligned_log else None,
+    )
 
 
 def read_logits(model, memory, query_ids, query_mask=None):

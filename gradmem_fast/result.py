@@ -47,6 +47,9 @@ class WriteResult:
             at the steps a document did not take); None otherwise.
         last_loss: with ``keep_last_loss=True`` (meta-training), the last step's losses [B] on the autograd
             graph; None otherwise.
+        alignment_losses: with ``alignment_weight > 0`` on the torch backend without a stop rule, [K, B] fp32,
+            each document's activation-alignment term A_b before that step's update (``gradmem_fast.alignment``;
+            ``losses`` stay the cross-entropy); None otherwise.
     """
 
     memory: torch.Tensor
@@ -54,3 +57,4 @@ class WriteResult:
     grad_norms: torch.Tensor
     stats: DocumentStats | None = None
     last_loss: torch.Tensor | None = None
+    alignment_losses: torch.Tensor | None = None

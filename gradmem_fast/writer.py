@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from . import cramming, engine, hf, reference
+from . import alignment, cramming, engine, hf, reference
 from .backend import check_interpreter_dtype, resolve_backend
 from .config import WriteConfig
 from .inputs import initial_memory, prepare_write, resolve_write_head
@@ -88,6 +88,7 @@ class MemoryWriter:
         self.backend = resolve_backend(backend, device)
         # The ops the engine runs on: the backend, except in tests that run the engine on the torch ops.
         self.ops_backend = self.backend
+        alignment.check_backend(config, self.backend)  # the alignment term exists on the torch backend only
         if self.backend == "triton":
             engine.check_model_supported(model)
             check_interpreter_dtype(cast(torch.Tensor, hf.input_embeddings(model).weight))
