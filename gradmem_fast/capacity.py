@@ -7,38 +7,60 @@ a frozen LM reads ``[M ; c_0 .. c_{t-1}]``, only the memory M (N vectors) is opt
 counts as stored when greedy decoding from M alone reproduces its first t tokens exactly. The capacity of
 a text is the largest such t; tokens per vector = capacity / N.
 
-Search: progressive, not bisection. Stage s writes the target t_s = min(T_s, n) (n: the text's tokens) with
-``StopRule(exact=True)`` and at most ``--max-steps`` steps:
+Search: progressive. Stage s writes the target t_s = min(T_s, n) (n: the text's tokens) with
+``StopRule(exact=True)`` and at most ``--max-steps`` steps, starting from the memory that decodes the longest
+prefix proven so far (warm start; the config's initial memory before any):
 
-    T_0 = --first (16),   T_{s+1} = max(T_s + 1, ceil(T_s * --grow))       (grow 1.5 by default)
-    stage s exact  ->  last_exact = t_s; if t_s == n the whole text is stored (capacity n); else the next
-                       stage starts from this memory (warm start)
-    stage s fails  ->  capacity = max(last_exact, prefix_s)
+    T_0 = --first (16)
+    growth factor (default):  T_{s+1} = max(T_s + 1, ceil(T_s * --grow))        (grow 1.5 by default)
+    growth linear:            T_{s+1} = T_s + --step
+    stage s exact  ->  lo = t_s; if t_s == n the whole text is stored (capacity n, stop); else grow
+    stage s fails  ->  hi = t_s, lo = max(lo, prefix_s); then the back-off (``--backoff``):
+        none (default):  stop; capacity = lo
+        bisect:  probe (lo + hi) // 2 until hi - lo <= 1 (an exact probe sets lo, a failed one sets hi and
+                 lifts lo to its prefix); capacity = lo, and the target lo + 1 failed
+        linear:  probe lo + 1, lo + 2, ... until the first failure (or lo + 1 == hi); capacity = lo
 
 where ``prefix_s`` is how many leading tokens the failed stage's final memory decodes exactly (teacher-forced
-argmax, which equals greedy decoding). Why progressive: a memory that holds t tokens is most of the way to
-holding 1.5 t (exactness is monotone enough in practice: a memory that decodes t tokens decodes every
-shorter prefix, and a longer target mostly extends what the warm memory holds; when a failing stage's memory
-decodes less than its warm start did, seen once in 8 texts on SmolLM2, the last exact memory is kept), so
-each stage reuses the previous stage's work and only the last, failing stage runs its full budget.
-Bisection would restart every probe from scratch and spend a full failing budget at each probe above the
-capacity (about log2(n) of them). Why 1.5: a larger factor means fewer stages (each stage costs at least
-one check and its Adam restart) but more new tokens to learn per stage, so a stage may fail within its
-budget at a target the memory could reach in smaller steps; the failed stage's ``prefix`` recovers most of
-an overshoot, which is what lets the factor be coarse. Only the memory carries over between stages: Adam's
-moments and step counter restart at zero (``write`` gives each document fresh optimizer state), so the first
-steps of a stage are bias-corrected full-size steps from the warm memory.
+argmax, which equals greedy decoding): that memory proves ``prefix_s`` tokens, so it becomes the warm start
+of the back-off probes when it decodes more than the last exact stage. Every back-off probe starts from the
+memory that proves lo, never from a failed probe's (as progressive_cramming's ``_run_geometric_stages``
+restores its last converged state), so a probe below the capacity does not inherit a memory pulled towards a
+longer target. ``x2`` growth with bisect back-off is the peer's "geometric growth"; linear growth with
+``--step 1`` is its default. Every stage is recorded with its kind (grow, bisect or linear).
 
-Batching: all texts progress together, one ``MemoryWriter.write`` per stage over the texts still growing.
-Inside a stage each text stops on its own (a stopped text leaves the batch's computation at the next check);
-a text whose stage ended exact waits for the stage to end before its next, longer stage; a text that failed
-its stage, or whose whole text is exact, drops out for good. The wall time of a stage is its slowest text's,
-but the computation is only what each text needs.
+Why progressive: a memory that holds t tokens is most of the way to holding 1.5 t (exactness is monotone
+enough in practice: a memory that decodes t tokens decodes every shorter prefix, and a longer target mostly
+extends what the warm memory holds; when a failing stage's memory decodes less than its warm start did, seen
+once in 8 texts on SmolLM2, the last exact memory is kept), so each stage reuses the previous stage's work and
+only the last, failing stage runs its full budget. Bisection from scratch would restart every probe and spend
+a full failing budget at each probe above the capacity (about log2(n) of them). Why 1.5 by default: a larger
+factor means fewer stages (each stage costs at least one check and its Adam restart) but more new tokens to
+learn per stage, so a stage may fail within its budget at a target the memory could reach in smaller steps;
+the failed stage's ``prefix`` recovers most of an overshoot, which is what lets the factor be coarse, and a
+back-off recovers the rest at the cost of more failing probes.
+
+Adam moments (``moments``): only the memory carries over between stages; Adam's moments and step counter
+restart at zero (``write`` gives each document fresh optimizer state), so the first steps of a stage are
+bias-corrected full-size steps from the warm memory. progressive_cramming keeps them instead: it builds one
+optimizer per sample before its first stage (``_setup_batch`` -> ``_build_per_sample_optimizers``) and steps
+it through every stage, and its back-off restores a snapshot of the moments with the memory. Keeping moments
+needs the cramming loop to take and return per-document Adam state; it is not offered yet.
+
+Resume (``resume``, CLI ``--resume-from``): a text may start from a memory known to decode its first lo
+tokens (a stage of an earlier run's dataset output): lo counts as proven and the search starts at the growth
+target after lo from that memory; lo == n is complete without a stage.
+
+Batching: all texts progress together, one ``MemoryWriter.write`` per stage over the texts still searching,
+each at its own target (texts in the growth ramp and in a back-off share a stage). Inside a stage each text
+stops on its own (a stopped text leaves the batch's computation at the next check); a text waits for the
+stage to end before its next probe; a text whose search is done drops out for good. The wall time of a stage
+is its slowest text's, but the computation is only what each text needs.
 
 Reported per text: tokens of the text, capacity, tokens per vector, information gain of the capacity prefix
 in bits (loss of its tokens 1..t-1 without memory minus with the memory that decodes it,
-``gradmem_fast.scoring``), total Adam steps over all stages, and every stage's target, steps, exact flag and
-prefix. The capacity is verified at the end: the memory that decodes it is scored again on exactly that
+``gradmem_fast.scoring``), total Adam steps over all stages, and every stage's target, steps, exact flag,
+prefix and kind. The capacity is verified at the end: the memory that decodes it is scored again on exactly that
 prefix (a write with step size 0 that stops at its first check), which also yields the information gain.
 
 Texts are tokenized without special tokens and without an end-of-text token (the memory takes the place of
@@ -55,6 +77,7 @@ has a prediction without memory, so the information gain covers all of them.
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -63,22 +86,29 @@ import torch
 
 DEFAULT_FIRST = 16
 DEFAULT_GROW = 1.5
+DEFAULT_STEP = 1
 DEFAULT_MAX_STEPS = 250
 DEFAULT_LR = 0.2
 PROG = "gradmem-fast capacity"
+GROWTHS = ("factor", "linear")  # T * grow (today's default) or T + step
+BACKOFFS = ("none", "bisect", "linear")  # after the first failing stage
+MOMENTS = ("reset",)  # Adam moments across stages (module docstring)
 
-# on_stage(stage, target, texts, exact, seconds): after every stage, for progress lines.
+# on_stage(stage, target, texts, exact, seconds): after every stage, for progress lines (target: the largest
+# target of the stage's texts).
 StageCallback = Callable[[int, int, int, int, float], object]
 
 
 @dataclasses.dataclass
 class Stage:
-    """One stage of one text: the target (tokens), the steps it took, whether it ended exact, its prefix."""
+    """One stage of one text: the target (tokens), the steps it took, whether it ended exact, its prefix, and
+    its kind: ``grow`` (the growth ramp), ``bisect`` or ``linear`` (a back-off probe after the first failure)."""
 
     target: int
     steps: int
     exact: bool
     prefix: int
+    kind: str = "grow"
 
 
 @dataclasses.dataclass
@@ -109,9 +139,61 @@ class Capacity:
     stage_memories: list[torch.Tensor] | None = None
 
 
-def next_target(target: int, grow: float) -> int:
-    """The target after ``target``: ``max(target + 1, ceil(target * grow))``."""
+def next_target(target: int, grow: float = DEFAULT_GROW, growth: str = "factor", step: int = DEFAULT_STEP) -> int:
+    """The growth target after ``target``: ``max(target + 1, ceil(target * grow))`` (``growth="factor"``) or
+    ``target + step`` (``growth="linear"``)."""
+    if growth == "linear":
+        return target + step
     return max(target + 1, math.ceil(target * grow))
+
+
+@dataclasses.dataclass
+class _Search:
+    """The search state of one text (module docstring, "Search"); ``probe`` is the target it writes next."""
+
+    limit: int  # the longest target: the text's tokens after the given ones
+    probe: int
+    phase: str = "grow"  # grow, then bisect or linear (the back-off) after the first failure
+    lo: int = 0  # the longest target proven: an exact stage, or the prefix a failed stage decodes
+    hi: int | None = None  # the shortest target that failed
+    anchor: torch.Tensor | None = None  # the memory that decodes lo tokens; None: the initial memory
+    best: torch.Tensor | None = None  # the reported memory (the anchor, else the last failed stage's)
+    done: bool = False
+    complete: bool = False
+
+    def record(self, exact: bool, prefix: int, memory: torch.Tensor, growth: str, grow: float, step: int,
+               backoff: str) -> None:  # fmt: skip
+        """Move on after a stage of target ``self.probe``: the next probe, or ``done``."""
+        t = self.probe
+        if exact:
+            self.lo, self.anchor, self.best = t, memory, memory
+            if t == self.limit:
+                self.done = self.complete = True
+            elif self.phase == "grow":
+                self.probe = min(next_target(t, grow, growth, step), self.limit)
+            else:
+                self._back_off()
+            return
+        self.hi = t
+        if prefix > self.lo or self.best is None:
+            self.best = memory
+        if prefix > self.lo:
+            self.lo, self.anchor = prefix, memory
+        if backoff == "none" or self.phase == "linear":
+            self.done = True  # linear back-off: the first failure pins the capacity at lo
+            return
+        self.phase = backoff
+        self._back_off()
+
+    def _back_off(self) -> None:
+        """The next back-off probe inside the bracket (lo, hi), or ``done`` when the bracket is closed."""
+        assert self.hi is not None
+        if self.hi - self.lo <= 1:
+            self.done = True
+        elif self.phase == "bisect":
+            self.probe = (self.lo + self.hi) // 2
+        else:
+            self.probe = self.lo + 1
 
 
 def _check_writer(writer) -> None:
@@ -126,6 +208,22 @@ def _check_writer(writer) -> None:
             "capacity: memory_basis='learned' is refused: every stage warm-starts from the earlier memories, which "
             "a basis restarted per write cannot hold (memory_basis='pca' holds them exactly)"
         )
+
+
+def _check_search(first, grow, growth, step, backoff, moments) -> None:
+    """Every search option, each bad one named."""
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"first must be an int >= 1, got {first!r}")
+    if isinstance(grow, bool) or not isinstance(grow, (int, float)) or not (1.0 < grow < float("inf")):
+        raise ValueError(f"grow must be a finite number > 1, got {grow!r}")
+    if growth not in GROWTHS:
+        raise ValueError(f"growth must be one of {GROWTHS}, got {growth!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    if backoff not in BACKOFFS:
+        raise ValueError(f"backoff must be one of {BACKOFFS}, got {backoff!r}")
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
 
 
 def _batch(docs: Sequence[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,19 +244,26 @@ def progressive_capacity(
     on_stage: StageCallback | None = None,
     keep_stage_memories: bool = False,
     on_text_stage: Callable[[int, int, Stage, float], object] | None = None,
+    growth: str = "factor",
+    step: int = DEFAULT_STEP,
+    backoff: str = "none",
+    moments: str = "reset",
+    resume: Sequence[tuple[int, torch.Tensor] | None] | None = None,
 ) -> list[Capacity]:
     """The capacity of ``writer.config.num_memory_tokens`` vectors for every document (module docstring).
 
     ``writer``: a ``MemoryWriter`` whose config has ``stop=StopRule(exact=True)`` (no other criterion);
     ``config.steps`` is each stage's budget. ``documents``: non-empty 1-D token-id sequences.
+    ``growth``/``grow``/``step``: the growth rule (``next_target``); ``backoff``: none, bisect or linear
+    (after the first failing stage); ``moments``: reset (Adam restarts every stage).
+    ``resume``: per document None or ``(lo, memory)``: ``memory`` [m, d] decodes the first ``lo`` tokens
+    (after the given ones) exactly, e.g. a stage of an earlier run; the search starts from it at the growth
+    target after ``lo``.
     ``keep_stage_memories``: also return every stage's final memory (``Capacity.stage_memories``).
     ``on_text_stage(index, stage, Stage, seconds)``: after every stage, for each text it wrote.
     """
     _check_writer(writer)
-    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
-        raise ValueError(f"first must be an int >= 1, got {first!r}")
-    if isinstance(grow, bool) or not isinstance(grow, (int, float)) or not (1.0 < grow < float("inf")):
-        raise ValueError(f"grow must be a finite number > 1, got {grow!r}")
+    _check_search(first, grow, growth, step, backoff, moments)
     docs = [writer._as_document(d, i) for i, d in enumerate(documents)]
     if not docs:
         raise ValueError("documents must hold at least one document")
@@ -169,67 +274,79 @@ def progressive_capacity(
             f"documents: document {short[0]} has {len(docs[short[0]])} tokens, no more than given_tokens={g} "
             "(nothing left to decode)"
         )
-    device = writer.model.get_input_embeddings().weight.device
     n = len(docs)
-    last_exact = [0] * n
-    capacity = [0] * n
-    complete = [False] * n
+    if resume is not None and len(resume) != n:
+        raise ValueError(f"resume must hold one entry per document ({n}), got {len(resume)}")
+    device = writer.model.get_input_embeddings().weight.device
+    emb_dtype = writer.model.get_input_embeddings().weight.dtype
+    memory_dtype = torch.float32 if emb_dtype in (torch.float16, torch.bfloat16) else emb_dtype  # as write's
+    searches = []
+    for i, d in enumerate(docs):
+        limit = len(d) - g
+        s = _Search(limit=limit, probe=min(first, limit))
+        point = None if resume is None else resume[i]
+        if point is not None:
+            lo, memory = point
+            if isinstance(lo, bool) or not isinstance(lo, int) or not 0 <= lo <= limit:
+                raise ValueError(f"resume: document {i} resumes from {lo!r} tokens; it has {limit} to decode")
+            s.lo, s.anchor = lo, memory.to(device=device, dtype=memory_dtype)
+            s.best = s.anchor
+            s.probe = min(next_target(lo, grow, growth, step), limit) if lo > 0 else s.probe
+            s.done = s.complete = lo == limit
+        searches.append(s)
     steps = [0] * n
     stages: list[list[Stage]] = [[] for _ in range(n)]
-    best: list[torch.Tensor | None] = [None] * n  # the memory that decodes capacity / last_exact tokens
-    warm: list[torch.Tensor | None] = [None] * n  # the memory the next stage starts from
     kept: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    active = list(range(n))
-    target, stage = first, 0
+    init: torch.Tensor | None = None  # the config's initial memory, for a stage that mixes starts
+    active = [i for i in range(n) if not searches[i].done]
+    stage = 0
     while active:
         start = time.perf_counter()
-        lengths = [min(g + target, len(docs[i])) for i in active]  # tokens written, the given ones included
-        ids, mask = _batch([docs[i][:t] for i, t in zip(active, lengths)], device)
-        # Stage 0 starts every text from the config's seeded initial memory; later stages warm-start.
-        memory = None if stage == 0 else torch.stack([warm[i] for i in active])  # type: ignore[misc]
+        probes = [searches[i].probe for i in active]
+        ids, mask = _batch([docs[i][: g + t] for i, t in zip(active, probes)], device)
+        anchors = [searches[i].anchor for i in active]
+        memory = None  # every text from the config's seeded initial memory (stage 0 without resume)
+        if any(a is not None for a in anchors):
+            if init is None and any(a is None for a in anchors):
+                from .inputs import initial_memory
+
+                init = initial_memory(None, 1, writer.config, writer.model, device)[0]
+            memory = torch.stack([init if a is None else a for a in anchors])  # type: ignore[misc]
         with torch.no_grad():
             result = writer.write(ids, mask, memory=memory)
         st = result.stats
-        still = []
         for row, i in enumerate(active):
-            # t: the stage's target in decoded tokens (after the given ones), as prefix counts them
-            t, exact, prefix = lengths[row] - g, bool(st.exact[row]), int(st.prefix[row])
+            s, t = searches[i], probes[row]
+            exact, prefix = bool(st.exact[row]), int(st.prefix[row])
             steps[i] += int(st.steps[row])
-            stages[i].append(Stage(t, int(st.steps[row]), exact, prefix))
+            stages[i].append(Stage(t, int(st.steps[row]), exact, prefix, s.phase))
             M = result.memory[row].detach()
             if keep_stage_memories:
                 kept[i].append(M.cpu())
-            if exact:
-                last_exact[i], best[i], warm[i] = t, M, M
-                if lengths[row] == len(docs[i]):
-                    capacity[i], complete[i] = t, True
-                else:
-                    still.append(i)
-            else:
-                capacity[i] = max(last_exact[i], prefix)
-                if prefix > last_exact[i] or best[i] is None:
-                    best[i] = M
+            s.record(exact, prefix, M, growth, grow, step, backoff)
         if on_text_stage is not None:
             seconds = time.perf_counter() - start
             for i in active:
-                on_text_stage(i, stage, stages[i][-1], seconds)
+                on_text_stage(i, len(stages[i]) - 1, stages[i][-1], seconds)
         if on_stage is not None:
             on_stage(
                 stage,
-                target,
+                max(probes),
                 len(active),
-                sum(s[-1].exact for s in (stages[i] for i in active)),
+                sum(stages[i][-1].exact for i in active),
                 time.perf_counter() - start,
             )
-        active = still
-        target, stage = next_target(target, grow), stage + 1
+        active = [i for i in active if not searches[i].done]
+        stage += 1
+    capacity = [s.lo for s in searches]
+    best = [s.best for s in searches]
     gains = _verify(writer, docs, capacity, best)
     m = writer.config.num_memory_tokens
     return [
         Capacity(
             tokens=len(docs[i]),
             capacity=capacity[i],
-            complete=complete[i] and g + capacity[i] == len(docs[i]),
+            complete=searches[i].complete and g + capacity[i] == len(docs[i]),
             tokens_per_vector=capacity[i] / m,
             info_gain_bits=gains[i],
             steps=steps[i],
@@ -349,7 +466,45 @@ def add_arguments(p) -> None:
         "--grow",
         type=float,
         default=DEFAULT_GROW,
-        help=f"factor from one exact target to the next (> 1, default {DEFAULT_GROW})",
+        help=f"--growth factor: factor from one exact target to the next (> 1, default {DEFAULT_GROW})",
+    )
+    p.add_argument(
+        "--growth",
+        choices=list(GROWTHS),
+        default="factor",
+        help="factor (default): the next target is max(T + 1, ceil(T * --grow)); linear: T + --step",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=DEFAULT_STEP,
+        help=f"--growth linear: tokens added per stage (default {DEFAULT_STEP})",
+    )
+    p.add_argument(
+        "--backoff",
+        choices=list(BACKOFFS),
+        default="none",
+        help="after the first failing stage: none (default; stop, capacity = the longest prefix proven), bisect "
+        "(bisect between it and the failed target) or linear (+1 token per stage until a stage fails); "
+        "every back-off probe starts from the memory of the longest prefix proven",
+    )
+    p.add_argument(
+        "--moments",
+        choices=list(MOMENTS),
+        default="reset",
+        help="Adam moments across stages: reset (each stage starts with fresh moments; the only policy offered)",
+    )
+    p.add_argument(
+        "--resume-from",
+        default=None,
+        help="a dataset folder of an earlier capacity run (--output-format dataset): each text (by id) starts from "
+        "the memory of its stage proving the longest prefix (a converged stage's target, else its prefix)",
+    )
+    p.add_argument(
+        "--resume-stage",
+        type=int,
+        default=None,
+        help="--resume-from: consider only the stages up to this index (default: all)",
     )
     p.add_argument("--init-std", type=float, default=0.02, help="std of the initial memory (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial memory (default 0)")
@@ -397,6 +552,7 @@ def _config(args):
         ("--max-steps", args.max_steps),
         ("--check-every", args.check_every),
         ("--first", args.first),
+        ("--step", args.step),
     ):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -406,6 +562,8 @@ def _config(args):
         raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if not 1 < args.grow < float("inf"):
         raise UserError(f"--grow must be a finite number > 1, got {args.grow}")
+    if args.resume_stage is not None and (args.resume_from is None or args.resume_stage < 0):
+        raise UserError("--resume-stage needs --resume-from and must be >= 0")
     if not 0 <= args.init_std < float("inf"):
         raise UserError(f"--init-std must be a finite number >= 0, got {args.init_std}")
     from .cli_common import check_init_arguments, check_weight_decay
@@ -480,6 +638,9 @@ def run(args) -> int:
         cli_common.note(
             "capacity", f"note: {cut} text(s) cut to {limit} tokens (the model's positions minus the memory)"
         )
+    resume = None
+    if args.resume_from is not None:
+        resume = _resume_points(args, records, docs, config)
 
     # 3. The weights.
     from .writer import MemoryWriter
@@ -513,6 +674,11 @@ def run(args) -> int:
             on_stage=on_stage,
             keep_stage_memories=dataset_out,
             on_text_stage=on_text_stage if args.logdir is not None else None,
+            growth=args.growth,
+            step=args.step,
+            backoff=args.backoff,
+            moments=args.moments,
+            resume=resume,
         )
     wall = time.perf_counter() - start
     report = {
@@ -527,6 +693,12 @@ def run(args) -> int:
         "settings": {
             "first": args.first,
             "grow": args.grow,
+            "growth": args.growth,
+            "step": args.step,
+            "backoff": args.backoff,
+            "moments": args.moments,
+            "resume_from": args.resume_from,
+            "resume_stage": args.resume_stage,
             "max_steps_per_stage": config.steps,
             "lr": config.lr,
             "optimizer": config.optimizer,
@@ -568,6 +740,62 @@ def run(args) -> int:
                 fh.write("\n")
     print(format_table(report))
     return 0
+
+
+def _resume_points(args, records, docs, config) -> list:
+    """``--resume-from``: per text, None or (lo, memory) from an earlier run's dataset folder: the stage (up to
+    ``--resume-stage``) proving the longest prefix: a converged stage's target, else its prefix."""
+    from . import datasets_io
+    from .dataset_files import MARKER, is_dataset_folder
+    from .errors import UserError
+
+    path = args.resume_from
+    if not is_dataset_folder(path):
+        raise UserError(f"--resume-from {path!r} is not a dataset folder of `capacity --output-format dataset`")
+    with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != "gradmem-fast.capacity":
+        raise UserError(f"--resume-from {path!r} holds {meta.get('format')!r}, not a capacity run")
+    earlier = json.loads(meta["report"])
+    for key, value in (("memory_tokens", config.num_memory_tokens), ("model", args.model)):
+        if earlier.get(key) != value:
+            raise UserError(f"--resume-from {path!r} was run with {key} {earlier.get(key)!r}, this run with {value!r}")
+    if earlier["settings"].get("given_tokens") != config.given_tokens:
+        raise UserError(
+            f"--resume-from {path!r} was run with --given-tokens {earlier['settings'].get('given_tokens')}, "
+            f"this run with {config.given_tokens}"
+        )
+    ds = datasets_io._import_datasets().load_from_disk(path).with_format("torch")
+    best: dict = {}  # id (as JSON) -> (lo, row)
+    for row, (doc_id, stage, target, converged, prefix) in enumerate(
+        zip(ds["id"], ds["stage"], ds["target"], ds["converged"], ds["prefix"])
+    ):
+        if args.resume_stage is not None and int(stage) > args.resume_stage:
+            continue
+        key = doc_id if meta.get("ids_format") == "json" else json.dumps(_plain_id(doc_id))
+        lo = int(target) if bool(converged) else int(prefix)
+        if lo > 0 and lo > best.get(key, (0, None))[0]:
+            best[key] = (lo, row)
+    points = []
+    for record, doc in zip(records, docs):
+        found = best.get(json.dumps(record.id))
+        if found is None:
+            points.append(None)
+            continue
+        lo, row = found
+        if lo > len(doc) - config.given_tokens:
+            raise UserError(
+                f"--resume-from {path!r}: text {json.dumps(record.id)} resumes from {lo} tokens; it has only "
+                f"{len(doc) - config.given_tokens} to decode"
+            )
+        points.append((lo, ds[row]["memory"]))
+    return points
+
+
+def _plain_id(value):
+    """A dataset id cell as a plain int or str."""
+    item = getattr(value, "item", None)
+    return item() if item is not None else value
 
 
 def format_table(report: dict) -> str:
