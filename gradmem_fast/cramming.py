@@ -217,7 +217,7 @@ class _Batch:
                 ages = ages + 1
         assert scores is not None
         record = torch.stack(logged_ages), torch.stack(losses), torch.stack(norms)
-        return RunOutput(memory, state, ages, initial, scores, stop, *record)
+        return RunOutput(memory, state, ages, initial, scores, stop, *record, z=z)
 
 
 @dataclasses.dataclass
