@@ -29,6 +29,8 @@ setup(
         # Reading documents from datasets sources (Hub names, save_to_disk folders, parquet/csv/arrow/json) and
         # writing --output-format dataset: imported lazily, only for those (pyarrow and pandas are heavy).
         "data": ["datasets>=3.0"],
+        # TensorBoard event files of --logdir (torch.utils.tensorboard); without it the JSON-lines log only.
+        "tensorboard": ["tensorboard>=2.21"],
     },
     entry_points={"console_scripts": ["gradmem-fast=gradmem_fast.cli:main"]},
 )

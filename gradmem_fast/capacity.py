@@ -286,10 +286,10 @@ def progressive_capacity(
         s = _Search(limit=limit, probe=min(first, limit))
         point = None if resume is None else resume[i]
         if point is not None:
-            lo, memory = point
+            lo, start_memory = point
             if isinstance(lo, bool) or not isinstance(lo, int) or not 0 <= lo <= limit:
                 raise ValueError(f"resume: document {i} resumes from {lo!r} tokens; it has {limit} to decode")
-            s.lo, s.anchor = lo, memory.to(device=device, dtype=memory_dtype)
+            s.lo, s.anchor = lo, start_memory.to(device=device, dtype=memory_dtype)
             s.best = s.anchor
             s.probe = min(next_target(lo, grow, growth, step), limit) if lo > 0 else s.probe
             s.done = s.complete = lo == limit
@@ -611,7 +611,7 @@ def run(args) -> int:
     elif args.output_format == "dataset":
         raise UserError("--output-format dataset needs --output FOLDER")
     records = datasets_io.read_records(args)
-    runlog.check_logdir(args.logdir)
+    runlog.check_logdir(args.logdir, args.log_format)
     device = cli_common.device_and_dtype(args)
 
     # 2. The tokenizer: every text is checked before the weights load.
@@ -661,9 +661,13 @@ def run(args) -> int:
     start = time.perf_counter()
     dataset_out = args.output is not None and args.output_format == "dataset"
 
+    # the longest prefix proven so far per text (the search's lo; an exact stage's target, a failed one's prefix)
+    proven = [0 if resume is None or resume[i] is None else resume[i][0] for i in range(len(docs))]
+
     def on_text_stage(i, stage, st, seconds):
+        proven[i] = max(proven[i], st.target if st.exact else st.prefix)
         log.record("stage", id=records[i].id, stage=stage, target=st.target, steps=st.steps, exact=st.exact,
-                   prefix=st.prefix, seconds=round(seconds, 3))  # fmt: skip
+                   prefix=st.prefix, kind=st.kind, proven=proven[i], seconds=round(seconds, 3))  # fmt: skip
 
     with runlog.open_log(args.logdir, "capacity", vars(args)) as log:
         results = progressive_capacity(
@@ -776,7 +780,7 @@ def _resume_points(args, records, docs, config) -> list:
         lo = int(target) if bool(converged) else int(prefix)
         if lo > 0 and lo > best.get(key, (0, None))[0]:
             best[key] = (lo, row)
-    points = []
+    points: list[tuple[int, torch.Tensor] | None] = []
     for record, doc in zip(records, docs):
         found = best.get(json.dumps(record.id))
         if found is None:

@@ -549,7 +549,7 @@ def cmd_write(args) -> int:
     ckpt = fileio.checkpoint_dir(args.output)
     from .runlog import check_logdir, open_log
 
-    check_logdir(args.logdir)
+    check_logdir(args.logdir, args.log_format)
     if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
         raise UserError(f"{ckpt!r} (where an unfinished write keeps its shards) exists and is not a directory")
     records = datasets_io.read_records(args)
