@@ -1,6 +1,8 @@
 """Capacity of N memory vectors: per text, the longest prefix that greedy decoding reproduces exactly.
 
     gradmem-fast capacity --model M --memory-tokens N --input texts.jsonl [--output results.json]
+    torchrun --nproc-per-node G -m gradmem_fast capacity ...      (texts round robin over G processes, one
+                                                                  report from rank 0: gradmem_fast.distributed)
 
 The measure is the one of Kuratov et al. 2025 ("Cramming 1568 tokens into a single vector and back again"):
 a frozen LM reads ``[M ; c_0 .. c_{t-1}]``, only the memory M (N vectors) is optimised with Adam, and the text
@@ -79,6 +81,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -595,7 +598,7 @@ def _config(args):
 
 def run(args) -> int:
     """``gradmem-fast capacity`` with parsed arguments; returns the exit status (errors raise UserError)."""
-    from . import cli_common, datasets_io, fileio, runlog
+    from . import cli_common, datasets_io, distributed, fileio, runlog
     from .errors import UserError
     from .models import load_model, load_tokenizer, max_positions, quiet_transformers
 
@@ -612,7 +615,8 @@ def run(args) -> int:
         raise UserError("--output-format dataset needs --output FOLDER")
     records = datasets_io.read_records(args)
     runlog.check_logdir(args.logdir, args.log_format)
-    device = cli_common.device_and_dtype(args)
+    ctx = distributed.from_environment()  # torchrun: this process searches its share of the texts
+    device = cli_common.device_and_dtype(args, ctx.local_rank)
 
     # 2. The tokenizer: every text is checked before the weights load.
     quiet_transformers()
@@ -652,7 +656,7 @@ def run(args) -> int:
         raise UserError(f"cannot write with model {args.model!r}: {exc}") from None
 
     def on_stage(stage, target, texts, exact, seconds):
-        if not args.quiet:
+        if not args.quiet and ctx.is_main:
             cli_common.note(
                 "capacity",
                 f"stage {stage}: target {target} tokens, {texts} text(s), {exact} exact, {seconds:.1f} s",
@@ -660,30 +664,52 @@ def run(args) -> int:
 
     start = time.perf_counter()
     dataset_out = args.output is not None and args.output_format == "dataset"
+    ctx = distributed.start(ctx, device)
+    mine = ctx.my_shards(len(docs))  # the texts this process searches (all of them without torchrun)
 
     # the longest prefix proven so far per text (the search's lo; an exact stage's target, a failed one's prefix)
-    proven = [0 if resume is None or resume[i] is None else resume[i][0] for i in range(len(docs))]
+    proven = [0 if resume is None or resume[i] is None else resume[i][0] for i in mine]
 
-    def on_text_stage(i, stage, st, seconds):
-        proven[i] = max(proven[i], st.target if st.exact else st.prefix)
-        log.record("stage", id=records[i].id, stage=stage, target=st.target, steps=st.steps, exact=st.exact,
-                   prefix=st.prefix, kind=st.kind, proven=proven[i], seconds=round(seconds, 3))  # fmt: skip
+    def on_text_stage(j, stage, st, seconds):
+        proven[j] = max(proven[j], st.target if st.exact else st.prefix)
+        log.record("stage", id=records[mine[j]].id, stage=stage, target=st.target, steps=st.steps, exact=st.exact,
+                   prefix=st.prefix, kind=st.kind, proven=proven[j], seconds=round(seconds, 3))  # fmt: skip
 
-    with runlog.open_log(args.logdir, "capacity", vars(args)) as log:
-        results = progressive_capacity(
-            writer,
-            docs,
-            first=args.first,
-            grow=args.grow,
-            on_stage=on_stage,
-            keep_stage_memories=dataset_out,
-            on_text_stage=on_text_stage if args.logdir is not None else None,
-            growth=args.growth,
-            step=args.step,
-            backoff=args.backoff,
-            moments=args.moments,
-            resume=resume,
+    log = runlog.open_log(args.logdir, "capacity", vars(args), ctx.rank)
+    try:
+        searched = (
+            []
+            if not mine
+            else progressive_capacity(  # more processes than texts: nothing to do
+                writer,
+                [docs[i] for i in mine],
+                first=args.first,
+                grow=args.grow,
+                on_stage=on_stage,
+                keep_stage_memories=dataset_out,
+                on_text_stage=on_text_stage if args.logdir is not None else None,
+                growth=args.growth,
+                step=args.step,
+                backoff=args.backoff,
+                moments=args.moments,
+                resume=None if resume is None else [resume[i] for i in mine],
+            )
         )
+        for r in searched:  # pickled to rank 0 under torchrun: CPU tensors
+            r.memory = r.memory.cpu()
+        if ctx.world_size > 1 and not args.quiet:
+            print(f"rank {ctx.rank}/{ctx.world_size}: searched {len(mine)} text(s)", file=sys.stderr, flush=True)
+        shares = distributed.gather_to_main(ctx, (mine, searched))
+    finally:
+        log.close()
+        distributed.stop(ctx)
+    if shares is None:
+        return 0  # not rank 0: rank 0 reports
+    merged: list = [None] * len(docs)
+    for indices, share in shares:
+        for i, r in zip(indices, share):
+            merged[i] = r
+    results: list[Capacity] = merged
     wall = time.perf_counter() - start
     report = {
         "format": "gradmem-fast.capacity",
@@ -693,6 +719,7 @@ def run(args) -> int:
         "device": str(device),
         "backend": writer.backend,
         "threads": torch.get_num_threads(),
+        "processes": ctx.world_size,
         "method": "progressive",
         "settings": {
             "first": args.first,

@@ -12,6 +12,12 @@ Shard boundaries and batching inside a shard depend only on the input and the op
 number of processes, so a run with N processes computes exactly the batches of a single-process run,
 and a killed run resumes from its finished shards whatever N the rerun uses.
 
+``gradmem-fast capacity`` under torchrun: every process reads, tokenizes and validates every text, searches
+the texts ``rank, rank + N, ...`` (``Context.my_shards`` with one text per shard), and sends its results to
+rank 0 (``gather_to_main``), which writes the one report in input order. A text's search depends only on its
+own tokens and the options (stages batch texts, but each text's computation is its own), so the merged report
+is the single-process report up to floating-point rounding of batch shapes.
+
 The process group uses NCCL when the processes run on GPUs and gloo on CPUs.
 """
 
@@ -87,3 +93,15 @@ def stop(ctx: Context):
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_to_main(ctx: Context, obj):
+    """Rank 0: every rank's ``obj`` in rank order; other ranks: None (one process: ``[obj]``). ``obj`` is
+    pickled: keep its tensors on the CPU, or rank 0 would unpickle them onto the sender's device."""
+    if ctx.backend is None:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
