@@ -292,3 +292,35 @@ def test_bad_flags_are_refused(command, extra, needle):
         args, build = _parse("capacity", "--model", "m", "--memory-tokens", "1", *extra), capacity._config
     with pytest.raises(UserError, match=needle):
         build(args)
+
+
+def test_write_command_end_to_end(tmp_path):
+    """``gradmem-fast write --alignment-weight 0.5 --alignment-layers 1`` on a tiny saved model: the file's
+    config records the term, and each memory is the API's write of that document alone with the same config
+    (fp32)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradmem_fast import fileio
+    from tiny_local import save_tiny, sentence
+
+    model_dir = save_tiny(str(tmp_path / "model"))
+    texts = [sentence(3 + 2 * i, i) for i in range(3)]
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    out = str(tmp_path / "mem.safetensors")
+    common = ["--steps", "3", "--memory-tokens", "2", "--lr", "0.05", "--stop", "none", "--given-tokens", "1"]
+    argv = ["write", "--model", model_dir, "--input", str(inp), "--output", out, "--quiet", *common]
+    assert cli.main([*argv, "--alignment-weight", "0.5", "--alignment-layers", "1"]) == 0
+    f = fileio.MemoryFile(out)
+    recorded = json.loads(f.metadata["config"])
+    assert (recorded["alignment_weight"], recorded["alignment_layers"]) == (0.5, 1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    config = WriteConfig(num_memory_tokens=2, steps=3, lr=0.05, optimizer="adam", given_tokens=1)
+    config = WriteConfig(**{**_fields(config), "alignment_weight": 0.5, "alignment_layers": 1})
+    writer = MemoryWriter(model, config, backend="torch")
+    for row, text in enumerate(texts):
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]])
+        assert_close(f.rows([row])[0], writer.write(ids).memory[0], name=f"memory {row}")
