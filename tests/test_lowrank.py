@@ -161,6 +161,26 @@ def test_engine_triton_interpreter_fp32_matches_the_oracle():
     _assert_write(result, oracle(model64, docs, M0, cfg), torch.float32)
 
 
+def test_engine_bucket_filler_leaves_a_learned_basis_alone(model64):
+    """Bucket padding (the compiled/graphed engine's fixed shapes) adds filler documents: with a learned basis
+    shared by the batch, the real documents' results are those of the unpadded batch."""
+    from gradmem_fast import engine
+    from gradmem_fast.inputs import check_token_batch
+    from gradmem_fast.packing import documents_from_batch, pack
+
+    cfg = WriteConfig(num_memory_tokens=2, steps=3, lr=0.05, optimizer="adam", memory_rank=3, memory_basis="learned")
+    ids, mask = check_token_batch(*right_padded(_docs([6, 1, 3], seed=15)), VOCAB)
+    docs = documents_from_batch(ids, mask)
+    M = _m0(model64, 2, seed=16, batch=3)
+    head = model64.get_output_embeddings()
+    plain = engine.write_packed(model64, pack(docs, 2, "cpu"), M, cfg, head.weight, None, "torch")
+    padded_pack = pack(docs, 2, "cpu", rows=41)
+    assert padded_pack.batch > 3
+    filler = M.new_zeros(padded_pack.batch - 3, *M.shape[1:])
+    padded = engine.write_packed(model64, padded_pack, torch.cat([M, filler]), cfg, head.weight, None, "torch")
+    _assert_write(padded, (plain.memory, plain.losses, plain.grad_norms), torch.float64)
+
+
 def test_full_rank_pca_sgd_is_the_full_write(model64):
     """k = d is allowed: z = (M - mu) U is a rotation, so SGD with a norm clip on z is SGD on M."""
     d = model64.config.hidden_size
