@@ -42,12 +42,17 @@ learn per stage, so a stage may fail within its budget at a target the memory co
 the failed stage's ``prefix`` recovers most of an overshoot, which is what lets the factor be coarse, and a
 back-off recovers the rest at the cost of more failing probes.
 
-Adam moments (``moments``): only the memory carries over between stages; Adam's moments and step counter
-restart at zero (``write`` gives each document fresh optimizer state), so the first steps of a stage are
-bias-corrected full-size steps from the warm memory. progressive_cramming keeps them instead: it builds one
-optimizer per sample before its first stage (``_setup_batch`` -> ``_build_per_sample_optimizers``) and steps
-it through every stage, and its back-off restores a snapshot of the moments with the memory. Keeping moments
-needs the cramming loop to take and return per-document Adam state; it is not offered yet.
+Adam moments (``moments``, ``--moments``): ``reset`` (default): only the memory carries over between
+stages; Adam's moments and step counter restart at zero (``write`` gives each document fresh optimizer
+state), so the first steps of a stage are bias-corrected full-size steps from the warm memory. ``keep``: a
+stage also continues the Adam state of the memory it starts from (its moments, and its step count for the
+bias correction: step t of the text in all, not of the stage), as progressive_cramming does: it builds one
+optimizer per sample before its first stage (``_setup_batch`` -> ``_build_per_sample_optimizers``), steps it
+through every stage, and its back-off restores a snapshot of the moments with the memory
+(``_snapshot_optimization_state``); here a back-off probe continues the state of the memory proving lo. A
+text's moments change only in the steps that update it (not in its stopping check, not once out of steps).
+Adam and AdamW with full-rank memories; the learning-rate schedule still restarts each stage (the peer's
+cosine schedule spans the sample's whole budget); eager slots (no CUDA-graph replay).
 
 Resume (``resume``, CLI ``--resume-from``): a text may start from a memory known to decode its first lo
 tokens (a stage of an earlier run's dataset output): lo counts as proven and the search starts at the growth
@@ -95,7 +100,7 @@ DEFAULT_LR = 0.2
 PROG = "gradmem-fast capacity"
 GROWTHS = ("factor", "linear")  # T * grow (today's default) or T + step
 BACKOFFS = ("none", "bisect", "linear")  # after the first failing stage
-MOMENTS = ("reset",)  # Adam moments across stages (module docstring)
+MOMENTS = ("reset", "keep")  # Adam moments across stages (module docstring)
 
 # on_stage(stage, target, texts, exact, seconds): after every stage, for progress lines (target: the largest
 # target of the stage's texts).
@@ -160,16 +165,18 @@ class _Search:
     lo: int = 0  # the longest target proven: an exact stage, or the prefix a failed stage decodes
     hi: int | None = None  # the shortest target that failed
     anchor: torch.Tensor | None = None  # the memory that decodes lo tokens; None: the initial memory
+    anchor_state: tuple | None = None  # moments="keep": the anchor's Adam state (exp_avg, exp_avg_sq, steps)
     best: torch.Tensor | None = None  # the reported memory (the anchor, else the last failed stage's)
     done: bool = False
     complete: bool = False
 
     def record(self, exact: bool, prefix: int, memory: torch.Tensor, growth: str, grow: float, step: int,
-               backoff: str) -> None:  # fmt: skip
-        """Move on after a stage of target ``self.probe``: the next probe, or ``done``."""
+               backoff: str, state: tuple | None = None) -> None:  # fmt: skip
+        """Move on after a stage of target ``self.probe`` (``state``: its final Adam state with moments="keep"):
+        the next probe, or ``done``."""
         t = self.probe
         if exact:
-            self.lo, self.anchor, self.best = t, memory, memory
+            self.lo, self.anchor, self.best, self.anchor_state = t, memory, memory, state
             if t == self.limit:
                 self.done = self.complete = True
             elif self.phase == "grow":
@@ -181,7 +188,7 @@ class _Search:
         if prefix > self.lo or self.best is None:
             self.best = memory
         if prefix > self.lo:
-            self.lo, self.anchor = prefix, memory
+            self.lo, self.anchor, self.anchor_state = prefix, memory, state
         if backoff == "none" or self.phase == "linear":
             self.done = True  # linear back-off: the first failure pins the capacity at lo
             return
@@ -267,6 +274,13 @@ def progressive_capacity(
     """
     _check_writer(writer)
     _check_search(first, grow, growth, step, backoff, moments)
+    if moments == "keep" and (
+        writer.config.optimizer not in ("adam", "adamw") or writer.config.memory_rank is not None
+    ):
+        raise ValueError(
+            "moments='keep' continues each text's Adam state: it needs optimizer adam or adamw and full-rank "
+            "memories (memory_rank None)"
+        )
     docs = [writer._as_document(d, i) for i, d in enumerate(documents)]
     if not docs:
         raise ValueError("documents must hold at least one document")
@@ -315,8 +329,12 @@ def progressive_capacity(
 
                 init = initial_memory(None, 1, writer.config, writer.model, device)[0]
             memory = torch.stack([init if a is None else a for a in anchors])  # type: ignore[misc]
-        with torch.no_grad():
-            result = writer.write(ids, mask, memory=memory)
+        if moments == "keep":
+            result, states = _write_keeping(writer, ids, mask, memory, [searches[i].anchor_state for i in active])
+        else:
+            with torch.no_grad():
+                result = writer.write(ids, mask, memory=memory)
+            states = [None] * len(active)
         st = result.stats
         for row, i in enumerate(active):
             s, t = searches[i], probes[row]
@@ -326,7 +344,7 @@ def progressive_capacity(
             M = result.memory[row].detach()
             if keep_stage_memories:
                 kept[i].append(M.cpu())
-            s.record(exact, prefix, M, growth, grow, step, backoff)
+            s.record(exact, prefix, M, growth, grow, step, backoff, states[row])
         if on_text_stage is not None:
             seconds = time.perf_counter() - start
             for i in active:
@@ -359,6 +377,32 @@ def progressive_capacity(
         )
         for i in range(n)
     ]
+
+
+def _write_keeping(writer, ids, mask, memory, states):
+    """One stage with ``moments="keep"``: the write of ``writer.write`` with a StopRule (``cramming.cram``),
+    each row continuing from its Adam state (None: zero moments, no steps taken); returns the write's result
+    (memory and stats) and each row's final state."""
+    from . import cramming
+    from .inputs import prepare_write
+    from .packing import documents_from_batch
+    from .result import WriteResult
+
+    ids, mask, M, head_weight, head_bias = prepare_write(
+        writer.model, ids, mask, memory, writer.config, writer.write_head
+    )
+    docs = [doc.cpu() for doc in documents_from_batch(ids, mask)]
+    zero = torch.zeros(M.shape[1:], dtype=torch.float64 if M.dtype == torch.float64 else torch.float32)
+    first = torch.stack([zero if s is None else s[0].cpu() for s in states])
+    second = torch.stack([zero if s is None else s[1].cpu() for s in states])
+    taken = torch.tensor([0 if s is None else s[2] for s in states], dtype=torch.int64)
+    with torch.no_grad():
+        done = dict(cramming.cram(writer, docs, M.detach(), (head_weight, head_bias), moments=(first, second, taken)))
+    ordered = [done[i] for i in range(len(docs))]
+    stats = cramming.stack_stats(ordered, writer.config.num_memory_tokens)
+    nan = torch.full((0, len(docs)), math.nan)
+    result = WriteResult(memory=torch.stack([r.memory for r in ordered]), losses=nan, grad_norms=nan, stats=stats)
+    return result, [r.moments for r in ordered]
 
 
 def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
@@ -495,7 +539,8 @@ def add_arguments(p) -> None:
         "--moments",
         choices=list(MOMENTS),
         default="reset",
-        help="Adam moments across stages: reset (each stage starts with fresh moments; the only policy offered)",
+        help="Adam moments across stages: reset (default: each stage starts Adam afresh) or keep (a stage "
+        "continues the moments and step count of the memory it starts from, as progressive_cramming does)",
     )
     p.add_argument(
         "--resume-from",
@@ -573,6 +618,8 @@ def _config(args):
 
     check_init_arguments(args)
     check_weight_decay(args)
+    if args.moments == "keep" and getattr(args, "memory_rank", None) is not None:
+        raise UserError("--moments keep needs full-rank memories (no --memory-rank)")
     from .cli_common import lowrank_options
 
     lowrank = lowrank_options(args, learned=False)
@@ -621,6 +668,7 @@ def run(args) -> int:
     # 2. The tokenizer: every text is checked before the weights load.
     quiet_transformers()
     tokenizer, model_config = load_tokenizer(args.model)
+    cli_common.check_memory_rank(config, model_config)
     positions = max_positions(model_config)
     limit = None if positions is None else positions - config.num_memory_tokens
     if limit is not None and limit < 1:

@@ -72,6 +72,8 @@ class CrammedDocument:
     initial_loss: float
     info_gain_bits: float
     tokens: int
+    # With cram(moments=...): (exp_avg, exp_avg_sq [m, d], Adam steps taken in all) after its last update.
+    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
 
 def stack_stats(documents: Sequence[CrammedDocument], num_memory_tokens: int) -> DocumentStats:
@@ -104,7 +106,17 @@ class _Batch:
     """
 
     def __init__(
-        self, writer, docs: list[torch.Tensor], memory, state: AdamState | None, ages, initial, head, low=None, z=None
+        self,
+        writer,
+        docs: list[torch.Tensor],
+        memory,
+        state: AdamState | None,
+        ages,
+        initial,
+        head,
+        low=None,
+        z=None,
+        offsets=None,
     ):
         self.writer, self.config = writer, writer.config
         self.model = writer.model
@@ -136,6 +148,9 @@ class _Batch:
         self.ages = torch.tensor(list(ages) + [K] * filler, dtype=torch.int64, device=device)
         # The loss of each document's first step (its initial memory), filled in by that step on the device.
         self.initial = torch.cat([initial, initial.new_full((filler,), math.nan)]) if filler else initial
+        # cram(moments=...): each row's Adam steps before this write (its bias correction continues from them);
+        # its moments then change only in the steps it updates. None: every write starts Adam afresh.
+        self.offsets = None if offsets is None else torch.cat([offsets, offsets.new_zeros(filler)])
 
     rows: int
 
@@ -205,11 +220,18 @@ class _Batch:
                             clip_value=self.config.effective_clip_value,
                             clip_norm=self.config.clip_norm,
                             state=state,
-                            step=index + 1,
+                            step=index + 1 if self.offsets is None else index + 1 + self.offsets,
                             betas=self.config.adam_betas,
                             weight_decay=self.config.weight_decay,
                         )
-                        new_memory, norm, state = result.memory, result.grad_norm, result.state
+                        new_memory, norm = result.memory, result.grad_norm
+                        if self.offsets is not None and state is not None and result.state is not None:
+                            # kept moments: a row out of steps or stopped at this check takes no update
+                            moving = (ages < K) if not check else (ages < K) & ~stop
+                            moving = moving.view(-1, 1, 1)
+                            state = AdamState(*(torch.where(moving, n, o) for n, o in zip(result.state, state)))
+                        else:
+                            state = result.state
                 logged_ages.append(logged)
                 losses.append(loss.detach().float())
                 norms.append(norm.float())
@@ -464,6 +486,7 @@ def cram(
     on_check: CheckCallback | None = None,
     step_log: dict | None = None,
     on_document_check: DocumentCheckCallback | None = None,
+    moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, CrammedDocument]]:
     """Write ``documents`` (validated 1-D CPU token tensors) with ``writer.config.stop``; yield ``(index,
     result)`` as each document finishes (not in input order).
@@ -473,8 +496,14 @@ def cram(
     flight (None: no limit; a document longer than ``batch_tokens`` gets the batch alone). ``step_log``: optional
     dict that receives ``losses``/``grad_norms`` [steps, len(documents)] (NaN where a document took no such
     step; device tensors, filled without host reads). ``on_document_check``: see ``DocumentCheckCallback``.
+    ``moments``: (exp_avg, exp_avg_sq [len(documents), m, d], Adam steps taken [len(documents)]): each
+    document's Adam state to continue from (its bias correction counts on from those steps; Adam and AdamW, full
+    memories, eager slots); each result then carries its state after its last update (``CrammedDocument.moments``).
     """
     config = writer.config
+    if moments is not None and (config.optimizer not in ("adam", "adamw") or config.memory_rank is not None):
+        raise ValueError("moments: continuing Adam state needs optimizer adam or adamw and full-rank memories")
+    offsets_host = None if moments is None else [int(v) for v in moments[2].tolist()]
     rule = config.stop
     assert rule is not None
     m, K = config.num_memory_tokens, config.steps
@@ -499,7 +528,7 @@ def cram(
         losses = torch.full((K + 1, n), math.nan, dtype=torch.float32, device=device)
         norms = torch.full_like(losses, math.nan)
         step_log["losses"], step_log["grad_norms"] = losses[:K], norms[:K]
-    graphs = writer._slot_graphs() if batch_class is _PackedBatch else None
+    graphs = writer._slot_graphs() if batch_class is _PackedBatch and moments is None else None
     # Low-rank memories: one basis for the whole stream; a learned one keeps training as documents come and go.
     low = None if config.memory_rank is None else lowrank.LowRankBasis.start(config, writer.model, memory)
 
@@ -542,6 +571,13 @@ def cram(
                         initial_loss=float(host["initial"][row]),
                         info_gain_bits=(float(baseline[index]) - float(host["tail"][row])) / LN2,
                         tokens=tokens,
+                        moments=None
+                        if offsets_host is None or batch.state is None
+                        else (
+                            batch.state.exp_avg[row].clone(),
+                            batch.state.exp_avg_sq[row].clone(),
+                            offsets_host[index] + min(checked_at, K),
+                        ),
                     ),
                 )
             ages = [a + interval for a in ages]
@@ -567,7 +603,11 @@ def cram(
                 else memory.expand(len(new), m, -1)
             )
             docs = [documents[i] for i in active]
-            batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low)
+            carried = None
+            if moments is not None:
+                picked = torch.tensor(new, dtype=torch.long)
+                carried = tuple(t.index_select(0, picked.to(t.device)).to(device) for t in moments)
+            batch = _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low, carried)
             doc_ids = torch.tensor(active, dtype=torch.long, device=device)
         out = batch.run(interval, rule) if graphs is None else graphs.run(batch, interval, rule)
         real = batch.real
@@ -594,11 +634,12 @@ def _moment_dtype(memory: torch.Tensor) -> torch.dtype:
     return torch.float64 if memory.dtype == torch.float64 else torch.float32
 
 
-def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low=None):
+def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_dtype, low=None, carried=None):
     """The next batch: rows ``keep`` of the current one (memories, moments, initial losses), then the new
     documents starting from ``fresh`` [new, m, d] with zero moments. ``docs``/``ages``: every document of the
     batch, in row order. ``low``: the stream's low-rank basis (new documents start from their projection onto
-    it, with moments of their coefficients), or None."""
+    it, with moments of their coefficients), or None. ``carried``: the new documents' (exp_avg, exp_avg_sq,
+    Adam steps taken) to continue from instead of zero moments (``cram(moments=...)``)."""
     device = fresh.device
     fresh = fresh.clone()
     z = None
@@ -606,10 +647,13 @@ def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_
         z = low.project(fresh)
         fresh = low.memory(z)
     moments = torch.zeros((fresh if z is None else z).shape, dtype=_moment_dtype(fresh), device=device)
+    first_moments = moments if carried is None else carried[0].to(moments.dtype)
+    second_moments = moments.clone() if carried is None else carried[1].to(moments.dtype)
+    offsets = None if carried is None else carried[2].to(torch.int64)
     unknown = torch.full((fresh.shape[0],), math.nan, dtype=initial_dtype, device=device)
     if batch is None:
         M, initial = fresh, unknown
-        state = AdamState(moments, moments.clone()) if writer.config.optimizer in ("adam", "adamw") else None
+        state = AdamState(first_moments, second_moments) if writer.config.optimizer in ("adam", "adamw") else None
     else:
         kept = torch.tensor(keep, dtype=torch.long, device=device)
         M = torch.cat([batch.memory.index_select(0, kept), fresh])
@@ -618,8 +662,12 @@ def _rebuild(writer, batch, batch_class, docs, keep, ages, fresh, head, initial_
         initial = torch.cat([batch.initial.index_select(0, kept), unknown])
         state = None
         if batch.state is not None:
-            state = AdamState(*(torch.cat([s.index_select(0, kept), moments]) for s in batch.state))
-    return batch_class(writer, docs, M, state, ages, initial, head, low, z)
+            state = AdamState(
+                *(torch.cat([s.index_select(0, kept), f]) for s, f in zip(batch.state, (first_moments, second_moments)))
+            )
+        if offsets is not None:
+            offsets = torch.cat([batch.offsets.index_select(0, kept), offsets])
+    return batch_class(writer, docs, M, state, ages, initial, head, low, z, offsets)
 
 
 class ProgressBar:

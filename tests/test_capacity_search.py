@@ -21,6 +21,7 @@ from gradmem_fast import MemoryWriter, WriteConfig, capacity, cli
 from gradmem_fast.capacity import Stage, next_target, progressive_capacity
 from gradmem_fast.config import StopRule
 from gradmem_fast.reader import teacher_forced
+from helpers import assert_close
 from tiny_local import save_tiny, sentence
 from tiny_models import VOCAB, tiny_model
 
@@ -300,3 +301,88 @@ def test_cli_backoff_and_resume(model_dir, tmp_path):
         else:
             assert new["stages"][0]["target"] == (min(proven + 3, new["tokens"]) if proven else 2)
         assert new["capacity"] >= proven
+
+
+# ---------------------------------------------------------------------------------------------------------
+# moments="keep": an eager fp64 loop with the Adam formulas written out, state carried across stages
+
+
+def _eager_stage(model, doc, M, state, budget, lr, betas=(0.9, 0.999)):
+    """One stage with an exact stop checked every step: (memory, state, steps, exact, prefix). Each step first
+    checks the memory it starts from (greedy = argmax of the teacher-forced logits); an exact memory stops
+    without an update; otherwise an Adam step continuing ``state`` = (m, v, t)."""
+    m1, v1, t = state
+    n = len(doc)
+    emb = model.get_input_embeddings()
+    for k in range(budget + 1):
+        M = M.detach().requires_grad_(True)
+        logits = model(inputs_embeds=torch.cat([M, emb(doc)])[None]).logits[0, M.shape[0] - 1 : M.shape[0] - 1 + n]
+        hits = (logits.argmax(-1) == doc).long()
+        prefix = int(hits.cumprod(0).sum())
+        if prefix == n or k == budget:
+            return M.detach(), (m1, v1, t), k, prefix == n, prefix
+        loss = torch.nn.functional.cross_entropy(logits, doc)
+        (g,) = torch.autograd.grad(loss, M)
+        g = g.clamp(-10.0, 10.0)
+        t += 1
+        m1 = betas[0] * m1 + (1 - betas[0]) * g
+        v1 = betas[1] * v1 + (1 - betas[1]) * g * g
+        mh, vh = m1 / (1 - betas[0] ** t), (v1 / (1 - betas[1] ** t)).clamp(min=1e-8)
+        M = M.detach() - lr * mh / (vh.sqrt() + 1e-8)
+
+
+def _eager_search(model, doc, M0, first, budget, lr, keep):
+    """x2 growth then linear back-off, each probe from the memory (and, with ``keep``, the Adam state) of the
+    stage proving the longest prefix: [(target, steps, exact, prefix)], the capacity, its memory."""
+    zero = (torch.zeros_like(M0), torch.zeros_like(M0), 0)
+    anchor, lo, hi, t, phase, stages = (M0, zero), 0, None, first, "grow", []
+    while True:
+        M, state, steps, exact, prefix = _eager_stage(model, doc[:t], *anchor, budget, lr)
+        stages.append((t, steps, exact, prefix))
+        if not keep:
+            state = zero
+        if exact:
+            lo, anchor = t, (M, state)
+            if t == len(doc):
+                return stages, lo, anchor[0]
+            t = min(2 * t, len(doc)) if phase == "grow" else t + 1
+            if phase == "linear" and t >= hi:
+                return stages, lo, anchor[0]
+            continue
+        hi = t
+        if prefix > lo:
+            lo, anchor = prefix, (M, state)
+        if phase == "linear" or hi - lo <= 1:
+            return stages, lo, anchor[0]
+        phase, t = "linear", lo + 1
+
+
+def test_kept_moments_equal_the_eager_loop(model64):
+    """moments="keep" equals the eager loop with Adam's moments and step count carried from the memory each
+    stage starts from (back-off included); "reset" equals it with fresh moments, and the two differ."""
+    from gradmem_fast.inputs import initial_memory
+
+    doc = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(3))
+    config = WriteConfig(
+        num_memory_tokens=4, steps=60, lr=0.05, init_std=0.5, optimizer="adam", stop=StopRule(check_every=1)
+    )
+    w = MemoryWriter(model64, config, backend="torch")
+    M0 = initial_memory(None, 1, config, model64, "cpu")[0].clone()
+    got = {}
+    for policy in ("keep", "reset"):
+        (r,) = progressive_capacity(w, [doc], first=4, grow=2.0, backoff="linear", moments=policy)
+        stages, lo, memory = _eager_search(model64, doc, M0, 4, 60, 0.05, keep=policy == "keep")
+        assert [(s.target, s.steps, s.exact, s.prefix) for s in r.stages] == stages, policy
+        assert r.capacity == lo and len(stages) >= 4 and any(s.kind == "linear" for s in r.stages)
+        if policy == "keep":
+            assert_close(r.memory, memory, name="kept-moments memory")  # fp64 bound, over ~250 Adam steps
+        # (reset: the stages above are exact; its memory after ~250 steps differs by ~3e-10, the fp64 rounding
+        # of the two loops amplified by Adam's restarts; test_capacity replays it write by write exactly)
+        got[policy] = [(s.target, s.steps) for s in r.stages]
+    assert got["keep"] != got["reset"]
+
+
+def test_kept_moments_refused_where_they_cannot_continue(model64):
+    config = WriteConfig(num_memory_tokens=2, steps=3, lr=0.1, optimizer="sgd", stop=StopRule(check_every=1))
+    with pytest.raises(ValueError, match="moments='keep'"):
+        progressive_capacity(MemoryWriter(model64, config, backend="torch"), [torch.arange(5)], moments="keep")
