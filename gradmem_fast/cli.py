@@ -48,6 +48,7 @@ from .cli_common import (
     add_init_arguments,
     alignment_options,
     check_init_arguments,
+    check_memory_rank,
     check_weight_decay,
     device_and_dtype,
     note,
@@ -559,6 +560,7 @@ def cmd_write(args) -> int:
     # 2. The tokenizer and config (seconds): every document is checked before the weights load.
     quiet_transformers()
     tokenizer, model_config = load_tokenizer(args.model)
+    check_memory_rank(config, model_config)
     positions = max_positions(model_config)
     eos = _eos_id(tokenizer) if args.append_eos else None
     limit = None if positions is None else positions - config.num_memory_tokens

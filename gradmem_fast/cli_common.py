@@ -99,6 +99,13 @@ def add_lowrank_arguments(p) -> None:
     )
 
 
+def check_memory_rank(config, model_config) -> None:
+    """``--memory-rank`` against the model's hidden size, read from its config before the weights load."""
+    hidden = getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd", None)
+    if config.memory_rank is not None and hidden is not None and config.memory_rank > hidden:
+        raise UserError(f"--memory-rank {config.memory_rank} exceeds the model's hidden size {hidden}")
+
+
 def lowrank_options(args, learned: bool = True) -> dict:
     """The WriteConfig fields of the low-rank flags, bad values named by their flag (``learned=False``: a
     command that refuses a learned basis)."""

@@ -81,6 +81,9 @@ class MemoryWriter:
         config = WriteConfig() if config is None else config
         if not isinstance(config, WriteConfig):
             raise TypeError(f"config must be a WriteConfig, got {type(config).__name__}")
+        hidden = hf.hidden_size(model)
+        if config.memory_rank is not None and config.memory_rank > hidden:
+            raise ValueError(f"memory_rank must be in [1, {hidden}] (the model's width), got {config.memory_rank}")
         self.model = model
         self.config = config
         self.write_head = write_head

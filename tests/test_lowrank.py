@@ -283,6 +283,8 @@ def test_rank_above_the_hidden_size_is_refused(model64):
     d = model64.config.hidden_size
     with pytest.raises(ValueError, match=rf"memory_rank must be in \[1, {d}\]"):
         reference.write(model64, torch.tensor([[1, 2, 3]]), config=WriteConfig(memory_rank=d + 1))
+    with pytest.raises(ValueError, match=rf"memory_rank must be in \[1, {d}\]"):
+        MemoryWriter(model64, WriteConfig(memory_rank=d + 1), backend="torch")  # before any work
 
 
 @pytest.mark.parametrize(
@@ -392,6 +394,7 @@ def test_cli_learned_basis_runs_and_is_recorded(model_dir, tmp_path):
         (["--memory-rank", "0"], "--memory-rank"),
         (["--memory-rank", "2", "--basis-lr", "0.1"], "--basis-lr is for --memory-basis learned"),
         (["--memory-rank", "2", "--memory-basis", "learned", "--basis-lr", "nan"], "--basis-lr must be a finite"),
+        (["--memory-rank", "33"], "--memory-rank 33 exceeds the model's hidden size 32"),
     ],
 )
 def test_cli_bad_flags_are_named(model_dir, tmp_path, capsys, extra, message):
