@@ -121,7 +121,7 @@ def script_help(path: str) -> str:
         raise FileNotFoundError(f"docs/hooks.py: cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    entry = getattr(module, "parse_args", None) or getattr(module, "main")
+    entry = getattr(module, "parse_args", None) or module.main
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
         entry(["--help"])
