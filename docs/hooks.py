@@ -170,6 +170,16 @@ def rst_to_markdown(doc: str) -> str:
                 block.pop()
             out += ["", fenced(textwrap.dedent("\n".join(block)).strip("\n")).rstrip("\n"), ""]
             continue
+        if line.rstrip().endswith(":") and i + 1 < len(lines) and lines[i + 1].startswith("  "):
+            # a heading line followed directly by an indented table ("Kernels:\n  name  what"): keep its layout
+            out.append(_spans(line))
+            block = []
+            i += 1
+            while i < len(lines) and lines[i].startswith("  "):
+                block.append(lines[i].replace("``", ""))
+                i += 1
+            out += ["", fenced(textwrap.dedent("\n".join(block))).rstrip("\n"), ""]
+            continue
         if line.startswith("    ") and out and not out[-1].strip():  # an indented formula block after ':'
             block = []
             while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
