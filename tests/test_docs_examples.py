@@ -8,6 +8,7 @@ run on a CPU starts with ``# docs: needs a GPU (<why>)`` and is skipped; ``test_
 that marker rare and explained.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def test_python_blocks_run(path, hub_stand_in, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     namespace = {"__name__": "__docs__"}
+    environ = dict(os.environ)  # a block may set torchrun's variables (the DDP example): not for later tests
     try:
         for i, block in enumerate(python_blocks(path)):
             if needs_gpu(block):
@@ -90,6 +92,8 @@ def test_python_blocks_run(path, hub_stand_in, capsys):
             exec(code, namespace)  # noqa: S102 (the documentation's own examples)
     finally:
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 # --- command lines -----------------------------------------------------------------------------------------------

@@ -100,3 +100,13 @@ def test_include_rewrites_links(hooks, tmp_path):
     out = hooks.include("examples/README.md", depth=0)
     assert "](repo/examples/results/kv_curves.png)" in out
     assert out.startswith("## ")  # headings demoted below the page's own title
+
+
+def test_readme_links_exist():
+    """README.md's relative links (to the docs pages, FAMILIES.md, result files) point at files of the tree."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:|^#", target):
+            continue
+        path = target.split("#")[0]
+        assert (ROOT / path).exists(), f"README.md links to {target}, which does not exist"
