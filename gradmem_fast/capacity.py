@@ -662,6 +662,8 @@ def run(args) -> int:
         raise UserError("--output-format dataset needs --output FOLDER")
     records = datasets_io.read_records(args)
     runlog.check_logdir(args.logdir, args.log_format)
+    if args.resume_from is not None:
+        _resume_metadata(args.resume_from)
     ctx = distributed.from_environment()  # torchrun: this process searches its share of the texts
     device = cli_common.device_and_dtype(args, ctx.local_rank)
 
@@ -825,16 +827,10 @@ def _resume_points(args, records, docs, config) -> list:
     """``--resume-from``: per text, None or (lo, memory) from an earlier run's dataset folder: the stage (up to
     ``--resume-stage``) proving the longest prefix: a converged stage's target, else its prefix."""
     from . import datasets_io
-    from .dataset_files import MARKER, is_dataset_folder
     from .errors import UserError
 
     path = args.resume_from
-    if not is_dataset_folder(path):
-        raise UserError(f"--resume-from {path!r} is not a dataset folder of `capacity --output-format dataset`")
-    with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
-        meta = json.load(fh)
-    if meta.get("format") != "gradmem-fast.capacity":
-        raise UserError(f"--resume-from {path!r} holds {meta.get('format')!r}, not a capacity run")
+    meta = _resume_metadata(path)
     earlier = json.loads(meta["report"])
     for key, value in (("memory_tokens", config.num_memory_tokens), ("model", args.model)):
         if earlier.get(key) != value:
@@ -869,6 +865,20 @@ def _resume_points(args, records, docs, config) -> list:
             )
         points.append((lo, ds[row]["memory"]))
     return points
+
+
+def _resume_metadata(path: str) -> dict:
+    """The metadata of a ``--resume-from`` folder (checked before anything loads)."""
+    from .dataset_files import MARKER, is_dataset_folder
+    from .errors import UserError
+
+    if not is_dataset_folder(path):
+        raise UserError(f"--resume-from {path!r} is not a dataset folder of `capacity --output-format dataset`")
+    with open(os.path.join(path, MARKER), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if meta.get("format") != "gradmem-fast.capacity":
+        raise UserError(f"--resume-from {path!r} holds {meta.get('format')!r}, not a capacity run")
+    return meta
 
 
 def _plain_id(value):

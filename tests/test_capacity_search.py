@@ -386,3 +386,22 @@ def test_kept_moments_refused_where_they_cannot_continue(model64):
     config = WriteConfig(num_memory_tokens=2, steps=3, lr=0.1, optimizer="sgd", stop=StopRule(check_every=1))
     with pytest.raises(ValueError, match="moments='keep'"):
         progressive_capacity(MemoryWriter(model64, config, backend="torch"), [torch.arange(5)], moments="keep")
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--moments", "keep", "--memory-rank", "2"], "--moments keep needs full-rank memories"),
+        (["--step", "0"], "--step must be >= 1"),
+        (["--resume-stage", "1"], "--resume-stage needs --resume-from"),
+        (["--resume-from", "{dir}"], "is not a dataset folder"),
+        (["--log-format", "jsonl"], "--log-format jsonl needs --logdir"),
+    ],
+)
+def test_cli_refuses_bad_search_options(tmp_path, capsys, extra, needle):
+    """Refused with the flag named, before any model loads (the model path does not exist)."""
+    inp = _jsonl(tmp_path / "t.jsonl", [{"text": "the cat"}])
+    extra = [e.replace("{dir}", str(tmp_path)) for e in extra]
+    argv = ["capacity", "--model", str(tmp_path / "none"), "--memory-tokens", "2", "--input", inp, *extra]
+    assert cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
