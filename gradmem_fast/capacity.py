@@ -417,7 +417,19 @@ def _verify(writer, docs, capacity: list[int], best: list) -> list[float]:
     """
     from .writer import MemoryWriter
 
-    config = dataclasses.replace(writer.config, steps=1, lr=0.0, schedule=None)
+    # Scoring reads the memory as it is: no alignment term (it changes no score, and its text run would be
+    # wasted work) and no low-rank parametrisation (which would score its projection onto a basis).
+    config = dataclasses.replace(
+        writer.config,
+        steps=1,
+        lr=0.0,
+        schedule=None,
+        alignment_weight=0.0,
+        alignment_layers=None,
+        memory_rank=None,
+        memory_basis="pca",
+        basis_lr=None,
+    )
     scorer = MemoryWriter(writer.model, config, backend=writer.backend, write_head=writer.write_head, compile=False)
     gains = [0.0] * len(docs)
     device = writer.model.get_input_embeddings().weight.device

@@ -194,6 +194,7 @@ def write_capacity_dataset(path: str, report: dict, ids, results) -> None:
                     "steps": stage.steps,
                     "converged": bool(stage.exact),
                     "prefix": stage.prefix,
+                    "kind": stage.kind,
                     "memory": memory.detach().cpu().to(getattr(torch, dtype)).numpy(),
                 }
 
@@ -205,6 +206,7 @@ def write_capacity_dataset(path: str, report: dict, ids, results) -> None:
             "steps": datasets.Value("int64"),
             "converged": datasets.Value("bool"),
             "prefix": datasets.Value("int64"),
+            "kind": datasets.Value("string"),
             "memory": datasets.Array2D((int(m), int(d)), dtype),
         }
     )

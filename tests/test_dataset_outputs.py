@@ -116,11 +116,11 @@ def test_capacity_dataset_has_a_row_per_stage(learnable_dir, tmp_path):
     ds = datasets.load_from_disk(folder)
     report = json.loads(json.load(open(os.path.join(folder, dataset_files.MARKER)))["report"])
     expected = [
-        (t["id"], s, st["target"], st["steps"], st["exact"], st["prefix"])
+        (t["id"], s, st["target"], st["steps"], st["exact"], st["prefix"], st["kind"])
         for t in report["texts"]
         for s, st in enumerate(t["stages"])
     ]
-    got = list(zip(ds["id"], ds["stage"], ds["target"], ds["steps"], ds["converged"], ds["prefix"]))
+    got = list(zip(ds["id"], ds["stage"], ds["target"], ds["steps"], ds["converged"], ds["prefix"], ds["kind"]))
     assert got == expected and len(expected) >= 3
     memories = ds.with_format("torch")[:]["memory"]
     assert memories.shape == (len(expected), 2, 32) and torch.isfinite(memories).all()
