@@ -26,7 +26,11 @@ learned by the outer loop only.
 
 Backends: the inner loop runs on our packed engine (``gradmem_fast.engine``: varlen documents, fused linear
 cross-entropy without logits, fused update, O(S) second-order attention) with backend "triton" (default on
-CUDA), or on the pure-torch reference (``gradmem_fast.reference``) with backend "torch" (default elsewhere).
+CUDA); with backend "torch" (default elsewhere) on ``gradmem_fast.meta_write``, the pure-torch padded step of the
+reference without its redundant work (the kept inner loss carries its weight gradients from the step's one
+backward; the fused linear cross-entropy for large vocabularies), measured against the published code in
+benchmarks/results/2026-12-07-meta-peer/; or on the reference itself (``gradmem_fast.reference``) with backend
+"reference".
 The READ is one batched forward of the backbone with the model's own attention implementation and the
 output head on the Q+1 read rows only. The engine runs its eager-layer step here (no ``CompiledBackbone``:
 training batches change shape every step, and second-order steps are eager anyway).
@@ -69,7 +73,7 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import engine, hf, reference
+from . import engine, hf, meta_write, reference
 from .backend import resolve_backend
 from .config import WriteConfig
 from .inputs import prepare_write
@@ -77,6 +81,7 @@ from .ops.cross_entropy import postprocess_logits
 from .packing import documents_from_batch, pack
 
 MEM_PROJ_MODES = ("none", "proj")
+BACKENDS = ("auto", "torch", "reference", "triton")
 
 
 class GradMemConfig(PretrainedConfig):
@@ -104,7 +109,8 @@ class GradMemConfig(PretrainedConfig):
             projection and write head stay trainable).
         attn_implementation: the backbone's attention when built here ("eager": the torch backend's second
             order differentiates attention twice, which SDPA cannot).
-        backend: "auto" (triton engine on CUDA, torch reference elsewhere), "triton" or "torch".
+        backend: "auto" (triton engine on CUDA, torch elsewhere), "triton", "torch" (``meta_write``) or
+            "reference" (``reference.write``, the oracle's own loop).
     """
 
     model_type = "gradmem_fast"
@@ -163,8 +169,8 @@ class GradMemConfig(PretrainedConfig):
             raise ValueError("use_mem_proj must be True exactly when mem_proj_mode is not 'none'")
         if use_adam and grad_mode == "second":
             raise ValueError("use_adam: Adam is first-order only; use grad_mode='first' (or SGD for 'second')")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.pretrained_model = pretrained_model
         self.base_config = base_config
         self.n_mem_tokens = n_mem_tokens
@@ -337,6 +343,10 @@ class GradMemModel(PreTrainedModel):
         return self._with_controls(self._project(memory), "read_st", "read_end")
 
     def _backend(self) -> str:
+        """The backend that runs: "triton", "torch" (``meta_write``) or "reference" (``reference.write``);
+        "auto" is triton on CUDA, torch elsewhere."""
+        if self.config.backend == "reference":
+            return "reference"
         return resolve_backend(self.config.backend, self.mem.device)
 
     def _context_mask(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -356,6 +366,14 @@ class GradMemModel(PreTrainedModel):
         keep = self.config.outer_inner_weight != 0.0
         backend = self._backend()
         if backend == "torch":
+            ids, mask, M, head_weight, head_bias = prepare_write(
+                self.model, context_input_ids, mask, self.mem, cfg, self.write_head
+            )
+            # The kept loss may carry the gradients of every trainable tensor but the initial memory (which is
+            # upstream of M, so its gradient flows through M).
+            params = [p for name, p in self.named_parameters() if p.requires_grad and name != "mem"]
+            return meta_write.write(self.model, ids, mask, M, cfg, head_weight, head_bias, prefix, keep, params)
+        if backend == "reference":
             return reference.write(
                 self.model,
                 context_input_ids,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from gradmem_fast import meta_write
 from gradmem_fast.model import GradMemConfig, GradMemModel
 from helpers import assert_close
 from tiny_models import VOCAB, tiny_model
@@ -148,12 +149,27 @@ CASES = {
         dict(grad_mode="first", n_ctrl_tokens=1, use_mem_proj=True, mem_proj_mode="proj", inner_clip_norm=0.2),
     ),
     "none-inner-loss": ("llama", dict(grad_mode="none", add_inner_loss_to_outer=True, inner_loss_weight=1.0)),
+    # grad_mode "second" with no second-order step: the memory stays on the graph through first-order steps, and
+    # the kept loss carries the gradients of the projection and control vectors (meta_write point 2)
+    "second-last0-inner-loss-proj": (
+        "gpt2",
+        dict(
+            grad_mode="second",
+            last_K_second_order=0,
+            add_inner_loss_to_outer=True,
+            inner_loss_weight=0.3,
+            n_ctrl_tokens=1,
+            use_mem_proj=True,
+            mem_proj_mode="proj",
+            use_write_head=True,
+        ),
+    ),
 }
 
 # Every case on the torch backend; on the Triton engine (interpreter, ~20 s a case on 2 cores) the
 # all-options case in fp64, or every case in fp64 and fp32 with GRADMEM_TEST_MODEL_SWEEP=1.
 _SWEEP = os.environ.get("GRADMEM_TEST_MODEL_SWEEP") == "1"
-BACKEND_CASES = [(case, "torch") for case in CASES] + [
+BACKEND_CASES = [(case, backend) for case in CASES for backend in ("torch", "reference", "torch-fusedce")] + [
     (case, backend)
     for case in CASES
     for backend in ("triton", "triton-fp32")
@@ -162,12 +178,15 @@ BACKEND_CASES = [(case, "torch") for case in CASES] + [
 
 
 @pytest.mark.parametrize("case, backend", BACKEND_CASES)
-def test_forward_and_gradients_match_naive_loop(case, backend):
+def test_forward_and_gradients_match_naive_loop(case, backend, monkeypatch):
     """Loss and the gradients w.r.t. every parameter (initial memory, control vectors, projection, write
     head, every backbone weight) equal the independent eager loop's in fp64: within the fp64 bound on the
-    torch and Triton backends in fp64, within the fp32 bound with the model in fp32 ("triton-fp32")."""
+    torch (``meta_write``; "torch-fusedce": its fused linear cross-entropy forced on the tiny vocabulary),
+    reference and Triton backends in fp64, within the fp32 bound with the model in fp32 ("triton-fp32")."""
     family, options = CASES[case]
     dtype = torch.float32 if backend.endswith("fp32") else torch.float64
+    if backend == "torch-fusedce":
+        monkeypatch.setattr(meta_write, "FUSED_CE_MIN_VOCAB", 1)
     cfg = GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend=backend.split("-")[0], **options)
     model = GradMemModel(cfg, model=tiny_model(family))
     _randomise(model)
@@ -191,6 +210,26 @@ def test_forward_and_gradients_match_naive_loop(case, backend):
         assert got[names.index("mem")] is None  # detached memory: M0 gets no outer gradient
     else:
         assert got[names.index("mem")].abs().sum() > 0
+
+
+def test_kept_loss_carrying_its_gradients():
+    """meta_write point 2: the kept last loss (first-order last step) carries the gradients of its sum. A
+    non-uniform use of the kept [B] losses is refused
+    rather than given a wrong gradient; the carried gradients scale with a uniform cotangent (the mean)."""
+    options = dict(grad_mode="first", add_inner_loss_to_outer=True, inner_loss_weight=0.7, use_write_head=True)
+    cfg = GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend="torch", **options)
+    model = GradMemModel(cfg, model=tiny_model("llama"))
+    _randomise(model)
+    ctx, mask, _, _, _ = _batch([5, 1, 3])
+    params = [p for n, p in model.named_parameters() if n != "mem"]
+    result = model.write(ctx, mask)
+    with pytest.raises(RuntimeError, match="non-uniform"):
+        torch.autograd.grad((result.last_loss * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum(), params[-1])
+    result = model.write(ctx, mask)
+    got = torch.autograd.grad(result.last_loss.mean(), model.write_head.weight)[0]
+    model.config.backend = "reference"
+    want = torch.autograd.grad(model.write(ctx, mask).last_loss.mean(), model.write_head.weight)[0]
+    assert_close(got, want, dtype=torch.float64, name="write head gradient of the kept loss's mean")
 
 
 def test_published_batch_format_and_k0():
