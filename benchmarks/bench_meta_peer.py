@@ -322,12 +322,23 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the delta may then understate the peak
+        pass
+
+
 class PeakRSS:
-    """Peak resident set during a block above the resident set at its start (MiB). Uses the kernel's
+    """Peak resident set during a block above the resident set at its start (MiB), after returning freed heap
+    memory to the system (glibc ``malloc_trim``). Uses the kernel's
     high-water mark (VmHWM, reset by writing 5 to /proc/self/clear_refs); where that reset is refused, a
     thread samples VmRSS every millisecond."""
 
     def __enter__(self):
+        _malloc_trim()  # hand freed heap back first: otherwise the last step's retained memory hides this one's
         self.base = _rss_kb("VmRSS") or 0
         self.sampled = 0
         self.thread = None

@@ -40,25 +40,27 @@ def _math_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def losses(model, rows, ids, mask, embeds, head_weight, head_bias, transform, fused, second=True):
+def losses(model, rows, ids, mask, embeds, head_weight, head_bias, transform, fused, causal, second=True):
     """Per-document mean reconstruction loss [B] of ``[rows ; E(c)]``: position r-1+j predicts token j.
 
     ``rows`` [B, r, d] (the memory as it enters the model), ``ids``/``mask`` [B, S] right-padded (real tokens
     first, as ``inputs.prepare_write`` returns them), ``embeds`` = E(ids), ``transform`` = (logit scale, softcap).
-    ``fused``: the loss via ``linear_cross_entropy`` (docstring point 1); ``second``: its backward will build a
-    graph (then no gradient is formed in its forward). All positions are fed, the last one too: dropping it
-    (it predicts nothing) would change a Llama's rotary tables, computed in fp32 for the sequence length, by a
-    rounding."""
+    ``fused``: the loss via ``linear_cross_entropy`` (docstring point 1); ``causal``: ``hf.is_causal(model)``;
+    ``second``: its backward will build a graph (then no gradient is formed in its forward). All positions are
+    fed, the last one too: dropping it (it predicts nothing) would change a Llama's rotary tables, computed in
+    fp32 for the sequence length, by a rounding."""
     B, S = ids.shape
     r = rows.shape[1]
     x = torch.cat([rows.to(embeds.dtype), embeds], dim=1)
-    mask_full = torch.cat([torch.ones(B, r, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    if hf.is_causal(model):
-        # As the reference: real tokens come first in every row, so under causal attention padding changes no
-        # real position, and an all-ones mask avoids fully masked rows (NaN) past a sliding window.
-        mask_full = torch.ones_like(mask_full)
-    positions = torch.arange(r + S, device=ids.device).unsqueeze(0).expand(B, -1)
-    hidden = hf.backbone_hidden(model, x, mask_full.long(), positions)[:, r - 1 : r - 1 + S]
+    att = None
+    if not causal:
+        att = torch.cat([torch.ones(B, r, dtype=torch.long, device=mask.device), mask.long()], dim=1)
+    # As the reference, without its [B, r+S] tensors: under causal attention no padding mask (real tokens come
+    # first in every row, so padding changes no real position; Hugging Face builds the causal mask alone), and
+    # positions [1, r+S], broadcast over the batch as Hugging Face's default: rotary tables are then formed once,
+    # not once per document (the same values, 1/B of the memory traffic in every rotary product).
+    positions = torch.arange(r + S, device=ids.device).unsqueeze(0)
+    hidden = hf.backbone_hidden(model, x, att, positions)[:, r - 1 : r - 1 + S]
     scale, cap = transform
     scored = mask.bool()
     if fused:
@@ -106,6 +108,7 @@ def write(model, ids, mask, M, config: WriteConfig, head_weight, head_bias, memo
     ``memory_input(M)`` maps the memory to the rows before the context (None: M itself); ``params``: the tensors
     (leaves, none upstream of M) whose gradients the kept last loss may carry (docstring point 2)."""
     emb = hf.input_embeddings(model)
+    causal = hf.is_causal(model)
     fused = FUSED_CE_MIN_VOCAB is not None and head_weight.shape[0] >= FUSED_CE_MIN_VOCAB
     transform = head_logit_transform(model, head_weight)
     clip_value = config.effective_clip_value
@@ -124,7 +127,7 @@ def write(model, ids, mask, M, config: WriteConfig, head_weight, head_bias, memo
                 Mk = M
             rows = Mk if memory_input is None else memory_input(Mk)
             use_embeds = embeds if config.grad_mode != "none" or keep else embeds.detach()
-            loss = losses(model, rows, ids, mask, use_embeds, head_weight, head_bias, transform, fused, second)
+            loss = losses(model, rows, ids, mask, use_embeds, head_weight, head_bias, transform, fused, causal, second)
             if keep and carry and not second:
                 sources = [p for p in params if p.requires_grad]
                 grads = torch.autograd.grad(loss.sum(), [Mk, *sources], allow_unused=True)
