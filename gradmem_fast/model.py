@@ -64,7 +64,7 @@ READ sees the initial memory); a context row with no real token is an error nami
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -361,6 +361,11 @@ class GradMemModel(PreTrainedModel):
         """Run the K WRITE steps from ``mem``; returns the ``WriteResult`` (``last_loss`` kept on the graph
         when the inner loss enters the outer loss)."""
         cfg = self.config.write_config()
+        if not torch.is_grad_enabled() and cfg.grad_mode != "none":
+            # Evaluation under no_grad: nothing will differentiate the result, and the three grad modes give the
+            # same values (they differ only in the graph kept for the outer backward), so run the plain write.
+            # The first/second-order loops need the outer graph (they raised under no_grad before).
+            cfg = replace(cfg, grad_mode="none", last_k_second_order=None)
         mask = self._context_mask(context_input_ids, context_attention_mask)
         prefix = None if self.mem_proj is None and self.config.n_ctrl_tokens == 0 else self.write_prefix
         keep = self.config.outer_inner_weight != 0.0

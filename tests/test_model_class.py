@@ -465,3 +465,24 @@ def test_two_process_data_parallel_gradients(tmp_path):
     model(**batch).loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("case", ["second-all-options", "first-adam-inner-loss"])
+def test_forward_under_no_grad_equals_the_differentiable_forward(case, backend):
+    """Evaluation under torch.no_grad (the Trainer's eval loop) gives the loss, inner losses and logits of the
+    differentiable forward; first/second-order writes raised there before (they need the outer graph)."""
+    family, options = CASES[case]
+    model = GradMemModel(
+        GradMemConfig(n_mem_tokens=2, K=2, lr=0.4, backend=backend, **options), model=tiny_model(family)
+    )
+    _randomise(model)
+    ctx, mask, docs, queries, labels = _batch([5, 1, 3])
+    kwargs = dict(context_input_ids=ctx, query_input_ids=queries, labels=labels, context_attention_mask=mask)
+    want = model(**kwargs)
+    with torch.no_grad():
+        got = model(**kwargs)
+    assert not got.loss.requires_grad
+    assert_close(got.loss, want.loss.detach(), dtype=torch.float64, name="outer loss under no_grad")
+    assert_close(got.inner_losses, want.inner_losses.detach(), dtype=torch.float64, name="inner losses under no_grad")
+    assert_close(got.logits, want.logits.detach(), dtype=torch.float64, name="logits under no_grad")
