@@ -9,11 +9,12 @@ Two comparisons, each side run as its own process through its own entry point:
   file order), each with the tokenizer's end-of-text token appended (as ``gradmem-fast write`` does; the peer
   reads the same text with the token's string appended, and the token ids are checked equal), into
   ``--memory-tokens`` vectors. Ours: ``gradmem-fast write --stop exact --check-every 1 --slots``. The peer:
-  ``scripts/run_cramming.py`` (its FullCrammingTrainer), at its default batch size 1 and at its best batch
-  size, chosen by ``probe``: each candidate batch size runs ``--probe-steps`` steps (its per-step CPU time),
-  and the whole run's time is predicted from the per-paragraph steps of its batch-1 run (a batch steps until
-  its slowest paragraph is exact, converged ones frozen but still computed, so a batch costs its slowest
-  paragraph's steps at that batch size's step time). The best predicted batch size is then run for real.
+  ``scripts/run_cramming.py`` (its FullCrammingTrainer), at its default batch size 1 and at other batch
+  sizes; its best is its run of least CPU time among those run for real (``cram-peer-batches`` runs
+  ``--peer-batches``; ``cram-peer-best`` runs the one ``probe`` predicts: each candidate batch size runs
+  ``--probe-steps`` steps (its per-step CPU time), and the whole run's time is predicted from the
+  per-paragraph steps of its batch-1 run: a batch steps until its slowest paragraph is exact, converged ones
+  frozen but still computed, so a batch costs its slowest paragraph's steps at that batch size's step time).
 * **progressive capacity, one vector, first token given**: ``--capacity-count`` texts of
   ``data/cramming/capacity.jsonl`` (every other text from c00: c00, c02, ...), no end-of-text token. Ours:
   ``gradmem-fast capacity --memory-tokens 1 --given-tokens 1 --first 1 --grow 1.5``. The peer: its
@@ -34,9 +35,9 @@ memories with one rule written here (teacher-forced argmax of the same model in 
 greedy decoding returns when every token matches) and checks it against each side's own verdict.
 
 Phases (``--phases``, default all, in this order): model, data, cram-ours, cram-peer-1, probe, cram-peer-best,
-cap-ours, cap-peer, cap-peer-geo, report. Each run phase leaves ``WORK/runs/<name>/record.json`` and is skipped
-when that record exists (``--redo`` reruns), so phases can run as separate processes and ``report`` gathers
-them. Writes ``results.json`` and ``table.md`` under ``--out``.
+cram-peer-batches, cap-ours, cap-peer, cap-peer-geo, report. Each run phase leaves
+``WORK/runs/<name>/record.json`` and is skipped when that record exists (``--redo`` reruns), so phases can run
+as separate processes and ``report`` gathers them. Writes ``results.json`` and ``table.md`` under ``--out``.
 """
 
 import argparse
