@@ -18,3 +18,10 @@ $P --phases probe &
 $P --peer-batches 4 --phases cram-peer-batches &
 wait
 $P --phases report --out benchmarks/results/2026-12-07-cramming-peers
+# The lower-load pair in pair-b2/ (ours and the peer at batch 2, side by side, a fresh work folder):
+W3=/work/scratch/peerbench/work3
+A3="--work $W3 --count 4 --capacity-count 1"
+.venv/bin/python -m benchmarks.bench_cramming_peers $A3 --phases cram-ours &
+.venv/bin/python -m benchmarks.bench_cramming_peers $A3 --peer-batches 2 --phases cram-peer-batches &
+wait
+.venv/bin/python -m benchmarks.bench_cramming_peers $A3 --phases report --out benchmarks/results/2026-12-07-cramming-peers/pair-b2
