@@ -24,10 +24,9 @@ losses and raw gradient norms [K, B] (detached, fp32), ``last_loss`` [B] on the 
 import torch
 import torch.nn.functional as F
 
-from . import hf
+from . import hf, reference
 from .config import WriteConfig
 from .inputs import head_logit_transform
-from .ops import update as update_ops
 from .ops.cross_entropy import linear_cross_entropy, postprocess_logits
 from .result import WriteResult
 
@@ -111,7 +110,6 @@ def write(model, ids, mask, M, config: WriteConfig, head_weight, head_bias, memo
     causal = hf.is_causal(model)
     fused = FUSED_CE_MIN_VOCAB is not None and head_weight.shape[0] >= FUSED_CE_MIN_VOCAB
     transform = head_logit_transform(model, head_weight)
-    clip_value = config.effective_clip_value
     carry = keep_last_loss and torch.is_grad_enabled()  # under no_grad nobody differentiates the kept loss
     steps = config.steps
     out_losses, norms, state, kept = [], [], None, None
@@ -143,21 +141,5 @@ def write(model, ids, mask, M, config: WriteConfig, head_weight, head_bias, memo
             norms.append(grad.detach().flatten(1).norm(dim=1).float())
             if not second:
                 grad = grad.detach()
-            with torch.set_grad_enabled(config.grad_mode != "none"):
-                if config.optimizer == "sgd":
-                    M, _ = update_ops.sgd_torch(Mk, grad, config.lr_at(k), clip_value, config.clip_norm)
-                else:
-                    M, _, state = update_ops.adam_torch(
-                        Mk,
-                        grad,
-                        config.lr_at(k),
-                        clip_value,
-                        config.clip_norm,
-                        state,
-                        k + 1,
-                        config.adam_betas,
-                        config.weight_decay,
-                    )
-            if config.grad_mode == "none":
-                M = M.detach()
+            M, state = reference.memory_step(Mk, grad, config, k, state)
     return WriteResult(memory=M, losses=torch.stack(out_losses), grad_norms=torch.stack(norms), last_loss=kept)

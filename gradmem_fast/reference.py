@@ -84,6 +84,29 @@ def write_terms(
     return ce.sum(dim=1) / scored.sum(dim=1).clamp_min(1).to(ce.dtype), aligned
 
 
+def memory_step(Mk, grad, config: WriteConfig, k: int, state):
+    """Step ``k`` (0-based) of the contract's update (module docstring: SGD, or Adam/AdamW with ``state``) of
+    the memory ``Mk`` with ``grad``; returns (M_{k+1}, state). The graph of the update is kept unless grad_mode
+    is "none". The formula lives once, as the torch backend of the update op."""
+    clip_value = config.effective_clip_value
+    with torch.set_grad_enabled(config.grad_mode != "none"):
+        if config.optimizer == "sgd":
+            M, _ = update_ops.sgd_torch(Mk, grad, config.lr_at(k), clip_value, config.clip_norm)
+        else:
+            M, _, state = update_ops.adam_torch(
+                Mk,
+                grad,
+                config.lr_at(k),
+                clip_value,
+                config.clip_norm,
+                state,
+                k + 1,
+                config.adam_betas,
+                config.weight_decay,
+            )
+    return (M.detach() if config.grad_mode == "none" else M), state
+
+
 def write(
     model,
     input_ids,
@@ -111,7 +134,6 @@ def write(
         raise TypeError(f"config must be a WriteConfig, got {type(config).__name__}")
     emb = hf.input_embeddings(model)
     ids, mask, M, head_weight, head_bias = prepare_write(model, input_ids, attention_mask, memory, config, write_head)
-    clip_value = config.effective_clip_value
     low = None
     if config.memory_rank is not None:  # low-rank memories: the update acts on z (gradmem_fast.lowrank)
         low, z, M = lowrank.start(config, model, M, memory_input)
@@ -165,24 +187,7 @@ def write(
             norms.append(grad.detach().flatten(1).norm(dim=1).float())
             if not second:
                 grad = grad.detach()
-            with torch.set_grad_enabled(config.grad_mode != "none"):
-                # The update formula lives once, as the torch backend of the update op.
-                if config.optimizer == "sgd":
-                    M, _ = update_ops.sgd_torch(Mk, grad, config.lr_at(k), clip_value, config.clip_norm)
-                else:
-                    M, _, state = update_ops.adam_torch(
-                        Mk,
-                        grad,
-                        config.lr_at(k),
-                        clip_value,
-                        config.clip_norm,
-                        state,
-                        k + 1,
-                        config.adam_betas,
-                        config.weight_decay,
-                    )
-            if config.grad_mode == "none":
-                M = M.detach()
+            M, state = memory_step(Mk, grad, config, k, state)
     return WriteResult(
         memory=M,
         losses=torch.stack(losses),
