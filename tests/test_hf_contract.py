@@ -335,7 +335,10 @@ def test_padding_longer_than_the_sliding_window_stays_finite_and_exact(attn_impl
     for backend in backends:
         got = MemoryWriter(model, config, backend=backend).write(ids, mask, memory=memory)
         assert torch.isfinite(got.losses).all(), backend
-        assert_close(got.memory[1], alone, F64, name=backend)
+        # Hugging Face's eager attention takes its softmax in fp32 even for an fp64 model, so the padded batch
+        # and the document alone agree to fp32's bound there (random draws reached 2e-8); EAGER64 is fp64 end to end.
+        bound = torch.float32 if attn_implementation == "eager" else F64
+        assert_close(got.memory[1], alone, bound, name=backend)
 
 
 def test_attention_modules_the_kernels_cannot_reproduce_are_refused():
